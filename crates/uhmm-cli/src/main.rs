@@ -1,0 +1,28 @@
+//! `uhmm`: the command-line tool. One module per subcommand; this file only
+//! parses the command line and dispatches.
+
+mod info;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Heterogeneous Memory Management for Linux userspace.
+#[derive(Debug, Parser)]
+#[command(name = "uhmm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Probe the running kernel and show what uhmm can use.
+    Info(info::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Info(args) => info::run(&args),
+    }
+}

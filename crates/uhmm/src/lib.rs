@@ -1,0 +1,36 @@
+//! uhmm: Heterogeneous Memory Management for Linux userspace.
+//!
+//! The kernel's HMM lets a device share a process's address space: the
+//! device mirrors the CPU page table and is told of every change, and pages
+//! can move into device memory with any CPU touch bringing them back. uhmm
+//! delivers that model in userspace, on real kernel interfaces: userfaultfd,
+//! `/proc/self/pagemap` with `PAGEMAP_SCAN`, `PROCMAP_QUERY`, madvise, memfd.
+//!
+//! The crate is built in layers, each using only the ones below it (see
+//! `DESIGN.md` in the repository):
+//!
+//! - [`sys`]: the kernel-interface layer — the only place with raw syscalls,
+//!   ioctls and `unsafe`.
+//! - [`addr`]: address newtypes ([`VirtAddr`], [`PageRange`]) used by every
+//!   layer.
+//!
+//! The mirroring (`mm`) and device-memory (`devmem`) layers build on these.
+//!
+//! ```
+//! use uhmm::sys::mem::Mapping;
+//! use uhmm::sys::pagemap::{Categories, Pagemap, ScanQuery};
+//! use uhmm::PAGE_SIZE;
+//!
+//! // Map 8 pages, touch 3 of them, and ask the page table which are present.
+//! let map = Mapping::anon(8 * PAGE_SIZE)?;
+//! map.write_at(0, &[7u8; 3 * PAGE_SIZE])?;
+//! let mut regions = Vec::new();
+//! Pagemap::open()?.scan(map.range(), &ScanQuery::new().require(Categories::PRESENT), &mut regions)?;
+//! assert_eq!(regions.iter().map(|r| r.range.npages()).sum::<usize>(), 3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod addr;
+pub mod sys;
+
+pub use addr::{PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};

@@ -1,0 +1,105 @@
+//! The kernel-interface layer: the only place in uhmm with raw syscalls and
+//! ioctls.
+//!
+//! Each submodule wraps one kernel interface exactly, with typed requests
+//! (computed opcodes, typed flags, [`PageRange`](crate::PageRange) instead of
+//! raw integers) and typed errors that say what went wrong and what to do:
+//!
+//! - [`uffd`]: userfaultfd — open, the API handshake, register, every
+//!   resolve ioctl with its partial-progress encoding, and event decoding.
+//! - [`pagemap`]: `PAGEMAP_SCAN` with `/proc/self/pagemap` as fallback.
+//! - [`procmap`]: `PROCMAP_QUERY` with `/proc/self/smaps` as fallback.
+//! - [`mem`]: mappings (anon, shared, memfd, hugetlb, file), madvise,
+//!   mprotect, and the fault-tolerant accessors on the own process.
+//! - [`probe`]: what the running kernel offers, for `uhmm info`.
+//!
+//! # Safety
+//!
+//! This module is where `unsafe` is allowed. Every unsafe block carries a
+//! `// SAFETY:` comment. The invariants it relies on are of three kinds:
+//! an ioctl's opcode matches the struct passed with it (checked by the opcode
+//! tests against `linux-raw-sys`); a pointer handed to the kernel points to a
+//! live, correctly sized value for the duration of the call; and an operation
+//! that changes memory contents behind the program's back (discard, move,
+//! unmap, protect) is only done on memory no Rust reference points into —
+//! which is either proven locally ([`mem::Mapping`] hands out no references)
+//! or stated as the contract of an `unsafe fn`.
+#![allow(unsafe_code)]
+
+pub mod mem;
+pub mod pagemap;
+pub mod probe;
+pub mod procmap;
+pub mod uffd;
+
+use rustix::io::Errno;
+use rustix::ioctl::{Ioctl, IoctlOutput, Opcode, Updater};
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
+
+/// Retries a syscall that returned `EINTR`.
+pub(crate) fn retry_eintr<T>(
+    mut f: impl FnMut() -> rustix::io::Result<T>,
+) -> rustix::io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::INTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Issues an ioctl whose argument is a struct the kernel reads and may
+/// update in place.
+///
+/// # Safety
+///
+/// `OP` must be an ioctl that takes a pointer to exactly a `T`, and any
+/// pointers inside `*arg` must be valid for what the kernel does with them
+/// during the call.
+pub(crate) unsafe fn ioctl_update<const OP: Opcode, T>(
+    fd: BorrowedFd<'_>,
+    arg: &mut T,
+) -> rustix::io::Result<()> {
+    // SAFETY: the caller guarantees that `OP` takes a `T` and that the
+    // pointers it carries are valid; `arg` is a live exclusive borrow for the
+    // whole call.
+    unsafe { rustix::ioctl::ioctl(fd, Updater::<OP, T>::new(arg)) }
+}
+
+/// Like [`ioctl_update`], and returns the ioctl's non-negative return value
+/// (`PAGEMAP_SCAN` returns the number of regions it wrote).
+///
+/// # Safety
+///
+/// As for [`ioctl_update`].
+pub(crate) unsafe fn ioctl_ret<const OP: Opcode, T>(
+    fd: BorrowedFd<'_>,
+    arg: &mut T,
+) -> rustix::io::Result<IoctlOutput> {
+    // SAFETY: as above; `UpdaterRet` only differs from `Updater` in keeping
+    // the return value.
+    unsafe { rustix::ioctl::ioctl(fd, UpdaterRet::<OP, T>(arg, PhantomData)) }
+}
+
+struct UpdaterRet<'a, const OP: Opcode, T>(&'a mut T, PhantomData<T>);
+
+// SAFETY: the opcode/type agreement is the contract of `ioctl_ret`'s caller;
+// the pointer is to a live `T`; the kernel may write to it (mutating).
+unsafe impl<const OP: Opcode, T> Ioctl for UpdaterRet<'_, OP, T> {
+    type Output = IoctlOutput;
+    const IS_MUTATING: bool = true;
+
+    fn opcode(&self) -> Opcode {
+        OP
+    }
+
+    fn as_ptr(&mut self) -> *mut c_void {
+        (self.0 as *mut T).cast()
+    }
+
+    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
+        Ok(out)
+    }
+}

@@ -1,0 +1,218 @@
+//! Helpers shared by the integration tests: the skip policy, a userfaultfd
+//! event monitor, fork, and hugetlb reservation.
+#![allow(dead_code, unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use uhmm::sys::uffd::{Event, Features, Uffd};
+
+/// Reports a test as skipped, with the reason. Where every capability is
+/// required (CI, or `UHMM_REQUIRE_ALL=1`), a skip is a failure instead.
+pub fn skip(reason: &str) {
+    let required = std::env::var("UHMM_REQUIRE_ALL").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if required {
+        panic!("required capability missing (CI must not skip): {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// Returns from the test (as skipped) unless `$cond` holds.
+#[macro_export]
+macro_rules! require {
+    ($cond:expr, $reason:expr) => {
+        if !$cond {
+            $crate::common::skip($reason);
+            return;
+        }
+    };
+}
+
+/// A userfaultfd with `features` that serves kernel-mode faults, or `None`
+/// (after reporting the skip).
+pub fn uffd(features: Features) -> Option<Uffd> {
+    match Uffd::builder()
+        .features(features)
+        .access(uhmm::sys::uffd::AccessPolicy::FullOnly)
+        .open()
+    {
+        Ok(u) => Some(u),
+        Err(e) => {
+            skip(&format!("userfaultfd unavailable: {e}"));
+            None
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Tests that fork, or that enable EVENT_FORK, take this lock: a fork makes
+/// every EVENT_FORK context of the process queue an event and waits until it
+/// is read, so the two must not overlap across tests.
+pub fn fork_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a child ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChildEnd {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Forks; the child runs `f` (which must only touch memory and make raw
+/// syscalls: the parent is multi-threaded) and exits with its result. Waits
+/// for the child.
+pub fn fork_and_wait(f: impl FnOnce() -> i32) -> ChildEnd {
+    // SAFETY: the child only runs `f`, which by contract takes no lock and
+    // does not allocate, then `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = f();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    wait_child(pid)
+}
+
+pub fn wait_child(pid: i32) -> ChildEnd {
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(r, pid, "waitpid");
+    if libc::WIFSIGNALED(status) {
+        ChildEnd::Signaled(libc::WTERMSIG(status))
+    } else {
+        ChildEnd::Exited(libc::WEXITSTATUS(status))
+    }
+}
+
+/// Reads events of a userfaultfd on a thread of its own and forwards them.
+///
+/// The thread never allocates once started: a thread that forks holds the
+/// allocator's locks (glibc's fork handlers) while the kernel waits for the
+/// FORK event to be read, so a reader that allocated could deadlock.
+pub struct Monitor {
+    pub events: Receiver<Event>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Monitor {
+    pub fn start(uffd: Arc<Uffd>) -> Monitor {
+        let (tx, events) = sync_channel(256);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let ready = Arc::new(std::sync::Barrier::new(2));
+        let r = ready.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = Vec::with_capacity(uhmm::sys::uffd::event::BATCH);
+            // Thread start-up allocates; be past it before anyone forks.
+            r.wait();
+            while !s.load(Ordering::Relaxed) {
+                if !uffd.wait(Some(Duration::from_millis(20))).unwrap() {
+                    continue;
+                }
+                uffd.read_events(&mut buf).unwrap();
+                for e in buf.drain(..) {
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        ready.wait();
+        Monitor {
+            events,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The next event, within 5 s.
+    pub fn next(&self) -> Event {
+        self.events
+            .recv_timeout(Duration::from_secs(5))
+            .expect("no userfaultfd event within 5 s")
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits up to 5 s for one event and returns it (for tests that read on the
+/// test thread).
+pub fn next_event(uffd: &Uffd) -> Event {
+    let mut buf = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while buf.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no userfaultfd event within 5 s"
+        );
+        if uffd.wait(Some(Duration::from_millis(50))).unwrap() {
+            uffd.read_events(&mut buf).unwrap();
+        }
+    }
+    assert_eq!(buf.len(), 1, "expected one event, got {buf:?}");
+    buf.pop().unwrap()
+}
+
+/// Makes sure at least `n` free 2 MiB huge pages exist, reserving more if
+/// needed (root). Returns whether they exist.
+pub fn reserve_hugepages(n: u64) -> bool {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (Some(total), Some(free)) = (read("nr_hugepages"), read("free_hugepages")) else {
+        return false;
+    };
+    if free >= n {
+        return true;
+    }
+    let _ = std::fs::write(
+        format!("{dir}/nr_hugepages"),
+        (total + n - free).to_string(),
+    );
+    read("free_hugepages").is_some_and(|f| f >= n)
+}
+
+/// A byte pattern unique to page `i` of a test.
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Reads one byte through a raw pointer, as a program would (this faults on
+/// a registered hole and blocks until the fault is served).
+pub fn touch_read(addr: usize) -> u8 {
+    // SAFETY: tests only pass addresses of live mappings they own.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Writes one byte through a raw pointer.
+pub fn touch_write(addr: usize, v: u8) {
+    // SAFETY: as for `touch_read`.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
+}
