@@ -19,11 +19,13 @@ pub struct Args {
 /// opened), 1 otherwise.
 pub fn run(args: &Args) -> ExitCode {
     let report = Report::probe();
-    if args.json {
-        println!("{:#}", to_json(&report));
+    let text = if args.json {
+        format!("{:#}\n", to_json(&report))
     } else {
-        print_table(&report);
-    }
+        table(&report)
+    };
+    // A closed pipe (`uhmm info | head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     if report.uffd_chosen.is_some() {
         ExitCode::SUCCESS
     } else {
@@ -35,7 +37,9 @@ fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
 
-fn print_table(r: &Report) {
+fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
     let mut rows: Vec<(String, String)> = vec![
         ("kernel".into(), r.kernel.release.clone()),
         ("running as root".into(), yes_no(r.root).into()),
@@ -84,17 +88,18 @@ fn print_table(r: &Report) {
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in &rows {
-        println!("{k:<width$}  {v}");
+        let _ = writeln!(out, "{k:<width$}  {v}");
     }
     let missing = r.missing();
     if missing.is_empty() {
-        println!("\nEverything uhmm uses is available.");
+        let _ = writeln!(out, "\nEverything uhmm uses is available.");
     } else {
-        println!("\nMissing ({}):", missing.len());
+        let _ = writeln!(out, "\nMissing ({}):", missing.len());
         for m in &missing {
-            println!("- {}: {}. Fix: {}", m.item, m.impact, m.fix);
+            let _ = writeln!(out, "- {}: {}. Fix: {}", m.item, m.impact, m.fix);
         }
     }
+    out
 }
 
 fn human(bytes: usize) -> String {

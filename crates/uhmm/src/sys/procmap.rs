@@ -124,7 +124,7 @@ impl Vma {
             return true;
         }
         let path = name.strip_suffix(" (deleted)").unwrap_or(name);
-        rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
+        rustix::fs::statfs(path).is_ok_and(|s| s.f_type == TMPFS_MAGIC)
     }
 }
 

@@ -216,3 +216,18 @@ pub fn touch_write(addr: usize, v: u8) {
     // SAFETY: as for `touch_read`.
     unsafe { std::ptr::write_volatile(addr as *mut u8, v) }
 }
+
+/// Unmaps part of a test's mapping, leaving a gap (the mapping's own drop
+/// later finds nothing there).
+pub fn unmap_part(range: uhmm::PageRange) {
+    // SAFETY: tests pass pages of their own mappings, which nothing refers
+    // into.
+    unsafe { rustix::mm::munmap(range.start().as_mut_ptr(), range.len()) }.unwrap();
+}
+
+/// Serializes the tests of one binary that map and unmap: a gap a test
+/// leaves on purpose is otherwise filled by another test's mmap at once.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

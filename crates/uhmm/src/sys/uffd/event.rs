@@ -165,7 +165,7 @@ pub(super) fn read_batch(uffd: &Uffd, out: &mut Vec<Event>) -> Result<usize, Eve
     let thread_id = uffd.features().contains(super::Features::THREAD_ID);
     out.extend(msgs.map(|m| {
         decode(m, thread_id, |fd| Event::Fork {
-            child: uffd.from_fork(fd),
+            child: uffd.child_of_fork(fd),
         })
     }));
     Ok(count)

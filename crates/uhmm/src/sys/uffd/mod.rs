@@ -488,7 +488,10 @@ impl Uffd {
     /// private anonymous memory, and so on).
     ///
     /// Registering a range already registered with this same context is
-    /// allowed and updates its mode.
+    /// allowed and updates its mode. The kernel would register the mapped
+    /// parts of a range with holes; this refuses such a range instead, after
+    /// a look at the mappings (a mapping created or removed concurrently can
+    /// still slip past that look).
     ///
     /// # Errors
     ///
@@ -498,6 +501,9 @@ impl Uffd {
     /// registered in this mode (with the reason), [`RegisterError::BadFd`] if
     /// the fd is no longer a userfaultfd. On error nothing is registered.
     pub fn register(&self, range: PageRange, mode: RegisterMode) -> Result<Ioctls, RegisterError> {
+        if let Some(hole) = first_hole(range) {
+            return Err(RegisterError::Unmapped { range, hole });
+        }
         let mut reg = uapi::uffdio_register {
             range: uapi::uffdio_range {
                 start: range.start().get() as u64,
@@ -563,7 +569,7 @@ impl Uffd {
     }
 
     /// The child context handed over by a FORK event.
-    fn from_fork(&self, fd: OwnedFd) -> Uffd {
+    fn child_of_fork(&self, fd: OwnedFd) -> Uffd {
         Uffd {
             fd,
             features: self.features,
@@ -578,6 +584,24 @@ impl AsFd for Uffd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// The first address of `range` that no mapping covers, if any (and if the
+/// mappings can be read at all).
+fn first_hole(range: PageRange) -> Option<crate::VirtAddr> {
+    let vmas = Procmap::open().and_then(|m| m.covering(range)).ok()?;
+    hole_in(range, &vmas)
+}
+
+fn hole_in(range: PageRange, vmas: &[crate::sys::procmap::Vma]) -> Option<crate::VirtAddr> {
+    let mut cursor = range.start();
+    for vma in vmas {
+        if vma.range.start() > cursor {
+            break;
+        }
+        cursor = cursor.max(vma.range.end());
+    }
+    (cursor < range.end()).then_some(cursor)
 }
 
 /// Turns a register/unregister errno into an error that says why, by

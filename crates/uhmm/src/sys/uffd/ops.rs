@@ -61,9 +61,11 @@ pub enum Stop {
     /// resolved it). A thread may still be waiting on it: a wake is owed
     /// ([`Uffd::wake`]).
     Exists,
-    /// ENOENT: for MOVE, a hole in the source (see
-    /// [`MoveMode::ALLOW_SRC_HOLES`]); otherwise the mapping changed under
-    /// the call. Re-check the layout.
+    /// ENOENT: the destination is not (or no longer) a range registered
+    /// with this userfaultfd — never registered, unregistered, or unmapped
+    /// under the call; for MOVE, also a hole in the source (see
+    /// [`MoveMode::ALLOW_SRC_HOLES`]). Re-check the layout; nothing was
+    /// changed.
     NoEntry,
     /// ESRCH (ENOSPC on 4.11–4.13): the process that owns the address space
     /// has exited. Stop serving this userfaultfd.
