@@ -306,3 +306,10 @@ fn the_accessors_fail_cleanly_on_bad_memory() {
         "{e}"
     );
 }
+
+#[test]
+fn private_anonymous_memory_has_no_alias() {
+    let _serial = common::serial();
+    let map = Mapping::anon(PAGE_SIZE).unwrap();
+    assert!(matches!(map.alias(), Err(MemError::NoFile { .. })));
+}

@@ -5,7 +5,7 @@ mod common;
 
 use common::{is_root, reserve_hugepages};
 use uhmm::sys::mem::{Backing, Mapping, Prot};
-use uhmm::sys::procmap::{Perms, Procmap, ProcmapBackend, Vma, VmaKind};
+use uhmm::sys::procmap::{Procmap, ProcmapBackend, Vma, VmaKind};
 use uhmm::{PAGE_SIZE, VirtAddr};
 
 /// Queries with both backends and checks they agree.
@@ -38,7 +38,7 @@ fn private_anonymous_and_gaps() {
     assert_eq!(first.range, map.range().page(0).unwrap());
     assert_eq!(
         (first.kind(), first.perms, first.shared),
-        (VmaKind::AnonPrivate, Perms::READ | Perms::WRITE, false)
+        (VmaKind::AnonPrivate, Prot::READ | Prot::WRITE, false)
     );
     assert_eq!(query(middle.start()), None, "a gap has no mapping");
     for backend in [ProcmapBackend::Query, ProcmapBackend::Smaps] {
@@ -64,7 +64,7 @@ fn prot_none_has_no_permissions() {
         .build()
         .unwrap();
     let v = query(map.range().start()).unwrap();
-    assert_eq!(v.perms, Perms::empty());
+    assert_eq!(v.perms, Prot::empty());
     assert_eq!(v.range, map.range());
 }
 
@@ -90,7 +90,7 @@ fn file_mappings_report_inode_offset_and_name() {
     assert!(v.is_shmem());
     assert_eq!(
         (v.offset, v.shared, v.perms),
-        (2 * PAGE_SIZE as u64, false, Perms::READ)
+        (2 * PAGE_SIZE as u64, false, Prot::READ)
     );
     assert!(v.inode != 0);
     assert!(

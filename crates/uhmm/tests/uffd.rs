@@ -331,15 +331,7 @@ fn continue_maps_a_page_cache_page_on_a_minor_fault() {
         .backing(Backing::Memfd)
         .build()
         .unwrap();
-    let fd = a.fd().unwrap().try_clone_to_owned().unwrap();
-    let b = Mapping::builder(2 * PAGE_SIZE)
-        .backing(Backing::File {
-            fd,
-            offset: 0,
-            shared: true,
-        })
-        .build()
-        .unwrap();
+    let b = a.alias().unwrap();
     // Fill the page cache through the second, unregistered mapping.
     let data = pattern(21, PAGE_SIZE);
     b.write_at(PAGE_SIZE, &data).unwrap();

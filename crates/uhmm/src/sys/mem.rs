@@ -35,7 +35,7 @@ use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 bitflags! {
-    /// Page protection.
+    /// Page protection: what a mapping allows (`PROT_*`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct Prot: u32 {
         /// Readable.
@@ -241,6 +241,14 @@ pub enum MemError {
         /// The error (ENOMEM: part of the range is not mapped).
         errno: Errno,
     },
+    /// The mapping has no file behind it to map again.
+    #[error(
+        "the mapping {mapping} is anonymous private memory; only shared memory can be mapped again"
+    )]
+    NoFile {
+        /// The mapping.
+        mapping: PageRange,
+    },
     /// A fault-tolerant access failed.
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -378,6 +386,7 @@ impl MappingBuilder {
         Ok(Mapping {
             range,
             fd,
+            offset,
             backing: name,
             owned: true,
         })
@@ -458,6 +467,7 @@ fn map(
 pub struct Mapping {
     range: PageRange,
     fd: Option<OwnedFd>,
+    offset: u64,
     backing: &'static str,
     owned: bool,
 }
@@ -579,6 +589,28 @@ impl Mapping {
         let addr = self.check_bytes(offset, buf.len())?;
         // SAFETY: no reference into the mapping exists (module docs).
         Ok(unsafe { write_process(addr, buf) }?)
+    }
+
+    /// A second mapping of the same shared memory (memfd, shared hugetlb or
+    /// file), read-write and shared, over the whole length: a write through
+    /// either is seen through the other. A device can use it as an alias
+    /// that no userfaultfd registration of this mapping affects.
+    pub fn alias(&self) -> Result<Mapping, MemError> {
+        let fd = self.fd.as_ref().ok_or(MemError::NoFile {
+            mapping: self.range,
+        })?;
+        let fd = fd.try_clone().map_err(|e| MemError::Map {
+            len: self.len(),
+            backing: self.backing,
+            errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
+        })?;
+        Mapping::builder(self.len())
+            .backing(Backing::File {
+                fd,
+                offset: self.offset,
+                shared: true,
+            })
+            .build()
     }
 
     /// Gives up ownership: the memory stays mapped after the `Mapping` is

@@ -16,7 +16,7 @@
 //! child must open its own.
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
-use bitflags::bitflags;
+use crate::sys::mem::Prot;
 use linux_raw_sys::general as uapi;
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
@@ -34,26 +34,13 @@ const VMA_SHARED: u64 = uapi::procmap_query_flags::PROCMAP_QUERY_VMA_SHARED as u
 const NAME_MAX: usize = 4096 + 64;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
-bitflags! {
-    /// The access a mapping allows.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-    pub struct Perms: u8 {
-        /// Readable.
-        const READ = 1;
-        /// Writable.
-        const WRITE = 2;
-        /// Executable.
-        const EXEC = 4;
-    }
-}
-
 /// One mapping (VMA) of the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vma {
     /// The pages it spans.
     pub range: PageRange,
     /// What it allows.
-    pub perms: Perms,
+    pub perms: Prot,
     /// `MAP_SHARED` (otherwise private).
     pub shared: bool,
     /// Offset into the mapped file, in bytes (0 for anonymous memory).
@@ -276,10 +263,10 @@ impl Procmap {
             let len = (q.vma_name_size as usize - 1).min(NAME_MAX);
             String::from_utf8_lossy(&name[..len]).into_owned()
         });
-        let mut perms = Perms::empty();
-        perms.set(Perms::READ, q.vma_flags & VMA_READABLE != 0);
-        perms.set(Perms::WRITE, q.vma_flags & VMA_WRITABLE != 0);
-        perms.set(Perms::EXEC, q.vma_flags & VMA_EXECUTABLE != 0);
+        let mut perms = Prot::empty();
+        perms.set(Prot::READ, q.vma_flags & VMA_READABLE != 0);
+        perms.set(Prot::WRITE, q.vma_flags & VMA_WRITABLE != 0);
+        perms.set(Prot::EXEC, q.vma_flags & VMA_EXECUTABLE != 0);
         Ok(Some(Vma {
             range,
             perms,
@@ -343,10 +330,10 @@ fn parse_smaps(text: &str) -> Result<Vec<Vma>, ProcmapError> {
         if p.len() != 4 {
             return Err(bad(line));
         }
-        let mut pm = Perms::empty();
-        pm.set(Perms::READ, p[0] == b'r');
-        pm.set(Perms::WRITE, p[1] == b'w');
-        pm.set(Perms::EXEC, p[2] == b'x');
+        let mut pm = Prot::empty();
+        pm.set(Prot::READ, p[0] == b'r');
+        pm.set(Prot::WRITE, p[1] == b'w');
+        pm.set(Prot::EXEC, p[2] == b'x');
         let (major, minor) = dev.split_once(':').ok_or_else(|| bad(line))?;
         let name = f
             .next()
@@ -390,11 +377,11 @@ KernelPageSize:        4 kB
         assert_eq!(v[0].kind(), VmaKind::Hugetlb { page_size: 2 << 20 });
         assert!(v[0].shared);
         assert_eq!(v[1].kind(), VmaKind::AnonPrivate);
-        assert_eq!(v[1].perms, Perms::READ | Perms::WRITE);
+        assert_eq!(v[1].perms, Prot::READ | Prot::WRITE);
         assert_eq!(v[2].kind(), VmaKind::Special);
         assert_eq!(v[3].kind(), VmaKind::File);
         assert_eq!((v[3].offset, v[3].inode, v[3].dev), (0x1000, 99, (0xfd, 1)));
-        assert_eq!(v[3].perms, Perms::empty());
+        assert_eq!(v[3].perms, Prot::empty());
     }
 
     #[test]
