@@ -17,7 +17,13 @@ pub fn skip(reason: &str) {
     if required {
         panic!("required capability missing (CI must not skip): {reason}");
     }
-    eprintln!("SKIPPED: {reason}");
+    // Straight to the stderr handle: libtest captures `eprintln!` of a
+    // passing test, and a skip must be seen.
+    let name = std::thread::current().name().unwrap_or("?").to_owned();
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED {name}: {reason}\n").as_bytes(),
+    );
 }
 
 /// Returns from the test (as skipped) unless `$cond` holds.
