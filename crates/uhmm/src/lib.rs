@@ -13,8 +13,11 @@
 //!   ioctls and `unsafe`.
 //! - [`addr`]: address newtypes ([`VirtAddr`], [`PageRange`]) used by every
 //!   layer.
+//! - [`mm`]: the address space as devices see it; today its interval
+//!   notifiers ([`mm::notifier`]).
 //!
-//! The mirroring (`mm`) and device-memory (`devmem`) layers build on these.
+//! The rest of the mirroring layer (`Mm`, managed regions, the fault
+//! service, `range_fault`) and device memory (`devmem`) build on these.
 //!
 //! ```
 //! use uhmm::sys::mem::Mapping;
@@ -31,6 +34,7 @@
 //! ```
 
 pub mod addr;
+pub mod mm;
 pub mod sys;
 
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
