@@ -47,7 +47,9 @@ fn registering_unmapped_memory_names_the_hole() {
     map.write_at(0, &[7; 3 * PAGE_SIZE]).unwrap();
     let hole = map.range().page(1).unwrap();
     common::unmap_part(hole);
-    let e = u.register(map.range(), RegisterMode::MISSING).unwrap_err();
+    let e = u
+        .register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap_err();
     assert!(
         matches!(e, RegisterError::Unmapped { hole: h, .. } if h == hole.start()),
         "{e}"
@@ -56,7 +58,7 @@ fn registering_unmapped_memory_names_the_hole() {
     // Nothing was registered: the first page can still be registered alone,
     // and its data is intact.
     let first = map.range().page(0).unwrap();
-    u.register(first, RegisterMode::MISSING).unwrap();
+    u.register(&map, first, RegisterMode::MISSING).unwrap();
     let mut b = [0u8; 4];
     mem::read_process(first.start(), &mut b).unwrap();
     assert_eq!(b, [7; 4]);
@@ -73,20 +75,25 @@ fn a_range_registered_with_another_userfaultfd_is_refused() {
     };
     let map = Mapping::anon(4 * PAGE_SIZE).unwrap();
     a.register(
+        &map,
         map.range().subrange(0, 2 * PAGE_SIZE).unwrap(),
         RegisterMode::MISSING,
     )
     .unwrap();
-    let e = b.register(map.range(), RegisterMode::MISSING).unwrap_err();
+    let e = b
+        .register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap_err();
     assert!(matches!(e, RegisterError::AlreadyRegistered { .. }), "{e}");
     // The same context may re-register (it updates the mode).
     a.register(
+        &map,
         map.range().subrange(0, 2 * PAGE_SIZE).unwrap(),
         RegisterMode::MISSING,
     )
     .unwrap();
     // The other half was not taken by the failed attempt.
     b.register(
+        &map,
         map.range().subrange(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap(),
         RegisterMode::MISSING,
     )
@@ -101,7 +108,9 @@ fn unsupported_mappings_and_modes_say_why() {
     };
     // MINOR on private anonymous memory.
     let anon = Mapping::anon(PAGE_SIZE).unwrap();
-    let e = u.register(anon.range(), RegisterMode::MINOR).unwrap_err();
+    let e = u
+        .register(&anon, anon.range(), RegisterMode::MINOR)
+        .unwrap_err();
     assert!(
         matches!(&e, RegisterError::Unsupported { reason, .. } if reason.contains("MINOR")),
         "{e}"
@@ -127,7 +136,9 @@ fn unsupported_mappings_and_modes_say_why() {
         .unwrap()
         .is_shmem();
     if !tmpfs {
-        let e = u.register(fm.range(), RegisterMode::MISSING).unwrap_err();
+        let e = u
+            .register(&fm, fm.range(), RegisterMode::MISSING)
+            .unwrap_err();
         assert!(
             matches!(&e, RegisterError::Unsupported { reason, .. } if reason.contains("regular file")),
             "{e}"
@@ -154,12 +165,13 @@ fn hugetlb_ranges_must_be_huge_page_aligned() {
         .build()
         .unwrap();
     let part = map.range().page(0).unwrap();
-    let e = u.register(part, RegisterMode::MISSING).unwrap_err();
+    let e = u.register(&map, part, RegisterMode::MISSING).unwrap_err();
     assert!(
         matches!(&e, RegisterError::Unsupported { reason, .. } if reason.contains("hugetlb")),
         "{e}"
     );
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
 }
 
 #[test]
@@ -176,7 +188,9 @@ fn a_closed_userfaultfd_is_a_typed_error() {
     // SAFETY: deliberately breaks the Uffd's ownership to simulate a closed
     // fd; the Uffd is forgotten below, so it never closes `raw` again.
     unsafe { libc::close(raw) };
-    let e = u.register(map.range(), RegisterMode::MISSING).unwrap_err();
+    let e = u
+        .register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap_err();
     assert!(
         matches!(
             e,
@@ -236,7 +250,8 @@ fn an_unreadable_copy_source_is_a_fault_not_a_crash() {
         .prot(Prot::empty())
         .build()
         .unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let e = u
         .copy(map.range(), src.range().start(), CopyMode::empty())
         .unwrap_err();
@@ -312,4 +327,66 @@ fn private_anonymous_memory_has_no_alias() {
     let _serial = common::serial();
     let map = Mapping::anon(PAGE_SIZE).unwrap();
     assert!(matches!(map.alias(), Err(MemError::NoFile { .. })));
+}
+
+#[test]
+fn register_checks_the_range_lies_in_the_mapping() {
+    let _serial = common::serial();
+    let Some(u) = uffd(Features::empty()) else {
+        return;
+    };
+    let map = Mapping::anon(2 * PAGE_SIZE).unwrap();
+    let beyond = PageRange::new(map.range().start(), 3 * PAGE_SIZE).unwrap();
+    let e = u.register(&map, beyond, RegisterMode::MISSING).unwrap_err();
+    assert!(matches!(e, RegisterError::OutsideMapping { .. }), "{e}");
+}
+
+#[test]
+fn a_read_only_shared_mapping_cannot_be_registered() {
+    let _serial = common::serial();
+    let Some(u) = uffd(Features::MISSING_SHMEM) else {
+        return;
+    };
+    let rw = Mapping::builder(PAGE_SIZE)
+        .backing(Backing::Memfd)
+        .build()
+        .unwrap();
+    let fd = rw.fd().unwrap().try_clone_to_owned().unwrap();
+    // A read-only open of the memfd: the mapping can never become writable.
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let ro_file = std::fs::File::open(&path).unwrap();
+    let ro = Mapping::builder(PAGE_SIZE)
+        .backing(Backing::File {
+            fd: ro_file.into(),
+            offset: 0,
+            shared: true,
+        })
+        .prot(Prot::READ)
+        .build()
+        .unwrap();
+    let e = u
+        .register(&ro, ro.range(), RegisterMode::MISSING)
+        .unwrap_err();
+    assert!(
+        matches!(&e, RegisterError::Unsupported { reason, .. } if reason.contains("EPERM")),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_huge_page_size_the_kernel_lacks_is_named() {
+    let _serial = common::serial();
+    for shared in [false, true] {
+        let e = Mapping::builder(64 << 10)
+            .backing(Backing::Hugetlb {
+                page_size: 64 << 10,
+                shared,
+            })
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(e, MemError::BadHugePageSize { page_size: 0x10000 }),
+            "shared={shared}: {e}"
+        );
+    }
 }

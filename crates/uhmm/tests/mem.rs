@@ -150,7 +150,8 @@ fn populate_of_a_registered_range_goes_through_the_fault_service() {
     let Some(u) = uffd(Features::empty()) else {
         return;
     };
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let range = map.range();
     let t = std::thread::spawn(move || mem::populate(range, true));
     let data = [8u8; PAGE_SIZE];

@@ -14,7 +14,7 @@ use uhmm::sys::mem::{self, Advice, Backing, Mapping};
 use uhmm::sys::pagemap::{Categories, Pagemap, ScanQuery};
 use uhmm::sys::uffd::{
     Access, AccessPolicy, ContinueMode, CopyMode, Event, FaultFlags, Features, Ioctls, MoveMode,
-    OpError, RegisterMode, Stop, Uffd,
+    RegisterMode, Stop, Uffd,
 };
 use uhmm::{PAGE_SIZE, PageRange};
 
@@ -72,7 +72,9 @@ fn copy_resolves_a_read_fault_and_wakes_the_thread() {
         return;
     };
     let map = Mapping::anon(4 * PAGE_SIZE).unwrap();
-    let allowed = u.register(map.range(), RegisterMode::MISSING).unwrap();
+    let allowed = u
+        .register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     assert!(allowed.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE | Ioctls::MOVE));
     let page = map.range().page(1).unwrap();
     let addr = page.start().get() + 5;
@@ -108,7 +110,8 @@ fn eexist_on_a_present_page_leaves_a_wake_owed() {
         return;
     };
     let map = Mapping::anon(2 * PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let page = map.range().page(0).unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let (d, addr) = (done.clone(), page.start().get());
@@ -153,7 +156,8 @@ fn a_copy_stopped_midway_reports_the_bytes_done() {
         return;
     };
     let map = Mapping::anon(4 * PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let data = pattern(1, 4 * PAGE_SIZE);
     let src = uhmm::VirtAddr::from_ptr(data.as_ptr());
     let third = map.range().page(2).unwrap();
@@ -173,7 +177,7 @@ fn copy_with_wp_maps_the_page_write_protected() {
         return;
     };
     let map = Mapping::anon(PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING | RegisterMode::WP)
+    u.register(&map, map.range(), RegisterMode::MISSING | RegisterMode::WP)
         .unwrap();
     let data = pattern(5, PAGE_SIZE);
     assert!(
@@ -199,7 +203,7 @@ fn write_protect_traps_writes_until_released() {
     };
     let map = Mapping::anon(2 * PAGE_SIZE).unwrap();
     map.write_at(0, &[1; 2 * PAGE_SIZE]).unwrap();
-    u.register(map.range(), RegisterMode::WP).unwrap();
+    u.register(&map, map.range(), RegisterMode::WP).unwrap();
     assert!(
         u.write_protect(map.range(), true, false)
             .unwrap()
@@ -236,7 +240,8 @@ fn zeropage_maps_the_zero_page() {
         return;
     };
     let map = Mapping::anon(2 * PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let p = u.zeropage(map.range(), true).unwrap();
     assert!(p.is_complete());
     assert!(
@@ -257,8 +262,10 @@ fn move_moves_pages_without_copying_and_leaves_holes() {
     let dst = Mapping::anon(4 * PAGE_SIZE).unwrap();
     let data = pattern(11, 4 * PAGE_SIZE);
     src.write_at(0, &data).unwrap();
-    u.register(src.range(), RegisterMode::MISSING).unwrap();
-    u.register(dst.range(), RegisterMode::MISSING).unwrap();
+    u.register(&src, src.range(), RegisterMode::MISSING)
+        .unwrap();
+    u.register(&dst, dst.range(), RegisterMode::MISSING)
+        .unwrap();
     // SAFETY: no reference points into `src`.
     let p = unsafe { u.move_pages(dst.range(), src.range().start(), MoveMode::empty()) }.unwrap();
     assert!(p.is_complete() && p.done == 4 * PAGE_SIZE, "{p:?}");
@@ -278,8 +285,10 @@ fn move_stops_at_a_source_hole_unless_holes_are_allowed() {
     let src = Mapping::anon(2 * PAGE_SIZE).unwrap();
     let dst = Mapping::anon(2 * PAGE_SIZE).unwrap();
     src.write_at(PAGE_SIZE, &[7; PAGE_SIZE]).unwrap();
-    u.register(src.range(), RegisterMode::MISSING).unwrap();
-    u.register(dst.range(), RegisterMode::MISSING).unwrap();
+    u.register(&src, src.range(), RegisterMode::MISSING)
+        .unwrap();
+    u.register(&dst, dst.range(), RegisterMode::MISSING)
+        .unwrap();
     // SAFETY: no reference points into `src`.
     let p = unsafe { u.move_pages(dst.range(), src.range().start(), MoveMode::empty()) }.unwrap();
     assert_eq!((p.done, p.stop), (0, Some(Stop::NoEntry)));
@@ -300,8 +309,10 @@ fn move_is_busy_on_a_page_shared_by_fork() {
     let src = Mapping::anon(PAGE_SIZE).unwrap();
     let dst = Mapping::anon(PAGE_SIZE).unwrap();
     src.write_at(0, &[3; PAGE_SIZE]).unwrap();
-    u.register(src.range(), RegisterMode::MISSING).unwrap();
-    u.register(dst.range(), RegisterMode::MISSING).unwrap();
+    u.register(&src, src.range(), RegisterMode::MISSING)
+        .unwrap();
+    u.register(&dst, dst.range(), RegisterMode::MISSING)
+        .unwrap();
     assert_eq!(fork_and_wait(|| 0), ChildEnd::Exited(0));
     // The child has exited, yet the page still counts as shared.
     // SAFETY: no reference points into `src`.
@@ -335,7 +346,7 @@ fn continue_maps_a_page_cache_page_on_a_minor_fault() {
     // Fill the page cache through the second, unregistered mapping.
     let data = pattern(21, PAGE_SIZE);
     b.write_at(PAGE_SIZE, &data).unwrap();
-    let allowed = u.register(a.range(), RegisterMode::MINOR).unwrap();
+    let allowed = u.register(&a, a.range(), RegisterMode::MINOR).unwrap();
     assert!(allowed.contains(Ioctls::CONTINUE));
     let addr = a.range().page(1).unwrap().start().get() + 1;
     let t = std::thread::spawn(move || touch_read(addr));
@@ -357,7 +368,8 @@ fn poison_makes_access_fail_instead_of_hang() {
         return;
     };
     let map = Mapping::anon(2 * PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let page = map.range().page(0).unwrap();
     let p = u.poison(page, true).unwrap();
     assert!(p.is_complete() && p.done == PAGE_SIZE);
@@ -384,7 +396,8 @@ fn resolves_fail_with_eagain_while_a_remove_event_is_unread() {
     let u = Arc::new(u);
     let map = Mapping::anon(4 * PAGE_SIZE).unwrap();
     map.write_at(0, &[1; 4 * PAGE_SIZE]).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let discard = map.range().subrange(0, 2 * PAGE_SIZE).unwrap();
     // The thread that discards blocks until the monitor reads the event.
     let t = std::thread::spawn(move || {
@@ -432,7 +445,8 @@ fn resolves_fail_with_eagain_while_an_unmap_event_is_unread() {
     let Some(u) = uffd(Features::EVENT_UNMAP) else {
         return;
     };
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let tail = map.range().subrange(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
     let t = std::thread::spawn(move || {
         // SAFETY: the tail of the mapping is unmapped while nothing refers
@@ -477,7 +491,8 @@ fn remap_event_reports_old_and_new_address() {
     let u = Arc::new(u);
     let map = Mapping::anon(2 * PAGE_SIZE).unwrap();
     let target = Mapping::anon(2 * PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let mon = Monitor::start(u.clone());
     let (from, to) = (map.range().start(), target.range().start());
     // SAFETY: moves the registered range over `target`'s pages; nothing
@@ -496,12 +511,12 @@ fn remap_event_reports_old_and_new_address() {
     let Event::Remap {
         from: f,
         to: t,
-        len,
+        old_len,
     } = mon.next()
     else {
         panic!("expected REMAP")
     };
-    assert_eq!((f, t, len), (from, to, 2 * PAGE_SIZE));
+    assert_eq!((f, t, old_len), (from, to, 2 * PAGE_SIZE));
 }
 
 #[test]
@@ -512,7 +527,8 @@ fn fork_event_hands_over_the_childs_userfaultfd() {
     };
     let u = Arc::new(u);
     let map = Mapping::anon(PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let mon = Monitor::start(u.clone());
     // The child exits at once; the fork returns once the monitor has read
     // the FORK event.
@@ -534,37 +550,60 @@ fn fork_event_hands_over_the_childs_userfaultfd() {
 }
 
 #[test]
-fn ops_needing_a_feature_that_was_not_enabled_are_refused() {
+fn move_and_poison_need_no_feature_enabled_at_open() {
     let Some(u) = uffd(Features::empty()) else {
         return;
     };
-    let map = Mapping::anon(PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
-    // SAFETY: no reference points into `map`.
-    let e =
-        unsafe { u.move_pages(map.range(), map.range().start(), MoveMode::empty()) }.unwrap_err();
+    let src = Mapping::anon(PAGE_SIZE).unwrap();
+    let dst = Mapping::anon(2 * PAGE_SIZE).unwrap();
+    src.write_at(0, &[2]).unwrap();
+    u.register(&src, src.range(), RegisterMode::MISSING)
+        .unwrap();
+    u.register(&dst, dst.range(), RegisterMode::MISSING)
+        .unwrap();
+    let first = dst.range().page(0).unwrap();
+    // SAFETY: no reference points into `src`.
+    let p = unsafe { u.move_pages(first, src.range().start(), MoveMode::empty()) }.unwrap();
+    assert!(p.is_complete(), "{p:?}");
     assert!(
-        matches!(
-            e,
-            OpError::FeatureNotEnabled {
-                feature: Features::MOVE,
-                ..
-            }
-        ),
-        "{e}"
+        u.poison(dst.range().page(1).unwrap(), true)
+            .unwrap()
+            .is_complete()
     );
-    let e = u.poison(map.range(), true).unwrap_err();
+    assert_eq!(present(dst.range()), [true, false]);
+}
+
+#[test]
+fn a_failed_unprotect_still_wakes_the_pages_it_released() {
+    // Two mappings, only the first WP-registered: un-protecting both stops
+    // at the second, after the first was un-protected; its waiter must wake.
+    let _serial = common::serial();
+    let Some(u) = uffd(Features::PAGEFAULT_FLAG_WP) else {
+        return;
+    };
+    let both = Mapping::anon(2 * PAGE_SIZE).unwrap();
+    both.write_at(0, &[1; 2 * PAGE_SIZE]).unwrap();
+    let first = both.range().page(0).unwrap();
+    let second = both.range().page(1).unwrap();
+    u.register(&both, first, RegisterMode::WP).unwrap();
+    u.register(&both, second, RegisterMode::MISSING).unwrap();
+    assert!(u.write_protect(first, true, true).unwrap().is_complete());
+    let addr = first.start().get();
+    let t = std::thread::spawn(move || touch_write(addr, 9));
+    let Event::PageFault(f) = next_event(&u) else {
+        panic!("expected a page fault")
+    };
+    assert!(f.flags.contains(FaultFlags::WP));
+    let p = u.write_protect(both.range(), false, true).unwrap();
+    assert_eq!(p.done, 0);
     assert!(
-        matches!(
-            e,
-            OpError::FeatureNotEnabled {
-                feature: Features::POISON,
-                ..
-            }
-        ),
-        "{e}"
+        p.stop.is_some(),
+        "the second page is not WP-registered: {p:?}"
     );
-    assert_eq!(present(map.range()), [false]);
+    common::join_soon(t);
+    let mut b = [0u8; 1];
+    both.read_at(0, &mut b).unwrap();
+    assert_eq!(b[0], 9);
 }
 
 #[test]
@@ -573,7 +612,8 @@ fn closing_the_userfaultfd_releases_waiting_threads() {
         return;
     };
     let map = Mapping::anon(PAGE_SIZE).unwrap();
-    u.register(map.range(), RegisterMode::MISSING).unwrap();
+    u.register(&map, map.range(), RegisterMode::MISSING)
+        .unwrap();
     let addr = map.range().start().get();
     let t = std::thread::spawn(move || touch_read(addr));
     let Event::PageFault(_) = next_event(&u) else {

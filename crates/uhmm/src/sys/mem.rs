@@ -200,7 +200,9 @@ pub enum MemError {
         page_size: usize,
     },
     /// The huge page size is not one the kernel offers.
-    #[error("unsupported huge page size {page_size:#x} (use 2 MiB or 1 GiB)")]
+    #[error(
+        "huge page size {page_size:#x} is not offered by this kernel (see /sys/kernel/mm/hugepages; usually 2 MiB or 1 GiB)"
+    )]
     BadHugePageSize {
         /// The size asked for.
         page_size: usize,
@@ -241,9 +243,9 @@ pub enum MemError {
         /// The error (ENOMEM: part of the range is not mapped).
         errno: Errno,
     },
-    /// The mapping has no file behind it to map again.
+    /// The mapping has no file descriptor to map again.
     #[error(
-        "the mapping {mapping} is anonymous private memory; only shared memory can be mapped again"
+        "the mapping {mapping} has no file descriptor to map again; use Backing::Memfd (or a shared hugetlb or file backing) for memory that is mapped twice"
     )]
     NoFile {
         /// The mapping.
@@ -335,7 +337,7 @@ impl MappingBuilder {
                 let shift = page_size.trailing_zeros();
                 if *shared {
                     let huge = MemfdFlags::HUGETLB | MemfdFlags::from_bits_retain(shift << 26);
-                    let fd = memfd(len, huge).map_err(|e| hugetlb_error(e, len, *page_size))?;
+                    let fd = memfd(len, huge).map_err(|e| hugetlb_error(e, *page_size))?;
                     (Some(fd), 0)
                 } else {
                     flags |= MapFlags::PRIVATE
@@ -372,6 +374,9 @@ impl MappingBuilder {
                 len,
                 page_size: *page_size,
             },
+            (Backing::Hugetlb { page_size, .. }, Errno::INVAL) => MemError::BadHugePageSize {
+                page_size: *page_size,
+            },
             _ => MemError::Map {
                 len,
                 backing: name,
@@ -393,12 +398,14 @@ impl MappingBuilder {
     }
 }
 
-fn hugetlb_error(e: MemError, len: usize, page_size: usize) -> MemError {
+/// A hugetlb memfd of a size the kernel does not offer fails with ENODEV
+/// or EINVAL.
+fn hugetlb_error(e: MemError, page_size: usize) -> MemError {
     match e {
         MemError::Memfd {
-            errno: Errno::NOMEM | Errno::INVAL,
+            errno: Errno::NODEV | Errno::INVAL,
             ..
-        } => MemError::NoHugePages { len, page_size },
+        } => MemError::BadHugePageSize { page_size },
         e => e,
     }
 }

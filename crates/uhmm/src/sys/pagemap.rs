@@ -100,7 +100,8 @@ impl Default for ScanQuery {
 
 impl ScanQuery {
     /// Every page, reporting the categories both backends can tell
-    /// (PRESENT, SWAPPED, FILE, WRITTEN, PFNZERO, HUGE).
+    /// (PRESENT, SWAPPED, FILE, WRITTEN, PFNZERO). Ask for HUGE with
+    /// [`report`](Self::report); only `PAGEMAP_SCAN` tells it.
     pub fn new() -> Self {
         Self {
             inverted: Categories::empty(),
@@ -110,8 +111,7 @@ impl ScanQuery {
                 | Categories::SWAPPED
                 | Categories::FILE
                 | Categories::WRITTEN
-                | Categories::PFNZERO
-                | Categories::HUGE,
+                | Categories::PFNZERO,
             max_pages: 0,
             flags: ScanFlags::empty(),
         }
@@ -237,8 +237,8 @@ pub enum PagemapError {
 pub enum PagemapBackend {
     /// The `PAGEMAP_SCAN` ioctl.
     Scan,
-    /// 64-bit entries read from `/proc/self/pagemap` (and, for PFNZERO and
-    /// HUGE, `/proc/kpageflags`).
+    /// 64-bit entries read from `/proc/self/pagemap` (and, for PFNZERO,
+    /// `/proc/kpageflags`). It cannot tell WPALLOWED, SOFT_DIRTY or HUGE.
     ProcPagemap,
 }
 
@@ -285,10 +285,17 @@ impl Pagemap {
     /// Scans `range` and appends the matching regions to `out` (merged with
     /// the last region already in `out` if they touch and agree).
     ///
+    /// A `WP_MATCHING` scan write-protects the pages it reports and skips
+    /// memory without async write-protect; with `CHECK_WPASYNC` it fails at
+    /// the first such page instead.
+    ///
     /// # Errors
     ///
-    /// [`PagemapError::Scan`] if the kernel refuses (for example a
-    /// `WP_MATCHING` scan over memory without async write-protect);
+    /// [`PagemapError::Scan`] if the kernel refuses (for example
+    /// `CHECK_WPASYNC` meeting memory without async write-protect). The
+    /// regions the kernel reported before it failed are still appended to
+    /// `out`: a `WP_MATCHING` scan has already write-protected them, so
+    /// dropping them would lose their dirty state;
     /// [`PagemapError::Unsupported`] / [`PagemapError::NeedsPrivilege`] when
     /// the fallback cannot answer the query.
     pub fn scan(
@@ -323,22 +330,33 @@ impl Pagemap {
             let left = if query.max_pages == 0 {
                 0
             } else {
-                query.max_pages - pages
+                query.max_pages.saturating_sub(pages).max(1)
             };
             let mut arg = scan_arg(cursor, range.end(), query, buf.as_mut_ptr(), left);
+            // Zeroed so that, if the call fails, the regions it did write can
+            // still be told from the rest (a written region has start < end).
+            buf.fill(uapi::page_region {
+                start: 0,
+                end: 0,
+                categories: 0,
+            });
             // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; `vec` points
             // to `buf`, which is live and holds `vec_len` regions.
-            let n = unsafe { super::ioctl_ret::<PAGEMAP_SCAN, _>(self.fd.as_fd(), &mut arg) }
-                .map_err(|errno| PagemapError::Scan { range, errno })? as usize;
-            let n = n.min(CHUNK);
+            let res = unsafe { super::ioctl_ret::<PAGEMAP_SCAN, _>(self.fd.as_fd(), &mut arg) };
+            let n = match res {
+                Ok(n) => (n as usize).min(CHUNK),
+                Err(errno) => {
+                    for r in buf.iter().take_while(|r| r.start < r.end) {
+                        if let Some(region) = to_range(r) {
+                            push_merged(out, region, Categories::from_bits_retain(r.categories));
+                        }
+                    }
+                    return Err(PagemapError::Scan { range, errno });
+                }
+            };
             let mut last_end = cursor;
             for r in &buf[..n] {
-                let (Ok(start), Ok(end)) = (usize::try_from(r.start), usize::try_from(r.end))
-                else {
-                    continue;
-                };
-                let Ok(region) = PageRange::from_bounds(VirtAddr::new(start), VirtAddr::new(end))
-                else {
+                let Some(region) = to_range(r) else {
                     continue;
                 };
                 pages += region.npages();
@@ -375,14 +393,19 @@ impl Pagemap {
         query: &ScanQuery,
         out: &mut Vec<PageRegion>,
     ) -> Result<ScanSummary, PagemapError> {
-        let unsupported = query.interest() & (Categories::WPALLOWED | Categories::SOFT_DIRTY);
+        // HUGE is left out: the page flag behind it marks every page of a
+        // large folio, also after its huge mapping was split, and says
+        // nothing of hugetlb pages not yet faulted, so it would disagree
+        // with PAGEMAP_SCAN.
+        let unsupported =
+            query.interest() & (Categories::WPALLOWED | Categories::SOFT_DIRTY | Categories::HUGE);
         if !unsupported.is_empty() || !query.flags.is_empty() {
             return Err(PagemapError::Unsupported {
                 categories: unsupported,
                 flags: query.flags,
             });
         }
-        let pfn_cats = query.interest() & (Categories::PFNZERO | Categories::HUGE);
+        let pfn_cats = query.interest() & Categories::PFNZERO;
         let kpageflags = if pfn_cats.is_empty() {
             None
         } else {
@@ -425,6 +448,11 @@ impl Pagemap {
             pages,
         })
     }
+}
+
+fn to_range(r: &uapi::page_region) -> Option<PageRange> {
+    let (start, end) = (usize::try_from(r.start).ok()?, usize::try_from(r.end).ok()?);
+    PageRange::from_bounds(VirtAddr::new(start), VirtAddr::new(end)).ok()
 }
 
 fn push_merged(out: &mut Vec<PageRegion>, range: PageRange, categories: Categories) {
@@ -491,9 +519,7 @@ const PM_FILE_OR_SHARED: u64 = 1 << 61;
 const PM_GUARD: u64 = 1 << 58;
 const PM_UFFD_WP: u64 = 1 << 57;
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
-// The bits of a /proc/kpageflags entry.
-const KPF_HUGE: u64 = 1 << 17;
-const KPF_THP: u64 = 1 << 22;
+// The bit of a /proc/kpageflags entry that marks the zero page.
 const KPF_ZERO_PAGE: u64 = 1 << 24;
 
 fn entry_categories(
@@ -520,12 +546,11 @@ fn entry_categories(
         }
         let flags = kpf.flags(pfn)?;
         c.set(Categories::PFNZERO, flags & KPF_ZERO_PAGE != 0);
-        c.set(Categories::HUGE, flags & (KPF_THP | KPF_HUGE) != 0);
     }
     Ok(c)
 }
 
-/// `/proc/kpageflags`, for the fallback's PFNZERO and HUGE.
+/// `/proc/kpageflags`, for the fallback's PFNZERO.
 struct KpageFlags {
     fd: OwnedFd,
 }

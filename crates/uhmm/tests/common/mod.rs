@@ -237,3 +237,17 @@ pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Joins a thread that should end soon; fails (instead of hanging) if it is
+/// still blocked after 5 s.
+pub fn join_soon<T>(t: JoinHandle<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !t.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a thread is still blocked after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.join().unwrap()
+}

@@ -75,8 +75,9 @@ pub enum Event {
         from: VirtAddr,
         /// Where it is now.
         to: VirtAddr,
-        /// Its new length in bytes.
-        len: usize,
+        /// Its length before the move, in bytes (the kernel reports the old
+        /// length; an mremap that grows the range moves this much).
+        old_len: usize,
     },
     /// Pages of a registered range were discarded by `MADV_DONTNEED` or
     /// `MADV_REMOVE` (needs `EVENT_REMOVE`).
@@ -136,7 +137,7 @@ fn decode(msg: &[u8], thread_id: bool, on_fork: impl FnOnce(OwnedFd) -> Event) -
         uapi::UFFD_EVENT_REMAP => Event::Remap {
             from: VirtAddr::new(u64_at(msg, 8) as usize),
             to: VirtAddr::new(u64_at(msg, 16) as usize),
-            len: u64_at(msg, 24) as usize,
+            old_len: u64_at(msg, 24) as usize,
         },
         uapi::UFFD_EVENT_REMOVE => match range_at(msg) {
             Some(range) => Event::Remove { range },
@@ -196,7 +197,7 @@ mod tests {
             if addr == VirtAddr::new(0x7000) && flags == FaultFlags::WRITE | FaultFlags::WP)
         );
         let rm = d(&msg(uapi::UFFD_EVENT_REMAP, [0x1000, 0x9000, 0x2000]));
-        assert!(matches!(rm, Event::Remap { from, to, len: 0x2000 }
+        assert!(matches!(rm, Event::Remap { from, to, old_len: 0x2000 }
             if from == VirtAddr::new(0x1000) && to == VirtAddr::new(0x9000)));
         let rv = d(&msg(uapi::UFFD_EVENT_REMOVE, [0x1000, 0x3000, 0]));
         assert!(matches!(rv, Event::Remove { range } if range.npages() == 2));

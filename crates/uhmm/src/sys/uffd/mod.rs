@@ -13,7 +13,7 @@
 //!
 //! let uffd = Uffd::builder().features(Features::EVENT_REMOVE | Features::EVENT_UNMAP).open()?;
 //! let map = Mapping::anon(16 * PAGE_SIZE)?;
-//! let allowed = uffd.register(map.range(), RegisterMode::MISSING)?;
+//! let allowed = uffd.register(&map, map.range(), RegisterMode::MISSING)?;
 //! println!("resolve ioctls allowed on {}: {allowed:?}", map.range());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -31,6 +31,7 @@ pub(crate) mod ioctl;
 pub mod ops;
 
 use crate::addr::PageRange;
+use crate::sys::mem::Mapping;
 use crate::sys::procmap::{Procmap, VmaKind};
 use bitflags::bitflags;
 use linux_raw_sys::general as uapi;
@@ -252,6 +253,14 @@ fn attempts_to_string(attempts: &[(Access, Errno)]) -> String {
 /// Why a range could not be registered or unregistered.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
+    /// The range does not lie inside the mapping it was given with.
+    #[error("cannot register {range}: it is not inside the mapping {mapping}")]
+    OutsideMapping {
+        /// The range asked for.
+        range: PageRange,
+        /// The mapping.
+        mapping: PageRange,
+    },
     /// Part of the range has no mapping.
     #[error("cannot register {range}: nothing is mapped at {hole}")]
     Unmapped {
@@ -266,8 +275,8 @@ pub enum RegisterError {
         /// The range asked for.
         range: PageRange,
     },
-    /// The mapping cannot be registered in this mode.
-    #[error("cannot register {range} in mode {mode:?}: {reason}")]
+    /// The mapping cannot be registered (in this mode).
+    #[error("userfaultfd cannot take {range} (mode {mode:?}): {reason}")]
     Unsupported {
         /// The range asked for.
         range: PageRange,
@@ -483,9 +492,14 @@ impl Uffd {
         self.access
     }
 
-    /// Registers `range` for the faults of `mode`; returns the resolve
-    /// ioctls the kernel allows on it (no ZEROPAGE on hugetlb, MOVE only on
-    /// private anonymous memory, and so on).
+    /// Registers `range`, which lies in `map`, for the faults of `mode`;
+    /// returns the resolve ioctls the kernel allows on it (no ZEROPAGE on
+    /// hugetlb, MOVE only on private anonymous memory, and so on).
+    ///
+    /// Safe because a [`Mapping`] hands out no references into its memory:
+    /// the resolve ioctls fill holes of a registered range with data, which
+    /// would change what a `&[u8]` over a never-touched page reads. See
+    /// [`register_range`](Self::register_range) for other memory.
     ///
     /// Registering a range already registered with this same context is
     /// allowed and updates its mode. The kernel would register the mapped
@@ -500,7 +514,34 @@ impl Uffd {
     /// of it, [`RegisterError::Unsupported`] if the mapping cannot be
     /// registered in this mode (with the reason), [`RegisterError::BadFd`] if
     /// the fd is no longer a userfaultfd. On error nothing is registered.
-    pub fn register(&self, range: PageRange, mode: RegisterMode) -> Result<Ioctls, RegisterError> {
+    pub fn register(
+        &self,
+        map: &Mapping,
+        range: PageRange,
+        mode: RegisterMode,
+    ) -> Result<Ioctls, RegisterError> {
+        if !map.range().contains_range(range) {
+            return Err(RegisterError::OutsideMapping {
+                range,
+                mapping: map.range(),
+            });
+        }
+        // SAFETY: `range` lies in `map`, into which no reference exists.
+        unsafe { self.register_range(range, mode) }
+    }
+
+    /// Registers any `range` of the process, like [`register`](Self::register).
+    ///
+    /// # Safety
+    ///
+    /// While the range stays registered, resolving its faults puts data into
+    /// pages that read as zeros before (a never-touched page): no Rust
+    /// reference may point into `range` until it is unregistered.
+    pub unsafe fn register_range(
+        &self,
+        range: PageRange,
+        mode: RegisterMode,
+    ) -> Result<Ioctls, RegisterError> {
         if let Some(hole) = first_hole(range) {
             return Err(RegisterError::Unmapped { range, hole });
         }
@@ -610,6 +651,13 @@ fn diagnose(range: PageRange, mode: RegisterMode, errno: Errno) -> RegisterError
     match errno {
         Errno::BUSY => return RegisterError::AlreadyRegistered { range },
         Errno::BADF | Errno::NOTTY => return RegisterError::BadFd { range, errno },
+        Errno::PERM => {
+            return RegisterError::Unsupported {
+                range,
+                mode,
+                reason: "the kernel refused it (EPERM): a shared mapping must be writable, neither read-only nor write-sealed".into(),
+            };
+        }
         Errno::INVAL | Errno::NOMEM => {}
         errno => return RegisterError::Kernel { range, errno },
     }

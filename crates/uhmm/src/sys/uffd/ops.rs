@@ -137,11 +137,11 @@ pub enum OpError {
         /// The destination range.
         range: PageRange,
     },
-    /// The operation needs a feature that was not enabled at open.
+    /// The running kernel lacks the operation.
     #[error(
-        "{op} on {range}: needs userfaultfd feature {feature:?}, which was not enabled when this userfaultfd was opened"
+        "{op} on {range}: this kernel's userfaultfd lacks {feature:?} (MOVE needs Linux 6.8, POISON 6.6)"
     )]
-    FeatureNotEnabled {
+    FeatureUnsupported {
         /// The operation.
         op: Op,
         /// The destination range.
@@ -159,8 +159,11 @@ pub enum OpError {
         /// The source address.
         src: VirtAddr,
     },
-    /// ENOMEM: the kernel could not allocate a page or page table.
-    #[error("{op} on {range}: out of memory (ENOMEM)")]
+    /// ENOMEM: the kernel could not allocate a page or page table (for
+    /// shmem also: the tmpfs or the memory cgroup is full).
+    #[error(
+        "{op} on {range}: out of memory (ENOMEM; for shared memory also a full tmpfs or memory cgroup)"
+    )]
     NoMemory {
         /// The operation.
         op: Op,
@@ -268,11 +271,13 @@ fn progress(
 }
 
 impl Uffd {
+    /// MOVE and POISON need no feature enabled at open, only a kernel that
+    /// has them; refuse up front where it does not, with a clear error.
     fn require(&self, op: Op, range: PageRange, feature: Features) -> Result<(), OpError> {
-        if self.features().contains(feature) {
+        if self.supported_features().contains(feature) {
             Ok(())
         } else {
-            Err(OpError::FeatureNotEnabled { op, range, feature })
+            Err(OpError::FeatureUnsupported { op, range, feature })
         }
     }
 
@@ -293,9 +298,9 @@ impl Uffd {
             copy: 0,
         };
         // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`. The kernel reads
-        // `src` with copy_from_user (a bad pointer is EFAULT) and only fills
-        // pages of `dst` that are not present, so no memory a Rust reference
-        // could observe changes.
+        // `src` with copy_from_user (a bad pointer is EFAULT) and fills only
+        // holes of a registered `dst`, into which registration's contract
+        // (`Uffd::register`) guarantees no reference points.
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_COPY }, _>(self.as_fd(), &mut arg) };
         progress(Op::Copy, dst, src, res, arg.copy)
     }
@@ -309,8 +314,8 @@ impl Uffd {
             mode: if wake { 0 } else { ZEROPAGE_DONTWAKE },
             zeropage: 0,
         };
-        // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it only
-        // fills holes.
+        // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it fills
+        // holes of a registered range (no reference there, see `copy`).
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_ZEROPAGE }, _>(self.as_fd(), &mut arg) };
         progress(Op::ZeroPage, range, range.start(), res, arg.zeropage)
     }
@@ -360,7 +365,7 @@ impl Uffd {
             mapped: 0,
         };
         // SAFETY: UFFDIO_CONTINUE takes a `struct uffdio_continue`; it maps
-        // existing page-cache pages into holes.
+        // existing page-cache pages into holes of a registered range.
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_CONTINUE }, _>(self.as_fd(), &mut arg) };
         progress(Op::Continue, range, range.start(), res, arg.mapped)
     }
@@ -375,8 +380,8 @@ impl Uffd {
             mode: if wake { 0 } else { POISON_DONTWAKE },
             updated: 0,
         };
-        // SAFETY: UFFDIO_POISON takes a `struct uffdio_poison`; it only
-        // fills holes.
+        // SAFETY: UFFDIO_POISON takes a `struct uffdio_poison`; it marks
+        // holes of a registered range (no reference there, see `copy`).
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_POISON }, _>(self.as_fd(), &mut arg) };
         progress(Op::Poison, range, range.start(), res, arg.updated)
     }
@@ -386,8 +391,13 @@ impl Uffd {
     /// waiting on a write-protect fault in the range unless `wake` is false;
     /// `wake` has no meaning when protecting (the kernel refuses
     /// DONTWAKE with WP, so it is not sent).
-    /// The kernel does not report partial progress: the result is all or
-    /// [`Stop::LayoutChanging`] with nothing done.
+    ///
+    /// The kernel does not report partial progress, and it works through
+    /// the mappings of the range one by one: on a stop (`done` is 0) an
+    /// unknown prefix may already have changed. The operation is
+    /// idempotent, so fix the cause and issue it again over the whole range.
+    /// A failed un-protect skips the kernel's wake; this sends it, so that
+    /// no thread stays blocked on a page that was un-protected.
     pub fn write_protect(
         &self,
         range: PageRange,
@@ -406,6 +416,11 @@ impl Uffd {
         // it changes only page permissions, not contents.
         let res =
             unsafe { ioctl::update::<{ ioctl::UFFDIO_WRITEPROTECT }, _>(self.as_fd(), &mut arg) };
+        if res.is_err() && !protect && wake {
+            // Best effort: a wake cannot make anything worse (a waiter on a
+            // page still protected faults again).
+            let _ = self.wake(range);
+        }
         progress(Op::WriteProtect, range, range.start(), res, 0)
     }
 
