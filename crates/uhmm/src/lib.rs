@@ -10,7 +10,10 @@
 //! `DESIGN.md` in the repository):
 //!
 //! - [`sys`]: the kernel-interface layer — the only place with raw syscalls,
-//!   ioctls and `unsafe`.
+//!   ioctls and `unsafe`, but for two named places in [`mm`]:
+//!   `Mm::manage` (an `unsafe fn`: the caller vouches for memory it already
+//!   has) and `Mm::mprotect` (safe, because managed memory has no
+//!   references into it).
 //! - [`addr`]: address newtypes ([`VirtAddr`], [`PageRange`]) used by every
 //!   layer.
 //! - [`mm`]: the address space as devices see it; today its interval

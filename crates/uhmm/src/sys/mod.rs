@@ -103,3 +103,32 @@ unsafe impl<const OP: Opcode, T> Ioctl for UpdaterRet<'_, OP, T> {
         Ok(out)
     }
 }
+
+/// Blocks every signal on the calling thread (a fault-service thread: a
+/// signal handler running there could touch managed memory and wait on the
+/// thread itself).
+pub fn block_all_signals() {
+    // SAFETY: `set` is a local sigset_t that sigfillset initialises;
+    // pthread_sigmask(SIG_BLOCK) only changes this thread's mask, and the old
+    // mask is not asked for.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Runs `prepare` in the forking thread before every `fork()` of the
+/// process (glibc's `pthread_atfork` prepare hook, which runs before glibc
+/// takes its allocator locks, so `prepare` may allocate and lock).
+/// Registered once; each call adds another hook.
+pub fn on_fork_prepare(prepare: extern "C" fn()) -> Result<(), Errno> {
+    // SAFETY: pthread_atfork stores the function pointer; `prepare` is a
+    // plain `extern "C" fn()` valid for the life of the process.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), None, None) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_raw_os_error(rc))
+    }
+}

@@ -251,3 +251,20 @@ pub fn join_soon<T>(t: JoinHandle<T>) -> T {
     }
     t.join().unwrap()
 }
+
+/// Moves `from` over `to` with mremap (both the same length).
+pub fn remap(from: uhmm::PageRange, to: uhmm::PageRange) {
+    // SAFETY: tests pass ranges of their own mappings that nothing refers
+    // into; `to`'s old pages are replaced.
+    let moved = unsafe {
+        rustix::mm::mremap_fixed(
+            from.start().as_mut_ptr(),
+            from.len(),
+            to.len(),
+            rustix::mm::MremapFlags::MAYMOVE,
+            to.start().as_mut_ptr(),
+        )
+    }
+    .unwrap();
+    assert_eq!(moved as usize, to.start().get());
+}

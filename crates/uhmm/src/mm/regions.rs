@@ -1,0 +1,103 @@
+//! The table of managed regions: which ranges of the address space uhmm
+//! manages, kept in step with munmap and mremap as the events report them.
+
+use crate::addr::{PageRange, VirtAddr};
+use std::collections::BTreeMap;
+
+/// Managed ranges by start address; they never overlap.
+#[derive(Debug, Default)]
+pub(crate) struct Regions {
+    by_start: BTreeMap<VirtAddr, PageRange>,
+}
+
+impl Regions {
+    /// The managed range that overlaps `range`, if any.
+    pub(crate) fn overlapping(&self, range: PageRange) -> Option<PageRange> {
+        self.by_start
+            .range(..range.end())
+            .next_back()
+            .map(|(_, r)| *r)
+            .filter(|r| r.overlaps(range))
+    }
+
+    /// Whether `range` lies entirely inside managed ranges.
+    pub(crate) fn covers(&self, range: PageRange) -> bool {
+        let mut cursor = range.start();
+        for (_, r) in self.by_start.range(..range.end()) {
+            if r.end() <= cursor {
+                continue;
+            }
+            if r.start() > cursor {
+                return false;
+            }
+            cursor = r.end();
+        }
+        cursor >= range.end()
+    }
+
+    pub(crate) fn insert(&mut self, range: PageRange) {
+        self.by_start.insert(range.start(), range);
+    }
+
+    /// Removes whatever lies in `gone` (an unmap), splitting ranges it cuts.
+    pub(crate) fn unmapped(&mut self, gone: PageRange) {
+        let hit: Vec<PageRange> = self
+            .by_start
+            .values()
+            .copied()
+            .filter(|r| r.overlaps(gone))
+            .collect();
+        for r in hit {
+            self.by_start.remove(&r.start());
+            if let Ok(head) = PageRange::from_bounds(r.start(), gone.start()) {
+                self.insert(head);
+            }
+            if let Ok(tail) = PageRange::from_bounds(gone.end(), r.end()) {
+                self.insert(tail);
+            }
+        }
+    }
+
+    /// Moves what lies in `old` to start at `to` (an mremap).
+    pub(crate) fn moved(&mut self, old: PageRange, to: VirtAddr) {
+        let was_managed = self.overlapping(old).is_some();
+        self.unmapped(old);
+        if was_managed && let Ok(new) = PageRange::new(to, old.len()) {
+            self.insert(new);
+        }
+    }
+
+    /// Every managed range.
+    pub(crate) fn ranges(&self) -> impl Iterator<Item = PageRange> + '_ {
+        self.by_start.values().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PAGE_SIZE;
+
+    fn r(first: usize, n: usize) -> PageRange {
+        PageRange::new(VirtAddr::new(0x100_0000 + first * PAGE_SIZE), n * PAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn tracks_unmap_and_move() {
+        let mut t = Regions::default();
+        t.insert(r(0, 8));
+        t.insert(r(10, 2));
+        assert!(t.covers(r(1, 3)) && !t.covers(r(7, 2)));
+        assert_eq!(t.overlapping(r(9, 2)), Some(r(10, 2)));
+        t.unmapped(r(2, 2));
+        assert_eq!(t.ranges().collect::<Vec<_>>(), [r(0, 2), r(4, 4), r(10, 2)]);
+        t.moved(r(10, 2), r(20, 2).start());
+        assert_eq!(t.ranges().collect::<Vec<_>>(), [r(0, 2), r(4, 4), r(20, 2)]);
+        t.moved(r(30, 1), r(40, 1).start());
+        assert_eq!(
+            t.overlapping(r(40, 1)),
+            None,
+            "moving unmanaged memory manages nothing"
+        );
+    }
+}

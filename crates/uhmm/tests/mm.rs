@@ -1,0 +1,249 @@
+//! `Mm`: managed regions, events from the kernel turned into notifier
+//! invalidations for exactly the overlapping ranges, Release at teardown.
+#![allow(unsafe_code)]
+
+mod common;
+
+use common::{ChildEnd, fork_and_wait, fork_lock, is_root, reserve_hugepages};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
+use uhmm::mm::{Mm, MmError};
+use uhmm::sys::mem::{Advice, Backing, Prot};
+use uhmm::sys::uffd::{Features, RegisterError};
+use uhmm::{PAGE_SIZE, PageRange};
+
+#[derive(Debug, Default)]
+struct Recorder {
+    log: Mutex<Vec<(NotifyEvent, PageRange)>>,
+}
+
+impl NotifierOps for Recorder {
+    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
+        sub.set_seq(cur_seq);
+        self.log.lock().unwrap().push((r.event, r.range));
+        true
+    }
+}
+
+impl Recorder {
+    /// Waits (up to 5 s) for the next invalidation; the service delivers
+    /// them after the kernel's event is read, on its own thread.
+    fn next(&self) -> (NotifyEvent, PageRange) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(e) = {
+                let mut l = self.log.lock().unwrap();
+                (!l.is_empty()).then(|| l.remove(0))
+            } {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no invalidation within 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn quiet(&self) -> bool {
+        std::thread::sleep(Duration::from_millis(50));
+        self.log.lock().unwrap().is_empty()
+    }
+}
+
+fn mm() -> Option<Mm> {
+    match Mm::new() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            common::skip(&format!("no Mm: {e}"));
+            None
+        }
+    }
+}
+
+#[test]
+fn alloc_manages_every_backing() {
+    let _serial = common::serial();
+    let Some(mm) = mm() else { return };
+    let mut backings = vec![
+        (Backing::AnonPrivate, 4 * PAGE_SIZE),
+        (Backing::AnonShared, 4 * PAGE_SIZE),
+        (Backing::Memfd, 4 * PAGE_SIZE),
+    ];
+    if is_root() && reserve_hugepages(1) {
+        backings.push((
+            Backing::Hugetlb {
+                page_size: 2 << 20,
+                shared: false,
+            },
+            2 << 20,
+        ));
+    } else {
+        common::skip("hugetlb needs reserved huge pages (root)");
+    }
+    let mut total = 0;
+    let mut regions = Vec::new();
+    for (b, len) in backings {
+        let name = format!("{b:?}");
+        let r = mm.alloc(len, b).unwrap_or_else(|e| panic!("{name}: {e}"));
+        r.write_at(len - 2, b"ok").unwrap();
+        let mut back = [0u8; 2];
+        r.read_at(len - 2, &mut back).unwrap();
+        assert_eq!(&back, b"ok", "{name}");
+        total += len;
+        assert!(mm.is_managed(r.range()));
+        regions.push(r);
+    }
+    assert_eq!(mm.managed_len(), total);
+    drop(regions);
+    assert_eq!(mm.managed_len(), 0);
+    assert_eq!(
+        mm.stats().faults,
+        0,
+        "plain accesses to managed memory raise no fault"
+    );
+}
+
+#[test]
+fn kernel_events_reach_exactly_the_overlapping_notifiers() {
+    let _serial = common::serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(8 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[1; 8 * PAGE_SIZE]).unwrap();
+    let r = region.range();
+    let low = Arc::new(Recorder::default());
+    let high = Arc::new(Recorder::default());
+    let _n1 = mm.insert_notifier(r.subrange(0, 4 * PAGE_SIZE).unwrap(), low.clone());
+    let _n2 = mm.insert_notifier(
+        r.subrange(4 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap(),
+        high.clone(),
+    );
+
+    // MADV_DONTNEED of pages 1-2: Clear, for the low notifier only.
+    let discard = r.subrange(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+    region
+        .mapping()
+        .unwrap()
+        .advise(discard, Advice::DontNeed)
+        .unwrap();
+    assert_eq!(low.next(), (NotifyEvent::Clear, discard));
+    assert!(high.quiet());
+
+    // Mm::mprotect of pages 4-5: Protection, for the high notifier only,
+    // delivered before mprotect returns.
+    let prot = r.subrange(4 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+    mm.mprotect(prot, Prot::READ).unwrap();
+    assert_eq!(
+        high.log.lock().unwrap().remove(0),
+        (NotifyEvent::Protection, prot)
+    );
+    assert!(low.quiet());
+
+    // munmap of page 7: Unmap, high only; the page leaves the managed set.
+    let last = r.page(7).unwrap();
+    common::unmap_part(last);
+    assert_eq!(high.next(), (NotifyEvent::Unmap, last));
+    assert!(low.quiet());
+    assert!(!mm.is_managed(last) && mm.is_managed(r.subrange(0, 7 * PAGE_SIZE).unwrap()));
+    assert!(mm.stats().events >= 2);
+}
+
+#[test]
+fn mremap_is_a_remap_of_the_old_range() {
+    let _serial = common::serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let target = uhmm::sys::mem::Mapping::anon(2 * PAGE_SIZE).unwrap();
+    let rec = Arc::new(Recorder::default());
+    let _n = mm.insert_notifier(region.range(), rec.clone());
+    let (from, to) = (region.range(), target.range());
+    common::remap(from, to);
+    assert_eq!(rec.next(), (NotifyEvent::Remap, from));
+    assert!(mm.is_managed(to), "the managed range moves with mremap");
+    assert!(!mm.is_managed(from));
+    std::mem::forget(target); // its pages now belong to the moved region
+}
+
+#[test]
+fn fork_is_notified_before_it_happens() {
+    let _serial = common::serial();
+    let _g = fork_lock();
+    let Some(mm) = mm() else { return };
+    // The kernel's FORK event is not used (it deadlocks with glibc's fork).
+    assert!(!mm.features().contains(Features::EVENT_FORK));
+    let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[5]).unwrap();
+    let rec = Arc::new(Recorder::default());
+    let _n = mm.insert_notifier(region.range(), rec.clone());
+    let addr = region.range().start().get();
+    // The child sees the parent's data.
+    assert_eq!(
+        fork_and_wait(|| common::touch_read(addr) as i32),
+        ChildEnd::Exited(5)
+    );
+    assert_eq!(rec.next(), (NotifyEvent::Fork, region.range()));
+}
+
+#[test]
+fn release_reaches_every_notifier_before_teardown() {
+    let _serial = common::serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let recs: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
+    let notifiers: Vec<_> = recs
+        .iter()
+        .map(|r| mm.insert_notifier(region.range(), r.clone()))
+        .collect();
+    let tree = mm.notifiers().clone();
+    drop(region);
+    // Unregistering the region is not an invalidation of it.
+    assert!(recs.iter().all(|r| r.quiet()));
+    drop(mm);
+    for r in &recs {
+        let (event, range) = r.next();
+        assert_eq!(event, NotifyEvent::Release);
+        assert_eq!(
+            range.start().get(),
+            0,
+            "Release covers the whole address space"
+        );
+    }
+    drop(notifiers);
+    assert!(tree.is_empty());
+}
+
+#[test]
+fn bad_ranges_are_refused() {
+    let _serial = common::serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    // Overlapping a managed region.
+    let inner = region.range().page(1).unwrap();
+    // SAFETY: nothing refers into the region.
+    let e = unsafe { mm.manage(inner) }.unwrap_err();
+    assert!(
+        matches!(e, MmError::AlreadyManaged { existing, .. } if existing == region.range()),
+        "{e}"
+    );
+    // Unmapped memory.
+    let gone = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap();
+    let hole = gone.range();
+    drop(gone);
+    // SAFETY: nothing is mapped there, so nothing refers into it.
+    let e = unsafe { mm.manage(hole) }.unwrap_err();
+    assert!(
+        matches!(e, MmError::Register(RegisterError::Unmapped { .. })),
+        "{e}"
+    );
+    // mprotect of memory that is not managed.
+    let plain = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap();
+    assert!(matches!(
+        mm.mprotect(plain.range(), Prot::READ),
+        Err(MmError::NotManaged { .. })
+    ));
+    assert_eq!(mm.managed_len(), 4 * PAGE_SIZE);
+    // A mapping the caller has can be managed, and stops being on drop.
+    // SAFETY: nothing refers into `plain`, which outlives the region.
+    let managed = unsafe { mm.manage(plain.range()) }.unwrap();
+    assert!(mm.is_managed(plain.range()));
+    drop(managed);
+    assert!(!mm.is_managed(plain.range()));
+}
