@@ -29,6 +29,7 @@
 
 mod fork;
 pub mod notifier;
+pub mod range;
 pub(crate) mod regions;
 mod service;
 

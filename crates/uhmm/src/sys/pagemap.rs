@@ -313,6 +313,28 @@ impl Pagemap {
         }
     }
 
+    /// Appends the raw 64-bit `/proc/self/pagemap` entry of every page of
+    /// `range` to `out` (bit 63 present, 62 swapped, 61 file or shared, 57
+    /// uffd write-protected, 56 exclusively mapped, 55 soft-dirty; the page
+    /// frame number in bits 0-54, zero without `CAP_SYS_ADMIN`).
+    pub fn entries(&self, range: PageRange, out: &mut Vec<u64>) -> Result<(), PagemapError> {
+        let mut chunk = [0u64; 512];
+        let mut page = range.start();
+        while page < range.end() {
+            let n = ((range.end().get() - page.get()) >> PAGE_SHIFT).min(chunk.len());
+            let got = read_entries(self.fd.as_fd(), page, &mut chunk[..n])?;
+            if got == 0 {
+                return Err(PagemapError::Open {
+                    path: "/proc/self/pagemap",
+                    errno: Errno::IO,
+                });
+            }
+            out.extend_from_slice(&chunk[..got]);
+            page = VirtAddr::new(page.get() + (got << PAGE_SHIFT));
+        }
+        Ok(())
+    }
+
     fn scan_ioctl(
         &self,
         range: PageRange,

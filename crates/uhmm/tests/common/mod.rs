@@ -268,3 +268,44 @@ pub fn remap(from: uhmm::PageRange, to: uhmm::PageRange) {
     .unwrap();
     assert_eq!(moved as usize, to.start().get());
 }
+
+/// A forked child blocked on a pipe until [`BlockedChild::release`].
+pub struct BlockedChild {
+    pid: i32,
+    write_end: i32,
+}
+
+/// Forks a child that waits (reading a pipe) and then exits 0.
+pub fn fork_blocked() -> BlockedChild {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child only makes raw syscalls (read, _exit).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let mut b = 0u8;
+        // SAFETY: reads one byte into `b`; returns at EOF when the parent
+        // closes the write end.
+        unsafe {
+            libc::close(fds[1]);
+            libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: the parent does not read.
+    unsafe { libc::close(fds[0]) };
+    BlockedChild {
+        pid,
+        write_end: fds[1],
+    }
+}
+
+impl BlockedChild {
+    /// Lets the child exit and waits for it.
+    pub fn release(self) -> ChildEnd {
+        // SAFETY: closes our write end; the child's read returns.
+        unsafe { libc::close(self.write_end) };
+        wait_child(self.pid)
+    }
+}
