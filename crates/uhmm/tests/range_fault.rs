@@ -49,18 +49,22 @@ fn fault(
     Ok(r.pfns)
 }
 
+/// `pages` pages of 4 KiB-mapped private memory: page 0 written, page 1
+/// read (the zero page), the rest untouched.
+fn sample(mm: &Mm, pages: usize) -> ManagedRegion {
+    let region = mm.alloc(pages * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let map = region.mapping().unwrap();
+    map.advise(region.range(), Advice::NoHugePage).unwrap();
+    region.write_at(0, &[1]).unwrap();
+    common::touch_read(region.range().page(1).unwrap().start().get());
+    region
+}
+
 #[test]
 fn snapshot_reports_without_faulting() {
     let _serial = common::serial();
     let Some(mm) = mm() else { return };
-    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    region
-        .mapping()
-        .unwrap()
-        .advise(region.range(), Advice::NoHugePage)
-        .unwrap();
-    region.write_at(0, &[1]).unwrap(); // page 0: written
-    common::touch_read(region.range().page(1).unwrap().start().get()); // page 1: zero page
+    let region = sample(&mm, 4);
     let got = fault(&mm, &region, HmmPfn::NONE, HmmPfn::NONE, None).unwrap();
     assert_eq!(got, [V | W, V | HmmPfn::ZERO, HmmPfn::NONE, HmmPfn::NONE]);
 }
@@ -238,14 +242,7 @@ impl PfnEncoding for DmirrorBytes {
 fn entries_arrive_in_the_device_encoding() {
     let _serial = common::serial();
     let Some(mm) = mm() else { return };
-    let region = mm.alloc(3 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    region
-        .mapping()
-        .unwrap()
-        .advise(region.range(), Advice::NoHugePage)
-        .unwrap();
-    region.write_at(0, &[1]).unwrap();
-    common::touch_read(region.range().page(1).unwrap().start().get());
+    let region = sample(&mm, 3);
     let n = mm.insert_notifier(region.range(), Arc::new(Seq));
     let mut r = HmmRange::new(&n, n.read_begin(), region.range());
     let mut bytes = Vec::new();

@@ -134,10 +134,10 @@ impl Mm {
             | Features::THREAD_ID;
         let optional =
             Features::WP_HUGETLBFS_SHMEM | Features::MISSING_SHMEM | Features::MISSING_HUGETLBFS;
-        let probe = Uffd::builder().features(base).open()?;
-        let features = base | (optional & probe.supported_features());
-        drop(probe);
-        let uffd = Uffd::builder().features(features).open()?;
+        let uffd = Uffd::builder()
+            .features(base)
+            .optional_features(optional)
+            .open()?;
         let shared =
             Arc::new(Shared::new(uffd, Notifiers::new()).map_err(|e| MmError::Service(e.into()))?);
         fork::track(&shared).map_err(|e| MmError::Service(e.into()))?;

@@ -435,34 +435,29 @@ impl Pagemap {
         };
         let maps = Procmap::open()?;
         let mut pages = 0usize;
-        let mut entries = [0u64; 512];
+        let mut entries = Vec::new();
         for vma in maps.covering(range)? {
             let Some(part) = vma.range.intersection(range) else {
                 continue;
             };
-            let mut page = part.start();
-            while page < part.end() {
-                let n = ((part.end().get() - page.get()) >> PAGE_SHIFT).min(entries.len());
-                let bytes = read_entries(self.fd.as_fd(), page, &mut entries[..n])?;
-                for (i, &e) in entries[..bytes].iter().enumerate() {
-                    let addr = VirtAddr::new(page.get() + (i << PAGE_SHIFT));
-                    let cats = entry_categories(e, kpageflags.as_ref(), pfn_cats)?;
-                    if !query.matches(cats) {
-                        continue;
-                    }
-                    let Ok(one) = PageRange::new(addr, PAGE_SIZE) else {
-                        continue;
-                    };
-                    push_merged(out, one, cats & query.report);
-                    pages += 1;
-                    if query.max_pages != 0 && pages >= query.max_pages {
-                        return Ok(ScanSummary {
-                            walk_end: one.end(),
-                            pages,
-                        });
-                    }
+            entries.clear();
+            self.entries(part, &mut entries)?;
+            for (&e, one) in entries.iter().zip(part.pages()) {
+                let cats = entry_categories(e, kpageflags.as_ref(), pfn_cats)?;
+                if !query.matches(cats) {
+                    continue;
                 }
-                page = VirtAddr::new(page.get() + (n << PAGE_SHIFT));
+                let Ok(one) = PageRange::new(one, PAGE_SIZE) else {
+                    continue;
+                };
+                push_merged(out, one, cats & query.report);
+                pages += 1;
+                if query.max_pages != 0 && pages >= query.max_pages {
+                    return Ok(ScanSummary {
+                        walk_end: one.end(),
+                        pages,
+                    });
+                }
             }
         }
         Ok(ScanSummary {

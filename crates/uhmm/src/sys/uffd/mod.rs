@@ -48,7 +48,7 @@ pub use ops::{ContinueMode, CopyMode, MoveMode, Op, OpError, Progress, Stop};
 bitflags! {
     /// `UFFD_FEATURE_*`: what a userfaultfd context can do, negotiated once
     /// at open.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct Features: u64 {
         /// Fault messages carry the WP flag for write-protect faults.
         const PAGEFAULT_FLAG_WP = uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
@@ -317,6 +317,7 @@ pub enum EventError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UffdBuilder {
     features: Option<Features>,
+    optional: Features,
     policy: AccessPolicy,
 }
 
@@ -324,6 +325,13 @@ impl UffdBuilder {
     /// Features to enable; the open fails if the kernel lacks any of them.
     pub fn features(mut self, features: Features) -> Self {
         self.features = Some(features);
+        self
+    }
+
+    /// Features to enable where the kernel offers them, and do without
+    /// where it does not ([`Uffd::features`] says which were enabled).
+    pub fn optional_features(mut self, features: Features) -> Self {
+        self.optional = features;
         self
     }
 
@@ -354,6 +362,7 @@ impl UffdBuilder {
         if !missing.is_empty() {
             return Err(OpenError::UnsupportedFeatures { missing, supported });
         }
+        let features = features | (self.optional & supported);
         let fd = create(access).map_err(|e| OpenError::Unavailable {
             attempts: vec![(access, e)],
             hint: HINT,
