@@ -16,7 +16,7 @@ use super::regions::Regions;
 use crate::addr::PageRange;
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -143,10 +143,4 @@ fn retry_pending(shared: &Shared, pending: &mut Vec<NotifierRange>) {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl AsFd for Shared {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.uffd.as_fd()
-    }
 }

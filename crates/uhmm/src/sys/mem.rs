@@ -323,7 +323,9 @@ impl MappingBuilder {
         } else {
             MapFlags::empty()
         };
-        let (fd, offset) = match &self.backing {
+        // A memfd made here is owned from the start; a given file is
+        // borrowed for the mmap and moved into the mapping afterwards.
+        let (made, offset) = match &self.backing {
             Backing::AnonPrivate => {
                 flags |= MapFlags::PRIVATE;
                 (None, 0)
@@ -346,47 +348,41 @@ impl MappingBuilder {
                     (None, 0)
                 }
             }
-            Backing::File { fd, offset, .. } => (
-                Some(fd.try_clone().map_err(|e| MemError::Map {
-                    len,
-                    backing: name,
-                    errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
-                })?),
-                *offset,
-            ),
+            Backing::File { offset, .. } => (None, *offset),
         };
-        if fd.is_some() {
+        let file = match &self.backing {
+            Backing::File { fd, .. } => Some(fd.as_fd()),
+            _ => made.as_ref().map(|f| f.as_fd()),
+        };
+        if file.is_some() {
             flags |= match self.backing {
                 Backing::File { shared: false, .. } => MapFlags::PRIVATE,
                 _ => MapFlags::SHARED,
             };
         }
-        let addr = map(
-            len,
-            self.align,
-            self.prot,
-            flags,
-            fd.as_ref().map(|f| f.as_fd()),
-            offset,
-        )
-        .map_err(|errno| match (&self.backing, errno) {
-            (Backing::Hugetlb { page_size, .. }, Errno::NOMEM) => MemError::NoHugePages {
-                len,
-                page_size: *page_size,
-            },
-            (Backing::Hugetlb { page_size, .. }, Errno::INVAL) => MemError::BadHugePageSize {
-                page_size: *page_size,
-            },
-            _ => MemError::Map {
-                len,
-                backing: name,
-                errno,
-            },
-        })?;
+        let addr =
+            map(len, self.align, self.prot, flags, file, offset).map_err(|errno| {
+                match (&self.backing, errno) {
+                    (Backing::Hugetlb { page_size, .. }, Errno::NOMEM) => MemError::NoHugePages {
+                        len,
+                        page_size: *page_size,
+                    },
+                    (Backing::Hugetlb { page_size, .. }, Errno::INVAL) => {
+                        MemError::BadHugePageSize {
+                            page_size: *page_size,
+                        }
+                    }
+                    _ => MemError::Map {
+                        len,
+                        backing: name,
+                        errno,
+                    },
+                }
+            })?;
         let range = PageRange::new(addr, len)?;
         let fd = match self.backing {
             Backing::File { fd, .. } => Some(fd),
-            _ => fd,
+            _ => made,
         };
         Ok(Mapping {
             range,
