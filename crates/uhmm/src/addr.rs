@@ -112,6 +112,18 @@ impl fmt::Display for VirtAddr {
     }
 }
 
+/// A page of device memory, numbered within its device's memory (the
+/// kernel's device-private PFN). Meaningful only together with the
+/// [`Owner`](crate::mm::Owner) whose memory it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevicePfn(pub u64);
+
+impl fmt::Display for DevicePfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dpfn {:#x}", self.0)
+    }
+}
+
 /// Why a [`PageRange`] could not be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RangeError {

@@ -40,4 +40,4 @@ pub mod addr;
 pub mod mm;
 pub mod sys;
 
-pub use addr::{PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
+pub use addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};

@@ -193,8 +193,12 @@ fn release_reaches_every_notifier_before_teardown() {
         .map(|r| mm.insert_notifier(region.range(), r.clone()))
         .collect();
     let tree = mm.notifiers().clone();
+    let range = region.range();
     drop(region);
-    // Unregistering the region is not an invalidation of it.
+    // A region that stops being managed is gone for the devices.
+    for r in &recs {
+        assert_eq!(r.next(), (NotifyEvent::Unmap, range));
+    }
     assert!(recs.iter().all(|r| r.quiet()));
     drop(mm);
     for r in &recs {
@@ -246,4 +250,62 @@ fn bad_ranges_are_refused() {
     assert!(mm.is_managed(plain.range()));
     drop(managed);
     assert!(!mm.is_managed(plain.range()));
+}
+
+/// Writes the event's first letter to a pipe (the test's child reports what
+/// its notifier saw as the process exits).
+#[derive(Debug)]
+struct PipeReporter(i32);
+
+impl NotifierOps for PipeReporter {
+    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
+        sub.set_seq(cur_seq);
+        let b = format!("{:?}", r.event).as_bytes()[0];
+        // SAFETY: writes one byte from a local to the pipe's write end.
+        unsafe { libc::write(self.0, (&b as *const u8).cast(), 1) };
+        true
+    }
+}
+
+#[test]
+fn release_reaches_every_notifier_at_process_exit() {
+    // A fork is an invalidation of every region: keep it away from the
+    // tests that count invalidations.
+    let _serial = common::serial();
+    let _fork = fork_lock();
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child sets up its own Mm and leaves through exit(3).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = match Mm::new() {
+            Ok(mm) => {
+                let range = PageRange::new(uhmm::VirtAddr::new(0x1000_0000), PAGE_SIZE).unwrap();
+                for _ in 0..2 {
+                    std::mem::forget(mm.insert_notifier(range, Arc::new(PipeReporter(fds[1]))));
+                }
+                // The handle stays alive: only the exit hook can release.
+                std::mem::forget(mm);
+                0
+            }
+            Err(_) => 3,
+        };
+        // SAFETY: a normal exit, running the atexit hooks.
+        unsafe { libc::exit(code) };
+    }
+    // SAFETY: the parent only reads.
+    unsafe { libc::close(fds[1]) };
+    assert_eq!(common::wait_child(pid), ChildEnd::Exited(0));
+    let mut seen = [0u8; 8];
+    // SAFETY: reads into `seen`; the write end is closed, so this ends.
+    let n = unsafe { libc::read(fds[0], seen.as_mut_ptr().cast(), seen.len()) };
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fds[0]) };
+    assert_eq!(
+        &seen[..n.max(0) as usize],
+        b"RR",
+        "each notifier saw one Release"
+    );
 }

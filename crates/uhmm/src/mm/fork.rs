@@ -1,5 +1,6 @@
-//! Fork notifications from a `pthread_atfork` prepare hook (see
-//! [`super::Mm::new`] for why not from the kernel's FORK event).
+//! Process-wide hooks over every live `Mm`: fork notifications from a
+//! `pthread_atfork` prepare hook (see [`super::Mm::new`] for why not from the
+//! kernel's FORK event), and Release at process exit.
 
 use super::notifier::{NotifierRange, NotifyEvent};
 use super::service::{Shared, lock};
@@ -7,12 +8,15 @@ use std::sync::{Arc, Mutex, Once, Weak};
 
 /// Every live `Mm` of the process (normally one).
 static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
-static HOOK: Once = Once::new();
+static HOOKS: Once = Once::new();
 
-/// Adds `shared` to the set notified at fork, installing the hook once.
+/// Adds `shared` to the set notified at fork and at exit, installing the
+/// hooks once.
 pub(super) fn track(shared: &Arc<Shared>) -> Result<(), rustix::io::Errno> {
     let mut result = Ok(());
-    HOOK.call_once(|| result = crate::sys::on_fork_prepare(prepare));
+    HOOKS.call_once(|| {
+        result = crate::sys::on_fork_prepare(prepare).and_then(|()| crate::sys::on_exit(at_exit));
+    });
     result?;
     let mut live = lock(&LIVE);
     live.retain(|w| w.strong_count() > 0);
@@ -20,11 +24,21 @@ pub(super) fn track(shared: &Arc<Shared>) -> Result<(), rustix::io::Errno> {
     Ok(())
 }
 
+/// The live `Mm`s made by this process (a forked child's copies are not
+/// its own).
+fn live() -> Vec<Arc<Shared>> {
+    let pid = rustix::process::getpid();
+    lock(&LIVE)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|s| s.pid == pid)
+        .collect()
+}
+
 /// Runs in the forking thread before the fork: every managed region of
 /// every live `Mm` is about to become copy-on-write.
 extern "C" fn prepare() {
-    let live: Vec<Arc<Shared>> = lock(&LIVE).iter().filter_map(Weak::upgrade).collect();
-    for shared in live {
+    for shared in live() {
         let ranges: Vec<_> = lock(&shared.regions).ranges().collect();
         for range in ranges {
             // Blockable: this is the forking thread, not the service.
@@ -32,5 +46,15 @@ extern "C" fn prepare() {
                 .notifiers
                 .invalidate(&NotifierRange::new(range, NotifyEvent::Fork));
         }
+    }
+}
+
+/// Runs at process exit: every notifier of every `Mm` still alive gets
+/// Release, so devices stop using the address space before it goes. The
+/// service keeps running (other exit hooks may still touch managed memory);
+/// the kernel ends it with the process.
+extern "C" fn at_exit() {
+    for shared in live() {
+        shared.release();
     }
 }

@@ -32,16 +32,20 @@ pub mod notifier;
 pub mod range;
 pub(crate) mod regions;
 mod service;
+pub mod state;
 
 pub use region::ManagedRegion;
+pub use state::{PageState, StateError};
 
 mod region;
 
-use crate::addr::{PageRange, RangeError};
+use crate::addr::{PageRange, RangeError, VirtAddr};
 use crate::sys::mem::{Backing, Mapping, MemError, Prot};
+use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::uffd::{Features, OpenError, RegisterError, RegisterMode, Uffd};
 use notifier::{IntervalNotifier, NotifierOps, NotifierRange, Notifiers, NotifyEvent};
 use service::{Shared, lock};
+use state::Stored;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,6 +77,12 @@ pub enum MmError {
         /// The managed region it overlaps.
         existing: PageRange,
     },
+    /// The page table could not be read.
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    /// A page state could not be recorded.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The range is not (entirely) managed.
     #[error("{range} is not (entirely) inside managed regions")]
     NotManaged {
@@ -91,13 +101,18 @@ pub struct MmStats {
     /// Service turns that retried invalidations a callback could not do
     /// without blocking.
     pub invalidation_retries: u64,
+    /// Pages whose state uhmm stores (on a device, migrating, exclusive).
+    pub state_pages: usize,
+    /// Bytes of per-page state held for them.
+    pub state_bytes: usize,
 }
 
 /// The process's address space as uhmm manages it. Cheap to clone: clones
 /// share one userfaultfd, one fault service thread and one table.
 ///
-/// When the last handle (managed regions hold one each) goes away, every
-/// notifier gets a [`NotifyEvent::Release`] over the whole address space,
+/// When the last handle (managed regions hold one each) goes away, or the
+/// process exits normally with handles still alive (an `atexit` hook), every
+/// notifier gets a [`NotifyEvent::Release`] over the whole address space, once,
 /// then the service thread stops and the userfaultfd is closed, which
 /// unregisters everything; no thread is left blocked.
 #[derive(Debug, Clone)]
@@ -109,8 +124,6 @@ pub struct Mm {
 struct Inner {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// The process that made it: a forked child's copy has no service.
-    pid: rustix::process::Pid,
 }
 
 impl Mm {
@@ -150,7 +163,6 @@ impl Mm {
             inner: Arc::new(Inner {
                 shared,
                 thread: Mutex::new(Some(thread)),
-                pid: rustix::process::getpid(),
             }),
         })
     }
@@ -262,17 +274,70 @@ impl Mm {
         Ok(res?)
     }
 
-    /// What the fault service has counted.
+    /// What the fault service has counted, and the size of the page-state
+    /// table.
     pub fn stats(&self) -> MmStats {
         let s = &self.inner.shared.stats;
+        let regions = lock(&self.inner.shared.regions);
         MmStats {
             events: s.events.load(Ordering::Relaxed),
             faults: s.faults.load(Ordering::Relaxed),
             invalidation_retries: s.retries.load(Ordering::Relaxed),
+            state_pages: regions.states.pages(),
+            state_bytes: regions.states.bytes(),
         }
     }
 
+    /// The state of the managed page at `addr` (see [`PageState`]): what
+    /// uhmm recorded for it, or for a page in the CPU's hands, whether the
+    /// CPU page table maps it.
+    ///
+    /// # Errors
+    ///
+    /// [`MmError::NotManaged`] if the page is not managed;
+    /// [`MmError::Pagemap`] if the page table cannot be read.
+    pub fn page_state(&self, addr: VirtAddr) -> Result<PageState, MmError> {
+        let page = PageRange::new(addr.page_down(), crate::PAGE_SIZE)?;
+        let stored = {
+            let regions = lock(&self.inner.shared.regions);
+            if !regions.covers(page) {
+                return Err(MmError::NotManaged { range: page });
+            }
+            regions.states.get(page.start())
+        };
+        Ok(match stored {
+            Stored::Migrating(owner) => PageState::Migrating { owner },
+            Stored::Device(owner, pfn) => PageState::Device { owner, pfn },
+            Stored::Exclusive(owner) => PageState::Exclusive { owner },
+            Stored::Cpu => {
+                let mut regions = Vec::new();
+                let query = ScanQuery::new().require(Categories::PRESENT);
+                Pagemap::open()?.scan(page, &query, &mut regions)?;
+                if regions.is_empty() {
+                    PageState::Empty
+                } else {
+                    PageState::System
+                }
+            }
+        })
+    }
+
+    /// Records a state for a managed page (the device-memory layer's
+    /// transitions; tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn set_state(&self, addr: VirtAddr, state: Stored) -> Result<Stored, StateError> {
+        lock(&self.inner.shared.regions).states.set(addr, state)
+    }
+
+    /// Stops managing `range`: devices drop their translations of it
+    /// (an Unmap, since no further change to it will be notified), then it
+    /// is unregistered.
     pub(crate) fn unregister(&self, range: PageRange) {
+        let _ = self
+            .inner
+            .shared
+            .notifiers
+            .invalidate(&NotifierRange::new(range, NotifyEvent::Unmap));
         // The range may already be gone (unmapped behind our back); nothing
         // is left to undo then.
         let _ = self.inner.shared.uffd.unregister(range);
@@ -282,20 +347,14 @@ impl Mm {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if rustix::process::getpid() != self.pid {
+        if rustix::process::getpid() != self.shared.pid {
             // A forked child's copy: no service thread runs here, and the
             // child's ranges were never registered. Nothing to release.
             return;
         }
         // Release first, while everything still stands, so devices stop
         // using the address space before it is unregistered.
-        if let Ok(all) = PageRange::new(crate::VirtAddr::new(0), usize::MAX - crate::PAGE_SIZE + 1)
-        {
-            let _ = self
-                .shared
-                .notifiers
-                .invalidate(&NotifierRange::new(all, NotifyEvent::Release));
-        }
+        self.shared.release();
         self.shared.stop();
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();

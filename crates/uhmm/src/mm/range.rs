@@ -218,6 +218,9 @@ pub trait PfnEncoding {
 
 // Bit 56 of a /proc/self/pagemap entry: the page is mapped exclusively.
 const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
+// Bit 61: a file (page-cache) or shared-anonymous page. In a private
+// mapping such a page is read-only until a write copies it.
+const PM_FILE: u64 = 1 << 61;
 
 /// Gives up after this many fault-and-rewalk rounds (each faults every
 /// missing page it found, so more than a few means the range keeps being
@@ -366,7 +369,8 @@ fn snapshot(
             0
         };
         // Private memory is writable only where the page is exclusively
-        // ours (not copy-on-write shared after a fork).
+        // ours: not copy-on-write shared after a fork, and not a file page
+        // the mapping has only read.
         let private = !vma.shared;
         if private && !c.contains(Categories::PFNZERO) {
             exclusive.clear();
@@ -380,8 +384,10 @@ fn snapshot(
             } else {
                 let writable_vma = vma.perms.contains(Prot::WRITE);
                 let not_wp = c.contains(Categories::WRITTEN);
-                let exclusive_page =
-                    !private || exclusive.get(j).is_some_and(|e| e & PM_MMAP_EXCLUSIVE != 0);
+                let exclusive_page = !private
+                    || exclusive
+                        .get(j)
+                        .is_some_and(|e| e & PM_MMAP_EXCLUSIVE != 0 && e & PM_FILE == 0);
                 if writable_vma && not_wp && exclusive_page {
                     s = s | HmmPfn::WRITE;
                 }

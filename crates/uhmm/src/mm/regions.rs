@@ -1,13 +1,17 @@
 //! The table of managed regions: which ranges of the address space uhmm
-//! manages, kept in step with munmap and mremap as the events report them.
+//! manages, and the state of their pages, kept in step with munmap, mremap
+//! and discards as the events report them.
 
+use super::state::StateTable;
 use crate::addr::{PageRange, VirtAddr};
 use std::collections::BTreeMap;
 
-/// Managed ranges by start address; they never overlap.
+/// Managed ranges by start address (they never overlap), and the stored
+/// states of their pages.
 #[derive(Debug, Default)]
 pub(crate) struct Regions {
     by_start: BTreeMap<VirtAddr, PageRange>,
+    pub(crate) states: StateTable,
 }
 
 impl Regions {
@@ -41,6 +45,7 @@ impl Regions {
 
     /// Removes whatever lies in `gone` (an unmap), splitting ranges it cuts.
     pub(crate) fn unmapped(&mut self, gone: PageRange) {
+        self.states.clear(gone, |_, _| {});
         let hit: Vec<PageRange> = self
             .by_start
             .values()
@@ -61,8 +66,15 @@ impl Regions {
     /// Moves what lies in `old` to start at `to` (an mremap).
     pub(crate) fn moved(&mut self, old: PageRange, to: VirtAddr) {
         let was_managed = self.overlapping(old).is_some();
+        let Ok(new) = PageRange::new(to, old.len()) else {
+            self.unmapped(old);
+            return;
+        };
+        // Whatever was at the destination was replaced.
+        self.unmapped(new);
+        self.states.move_range(old, to);
         self.unmapped(old);
-        if was_managed && let Ok(new) = PageRange::new(to, old.len()) {
+        if was_managed {
             self.insert(new);
         }
     }

@@ -36,6 +36,9 @@ pub(crate) struct Shared {
     pub(crate) notifiers: Arc<Notifiers>,
     pub(crate) regions: Mutex<Regions>,
     pub(crate) stats: ServiceStats,
+    /// The process that made it (a forked child's copy is not live there).
+    pub(crate) pid: rustix::process::Pid,
+    released: AtomicBool,
     stop: AtomicBool,
     wake: OwnedFd,
 }
@@ -47,9 +50,25 @@ impl Shared {
             notifiers,
             regions: Mutex::new(Regions::default()),
             stats: ServiceStats::default(),
+            pid: rustix::process::getpid(),
+            released: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
         })
+    }
+
+    /// Sends [`NotifyEvent::Release`] over the whole address space to every
+    /// notifier, once: devices stop using the address space for good.
+    pub(crate) fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(all) = PageRange::new(crate::VirtAddr::new(0), usize::MAX - crate::PAGE_SIZE + 1)
+        {
+            let _ = self
+                .notifiers
+                .invalidate(&NotifierRange::new(all, NotifyEvent::Release));
+        }
     }
 
     /// Asks the service thread to finish its current batch and exit.
@@ -115,7 +134,10 @@ fn handle(shared: &Shared, event: Event, pending: &mut Vec<NotifierRange>) {
                 let _ = shared.uffd.write_protect(page, false, true);
             }
         }
-        Event::Remove { range } => invalidate(range, NotifyEvent::Clear, pending),
+        Event::Remove { range } => {
+            invalidate(range, NotifyEvent::Clear, pending);
+            lock(&shared.regions).states.clear(range, |_, _| {});
+        }
         Event::Unmap { range } => {
             invalidate(range, NotifyEvent::Unmap, pending);
             lock(&shared.regions).unmapped(range);

@@ -132,3 +132,13 @@ pub fn on_fork_prepare(prepare: extern "C" fn()) -> Result<(), Errno> {
         Err(Errno::from_raw_os_error(rc))
     }
 }
+
+/// Runs `hook` when the process exits normally (`exit(3)`, or returning
+/// from `main`), before the C library's own teardown. Each call adds
+/// another hook.
+pub fn on_exit(hook: extern "C" fn()) -> Result<(), Errno> {
+    // SAFETY: atexit stores the function pointer; `hook` is a plain
+    // `extern "C" fn()` valid for the life of the process.
+    let rc = unsafe { libc::atexit(hook) };
+    if rc == 0 { Ok(()) } else { Err(Errno::NOMEM) }
+}

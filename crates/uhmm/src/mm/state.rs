@@ -1,0 +1,426 @@
+//! The state of every managed page (DESIGN.md, "The states of a managed
+//! page"), kept in a compact per-page table.
+//!
+//! A page that no device has touched is in the CPU's hands: *Empty* or
+//! *System*, which the CPU page table already says (pagemap), so the table
+//! stores nothing for it. Only the states uhmm itself puts a page in —
+//! *Migrating*, *Device* and *Exclusive* — are stored, one 8-byte entry per
+//! page, in chunks of 512 entries (one per 2 MiB of address space) that exist
+//! only while one of their pages is in such a state. Metadata therefore
+//! grows with the pages devices use, not with the size of managed memory,
+//! and is at most 8 bytes per page where it exists. A lookup is O(1) in the
+//! region size (a search among the chunks in use, then an index).
+
+use super::Owner;
+use crate::addr::{DevicePfn, PAGE_SHIFT, PageRange, VirtAddr};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Where a managed page lives and who may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageState {
+    /// Never touched, or discarded: no page backs it.
+    Empty,
+    /// In system memory, mapped for the CPU.
+    System,
+    /// Being migrated by `owner`: taken out of the CPU page table, so a CPU
+    /// access waits until the migration commits or is undone.
+    Migrating {
+        /// The device migrating it.
+        owner: Owner,
+    },
+    /// In the device memory of `owner`, at `pfn`; a CPU access brings it
+    /// back.
+    Device {
+        /// The device holding it.
+        owner: Owner,
+        /// Its page of device memory.
+        pfn: DevicePfn,
+    },
+    /// In system memory but reserved to `owner` for device atomics; a CPU
+    /// access revokes that.
+    Exclusive {
+        /// The device holding it.
+        owner: Owner,
+    },
+}
+
+/// What the table holds for one page: the CPU's states are not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Stored {
+    /// Empty or System: ask the CPU page table.
+    Cpu,
+    Migrating(Owner),
+    Device(Owner, DevicePfn),
+    Exclusive(Owner),
+}
+
+/// A state could not be recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    /// More distinct owners than an entry can name.
+    #[error("more than {max} device owners in one address space")]
+    TooManyOwners {
+        /// The most there can be.
+        max: usize,
+    },
+    /// A device page number too large for an entry.
+    #[error("{pfn} exceeds the largest device page number {max:#x}")]
+    PfnTooLarge {
+        /// The page number.
+        pfn: DevicePfn,
+        /// The largest one an entry holds.
+        max: u64,
+    },
+}
+
+// Entry layout: bits 0..2 the kind, 2..18 the owner's slot, 18..64 the
+// device page number (2^46 pages: 256 TiB of 4 KiB pages per device).
+const KIND_BITS: u32 = 2;
+const OWNER_BITS: u32 = 16;
+const PFN_SHIFT: u32 = KIND_BITS + OWNER_BITS;
+const MAX_PFN: u64 = (1 << (64 - PFN_SHIFT)) - 1;
+const MAX_OWNERS: usize = 1 << OWNER_BITS;
+const KIND_MIGRATING: u64 = 1;
+const KIND_DEVICE: u64 = 2;
+const KIND_EXCLUSIVE: u64 = 3;
+
+/// Pages per chunk: one chunk covers 2 MiB of address space.
+const CHUNK_PAGES: usize = 512;
+const CHUNK_SHIFT: u32 = PAGE_SHIFT + CHUNK_PAGES.trailing_zeros();
+
+struct Chunk {
+    entries: [u64; CHUNK_PAGES],
+    /// Entries that are not `Cpu` (the chunk is freed when none is left).
+    used: u16,
+}
+
+/// The stored states of the pages of one address space.
+#[derive(Default)]
+pub(crate) struct StateTable {
+    chunks: BTreeMap<usize, Box<Chunk>>,
+    owners: Vec<Owner>,
+}
+
+impl fmt::Debug for StateTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateTable")
+            .field("chunks", &self.chunks.len())
+            .field("owners", &self.owners)
+            .finish()
+    }
+}
+
+fn split(addr: VirtAddr) -> (usize, usize) {
+    let page = addr.get() >> PAGE_SHIFT;
+    (addr.get() >> CHUNK_SHIFT, page % CHUNK_PAGES)
+}
+
+impl StateTable {
+    /// The stored state of the page at `addr`.
+    pub(crate) fn get(&self, addr: VirtAddr) -> Stored {
+        let (chunk, index) = split(addr);
+        self.chunks
+            .get(&chunk)
+            .map_or(Stored::Cpu, |c| self.decode(c.entries[index]))
+    }
+
+    /// Records `state` for the page at `addr` and returns the old one.
+    pub(crate) fn set(&mut self, addr: VirtAddr, state: Stored) -> Result<Stored, StateError> {
+        let entry = self.encode(state)?;
+        let (chunk, index) = split(addr);
+        let old = match self.chunks.get_mut(&chunk) {
+            Some(c) => {
+                let old = std::mem::replace(&mut c.entries[index], entry);
+                c.used = c.used + u16::from(entry != 0) - u16::from(old != 0);
+                if c.used == 0 {
+                    self.chunks.remove(&chunk);
+                }
+                old
+            }
+            None if entry == 0 => 0,
+            None => {
+                let mut c = Box::new(Chunk {
+                    entries: [0; CHUNK_PAGES],
+                    used: 1,
+                });
+                c.entries[index] = entry;
+                self.chunks.insert(chunk, c);
+                0
+            }
+        };
+        Ok(self.decode(old))
+    }
+
+    /// Forgets the state of every page of `range` (it was unmapped or
+    /// discarded), calling `gone` with each page that had one.
+    pub(crate) fn clear(&mut self, range: PageRange, mut gone: impl FnMut(VirtAddr, Stored)) {
+        let first = range.start().get() >> CHUNK_SHIFT;
+        let last = (range.end().get() - 1) >> CHUNK_SHIFT;
+        let keys: Vec<usize> = self.chunks.range(first..=last).map(|(&k, _)| k).collect();
+        for key in keys {
+            let Some(chunk) = self.chunks.get_mut(&key) else {
+                continue;
+            };
+            for (i, entry) in chunk.entries.iter_mut().enumerate() {
+                let addr = VirtAddr::new((key << CHUNK_SHIFT) + (i << PAGE_SHIFT));
+                if *entry == 0 || !range.contains(addr) {
+                    continue;
+                }
+                let old = std::mem::take(entry);
+                chunk.used -= 1;
+                gone(addr, decode(&self.owners, old));
+            }
+            if chunk.used == 0 {
+                self.chunks.remove(&key);
+            }
+        }
+    }
+
+    /// Moves the states of `old` to the same offsets from `to` (an mremap).
+    pub(crate) fn move_range(&mut self, old: PageRange, to: VirtAddr) {
+        let mut moved = Vec::new();
+        self.clear(old, |addr, state| moved.push((addr, state)));
+        for (addr, state) in moved {
+            let offset = addr.get() - old.start().get();
+            if let Some(new) = to.checked_add(offset) {
+                // The state was encodable where it came from.
+                let _ = self.set(new, state);
+            }
+        }
+    }
+
+    /// Bytes of metadata held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.chunks.len() * std::mem::size_of::<Chunk>()
+            + self.owners.capacity() * std::mem::size_of::<Owner>()
+    }
+
+    /// Pages with a stored state.
+    pub(crate) fn pages(&self) -> usize {
+        self.chunks.values().map(|c| usize::from(c.used)).sum()
+    }
+
+    fn encode(&mut self, state: Stored) -> Result<u64, StateError> {
+        let (kind, owner, pfn) = match state {
+            Stored::Cpu => return Ok(0),
+            Stored::Migrating(o) => (KIND_MIGRATING, o, 0),
+            Stored::Device(o, pfn) => (KIND_DEVICE, o, pfn.0),
+            Stored::Exclusive(o) => (KIND_EXCLUSIVE, o, 0),
+        };
+        if pfn > MAX_PFN {
+            return Err(StateError::PfnTooLarge {
+                pfn: DevicePfn(pfn),
+                max: MAX_PFN,
+            });
+        }
+        let slot = match self.owners.iter().position(|&o| o == owner) {
+            Some(slot) => slot,
+            None if self.owners.len() < MAX_OWNERS => {
+                self.owners.push(owner);
+                self.owners.len() - 1
+            }
+            None => return Err(StateError::TooManyOwners { max: MAX_OWNERS }),
+        };
+        Ok(kind | (slot as u64) << KIND_BITS | pfn << PFN_SHIFT)
+    }
+
+    fn decode(&self, entry: u64) -> Stored {
+        decode(&self.owners, entry)
+    }
+}
+
+fn decode(owners: &[Owner], entry: u64) -> Stored {
+    let slot = ((entry >> KIND_BITS) as usize) & (MAX_OWNERS - 1);
+    // Entries are only made by `encode`, which names existing slots.
+    let Some(&owner) = owners.get(slot) else {
+        return Stored::Cpu;
+    };
+    match entry & ((1 << KIND_BITS) - 1) {
+        KIND_MIGRATING => Stored::Migrating(owner),
+        KIND_DEVICE => Stored::Device(owner, DevicePfn(entry >> PFN_SHIFT)),
+        KIND_EXCLUSIVE => Stored::Exclusive(owner),
+        _ => Stored::Cpu,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PAGE_SIZE;
+
+    fn page(i: usize) -> VirtAddr {
+        VirtAddr::new(0x7f00_0000_0000 + i * PAGE_SIZE)
+    }
+
+    fn pages(first: usize, n: usize) -> PageRange {
+        PageRange::new(page(first), n * PAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn set_get_round_trip_every_kind() {
+        let mut t = StateTable::default();
+        let (a, b) = (Owner::unique(), Owner::unique());
+        let states = [
+            Stored::Migrating(a),
+            Stored::Device(b, DevicePfn(MAX_PFN)),
+            Stored::Exclusive(a),
+            Stored::Device(a, DevicePfn(0)),
+        ];
+        for (i, &s) in states.iter().enumerate() {
+            assert_eq!(t.set(page(i * 1000), s), Ok(Stored::Cpu));
+        }
+        for (i, &s) in states.iter().enumerate() {
+            assert_eq!(t.get(page(i * 1000)), s);
+            assert_eq!(t.get(page(i * 1000 + 1)), Stored::Cpu);
+        }
+        assert_eq!(t.pages(), 4);
+        assert_eq!(
+            t.set(page(0), Stored::Device(a, DevicePfn(MAX_PFN + 1))),
+            Err(StateError::PfnTooLarge {
+                pfn: DevicePfn(MAX_PFN + 1),
+                max: MAX_PFN
+            })
+        );
+        assert_eq!(
+            t.get(page(0)),
+            Stored::Migrating(a),
+            "a failed set changes nothing"
+        );
+    }
+
+    #[test]
+    fn metadata_follows_pages_in_use_not_region_size() {
+        let mut t = StateTable::default();
+        let o = Owner::unique();
+        assert_eq!(t.bytes(), 0);
+        for i in 0..CHUNK_PAGES {
+            t.set(page(i), Stored::Device(o, DevicePfn(i as u64)))
+                .unwrap();
+        }
+        let per_page = (t.bytes() - std::mem::size_of::<Owner>()) / CHUNK_PAGES;
+        assert!(per_page <= 8, "{per_page} bytes per page");
+        // A page 1 TiB away costs one more chunk, not a table in between.
+        t.set(page((1 << 40) / PAGE_SIZE), Stored::Exclusive(o))
+            .unwrap();
+        assert_eq!(t.chunks.len(), 2);
+        // Back to the CPU: chunks are freed.
+        for i in 0..CHUNK_PAGES {
+            t.set(page(i), Stored::Cpu).unwrap();
+        }
+        t.set(page((1 << 40) / PAGE_SIZE), Stored::Cpu).unwrap();
+        assert_eq!((t.chunks.len(), t.pages()), (0, 0));
+    }
+
+    #[test]
+    fn clear_reports_exactly_the_pages_in_range() {
+        let mut t = StateTable::default();
+        let o = Owner::unique();
+        for i in 0..2000 {
+            t.set(page(i), Stored::Device(o, DevicePfn(i as u64)))
+                .unwrap();
+        }
+        let mut gone = Vec::new();
+        t.clear(pages(100, 1000), |a, s| gone.push((a, s)));
+        assert_eq!(gone.len(), 1000);
+        assert_eq!(gone[0], (page(100), Stored::Device(o, DevicePfn(100))));
+        assert_eq!(t.get(page(99)), Stored::Device(o, DevicePfn(99)));
+        assert_eq!(t.get(page(100)), Stored::Cpu);
+        assert_eq!(t.get(page(1099)), Stored::Cpu);
+        assert_eq!(t.get(page(1100)), Stored::Device(o, DevicePfn(1100)));
+        assert_eq!(t.pages(), 1000);
+    }
+
+    #[test]
+    fn move_range_keeps_offsets() {
+        let mut t = StateTable::default();
+        let o = Owner::unique();
+        t.set(page(3), Stored::Exclusive(o)).unwrap();
+        t.set(page(700), Stored::Device(o, DevicePfn(7))).unwrap();
+        t.move_range(pages(0, 1024), page(5000));
+        assert_eq!(t.pages(), 2);
+        assert_eq!(t.get(page(3)), Stored::Cpu);
+        assert_eq!(t.get(page(5003)), Stored::Exclusive(o));
+        assert_eq!(t.get(page(5700)), Stored::Device(o, DevicePfn(7)));
+    }
+}
+
+/// The table kept in step with the address space by the fault service.
+#[cfg(test)]
+mod in_mm {
+    use super::*;
+    use crate::PAGE_SIZE;
+    use crate::mm::Mm;
+    use crate::sys::mem::{Advice, Backing, Mapping};
+    use std::time::{Duration, Instant};
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn discard_unmap_and_mremap_update_the_states() {
+        let mm = Mm::new().unwrap();
+        let region = mm.alloc(8 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let p = |i: usize| region.range().start().checked_add(i * PAGE_SIZE).unwrap();
+        let stored = |a: VirtAddr| crate::mm::lock(&mm.inner.shared.regions).states.get(a);
+        assert_eq!(mm.page_state(p(0)).unwrap(), PageState::Empty);
+        region.write_at(0, &[1]).unwrap();
+        assert_eq!(mm.page_state(p(0)).unwrap(), PageState::System);
+
+        let o = Owner::unique();
+        for i in [1, 2, 5, 6] {
+            mm.set_state(p(i), Stored::Device(o, DevicePfn(i as u64)))
+                .unwrap();
+        }
+        assert_eq!(
+            mm.page_state(p(5)).unwrap(),
+            PageState::Device {
+                owner: o,
+                pfn: DevicePfn(5)
+            }
+        );
+        assert_eq!(mm.stats().state_pages, 4);
+
+        // MADV_DONTNEED: the page is empty again.
+        let mapping = region.mapping().unwrap();
+        mapping
+            .advise(mapping.sub(PAGE_SIZE, PAGE_SIZE).unwrap(), Advice::DontNeed)
+            .unwrap();
+        wait_for("discard clears the state", || stored(p(1)) == Stored::Cpu);
+
+        // mremap: the states move with the pages.
+        let dest = Mapping::anon(2 * PAGE_SIZE).unwrap().leak();
+        // SAFETY: both ranges belong to this test and nothing refers into
+        // them; the destination's pages are replaced.
+        let moved = unsafe {
+            rustix::mm::mremap_fixed(
+                p(5).as_mut_ptr(),
+                2 * PAGE_SIZE,
+                2 * PAGE_SIZE,
+                rustix::mm::MremapFlags::MAYMOVE,
+                dest.start().as_mut_ptr(),
+            )
+        }
+        .unwrap();
+        assert_eq!(moved as usize, dest.start().get());
+        wait_for("mremap moves the states", || {
+            stored(dest.start()) == Stored::Device(o, DevicePfn(5))
+        });
+        assert_eq!(stored(p(5)), Stored::Cpu);
+        assert!(mm.is_managed(dest), "the moved pages stay managed");
+
+        // munmap: the state is gone.
+        // SAFETY: a page of this test's region, nothing refers into it.
+        unsafe { rustix::mm::munmap(p(2).as_mut_ptr(), PAGE_SIZE) }.unwrap();
+        wait_for("munmap clears the state", || stored(p(2)) == Stored::Cpu);
+        assert_eq!(mm.stats().state_pages, 2, "the two moved pages remain");
+        // SAFETY: the moved pages belong to this test.
+        unsafe { rustix::mm::munmap(dest.start().as_mut_ptr(), dest.len()) }.unwrap();
+    }
+}
