@@ -1,9 +1,42 @@
 //! uhmm-sim: a software device for uhmm that behaves like the kernel's
-//! `dmirror` test driver (`lib/test_hmm.c`).
+//! `dmirror` test driver (`lib/test_hmm.c`), so that the kernel's
+//! `hmm-tests` semantics can be asserted on any machine, CI included.
 //!
-//! The device — its page table, mirror commands and device memory — arrives
-//! with uhmm's mirroring and device-memory layers. For now this crate builds
-//! and names what it will hold.
+//! [`SimDevice`] mirrors the process's address space: it keeps its own page
+//! table, learns of every change through an interval notifier, and offers
+//! dmirror's mirror commands with the same results and counts
+//! ([`CmdResult`]: pages copied, device-fault rounds) and the same errors
+//! ([`SimError::errno`]: EFAULT, EPERM, ...). Several devices can mirror the
+//! same memory. Device memory and migration arrive with uhmm's
+//! device-memory layer.
+//!
+//! ```
+//! use uhmm::mm::Mm;
+//! use uhmm::sys::mem::{Backing, Prot};
+//! use uhmm::PAGE_SIZE;
+//! use uhmm_sim::SimDevice;
+//!
+//! let mm = Mm::new()?;
+//! let region = mm.alloc(8 * PAGE_SIZE, Backing::AnonPrivate)?;
+//! let (a, b) = (SimDevice::new(&mm), SimDevice::new(&mm));
+//! a.write(region.range().start(), &vec![1u8; 8 * PAGE_SIZE])?;
+//! let (data, res) = b.read(region.range().start(), 8)?;
+//! assert!(data.iter().all(|&x| x == 1));
+//! assert_eq!((res.cpages, res.faults), (8, 1));
+//!
+//! // A protection change through uhmm invalidates both mirrors...
+//! mm.mprotect(region.range(), Prot::READ)?;
+//! assert_eq!((a.mirrored_pages(), b.mirrored_pages()), (0, 0));
+//! // ...and a device write to read-only memory fails as dmirror's does.
+//! let e = a.write(region.range().start(), &vec![2u8; PAGE_SIZE]).unwrap_err();
+//! assert_eq!(e.errno(), rustix::io::Errno::PERM);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod device;
+mod table;
+
+pub use device::{CmdResult, SimDevice, SimError, SimStats};
 
 /// The dmirror protection encoding of a snapshot byte
 /// (`HMM_DMIRROR_PROT_*` in `lib/test_hmm_uapi.h`), which `snapshot` will

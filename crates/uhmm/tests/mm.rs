@@ -227,10 +227,11 @@ fn bad_ranges_are_refused() {
         matches!(e, MmError::AlreadyManaged { existing, .. } if existing == region.range()),
         "{e}"
     );
-    // Unmapped memory.
-    let gone = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap();
-    let hole = gone.range();
-    drop(gone);
+    // Unmapped memory: a one-page hole between two mapped pages (too small
+    // for the thread stacks and signal stacks other tests' threads map).
+    let around = uhmm::sys::mem::Mapping::anon(3 * PAGE_SIZE).unwrap();
+    let hole = around.range().page(1).unwrap();
+    common::unmap_part(hole);
     // SAFETY: nothing is mapped there, so nothing refers into it.
     let e = unsafe { mm.manage(hole) }.unwrap_err();
     assert!(

@@ -40,7 +40,7 @@ pub use state::{PageState, StateError};
 mod region;
 
 use crate::addr::{PageRange, RangeError, VirtAddr};
-use crate::sys::mem::{Backing, Mapping, MemError, Prot};
+use crate::sys::mem::{Backing, Mapping, MappingBuilder, MemError, Prot};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::uffd::{Features, OpenError, RegisterError, RegisterMode, Uffd};
 use notifier::{IntervalNotifier, NotifierOps, NotifierRange, Notifiers, NotifyEvent};
@@ -190,7 +190,28 @@ impl Mm {
     /// huge pages), [`MmError::Register`] if it cannot be registered (shared
     /// memory needs `WP_HUGETLBFS_SHMEM`, Linux 5.19+).
     pub fn alloc(&self, len: usize, backing: Backing) -> Result<ManagedRegion, MmError> {
-        let mapping = Mapping::builder(len).backing(backing).build()?;
+        self.alloc_mapping(Mapping::builder(len).backing(backing))
+    }
+
+    /// Maps new memory as `builder` describes it (backing, protection,
+    /// alignment, populated or not) and manages it.
+    ///
+    /// ```
+    /// use uhmm::mm::Mm;
+    /// use uhmm::sys::mem::{Mapping, Prot};
+    ///
+    /// let mm = Mm::new()?;
+    /// // 4 MiB, read-only, 2 MiB aligned so that THP can back it.
+    /// let region = mm.alloc_mapping(Mapping::builder(4 << 20).prot(Prot::READ).align(2 << 20))?;
+    /// assert!(region.range().start().is_aligned(2 << 20));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`alloc`](Self::alloc).
+    pub fn alloc_mapping(&self, builder: MappingBuilder) -> Result<ManagedRegion, MmError> {
+        let mapping = builder.build()?;
         let range = mapping.range();
         self.inner
             .shared

@@ -290,7 +290,15 @@ impl Mm {
                 return Ok(());
             }
             for (pages, write) in faults {
-                mem::populate(pages, write).map_err(|e| fault_error(e, pages))?;
+                if let Err(e) = mem::populate(pages, write) {
+                    // ENOMEM also means "part of the range is not mapped":
+                    // the layout changed under us. Walk again; the next
+                    // round reports the missing mapping.
+                    if is_nomem(&e) && !fully_mapped(&maps, pages)? {
+                        break;
+                    }
+                    return Err(fault_error(e, pages));
+                }
             }
         }
         Err(RangeFaultError::Busy { range })
@@ -330,12 +338,30 @@ fn push_fault(faults: &mut Vec<(PageRange, bool)>, addr: VirtAddr, write: bool) 
     }
 }
 
-fn fault_error(e: MemError, pages: PageRange) -> RangeFaultError {
-    match e {
+fn is_nomem(e: &MemError) -> bool {
+    matches!(
+        e,
         MemError::Advise {
             errno: Errno::NOMEM,
             ..
-        } => RangeFaultError::NoMemory { range: pages },
+        }
+    )
+}
+
+/// Whether mappings cover every page of `pages` now.
+fn fully_mapped(maps: &Procmap, pages: PageRange) -> Result<bool, RangeFaultError> {
+    let covered: usize = maps
+        .covering(pages)?
+        .iter()
+        .filter_map(|v| v.range.intersection(pages))
+        .map(PageRange::len)
+        .sum();
+    Ok(covered == pages.len())
+}
+
+fn fault_error(e: MemError, pages: PageRange) -> RangeFaultError {
+    match e {
+        e if is_nomem(&e) => RangeFaultError::NoMemory { range: pages },
         _ => RangeFaultError::Fault {
             addr: pages.start(),
             reason: "the fault failed",

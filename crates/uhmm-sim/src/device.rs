@@ -1,0 +1,587 @@
+//! [`SimDevice`]: the software device and its mirror commands.
+
+use crate::table::{DeviceTable, READ, WRITE};
+use rustix::io::Errno;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+use uhmm::mm::notifier::{IntervalNotifier, NotifierOps, NotifierRange, NotifyEvent, Subscription};
+use uhmm::mm::range::{HmmPfn, HmmRange, RangeFaultError};
+use uhmm::mm::{Mm, Owner};
+use uhmm::sys::mem::{self, AccessError, Backing, Mapping, MemError};
+use uhmm::{PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
+
+/// How long a command keeps retrying when invalidations keep racing with
+/// its faults (the kernel's `HMM_RANGE_DEFAULT_TIMEOUT` is one second).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a command did, with dmirror's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CmdResult {
+    /// Pages copied (read, write) or reported (snapshot).
+    pub cpages: u64,
+    /// Device-fault *rounds*: each round faults the whole remaining range
+    /// in, so a range that was not mirrored reads with `faults == 1`, and
+    /// one already mirrored with `faults == 0`. An invalidation between a
+    /// round and the copy adds a round.
+    pub faults: u64,
+}
+
+/// Why a command failed. [`errno`](Self::errno) gives the error the
+/// kernel's dmirror returns in the same case.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The address is not page aligned, the page count is zero, or the
+    /// range overflows.
+    #[error("invalid command range: {0}")]
+    Range(#[from] RangeError),
+    /// A buffer that is not a whole, non-zero number of pages.
+    #[error("buffer of {len} bytes is not a non-zero multiple of the page size")]
+    BadBuffer {
+        /// Its length.
+        len: usize,
+    },
+    /// The range is not (entirely) managed memory: the device is told of
+    /// changes to managed memory only, so it mirrors nothing else.
+    #[error("{range} is not (entirely) managed; manage it first (Mm::alloc or Mm::manage)")]
+    NotManaged {
+        /// The command's range.
+        range: PageRange,
+    },
+    /// A page cannot be accessed: no mapping, `PROT_NONE`, or a special
+    /// mapping.
+    #[error("device access to {addr} failed: {reason}")]
+    Fault {
+        /// The first page that failed.
+        addr: VirtAddr,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A write to read-only memory.
+    #[error("device write to read-only memory at {addr}")]
+    PermissionDenied {
+        /// The page.
+        addr: VirtAddr,
+    },
+    /// Faulting the pages in ran out of memory.
+    #[error("out of memory faulting {range} in for the device")]
+    NoMemory {
+        /// The pages.
+        range: PageRange,
+    },
+    /// Invalidations kept racing with the device's faults for longer than
+    /// a second.
+    #[error("{range} kept being invalidated; gave up after {rounds} fault rounds")]
+    Busy {
+        /// The pages.
+        range: PageRange,
+        /// Rounds tried.
+        rounds: u64,
+    },
+    /// The address space was released (the process is exiting).
+    #[error("the address space this device mirrors was released")]
+    Released,
+    /// Device memory could not be mapped.
+    #[error(transparent)]
+    Map(#[from] MemError),
+    /// The CPU page table could not be read.
+    #[error(transparent)]
+    PageTable(RangeFaultError),
+}
+
+impl SimError {
+    /// The errno dmirror's ioctl returns for the same failure (so that
+    /// ported hmm-tests can assert it): EFAULT, EPERM, EINVAL, ENOMEM,
+    /// EBUSY, or EIO.
+    pub fn errno(&self) -> Errno {
+        match self {
+            SimError::Range(_)
+            | SimError::BadBuffer { .. }
+            | SimError::NotManaged { .. }
+            | SimError::Released => Errno::INVAL,
+            SimError::Fault { .. } => Errno::FAULT,
+            SimError::PermissionDenied { .. } => Errno::PERM,
+            SimError::NoMemory { .. } => Errno::NOMEM,
+            SimError::Busy { .. } => Errno::BUSY,
+            SimError::Map(_) | SimError::PageTable(_) => Errno::IO,
+        }
+    }
+}
+
+/// What a device has counted (cheap atomics, read as a snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimStats {
+    /// `read` commands run.
+    pub reads: u64,
+    /// `write` commands run.
+    pub writes: u64,
+    /// `snapshot` commands run.
+    pub snapshots: u64,
+    /// Device-fault rounds.
+    pub fault_rounds: u64,
+    /// Pages copied by reads and writes.
+    pub pages_copied: u64,
+    /// Invalidations that hit the device's notifier.
+    pub invalidations: u64,
+    /// Translations those invalidations removed.
+    pub translations_dropped: u64,
+    /// Invalidations the device asked to retry (its table was busy and the
+    /// caller could not block).
+    pub invalidations_deferred: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    snapshots: AtomicU64,
+    fault_rounds: AtomicU64,
+    pages_copied: AtomicU64,
+    invalidations: AtomicU64,
+    translations_dropped: AtomicU64,
+    invalidations_deferred: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The device side the notifier calls into: its page table under its lock.
+#[derive(Debug)]
+struct Mirror {
+    owner: Owner,
+    table: Mutex<DeviceTable>,
+    released: AtomicBool,
+    counters: Counters,
+}
+
+impl Mirror {
+    fn lock(&self) -> MutexGuard<'_, DeviceTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl NotifierOps for Mirror {
+    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
+        // The device's own migrations invalidate what they move themselves.
+        if r.event == NotifyEvent::Migrate && r.owner == Some(self.owner) {
+            return true;
+        }
+        let mut table = if r.blockable {
+            self.lock()
+        } else {
+            match self.table.try_lock() {
+                Ok(t) => t,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    bump(&self.counters.invalidations_deferred, 1);
+                    return false;
+                }
+            }
+        };
+        sub.set_seq(cur_seq);
+        let dropped = table.clear(r.range);
+        if r.event == NotifyEvent::Release {
+            self.released.store(true, Ordering::Release);
+        }
+        drop(table);
+        bump(&self.counters.invalidations, 1);
+        bump(&self.counters.translations_dropped, dropped as u64);
+        true
+    }
+}
+
+/// A software device that mirrors the process's address space, like the
+/// kernel's `dmirror`: its own page table (virtual page → read or write
+/// permission), an interval notifier over the whole address space that
+/// drops translations as they are invalidated, and the mirror commands
+/// [`read`](Self::read), [`write`](Self::write) and
+/// [`snapshot`](Self::snapshot).
+///
+/// The device reaches system memory through the process's virtual
+/// addresses (an SVA-style device) with fault-tolerant accessors, always
+/// under its table lock and only through a translation: a stale one (say,
+/// after a protection change uhmm could not see) makes the access fail, the
+/// translation is dropped and re-faulted, and the command reports the
+/// fault — the process never crashes.
+///
+/// ```
+/// use uhmm::mm::Mm;
+/// use uhmm::sys::mem::Backing;
+/// use uhmm::PAGE_SIZE;
+/// use uhmm_sim::{SimDevice, prot};
+///
+/// let mm = Mm::new()?;
+/// let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate)?;
+/// region.write_at(0, b"from the CPU")?;
+/// let dev = SimDevice::new(&mm);
+///
+/// // The first read faults the whole range in, in one round.
+/// let (data, res) = dev.read(region.range().start(), 4)?;
+/// assert_eq!((res.cpages, res.faults), (4, 1));
+/// assert_eq!(&data[..12], b"from the CPU");
+/// // Now it is mirrored: no fault.
+/// assert_eq!(dev.read(region.range().start(), 4)?.1.faults, 0);
+///
+/// // The device writes; the CPU sees it.
+/// dev.write(region.range().start(), &[7u8; PAGE_SIZE])?;
+/// let mut b = [0u8; 1];
+/// region.read_at(0, &mut b)?;
+/// assert_eq!(b[0], 7);
+///
+/// // What the device sees of the CPU page table, one byte per page: page 0
+/// // written, pages 1-3 only read (the zero page).
+/// let (snap, _) = dev.snapshot(region.range().start(), 4)?;
+/// let zero = prot::ZERO | prot::READ;
+/// assert_eq!(snap, [prot::WRITE, zero, zero, zero]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct SimDevice {
+    mm: Mm,
+    mirror: Arc<Mirror>,
+    notifier: IntervalNotifier,
+}
+
+impl SimDevice {
+    /// A new device (a new [`Owner`]) mirroring `mm`'s address space.
+    pub fn new(mm: &Mm) -> SimDevice {
+        let mirror = Arc::new(Mirror {
+            owner: Owner::unique(),
+            table: Mutex::new(DeviceTable::default()),
+            released: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let everything = PageRange::new(VirtAddr::new(0), usize::MAX - PAGE_SIZE + 1)
+            .unwrap_or_else(|_| unreachable!("the whole address space is a valid range"));
+        let notifier = mm.insert_notifier(everything, mirror.clone());
+        SimDevice {
+            mm: mm.clone(),
+            mirror,
+            notifier,
+        }
+    }
+
+    /// The device's identity.
+    pub fn owner(&self) -> Owner {
+        self.mirror.owner
+    }
+
+    /// The address space it mirrors.
+    pub fn mm(&self) -> &Mm {
+        &self.mm
+    }
+
+    /// Translations the device holds now.
+    pub fn mirrored_pages(&self) -> usize {
+        self.mirror.lock().len()
+    }
+
+    /// What the device has counted.
+    pub fn stats(&self) -> SimStats {
+        let c = &self.mirror.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SimStats {
+            reads: l(&c.reads),
+            writes: l(&c.writes),
+            snapshots: l(&c.snapshots),
+            fault_rounds: l(&c.fault_rounds),
+            pages_copied: l(&c.pages_copied),
+            invalidations: l(&c.invalidations),
+            translations_dropped: l(&c.translations_dropped),
+            invalidations_deferred: l(&c.invalidations_deferred),
+        }
+    }
+
+    /// The device reads `npages` pages from `addr` (`HMM_DMIRROR_READ`),
+    /// faulting in what it does not mirror yet.
+    ///
+    /// # Errors
+    ///
+    /// See [`read_into`](Self::read_into).
+    pub fn read(&self, addr: VirtAddr, npages: usize) -> Result<(Vec<u8>, CmdResult), SimError> {
+        let range = command_range(addr, npages)?;
+        let mut data = vec![0u8; range.len()];
+        let res = self.read_into(addr, &mut data)?;
+        Ok((data, res))
+    }
+
+    /// The device reads `buf.len()` bytes (whole pages) from `addr` into
+    /// `buf`. On error, `buf` may hold the pages read before the failure.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Range`]/[`BadBuffer`](SimError::BadBuffer) for a bad
+    /// command, [`SimError::NotManaged`] for memory uhmm does not manage,
+    /// [`SimError::Fault`] for unmapped or `PROT_NONE` memory,
+    /// [`SimError::Busy`] if invalidations never let it finish.
+    pub fn read_into(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<CmdResult, SimError> {
+        let range = self.command(addr, buf.len())?;
+        bump(&self.mirror.counters.reads, 1);
+        self.transfer(range, false, |page, offset, len| {
+            mem::read_process(page, &mut buf[offset..offset + len])
+        })
+    }
+
+    /// The device writes `data` (whole pages) to `addr`
+    /// (`HMM_DMIRROR_WRITE`), write-faulting what it does not hold
+    /// writable.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_into`](Self::read_into), and
+    /// [`SimError::PermissionDenied`] for read-only memory (nothing is
+    /// written then).
+    #[allow(unsafe_code)] // named place: the device's DMA into managed memory
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<CmdResult, SimError> {
+        let range = self.command(addr, data.len())?;
+        bump(&self.mirror.counters.writes, 1);
+        self.transfer(range, true, |page, offset, len| {
+            // SAFETY: `page` lies in managed memory (checked when the
+            // command began, and a translation exists, which the notifier
+            // would have removed — under the table lock held here — before
+            // the memory stopped being managed). Managed memory has no Rust
+            // references into it (the contract of `Mm::alloc`'s regions and
+            // `Mm::manage`), so writing it through the kernel breaks none.
+            unsafe { mem::write_process(page, &data[offset..offset + len]) }
+        })
+    }
+
+    /// One byte per page describing the CPU page table as the device would
+    /// see it (`HMM_DMIRROR_SNAPSHOT`), in the [`prot`](crate::prot)
+    /// encoding, without faulting anything in. Works on any memory, managed
+    /// or not.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Range`] for a bad command, [`SimError::Busy`] if
+    /// invalidations never let it finish.
+    pub fn snapshot(
+        &self,
+        addr: VirtAddr,
+        npages: usize,
+    ) -> Result<(Vec<u8>, CmdResult), SimError> {
+        let range = command_range(addr, npages)?;
+        self.check_released()?;
+        bump(&self.mirror.counters.snapshots, 1);
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        loop {
+            let seq = self.notifier.read_begin();
+            let mut r = HmmRange::new(&self.notifier, seq, range);
+            r.dev_private_owner = Some(self.owner());
+            match self.mm.range_fault(&mut r) {
+                Ok(()) => {}
+                Err(RangeFaultError::Busy { .. }) if Instant::now() < deadline => continue,
+                Err(e) => return Err(range_error(e, range, 0)),
+            }
+            let _table = self.mirror.lock();
+            if self.notifier.read_retry(seq) {
+                continue;
+            }
+            let bytes = r.pfns.iter().map(|&p| self.encode(p)).collect();
+            let res = CmdResult {
+                cpages: npages as u64,
+                faults: 0,
+            };
+            return Ok((bytes, res));
+        }
+    }
+
+    /// Maps `npages` zeroed pages of memory the device provides, as
+    /// dmirror's `mmap` does: a private mapping whose pages are present but
+    /// read-only until the CPU writes them (the userspace analogue of pages
+    /// inserted with `vm_insert_page`). uhmm does not manage it.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Map`] if the memory cannot be made.
+    pub fn mmap(&self, npages: usize) -> Result<Mapping, SimError> {
+        let len = npages
+            .checked_mul(PAGE_SIZE)
+            .filter(|&l| l > 0)
+            .ok_or(SimError::BadBuffer { len: 0 })?;
+        let memfd = Mapping::builder(len).backing(Backing::Memfd).build()?;
+        let fd = memfd
+            .fd()
+            .ok_or(SimError::BadBuffer { len })?
+            .try_clone_to_owned()
+            .map_err(|e| {
+                SimError::Map(MemError::Memfd {
+                    len,
+                    errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
+                })
+            })?;
+        let mapping = Mapping::builder(len)
+            .backing(Backing::File {
+                fd,
+                offset: 0,
+                shared: false,
+            })
+            .build()?;
+        mem::populate(mapping.range(), false)?;
+        Ok(mapping)
+    }
+
+    fn check_released(&self) -> Result<(), SimError> {
+        if self.mirror.released.load(Ordering::Acquire) {
+            Err(SimError::Released)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Validates a read or write command over `len` bytes at `addr`.
+    fn command(&self, addr: VirtAddr, len: usize) -> Result<PageRange, SimError> {
+        if len == 0 || len % PAGE_SIZE != 0 {
+            return Err(SimError::BadBuffer { len });
+        }
+        let range = command_range(addr, len / PAGE_SIZE)?;
+        self.check_released()?;
+        if !self.mm.is_managed(range) {
+            return Err(SimError::NotManaged { range });
+        }
+        Ok(range)
+    }
+
+    /// dmirror's copy loop: under the table lock, copy the run of pages the
+    /// device holds (writable, for a write); at the first page it does not
+    /// hold, fault the whole rest of the range in (one round) and go on.
+    fn transfer(
+        &self,
+        range: PageRange,
+        write: bool,
+        mut copy: impl FnMut(VirtAddr, usize, usize) -> Result<(), AccessError>,
+    ) -> Result<CmdResult, SimError> {
+        let need = if write { READ | WRITE } else { READ };
+        let mut res = CmdResult::default();
+        let mut cursor = range.start();
+        let deadline = Instant::now() + BUSY_TIMEOUT;
+        loop {
+            {
+                let mut table = self.mirror.lock();
+                while cursor < range.end() {
+                    let run = table.run(cursor, range.end(), need);
+                    if run == 0 {
+                        break;
+                    }
+                    let offset = cursor.get() - range.start().get();
+                    let (done, failed) = match copy(cursor, offset, run * PAGE_SIZE) {
+                        Ok(()) => (run, false),
+                        Err(e) => (e.done / PAGE_SIZE, true),
+                    };
+                    res.cpages += done as u64;
+                    cursor = VirtAddr::new(cursor.get() + done * PAGE_SIZE);
+                    if failed {
+                        // A stale translation: the page changed in a way the
+                        // notifier has not reported yet. Drop it and fault.
+                        table.set(cursor, 0);
+                        break;
+                    }
+                }
+            }
+            if cursor >= range.end() {
+                bump(&self.mirror.counters.pages_copied, res.cpages);
+                return Ok(res);
+            }
+            let rest = PageRange::from_bounds(cursor, range.end())?;
+            if Instant::now() >= deadline {
+                return Err(SimError::Busy {
+                    range,
+                    rounds: res.faults,
+                });
+            }
+            self.fault(rest, write, deadline, res.faults)?;
+            res.faults += 1;
+            bump(&self.mirror.counters.fault_rounds, 1);
+        }
+    }
+
+    /// One device-fault round (dmirror_fault): fault `range` in and record
+    /// the translations, with the read-begin / retry protocol.
+    fn fault(
+        &self,
+        range: PageRange,
+        write: bool,
+        deadline: Instant,
+        rounds: u64,
+    ) -> Result<(), SimError> {
+        loop {
+            let seq = self.notifier.read_begin();
+            let mut r = HmmRange::new(&self.notifier, seq, range);
+            r.default_flags = if write {
+                HmmPfn::REQ_FAULT | HmmPfn::REQ_WRITE
+            } else {
+                HmmPfn::REQ_FAULT
+            };
+            r.dev_private_owner = Some(self.owner());
+            match self.mm.range_fault(&mut r) {
+                Ok(()) => {}
+                Err(RangeFaultError::Busy { .. }) if Instant::now() < deadline => continue,
+                Err(e) => return Err(range_error(e, range, rounds)),
+            }
+            let mut table = self.mirror.lock();
+            if self.notifier.read_retry(seq) {
+                if Instant::now() >= deadline {
+                    return Err(SimError::Busy { range, rounds });
+                }
+                continue;
+            }
+            for (addr, &pfn) in range.pages().zip(&r.pfns) {
+                let granted_write = pfn.contains(HmmPfn::WRITE);
+                if !pfn.contains(HmmPfn::VALID) || (write && !granted_write) {
+                    return Err(SimError::Fault {
+                        addr,
+                        reason: "range_fault did not grant the access",
+                    });
+                }
+                table.set(addr, if granted_write { READ | WRITE } else { READ });
+            }
+            return Ok(());
+        }
+    }
+
+    /// dmirror_mkentry: an entry in the snapshot byte encoding.
+    fn encode(&self, pfn: HmmPfn) -> u8 {
+        use crate::prot;
+        if pfn.contains(HmmPfn::ERROR) {
+            return prot::ERROR;
+        }
+        if !pfn.contains(HmmPfn::VALID) {
+            return prot::NONE;
+        }
+        let mut b = if pfn.contains(HmmPfn::ZERO) {
+            prot::ZERO
+        } else {
+            prot::NONE
+        };
+        b |= if pfn.contains(HmmPfn::WRITE) {
+            prot::WRITE
+        } else {
+            prot::READ
+        };
+        match pfn.order() + PAGE_SHIFT {
+            21 => b |= prot::PMD,
+            30 => b |= prot::PUD,
+            _ => {}
+        }
+        b
+    }
+}
+
+fn command_range(addr: VirtAddr, npages: usize) -> Result<PageRange, SimError> {
+    let len = npages.checked_mul(PAGE_SIZE).ok_or(RangeError::Overflow {
+        start: addr,
+        len: usize::MAX,
+    })?;
+    Ok(PageRange::new(addr, len)?)
+}
+
+fn range_error(e: RangeFaultError, range: PageRange, rounds: u64) -> SimError {
+    match e {
+        RangeFaultError::Busy { .. } => SimError::Busy { range, rounds },
+        RangeFaultError::Fault { addr, reason } => SimError::Fault { addr, reason },
+        RangeFaultError::PermissionDenied { addr } => SimError::PermissionDenied { addr },
+        RangeFaultError::NoMemory { range } => SimError::NoMemory { range },
+        e => SimError::PageTable(e),
+    }
+}

@@ -1,0 +1,620 @@
+//! The kernel's `hmm-tests` (tools/testing/selftests/mm/hmm-tests.c), mirror
+//! half, ported to SimDevice: same setup, same asserted values and counts,
+//! one test per kernel test and named after it. `N` is 1024 pages (the
+//! kernel's 4 MiB `HMM_BUFFER_SIZE`); buffers hold `i32` indices, as the
+//! kernel fills `ptr[i] = i`.
+//!
+//! Every test takes one lock, as the kernel runs its tests one after the
+//! other: a fork notifies every address space of the process, which would
+//! add fault rounds to a test running beside it.
+#![allow(unsafe_code)]
+
+#[path = "../../uhmm/tests/common/mod.rs"]
+mod common;
+
+use common::{ChildEnd, reserve_hugepages, serial};
+use rustix::io::Errno;
+use std::os::fd::{AsFd, OwnedFd};
+use uhmm::mm::{ManagedRegion, Mm};
+use uhmm::sys::mem::{Advice, Backing, Mapping, Prot};
+use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
+use uhmm_sim::{SimDevice, SimError, prot};
+
+const N: usize = 1024;
+const SIZE: usize = N * PAGE_SIZE;
+const TWOMEG: usize = 2 << 20;
+const NTIMES: i32 = 10;
+
+fn mm() -> Option<Mm> {
+    match Mm::new() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            common::skip(&format!("no Mm: {e}"));
+            None
+        }
+    }
+}
+
+/// `len` bytes holding `f(i)` as the `i`-th `i32`.
+fn ints(len: usize, f: impl Fn(i32) -> i32) -> Vec<u8> {
+    (0..(len / 4) as i32)
+        .flat_map(|i| f(i).to_ne_bytes())
+        .collect()
+}
+
+fn as_ints(bytes: &[u8]) -> Vec<i32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn contents(region: &ManagedRegion) -> Vec<i32> {
+    let mut b = vec![0u8; region.range().len()];
+    region.read_at(0, &mut b).unwrap();
+    as_ints(&b)
+}
+
+fn fill(region: &ManagedRegion, f: impl Fn(i32) -> i32) {
+    region.write_at(0, &ints(region.range().len(), f)).unwrap();
+}
+
+fn start(region: &ManagedRegion) -> VirtAddr {
+    region.range().start()
+}
+
+/// Runs `checks` in a forked child and returns how the child ended; the
+/// child reports a failed check on stderr and exits 1. The child may
+/// allocate and start threads: every test here holds `serial()`, so no
+/// other test thread holds a lock at the fork.
+fn in_child(checks: impl FnOnce() -> Result<(), String>) -> ChildEnd {
+    common::fork_and_wait(|| match checks() {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("child: {e}\n").as_bytes(),
+            );
+            1
+        }
+    })
+}
+
+fn ensure(cond: bool, what: &str) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(what.to_owned()) }
+}
+
+/// An O_TMPFILE on tmpfs (`/dev/shm`), `len` bytes long. The kernel test
+/// uses /tmp; uhmm manages shared file memory on tmpfs (userfaultfd's
+/// write-protection covers anonymous, shmem and hugetlb memory only).
+fn tmpfile(len: usize) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    match rustix::fs::open(
+        "/dev/shm",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    ) {
+        Ok(fd) => {
+            rustix::fs::ftruncate(&fd, len as u64).unwrap();
+            Some(fd)
+        }
+        Err(e) => {
+            common::skip(&format!("no O_TMPFILE on /dev/shm: {e}"));
+            None
+        }
+    }
+}
+
+#[test]
+fn open_close() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let before = mm.notifiers().len();
+    let dev = SimDevice::new(&mm);
+    assert_eq!(mm.notifiers().len(), before + 1, "open inserts a notifier");
+    drop(dev);
+    assert_eq!(mm.notifiers().len(), before, "close removes it");
+}
+
+#[test]
+fn anon_read() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
+    // Fill with i, but leave pages 0 and 1 untouched.
+    let skip = 2 * PAGE_SIZE;
+    region.write_at(skip, &ints(SIZE, |i| i)[skip..]).unwrap();
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    // A CPU read maps the zero page at page 1; page 0 stays unmapped.
+    assert_eq!(common::touch_read(start(&region).get() + PAGE_SIZE), 0);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.read(start(&region), N).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    let got = as_ints(&data);
+    let per_page = PAGE_SIZE / 4;
+    assert!(got[..2 * per_page].iter().all(|&v| v == 0));
+    assert!((2 * per_page..got.len()).all(|i| got[i] == i as i32));
+}
+
+#[test]
+fn anon_read_prot() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
+    fill(&region, |i| i);
+    let mut mirror = ints(SIZE, |i| -i);
+    mm.mprotect(region.range(), Prot::empty()).unwrap();
+    let dev = SimDevice::new(&mm);
+    let e = dev.read_into(start(&region), &mut mirror).unwrap_err();
+    assert_eq!(e.errno(), Errno::FAULT, "{e}");
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    let cpu = contents(&region);
+    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+    let m = as_ints(&mirror);
+    assert!(
+        (0..m.len()).all(|i| m[i] == -(i as i32)),
+        "the mirror is untouched"
+    );
+}
+
+#[test]
+fn anon_write() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
+    let dev = SimDevice::new(&mm);
+    let res = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    let cpu = contents(&region);
+    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+}
+
+#[test]
+fn anon_write_prot() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm
+        .alloc_mapping(Mapping::builder(SIZE).prot(Prot::READ))
+        .unwrap();
+    let dev = SimDevice::new(&mm);
+    let (_, res) = dev.read(start(&region), 1).unwrap();
+    assert_eq!((res.cpages, res.faults), (1, 1));
+    let e = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap_err();
+    assert_eq!(e.errno(), Errno::PERM, "{e}");
+    assert!(contents(&region).iter().all(|&v| v == 0), "nothing written");
+    mm.mprotect(region.range(), Prot::READ | Prot::WRITE)
+        .unwrap();
+    let res = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    let cpu = contents(&region);
+    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+}
+
+/// The no-migration half of `anon_write_child`, with and without THP.
+#[test]
+fn anon_write_child() {
+    let _s = serial();
+    let _f = common::fork_lock();
+    let Some(mm) = mm() else { return };
+    for use_thp in [false, true] {
+        let region = if use_thp {
+            let r = mm
+                .alloc_mapping(Mapping::builder(TWOMEG).align(TWOMEG))
+                .unwrap();
+            let map = r.mapping().unwrap();
+            map.advise(map.range(), Advice::HugePage).unwrap();
+            r
+        } else {
+            mm.alloc(SIZE, Backing::AnonPrivate).unwrap()
+        };
+        let range = region.range();
+        let npages = range.npages();
+        fill(&region, |i| i);
+        let mirror = ints(range.len(), |i| -i);
+        let dev = SimDevice::new(&mm);
+        dev.read(range.start(), npages).unwrap();
+        assert_eq!(dev.mirrored_pages(), npages);
+
+        let child = in_child(|| {
+            let cpu = contents(&region);
+            ensure((0..cpu.len()).all(|i| cpu[i] == i as i32), "child sees i")?;
+            ensure(as_ints(&mirror)[1] == -1, "the mirror is still -i")?;
+            // The child mirrors its own address space with its own device.
+            let mm = Mm::new().map_err(|e| e.to_string())?;
+            // SAFETY: the child's copy of the region; nothing refers into it.
+            let mine = unsafe { mm.manage(range) }.map_err(|e| e.to_string())?;
+            let dev = SimDevice::new(&mm);
+            let res = dev
+                .write(range.start(), &mirror)
+                .map_err(|e| e.to_string())?;
+            ensure(res.cpages == npages as u64, "child cpages == N")?;
+            ensure(res.faults == 1, "child faults == 1")?;
+            let cpu = contents(&region);
+            ensure(
+                (0..cpu.len()).all(|i| cpu[i] == -(i as i32)),
+                "child buffer is -i",
+            )?;
+            drop(mine);
+            Ok(())
+        });
+        assert_eq!(child, ChildEnd::Exited(0), "thp: {use_thp}");
+        // The fork invalidated the parent's mirror (private pages became
+        // copy-on-write), and the child's writes stayed in the child.
+        assert_eq!(dev.mirrored_pages(), 0, "fork is an invalidation");
+        let cpu = contents(&region);
+        assert!((0..cpu.len()).all(|i| cpu[i] == i as i32), "parent still i");
+    }
+}
+
+#[test]
+fn anon_write_child_shared() {
+    let _s = serial();
+    let _f = common::fork_lock();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonShared).unwrap();
+    let range = region.range();
+    fill(&region, |i| i);
+    let mirror = ints(SIZE, |i| -i);
+    let child = in_child(|| {
+        let cpu = contents(&region);
+        ensure((0..cpu.len()).all(|i| cpu[i] == i as i32), "child sees i")?;
+        let mm = Mm::new().map_err(|e| e.to_string())?;
+        // SAFETY: the shared region; nothing refers into it.
+        let mine = unsafe { mm.manage(range) }.map_err(|e| e.to_string())?;
+        let dev = SimDevice::new(&mm);
+        let res = dev
+            .write(range.start(), &mirror)
+            .map_err(|e| e.to_string())?;
+        ensure(
+            res.cpages == N as u64 && res.faults == 1,
+            "child cpages == N, faults == 1",
+        )?;
+        let cpu = contents(&region);
+        ensure(
+            (0..cpu.len()).all(|i| cpu[i] == -(i as i32)),
+            "child buffer is -i",
+        )?;
+        drop(mine);
+        Ok(())
+    });
+    assert_eq!(child, ChildEnd::Exited(0));
+    let cpu = contents(&region);
+    assert!(
+        (0..cpu.len()).all(|i| cpu[i] == -(i as i32)),
+        "shared memory: the parent sees the child's device write"
+    );
+}
+
+#[test]
+fn anon_write_huge() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm
+        .alloc_mapping(Mapping::builder(TWOMEG).align(TWOMEG))
+        .unwrap();
+    let map = region.mapping().unwrap();
+    map.advise(map.range(), Advice::HugePage).unwrap();
+    let npages = TWOMEG / PAGE_SIZE;
+    let dev = SimDevice::new(&mm);
+    let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
+    assert_eq!((res.cpages, res.faults), (npages as u64, 1));
+    let cpu = contents(&region);
+    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+}
+
+#[test]
+fn anon_write_hugetlbfs() {
+    let _s = serial();
+    require!(
+        reserve_hugepages(1),
+        "no free 2 MiB huge page (reserve one as root)"
+    );
+    let Some(mm) = mm() else { return };
+    let region = mm
+        .alloc(
+            TWOMEG,
+            Backing::Hugetlb {
+                page_size: TWOMEG,
+                shared: false,
+            },
+        )
+        .unwrap();
+    let npages = TWOMEG / PAGE_SIZE;
+    let dev = SimDevice::new(&mm);
+    let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
+    assert_eq!((res.cpages, res.faults), (npages as u64, 1));
+    let cpu = contents(&region);
+    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+}
+
+#[test]
+fn file_read() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let Some(fd) = tmpfile(SIZE) else { return };
+    let data = ints(SIZE, |i| i);
+    assert_eq!(rustix::io::pwrite(&fd, &data, 0).unwrap(), SIZE);
+    let region = mm
+        .alloc_mapping(
+            Mapping::builder(SIZE)
+                .backing(Backing::File {
+                    fd,
+                    offset: 0,
+                    shared: true,
+                })
+                .prot(Prot::READ),
+        )
+        .unwrap();
+    let dev = SimDevice::new(&mm);
+    let (mirror, res) = dev.read(start(&region), N).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    assert!(mirror == data);
+}
+
+#[test]
+fn file_write() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let Some(fd) = tmpfile(SIZE) else { return };
+    let region = mm
+        .alloc_mapping(Mapping::builder(SIZE).backing(Backing::File {
+            fd,
+            offset: 0,
+            shared: true,
+        }))
+        .unwrap();
+    let data = ints(SIZE, |i| i);
+    let dev = SimDevice::new(&mm);
+    let res = dev.write(start(&region), &data).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    assert!(
+        contents(&region)
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == i as i32)
+    );
+    let mut file = vec![0u8; SIZE];
+    let fd = region.mapping().unwrap().fd().unwrap();
+    assert_eq!(rustix::io::pread(fd.as_fd(), &mut file, 0).unwrap(), SIZE);
+    assert!(file == data, "the device's write reached the file");
+}
+
+#[test]
+fn anon_read_multiple() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let dev = SimDevice::new(&mm);
+    for c in 0..NTIMES {
+        let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
+        fill(&region, |i| i + c);
+        let (data, res) = dev.read(start(&region), N).unwrap();
+        assert_eq!((res.cpages, res.faults), (N as u64, 1), "round {c}");
+        let got = as_ints(&data);
+        assert!((0..got.len()).all(|i| got[i] == i as i32 + c), "round {c}");
+    }
+}
+
+/// The kernel maps the dmirror fd itself (pages put in with
+/// `vm_insert_page`); SimDevice's `mmap` makes the userspace analogue, a
+/// private mapping of device-provided pages that are present but read-only,
+/// which uhmm does not manage.
+#[test]
+fn mixedmap() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let dev = SimDevice::new(&mm);
+    let map = dev.mmap(1).unwrap();
+    assert!(!mm.is_managed(map.range()));
+    let (m, res) = dev.snapshot(map.range().start(), 1).unwrap();
+    assert_eq!(res.cpages, 1);
+    assert_eq!(m[0], prot::READ);
+}
+
+#[test]
+fn compound() {
+    let _s = serial();
+    require!(
+        reserve_hugepages(1),
+        "no free 2 MiB huge page (reserve one as root)"
+    );
+    let Some(mm) = mm() else { return };
+    let region = mm
+        .alloc(
+            TWOMEG,
+            Backing::Hugetlb {
+                page_size: TWOMEG,
+                shared: false,
+            },
+        )
+        .unwrap();
+    let npages = TWOMEG / PAGE_SIZE;
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (m, res) = dev.snapshot(start(&region), npages).unwrap();
+    assert_eq!(res.cpages, npages as u64);
+    let level = m[0] & (prot::PMD | prot::PUD);
+    assert!(level == prot::PMD || level == prot::PUD, "{:#x}", m[0]);
+    assert!(m.iter().all(|&b| b == prot::WRITE | level));
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    let (m, res) = dev.snapshot(start(&region), npages).unwrap();
+    assert_eq!(res.cpages, npages as u64);
+    assert!(m.iter().all(|&b| b == prot::READ | level));
+}
+
+// ---- Beyond the kernel list: the mirror-coherence tests. ----
+
+/// Two devices mirror the same memory; each invalidation reaches both, and
+/// a device's write is seen by the other.
+#[test]
+fn two_devices_mirror_the_same_memory() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
+    let (a, b) = (SimDevice::new(&mm), SimDevice::new(&mm));
+    assert_ne!(a.owner(), b.owner());
+    let res = a.write(start(&region), &ints(SIZE, |i| i)).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    let (data, res) = b.read(start(&region), N).unwrap();
+    assert_eq!((res.cpages, res.faults), (N as u64, 1));
+    assert!(
+        as_ints(&data)
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == i as i32)
+    );
+    // A discard of the first half reaches both mirrors.
+    let map = region.mapping().unwrap();
+    map.advise(map.sub(0, SIZE / 2).unwrap(), Advice::DontNeed)
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while a.mirrored_pages() > N / 2 || b.mirrored_pages() > N / 2 {
+        assert!(std::time::Instant::now() < deadline, "discard not seen");
+        std::thread::yield_now();
+    }
+    assert_eq!((a.mirrored_pages(), b.mirrored_pages()), (N / 2, N / 2));
+    let (data, res) = b.read(start(&region), N).unwrap();
+    assert_eq!(res.faults, 1, "the discarded half is faulted back");
+    let got = as_ints(&data);
+    assert!(got[..got.len() / 2].iter().all(|&v| v == 0));
+    assert!((got.len() / 2..got.len()).all(|i| got[i] == i as i32));
+}
+
+/// DESIGN.md invariant 3: a protection change made behind uhmm's back (a
+/// plain mprotect, which no event reports) leaves the device a stale
+/// translation; using it fails cleanly and re-faults, and the command
+/// reports the kernel's error.
+#[test]
+fn stale_translation_fails_cleanly() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
+    assert_eq!(dev.mirrored_pages(), N);
+    let map = region.mapping().unwrap();
+    // Behind uhmm's back: Mapping::protect is a plain mprotect.
+    map.protect(map.range(), Prot::empty()).unwrap();
+    assert_eq!(dev.mirrored_pages(), N, "nothing told the device");
+    let e = dev.read(start(&region), N).unwrap_err();
+    assert_eq!(e.errno(), Errno::FAULT, "{e}");
+    map.protect(map.range(), Prot::READ).unwrap();
+    let (data, res) = dev.read(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(
+        as_ints(&data)
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == i as i32)
+    );
+    // A write through a translation made writable before the change.
+    let e = dev.write(start(&region), &ints(SIZE, |i| -i)).unwrap_err();
+    assert_eq!(e.errno(), Errno::PERM, "{e}");
+    assert!(
+        contents(&region)
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == i as i32)
+    );
+}
+
+/// A device read racing a munmap of the same range returns either the
+/// right data or a clean error, never other memory and never a crash.
+#[test]
+fn device_read_races_munmap() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let dev = std::sync::Arc::new(SimDevice::new(&mm));
+    let pages = 64;
+    let (mut ok, mut failed) = (0, 0);
+    for round in 0..40u8 {
+        let expect = common::pattern(round, pages * PAGE_SIZE);
+        let map = Mapping::anon(pages * PAGE_SIZE).unwrap();
+        map.write_at(0, &expect).unwrap();
+        // The munmap below is the mapping's end: it must not be unmapped
+        // again later (its address may be reused by then).
+        let range = map.leak();
+        // SAFETY: nothing refers into the leaked mapping.
+        let region = unsafe { mm.manage(range) }.unwrap();
+        let go = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (d, g, e) = (dev.clone(), go.clone(), expect.clone());
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; e.len()];
+            let mut outcomes = Vec::with_capacity(4096);
+            g.wait();
+            loop {
+                match d.read_into(range.start(), &mut buf) {
+                    Ok(_) => {
+                        assert!(buf == e, "a read that succeeds returns the right data");
+                        outcomes.push(true);
+                    }
+                    Err(SimError::Fault { .. } | SimError::NotManaged { .. }) => {
+                        outcomes.push(false);
+                        return outcomes;
+                    }
+                    Err(other) => panic!("unclean error: {other}"),
+                }
+                if outcomes.len() == outcomes.capacity() {
+                    return outcomes;
+                }
+            }
+        });
+        go.wait();
+        // Let some reads through, then unmap under them.
+        std::thread::sleep(std::time::Duration::from_micros(50 * u64::from(round % 8)));
+        // SAFETY: the leaked mapping is this test's; the reader only reads
+        // it through the device's fault-tolerant accessor.
+        unsafe { rustix::mm::munmap(range.start().as_mut_ptr(), range.len()) }.unwrap();
+        let outcomes = common::join_soon(reader);
+        ok += outcomes.iter().filter(|&&o| o).count();
+        failed += outcomes.iter().filter(|&&o| !o).count();
+        drop(region);
+        // After the munmap, a read fails cleanly.
+        let e = dev.read(range.start(), pages).unwrap_err();
+        assert!(matches!(e.errno(), Errno::FAULT | Errno::INVAL), "{e}");
+    }
+    assert!(
+        ok > 0 && failed > 0,
+        "both outcomes exercised: {ok} ok, {failed} failed"
+    );
+}
+
+#[test]
+fn bad_commands_are_typed_errors_and_change_nothing() {
+    let _s = serial();
+    let Some(mm) = mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    fill(&region, |i| i);
+    let before = contents(&region);
+    let dev = SimDevice::new(&mm);
+    let base = start(&region);
+    let inval = |r: Result<_, SimError>| match r {
+        Err(e) => assert_eq!(e.errno(), Errno::INVAL, "{e}"),
+        Ok(_) => panic!("accepted"),
+    };
+    // Unaligned, zero length, overflowing, partial pages.
+    inval(dev.read(VirtAddr::new(base.get() + 1), 1).map(|_| ()));
+    inval(dev.read(base, 0).map(|_| ()));
+    inval(dev.snapshot(base, usize::MAX / 2).map(|_| ()));
+    inval(dev.write(base, &[1u8; 100]).map(|_| ()));
+    inval(dev.write(base, &[]).map(|_| ()));
+    // Partly managed: the region plus the page after it.
+    let beyond = PageRange::new(base, 5 * PAGE_SIZE).unwrap();
+    match dev.write(base, &vec![9u8; beyond.len()]) {
+        Err(SimError::NotManaged { range }) => assert_eq!(range, beyond),
+        other => panic!("{other:?}"),
+    }
+    // Not managed at all.
+    let plain = Mapping::anon(PAGE_SIZE).unwrap();
+    inval(dev.read(plain.range().start(), 1).map(|_| ()));
+    // Read-only and PROT_NONE memory.
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    let e = dev.write(base, &vec![9u8; 4 * PAGE_SIZE]).unwrap_err();
+    assert!(matches!(e, SimError::PermissionDenied { .. }), "{e}");
+    mm.mprotect(region.range(), Prot::empty()).unwrap();
+    let e = dev.read(base, 4).unwrap_err();
+    assert!(matches!(e, SimError::Fault { .. }), "{e}");
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    assert_eq!(contents(&region), before, "memory is as it was");
+    assert_eq!(dev.stats().pages_copied, 0);
+}
