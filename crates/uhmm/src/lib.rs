@@ -16,11 +16,13 @@
 //!   references into it).
 //! - [`addr`]: address newtypes ([`VirtAddr`], [`PageRange`]) used by every
 //!   layer.
-//! - [`mm`]: the address space as devices see it; today its interval
-//!   notifiers ([`mm::notifier`]).
+//! - [`mm`]: the address space as devices see it: [`mm::Mm`] (the
+//!   userfaultfd, the fault service, managed regions and their page
+//!   states), interval notifiers ([`mm::notifier`]) and
+//!   [`range_fault`](mm::range).
 //!
-//! The rest of the mirroring layer (`Mm`, managed regions, the fault
-//! service, `range_fault`) and device memory (`devmem`) build on these.
+//! Device memory and migration (`devmem`) build on these. The software
+//! device `uhmm-sim` shows a complete device on the public API.
 //!
 //! ```
 //! use uhmm::sys::mem::Mapping;
