@@ -1,6 +1,7 @@
 //! `uhmm`: the command-line tool. One module per subcommand; this file only
 //! parses the command line and dispatches.
 
+mod bench;
 mod info;
 
 use clap::{Parser, Subcommand};
@@ -18,11 +19,14 @@ struct Cli {
 enum Command {
     /// Probe the running kernel and show what uhmm can use.
     Info(info::Args),
+    /// Measure uhmm against the raw kernel primitives, in the same run.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Info(args) => info::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

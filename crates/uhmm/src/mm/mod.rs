@@ -41,7 +41,7 @@ mod region;
 
 use crate::addr::{PageRange, RangeError, VirtAddr};
 use crate::sys::mem::{Backing, Mapping, MappingBuilder, MemError, Prot};
-use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
+use crate::sys::pagemap::{Categories, PagemapError, ScanQuery};
 use crate::sys::uffd::{Features, OpenError, RegisterError, RegisterMode, Uffd};
 use notifier::{IntervalNotifier, NotifierOps, NotifierRange, Notifiers, NotifyEvent};
 use service::{Shared, lock};
@@ -333,7 +333,10 @@ impl Mm {
             Stored::Cpu => {
                 let mut regions = Vec::new();
                 let query = ScanQuery::new().require(Categories::PRESENT);
-                Pagemap::open()?.scan(page, &query, &mut regions)?;
+                self.inner
+                    .shared
+                    .pagemap()?
+                    .scan(page, &query, &mut regions)?;
                 if regions.is_empty() {
                     PageState::Empty
                 } else {

@@ -247,14 +247,14 @@ impl Mm {
                 len: r.pfns.len(),
             });
         }
-        let maps = Procmap::open()?;
-        let pagemap = Pagemap::open()?;
+        let maps = self.inner.shared.procmap()?;
+        let pagemap = self.inner.shared.pagemap()?;
         for _ in 0..MAX_ROUNDS {
             if r.notifier.read_retry(r.notifier_seq) {
                 return Err(RangeFaultError::Busy { range });
             }
             let vmas = maps.covering(range)?;
-            let cpu = snapshot(&pagemap, range, &vmas)?;
+            let cpu = snapshot(pagemap, range, &vmas)?;
             let mut out = Vec::with_capacity(range.npages());
             let mut faults: Vec<(PageRange, bool)> = Vec::new();
             for (i, (&state, addr)) in cpu.iter().zip(range.pages()).enumerate() {
@@ -294,7 +294,7 @@ impl Mm {
                     // ENOMEM also means "part of the range is not mapped":
                     // the layout changed under us. Walk again; the next
                     // round reports the missing mapping.
-                    if is_nomem(&e) && !fully_mapped(&maps, pages)? {
+                    if is_nomem(&e) && !fully_mapped(maps, pages)? {
                         break;
                     }
                     return Err(fault_error(e, pages));

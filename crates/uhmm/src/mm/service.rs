@@ -14,11 +14,13 @@
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::Regions;
 use crate::addr::PageRange;
+use crate::sys::pagemap::{Pagemap, PagemapError};
+use crate::sys::procmap::{Procmap, ProcmapError};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// What the service counts (cheap atomics, read as a snapshot).
@@ -36,6 +38,10 @@ pub(crate) struct Shared {
     pub(crate) notifiers: Arc<Notifiers>,
     pub(crate) regions: Mutex<Regions>,
     pub(crate) stats: ServiceStats,
+    /// `/proc/self/maps` and `/proc/self/pagemap`, opened on first use and
+    /// kept (each open costs more than a small `range_fault`).
+    pub(crate) procmap: OnceLock<Procmap>,
+    pub(crate) pagemap: OnceLock<Pagemap>,
     /// The process that made it (a forked child's copy is not live there).
     pub(crate) pid: rustix::process::Pid,
     released: AtomicBool,
@@ -50,6 +56,8 @@ impl Shared {
             notifiers,
             regions: Mutex::new(Regions::default()),
             stats: ServiceStats::default(),
+            procmap: OnceLock::new(),
+            pagemap: OnceLock::new(),
             pid: rustix::process::getpid(),
             released: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -69,6 +77,24 @@ impl Shared {
                 .notifiers
                 .invalidate(&NotifierRange::new(all, NotifyEvent::Release));
         }
+    }
+
+    /// The process's maps, opened once.
+    pub(crate) fn procmap(&self) -> Result<&Procmap, ProcmapError> {
+        if let Some(p) = self.procmap.get() {
+            return Ok(p);
+        }
+        let opened = Procmap::open()?;
+        Ok(self.procmap.get_or_init(|| opened))
+    }
+
+    /// The process's page table, opened once.
+    pub(crate) fn pagemap(&self) -> Result<&Pagemap, PagemapError> {
+        if let Some(p) = self.pagemap.get() {
+            return Ok(p);
+        }
+        let opened = Pagemap::open()?;
+        Ok(self.pagemap.get_or_init(|| opened))
     }
 
     /// Asks the service thread to finish its current batch and exit.

@@ -1,0 +1,377 @@
+//! The benchmark cases. Each pairs a uhmm operation with the raw kernel
+//! primitive or plain-memory operation it builds on, measured alternately
+//! in the same run after a warm-up pass.
+
+use super::measure::{Summary, Unit, rate, time};
+use super::svg::Series;
+use super::{Chart, Progress, Results, Row, Target, cpu};
+use std::error::Error;
+use std::sync::Arc;
+use uhmm::mm::Mm;
+use uhmm::mm::notifier::{NotifierOps, NotifierRange, Subscription};
+use uhmm::mm::range::HmmRange;
+use uhmm::sys::mem::{self, Backing, Mapping, Prot};
+use uhmm::sys::pagemap::{Categories, Pagemap, ScanQuery};
+use uhmm::{PAGE_SIZE, PageRange};
+use uhmm_sim::SimDevice;
+
+type CaseResult = Result<(), Box<dyn Error>>;
+
+/// Sizes and repetitions of a run.
+#[derive(Debug)]
+pub struct Sizes {
+    /// The large region (1 GiB in a full run).
+    big: usize,
+    /// Memory touched per first-touch repetition.
+    touch: usize,
+    /// Measured repetitions (after one warm-up).
+    reps: usize,
+    /// Sizes of the bandwidth curve.
+    curve: Vec<usize>,
+    /// Samples of the single-page latency case.
+    latency_samples: usize,
+}
+
+impl Sizes {
+    pub fn full() -> Sizes {
+        Sizes {
+            big: 1 << 30,
+            touch: 256 << 20,
+            reps: 7,
+            curve: (0..=11).map(|i| (512 << 10) << i).collect(),
+            latency_samples: 3000,
+        }
+    }
+
+    pub fn quick() -> Sizes {
+        Sizes {
+            big: 64 << 20,
+            touch: 32 << 20,
+            reps: 3,
+            curve: (0..=6).map(|i| (512 << 10) << i).collect(),
+            latency_samples: 300,
+        }
+    }
+}
+
+/// A case: its name (for `--only`), what progress shows, and the code.
+#[derive(Debug)]
+pub struct Case {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub run: fn(&Sizes, &mut Progress, &mut Results) -> CaseResult,
+}
+
+pub const ALL: &[Case] = &[
+    Case {
+        name: "touch",
+        title: "first touch and steady access: managed vs plain memory",
+        run: touch,
+    },
+    Case {
+        name: "snapshot",
+        title: "range_fault snapshot vs PAGEMAP_SCAN",
+        run: snapshot,
+    },
+    Case {
+        name: "sim-read",
+        title: "SimDevice read vs process_vm_readv (faulting and warm rounds)",
+        run: sim_read,
+    },
+    Case {
+        name: "sim-curve",
+        title: "SimDevice read bandwidth by size",
+        run: sim_curve,
+    },
+    Case {
+        name: "fault-round",
+        title: "SimDevice one-page fault round latency",
+        run: fault_round,
+    },
+    Case {
+        name: "metadata",
+        title: "metadata per managed page",
+        run: metadata,
+    },
+];
+
+fn mib(bytes: usize) -> String {
+    if bytes >= 1 << 30 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+/// A notifier for benchmarks that only keeps the sequence.
+#[derive(Debug)]
+struct Quiet;
+
+impl NotifierOps for Quiet {
+    fn invalidate(&self, sub: &Subscription, _: &NotifierRange, cur_seq: u64) -> bool {
+        sub.set_seq(cur_seq);
+        true
+    }
+}
+
+/// Runs `reps + 1` rounds of `each(round)`; the first is the warm-up and is
+/// dropped from every column it returns.
+fn rounds<const K: usize>(
+    reps: usize,
+    mut each: impl FnMut(usize) -> Result<[f64; K], Box<dyn Error>>,
+) -> Result<[Vec<f64>; K], Box<dyn Error>> {
+    let mut cols: [Vec<f64>; K] = std::array::from_fn(|_| Vec::with_capacity(reps));
+    for round in 0..=reps {
+        let v = each(round)?;
+        if round > 0 {
+            for (c, x) in cols.iter_mut().zip(v) {
+                c.push(x);
+            }
+        }
+    }
+    Ok(cols)
+}
+
+fn touch(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let len = s.touch;
+    let [plain, managed] = rounds(s.reps, |_| {
+        let map = Mapping::anon(len)?;
+        let (t_plain, ()) = time(|| cpu::touch_pages(map.range()));
+        drop(map);
+        let region = mm.alloc(len, Backing::AnonPrivate)?;
+        let (t_managed, ()) = time(|| cpu::touch_pages(region.range()));
+        drop(region);
+        Ok([
+            rate(Unit::NsPerPage, t_plain, len),
+            rate(Unit::NsPerPage, t_managed, len),
+        ])
+    })?;
+    out.rows.push(Row {
+        case: format!("first touch, managed region ({})", mib(len)),
+        unit: Unit::NsPerPage,
+        subject: Summary::of(managed),
+        baseline_name: "plain anon memory",
+        baseline: Some(Summary::of(plain)),
+        target: Target::AtMost(1.1),
+    });
+    p.note("steady access");
+    let plain_map = Mapping::anon(len)?;
+    let region = mm.alloc(len, Backing::AnonPrivate)?;
+    cpu::touch_pages(plain_map.range());
+    cpu::touch_pages(region.range());
+    let [plain, managed] = rounds(s.reps, |_| {
+        let (t_plain, a) = time(|| cpu::sum(plain_map.range()));
+        let (t_managed, b) = time(|| cpu::sum(region.range()));
+        std::hint::black_box((a, b));
+        Ok([
+            rate(Unit::NsPerPage, t_plain, len),
+            rate(Unit::NsPerPage, t_managed, len),
+        ])
+    })?;
+    out.rows.push(Row {
+        case: format!("steady read, managed region ({})", mib(len)),
+        unit: Unit::NsPerPage,
+        subject: Summary::of(managed),
+        baseline_name: "plain anon memory",
+        baseline: Some(Summary::of(plain)),
+        target: Target::AtMost(1.1),
+    });
+    Ok(())
+}
+
+fn snapshot(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let region = mm.alloc(s.big, Backing::AnonPrivate)?;
+    cpu::touch_pages(region.range());
+    let range = region.range();
+    let notifier = mm.insert_notifier(range, Arc::new(Quiet));
+    let pagemap = Pagemap::open()?;
+    let query = ScanQuery::new().require(Categories::PRESENT);
+    let mut regions = Vec::new();
+    let [raw, uhmm] = rounds(s.reps, |_| {
+        let (t_raw, r) = time(|| {
+            regions.clear();
+            pagemap.scan(range, &query, &mut regions)
+        });
+        r?;
+        let (t_uhmm, r) = time(|| {
+            let mut hr = HmmRange::new(&notifier, notifier.read_begin(), range);
+            mm.range_fault(&mut hr)
+        });
+        r?;
+        Ok([
+            rate(Unit::MPagesPerSec, t_raw, range.len()),
+            rate(Unit::MPagesPerSec, t_uhmm, range.len()),
+        ])
+    })?;
+    out.rows.push(Row {
+        case: format!("range_fault snapshot, populated ({})", mib(s.big)),
+        unit: Unit::MPagesPerSec,
+        subject: Summary::of(uhmm),
+        baseline_name: "raw PAGEMAP_SCAN",
+        baseline: Some(Summary::of(raw)),
+        target: Target::AtLeast(0.5),
+    });
+    Ok(())
+}
+
+/// A populated managed region, a device, and a populated buffer as large.
+fn mirrored(
+    mm: &Mm,
+    len: usize,
+) -> Result<(uhmm::mm::ManagedRegion, SimDevice, Vec<u8>), Box<dyn Error>> {
+    let region = mm.alloc(len, Backing::AnonPrivate)?;
+    cpu::touch_pages(region.range());
+    let dev = SimDevice::new(mm);
+    let buf = vec![1u8; len];
+    Ok((region, dev, buf))
+}
+
+fn sim_read(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let (region, dev, mut buf) = mirrored(&mm, s.big)?;
+    let range = region.range();
+    let [raw, faulting, warm] = rounds(s.reps, |_| {
+        let (t_raw, r) = time(|| mem::read_process(range.start(), &mut buf));
+        r?;
+        // Invalidate the device's translations (a protection change to
+        // the same protection), then read: one fault round, then copy.
+        mm.mprotect(range, Prot::READ | Prot::WRITE)?;
+        let (t_fault, r) = time(|| dev.read_into(range.start(), &mut buf));
+        if r?.faults != 1 {
+            return Err("the faulting round did not fault".into());
+        }
+        let (t_warm, r) = time(|| dev.read_into(range.start(), &mut buf));
+        if r?.faults != 0 {
+            return Err("the warm round faulted".into());
+        }
+        Ok([
+            rate(Unit::GBps, t_raw, range.len()),
+            rate(Unit::GBps, t_fault, range.len()),
+            rate(Unit::GBps, t_warm, range.len()),
+        ])
+    })?;
+    let raw = Summary::of(raw);
+    out.rows.push(Row {
+        case: format!("SimDevice read, faulting round ({})", mib(s.big)),
+        unit: Unit::GBps,
+        subject: Summary::of(faulting),
+        baseline_name: "process_vm_readv",
+        baseline: Some(raw),
+        target: Target::None,
+    });
+    out.rows.push(Row {
+        case: format!("SimDevice read, warm round ({})", mib(s.big)),
+        unit: Unit::GBps,
+        subject: Summary::of(warm),
+        baseline_name: "process_vm_readv",
+        baseline: Some(raw),
+        target: Target::AtLeast(0.5),
+    });
+    Ok(())
+}
+
+fn sim_curve(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let largest = s.curve.iter().copied().max().unwrap_or(PAGE_SIZE);
+    let (region, dev, mut buf) = mirrored(&mm, largest)?;
+    let start = region.range().start();
+    dev.read_into(start, &mut buf)?; // mirror everything once
+    let mut raw_pts = Vec::new();
+    let mut dev_pts = Vec::new();
+    for &size in &s.curve {
+        p.note(&format!("{} KiB", size >> 10));
+        // Enough repetitions for small sizes to be timed well.
+        let reps = (s.reps * (64 << 20) / size).clamp(s.reps, 400);
+        let b = &mut buf[..size];
+        let [raw, warm] = rounds(reps, |_| {
+            let (t_raw, r) = time(|| mem::read_process(start, b));
+            r?;
+            let (t_dev, r) = time(|| dev.read_into(start, b));
+            r?;
+            Ok([rate(Unit::GBps, t_raw, size), rate(Unit::GBps, t_dev, size)])
+        })?;
+        raw_pts.push((size as f64, Summary::of(raw).p50));
+        dev_pts.push((size as f64, Summary::of(warm).p50));
+    }
+    out.charts.push(Chart::Curve {
+        file: "sim_read_bandwidth.svg",
+        title: "SimDevice warm read vs process_vm_readv".into(),
+        y_label: "GB/s",
+        series: vec![
+            Series {
+                name: "SimDevice read (warm)".into(),
+                points: dev_pts,
+            },
+            Series {
+                name: "process_vm_readv".into(),
+                points: raw_pts,
+            },
+        ],
+    });
+    Ok(())
+}
+
+fn fault_round(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let (region, dev, mut buf) = mirrored(&mm, 64 * PAGE_SIZE)?;
+    let mut raw = Vec::with_capacity(s.latency_samples);
+    let mut round = Vec::with_capacity(s.latency_samples);
+    for i in 0..=s.latency_samples {
+        let page = region
+            .range()
+            .page(i % 64)
+            .ok_or("page index out of the region")?;
+        let b = &mut buf[..PAGE_SIZE];
+        let (t_raw, r) = time(|| mem::read_process(page.start(), b));
+        r?;
+        mm.mprotect(page, Prot::READ | Prot::WRITE)?;
+        let (t_dev, r) = time(|| dev.read_into(page.start(), b));
+        if r?.faults != 1 {
+            return Err("the round did not fault".into());
+        }
+        if i > 0 {
+            raw.push(t_raw.as_nanos() as f64);
+            round.push(t_dev.as_nanos() as f64);
+        }
+    }
+    out.charts.push(Chart::Histogram {
+        file: "sim_fault_round_latency.svg",
+        title: "SimDevice one-page read with a fault round (ns)".into(),
+        samples_ns: round.clone(),
+    });
+    out.rows.push(Row {
+        case: "SimDevice 1-page read with a fault round".into(),
+        unit: Unit::NsPerPage,
+        subject: Summary::of(round),
+        baseline_name: "process_vm_readv, 1 page",
+        baseline: Some(Summary::of(raw)),
+        target: Target::None,
+    });
+    Ok(())
+}
+
+fn metadata(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let region = mm.alloc(s.big, Backing::AnonPrivate)?;
+    cpu::touch_pages(region.range());
+    let dev = SimDevice::new(&mm);
+    dev.read(region.range().start(), region.range().npages())?;
+    let stats = mm.stats();
+    let per_page = stats.state_bytes as f64 / region.range().npages() as f64;
+    out.rows.push(Row {
+        case: format!(
+            "page-state metadata, {} managed, {} pages with a device state",
+            mib(s.big),
+            stats.state_pages
+        ),
+        unit: Unit::BytesPerPage,
+        subject: Summary::single(per_page),
+        baseline_name: "-",
+        baseline: None,
+        target: Target::None,
+    });
+    let _: PageRange = region.range();
+    Ok(())
+}
