@@ -11,9 +11,13 @@ use uhmm::mm::{Mm, Owner};
 use uhmm::sys::mem::{self, AccessError, Backing, Mapping, MemError};
 use uhmm::{PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
 
-/// How long a command keeps retrying when invalidations keep racing with
-/// its faults (the kernel's `HMM_RANGE_DEFAULT_TIMEOUT` is one second).
+/// How long one device fault keeps retrying when invalidations keep racing
+/// with it (the kernel's `HMM_RANGE_DEFAULT_TIMEOUT` is one second).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Fault rounds after which a command gives up (each round needs an
+/// invalidation to have hit the range since the one before).
+const MAX_ROUNDS: u64 = 1000;
 
 /// What a command did, with dmirror's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,7 +96,9 @@ pub enum SimError {
 impl SimError {
     /// The errno dmirror's ioctl returns for the same failure (so that
     /// ported hmm-tests can assert it): EFAULT, EPERM, EINVAL, ENOMEM,
-    /// EBUSY, or EIO.
+    /// EBUSY, or EIO. Memory uhmm does not manage has no dmirror
+    /// counterpart (dmirror mirrors any mapping); it is EINVAL, a bad
+    /// command, as is a command after Release.
     pub fn errno(&self) -> Errno {
         match self {
             SimError::Range(_)
@@ -337,12 +343,15 @@ impl SimDevice {
         let range = self.command(addr, data.len())?;
         bump(&self.mirror.counters.writes, 1);
         self.transfer(range, true, |page, offset, len| {
-            // SAFETY: `page` lies in managed memory (checked when the
-            // command began, and a translation exists, which the notifier
-            // would have removed — under the table lock held here — before
-            // the memory stopped being managed). Managed memory has no Rust
-            // references into it (the contract of `Mm::alloc`'s regions and
-            // `Mm::manage`), so writing it through the kernel breaks none.
+            // SAFETY: `page` lies in managed memory: the device holds a
+            // translation for it, made by a fault that found the range
+            // managed under the table lock held here, and a region stops
+            // being managed only inside an Unmap invalidation, which needs
+            // this lock to remove the translation. Managed memory has no
+            // Rust references into it (the contract of `Mm::alloc`'s
+            // regions and of `Mm::manage`), so writing it breaks none. (A
+            // raw munmap of managed memory, which uhmm learns of only after
+            // the fact, is outside those contracts.)
             unsafe { mem::write_process(page, &data[offset..offset + len]) }
         })
     }
@@ -455,10 +464,13 @@ impl SimDevice {
         let need = if write { READ | WRITE } else { READ };
         let mut res = CmdResult::default();
         let mut cursor = range.start();
-        let deadline = Instant::now() + BUSY_TIMEOUT;
+        // Where the last copy failed: failing there again right after a
+        // fault round said the page is fine is a real error, not a race.
+        let mut failed_at = None;
         loop {
             {
                 let mut table = self.mirror.lock();
+                self.check_released()?;
                 while cursor < range.end() {
                     let run = table.run(cursor, range.end(), need);
                     if run == 0 {
@@ -472,8 +484,15 @@ impl SimDevice {
                     res.cpages += done as u64;
                     cursor = VirtAddr::new(cursor.get() + done * PAGE_SIZE);
                     if failed {
+                        if failed_at == Some(cursor) {
+                            return Err(SimError::Fault {
+                                addr: cursor,
+                                reason: "the device access failed where the CPU page table allows it",
+                            });
+                        }
                         // A stale translation: the page changed in a way the
                         // notifier has not reported yet. Drop it and fault.
+                        failed_at = Some(cursor);
                         table.set(cursor, 0);
                         break;
                     }
@@ -484,13 +503,13 @@ impl SimDevice {
                 return Ok(res);
             }
             let rest = PageRange::from_bounds(cursor, range.end())?;
-            if Instant::now() >= deadline {
+            if res.faults >= MAX_ROUNDS {
                 return Err(SimError::Busy {
                     range,
                     rounds: res.faults,
                 });
             }
-            self.fault(rest, write, deadline, res.faults)?;
+            self.fault(rest, write, res.faults)?;
             res.faults += 1;
             bump(&self.mirror.counters.fault_rounds, 1);
         }
@@ -498,13 +517,8 @@ impl SimDevice {
 
     /// One device-fault round (dmirror_fault): fault `range` in and record
     /// the translations, with the read-begin / retry protocol.
-    fn fault(
-        &self,
-        range: PageRange,
-        write: bool,
-        deadline: Instant,
-        rounds: u64,
-    ) -> Result<(), SimError> {
+    fn fault(&self, range: PageRange, write: bool, rounds: u64) -> Result<(), SimError> {
+        let deadline = Instant::now() + BUSY_TIMEOUT;
         loop {
             let seq = self.notifier.read_begin();
             let mut r = HmmRange::new(&self.notifier, seq, range);
@@ -525,6 +539,14 @@ impl SimDevice {
                     return Err(SimError::Busy { range, rounds });
                 }
                 continue;
+            }
+            // No invalidation since read_begin, and any later one waits for
+            // this lock: the state checked now holds while the entries are
+            // used. A region leaves the managed set inside its Unmap
+            // invalidation, and Release ends all use.
+            self.check_released()?;
+            if !self.mm.is_managed(range) {
+                return Err(SimError::NotManaged { range });
             }
             for (addr, &pfn) in range.pages().zip(&r.pfns) {
                 let granted_write = pfn.contains(HmmPfn::WRITE);

@@ -356,16 +356,22 @@ impl Mm {
     /// Stops managing `range`: devices drop their translations of it
     /// (an Unmap, since no further change to it will be notified), then it
     /// is unregistered.
+    ///
+    /// The range leaves the region table before the invalidation ends, so a
+    /// device that faults it in again afterwards finds it unmanaged
+    /// ([`is_managed`](Self::is_managed) under its lock after
+    /// `read_retry`) instead of mirroring memory that is about to go.
     pub(crate) fn unregister(&self, range: PageRange) {
-        let _ = self
-            .inner
-            .shared
+        let shared = &self.inner.shared;
+        // Blockable, so it cannot ask for a retry.
+        let guard = shared
             .notifiers
-            .invalidate(&NotifierRange::new(range, NotifyEvent::Unmap));
+            .invalidate_start(&NotifierRange::new(range, NotifyEvent::Unmap));
+        lock(&shared.regions).unmapped(range);
         // The range may already be gone (unmapped behind our back); nothing
         // is left to undo then.
-        let _ = self.inner.shared.uffd.unregister(range);
-        lock(&self.inner.shared.regions).unmapped(range);
+        let _ = shared.uffd.unregister(range);
+        drop(guard);
     }
 }
 
