@@ -12,7 +12,7 @@
 #[path = "../../uhmm/tests/common/mod.rs"]
 mod common;
 
-use common::{ChildEnd, reserve_hugepages, serial};
+use common::{ChildEnd, serial};
 use rustix::io::Errno;
 use std::os::fd::{AsFd, OwnedFd};
 use uhmm::mm::{ManagedRegion, Mm};
@@ -24,16 +24,6 @@ const N: usize = 1024;
 const SIZE: usize = N * PAGE_SIZE;
 const TWOMEG: usize = 2 << 20;
 const NTIMES: i32 = 10;
-
-fn mm() -> Option<Mm> {
-    match Mm::new() {
-        Ok(m) => Some(m),
-        Err(e) => {
-            common::skip(&format!("no Mm: {e}"));
-            None
-        }
-    }
-}
 
 /// `len` bytes holding `f(i)` as the `i`-th `i32`.
 fn ints(len: usize, f: impl Fn(i32) -> i32) -> Vec<u8> {
@@ -108,7 +98,7 @@ fn tmpfile(len: usize) -> Option<OwnedFd> {
 #[test]
 fn open_close() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let before = mm.notifiers().len();
     let dev = SimDevice::new(&mm);
     assert_eq!(mm.notifiers().len(), before + 1, "open inserts a notifier");
@@ -119,7 +109,7 @@ fn open_close() {
 #[test]
 fn anon_read() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
     // Fill with i, but leave pages 0 and 1 untouched.
     let skip = 2 * PAGE_SIZE;
@@ -139,7 +129,7 @@ fn anon_read() {
 #[test]
 fn anon_read_prot() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
     fill(&region, |i| i);
     let mut mirror = ints(SIZE, |i| -i);
@@ -160,7 +150,7 @@ fn anon_read_prot() {
 #[test]
 fn anon_write() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
     let dev = SimDevice::new(&mm);
     let res = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
@@ -172,7 +162,7 @@ fn anon_write() {
 #[test]
 fn anon_write_prot() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm
         .alloc_mapping(Mapping::builder(SIZE).prot(Prot::READ))
         .unwrap();
@@ -195,7 +185,7 @@ fn anon_write_prot() {
 fn anon_write_child() {
     let _s = serial();
     let _f = common::fork_lock();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     for use_thp in [false, true] {
         let region = if use_thp {
             let r = mm
@@ -249,7 +239,7 @@ fn anon_write_child() {
 fn anon_write_child_shared() {
     let _s = serial();
     let _f = common::fork_lock();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonShared).unwrap();
     let range = region.range();
     fill(&region, |i| i);
@@ -287,7 +277,7 @@ fn anon_write_child_shared() {
 #[test]
 fn anon_write_huge() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm
         .alloc_mapping(Mapping::builder(TWOMEG).align(TWOMEG))
         .unwrap();
@@ -304,20 +294,10 @@ fn anon_write_huge() {
 #[test]
 fn anon_write_hugetlbfs() {
     let _s = serial();
-    require!(
-        reserve_hugepages(1),
-        "no free 2 MiB huge page (reserve one as root)"
-    );
-    let Some(mm) = mm() else { return };
-    let region = mm
-        .alloc(
-            TWOMEG,
-            Backing::Hugetlb {
-                page_size: TWOMEG,
-                shared: false,
-            },
-        )
-        .unwrap();
+    let Some(mm) = common::mm() else { return };
+    let Some(region) = common::hugetlb_region(&mm) else {
+        return;
+    };
     let npages = TWOMEG / PAGE_SIZE;
     let dev = SimDevice::new(&mm);
     let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
@@ -329,7 +309,7 @@ fn anon_write_hugetlbfs() {
 #[test]
 fn file_read() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let Some(fd) = tmpfile(SIZE) else { return };
     let data = ints(SIZE, |i| i);
     assert_eq!(rustix::io::pwrite(&fd, &data, 0).unwrap(), SIZE);
@@ -353,7 +333,7 @@ fn file_read() {
 #[test]
 fn file_write() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let Some(fd) = tmpfile(SIZE) else { return };
     let region = mm
         .alloc_mapping(Mapping::builder(SIZE).backing(Backing::File {
@@ -381,7 +361,7 @@ fn file_write() {
 #[test]
 fn anon_read_multiple() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let dev = SimDevice::new(&mm);
     for c in 0..NTIMES {
         let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
@@ -400,7 +380,7 @@ fn anon_read_multiple() {
 #[test]
 fn mixedmap() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let dev = SimDevice::new(&mm);
     let map = dev.mmap(1).unwrap();
     assert!(!mm.is_managed(map.range()));
@@ -412,20 +392,10 @@ fn mixedmap() {
 #[test]
 fn compound() {
     let _s = serial();
-    require!(
-        reserve_hugepages(1),
-        "no free 2 MiB huge page (reserve one as root)"
-    );
-    let Some(mm) = mm() else { return };
-    let region = mm
-        .alloc(
-            TWOMEG,
-            Backing::Hugetlb {
-                page_size: TWOMEG,
-                shared: false,
-            },
-        )
-        .unwrap();
+    let Some(mm) = common::mm() else { return };
+    let Some(region) = common::hugetlb_region(&mm) else {
+        return;
+    };
     let npages = TWOMEG / PAGE_SIZE;
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
@@ -447,7 +417,7 @@ fn compound() {
 #[test]
 fn two_devices_mirror_the_same_memory() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
     let (a, b) = (SimDevice::new(&mm), SimDevice::new(&mm));
     assert_ne!(a.owner(), b.owner());
@@ -485,7 +455,7 @@ fn two_devices_mirror_the_same_memory() {
 #[test]
 fn stale_translation_fails_cleanly() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
@@ -530,7 +500,7 @@ fn stale_translation_fails_cleanly() {
 #[test]
 fn device_write_never_outlives_its_region() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let dev = std::sync::Arc::new(SimDevice::new(&mm));
     let len = 256 * PAGE_SIZE;
     let mut reused = 0;
@@ -590,7 +560,7 @@ fn device_write_never_outlives_its_region() {
 #[test]
 fn device_read_races_munmap() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let dev = std::sync::Arc::new(SimDevice::new(&mm));
     let pages = 64;
     let (mut ok, mut failed) = (0, 0);
@@ -649,7 +619,7 @@ fn device_read_races_munmap() {
 #[test]
 fn bad_commands_are_typed_errors_and_change_nothing() {
     let _s = serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     fill(&region, |i| i);
     let before = contents(&region);

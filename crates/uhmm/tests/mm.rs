@@ -49,20 +49,10 @@ impl Recorder {
     }
 }
 
-fn mm() -> Option<Mm> {
-    match Mm::new() {
-        Ok(m) => Some(m),
-        Err(e) => {
-            common::skip(&format!("no Mm: {e}"));
-            None
-        }
-    }
-}
-
 #[test]
 fn alloc_manages_every_backing() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let mut backings = vec![
         (Backing::AnonPrivate, 4 * PAGE_SIZE),
         (Backing::AnonShared, 4 * PAGE_SIZE),
@@ -105,7 +95,7 @@ fn alloc_manages_every_backing() {
 #[test]
 fn kernel_events_reach_exactly_the_overlapping_notifiers() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(8 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region.write_at(0, &[1; 8 * PAGE_SIZE]).unwrap();
     let r = region.range();
@@ -149,7 +139,7 @@ fn kernel_events_reach_exactly_the_overlapping_notifiers() {
 #[test]
 fn mremap_is_a_remap_of_the_old_range() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let target = uhmm::sys::mem::Mapping::anon(2 * PAGE_SIZE).unwrap();
     let rec = Arc::new(Recorder::default());
@@ -166,7 +156,7 @@ fn mremap_is_a_remap_of_the_old_range() {
 fn fork_is_notified_before_it_happens() {
     let _serial = common::serial();
     let _g = fork_lock();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     // The kernel's FORK event is not used (it deadlocks with glibc's fork).
     assert!(!mm.features().contains(Features::EVENT_FORK));
     let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
@@ -185,7 +175,7 @@ fn fork_is_notified_before_it_happens() {
 #[test]
 fn release_reaches_every_notifier_before_teardown() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let recs: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
     let notifiers: Vec<_> = recs
@@ -217,7 +207,7 @@ fn release_reaches_every_notifier_before_teardown() {
 #[test]
 fn bad_ranges_are_refused() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     // Overlapping a managed region.
     let inner = region.range().page(1).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ChildEnd, fork_lock, is_root, reserve_hugepages};
+use common::{ChildEnd, fork_lock};
 use std::sync::Arc;
 use uhmm::mm::notifier::{NotifierOps, NotifierRange, Subscription};
 use uhmm::mm::range::{HmmPfn, HmmRange, PfnEncoding, RangeFaultError};
@@ -19,12 +19,6 @@ impl NotifierOps for Seq {
         sub.set_seq(cur_seq);
         true
     }
-}
-
-fn mm() -> Option<Mm> {
-    Mm::new()
-        .map_err(|e| common::skip(&format!("no Mm: {e}")))
-        .ok()
 }
 
 const V: HmmPfn = HmmPfn::VALID;
@@ -63,7 +57,7 @@ fn sample(mm: &Mm, pages: usize) -> ManagedRegion {
 #[test]
 fn snapshot_reports_without_faulting() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = sample(&mm, 4);
     let got = fault(&mm, &region, HmmPfn::NONE, HmmPfn::NONE, None).unwrap();
     assert_eq!(got, [V | W, V | HmmPfn::ZERO, HmmPfn::NONE, HmmPfn::NONE]);
@@ -72,7 +66,7 @@ fn snapshot_reports_without_faulting() {
 #[test]
 fn faulting_everything_readable_and_some_pages_writable() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region
         .mapping()
@@ -106,7 +100,7 @@ fn faulting_everything_readable_and_some_pages_writable() {
 #[test]
 fn inaccessible_pages_are_errors_or_fail_the_fault() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region.write_at(0, &[7; 2 * PAGE_SIZE]).unwrap();
     mm.mprotect(region.range().page(1).unwrap(), Prot::empty())
@@ -139,7 +133,7 @@ fn inaccessible_pages_are_errors_or_fail_the_fault() {
 #[test]
 fn a_racing_invalidation_makes_it_busy() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let n = mm.insert_notifier(region.range(), Arc::new(Seq));
     let seq = n.read_begin();
@@ -162,20 +156,10 @@ fn a_racing_invalidation_makes_it_busy() {
 #[test]
 fn huge_mappings_report_their_order_in_every_slot() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
-    require!(
-        is_root() && reserve_hugepages(1),
-        "hugetlb needs reserved huge pages (root)"
-    );
-    let region = mm
-        .alloc(
-            2 << 20,
-            Backing::Hugetlb {
-                page_size: 2 << 20,
-                shared: false,
-            },
-        )
-        .unwrap();
+    let Some(mm) = common::mm() else { return };
+    let Some(region) = common::hugetlb_region(&mm) else {
+        return;
+    };
     let got = fault(
         &mm,
         &region,
@@ -196,7 +180,7 @@ fn huge_mappings_report_their_order_in_every_slot() {
 fn after_fork_private_pages_need_a_write_fault() {
     let _g = fork_lock();
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region.write_at(0, &[3]).unwrap();
     assert_eq!(
@@ -241,7 +225,7 @@ impl PfnEncoding for DmirrorBytes {
 #[test]
 fn entries_arrive_in_the_device_encoding() {
     let _serial = common::serial();
-    let Some(mm) = mm() else { return };
+    let Some(mm) = common::mm() else { return };
     let region = sample(&mm, 3);
     let n = mm.insert_notifier(region.range(), Arc::new(Seq));
     let mut r = HmmRange::new(&n, n.read_begin(), region.range());

@@ -53,6 +53,30 @@ pub fn uffd(features: Features) -> Option<Uffd> {
     }
 }
 
+/// A new `Mm`, or `None` (after reporting the skip).
+pub fn mm() -> Option<uhmm::mm::Mm> {
+    uhmm::mm::Mm::new()
+        .map_err(|e| skip(&format!("no Mm: {e}")))
+        .ok()
+}
+
+/// A managed private hugetlb region of one 2 MiB page, or `None` (after
+/// reporting the skip) when no huge page can be reserved.
+pub fn hugetlb_region(mm: &uhmm::mm::Mm) -> Option<uhmm::mm::ManagedRegion> {
+    if !reserve_hugepages(1) {
+        skip("no free 2 MiB huge page (reserve one as root)");
+        return None;
+    }
+    let backing = uhmm::sys::mem::Backing::Hugetlb {
+        page_size: 2 << 20,
+        shared: false,
+    };
+    Some(
+        mm.alloc(2 << 20, backing)
+            .expect("a reserved huge page maps"),
+    )
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
