@@ -409,17 +409,10 @@ impl SimDevice {
             .checked_mul(PAGE_SIZE)
             .filter(|&l| l > 0)
             .ok_or(SimError::BadBuffer { len: 0 })?;
-        let memfd = Mapping::builder(len).backing(Backing::Memfd).build()?;
-        let fd = memfd
-            .fd()
-            .ok_or(SimError::BadBuffer { len })?
-            .try_clone_to_owned()
-            .map_err(|e| {
-                SimError::Map(MemError::Memfd {
-                    len,
-                    errno: Errno::from_io_error(&e).unwrap_or(Errno::IO),
-                })
-            })?;
+        let memfd_error = |errno| SimError::Map(MemError::Memfd { len, errno });
+        let fd = rustix::fs::memfd_create("uhmm-sim", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(memfd_error)?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(memfd_error)?;
         let mapping = Mapping::builder(len)
             .backing(Backing::File {
                 fd,
