@@ -20,9 +20,10 @@
 //!   userfaultfd, the fault service, managed regions and their page
 //!   states), interval notifiers ([`mm::notifier`]) and
 //!   [`range_fault`](mm::range).
+//! - [`devmem`]: device memory; today its copy engines
+//!   ([`devmem::copy`]). Device page pools and migration build on these.
 //!
-//! Device memory and migration (`devmem`) build on these. The software
-//! device `uhmm-sim` shows a complete device on the public API.
+//! The software device `uhmm-sim` shows a complete device on the public API.
 //!
 //! ```
 //! use uhmm::sys::mem::Mapping;
@@ -39,6 +40,7 @@
 //! ```
 
 pub mod addr;
+pub mod devmem;
 pub mod mm;
 pub mod sys;
 

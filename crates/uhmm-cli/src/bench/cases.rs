@@ -89,6 +89,11 @@ pub const ALL: &[Case] = &[
         run: fault_round,
     },
     Case {
+        name: "copy",
+        title: "CPU copy engine vs memcpy",
+        run: copy_engine,
+    },
+    Case {
         name: "metadata",
         title: "metadata per managed page",
         run: metadata,
@@ -373,5 +378,42 @@ fn metadata(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
         target: Target::None,
     });
     let _: PageRange = region.range();
+    Ok(())
+}
+
+fn copy_engine(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    use uhmm::devmem::copy::{CopyEngine, CopyJob, CpuCopyEngine};
+    let src = vec![3u8; s.big];
+    let mut dst = vec![1u8; s.big];
+    let engine = CpuCopyEngine::new();
+    let granule = 2 << 20;
+    let [raw, eng] = rounds(s.reps, |_| {
+        let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
+        let (t_eng, r) = time(|| {
+            let mut jobs: Vec<CopyJob<'_>> = src
+                .chunks(granule)
+                .zip(dst.chunks_mut(granule))
+                .map(|(s, d)| CopyJob { src: s, dst: d })
+                .collect();
+            engine.copy(&mut jobs)
+        });
+        r?;
+        Ok([
+            rate(Unit::GBps, t_raw, s.big),
+            rate(Unit::GBps, t_eng, s.big),
+        ])
+    })?;
+    out.rows.push(Row {
+        case: format!(
+            "CPU copy engine, {} in 2 MiB jobs, {} threads",
+            mib(s.big),
+            engine.threads()
+        ),
+        unit: Unit::GBps,
+        subject: Summary::of(eng),
+        baseline_name: "memcpy, one thread",
+        baseline: Some(Summary::of(raw)),
+        target: Target::None,
+    });
     Ok(())
 }
