@@ -165,7 +165,8 @@ fn touch(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     let region = mm.alloc(len, Backing::AnonPrivate)?;
     cpu::touch_pages(plain_map.range());
     cpu::touch_pages(region.range());
-    let [plain, managed] = rounds(s.reps, |_| {
+    // A read pass is short: take more of them than of the other cases.
+    let [plain, managed] = rounds(5 * s.reps, |_| {
         let (t_plain, a) = time(|| cpu::sum(plain_map.range()));
         let (t_managed, b) = time(|| cpu::sum(region.range()));
         std::hint::black_box((a, b));
