@@ -45,6 +45,11 @@ fn contents(region: &ManagedRegion) -> Vec<i32> {
     as_ints(&b)
 }
 
+/// Whether `v[i] == f(i)` for every `i`.
+fn holds(v: &[i32], f: impl Fn(i32) -> i32) -> bool {
+    v.iter().enumerate().all(|(i, &x)| x == f(i as i32))
+}
+
 fn fill(region: &ManagedRegion, f: impl Fn(i32) -> i32) {
     region.write_at(0, &ints(region.range().len(), f)).unwrap();
 }
@@ -139,12 +144,9 @@ fn anon_read_prot() {
     assert_eq!(e.errno(), Errno::FAULT, "{e}");
     mm.mprotect(region.range(), Prot::READ).unwrap();
     let cpu = contents(&region);
-    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+    assert!(holds(&cpu, |i| i));
     let m = as_ints(&mirror);
-    assert!(
-        (0..m.len()).all(|i| m[i] == -(i as i32)),
-        "the mirror is untouched"
-    );
+    assert!(holds(&m, |i| -i), "the mirror is untouched");
 }
 
 #[test]
@@ -156,7 +158,7 @@ fn anon_write() {
     let res = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
     assert_eq!((res.cpages, res.faults), (N as u64, 1));
     let cpu = contents(&region);
-    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+    assert!(holds(&cpu, |i| i));
 }
 
 #[test]
@@ -177,7 +179,7 @@ fn anon_write_prot() {
     let res = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
     assert_eq!((res.cpages, res.faults), (N as u64, 1));
     let cpu = contents(&region);
-    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+    assert!(holds(&cpu, |i| i));
 }
 
 /// The no-migration half of `anon_write_child`, with and without THP.
@@ -207,7 +209,7 @@ fn anon_write_child() {
 
         let child = in_child(|| {
             let cpu = contents(&region);
-            ensure((0..cpu.len()).all(|i| cpu[i] == i as i32), "child sees i")?;
+            ensure(holds(&cpu, |i| i), "child sees i")?;
             // The child mirrors its own address space with its own device.
             let mm = Mm::new().map_err(|e| e.to_string())?;
             // SAFETY: the child's copy of the region; nothing refers into it.
@@ -219,10 +221,7 @@ fn anon_write_child() {
             ensure(res.cpages == npages as u64, "child cpages == N")?;
             ensure(res.faults == 1, "child faults == 1")?;
             let cpu = contents(&region);
-            ensure(
-                (0..cpu.len()).all(|i| cpu[i] == -(i as i32)),
-                "child buffer is -i",
-            )?;
+            ensure(holds(&cpu, |i| -i), "child buffer is -i")?;
             drop(mine);
             Ok(())
         });
@@ -231,7 +230,7 @@ fn anon_write_child() {
         // copy-on-write), and the child's writes stayed in the child.
         assert_eq!(dev.mirrored_pages(), 0, "fork is an invalidation");
         let cpu = contents(&region);
-        assert!((0..cpu.len()).all(|i| cpu[i] == i as i32), "parent still i");
+        assert!(holds(&cpu, |i| i), "parent still i");
     }
 }
 
@@ -246,7 +245,7 @@ fn anon_write_child_shared() {
     let mirror = ints(SIZE, |i| -i);
     let child = in_child(|| {
         let cpu = contents(&region);
-        ensure((0..cpu.len()).all(|i| cpu[i] == i as i32), "child sees i")?;
+        ensure(holds(&cpu, |i| i), "child sees i")?;
         let mm = Mm::new().map_err(|e| e.to_string())?;
         // SAFETY: the shared region; nothing refers into it.
         let mine = unsafe { mm.manage(range) }.map_err(|e| e.to_string())?;
@@ -259,17 +258,14 @@ fn anon_write_child_shared() {
             "child cpages == N, faults == 1",
         )?;
         let cpu = contents(&region);
-        ensure(
-            (0..cpu.len()).all(|i| cpu[i] == -(i as i32)),
-            "child buffer is -i",
-        )?;
+        ensure(holds(&cpu, |i| -i), "child buffer is -i")?;
         drop(mine);
         Ok(())
     });
     assert_eq!(child, ChildEnd::Exited(0));
     let cpu = contents(&region);
     assert!(
-        (0..cpu.len()).all(|i| cpu[i] == -(i as i32)),
+        holds(&cpu, |i| -i),
         "shared memory: the parent sees the child's device write"
     );
 }
@@ -288,7 +284,7 @@ fn anon_write_huge() {
     let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
     assert_eq!((res.cpages, res.faults), (npages as u64, 1));
     let cpu = contents(&region);
-    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+    assert!(holds(&cpu, |i| i));
 }
 
 #[test]
@@ -303,7 +299,7 @@ fn anon_write_hugetlbfs() {
     let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
     assert_eq!((res.cpages, res.faults), (npages as u64, 1));
     let cpu = contents(&region);
-    assert!((0..cpu.len()).all(|i| cpu[i] == i as i32));
+    assert!(holds(&cpu, |i| i));
 }
 
 #[test]
@@ -346,12 +342,7 @@ fn file_write() {
     let dev = SimDevice::new(&mm);
     let res = dev.write(start(&region), &data).unwrap();
     assert_eq!((res.cpages, res.faults), (N as u64, 1));
-    assert!(
-        contents(&region)
-            .iter()
-            .enumerate()
-            .all(|(i, &v)| v == i as i32)
-    );
+    assert!(holds(&contents(&region), |i| i));
     let mut file = vec![0u8; SIZE];
     let fd = region.mapping().unwrap().fd().unwrap();
     assert_eq!(rustix::io::pread(fd.as_fd(), &mut file, 0).unwrap(), SIZE);
@@ -369,7 +360,7 @@ fn anon_read_multiple() {
         let (data, res) = dev.read(start(&region), N).unwrap();
         assert_eq!((res.cpages, res.faults), (N as u64, 1), "round {c}");
         let got = as_ints(&data);
-        assert!((0..got.len()).all(|i| got[i] == i as i32 + c), "round {c}");
+        assert!(holds(&got, |i| i + c), "round {c}");
     }
 }
 
@@ -425,12 +416,7 @@ fn two_devices_mirror_the_same_memory() {
     assert_eq!((res.cpages, res.faults), (N as u64, 1));
     let (data, res) = b.read(start(&region), N).unwrap();
     assert_eq!((res.cpages, res.faults), (N as u64, 1));
-    assert!(
-        as_ints(&data)
-            .iter()
-            .enumerate()
-            .all(|(i, &v)| v == i as i32)
-    );
+    assert!(holds(&as_ints(&data), |i| i));
     // A discard of the first half reaches both mirrors.
     let map = region.mapping().unwrap();
     map.advise(map.sub(0, SIZE / 2).unwrap(), Advice::DontNeed)
@@ -470,12 +456,7 @@ fn stale_translation_fails_cleanly() {
     map.protect(map.range(), Prot::READ).unwrap();
     let (data, res) = dev.read(start(&region), N).unwrap();
     assert_eq!(res.cpages, N as u64);
-    assert!(
-        as_ints(&data)
-            .iter()
-            .enumerate()
-            .all(|(i, &v)| v == i as i32)
-    );
+    assert!(holds(&as_ints(&data), |i| i));
 
     // A write through writable translations made stale by a change to
     // read-only behind uhmm's back: the access fails, and nothing is
@@ -487,10 +468,7 @@ fn stale_translation_fails_cleanly() {
     let e = dev.write(start(&region), &ints(SIZE, |i| -i)).unwrap_err();
     assert_eq!(e.errno(), Errno::PERM, "{e}");
     let cpu = contents(&region);
-    assert!(
-        (0..cpu.len()).all(|i| cpu[i] == i as i32),
-        "nothing written"
-    );
+    assert!(holds(&cpu, |i| i), "nothing written");
 }
 
 /// A device write racing the drop of its region never reaches memory
