@@ -50,6 +50,21 @@ fn holds(v: &[i32], f: impl Fn(i32) -> i32) -> bool {
     v.iter().enumerate().all(|(i, &x)| x == f(i as i32))
 }
 
+/// The body of the kernel's write tests: a new device writes `i` over the
+/// whole region in one fault round (cpages == npages, faults == 1), and the
+/// CPU then reads `i`.
+fn device_writes_indices_in_one_round(mm: &Mm, region: &ManagedRegion) {
+    let dev = SimDevice::new(mm);
+    let res = dev
+        .write(start(region), &ints(region.range().len(), |i| i))
+        .unwrap();
+    assert_eq!(
+        (res.cpages, res.faults),
+        (region.range().npages() as u64, 1)
+    );
+    assert!(holds(&contents(region), |i| i));
+}
+
 fn fill(region: &ManagedRegion, f: impl Fn(i32) -> i32) {
     region.write_at(0, &ints(region.range().len(), f)).unwrap();
 }
@@ -154,11 +169,7 @@ fn anon_write() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     let region = mm.alloc(SIZE, Backing::AnonPrivate).unwrap();
-    let dev = SimDevice::new(&mm);
-    let res = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap();
-    assert_eq!((res.cpages, res.faults), (N as u64, 1));
-    let cpu = contents(&region);
-    assert!(holds(&cpu, |i| i));
+    device_writes_indices_in_one_round(&mm, &region);
 }
 
 #[test]
@@ -279,12 +290,7 @@ fn anon_write_huge() {
         .unwrap();
     let map = region.mapping().unwrap();
     map.advise(map.range(), Advice::HugePage).unwrap();
-    let npages = TWOMEG / PAGE_SIZE;
-    let dev = SimDevice::new(&mm);
-    let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
-    assert_eq!((res.cpages, res.faults), (npages as u64, 1));
-    let cpu = contents(&region);
-    assert!(holds(&cpu, |i| i));
+    device_writes_indices_in_one_round(&mm, &region);
 }
 
 #[test]
@@ -294,12 +300,7 @@ fn anon_write_hugetlbfs() {
     let Some(region) = common::hugetlb_region(&mm) else {
         return;
     };
-    let npages = TWOMEG / PAGE_SIZE;
-    let dev = SimDevice::new(&mm);
-    let res = dev.write(start(&region), &ints(TWOMEG, |i| i)).unwrap();
-    assert_eq!((res.cpages, res.faults), (npages as u64, 1));
-    let cpu = contents(&region);
-    assert!(holds(&cpu, |i| i));
+    device_writes_indices_in_one_round(&mm, &region);
 }
 
 #[test]
@@ -338,11 +339,8 @@ fn file_write() {
             shared: true,
         }))
         .unwrap();
+    device_writes_indices_in_one_round(&mm, &region);
     let data = ints(SIZE, |i| i);
-    let dev = SimDevice::new(&mm);
-    let res = dev.write(start(&region), &data).unwrap();
-    assert_eq!((res.cpages, res.faults), (N as u64, 1));
-    assert!(holds(&contents(&region), |i| i));
     let mut file = vec![0u8; SIZE];
     let fd = region.mapping().unwrap().fd().unwrap();
     assert_eq!(rustix::io::pread(fd.as_fd(), &mut file, 0).unwrap(), SIZE);
