@@ -81,20 +81,12 @@ impl Shared {
 
     /// The process's maps, opened once.
     pub(crate) fn procmap(&self) -> Result<&Procmap, ProcmapError> {
-        if let Some(p) = self.procmap.get() {
-            return Ok(p);
-        }
-        let opened = Procmap::open()?;
-        Ok(self.procmap.get_or_init(|| opened))
+        open_once(&self.procmap, Procmap::open)
     }
 
     /// The process's page table, opened once.
     pub(crate) fn pagemap(&self) -> Result<&Pagemap, PagemapError> {
-        if let Some(p) = self.pagemap.get() {
-            return Ok(p);
-        }
-        let opened = Pagemap::open()?;
-        Ok(self.pagemap.get_or_init(|| opened))
+        open_once(&self.pagemap, Pagemap::open)
     }
 
     /// Asks the service thread to finish its current batch and exit.
@@ -102,6 +94,16 @@ impl Shared {
         self.stop.store(true, Ordering::Release);
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
     }
+}
+
+/// The value in `cell`, made by `open` on first use. (Racing first uses may
+/// both open; one result is kept.)
+fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let opened = open()?;
+    Ok(cell.get_or_init(|| opened))
 }
 
 /// The service loop; returns when [`Shared::stop`] is called.
