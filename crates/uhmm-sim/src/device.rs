@@ -373,27 +373,14 @@ impl SimDevice {
         let range = command_range(addr, npages)?;
         self.check_released()?;
         bump(&self.mirror.counters.snapshots, 1);
-        let deadline = Instant::now() + BUSY_TIMEOUT;
-        loop {
-            let seq = self.notifier.read_begin();
-            let mut r = HmmRange::new(&self.notifier, seq, range);
-            r.dev_private_owner = Some(self.owner());
-            match self.mm.range_fault(&mut r) {
-                Ok(()) => {}
-                Err(RangeFaultError::Busy { .. }) if Instant::now() < deadline => continue,
-                Err(e) => return Err(range_error(e, range, 0)),
-            }
-            let _table = self.mirror.lock();
-            if self.notifier.read_retry(seq) {
-                continue;
-            }
-            let bytes = r.pfns.iter().map(|&p| self.encode(p)).collect();
+        self.with_entries(range, HmmPfn::NONE, 0, |_, pfns| {
+            let bytes = pfns.iter().map(|&p| self.encode(p)).collect();
             let res = CmdResult {
                 cpages: npages as u64,
                 faults: 0,
             };
-            return Ok((bytes, res));
-        }
+            Ok((bytes, res))
+        })
     }
 
     /// Maps `npages` zeroed pages of memory the device provides, as
@@ -509,17 +496,53 @@ impl SimDevice {
     }
 
     /// One device-fault round (dmirror_fault): fault `range` in and record
-    /// the translations, with the read-begin / retry protocol.
+    /// the translations.
     fn fault(&self, range: PageRange, write: bool, rounds: u64) -> Result<(), SimError> {
+        let request = if write {
+            HmmPfn::REQ_FAULT | HmmPfn::REQ_WRITE
+        } else {
+            HmmPfn::REQ_FAULT
+        };
+        self.with_entries(range, request, rounds, |table, pfns| {
+            // No invalidation since read_begin, and any later one waits for
+            // this lock: the state checked now holds while the entries are
+            // used. A region leaves the managed set inside its Unmap
+            // invalidation, and Release ends all use.
+            self.check_released()?;
+            if !self.mm.is_managed(range) {
+                return Err(SimError::NotManaged { range });
+            }
+            for (addr, &pfn) in range.pages().zip(pfns) {
+                let granted_write = pfn.contains(HmmPfn::WRITE);
+                if !pfn.contains(HmmPfn::VALID) || (write && !granted_write) {
+                    return Err(SimError::Fault {
+                        addr,
+                        reason: "range_fault did not grant the access",
+                    });
+                }
+                table.set(addr, if granted_write { READ | WRITE } else { READ });
+            }
+            Ok(())
+        })
+    }
+
+    /// The mirror protocol (Documentation/mm/hmm.rst): `read_begin`,
+    /// `range_fault` with `request` for every page, take the table lock,
+    /// and if no invalidation raced (`read_retry`), hand the entries to
+    /// `use_entries` under the lock; otherwise start again, for up to
+    /// [`BUSY_TIMEOUT`].
+    fn with_entries<T>(
+        &self,
+        range: PageRange,
+        request: HmmPfn,
+        rounds: u64,
+        use_entries: impl FnOnce(&mut DeviceTable, &[HmmPfn]) -> Result<T, SimError>,
+    ) -> Result<T, SimError> {
         let deadline = Instant::now() + BUSY_TIMEOUT;
         loop {
             let seq = self.notifier.read_begin();
             let mut r = HmmRange::new(&self.notifier, seq, range);
-            r.default_flags = if write {
-                HmmPfn::REQ_FAULT | HmmPfn::REQ_WRITE
-            } else {
-                HmmPfn::REQ_FAULT
-            };
+            r.default_flags = request;
             r.dev_private_owner = Some(self.owner());
             match self.mm.range_fault(&mut r) {
                 Ok(()) => {}
@@ -533,25 +556,7 @@ impl SimDevice {
                 }
                 continue;
             }
-            // No invalidation since read_begin, and any later one waits for
-            // this lock: the state checked now holds while the entries are
-            // used. A region leaves the managed set inside its Unmap
-            // invalidation, and Release ends all use.
-            self.check_released()?;
-            if !self.mm.is_managed(range) {
-                return Err(SimError::NotManaged { range });
-            }
-            for (addr, &pfn) in range.pages().zip(&r.pfns) {
-                let granted_write = pfn.contains(HmmPfn::WRITE);
-                if !pfn.contains(HmmPfn::VALID) || (write && !granted_write) {
-                    return Err(SimError::Fault {
-                        addr,
-                        reason: "range_fault did not grant the access",
-                    });
-                }
-                table.set(addr, if granted_write { READ | WRITE } else { READ });
-            }
-            return Ok(());
+            return use_entries(&mut table, &r.pfns);
         }
     }
 
