@@ -1,10 +1,13 @@
 //! [`SimDevice`]: the software device and its mirror commands.
 
-use crate::table::{DeviceTable, READ, WRITE};
+use crate::memory::Arena;
+use crate::table::{ATOMIC, DEV, DeviceTable, READ, WRITE};
 use rustix::io::Errno;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
+use uhmm::devmem::copy::CpuCopyEngine;
+use uhmm::devmem::{DevicePagemap, DevmemError, FaultError, MigrateError, PagemapConfig};
 use uhmm::mm::notifier::{IntervalNotifier, NotifierOps, NotifierRange, NotifyEvent, Subscription};
 use uhmm::mm::range::{HmmPfn, HmmRange, RangeFaultError};
 use uhmm::mm::{Mm, Owner};
@@ -91,6 +94,28 @@ pub enum SimError {
     /// The CPU page table could not be read.
     #[error(transparent)]
     PageTable(RangeFaultError),
+    /// A page of a migrated range did not end up in this device's memory
+    /// (shared memory, a page pinned or on another device, a failed copy).
+    #[error("the page at {addr} was not migrated to the device")]
+    NotMigrated {
+        /// The first such page.
+        addr: VirtAddr,
+    },
+    /// The range cannot be migrated or made exclusive.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    /// Device memory could not be had.
+    #[error(transparent)]
+    DeviceMemory(DevmemError),
+    /// The device still holds a page exclusive.
+    #[error("the device still holds the page at {addr} exclusive")]
+    StillExclusive {
+        /// The first such page.
+        addr: VirtAddr,
+    },
+    /// Device pages could not be brought home.
+    #[error("device memory could not be evicted: {0}")]
+    Evict(FaultError),
 }
 
 impl SimError {
@@ -109,7 +134,15 @@ impl SimError {
             SimError::PermissionDenied { .. } => Errno::PERM,
             SimError::NoMemory { .. } => Errno::NOMEM,
             SimError::Busy { .. } => Errno::BUSY,
-            SimError::Map(_) | SimError::PageTable(_) => Errno::IO,
+            SimError::NotMigrated { .. } => Errno::NOENT,
+            SimError::Migrate(MigrateError::InvalidRange { .. }) => Errno::INVAL,
+            SimError::Migrate(MigrateError::Retry { .. }) => Errno::BUSY,
+            SimError::DeviceMemory(_) => Errno::NOMEM,
+            SimError::StillExclusive { .. } => Errno::PERM,
+            SimError::Map(_)
+            | SimError::PageTable(_)
+            | SimError::Migrate(_)
+            | SimError::Evict(_) => Errno::IO,
         }
     }
 }
@@ -134,10 +167,24 @@ pub struct SimStats {
     /// Invalidations the device asked to retry (its table was busy and the
     /// caller could not block).
     pub invalidations_deferred: u64,
+    /// Pages migrated into device memory.
+    pub migrated_to_device: u64,
+    /// Pages migrated back to system memory (commands, CPU faults,
+    /// evictions).
+    pub migrated_to_system: u64,
+    /// Of those, pages brought back by CPU faults and evictions.
+    pub faulted_back: u64,
+    /// Device pages freed (unmapped, discarded, or back in system memory).
+    pub pages_freed: u64,
+    /// Bulk allocations that failed (FAIL_ALLOC) and fell back to single
+    /// pages.
+    pub alloc_fallbacks: u64,
+    /// Migrations whose copy failed (nothing of them migrated).
+    pub copy_failures: u64,
 }
 
 #[derive(Debug, Default)]
-struct Counters {
+pub(crate) struct Counters {
     reads: AtomicU64,
     writes: AtomicU64,
     snapshots: AtomicU64,
@@ -146,31 +193,43 @@ struct Counters {
     invalidations: AtomicU64,
     translations_dropped: AtomicU64,
     invalidations_deferred: AtomicU64,
+    pub(crate) migrated_to_device: AtomicU64,
+    pub(crate) migrated_to_system: AtomicU64,
+    pub(crate) faulted_back: AtomicU64,
+    pub(crate) pages_freed: AtomicU64,
+    pub(crate) alloc_fallbacks: AtomicU64,
+    pub(crate) copy_failures: AtomicU64,
 }
 
-fn bump(c: &AtomicU64, n: u64) {
+pub(crate) fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// The device side the notifier calls into: its page table under its lock.
+/// The device side the notifier and the fault service call into: its page
+/// table under its lock, and its memory.
 #[derive(Debug)]
-struct Mirror {
+pub(crate) struct Mirror {
     owner: Owner,
-    table: Mutex<DeviceTable>,
+    pub(crate) table: Mutex<DeviceTable>,
     released: AtomicBool,
-    counters: Counters,
+    pub(crate) counters: Counters,
+    pub(crate) arena: Arena,
 }
 
 impl Mirror {
-    fn lock(&self) -> MutexGuard<'_, DeviceTable> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DeviceTable> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl NotifierOps for Mirror {
     fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
-        // The device's own migrations invalidate what they move themselves.
-        if r.event == NotifyEvent::Migrate && r.owner == Some(self.owner) {
+        // Its own exclusive grab: it clears its translations of the range
+        // before and programs them after (the kernel's drivers must skip
+        // this event). Its own migrations are not skipped: the device
+        // reaches system pages through their virtual addresses, so a
+        // translation of a page leaving the page table must go.
+        if r.event == NotifyEvent::Exclusive && r.owner == Some(self.owner) {
             return true;
         }
         let mut table = if r.blockable {
@@ -186,7 +245,14 @@ impl NotifierOps for Mirror {
             }
         };
         sub.set_seq(cur_seq);
-        let dropped = table.clear(r.range);
+        // Its own migrations: pages in its memory stay its own (a
+        // migration back drops their translations itself); translations
+        // of system pages go, as those pages leave the page table.
+        let dropped = if r.event == NotifyEvent::Migrate && r.owner == Some(self.owner) {
+            table.clear_where(r.range, |e| e & DEV == 0)
+        } else {
+            table.clear(r.range)
+        };
         if r.event == NotifyEvent::Release {
             self.released.store(true, Ordering::Release);
         }
@@ -244,24 +310,37 @@ impl NotifierOps for Mirror {
 /// ```
 #[derive(Debug)]
 pub struct SimDevice {
-    mm: Mm,
-    mirror: Arc<Mirror>,
-    notifier: IntervalNotifier,
+    // Dropped first: its pages come home while the device still works.
+    pub(crate) pagemap: DevicePagemap,
+    pub(crate) mm: Mm,
+    pub(crate) mirror: Arc<Mirror>,
+    pub(crate) notifier: IntervalNotifier,
 }
 
 impl SimDevice {
-    /// A new device (a new [`Owner`]) mirroring `mm`'s address space.
+    /// A new device (a new [`Owner`]) mirroring `mm`'s address space, with
+    /// up to 16 GiB of device memory in 256 MiB chunks (backed as used).
     pub fn new(mm: &Mm) -> SimDevice {
+        Self::with_memory(mm, PagemapConfig::default())
+    }
+
+    /// A new device with device memory as `config` says (a small one to
+    /// see it run out, say).
+    pub fn with_memory(mm: &Mm, config: PagemapConfig) -> SimDevice {
+        let owner = Owner::unique();
         let mirror = Arc::new(Mirror {
-            owner: Owner::unique(),
+            owner,
             table: Mutex::new(DeviceTable::default()),
             released: AtomicBool::new(false),
             counters: Counters::default(),
+            arena: Arena::new(config.chunk_pages, Arc::new(CpuCopyEngine::new())),
         });
         let everything = PageRange::new(VirtAddr::new(0), usize::MAX - PAGE_SIZE + 1)
             .unwrap_or_else(|_| unreachable!("the whole address space is a valid range"));
         let notifier = mm.insert_notifier(everything, mirror.clone());
+        let pagemap = DevicePagemap::new(mm, owner, mirror.clone(), config);
         SimDevice {
+            pagemap,
             mm: mm.clone(),
             mirror,
             notifier,
@@ -296,6 +375,12 @@ impl SimDevice {
             invalidations: l(&c.invalidations),
             translations_dropped: l(&c.translations_dropped),
             invalidations_deferred: l(&c.invalidations_deferred),
+            migrated_to_device: l(&c.migrated_to_device),
+            migrated_to_system: l(&c.migrated_to_system),
+            faulted_back: l(&c.faulted_back),
+            pages_freed: l(&c.pages_freed),
+            alloc_fallbacks: l(&c.alloc_fallbacks),
+            copy_failures: l(&c.copy_failures),
         }
     }
 
@@ -411,7 +496,7 @@ impl SimDevice {
         Ok(mapping)
     }
 
-    fn check_released(&self) -> Result<(), SimError> {
+    pub(crate) fn check_released(&self) -> Result<(), SimError> {
         if self.mirror.released.load(Ordering::Acquire) {
             Err(SimError::Released)
         } else {
@@ -420,7 +505,7 @@ impl SimDevice {
     }
 
     /// Validates a read or write command over `len` bytes at `addr`.
-    fn command(&self, addr: VirtAddr, len: usize) -> Result<PageRange, SimError> {
+    pub(crate) fn command(&self, addr: VirtAddr, len: usize) -> Result<PageRange, SimError> {
         if len == 0 || len % PAGE_SIZE != 0 {
             return Err(SimError::BadBuffer { len });
         }
@@ -456,8 +541,18 @@ impl SimDevice {
                     if run == 0 {
                         break;
                     }
+                    // Where the pages are: their virtual addresses, or the
+                    // device's memory, or the slots of exclusive pages —
+                    // as many as lie at consecutive addresses.
+                    let (at, run) = self.locate(&table, cursor, run);
+                    let Some(at) = at else {
+                        // A device page the address space no longer records:
+                        // stale. Drop and fault.
+                        table.set(cursor, 0);
+                        break;
+                    };
                     let offset = cursor.get() - range.start().get();
-                    let (done, failed) = match copy(cursor, offset, run * PAGE_SIZE) {
+                    let (done, failed) = match copy(at, offset, run * PAGE_SIZE) {
                         Ok(()) => (run, false),
                         Err(e) => (e.done / PAGE_SIZE, true),
                     };
@@ -495,6 +590,39 @@ impl SimDevice {
         }
     }
 
+    /// Where the `run` pages from `cursor` that the device holds can be
+    /// reached, and how many of them lie at consecutive addresses there.
+    fn locate(
+        &self,
+        table: &DeviceTable,
+        cursor: VirtAddr,
+        run: usize,
+    ) -> (Option<VirtAddr>, usize) {
+        let at = |addr: VirtAddr| -> Option<VirtAddr> {
+            let e = table.get(addr);
+            if e & DEV != 0 {
+                let pfn = self.mm.device_page(addr, self.owner())?;
+                self.mirror.arena.addr(pfn)
+            } else if e & ATOMIC != 0 {
+                self.mm.exclusive_page(addr, self.owner())
+            } else {
+                Some(addr)
+            }
+        };
+        let Some(first) = at(cursor) else {
+            return (None, 0);
+        };
+        let mut n = 1;
+        while n < run {
+            let addr = VirtAddr::new(cursor.get() + n * PAGE_SIZE);
+            if at(addr) != first.checked_add(n * PAGE_SIZE) {
+                break;
+            }
+            n += 1;
+        }
+        (Some(first), n)
+    }
+
     /// One device-fault round (dmirror_fault): fault `range` in and record
     /// the translations.
     fn fault(&self, range: PageRange, write: bool, rounds: u64) -> Result<(), SimError> {
@@ -520,7 +648,9 @@ impl SimDevice {
                         reason: "range_fault did not grant the access",
                     });
                 }
-                table.set(addr, if granted_write { READ | WRITE } else { READ });
+                let w = if granted_write { WRITE } else { 0 };
+                let dev = if pfn.device_pfn().is_some() { DEV } else { 0 };
+                table.set(addr, READ | w | dev);
             }
             Ok(())
         })
@@ -569,7 +699,9 @@ impl SimDevice {
         if !pfn.contains(HmmPfn::VALID) {
             return prot::NONE;
         }
-        let mut b = if pfn.contains(HmmPfn::ZERO) {
+        let mut b = if pfn.contains(HmmPfn::DEVICE_PRIVATE) {
+            prot::DEV_PRIVATE_LOCAL
+        } else if pfn.contains(HmmPfn::ZERO) {
             prot::ZERO
         } else {
             prot::NONE
@@ -588,7 +720,7 @@ impl SimDevice {
     }
 }
 
-fn command_range(addr: VirtAddr, npages: usize) -> Result<PageRange, SimError> {
+pub(crate) fn command_range(addr: VirtAddr, npages: usize) -> Result<PageRange, SimError> {
     let len = npages.checked_mul(PAGE_SIZE).ok_or(RangeError::Overflow {
         start: addr,
         len: usize::MAX,

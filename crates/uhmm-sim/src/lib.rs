@@ -34,6 +34,7 @@
 //! ```
 
 mod device;
+mod memory;
 mod table;
 
 pub use device::{CmdResult, SimDevice, SimError, SimStats};

@@ -13,6 +13,12 @@ use uhmm::{PAGE_SHIFT, PageRange, VirtAddr};
 pub(crate) const READ: u8 = 1;
 /// The device may write the page (always with `READ`).
 pub(crate) const WRITE: u8 = 2;
+/// The page lives in the device's own memory (at the device page the
+/// address space records for it).
+pub(crate) const DEV: u8 = 4;
+/// The page is held exclusive for the device's atomics (in uhmm's staging
+/// slot for it).
+pub(crate) const ATOMIC: u8 = 8;
 
 const LEAF_PAGES: usize = 512;
 const LEAF_SHIFT: u32 = PAGE_SHIFT + LEAF_PAGES.trailing_zeros();
@@ -39,7 +45,6 @@ fn split(addr: VirtAddr) -> (usize, usize) {
 
 impl DeviceTable {
     /// The permission held for the page at `addr` (0: none).
-    #[cfg(test)]
     pub(crate) fn get(&self, addr: VirtAddr) -> u8 {
         let (leaf, i) = split(addr);
         self.leaves.get(&leaf).map_or(0, |l| l.perms[i])
@@ -73,6 +78,12 @@ impl DeviceTable {
 
     /// Removes every translation in `range`; returns how many there were.
     pub(crate) fn clear(&mut self, range: PageRange) -> usize {
+        self.clear_where(range, |_| true)
+    }
+
+    /// Removes the translations in `range` that `pick` selects; returns
+    /// how many.
+    pub(crate) fn clear_where(&mut self, range: PageRange, pick: impl Fn(u8) -> bool) -> usize {
         let first = range.start().get() >> LEAF_SHIFT;
         let last = (range.end().get() - 1) >> LEAF_SHIFT;
         let mut removed = 0;
@@ -82,7 +93,7 @@ impl DeviceTable {
             let lo = range.start().get().saturating_sub(base) >> PAGE_SHIFT;
             let hi = ((range.end().get() - base) >> PAGE_SHIFT).min(LEAF_PAGES);
             for p in &mut leaf.perms[lo.min(LEAF_PAGES)..hi] {
-                if *p != 0 {
+                if *p != 0 && pick(*p) {
                     *p = 0;
                     leaf.used -= 1;
                     removed += 1;

@@ -193,13 +193,15 @@ fn anon_write_prot() {
     assert!(holds(&cpu, |i| i));
 }
 
-/// The no-migration half of `anon_write_child`, with and without THP.
+/// `anon_write_child`: with and without migration to the device before the
+/// fork, with and without THP. The child gets the parent's data, device
+/// pages included, and never needs the parent's fault service.
 #[test]
 fn anon_write_child() {
     let _s = serial();
     let _f = common::fork_lock();
     let Some(mm) = common::mm() else { return };
-    for use_thp in [false, true] {
+    for (migrate, use_thp) in [(false, false), (false, true), (true, false), (true, true)] {
         let region = if use_thp {
             let r = mm
                 .alloc_mapping(Mapping::builder(TWOMEG).align(TWOMEG))
@@ -215,7 +217,12 @@ fn anon_write_child() {
         fill(&region, |i| i);
         let mirror = ints(range.len(), |i| -i);
         let dev = SimDevice::new(&mm);
-        dev.read(range.start(), npages).unwrap();
+        if migrate {
+            let (_, res) = dev.migrate_to_device(range.start(), npages).unwrap();
+            assert_eq!(res.cpages, npages as u64);
+        } else {
+            dev.read(range.start(), npages).unwrap();
+        }
         assert_eq!(dev.mirrored_pages(), npages);
 
         let child = in_child(|| {
@@ -231,12 +238,18 @@ fn anon_write_child() {
                 .map_err(|e| e.to_string())?;
             ensure(res.cpages == npages as u64, "child cpages == N")?;
             ensure(res.faults == 1, "child faults == 1")?;
-            let cpu = contents(&region);
-            ensure(holds(&cpu, |i| -i), "child buffer is -i")?;
+            if !migrate {
+                let cpu = contents(&region);
+                ensure(holds(&cpu, |i| -i), "child buffer is -i")?;
+            }
             drop(mine);
             Ok(())
         });
-        assert_eq!(child, ChildEnd::Exited(0), "thp: {use_thp}");
+        assert_eq!(
+            child,
+            ChildEnd::Exited(0),
+            "migrate: {migrate}, thp: {use_thp}"
+        );
         // The fork invalidated the parent's mirror (private pages became
         // copy-on-write), and the child's writes stayed in the child.
         assert_eq!(dev.mirrored_pages(), 0, "fork is an invalidation");
@@ -630,4 +643,322 @@ fn bad_commands_are_typed_errors_and_change_nothing() {
     mm.mprotect(region.range(), Prot::READ).unwrap();
     assert_eq!(contents(&region), before, "memory is as it was");
     assert_eq!(dev.stats().pages_copied, 0);
+}
+
+// ---------------------------------------------------------------------
+// Migration half: device memory, migration, CPU fault-back, exclusive.
+// ---------------------------------------------------------------------
+
+/// CPU reads of every `i32` of the region through a plain pointer (the
+/// program's view: device-resident pages fault back transparently).
+fn cpu_ints(region: &ManagedRegion) -> Vec<i32> {
+    let n = region.range().len() / 4;
+    let p = region.as_ptr() as *const i32;
+    // SAFETY: the region is mapped and readable for its whole length, and
+    // the test holds no reference into it.
+    (0..n)
+        .map(|i| unsafe { p.add(i).read_volatile() })
+        .collect()
+}
+
+fn cpu_int(region: &ManagedRegion, i: usize) -> i32 {
+    // SAFETY: as in `cpu_ints`, for one index inside the region.
+    unsafe { (region.as_ptr() as *const i32).add(i).read_volatile() }
+}
+
+fn anon(mm: &Mm, len: usize) -> ManagedRegion {
+    mm.alloc(len, Backing::AnonPrivate).unwrap()
+}
+
+#[test]
+fn migrate() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = anon(&mm, SIZE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    assert_eq!(dev.device_pages(), N);
+    assert!(matches!(
+        mm.page_state(start(&region)).unwrap(),
+        uhmm::mm::PageState::Device { .. }
+    ));
+    // The CPU touches it through a plain pointer: it comes back.
+    assert!(holds(&cpu_ints(&region), |i| i));
+    assert_eq!(dev.device_pages(), 0);
+}
+
+#[test]
+fn migrate_file_private() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let Some(fd) = tmpfile(SIZE) else { return };
+    let region = mm
+        .alloc_mapping(Mapping::builder(SIZE).backing(Backing::File {
+            fd,
+            offset: 0,
+            shared: false,
+        }))
+        .unwrap();
+    // The CPU fills it: copy-on-write anonymous pages in a file mapping.
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    // Beyond the kernel test: the CPU gets them back, not the file's zeros.
+    assert!(holds(&cpu_ints(&region), |i| i));
+}
+
+#[test]
+fn migrate_fault() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = anon(&mm, SIZE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    // The CPU reads the first half: it faults back.
+    let half = SIZE / 8;
+    for i in 0..half {
+        assert_eq!(cpu_int(&region, i), i as i32);
+    }
+    // Migrate again: a mix of system pages and the device's own pages.
+    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+}
+
+#[test]
+fn migrate_release() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = anon(&mm, SIZE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    dev.release().unwrap();
+    assert_eq!(dev.device_pages(), 0, "release evicts every page");
+    let faults = mm.stats().faults;
+    for i in 0..SIZE / 8 {
+        assert_eq!(cpu_int(&region, i), i as i32);
+    }
+    assert_eq!(mm.stats().faults, faults, "the pages were home already");
+}
+
+#[test]
+fn migrate_shared() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(SIZE, Backing::AnonShared).unwrap();
+    let dev = SimDevice::new(&mm);
+    let e = dev.migrate_to_device(start(&region), N).unwrap_err();
+    assert_eq!(e.errno(), Errno::NOENT, "{e}");
+}
+
+#[test]
+fn migrate_multiple() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    for _ in 0..NTIMES {
+        let region = anon(&mm, SIZE);
+        fill(&region, |i| i);
+        let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
+        assert_eq!(res.cpages, N as u64);
+        assert!(holds(&as_ints(&data), |i| i));
+        assert!(holds(&cpu_ints(&region), |i| i));
+    }
+}
+
+#[test]
+fn exclusive() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = anon(&mm, SIZE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.exclusive(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    // The CPU increments every entry: it sees i, then i + 1.
+    let p = region.as_ptr() as *mut i32;
+    for i in 0..SIZE / 4 {
+        // SAFETY: inside the mapped, writable region; no reference into it.
+        unsafe {
+            let v = p.add(i).read_volatile();
+            assert_eq!(v, i as i32);
+            p.add(i).write_volatile(v + 1);
+            assert_eq!(p.add(i).read_volatile(), i as i32 + 1);
+        }
+    }
+    // The CPU's access revoked the device's exclusive access.
+    dev.check_exclusive(start(&region), N).unwrap();
+}
+
+#[test]
+fn exclusive_mprotect() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = anon(&mm, SIZE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.exclusive(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    let e = dev.write(start(&region), &ints(SIZE, |i| i)).unwrap_err();
+    assert_eq!(e.errno(), Errno::PERM, "{e}");
+}
+
+/// A 2 * PMD mapping with its PMD-aligned half advised HUGEPAGE, as the
+/// kernel's THP tests make it; returns the region (the aligned half).
+fn thp_region(mm: &Mm, prot: Prot) -> ManagedRegion {
+    let r = mm
+        .alloc_mapping(Mapping::builder(TWOMEG).align(TWOMEG).prot(prot))
+        .unwrap();
+    let map = r.mapping().unwrap();
+    map.advise(map.range(), Advice::HugePage).unwrap();
+    r
+}
+
+const THP_PAGES: usize = TWOMEG / PAGE_SIZE;
+
+#[test]
+fn migrate_anon_huge_empty() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = thp_region(&mm, Prot::READ);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(data.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn migrate_anon_huge_zero() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = thp_region(&mm, Prot::READ);
+    // A CPU read installs the (huge) zero page.
+    assert_eq!(cpu_int(&region, 0), 0);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(data.iter().all(|&b| b == 0));
+    assert!(cpu_ints(&region).iter().all(|&v| v == 0));
+}
+
+#[test]
+fn migrate_anon_huge_free() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    // SAFETY: MADV_FREE of the managed region; no reference into it.
+    unsafe {
+        rustix::mm::madvise(
+            region.as_ptr().cast(),
+            TWOMEG,
+            rustix::mm::Advice::LinuxFree,
+        )
+    }
+    .unwrap();
+}
+
+#[test]
+fn migrate_anon_huge_fault() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    // MADV_COLLAPSE (25) makes it one THP.
+    // SAFETY: collapsing keeps contents; no reference into the region.
+    let rc = unsafe { libc::madvise(region.as_ptr().cast(), TWOMEG, 25) };
+    assert_eq!(rc, 0, "MADV_COLLAPSE");
+    let dev = SimDevice::new(&mm);
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    // The snapshot sees device-private pages of this device, writable (the
+    // kernel also reports PMD order: uhmm's device pages are 4 KiB each).
+    let (snap, res) = dev.snapshot(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(
+        snap.iter()
+            .all(|&b| b == prot::DEV_PRIVATE_LOCAL | prot::WRITE)
+    );
+    // The CPU page table has none of them present.
+    let mut present = Vec::new();
+    uhmm::sys::pagemap::Pagemap::open()
+        .unwrap()
+        .scan(
+            region.range(),
+            &uhmm::sys::pagemap::ScanQuery::new().require(uhmm::sys::pagemap::Categories::PRESENT),
+            &mut present,
+        )
+        .unwrap();
+    assert!(present.is_empty());
+    assert!(holds(&cpu_ints(&region), |i| i));
+}
+
+#[test]
+fn migrate_anon_huge_err() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    dev.fail_next_alloc();
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    assert_eq!(
+        dev.stats().alloc_fallbacks,
+        1,
+        "the bulk allocation failed once"
+    );
+    assert_eq!(cpu_int(&region, 2048), 2048);
+    drop(region);
+
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+    dev.fail_next_alloc();
+    dev.migrate_to_system(start(&region), THP_PAGES).unwrap();
+    assert_eq!(cpu_int(&region, 2048), 2048);
+    assert!(holds(&cpu_ints(&region), |i| i));
+}
+
+#[test]
+fn migrate_anon_huge_zero_err() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = thp_region(&mm, Prot::READ);
+    let dev = SimDevice::new(&mm);
+    dev.fail_next_alloc();
+    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(data.iter().all(|&b| b == 0));
+    assert_eq!(cpu_int(&region, 2048), 0);
+    drop(region);
+
+    let region = thp_region(&mm, Prot::READ);
+    assert_eq!(cpu_int(&region, 0), 0);
+    dev.fail_next_alloc();
+    let (_, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+    assert_eq!(res.cpages, THP_PAGES as u64);
+    assert!(cpu_ints(&region).iter().all(|&v| v == 0));
 }

@@ -15,7 +15,8 @@ static HOOKS: Once = Once::new();
 pub(super) fn track(shared: &Arc<Shared>) -> Result<(), rustix::io::Errno> {
     let mut result = Ok(());
     HOOKS.call_once(|| {
-        result = crate::sys::on_fork_prepare(prepare).and_then(|()| crate::sys::on_exit(at_exit));
+        result =
+            crate::sys::on_fork(prepare, after, after).and_then(|()| crate::sys::on_exit(at_exit));
     });
     result?;
     let mut live = lock(&LIVE);
@@ -36,9 +37,14 @@ fn live() -> Vec<Arc<Shared>> {
 }
 
 /// Runs in the forking thread before the fork: every managed region of
-/// every live `Mm` is about to become copy-on-write.
+/// every live `Mm` is about to become copy-on-write. Migrations are held
+/// off, and every page on a device or held exclusive comes home first: the
+/// child gets the parent's data in its own copy-on-write pages and never
+/// depends on the parent's fault service (which it does not have).
 extern "C" fn prepare() {
     for shared in live() {
+        shared.gate.close();
+        shared.bring_home(None);
         let ranges: Vec<_> = lock(&shared.regions).ranges().collect();
         for range in ranges {
             // Blockable: this is the forking thread, not the service.
@@ -46,6 +52,14 @@ extern "C" fn prepare() {
                 .notifiers
                 .invalidate(&NotifierRange::new(range, NotifyEvent::Fork));
         }
+    }
+}
+
+/// Runs after the fork, in the parent and in the child: migrations may go
+/// on.
+extern "C" fn after() {
+    for shared in lock(&LIVE).iter().filter_map(Weak::upgrade) {
+        shared.gate.open();
     }
 }
 

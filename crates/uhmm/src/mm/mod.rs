@@ -27,19 +27,22 @@
 //! (a MISSING registration would turn every first touch into a fault
 //! round trip and limit faults to 4 KiB pages).
 
+mod fault;
 mod fork;
 pub mod notifier;
 pub mod range;
 pub(crate) mod regions;
-mod service;
+pub(crate) mod service;
 pub mod state;
+
+pub(crate) use service::lock as lock_poisoned;
 
 pub use region::ManagedRegion;
 pub use state::{PageState, StateError};
 
 mod region;
 
-use crate::addr::{PageRange, RangeError, VirtAddr};
+use crate::addr::{DevicePfn, PageRange, RangeError, VirtAddr};
 use crate::sys::mem::{Backing, Mapping, MappingBuilder, MemError, Prot};
 use crate::sys::pagemap::{Categories, PagemapError, ScanQuery};
 use crate::sys::uffd::{Features, OpenError, RegisterError, RegisterMode, Uffd};
@@ -80,6 +83,9 @@ pub enum MmError {
     /// The page table could not be read.
     #[error(transparent)]
     Pagemap(#[from] PagemapError),
+    /// The mappings could not be read.
+    #[error(transparent)]
+    Procmap(#[from] crate::sys::procmap::ProcmapError),
     /// A page state could not be recorded.
     #[error(transparent)]
     State(#[from] StateError),
@@ -145,8 +151,10 @@ impl Mm {
             | Features::EVENT_REMAP
             | Features::PAGEFAULT_FLAG_WP
             | Features::THREAD_ID;
-        let optional =
-            Features::WP_HUGETLBFS_SHMEM | Features::MISSING_SHMEM | Features::MISSING_HUGETLBFS;
+        let optional = Features::WP_HUGETLBFS_SHMEM
+            | Features::MISSING_SHMEM
+            | Features::MISSING_HUGETLBFS
+            | Features::MINOR_SHMEM;
         let uffd = Uffd::builder()
             .features(base)
             .optional_features(optional)
@@ -165,6 +173,40 @@ impl Mm {
                 thread: Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// Sets how much a CPU fault on a device-resident page brings back:
+    /// the aligned block of `bytes` around it (rounded to a power of two,
+    /// from one page to 2 MiB), clipped to its region. The default, 2 MiB,
+    /// makes a sequential CPU scan of device-resident memory take one fault
+    /// per 2 MiB; one page suits random access to scattered pages.
+    pub fn set_fault_block(&self, bytes: usize) {
+        let b = bytes
+            .clamp(crate::PAGE_SIZE, 2 << 20)
+            .next_power_of_two()
+            .min(2 << 20);
+        self.inner.shared.fault_block.store(b, Ordering::Relaxed);
+    }
+
+    /// The block a CPU fault on device memory brings back, in bytes.
+    pub fn fault_block(&self) -> usize {
+        self.inner.shared.fault_block.load(Ordering::Relaxed)
+    }
+
+    /// The device page of `owner` holding the managed page at `addr`, if
+    /// that is where it lives now.
+    pub fn device_page(&self, addr: VirtAddr, owner: Owner) -> Option<DevicePfn> {
+        match lock(&self.inner.shared.regions)
+            .states
+            .get(addr.page_down())
+        {
+            Stored::Device(o, pfn) if o == owner => Some(pfn),
+            _ => None,
+        }
     }
 
     /// The userfaultfd's features (whether EVENT_FORK could be had, say).
@@ -329,7 +371,7 @@ impl Mm {
         Ok(match stored {
             Stored::Migrating(owner) => PageState::Migrating { owner },
             Stored::Device(owner, pfn) => PageState::Device { owner, pfn },
-            Stored::Exclusive(owner) => PageState::Exclusive { owner },
+            Stored::Exclusive(owner, _) => PageState::Exclusive { owner },
             Stored::Cpu => {
                 let mut regions = Vec::new();
                 let query = ScanQuery::new().require(Categories::PRESENT);
@@ -363,11 +405,16 @@ impl Mm {
     /// `read_retry`) instead of mirroring memory that is about to go.
     pub(crate) fn unregister(&self, range: PageRange) {
         let shared = &self.inner.shared;
+        // Pages on devices or held exclusive come home first: a region
+        // the program keeps mapped must read what it held.
+        shared.bring_home(Some(range));
         // Blockable, so it cannot ask for a retry.
         let guard = shared
             .notifiers
             .invalidate_start(&NotifierRange::new(range, NotifyEvent::Unmap));
-        lock(&shared.regions).unmapped(range);
+        let mut gone = Vec::new();
+        lock(&shared.regions).unmapped(range, |_, s| gone.push(s));
+        shared.release_states(gone);
         // The range may already be gone (unmapped behind our back); nothing
         // is left to undo then.
         let _ = shared.uffd.unregister(range);

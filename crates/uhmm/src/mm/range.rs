@@ -23,8 +23,10 @@
 //! [`IntervalNotifier::read_retry`] said no invalidation raced with it.
 
 use super::notifier::IntervalNotifier;
+use super::service::lock;
+use super::state::Stored;
 use super::{Mm, Owner};
-use crate::addr::{PAGE_SHIFT, PAGE_SIZE, PageRange, VirtAddr};
+use crate::addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, VirtAddr};
 use crate::sys::mem::{self, MemError, Prot};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError, Vma, VmaKind};
@@ -51,6 +53,10 @@ impl HmmPfn {
     pub const ERROR: HmmPfn = HmmPfn(1 << 61);
     /// Output: the page is the shared zero page (read-only).
     pub const ZERO: HmmPfn = HmmPfn(1 << 60);
+    /// Output: the page is in device memory of the range's
+    /// `dev_private_owner`, at [`device_pfn`](Self::device_pfn) (with
+    /// `VALID`).
+    pub const DEVICE_PRIVATE: HmmPfn = HmmPfn(1 << 59);
     /// Input: fault the page in if it is not valid (the same bit as `VALID`).
     pub const REQ_FAULT: HmmPfn = HmmPfn::VALID;
     /// Input: fault the page in writable (the same bit as `WRITE`; only
@@ -61,6 +67,22 @@ impl HmmPfn {
 
     const ORDER_SHIFT: u32 = 53;
     const ORDER_MASK: u64 = 0x1f;
+    const PFN_MASK: u64 = (1 << 46) - 1;
+
+    /// The entry of a device-private page of the requesting owner.
+    pub const fn device_private(pfn: DevicePfn, write: bool) -> HmmPfn {
+        let w = if write { Self::WRITE.0 } else { 0 };
+        HmmPfn(Self::VALID.0 | Self::DEVICE_PRIVATE.0 | w | (pfn.0 & Self::PFN_MASK))
+    }
+
+    /// The device page, for a `DEVICE_PRIVATE` entry.
+    pub const fn device_pfn(self) -> Option<DevicePfn> {
+        if self.contains(Self::DEVICE_PRIVATE) {
+            Some(DevicePfn(self.0 & Self::PFN_MASK))
+        } else {
+            None
+        }
+    }
 
     /// The raw bits.
     pub const fn bits(self) -> u64 {
@@ -108,6 +130,7 @@ impl fmt::Debug for HmmPfn {
             ("WRITE", Self::WRITE),
             ("ERROR", Self::ERROR),
             ("ZERO", Self::ZERO),
+            ("DEVICE_PRIVATE", Self::DEVICE_PRIVATE),
         ] {
             if self.contains(flag) {
                 parts.push(name.to_string());
@@ -138,8 +161,10 @@ pub struct HmmRange<'a> {
     pub pfn_flags_mask: HmmPfn,
     /// One entry per page of `range`: requests in, states out.
     pub pfns: Vec<HmmPfn>,
-    /// Device-private pages of this owner are reported instead of faulted
-    /// (device memory arrives with the device-memory layer).
+    /// Device-private pages of this owner are reported
+    /// ([`HmmPfn::DEVICE_PRIVATE`]) instead of faulted back; those of other
+    /// owners are faulted back (migrated to system memory) when a fault is
+    /// requested.
     pub dev_private_owner: Option<Owner>,
 }
 
@@ -254,7 +279,22 @@ impl Mm {
                 return Err(RangeFaultError::Busy { range });
             }
             let vmas = maps.covering(range)?;
-            let cpu = snapshot(pagemap, range, &vmas)?;
+            let mut cpu = snapshot(pagemap, range, &vmas)?;
+            if let Some(owner) = r.dev_private_owner {
+                let stored = lock(&self.inner.shared.regions).states.entries(range);
+                for (addr, st) in stored {
+                    if let Stored::Device(o, pfn) = st
+                        && o == owner
+                    {
+                        let write = vmas
+                            .iter()
+                            .find(|v| v.range.contains(addr))
+                            .is_some_and(|v| v.perms.contains(Prot::WRITE));
+                        let i = (addr.get() - range.start().get()) / PAGE_SIZE;
+                        cpu[i] = HmmPfn::device_private(pfn, write);
+                    }
+                }
+            }
             let mut out = Vec::with_capacity(range.npages());
             let mut faults: Vec<(PageRange, bool)> = Vec::new();
             for (i, (&state, addr)) in cpu.iter().zip(range.pages()).enumerate() {

@@ -2,15 +2,17 @@
 //! manages, and the state of their pages, kept in step with munmap, mremap
 //! and discards as the events report them.
 
-use super::state::StateTable;
+use super::state::{StateTable, Stored};
 use crate::addr::{PageRange, VirtAddr};
 use std::collections::BTreeMap;
 
-/// Managed ranges by start address (they never overlap), and the stored
-/// states of their pages.
+/// Managed ranges by start address (they never overlap), whether each is
+/// armed (registered for MISSING faults too, once device memory or
+/// exclusive access has been used in it), and the stored states of their
+/// pages.
 #[derive(Debug, Default)]
 pub(crate) struct Regions {
-    by_start: BTreeMap<VirtAddr, PageRange>,
+    by_start: BTreeMap<VirtAddr, (PageRange, bool)>,
     pub(crate) states: StateTable,
 }
 
@@ -20,14 +22,31 @@ impl Regions {
         self.by_start
             .range(..range.end())
             .next_back()
-            .map(|(_, r)| *r)
+            .map(|(_, (r, _))| *r)
             .filter(|r| r.overlaps(range))
+    }
+
+    /// The one managed range that contains all of `range`, and whether it
+    /// is armed.
+    pub(crate) fn containing(&self, range: PageRange) -> Option<(PageRange, bool)> {
+        self.by_start
+            .range(..=range.start())
+            .next_back()
+            .map(|(_, &r)| r)
+            .filter(|(r, _)| r.contains_range(range))
+    }
+
+    /// Marks the managed range starting at `start` armed.
+    pub(crate) fn arm(&mut self, start: VirtAddr) {
+        if let Some((_, armed)) = self.by_start.get_mut(&start) {
+            *armed = true;
+        }
     }
 
     /// Whether `range` lies entirely inside managed ranges.
     pub(crate) fn covers(&self, range: PageRange) -> bool {
         let mut cursor = range.start();
-        for (_, r) in self.by_start.range(..range.end()) {
+        for (_, (r, _)) in self.by_start.range(..range.end()) {
             if r.end() <= cursor {
                 continue;
             }
@@ -40,48 +59,59 @@ impl Regions {
     }
 
     pub(crate) fn insert(&mut self, range: PageRange) {
-        self.by_start.insert(range.start(), range);
+        self.insert_armed(range, false);
+    }
+
+    fn insert_armed(&mut self, range: PageRange, armed: bool) {
+        self.by_start.insert(range.start(), (range, armed));
     }
 
     /// Removes whatever lies in `gone` (an unmap), splitting ranges it cuts.
-    pub(crate) fn unmapped(&mut self, gone: PageRange) {
-        self.states.clear(gone, |_, _| {});
-        let hit: Vec<PageRange> = self
+    /// The stored states of its pages are handed to `gone`.
+    pub(crate) fn unmapped(&mut self, gone: PageRange, states: impl FnMut(VirtAddr, Stored)) {
+        self.states.clear(gone, states);
+        let hit: Vec<(PageRange, bool)> = self
             .by_start
             .values()
             .copied()
-            .filter(|r| r.overlaps(gone))
+            .filter(|(r, _)| r.overlaps(gone))
             .collect();
-        for r in hit {
+        for (r, armed) in hit {
             self.by_start.remove(&r.start());
             if let Ok(head) = PageRange::from_bounds(r.start(), gone.start()) {
-                self.insert(head);
+                self.insert_armed(head, armed);
             }
             if let Ok(tail) = PageRange::from_bounds(gone.end(), r.end()) {
-                self.insert(tail);
+                self.insert_armed(tail, armed);
             }
         }
     }
 
     /// Moves what lies in `old` to start at `to` (an mremap).
-    pub(crate) fn moved(&mut self, old: PageRange, to: VirtAddr) {
-        let was_managed = self.overlapping(old).is_some();
+    /// The states of pages replaced at the destination go to `gone`.
+    pub(crate) fn moved(
+        &mut self,
+        old: PageRange,
+        to: VirtAddr,
+        mut gone: impl FnMut(VirtAddr, Stored),
+    ) {
+        let was = self.overlapping(old).map(|r| self.by_start[&r.start()].1);
         let Ok(new) = PageRange::new(to, old.len()) else {
-            self.unmapped(old);
+            self.unmapped(old, gone);
             return;
         };
         // Whatever was at the destination was replaced.
-        self.unmapped(new);
+        self.unmapped(new, &mut gone);
         self.states.move_range(old, to);
-        self.unmapped(old);
-        if was_managed {
-            self.insert(new);
+        self.unmapped(old, &mut gone);
+        if let Some(armed) = was {
+            self.insert_armed(new, armed);
         }
     }
 
     /// Every managed range.
     pub(crate) fn ranges(&self) -> impl Iterator<Item = PageRange> + '_ {
-        self.by_start.values().copied()
+        self.by_start.values().map(|&(r, _)| r)
     }
 }
 
@@ -101,11 +131,11 @@ mod tests {
         t.insert(r(10, 2));
         assert!(t.covers(r(1, 3)) && !t.covers(r(7, 2)));
         assert_eq!(t.overlapping(r(9, 2)), Some(r(10, 2)));
-        t.unmapped(r(2, 2));
+        t.unmapped(r(2, 2), |_, _| {});
         assert_eq!(t.ranges().collect::<Vec<_>>(), [r(0, 2), r(4, 4), r(10, 2)]);
-        t.moved(r(10, 2), r(20, 2).start());
+        t.moved(r(10, 2), r(20, 2).start(), |_, _| {});
         assert_eq!(t.ranges().collect::<Vec<_>>(), [r(0, 2), r(4, 4), r(20, 2)]);
-        t.moved(r(30, 1), r(40, 1).start());
+        t.moved(r(30, 1), r(40, 1).start(), |_, _| {});
         assert_eq!(
             t.overlapping(r(40, 1)),
             None,

@@ -13,14 +13,21 @@
 
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::Regions;
-use crate::addr::PageRange;
+use super::state::Stored;
+use super::{MmError, Owner, fault};
+use crate::addr::{DevicePfn, PageRange};
+use crate::devmem::pagemap::PagemapInner;
+use crate::devmem::staging::{Staging, StagingError};
+use crate::sys::mem::{self, Advice, MemError};
 use crate::sys::pagemap::{Pagemap, PagemapError};
 use crate::sys::procmap::{Procmap, ProcmapError};
+use crate::sys::procmap::{Vma, VmaKind};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
+use crate::sys::uffd::{Features, MoveMode, OpError, PageFault, Progress, RegisterMode};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// What the service counts (cheap atomics, read as a snapshot).
@@ -47,6 +54,16 @@ pub(crate) struct Shared {
     released: AtomicBool,
     stop: AtomicBool,
     wake: OwnedFd,
+    /// Device memory by owner, for CPU faults and freed pages.
+    pagemaps: Mutex<Vec<(Owner, Weak<PagemapInner>)>>,
+    /// Where pages in transit wait (made on first use).
+    staging: OnceLock<Staging>,
+    /// Migrations in flight, held off while a fork is being prepared.
+    pub(crate) gate: Gate,
+    /// Discards uhmm made itself, whose REMOVE events must not drop states.
+    own_removes: Mutex<Vec<PageRange>>,
+    /// Bytes a CPU fault on a device page brings back (a power of two).
+    pub(crate) fault_block: AtomicUsize,
 }
 
 impl Shared {
@@ -62,7 +79,166 @@ impl Shared {
             released: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+            pagemaps: Mutex::new(Vec::new()),
+            staging: OnceLock::new(),
+            gate: Gate::default(),
+            own_removes: Mutex::new(Vec::new()),
+            fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
         })
+    }
+
+    pub(crate) fn add_pagemap(&self, pm: &Arc<PagemapInner>) {
+        let mut p = lock(&self.pagemaps);
+        p.retain(|(_, w)| w.strong_count() > 0);
+        p.push((pm.owner, Arc::downgrade(pm)));
+    }
+
+    pub(crate) fn remove_pagemap(&self, owner: Owner) {
+        lock(&self.pagemaps).retain(|(o, w)| *o != owner && w.strong_count() > 0);
+    }
+
+    pub(crate) fn device_pagemap(&self, owner: Owner) -> Option<Arc<PagemapInner>> {
+        lock(&self.pagemaps)
+            .iter()
+            .find(|(o, _)| *o == owner)
+            .and_then(|(_, w)| w.upgrade())
+    }
+
+    fn all_pagemaps(&self) -> Vec<Arc<PagemapInner>> {
+        lock(&self.pagemaps)
+            .iter()
+            .filter_map(|(_, w)| w.upgrade())
+            .collect()
+    }
+
+    /// Drops the reference a virtual page held on a device page.
+    pub(crate) fn put_device_page(&self, owner: Owner, pfn: DevicePfn) {
+        if let Some(pm) = self.device_pagemap(owner) {
+            pm.put(pfn);
+        }
+    }
+
+    /// Lets go of what dropped states held: device pages, exclusive holds.
+    pub(crate) fn release_states(&self, gone: Vec<Stored>) {
+        for s in gone {
+            match s {
+                Stored::Device(owner, pfn) => self.put_device_page(owner, pfn),
+                Stored::Exclusive(_, hold) => {
+                    if let Some(st) = self.staging.get() {
+                        st.unhold(hold, true);
+                    }
+                }
+                Stored::Migrating(_) | Stored::Cpu => {}
+            }
+        }
+    }
+
+    /// The staging area, made on first use.
+    pub(crate) fn staging(&self) -> Result<&Staging, StagingError> {
+        open_once(&self.staging, || Staging::new(&self.uffd))
+    }
+
+    /// Arms the managed `region`: registers it for MISSING faults too (and
+    /// MINOR ones for private shmem file mappings, whose dropped pages the
+    /// page cache would otherwise fill), so that a CPU access to a page
+    /// taken out of the page table reaches the service.
+    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
+    pub(crate) fn arm(&self, region: PageRange, vmas: &[Vma]) -> Result<(), MmError> {
+        let minor = self.uffd.features().contains(Features::MINOR_SHMEM)
+            && vmas
+                .iter()
+                .any(|v| v.kind() == VmaKind::File && v.is_shmem());
+        let mut mode = RegisterMode::MISSING | RegisterMode::WP;
+        if minor {
+            mode |= RegisterMode::MINOR;
+        }
+        // SAFETY: a managed region already has no references into it (the
+        // contract under which it was registered); the mode changes only.
+        unsafe { self.uffd.register_range(region, mode) }?;
+        lock(&self.regions).arm(region.start());
+        Ok(())
+    }
+
+    /// Discards `range` of managed memory for uhmm's own purposes (a page
+    /// that migrated by copy): its REMOVE event is not a user's discard.
+    /// Never called on the service thread (the event waits for it).
+    pub(crate) fn discard_own(&self, range: PageRange) -> Result<(), MemError> {
+        lock(&self.own_removes).push(range);
+        let res = self.discard(range);
+        if res.is_err() {
+            let mut own = lock(&self.own_removes);
+            if let Some(i) = own.iter().position(|r| *r == range) {
+                own.remove(i);
+            }
+        }
+        res
+    }
+
+    /// `MADV_DONTNEED` on managed memory or staging (uhmm's own memory).
+    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
+    pub(crate) fn discard(&self, range: PageRange) -> Result<(), MemError> {
+        // SAFETY: managed memory has no references into it (the contract of
+        // managed regions); staging slots are referenced only by the
+        // migration that holds them, which is the caller.
+        unsafe { mem::madvise(range, Advice::DontNeed) }
+    }
+
+    /// `UFFDIO_MOVE` of pages between managed memory and staging.
+    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
+    pub(crate) fn move_pages(
+        &self,
+        dst: PageRange,
+        src: crate::VirtAddr,
+        mode: MoveMode,
+    ) -> Result<Progress, OpError> {
+        // SAFETY: both ends are managed memory (no references into it, by
+        // the contract of managed regions) or staging slots held by the
+        // caller, who has no slice over them alive while it moves pages.
+        unsafe { self.uffd.move_pages(dst, src, mode) }
+    }
+
+    fn is_own_remove(&self, range: PageRange) -> bool {
+        let mut own = lock(&self.own_removes);
+        match own.iter().position(|r| *r == range) {
+            Some(i) => {
+                own.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Has the service look at the faults waiting for pages in flight.
+    pub(crate) fn poke(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// Brings every device page and exclusive page in `within` (everywhere
+    /// if `None`) back to system memory, blocking.
+    pub(crate) fn bring_home(&self, within: Option<PageRange>) {
+        for pm in self.all_pagemaps() {
+            let _ = crate::devmem::pagemap::evict(self, &pm, within, true);
+        }
+        let held: Vec<(crate::VirtAddr, Stored)> = {
+            let regions = lock(&self.regions);
+            let pick = |s: Stored| matches!(s, Stored::Exclusive(..));
+            match within {
+                Some(r) => regions
+                    .states
+                    .entries(r)
+                    .into_iter()
+                    .filter(|&(_, s)| pick(s))
+                    .collect(),
+                None => regions.states.find(pick),
+            }
+        };
+        for (addr, s) in held {
+            if let (Stored::Exclusive(owner, hold), Ok(page)) =
+                (s, PageRange::new(addr, crate::PAGE_SIZE))
+            {
+                let _ = crate::devmem::exclusive::revoke(self, page, owner, hold, true);
+            }
+        }
     }
 
     /// Sends [`NotifyEvent::Release`] over the whole address space to every
@@ -106,15 +282,20 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     Ok(cell.get_or_init(|| opened))
 }
 
+/// Bytes a CPU fault on device memory brings back by default: the 2 MiB
+/// block around the page (see `Mm::set_fault_block`).
+pub(crate) const DEFAULT_FAULT_BLOCK: usize = 2 << 20;
+
 /// The service loop; returns when [`Shared::stop`] is called.
 pub(crate) fn run(shared: Arc<Shared>) {
     crate::sys::block_all_signals();
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
+    let mut parked: Vec<PageFault> = Vec::with_capacity(BATCH);
     loop {
-        // Wait for events; while invalidations are pending, come back soon
-        // to retry them.
-        let timeout = (!pending.is_empty()).then_some(Timespec {
+        // Wait for events; while invalidations are pending or faults wait,
+        // come back soon to retry them.
+        let timeout = (!pending.is_empty() || !parked.is_empty()).then_some(Timespec {
             tv_sec: 0,
             tv_nsec: Duration::from_micros(200).as_nanos() as i64,
         });
@@ -131,6 +312,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
+        let mut drain = [0u8; 8];
+        let _ = rustix::io::read(&shared.wake, &mut drain);
         if shared.uffd.read_events(&mut events).is_err() {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -139,14 +322,32 @@ pub(crate) fn run(shared: Arc<Shared>) {
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         for event in events.drain(..) {
-            handle(&shared, event, &mut pending);
+            handle(&shared, event, &mut pending, &mut parked);
         }
         retry_pending(&shared, &mut pending);
+        if !parked.is_empty() {
+            let waiting = std::mem::take(&mut parked);
+            for f in waiting {
+                if fault::serve(&shared, f) == fault::Served::Park {
+                    parked.push(f);
+                }
+            }
+        }
     }
 }
 
-fn handle(shared: &Shared, event: Event, pending: &mut Vec<NotifierRange>) {
+fn handle(
+    shared: &Shared,
+    event: Event,
+    pending: &mut Vec<NotifierRange>,
+    parked: &mut Vec<PageFault>,
+) {
     let invalidate = |range: PageRange, kind: NotifyEvent, pending: &mut Vec<NotifierRange>| {
+        // Only managed memory is mirrored: the staging area's own events
+        // (and any other registered memory) concern no device.
+        if lock(&shared.regions).overlapping(range).is_none() {
+            return;
+        }
         let r = NotifierRange::new(range, kind).non_blocking();
         if shared.notifiers.invalidate(&r).is_err() {
             pending.push(r);
@@ -154,26 +355,43 @@ fn handle(shared: &Shared, event: Event, pending: &mut Vec<NotifierRange>) {
     };
     match event {
         Event::PageFault(f) => {
-            // Managed regions are registered for write-protect faults only,
-            // and nothing in this layer write-protects yet: a fault here is
-            // stray. Never leave the thread blocked: un-protect and wake.
             shared.stats.faults.fetch_add(1, Ordering::Relaxed);
-            if let Some(page) = f.page() {
-                let _ = shared.uffd.write_protect(page, false, true);
+            if fault::serve(shared, f) == fault::Served::Park {
+                parked.push(f);
             }
         }
         Event::Remove { range } => {
+            if shared.is_own_remove(range) {
+                return;
+            }
             invalidate(range, NotifyEvent::Clear, pending);
-            lock(&shared.regions).states.clear(range, |_, _| {});
+            // Discarded pages lose their device pages and exclusive holds.
+            // A page in flight keeps its state: its migration decides.
+            let gone = {
+                let mut regions = lock(&shared.regions);
+                let mut gone = Vec::new();
+                for (addr, st) in regions.states.entries(range) {
+                    if !matches!(st, Stored::Migrating(_)) {
+                        let _ = regions.states.set(addr, Stored::Cpu);
+                        gone.push(st);
+                    }
+                }
+                gone
+            };
+            shared.release_states(gone);
         }
         Event::Unmap { range } => {
             invalidate(range, NotifyEvent::Unmap, pending);
-            lock(&shared.regions).unmapped(range);
+            let mut gone = Vec::new();
+            lock(&shared.regions).unmapped(range, |_, s| gone.push(s));
+            shared.release_states(gone);
         }
         Event::Remap { from, to, old_len } => {
             if let Ok(old) = PageRange::new(from, old_len) {
                 invalidate(old, NotifyEvent::Remap, pending);
-                lock(&shared.regions).moved(old, to);
+                let mut gone = Vec::new();
+                lock(&shared.regions).moved(old, to, |_, s| gone.push(s));
+                shared.release_states(gone);
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the
@@ -193,4 +411,60 @@ fn retry_pending(shared: &Shared, pending: &mut Vec<NotifierRange>) {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds migrations off while a fork is prepared: a fork must not copy a
+/// page table with pages in flight. The forking thread itself passes.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    st: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+thread_local! {
+    static FORKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Gate {
+    /// One more migration; `false` if it must not start now (a fork is
+    /// being prepared and the caller cannot wait).
+    pub(crate) fn enter(&self, blockable: bool) -> bool {
+        let mut st = lock(&self.st);
+        if !FORKING.with(|f| f.get()) {
+            while st.1 {
+                if !blockable {
+                    return false;
+                }
+                st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        st.0 += 1;
+        true
+    }
+
+    pub(crate) fn leave(&self) {
+        let mut st = lock(&self.st);
+        st.0 = st.0.saturating_sub(1);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Closes the gate and waits for migrations in flight (fork prepare).
+    pub(crate) fn close(&self) {
+        FORKING.with(|f| f.set(true));
+        let mut st = lock(&self.st);
+        st.1 = true;
+        while st.0 > 0 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Opens it again (after the fork, in parent and child).
+    pub(crate) fn open(&self) {
+        FORKING.with(|f| f.set(false));
+        let mut st = lock(&self.st);
+        st.1 = false;
+        drop(st);
+        self.cv.notify_all();
+    }
 }

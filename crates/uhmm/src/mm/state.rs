@@ -52,7 +52,9 @@ pub(crate) enum Stored {
     Cpu,
     Migrating(Owner),
     Device(Owner, DevicePfn),
-    Exclusive(Owner),
+    /// Exclusive to the owner; the page waits at `hold` (a page number of
+    /// uhmm's staging area) until a CPU access takes it back.
+    Exclusive(Owner, u64),
 }
 
 /// A state could not be recorded.
@@ -177,6 +179,42 @@ impl StateTable {
         }
     }
 
+    /// Every page of `range` with a stored state, in address order.
+    pub(crate) fn entries(&self, range: PageRange) -> Vec<(VirtAddr, Stored)> {
+        let mut out = Vec::new();
+        let first = range.start().get() >> CHUNK_SHIFT;
+        let last = (range.end().get() - 1) >> CHUNK_SHIFT;
+        for (&key, chunk) in self.chunks.range(first..=last) {
+            for (i, &entry) in chunk.entries.iter().enumerate() {
+                let addr = VirtAddr::new((key << CHUNK_SHIFT) + (i << PAGE_SHIFT));
+                if entry != 0 && range.contains(addr) {
+                    out.push((addr, self.decode(entry)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every page anywhere whose stored state `pick` selects.
+    pub(crate) fn find(&self, mut pick: impl FnMut(Stored) -> bool) -> Vec<(VirtAddr, Stored)> {
+        let mut out = Vec::new();
+        for (&key, chunk) in &self.chunks {
+            for (i, &entry) in chunk.entries.iter().enumerate() {
+                if entry == 0 {
+                    continue;
+                }
+                let state = self.decode(entry);
+                if pick(state) {
+                    out.push((
+                        VirtAddr::new((key << CHUNK_SHIFT) + (i << PAGE_SHIFT)),
+                        state,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Moves the states of `old` to the same offsets from `to` (an mremap).
     pub(crate) fn move_range(&mut self, old: PageRange, to: VirtAddr) {
         let mut moved = Vec::new();
@@ -206,7 +244,7 @@ impl StateTable {
             Stored::Cpu => return Ok(0),
             Stored::Migrating(o) => (KIND_MIGRATING, o, 0),
             Stored::Device(o, pfn) => (KIND_DEVICE, o, pfn.0),
-            Stored::Exclusive(o) => (KIND_EXCLUSIVE, o, 0),
+            Stored::Exclusive(o, hold) => (KIND_EXCLUSIVE, o, hold),
         };
         if pfn > MAX_PFN {
             return Err(StateError::PfnTooLarge {
@@ -239,7 +277,7 @@ fn decode(owners: &[Owner], entry: u64) -> Stored {
     match entry & ((1 << KIND_BITS) - 1) {
         KIND_MIGRATING => Stored::Migrating(owner),
         KIND_DEVICE => Stored::Device(owner, DevicePfn(entry >> PFN_SHIFT)),
-        KIND_EXCLUSIVE => Stored::Exclusive(owner),
+        KIND_EXCLUSIVE => Stored::Exclusive(owner, entry >> PFN_SHIFT),
         _ => Stored::Cpu,
     }
 }
@@ -264,7 +302,7 @@ mod tests {
         let states = [
             Stored::Migrating(a),
             Stored::Device(b, DevicePfn(MAX_PFN)),
-            Stored::Exclusive(a),
+            Stored::Exclusive(a, 9),
             Stored::Device(a, DevicePfn(0)),
         ];
         for (i, &s) in states.iter().enumerate() {
@@ -301,7 +339,7 @@ mod tests {
         let per_page = (t.bytes() - std::mem::size_of::<Owner>()) / CHUNK_PAGES;
         assert!(per_page <= 8, "{per_page} bytes per page");
         // A page 1 TiB away costs one more chunk, not a table in between.
-        t.set(page((1 << 40) / PAGE_SIZE), Stored::Exclusive(o))
+        t.set(page((1 << 40) / PAGE_SIZE), Stored::Exclusive(o, 1))
             .unwrap();
         assert_eq!(t.chunks.len(), 2);
         // Back to the CPU: chunks are freed.
@@ -335,12 +373,12 @@ mod tests {
     fn move_range_keeps_offsets() {
         let mut t = StateTable::default();
         let o = Owner::unique();
-        t.set(page(3), Stored::Exclusive(o)).unwrap();
+        t.set(page(3), Stored::Exclusive(o, 2)).unwrap();
         t.set(page(700), Stored::Device(o, DevicePfn(7))).unwrap();
         t.move_range(pages(0, 1024), page(5000));
         assert_eq!(t.pages(), 2);
         assert_eq!(t.get(page(3)), Stored::Cpu);
-        assert_eq!(t.get(page(5003)), Stored::Exclusive(o));
+        assert_eq!(t.get(page(5003)), Stored::Exclusive(o, 2));
         assert_eq!(t.get(page(5700)), Stored::Device(o, DevicePfn(7)));
     }
 }

@@ -267,6 +267,7 @@ pub struct MappingBuilder {
     prot: Prot,
     align: usize,
     populate: bool,
+    noreserve: bool,
 }
 
 impl MappingBuilder {
@@ -292,6 +293,13 @@ impl MappingBuilder {
     /// Fault every page in at creation (`MAP_POPULATE`).
     pub fn populate(mut self, populate: bool) -> Self {
         self.populate = populate;
+        self
+    }
+
+    /// Reserve no swap space for it (`MAP_NORESERVE`): for large areas of
+    /// which only a part is ever backed.
+    pub fn noreserve(mut self, noreserve: bool) -> Self {
+        self.noreserve = noreserve;
         self
     }
 
@@ -323,6 +331,9 @@ impl MappingBuilder {
         } else {
             MapFlags::empty()
         };
+        if self.noreserve {
+            flags |= MapFlags::NORESERVE;
+        }
         // A memfd made here is owned from the start; a given file is
         // borrowed for the mmap and moved into the mapping afterwards.
         let (made, offset) = match &self.backing {
@@ -494,6 +505,7 @@ impl Mapping {
             prot: Prot::RW,
             align: PAGE_SIZE,
             populate: false,
+            noreserve: false,
         }
     }
 

@@ -119,13 +119,17 @@ pub fn block_all_signals() {
 }
 
 /// Runs `prepare` in the forking thread before every `fork()` of the
-/// process (glibc's `pthread_atfork` prepare hook, which runs before glibc
-/// takes its allocator locks, so `prepare` may allocate and lock).
-/// Registered once; each call adds another hook.
-pub fn on_fork_prepare(prepare: extern "C" fn()) -> Result<(), Errno> {
-    // SAFETY: pthread_atfork stores the function pointer; `prepare` is a
-    // plain `extern "C" fn()` valid for the life of the process.
-    let rc = unsafe { libc::pthread_atfork(Some(prepare), None, None) };
+/// process, and `parent` / `child` after it in the parent and the child
+/// (glibc's `pthread_atfork` hooks; prepare runs before glibc takes its
+/// allocator locks, so it may allocate and lock). Each call adds hooks.
+pub fn on_fork(
+    prepare: extern "C" fn(),
+    parent: extern "C" fn(),
+    child: extern "C" fn(),
+) -> Result<(), Errno> {
+    // SAFETY: pthread_atfork stores the function pointers; each is a plain
+    // `extern "C" fn()` valid for the life of the process.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
     if rc == 0 {
         Ok(())
     } else {

@@ -111,7 +111,12 @@ impl Vma {
             return true;
         }
         let path = name.strip_suffix(" (deleted)").unwrap_or(name);
-        rustix::fs::statfs(path).is_ok_and(|s| s.f_type == TMPFS_MAGIC)
+        // A deleted (or O_TMPFILE) file is gone from its directory: the
+        // directory's file system is the file's.
+        let dir = std::path::Path::new(path).parent();
+        rustix::fs::statfs(path)
+            .or_else(|e| dir.map_or(Err(e), rustix::fs::statfs))
+            .is_ok_and(|s| s.f_type == TMPFS_MAGIC)
     }
 }
 

@@ -1,0 +1,426 @@
+//! The device's own memory and the commands that use it: migration to the
+//! device and back, eviction, exclusive access (dmirror's
+//! `MIGRATE_TO_DEV`, `MIGRATE_TO_SYS`, `RELEASE`, `EXCLUSIVE`,
+//! `CHECK_EXCLUSIVE`, and the `FAIL_ALLOC` flag).
+//!
+//! Device memory is a host arena of anonymous mappings, one per chunk of
+//! the device's [`DevicePagemap`], outside every managed region: a device
+//! page is a page of the arena. Data moves between the staging pages of a
+//! [`MigrateVma`] and the arena through the device's [`CopyEngine`].
+
+use crate::device::{Mirror, SimDevice, SimError, bump, command_range};
+use crate::table::{ATOMIC, DEV, READ, WRITE};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock, TryLockError};
+use uhmm::devmem::copy::{CopyEngine, CopyJob};
+use uhmm::devmem::{
+    DeviceFault, DevicePagemapOps, DevmemError, FaultError, MigrateSrc, MigrateVma, Select,
+};
+use uhmm::sys::mem::Mapping;
+use uhmm::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
+
+/// The most a migration command moves in one `MigrateVma` (it needs as
+/// much staging at once).
+const PART: usize = 64 << 20;
+
+/// The device's memory: arena chunks, the copy engine, injected failures.
+#[derive(Debug)]
+pub(crate) struct Arena {
+    chunks: RwLock<Vec<Mapping>>,
+    pub(crate) chunk_pages: usize,
+    pub(crate) engine: RwLock<Arc<dyn CopyEngine>>,
+    /// dmirror's FAIL_ALLOC: the next bulk allocation fails (one-shot).
+    pub(crate) fail_alloc: std::sync::atomic::AtomicBool,
+}
+
+impl Arena {
+    pub(crate) fn new(chunk_pages: usize, engine: Arc<dyn CopyEngine>) -> Arena {
+        Arena {
+            chunks: RwLock::new(Vec::new()),
+            chunk_pages,
+            engine: RwLock::new(engine),
+            fail_alloc: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The arena address of device page `pfn`.
+    pub(crate) fn addr(&self, pfn: DevicePfn) -> Option<VirtAddr> {
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        let c = chunks.get(pfn.0 as usize / self.chunk_pages)?;
+        c.range()
+            .start()
+            .checked_add((pfn.0 as usize % self.chunk_pages) * PAGE_SIZE)
+    }
+
+    fn engine(&self) -> Arc<dyn CopyEngine> {
+        self.engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The device pages `pfns` as mutable bytes (distinct pages).
+    #[allow(unsafe_code)] // named place: the device's DMA into its own memory
+    #[allow(clippy::mut_from_ref)] // distinct pages of the arena, held by the caller
+    fn pages_mut(&self, pfns: &[DevicePfn]) -> Option<Vec<&mut [u8]>> {
+        let mut out = Vec::with_capacity(pfns.len());
+        for &pfn in pfns {
+            let a = self.addr(pfn)?;
+            // SAFETY: the arena chunk mapping lives as long as the device
+            // (chunks are never removed); each pfn is a distinct page that
+            // the caller's migration holds (freshly allocated, or selected
+            // and invalidated under the device lock), so nothing else
+            // reads or writes it while the slice lives.
+            out.push(unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr::<u8>(), PAGE_SIZE) });
+        }
+        Some(out)
+    }
+}
+
+impl DevicePagemapOps for Mirror {
+    fn page_free(&self, _pfn: DevicePfn) {
+        bump(&self.counters.pages_freed, 1);
+    }
+
+    fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), FaultError> {
+        let m = fault.migrate()?;
+        let n = self.migrate_back(m, fault.blockable())?;
+        bump(&self.counters.faulted_back, n as u64);
+        Ok(())
+    }
+
+    fn add_chunk(&self, first: DevicePfn, npages: usize) -> Result<(), DevmemError> {
+        let map = Mapping::builder(npages * PAGE_SIZE)
+            .noreserve(true)
+            .build()
+            .map_err(|e| DevmemError::Grow {
+                reason: e.to_string(),
+            })?;
+        let mut chunks = self.arena.chunks.write().unwrap_or_else(|e| e.into_inner());
+        debug_assert_eq!(chunks.len() * self.arena.chunk_pages, first.0 as usize);
+        chunks.push(map);
+        Ok(())
+    }
+}
+
+impl Mirror {
+    /// Copies the selected device pages of `m` back into system pages and
+    /// commits; returns the pages that came back.
+    pub(crate) fn migrate_back(
+        &self,
+        mut m: MigrateVma<'_>,
+        blockable: bool,
+    ) -> Result<usize, FaultError> {
+        let srcs: Vec<(usize, DevicePfn)> = m
+            .selected()
+            .filter_map(|(i, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some((i, pfn)),
+                _ => None,
+            })
+            .collect();
+        if srcs.is_empty() {
+            return Ok(0);
+        }
+        // The device lock keeps device commands off these pages while they
+        // move (the notifier already dropped their translations).
+        let mut table = if blockable {
+            self.lock()
+        } else {
+            match self.table.try_lock() {
+                Ok(t) => t,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => return Err(FaultError::Retry),
+            }
+        };
+        if self.arena.fail_alloc.swap(false, Ordering::AcqRel) {
+            // dmirror: the large system allocation fails once and the
+            // migration falls back to single pages — the same outcome here.
+            bump(&self.counters.alloc_fallbacks, 1);
+        }
+        let engine = self.arena.engine();
+        let pfns: Vec<DevicePfn> = srcs.iter().map(|&(_, p)| p).collect();
+        let copied = {
+            let dsts = m.system_dsts().map_err(FaultError::from)?;
+            let Some(srcs_mem) = self.arena.pages_mut(&pfns) else {
+                return Err(FaultError::Device("a device page outside the arena".into()));
+            };
+            let mut jobs: Vec<CopyJob<'_>> = srcs_mem
+                .into_iter()
+                .zip(dsts)
+                .map(|(src, (_, dst))| CopyJob { src: &*src, dst })
+                .collect();
+            engine.copy(&mut jobs)
+        };
+        if let Err(e) = copied {
+            bump(&self.counters.copy_failures, 1);
+            for &(i, _) in &srcs {
+                m.skip(i);
+            }
+            return Err(FaultError::Device(e.to_string()));
+        }
+        m.pages();
+        for (i, a, _) in m.selected() {
+            if m.migrated(i) {
+                table.set(a, 0);
+            }
+        }
+        let n = m.migrated_count();
+        m.finalize();
+        drop(table);
+        bump(&self.counters.migrated_to_system, n as u64);
+        Ok(n)
+    }
+}
+
+impl SimDevice {
+    /// Migrates `npages` pages from `addr` into device memory
+    /// (`HMM_DMIRROR_MIGRATE_TO_DEV`) and reads them back through the
+    /// device, as dmirror does.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::NotMigrated`] (dmirror's ENOENT) if a page of the range
+    /// did not end up in this device's memory (shared memory, a page pinned
+    /// or on another device, an injected copy failure);
+    /// [`SimError::Migrate`] for a range that cannot migrate (EINVAL:
+    /// unmanaged, a gap, `PROT_NONE`); [`SimError::DeviceMemory`] when
+    /// device memory is exhausted (ENOMEM; nothing is left half-migrated).
+    pub fn migrate_to_device(
+        &self,
+        addr: VirtAddr,
+        npages: usize,
+    ) -> Result<(Vec<u8>, crate::CmdResult), SimError> {
+        let range = command_range(addr, npages)?;
+        self.check_released()?;
+        for part in parts(range) {
+            self.migrate_part_to_device(part)?;
+        }
+        {
+            let table = self.mirror.lock();
+            if let Some(a) = range.pages().find(|&a| table.get(a) & DEV == 0) {
+                return Err(SimError::NotMigrated { addr: a });
+            }
+        }
+        let (data, mut res) = self.read(addr, npages)?;
+        res.faults = 0;
+        Ok((data, res))
+    }
+
+    fn migrate_part_to_device(&self, part: PageRange) -> Result<(), SimError> {
+        let mut m = MigrateVma::setup(&self.mm, part, Select::SYSTEM, self.owner())?;
+        let sel: Vec<(usize, MigrateSrc)> = m
+            .selected()
+            .filter(|(_, _, s)| matches!(s, MigrateSrc::System | MigrateSrc::Zero))
+            .map(|(i, _, s)| (i, s))
+            .collect();
+        if sel.is_empty() {
+            return Ok(());
+        }
+        let pfns = self.alloc_device_pages(sel.len())?;
+        let engine = self.mirror.arena.engine();
+        let copied = {
+            let Some(dsts) = self.mirror.arena.pages_mut(&pfns) else {
+                return Err(SimError::DeviceMemory(DevmemError::BadPfn { pfn: pfns[0] }));
+            };
+            let mut jobs = Vec::with_capacity(sel.len());
+            for ((i, src), dst) in sel.iter().zip(dsts) {
+                match (src, m.src_bytes(*i)) {
+                    (MigrateSrc::System, Some(bytes)) => jobs.push(CopyJob { src: bytes, dst }),
+                    // A hole or the zero page: allocate and clear.
+                    _ => dst.fill(0),
+                }
+            }
+            engine.copy(&mut jobs)
+        };
+        if copied.is_err() {
+            bump(&self.mirror.counters.copy_failures, 1);
+            for pfn in pfns {
+                self.pagemap.put(pfn);
+            }
+            // Nothing migrates; finalize (on drop) puts every page back.
+            return Ok(());
+        }
+        for (&(i, _), &pfn) in sel.iter().zip(&pfns) {
+            m.set_device_dst(i, pfn);
+        }
+        m.pages();
+        {
+            let mut table = self.mirror.lock();
+            for (i, a, _) in m.selected() {
+                if m.migrated(i) {
+                    let w = if m.writable(i) { WRITE } else { 0 };
+                    table.set(a, READ | w | DEV);
+                }
+            }
+        }
+        bump(
+            &self.mirror.counters.migrated_to_device,
+            m.migrated_count() as u64,
+        );
+        m.finalize();
+        Ok(())
+    }
+
+    /// `n` device pages; FAIL_ALLOC makes the bulk allocation fail once
+    /// and the device falls back to page-by-page allocation (dmirror's THP
+    /// split fallback).
+    fn alloc_device_pages(&self, n: usize) -> Result<Vec<DevicePfn>, SimError> {
+        if n > 1 && self.mirror.arena.fail_alloc.swap(false, Ordering::AcqRel) {
+            bump(&self.mirror.counters.alloc_fallbacks, 1);
+            let mut pages = Vec::with_capacity(n);
+            for _ in 0..n {
+                match self.pagemap.alloc(1) {
+                    Ok(p) => pages.extend(p),
+                    Err(e) => {
+                        for p in pages {
+                            self.pagemap.put(p);
+                        }
+                        return Err(SimError::DeviceMemory(e));
+                    }
+                }
+            }
+            return Ok(pages);
+        }
+        self.pagemap.alloc(n).map_err(SimError::DeviceMemory)
+    }
+
+    /// Migrates this device's pages in `npages` pages from `addr` back to
+    /// system memory (`HMM_DMIRROR_MIGRATE_TO_SYS`); `cpages` is the number
+    /// that moved.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Migrate`] for a range that cannot migrate;
+    /// [`SimError::Fault`] if the copy engine failed (the pages stay on the
+    /// device).
+    pub fn migrate_to_system(
+        &self,
+        addr: VirtAddr,
+        npages: usize,
+    ) -> Result<crate::CmdResult, SimError> {
+        let range = command_range(addr, npages)?;
+        self.check_released()?;
+        let mut res = crate::CmdResult::default();
+        for part in parts(range) {
+            let m = MigrateVma::setup(&self.mm, part, Select::DEVICE_PRIVATE, self.owner())?;
+            let n = self
+                .mirror
+                .migrate_back(m, true)
+                .map_err(|e| SimError::Fault {
+                    addr: part.start(),
+                    reason: match e {
+                        FaultError::NoMemory => "out of memory",
+                        _ => "the copy to system memory failed",
+                    },
+                })?;
+            res.cpages += n as u64;
+        }
+        Ok(res)
+    }
+
+    /// Brings every page of this device's memory home
+    /// (`HMM_DMIRROR_RELEASE`, the kernel's `migrate_device_range`).
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Evict`] if pages could not be brought back.
+    pub fn release(&self) -> Result<(), SimError> {
+        self.pagemap.evict_all().map_err(SimError::Evict)
+    }
+
+    /// Makes `npages` pages from `addr` exclusive to this device for its
+    /// atomics (`HMM_DMIRROR_EXCLUSIVE`) and reads them back through it.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Migrate`] for memory that cannot be made exclusive
+    /// (not private anonymous read-write); [`SimError::Busy`] if some page
+    /// could not be taken.
+    pub fn exclusive(
+        &self,
+        addr: VirtAddr,
+        npages: usize,
+    ) -> Result<(Vec<u8>, crate::CmdResult), SimError> {
+        let range = self.command(addr, npages.saturating_mul(PAGE_SIZE))?;
+        for round in 0..100 {
+            // Its own translations of the range go first: they name pages
+            // that are about to leave the page table.
+            self.mirror.lock().clear(range);
+            let seq = self.notifier.read_begin();
+            let n = self.mm.make_device_exclusive(range, self.owner())?;
+            let mut table = self.mirror.lock();
+            if self.notifier.read_retry(seq) {
+                continue;
+            }
+            if n < npages {
+                return Err(SimError::Busy {
+                    range,
+                    rounds: round,
+                });
+            }
+            for a in range.pages() {
+                table.set(a, READ | WRITE | ATOMIC);
+            }
+            drop(table);
+            let (data, mut res) = self.read(addr, npages)?;
+            res.faults = 0;
+            return Ok((data, res));
+        }
+        Err(SimError::Busy { range, rounds: 100 })
+    }
+
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: fails with
+    /// [`SimError::StillExclusive`] (EPERM) if the device still holds a page
+    /// of the range exclusive.
+    ///
+    /// # Errors
+    ///
+    /// As said, and [`SimError::Range`] for a bad command.
+    pub fn check_exclusive(&self, addr: VirtAddr, npages: usize) -> Result<(), SimError> {
+        let range = command_range(addr, npages)?;
+        let table = self.mirror.lock();
+        match range.pages().find(|&a| table.get(a) & ATOMIC != 0) {
+            Some(a) => Err(SimError::StillExclusive { addr: a }),
+            None => Ok(()),
+        }
+    }
+
+    /// dmirror's `FAIL_ALLOC` flag: the next bulk allocation of device or
+    /// system pages fails once, and the migration falls back to single
+    /// pages.
+    pub fn fail_next_alloc(&self) {
+        self.mirror.arena.fail_alloc.store(true, Ordering::Release);
+    }
+
+    /// Replaces the copy engine (for injected copy failures, say).
+    pub fn set_copy_engine(&self, engine: Arc<dyn CopyEngine>) {
+        *self
+            .mirror
+            .arena
+            .engine
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = engine;
+    }
+
+    /// Device pages in use.
+    pub fn device_pages(&self) -> usize {
+        self.pagemap.stats().in_use
+    }
+}
+
+/// `range` in parts of at most [`PART`] bytes, aligned to it.
+fn parts(range: PageRange) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut at = range.start();
+    while at < range.end() {
+        let next = at
+            .align_down(PART)
+            .checked_add(PART)
+            .map_or(range.end(), |n| n.min(range.end()));
+        if let Ok(p) = PageRange::from_bounds(at, next) {
+            out.push(p);
+        }
+        at = next;
+    }
+    out
+}

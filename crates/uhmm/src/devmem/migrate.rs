@@ -1,0 +1,856 @@
+//! [`MigrateVma`]: moving pages between system memory and device memory,
+//! in the kernel's three steps (`migrate_vma_setup`, `migrate_vma_pages`,
+//! `migrate_vma_finalize`) and with its per-page src/dst contract.
+//!
+//! 1. [`setup`](MigrateVma::setup) notifies [`NotifyEvent::Migrate`] with
+//!    the owner (so the migrating device can skip its own invalidation),
+//!    selects the pages (system pages and/or device pages of the owner),
+//!    records them *Migrating* and takes them out of the CPU page table: a
+//!    private anonymous page is moved (`UFFDIO_MOVE`, no copy) into uhmm's
+//!    staging area; a page that cannot be moved (read-only or file-backed
+//!    private mappings, a page still shared copy-on-write with a child) is
+//!    write-protected and copied instead, and leaves the page table when the
+//!    migration commits. A CPU access to a page in flight waits in the
+//!    fault service until the migration ends — it never races the copy.
+//!    Holes and zero pages become [`MigrateSrc::Zero`] entries: the device
+//!    allocates and clears, nothing is copied. Shared memory is not
+//!    selected (as in the kernel: only private memory migrates).
+//! 2. The device allocates destination pages, copies, and fills the dst
+//!    entries ([`set_device_dst`](MigrateVma::set_device_dst), or for the way
+//!    back the slices of [`system_dsts`](MigrateVma::system_dsts)); an entry
+//!    left without a dst does not migrate.
+//! 3. [`pages`](MigrateVma::pages) commits: device pages become the pages'
+//!    state; system pages come back into the CPU page table (moved, or
+//!    copied where moving is not possible) and their device pages are
+//!    freed. [`migrated`](MigrateVma::migrated) tells what moved.
+//! 4. [`finalize`](MigrateVma::finalize) (or dropping the value) puts
+//!    back everything that did not migrate, frees what is left over, ends
+//!    the invalidation and lets waiting CPU accesses go on.
+
+use super::pagemap::DevmemError;
+use super::staging::{Run, StagingError};
+use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
+use crate::mm::notifier::{InvalidateGuard, NotifierRange, NotifyEvent};
+use crate::mm::service::Shared;
+use crate::mm::state::Stored;
+use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
+use crate::sys::mem::{self, Prot};
+use crate::sys::pagemap::{Categories, ScanQuery};
+use crate::sys::procmap::{Vma, VmaKind};
+use crate::sys::uffd::{CopyMode, Features, MoveMode, Stop};
+use bitflags::bitflags;
+
+/// Largest run an eviction migrates at once.
+pub(crate) const EVICT_RUN: usize = 2 << 20;
+
+bitflags! {
+    /// Which pages [`MigrateVma::setup`] selects (the kernel's
+    /// `MIGRATE_VMA_SELECT_*`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Select: u32 {
+        /// Pages in system memory (and holes of private memory).
+        const SYSTEM = 1 << 0;
+        /// Device pages of the migrating owner.
+        const DEVICE_PRIVATE = 1 << 1;
+    }
+}
+
+/// What a page of the range is, as selected (the kernel's src entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrateSrc {
+    /// Not selected: it stays where it is.
+    None,
+    /// A hole or the zero page: the destination is allocated and cleared,
+    /// nothing is copied.
+    Zero,
+    /// A system page; its bytes are [`MigrateVma::src_bytes`].
+    System,
+    /// A device page of the owner.
+    Device(DevicePfn),
+}
+
+/// Where a page goes (the kernel's dst entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrateDst {
+    /// Nowhere (yet): the page does not migrate.
+    None,
+    /// This device page (its reference passes to the migration).
+    Device(DevicePfn),
+    /// A system page, filled through [`MigrateVma::system_dsts`].
+    System,
+}
+
+/// Why a migration could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The range cannot be migrated at all (the kernel's EINVAL): not
+    /// managed, not inside one managed region, a gap, `PROT_NONE`, hugetlb.
+    #[error("{range} cannot be migrated: {reason}")]
+    InvalidRange {
+        /// The range.
+        range: PageRange,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An invalidation callback could not proceed without blocking, or a
+    /// fork is in progress: set up again later.
+    #[error("{range}: migration must be retried (a device was busy or a fork is in progress)")]
+    Retry {
+        /// The range.
+        range: PageRange,
+    },
+    /// The staging area could not take the range.
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    /// Device memory could not be had.
+    #[error(transparent)]
+    Devmem(#[from] DevmemError),
+    /// The address space could not be read or registered.
+    #[error(transparent)]
+    Mm(#[from] MmError),
+}
+
+/// How a selected page left the CPU page table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// Not selected.
+    None,
+    /// Moved into its staging slot (a hole there: it was a hole).
+    Moved,
+    /// Write-protected and copied into its staging slot; still mapped
+    /// until the commit.
+    Copied,
+    /// A device page (nothing in the CPU page table).
+    Device,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    src: MigrateSrc,
+    dst: MigrateDst,
+    how: How,
+    write: bool,
+    migrate: bool,
+}
+
+/// One migration of a range between system memory and one owner's device
+/// memory. See the [module docs](self) for the steps.
+#[derive(Debug)]
+pub struct MigrateVma<'a> {
+    shared: &'a Shared,
+    range: PageRange,
+    owner: Owner,
+    entries: Vec<Entry>,
+    run: Option<Run>,
+    /// Whether pages may be left in the staging run.
+    run_dirty: bool,
+    /// Install by COPY (not MOVE): the mapping is not private anonymous
+    /// read-write.
+    copy_install: Vec<bool>,
+    guard: Option<InvalidateGuard<'a>>,
+    blockable: bool,
+    committed: bool,
+    done: bool,
+}
+
+impl<'a> MigrateVma<'a> {
+    /// Selects the pages of `range` that `select` names (device pages only
+    /// if they belong to `owner`), and takes them out of the CPU's hands.
+    ///
+    /// # Errors
+    ///
+    /// [`MigrateError::InvalidRange`] if the range is not inside one managed
+    /// region, or has a gap, an unreadable part or hugetlb memory;
+    /// [`MigrateError::Retry`] if a device's invalidation could not be done
+    /// now; [`MigrateError::Staging`] if the range is too large to migrate
+    /// at once. Memory is as it was on error.
+    pub fn setup(
+        mm: &'a Mm,
+        range: PageRange,
+        select: Select,
+        owner: Owner,
+    ) -> Result<MigrateVma<'a>, MigrateError> {
+        Self::setup_in(mm.shared(), range, select, owner, true)
+    }
+
+    pub(crate) fn setup_in(
+        shared: &'a Shared,
+        range: PageRange,
+        select: Select,
+        owner: Owner,
+        blockable: bool,
+    ) -> Result<MigrateVma<'a>, MigrateError> {
+        let invalid = |reason| MigrateError::InvalidRange { range, reason };
+        let (region, armed) = lock(&shared.regions)
+            .containing(range)
+            .ok_or(invalid("not inside one managed region"))?;
+        let vmas = shared
+            .procmap()
+            .map_err(MmError::from)?
+            .covering(range)
+            .map_err(MmError::from)?;
+        check_vmas(range, &vmas).map_err(invalid)?;
+        if select.contains(Select::SYSTEM) && !armed {
+            shared.arm(region, &vmas)?;
+        }
+        if !shared.gate.enter(blockable) {
+            return Err(MigrateError::Retry { range });
+        }
+        let notify = NotifierRange {
+            range,
+            event: NotifyEvent::Migrate,
+            owner: Some(owner),
+            blockable,
+        };
+        let guard = match shared.notifiers.invalidate_start(&notify) {
+            Ok(g) => g,
+            Err(_) => {
+                shared.gate.leave();
+                return Err(MigrateError::Retry { range });
+            }
+        };
+        let mut m = MigrateVma {
+            shared,
+            range,
+            owner,
+            entries: vec![
+                Entry {
+                    src: MigrateSrc::None,
+                    dst: MigrateDst::None,
+                    how: How::None,
+                    write: false,
+                    migrate: false,
+                };
+                range.npages()
+            ],
+            run: None,
+            run_dirty: false,
+            copy_install: Vec::with_capacity(range.npages()),
+            guard: Some(guard),
+            blockable,
+            committed: false,
+            done: false,
+        };
+        for addr in range.pages() {
+            let vma = vma_of(&vmas, addr);
+            m.copy_install.push(!vma.is_some_and(movable));
+        }
+        m.collect(select, &vmas)?;
+        Ok(m)
+    }
+
+    /// Records the selected pages Migrating and takes them out.
+    fn collect(&mut self, select: Select, vmas: &[Vma]) -> Result<(), MigrateError> {
+        let owner = self.owner;
+        let mut system: Vec<VirtAddr> = Vec::new();
+        {
+            let mut regions = lock(&self.shared.regions);
+            for (i, addr) in self.range.pages().enumerate() {
+                let Some(vma) = vma_of(vmas, addr) else {
+                    continue;
+                };
+                let write = vma.perms.contains(Prot::WRITE);
+                let stored = regions.states.get(addr);
+                let src = match stored {
+                    Stored::Cpu if select.contains(Select::SYSTEM) && private(self.shared, vma) => {
+                        system.push(addr);
+                        MigrateSrc::System
+                    }
+                    Stored::Device(o, pfn)
+                        if o == owner && select.contains(Select::DEVICE_PRIVATE) =>
+                    {
+                        MigrateSrc::Device(pfn)
+                    }
+                    _ => continue,
+                };
+                if regions.states.set(addr, Stored::Migrating(owner)).is_err() {
+                    continue;
+                }
+                let e = &mut self.entries[i];
+                e.src = src;
+                e.write = write;
+                e.migrate = true;
+                e.how = if matches!(src, MigrateSrc::Device(_)) {
+                    How::Device
+                } else {
+                    How::None
+                };
+            }
+        }
+        if !system.is_empty() {
+            self.isolate(&system, vmas)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the selected system pages out of the CPU page table.
+    fn isolate(&mut self, pages: &[VirtAddr], vmas: &[Vma]) -> Result<(), MigrateError> {
+        let run = match self.shared.staging()?.alloc(self.range, self.blockable) {
+            Ok(run) => run,
+            Err(e) => {
+                self.unselect_all();
+                return Err(e.into());
+            }
+        };
+        self.run = Some(run);
+        let staging = self.shared.staging()?;
+        for pages in super::pagemap::runs(pages, usize::MAX >> 1) {
+            let movable_run = vma_of(vmas, pages.start()).is_some_and(movable)
+                && pages.pages().all(|a| vma_of(vmas, a).is_some_and(movable));
+            let mut rest = Some(pages);
+            if movable_run {
+                while let Some(r) = rest {
+                    let slots = staging.slots(&run, r);
+                    let res = self.shared.move_pages(
+                        slots,
+                        r.start(),
+                        MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
+                    );
+                    let done = match res {
+                        Ok(p) if p.is_complete() => r.len(),
+                        Ok(p) => p.done,
+                        Err(_) => 0,
+                    };
+                    self.mark(r, done, How::Moved);
+                    rest = r.tail_from(r.start().checked_add(done).unwrap_or(r.end()));
+                    if let Some(stuck) = rest {
+                        // The first page that would not move (shared after
+                        // a fork, pinned): copy it instead, go on after it.
+                        let page = PageRange::new(stuck.start(), PAGE_SIZE)
+                            .unwrap_or_else(|_| unreachable!("a page of a valid range"));
+                        self.copy_out(page, true);
+                        rest = stuck.tail_from(page.end());
+                    }
+                }
+            } else {
+                let write = self.entry(pages.start()).write;
+                self.copy_out(pages, write);
+            }
+        }
+        self.classify()
+    }
+
+    fn index(&self, addr: VirtAddr) -> usize {
+        (addr.get() - self.range.start().get()) / PAGE_SIZE
+    }
+
+    fn entry(&self, addr: VirtAddr) -> Entry {
+        self.entries[self.index(addr)]
+    }
+
+    fn mark(&mut self, r: PageRange, done: usize, how: How) {
+        for addr in r.pages().take(done / PAGE_SIZE) {
+            let i = self.index(addr);
+            self.entries[i].how = how;
+        }
+        if done > 0 {
+            self.run_dirty = true;
+        }
+    }
+
+    /// The copying fallback: write-protect `pages` (if the mapping is
+    /// writable) so that CPU writes wait, then copy them into staging.
+    /// Pages that cannot be read are not selected.
+    fn copy_out(&mut self, pages: PageRange, write: bool) {
+        if write && self.shared.uffd.write_protect(pages, true, false).is_err() {
+            self.unselect(pages);
+            return;
+        }
+        let Some(run) = self.run else {
+            self.unselect(pages);
+            return;
+        };
+        let Ok(staging) = self.shared.staging() else {
+            self.unselect(pages);
+            return;
+        };
+        // Only pages with data are read: reading a hole of this (armed)
+        // region would fault, and the fault would wait for this migration.
+        let mut with_data = vec![false; pages.npages()];
+        let mut regions = Vec::new();
+        let query = ScanQuery::new()
+            .any_of(Categories::PRESENT | Categories::SWAPPED)
+            .report(Categories::PFNZERO);
+        let scanned = self
+            .shared
+            .pagemap()
+            .map_err(|_| ())
+            .and_then(|pm| pm.scan(pages, &query, &mut regions).map_err(|_| ()));
+        if scanned.is_err() {
+            if write {
+                let _ = self.shared.uffd.write_protect(pages, false, true);
+            }
+            self.unselect(pages);
+            return;
+        }
+        for r in regions {
+            if !r.categories.contains(Categories::PFNZERO) {
+                for a in r.range.pages() {
+                    with_data[(a.get() - pages.start().get()) / PAGE_SIZE] = true;
+                }
+            }
+        }
+        let slots = staging.slots(&run, pages);
+        // Read through the kernel: a page unmapped meanwhile is an error,
+        // not a crash. The slots are ours (see `Staging::pages_mut`).
+        let slot_addrs: Vec<VirtAddr> = slots.pages().collect();
+        let mut bufs = staging.pages_mut(&slot_addrs);
+        let mut ok = true;
+        for ((addr, buf), data) in pages.pages().zip(bufs.iter_mut()).zip(with_data) {
+            if data && mem::read_process(addr, buf).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        drop(bufs);
+        self.run_dirty = true;
+        if ok {
+            self.mark(pages, pages.len(), How::Copied);
+        } else {
+            if write {
+                let _ = self.shared.uffd.write_protect(pages, false, true);
+            }
+            self.unselect(pages);
+        }
+    }
+
+    /// Holes and zero pages among the selected system pages become Zero.
+    fn classify(&mut self) -> Result<(), MigrateError> {
+        let (Some(run), staging) = (self.run, self.shared.staging()?) else {
+            return Ok(());
+        };
+        let slots = staging.slots(&run, self.range);
+        let mut regions = Vec::new();
+        let query = ScanQuery::new()
+            .any_of(Categories::PRESENT | Categories::SWAPPED)
+            .report(Categories::PRESENT | Categories::SWAPPED | Categories::PFNZERO);
+        self.shared
+            .pagemap()
+            .map_err(MmError::from)?
+            .scan(slots, &query, &mut regions)
+            .map_err(MmError::from)?;
+        let mut data = vec![false; self.entries.len()];
+        for r in regions {
+            if r.categories.contains(Categories::PFNZERO) {
+                continue;
+            }
+            for slot in r.range.pages() {
+                data[(slot.get() - slots.start().get()) / PAGE_SIZE] = true;
+            }
+        }
+        for (e, has_data) in self.entries.iter_mut().zip(data) {
+            if e.src == MigrateSrc::System && e.how != How::None && !has_data {
+                e.src = MigrateSrc::Zero;
+            }
+        }
+        Ok(())
+    }
+
+    fn unselect(&mut self, pages: PageRange) {
+        let mut regions = lock(&self.shared.regions);
+        for addr in pages.pages() {
+            let i = self.index(addr);
+            if self.entries[i].migrate {
+                let _ = regions.states.set(addr, Stored::Cpu);
+                self.entries[i] = Entry {
+                    src: MigrateSrc::None,
+                    dst: MigrateDst::None,
+                    how: How::None,
+                    write: false,
+                    migrate: false,
+                };
+            }
+        }
+    }
+
+    fn unselect_all(&mut self) {
+        self.unselect(self.range);
+    }
+
+    /// The range.
+    pub fn range(&self) -> PageRange {
+        self.range
+    }
+
+    /// The owner.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// Pages selected (the kernel's `cpages` after setup).
+    pub fn cpages(&self) -> usize {
+        self.entries.iter().filter(|e| e.migrate).count()
+    }
+
+    /// The selected pages: index, address and source.
+    pub fn selected(&self) -> impl Iterator<Item = (usize, VirtAddr, MigrateSrc)> + '_ {
+        self.entries
+            .iter()
+            .zip(self.range.pages())
+            .enumerate()
+            .filter(|(_, (e, _))| e.migrate)
+            .map(|(i, (e, a))| (i, a, e.src))
+    }
+
+    /// Whether page `i` was writable (the kernel's `MIGRATE_PFN_WRITE`).
+    pub fn writable(&self, i: usize) -> bool {
+        self.entries.get(i).is_some_and(|e| e.write)
+    }
+
+    /// The bytes of selected system page `i` (held in staging while it
+    /// migrates); `None` for other entries.
+    pub fn src_bytes(&self, i: usize) -> Option<&[u8]> {
+        let e = self.entries.get(i)?;
+        if !e.migrate || e.src != MigrateSrc::System {
+            return None;
+        }
+        let run = self.run.as_ref()?;
+        let staging = self.shared.staging().ok()?;
+        let addr = self.range.start().checked_add(i * PAGE_SIZE)?;
+        Some(staging.page(staging.slot(run, addr)))
+    }
+
+    /// Page `i` goes to device page `pfn`, whose reference the migration
+    /// takes (it is freed through the owner's pagemap if the page does not
+    /// migrate). Ignored for entries not selected or not from system memory.
+    pub fn set_device_dst(&mut self, i: usize, pfn: DevicePfn) {
+        if let Some(e) = self.entries.get_mut(i)
+            && e.migrate
+            && matches!(e.src, MigrateSrc::System | MigrateSrc::Zero)
+            && !self.committed
+        {
+            if let MigrateDst::Device(old) = e.dst {
+                self.shared.put_device_page(self.owner, old);
+            }
+            e.dst = MigrateDst::Device(pfn);
+        }
+    }
+
+    /// Page `i` does not migrate after all (its dst is dropped).
+    pub fn skip(&mut self, i: usize) {
+        if let Some(e) = self.entries.get_mut(i)
+            && !self.committed
+        {
+            if let MigrateDst::Device(old) = e.dst {
+                self.shared.put_device_page(self.owner, old);
+            }
+            e.dst = MigrateDst::None;
+        }
+    }
+
+    /// For the way back: a system page for every selected device page,
+    /// as (index, bytes to fill). Each entry's dst becomes
+    /// [`MigrateDst::System`]; [`skip`](Self::skip) one whose copy failed.
+    ///
+    /// # Errors
+    ///
+    /// [`MigrateError::Staging`] if staging cannot take the range.
+    pub fn system_dsts(&mut self) -> Result<Vec<(usize, &mut [u8])>, MigrateError> {
+        if self.committed {
+            return Ok(Vec::new());
+        }
+        let staging = self.shared.staging()?;
+        let run = match self.run {
+            Some(r) => r,
+            None => {
+                let r = staging.alloc(self.range, self.blockable)?;
+                self.run = Some(r);
+                r
+            }
+        };
+        let idx: Vec<usize> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.migrate && e.how == How::Device)
+            .map(|(i, _)| i)
+            .collect();
+        // Back the slots in one go (a 2 MiB run becomes one THP).
+        let addrs: Vec<VirtAddr> = idx
+            .iter()
+            .map(|&i| VirtAddr::new(self.range.start().get() + i * PAGE_SIZE))
+            .collect();
+        for r in super::pagemap::runs(&addrs, usize::MAX >> 1) {
+            let _ = mem::populate(staging.slots(&run, r), true);
+        }
+        self.run_dirty = !idx.is_empty();
+        for &i in &idx {
+            self.entries[i].dst = MigrateDst::System;
+        }
+        let slots: Vec<VirtAddr> = addrs.iter().map(|&a| staging.slot(&run, a)).collect();
+        Ok(idx.into_iter().zip(staging.pages_mut(&slots)).collect())
+    }
+
+    /// Commits: pages with a dst migrate. Afterwards
+    /// [`migrated`](Self::migrated) says which did.
+    pub fn pages(&mut self) {
+        if self.committed {
+            return;
+        }
+        self.committed = true;
+        let to_device: Vec<usize> = self.indices(|e| matches!(e.dst, MigrateDst::Device(_)));
+        let to_system: Vec<usize> = self.indices(|e| e.dst == MigrateDst::System);
+        for e in &mut self.entries {
+            if e.dst == MigrateDst::None {
+                e.migrate = false;
+            }
+        }
+        if !to_device.is_empty() {
+            self.commit_to_device(&to_device);
+        }
+        if !to_system.is_empty() {
+            self.commit_to_system(&to_system);
+        }
+    }
+
+    fn indices(&self, pick: impl Fn(&Entry) -> bool) -> Vec<usize> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.migrate && pick(e))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn addr(&self, i: usize) -> VirtAddr {
+        VirtAddr::new(self.range.start().get() + i * PAGE_SIZE)
+    }
+
+    fn commit_to_device(&mut self, idx: &[usize]) {
+        // Copied pages are still mapped (write-protected): drop them now.
+        let copied: Vec<VirtAddr> = idx
+            .iter()
+            .filter(|&&i| self.entries[i].how == How::Copied)
+            .map(|&i| self.addr(i))
+            .collect();
+        for r in super::pagemap::runs(&copied, usize::MAX >> 1) {
+            if self.shared.discard_own(r).is_err() {
+                for a in r.pages() {
+                    let i = self.index(a);
+                    self.entries[i].migrate = false;
+                }
+            }
+        }
+        let mut regions = lock(&self.shared.regions);
+        for &i in idx {
+            let e = self.entries[i];
+            let MigrateDst::Device(pfn) = e.dst else {
+                continue;
+            };
+            let addr = self.addr(i);
+            // Not taken out of the page table, or unmapped meanwhile (the
+            // state was dropped): nothing to commit.
+            if !e.migrate
+                || e.how == How::None
+                || regions.states.get(addr) != Stored::Migrating(self.owner)
+            {
+                self.entries[i].migrate = false;
+                continue;
+            }
+            if regions
+                .states
+                .set(addr, Stored::Device(self.owner, pfn))
+                .is_err()
+            {
+                self.entries[i].migrate = false;
+            }
+        }
+    }
+
+    fn commit_to_system(&mut self, idx: &[usize]) {
+        let (Some(run), Ok(staging)) = (self.run, self.shared.staging()) else {
+            for &i in idx {
+                self.entries[i].migrate = false;
+            }
+            return;
+        };
+        let addrs: Vec<VirtAddr> = idx.iter().map(|&i| self.addr(i)).collect();
+        let mut freed = Vec::new();
+        for r in super::pagemap::runs(&addrs, usize::MAX >> 1) {
+            let still = {
+                let regions = lock(&self.shared.regions);
+                r.pages()
+                    .all(|a| regions.states.get(a) == Stored::Migrating(self.owner))
+            };
+            let done = if still {
+                self.install(r, staging.slots(&run, r))
+            } else {
+                0
+            };
+            let mut regions = lock(&self.shared.regions);
+            for (k, a) in r.pages().enumerate() {
+                let i = self.index(a);
+                if k * PAGE_SIZE < done {
+                    let _ = regions.states.set(a, Stored::Cpu);
+                    if let MigrateSrc::Device(pfn) = self.entries[i].src {
+                        freed.push(pfn);
+                    }
+                } else {
+                    self.entries[i].migrate = false;
+                }
+            }
+        }
+        for pfn in freed {
+            self.shared.put_device_page(self.owner, pfn);
+        }
+    }
+
+    /// Puts the staged pages `slots` at `r` (holes there, since every CPU
+    /// access waits) and wakes whoever waits on them; returns the bytes done.
+    fn install(&self, r: PageRange, slots: PageRange) -> usize {
+        let copy = r.pages().any(|a| self.copy_install[self.index(a)]);
+        let res = if copy {
+            self.shared.uffd.copy(r, slots.start(), CopyMode::empty())
+        } else {
+            self.shared.move_pages(r, slots.start(), MoveMode::empty())
+        };
+        match res {
+            Ok(p) if p.is_complete() => r.len(),
+            Ok(p) if p.stop == Some(Stop::Exists) => p.done,
+            Ok(p) => p.done,
+            Err(_) => 0,
+        }
+    }
+
+    /// Whether page `i` migrated (after [`pages`](Self::pages)).
+    pub fn migrated(&self, i: usize) -> bool {
+        self.committed && self.entries.get(i).is_some_and(|e| e.migrate)
+    }
+
+    /// Pages that migrated.
+    pub fn migrated_count(&self) -> usize {
+        if self.committed {
+            self.entries.iter().filter(|e| e.migrate).count()
+        } else {
+            0
+        }
+    }
+
+    /// Ends the migration: what did not migrate is put back as it was, the
+    /// invalidation ends, and CPU accesses that waited go on.
+    pub fn finalize(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.committed = true;
+        let staging = self.shared.staging().ok();
+        // Put back what did not migrate.
+        let mut restore_moved = Vec::new();
+        let mut unprotect = Vec::new();
+        let mut unused_dst = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            let addr = self.addr(i);
+            if e.how == How::Copied {
+                unprotect.push(addr);
+            }
+            if let (false, MigrateDst::Device(pfn)) = (e.migrate, e.dst) {
+                unused_dst.push(pfn);
+            }
+            if e.migrate || e.src == MigrateSrc::None {
+                continue;
+            }
+            match e.how {
+                How::Moved => restore_moved.push(addr),
+                How::Device | How::Copied | How::None => {}
+            }
+        }
+        if let (Some(run), Some(staging)) = (self.run, staging) {
+            for r in super::pagemap::runs(&restore_moved, usize::MAX >> 1) {
+                let _ = self.shared.move_pages(
+                    r,
+                    staging.slots(&run, r).start(),
+                    MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
+                );
+            }
+        }
+        {
+            let mut regions = lock(&self.shared.regions);
+            for (i, e) in self.entries.iter().enumerate() {
+                if e.migrate || e.src == MigrateSrc::None {
+                    continue;
+                }
+                let addr = self.addr(i);
+                if regions.states.get(addr) != Stored::Migrating(self.owner) {
+                    continue;
+                }
+                let back = match e.src {
+                    MigrateSrc::Device(pfn) => Stored::Device(self.owner, pfn),
+                    _ => Stored::Cpu,
+                };
+                let _ = regions.states.set(addr, back);
+            }
+        }
+        for r in super::pagemap::runs(&unprotect, usize::MAX >> 1) {
+            let _ = self.shared.uffd.write_protect(r, false, true);
+        }
+        for pfn in unused_dst {
+            self.shared.put_device_page(self.owner, pfn);
+        }
+        if let (Some(run), Some(staging)) = (self.run.take(), staging) {
+            staging.free(run, self.run_dirty, self.blockable);
+        }
+        // End the invalidation, let the fork gate go, and have the service
+        // look at the faults that waited for these pages.
+        self.guard.take();
+        self.shared.gate.leave();
+        let _ = self.shared.uffd.wake(self.range);
+        self.shared.poke();
+    }
+}
+
+impl Drop for MigrateVma<'_> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn vma_of(vmas: &[Vma], addr: VirtAddr) -> Option<&Vma> {
+    vmas.iter().find(|v| v.range.contains(addr))
+}
+
+/// Private memory whose pages can migrate: anonymous, or a private
+/// mapping of a shmem file when MINOR faults are available (a page dropped
+/// from it must fault, not be refilled from the page cache). Shared memory
+/// cannot migrate (as in the kernel), nor private mappings of other files.
+fn private(shared: &Shared, vma: &Vma) -> bool {
+    match vma.kind() {
+        VmaKind::AnonPrivate => true,
+        VmaKind::File => {
+            !vma.shared && vma.is_shmem() && shared.uffd.features().contains(Features::MINOR_SHMEM)
+        }
+        _ => false,
+    }
+}
+
+/// Pages `UFFDIO_MOVE` can take: private anonymous, read-write.
+fn movable(vma: &Vma) -> bool {
+    vma.kind() == VmaKind::AnonPrivate && vma.perms.contains(Prot::READ | Prot::WRITE)
+}
+
+/// The kernel's checks: mapped without gaps, readable, not hugetlb.
+fn check_vmas(range: PageRange, vmas: &[Vma]) -> Result<(), &'static str> {
+    let mut cursor = range.start();
+    for v in vmas {
+        if v.range.start() > cursor {
+            return Err("it has a gap (an unmapped part)");
+        }
+        if !v.perms.contains(Prot::READ) {
+            return Err("part of it is not readable (PROT_NONE)");
+        }
+        match v.kind() {
+            VmaKind::Hugetlb { .. } => return Err("hugetlb memory does not migrate"),
+            VmaKind::Special => return Err("a special mapping"),
+            _ => {}
+        }
+        cursor = cursor.max(v.range.end());
+    }
+    if cursor < range.end() {
+        return Err("it has a gap (an unmapped part)");
+    }
+    Ok(())
+}

@@ -1,0 +1,469 @@
+//! [`DevicePagemap`]: the device memory of one owner (the kernel's
+//! `dev_pagemap` of type `MEMORY_DEVICE_PRIVATE`).
+
+use super::migrate::{MigrateError, MigrateVma, Select};
+use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
+use crate::mm::service::Shared;
+use crate::mm::state::Stored;
+use crate::mm::{Mm, Owner, lock_poisoned as lock};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a device does for its device memory (the kernel's
+/// `dev_pagemap_ops`).
+pub trait DevicePagemapOps: Send + Sync + fmt::Debug {
+    /// The last reference to device page `pfn` went (its virtual page was
+    /// unmapped, discarded, or migrated back): the device may reuse it.
+    fn page_free(&self, pfn: DevicePfn);
+
+    /// A CPU access touched device-resident pages: migrate the pages of
+    /// this owner in `fault.range()` back to system memory, with
+    /// [`DeviceFault::migrate`] and the device's copy engine. Called by the
+    /// fault service (then `fault.blockable()` is false: do not wait for
+    /// locks a faulting thread may hold; return [`FaultError::Retry`]
+    /// instead), and by eviction and fork (blockable).
+    ///
+    /// # Errors
+    ///
+    /// [`FaultError::Retry`] to be called again shortly; the other errors
+    /// are retried too (a CPU access cannot fail), and counted.
+    fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), FaultError>;
+
+    /// Device pages `first .. first + npages` are about to be handed out
+    /// for the first time (the pagemap grows by a chunk): make their
+    /// backing ready.
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::Grow`] if the device cannot back them; the
+    /// allocation that needed them fails with it.
+    fn add_chunk(&self, first: DevicePfn, npages: usize) -> Result<(), DevmemError> {
+        let _ = (first, npages);
+        Ok(())
+    }
+}
+
+/// Why bringing device pages back failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultError {
+    /// Try again later (a lock was busy and the caller cannot block).
+    #[error("retry later")]
+    Retry,
+    /// No system memory for the pages.
+    #[error("out of memory")]
+    NoMemory,
+    /// The device failed (the kernel's `VM_FAULT_SIGBUS`).
+    #[error("device failure: {0}")]
+    Device(String),
+}
+
+impl From<MigrateError> for FaultError {
+    fn from(e: MigrateError) -> Self {
+        match e {
+            MigrateError::Retry { .. } => FaultError::Retry,
+            e => FaultError::Device(e.to_string()),
+        }
+    }
+}
+
+/// Why device memory could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DevmemError {
+    /// Every page of every chunk the pagemap may have is in use.
+    #[error("device memory exhausted: {in_use} of {capacity} pages in use ({wanted} more wanted)")]
+    Exhausted {
+        /// Pages in use.
+        in_use: usize,
+        /// Pages the pagemap may ever have.
+        capacity: usize,
+        /// Pages asked for.
+        wanted: usize,
+    },
+    /// The device could not back a new chunk.
+    #[error("the device could not add a chunk of memory: {reason}")]
+    Grow {
+        /// Why.
+        reason: String,
+    },
+    /// `DevicePfn` given that this pagemap never handed out.
+    #[error("{pfn} is not an allocated page of this pagemap")]
+    BadPfn {
+        /// The page.
+        pfn: DevicePfn,
+    },
+}
+
+/// How a [`DevicePagemap`] grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagemapConfig {
+    /// Pages per chunk (the kernel's test driver uses 256 MiB chunks).
+    pub chunk_pages: usize,
+    /// Chunks at most: the device's memory size is
+    /// `chunk_pages * max_chunks` pages.
+    pub max_chunks: usize,
+}
+
+impl Default for PagemapConfig {
+    fn default() -> Self {
+        Self {
+            chunk_pages: (256 << 20) / PAGE_SIZE,
+            max_chunks: 64,
+        }
+    }
+}
+
+/// What a pagemap has counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PagemapStats {
+    /// Chunks added.
+    pub chunks: usize,
+    /// Device pages in use (referenced).
+    pub in_use: usize,
+    /// Pages allocated, ever.
+    pub allocated: u64,
+    /// Pages freed (`page_free`), ever.
+    pub freed: u64,
+    /// Pages brought back by CPU faults and evictions.
+    pub faulted_back: u64,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    refs: Vec<u32>,
+    free: Vec<u64>,
+    chunks: usize,
+    in_use: usize,
+}
+
+/// The shared part, found by the fault service through the owner.
+#[derive(Debug)]
+pub(crate) struct PagemapInner {
+    pub(crate) owner: Owner,
+    pub(crate) ops: Arc<dyn DevicePagemapOps>,
+    config: PagemapConfig,
+    pool: Mutex<Pool>,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+    pub(crate) faulted_back: AtomicU64,
+}
+
+impl PagemapInner {
+    /// Drops one reference to `pfn`; the last one frees it.
+    pub(crate) fn put(&self, pfn: DevicePfn) {
+        let freed = {
+            let mut p = lock(&self.pool);
+            match p.refs.get_mut(pfn.0 as usize) {
+                Some(r) if *r > 0 => {
+                    *r -= 1;
+                    if *r == 0 {
+                        p.free.push(pfn.0);
+                        p.in_use -= 1;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                _ => false,
+            }
+        };
+        if freed {
+            self.freed.fetch_add(1, Ordering::Relaxed);
+            self.ops.page_free(pfn);
+        }
+    }
+}
+
+/// Device memory of one owner: device pages, named by [`DevicePfn`],
+/// handed out from chunks that are added as they are needed, and
+/// reference-counted — a page referenced by a virtual page stays in use
+/// until that page is unmapped, discarded or migrated back, and then
+/// [`DevicePagemapOps::page_free`] is called.
+///
+/// The pagemap also makes the owner's device pages reachable for CPU
+/// faults: the fault service finds `migrate_to_ram` through the owner
+/// stored with each device-resident page. Dropping the pagemap (or
+/// [`evict_all`](Self::evict_all)) brings every page home first.
+pub struct DevicePagemap {
+    inner: Arc<PagemapInner>,
+    mm: Mm,
+}
+
+impl fmt::Debug for DevicePagemap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevicePagemap")
+            .field("owner", &self.inner.owner)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// A CPU access (or an eviction) that needs device pages back.
+#[derive(Debug)]
+pub struct DeviceFault<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) owner: Owner,
+    pub(crate) range: PageRange,
+    pub(crate) addr: Option<VirtAddr>,
+    pub(crate) blockable: bool,
+}
+
+impl<'a> DeviceFault<'a> {
+    /// The pages to bring back (those of the owner in it): the faulting
+    /// page and the neighbourhood the fault policy chose.
+    pub fn range(&self) -> PageRange {
+        self.range
+    }
+
+    /// The address the CPU touched (`None` for an eviction).
+    pub fn addr(&self) -> Option<VirtAddr> {
+        self.addr
+    }
+
+    /// Whether the caller may block (false on the fault service).
+    pub fn blockable(&self) -> bool {
+        self.blockable
+    }
+
+    /// The owner whose pages come back.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// Sets up the migration of this owner's device pages in
+    /// [`range`](Self::range) back to system memory.
+    ///
+    /// # Errors
+    ///
+    /// As [`MigrateVma::setup`].
+    pub fn migrate(&self) -> Result<MigrateVma<'a>, MigrateError> {
+        MigrateVma::setup_in(
+            self.shared,
+            self.range,
+            Select::DEVICE_PRIVATE,
+            self.owner,
+            self.blockable,
+        )
+    }
+}
+
+impl DevicePagemap {
+    /// Device memory for `owner` in `mm`'s address space, empty until the
+    /// first allocation adds a chunk.
+    pub fn new(
+        mm: &Mm,
+        owner: Owner,
+        ops: Arc<dyn DevicePagemapOps>,
+        config: PagemapConfig,
+    ) -> DevicePagemap {
+        let inner = Arc::new(PagemapInner {
+            owner,
+            ops,
+            config,
+            pool: Mutex::new(Pool::default()),
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            faulted_back: AtomicU64::new(0),
+        });
+        mm.shared().add_pagemap(&inner);
+        DevicePagemap {
+            inner,
+            mm: mm.clone(),
+        }
+    }
+
+    /// The owner.
+    pub fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    /// Pages the pagemap may ever hand out.
+    pub fn capacity(&self) -> usize {
+        self.inner.config.chunk_pages * self.inner.config.max_chunks
+    }
+
+    /// What it has counted.
+    pub fn stats(&self) -> PagemapStats {
+        let p = lock(&self.inner.pool);
+        PagemapStats {
+            chunks: p.chunks,
+            in_use: p.in_use,
+            allocated: self.inner.allocated.load(Ordering::Relaxed),
+            freed: self.inner.freed.load(Ordering::Relaxed),
+            faulted_back: self.inner.faulted_back.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `n` free device pages, each with one reference, lowest first: all
+    /// of them or none.
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::Exhausted`] when fewer than `n` can be had;
+    /// [`DevmemError::Grow`] when the device cannot back a new chunk.
+    pub fn alloc(&self, n: usize) -> Result<Vec<DevicePfn>, DevmemError> {
+        let cfg = self.inner.config;
+        let mut p = lock(&self.inner.pool);
+        while p.free.len() < n {
+            if p.chunks >= cfg.max_chunks {
+                return Err(DevmemError::Exhausted {
+                    in_use: p.in_use,
+                    capacity: cfg.chunk_pages * cfg.max_chunks,
+                    wanted: n,
+                });
+            }
+            let first = (p.chunks * cfg.chunk_pages) as u64;
+            self.inner
+                .ops
+                .add_chunk(DevicePfn(first), cfg.chunk_pages)?;
+            p.chunks += 1;
+            let total = p.chunks * cfg.chunk_pages;
+            p.refs.resize(total, 0);
+            // Popped from the end: lowest page numbers first.
+            p.free.extend((first..first + cfg.chunk_pages as u64).rev());
+        }
+        let at = p.free.len() - n;
+        let mut pages: Vec<DevicePfn> = p.free.drain(at..).rev().map(DevicePfn).collect();
+        pages.sort_unstable();
+        for pfn in &pages {
+            p.refs[pfn.0 as usize] = 1;
+        }
+        p.in_use += n;
+        drop(p);
+        self.inner.allocated.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(pages)
+    }
+
+    /// One more reference to `pfn`.
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::BadPfn`] if the page is not in use.
+    pub fn get(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
+        let mut p = lock(&self.inner.pool);
+        match p.refs.get_mut(pfn.0 as usize) {
+            Some(r) if *r > 0 => {
+                *r += 1;
+                Ok(())
+            }
+            _ => Err(DevmemError::BadPfn { pfn }),
+        }
+    }
+
+    /// One reference less to `pfn`; the last one frees the page
+    /// ([`DevicePagemapOps::page_free`]).
+    pub fn put(&self, pfn: DevicePfn) {
+        self.inner.put(pfn);
+    }
+
+    /// Brings every page of this owner back to system memory (the kernel's
+    /// `migrate_device_range` over the whole pagemap): device removal or
+    /// shrink loses nothing. Waits for migrations of the owner that are in
+    /// flight.
+    ///
+    /// # Errors
+    ///
+    /// [`FaultError`] if the device keeps failing to give pages back for
+    /// ten seconds; the pages not brought back stay on the device.
+    pub fn evict_all(&self) -> Result<(), FaultError> {
+        evict(self.mm.shared(), &self.inner, None, true)
+    }
+}
+
+impl Drop for DevicePagemap {
+    fn drop(&mut self) {
+        // Nothing may be lost: keep trying while the device gives pages
+        // back; what it cannot is lost with it, as for a device that dies.
+        let _ = self.evict_all();
+        self.mm.shared().remove_pagemap(self.inner.owner);
+    }
+}
+
+/// Brings the pages of `pm`'s owner in `within` (everywhere if `None`)
+/// home, in runs of contiguous pages of at most 2 MiB.
+pub(crate) fn evict(
+    shared: &Shared,
+    pm: &PagemapInner,
+    within: Option<PageRange>,
+    blockable: bool,
+) -> Result<(), FaultError> {
+    let owner = pm.owner;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found: Vec<(VirtAddr, Stored)> = {
+            let regions = lock(&shared.regions);
+            let pick =
+                |s: Stored| matches!(s, Stored::Device(o, _) | Stored::Migrating(o) if o == owner);
+            match within {
+                Some(r) => regions
+                    .states
+                    .entries(r)
+                    .into_iter()
+                    .filter(|&(_, s)| pick(s))
+                    .collect(),
+                None => regions.states.find(pick),
+            }
+        };
+        if found.is_empty() {
+            return Ok(());
+        }
+        let pages: Vec<VirtAddr> = found
+            .iter()
+            .filter(|(_, s)| matches!(s, Stored::Device(..)))
+            .map(|&(a, _)| a)
+            .collect();
+        if pages.is_empty() {
+            // Only pages in flight: wait for their migrations to end.
+            if Instant::now() > deadline {
+                return Err(FaultError::Device(
+                    "device pages are still migrating after 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let mut last = Ok(());
+        for run in runs(&pages, super::migrate::EVICT_RUN) {
+            let fault = DeviceFault {
+                shared,
+                owner,
+                range: run,
+                addr: None,
+                blockable,
+            };
+            if let Err(e) = pm.ops.migrate_to_ram(&fault) {
+                last = Err(e);
+            }
+        }
+        if Instant::now() > deadline {
+            return last.and(Err(FaultError::Device(
+                "device pages could not be brought back within 10 s".into(),
+            )));
+        }
+        if last.is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Sorted page addresses as runs of contiguous pages, each at most
+/// `max` bytes and not crossing a `max`-aligned boundary.
+pub(crate) fn runs(pages: &[VirtAddr], max: usize) -> Vec<PageRange> {
+    let mut out: Vec<PageRange> = Vec::new();
+    for &a in pages {
+        if let Some(last) = out.last_mut()
+            && last.end() == a
+            && last.len() < max
+            && !a.is_aligned(max)
+            && let Ok(grown) = PageRange::new(last.start(), last.len() + PAGE_SIZE)
+        {
+            *last = grown;
+            continue;
+        }
+        if let Ok(r) = PageRange::new(a, PAGE_SIZE) {
+            out.push(r);
+        }
+    }
+    out
+}

@@ -1,0 +1,145 @@
+//! How the fault service resolves a page fault on managed memory.
+//!
+//! A fault reaches the service only in an armed region (one that device
+//! memory or exclusive access has been used in), or on a page uhmm
+//! write-protected while it copies it. What the page's state says:
+//!
+//! - *Migrating*: the fault waits (is parked) until the migration ends;
+//! - *Device*: the owner's `migrate_to_ram` brings back the block of pages
+//!   around it that the fault policy chooses, installing them atomically
+//!   and waking every thread waiting on them;
+//! - *Exclusive*: the device loses its exclusive access (an Exclusive
+//!   invalidation) and the page comes back;
+//! - otherwise it is a plain hole (or a page whose write protection was
+//!   lifted): it is filled as the kernel would (the zero page for a read,
+//!   a zeroed page for a write, the page-cache page for a minor fault).
+//!
+//! Nothing here blocks on a lock a faulting thread can hold: callbacks run
+//! in non-blocking mode and a fault that cannot be served now is parked and
+//! served again on the next turn of the service loop.
+
+use super::service::{Shared, lock};
+use super::state::Stored;
+use crate::addr::{PAGE_SIZE, PageRange};
+use crate::devmem::pagemap::DeviceFault;
+use crate::sys::uffd::{ContinueMode, CopyMode, FaultFlags, OpError, PageFault, Progress, Stop};
+use std::sync::atomic::Ordering;
+
+/// What became of a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// Resolved (or found resolved); the thread was woken.
+    Done,
+    /// Not now: serve it again later.
+    Park,
+}
+
+/// A zeroed page, the source for write faults on holes.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
+    let Some(page) = f.page() else {
+        return Served::Done;
+    };
+    let regions = lock(&shared.regions);
+    let Some((region, _)) = regions.containing(page) else {
+        // Unmanaged meanwhile (unregistered or unmapped): let it retry.
+        drop(regions);
+        let _ = shared.uffd.wake(page);
+        return Served::Done;
+    };
+    match regions.states.get(page.start()) {
+        Stored::Migrating(_) => Served::Park,
+        Stored::Cpu if f.flags.contains(FaultFlags::WP) => {
+            drop(regions);
+            let _ = shared.uffd.write_protect(page, false, true);
+            Served::Done
+        }
+        // Filled under the region lock: a migration records its pages
+        // Migrating under it before taking them out, so a hole is never
+        // filled behind a migration's back.
+        Stored::Cpu => fill_hole(shared, page, f.flags),
+        Stored::Device(owner, _) => {
+            drop(regions);
+            let block = shared.fault_block.load(Ordering::Relaxed).max(PAGE_SIZE);
+            let start = page.start().align_down(block).max(region.start());
+            let end = page
+                .start()
+                .align_down(block)
+                .checked_add(block)
+                .map_or(region.end(), |e| e.min(region.end()));
+            let Ok(range) = PageRange::from_bounds(start, end) else {
+                return Served::Park;
+            };
+            let Some(pm) = shared.device_pagemap(owner) else {
+                // Its device memory is gone without giving the page back:
+                // the data is lost with the device. Never leave the thread
+                // hanging; it reads zeros.
+                let _ = lock(&shared.regions).states.set(page.start(), Stored::Cpu);
+                let _ = shared.uffd.wake(page);
+                return Served::Park;
+            };
+            let fault = DeviceFault {
+                shared,
+                owner,
+                range,
+                addr: Some(f.addr),
+                blockable: false,
+            };
+            if pm.ops.migrate_to_ram(&fault).is_ok() {
+                pm.faulted_back.fetch_add(1, Ordering::Relaxed);
+            }
+            // Served once the page is back; otherwise (the device asked to
+            // retry, or failed) look again on the next turn.
+            match lock(&shared.regions).states.get(page.start()) {
+                Stored::Cpu => Served::Done,
+                _ => Served::Park,
+            }
+        }
+        Stored::Exclusive(owner, hold) => {
+            drop(regions);
+            match crate::devmem::exclusive::revoke(shared, page, owner, hold, false) {
+                Ok(()) => Served::Done,
+                Err(()) => Served::Park,
+            }
+        }
+    }
+}
+
+/// Fills a hole the CPU touched, as the kernel would have without uhmm.
+fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> Served {
+    let res: Result<Progress, OpError> = if flags.contains(FaultFlags::MINOR) {
+        shared.uffd.continue_range(page, ContinueMode::empty())
+    } else if flags.contains(FaultFlags::WRITE) {
+        shared.uffd.copy(
+            page,
+            crate::VirtAddr::from_ptr(ZERO_PAGE.as_ptr()),
+            CopyMode::empty(),
+        )
+    } else {
+        match shared.uffd.zeropage(page, true) {
+            // Not on this memory (shmem): a zeroed copy then.
+            Err(OpError::Invalid { .. }) => shared.uffd.copy(
+                page,
+                crate::VirtAddr::from_ptr(ZERO_PAGE.as_ptr()),
+                CopyMode::empty(),
+            ),
+            r => r,
+        }
+    };
+    match res {
+        Ok(p) => match p.stop {
+            None => Served::Done,
+            // The layout is changing: read those events first.
+            Some(Stop::LayoutChanging) => Served::Park,
+            Some(_) => {
+                let _ = shared.uffd.wake(page);
+                Served::Done
+            }
+        },
+        Err(_) => {
+            let _ = shared.uffd.wake(page);
+            Served::Done
+        }
+    }
+}
