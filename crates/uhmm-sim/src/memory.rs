@@ -191,10 +191,7 @@ impl SimDevice {
         npages: usize,
     ) -> Result<(Vec<u8>, crate::CmdResult), SimError> {
         let range = command_range(addr, npages)?;
-        self.check_released()?;
-        for part in parts(range) {
-            self.migrate_part_to_device(part)?;
-        }
+        self.migrate_range_to_device(addr, npages)?;
         {
             let table = self.mirror.lock();
             if let Some(a) = range.pages().find(|&a| table.get(a) & DEV == 0) {
@@ -204,6 +201,32 @@ impl SimDevice {
         let (data, mut res) = self.read(addr, npages)?;
         res.faults = 0;
         Ok((data, res))
+    }
+
+    /// The migration half of [`migrate_to_device`](Self::migrate_to_device),
+    /// without the read-back: returns the pages that moved into device
+    /// memory.
+    ///
+    /// # Errors
+    ///
+    /// As `migrate_to_device`, but for `NotMigrated`.
+    pub fn migrate_range_to_device(&self, addr: VirtAddr, npages: usize) -> Result<u64, SimError> {
+        let range = command_range(addr, npages)?;
+        self.check_released()?;
+        let before = self
+            .mirror
+            .counters
+            .migrated_to_device
+            .load(Ordering::Relaxed);
+        for part in parts(range) {
+            self.migrate_part_to_device(part)?;
+        }
+        Ok(self
+            .mirror
+            .counters
+            .migrated_to_device
+            .load(Ordering::Relaxed)
+            - before)
     }
 
     fn migrate_part_to_device(&self, part: PageRange) -> Result<(), SimError> {

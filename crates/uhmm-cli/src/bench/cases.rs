@@ -30,6 +30,8 @@ pub struct Sizes {
     curve: Vec<usize>,
     /// Samples of the single-page latency case.
     latency_samples: usize,
+    /// Sizes of the migration table.
+    migrate: Vec<usize>,
 }
 
 impl Sizes {
@@ -40,6 +42,16 @@ impl Sizes {
             reps: 7,
             curve: (0..=11).map(|i| (512 << 10) << i).collect(),
             latency_samples: 3000,
+            migrate: vec![
+                512 << 10,
+                1 << 20,
+                2 << 20,
+                4 << 20,
+                8 << 20,
+                16 << 20,
+                256 << 20,
+                1 << 30,
+            ],
         }
     }
 
@@ -50,6 +62,7 @@ impl Sizes {
             reps: 3,
             curve: (0..=6).map(|i| (512 << 10) << i).collect(),
             latency_samples: 300,
+            migrate: vec![512 << 10, 2 << 20, 8 << 20],
         }
     }
 }
@@ -92,6 +105,21 @@ pub const ALL: &[Case] = &[
         name: "copy",
         title: "CPU copy engine vs memcpy",
         run: copy_engine,
+    },
+    Case {
+        name: "fault-back",
+        title: "CPU touch of a device-resident page vs a bare MISSING + COPY round trip",
+        run: fault_back,
+    },
+    Case {
+        name: "seq-read",
+        title: "sequential CPU read of device-resident memory vs memcpy",
+        run: seq_read,
+    },
+    Case {
+        name: "migrate",
+        title: "migration to the device and back by size, with and without THP, vs memcpy",
+        run: migrate_sizes,
     },
     Case {
         name: "metadata",
@@ -417,4 +445,231 @@ fn copy_engine(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
         target: Target::None,
     });
     Ok(())
+}
+
+/// A bare userfaultfd server: one thread answering MISSING faults on its
+/// own registered mapping with `UFFDIO_COPY` of a page (the baseline of
+/// the fault-back case).
+fn bare_missing_server(
+    map: &Mapping,
+) -> Result<
+    (
+        std::thread::JoinHandle<()>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ),
+    Box<dyn Error>,
+> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use uhmm::sys::uffd::{CopyMode, Event, RegisterMode, Uffd};
+    let uffd = Uffd::builder().open()?;
+    uffd.register(map, map.range(), RegisterMode::MISSING)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let src = vec![7u8; PAGE_SIZE];
+        let mut events = Vec::with_capacity(64);
+        while !st.load(Ordering::Relaxed) {
+            if !uffd
+                .wait(Some(std::time::Duration::from_millis(20)))
+                .unwrap_or(false)
+            {
+                continue;
+            }
+            if uffd.read_events(&mut events).is_err() {
+                continue;
+            }
+            for e in events.drain(..) {
+                if let Event::PageFault(f) = e
+                    && let Some(page) = f.page()
+                {
+                    let _ = uffd.copy(
+                        page,
+                        uhmm::VirtAddr::from_ptr(src.as_ptr()),
+                        CopyMode::empty(),
+                    );
+                }
+            }
+        }
+    });
+    Ok((handle, stop))
+}
+
+fn fault_back(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    use std::sync::atomic::Ordering;
+    let n = s.latency_samples;
+    let mm = Mm::new()?;
+    mm.set_fault_block(PAGE_SIZE);
+    let region = mm.alloc((n + 1) * PAGE_SIZE, Backing::AnonPrivate)?;
+    cpu::touch_pages(region.range());
+    let dev = SimDevice::new(&mm);
+    dev.migrate_range_to_device(region.range().start(), n + 1)?;
+    let bare = Mapping::anon((n + 1) * PAGE_SIZE)?;
+    let (server, stop) = bare_missing_server(&bare)?;
+    let mut raw = Vec::with_capacity(n);
+    let mut back = Vec::with_capacity(n);
+    // Alternate, page by page; page 0 of each is the warm-up.
+    for i in 0..=n {
+        let a = bare.range().page(i).ok_or("page")?.start();
+        let (t_raw, v) = time(|| cpu::read_byte(a));
+        let b = region.range().page(i).ok_or("page")?.start();
+        let (t_back, w) = time(|| cpu::read_byte(b));
+        if v != 7 || w != 1 {
+            return Err("a faulted page read the wrong byte".into());
+        }
+        if i > 0 {
+            raw.push(t_raw.as_nanos() as f64);
+            back.push(t_back.as_nanos() as f64);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    out.charts.push(Chart::Histogram {
+        file: "fault_back_latency.svg",
+        title: "CPU touch of a device-resident page (ns)".into(),
+        samples_ns: back.clone(),
+    });
+    out.rows.push(Row {
+        case: "CPU touch of a device-resident 4 KiB page (fault block 4 KiB)".into(),
+        unit: Unit::NsPerPage,
+        subject: Summary::of(back),
+        baseline_name: "bare MISSING + UFFDIO_COPY",
+        baseline: Some(Summary::of(raw)),
+        target: Target::AtMost(1.3),
+    });
+    Ok(())
+}
+
+fn seq_read(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
+    let mm = Mm::new()?;
+    let len = s.big;
+    let region = mm.alloc_mapping(Mapping::builder(len).align(2 << 20))?;
+    cpu::touch_pages(region.range());
+    let dev = SimDevice::new(&mm);
+    let src = vec![3u8; len];
+    let mut dst = vec![1u8; len];
+    let npages = region.range().npages();
+    let [raw, dev_read] = rounds(s.reps, |_| {
+        let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
+        dev.migrate_range_to_device(region.range().start(), npages)?;
+        let (t_dev, sum) = time(|| cpu::sum(region.range()));
+        std::hint::black_box(sum);
+        if dev.device_pages() != 0 {
+            return Err("pages stayed on the device after a full CPU read".into());
+        }
+        Ok([rate(Unit::GBps, t_raw, len), rate(Unit::GBps, t_dev, len)])
+    })?;
+    out.rows.push(Row {
+        case: format!(
+            "sequential CPU read of device-resident memory ({}, fault block {} KiB)",
+            mib(len),
+            mm.fault_block() >> 10
+        ),
+        unit: Unit::GBps,
+        subject: Summary::of(dev_read),
+        baseline_name: "memcpy",
+        baseline: Some(Summary::of(raw)),
+        target: Target::AtLeast(0.5),
+    });
+    Ok(())
+}
+
+fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
+    use uhmm::sys::mem::Advice;
+    let mm = Mm::new()?;
+    let dev = SimDevice::new(&mm);
+    let mut series: Vec<Series> = Vec::new();
+    let mut memcpy_pts = Vec::new();
+    let mut rows = Vec::new();
+    for thp in [true, false] {
+        let mut to_dev = Vec::new();
+        let mut to_sys = Vec::new();
+        for &size in &s.migrate {
+            p.note(&format!(
+                "{} KiB, THP {}",
+                size >> 10,
+                if thp { "on" } else { "off" }
+            ));
+            let region = mm.alloc_mapping(Mapping::builder(size).align(2 << 20))?;
+            let map = region.mapping().ok_or("no mapping")?;
+            map.advise(
+                map.range(),
+                if thp {
+                    Advice::HugePage
+                } else {
+                    Advice::NoHugePage
+                },
+            )?;
+            cpu::touch_pages(region.range());
+            let npages = region.range().npages();
+            let src = vec![3u8; size];
+            let mut dst = vec![1u8; size];
+            let reps = (s.reps * (64 << 20) / size).clamp(s.reps, 50);
+            let [raw, there, back] = rounds(reps, |_| {
+                let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
+                let (t_there, r) =
+                    time(|| dev.migrate_range_to_device(region.range().start(), npages));
+                if r? != npages as u64 {
+                    return Err("not every page migrated to the device".into());
+                }
+                let (t_back, r) = time(|| dev.migrate_to_system(region.range().start(), npages));
+                if r?.cpages != npages as u64 {
+                    return Err("not every page migrated back".into());
+                }
+                Ok([
+                    rate(Unit::GBps, t_raw, size),
+                    rate(Unit::GBps, t_there, size),
+                    rate(Unit::GBps, t_back, size),
+                ])
+            })?;
+            let raw = Summary::of(raw);
+            let there = Summary::of(there);
+            let back = Summary::of(back);
+            if thp {
+                memcpy_pts.push((size as f64, raw.p50));
+            }
+            to_dev.push((size as f64, there.p50));
+            to_sys.push((size as f64, back.p50));
+            let granule = if thp { "2 MiB THP" } else { "4 KiB pages" };
+            let target = Target::AtLeast(if thp { 0.7 } else { 0.4 });
+            for (dir, sum) in [("to device", there), ("to system", back)] {
+                rows.push(Row {
+                    case: format!("migrate {dir}, {}, {granule}", kib(size)),
+                    unit: Unit::GBps,
+                    subject: sum,
+                    baseline_name: "memcpy",
+                    baseline: Some(raw),
+                    target,
+                });
+            }
+        }
+        let tag = if thp { "THP" } else { "no THP" };
+        series.push(Series {
+            name: format!("to device, {tag}"),
+            points: to_dev,
+        });
+        series.push(Series {
+            name: format!("to system, {tag}"),
+            points: to_sys,
+        });
+    }
+    series.push(Series {
+        name: "memcpy".into(),
+        points: memcpy_pts,
+    });
+    out.rows.extend(rows);
+    out.charts.push(Chart::Curve {
+        file: "migration_bandwidth.svg",
+        title: "SimDevice migration bandwidth by size".into(),
+        y_label: "GB/s",
+        series,
+    });
+    Ok(())
+}
+
+fn kib(bytes: usize) -> String {
+    if bytes >= 1 << 20 {
+        mib(bytes)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
 }

@@ -28,3 +28,9 @@ pub fn sum(range: PageRange) -> u64 {
     }
     acc
 }
+
+/// Reads the byte at `addr` (a first touch of a page).
+pub fn read_byte(addr: uhmm::VirtAddr) -> u8 {
+    // SAFETY: `addr` lies in a readable mapping owned by the benchmark.
+    unsafe { addr.as_ptr::<u8>().read_volatile() }
+}

@@ -96,7 +96,7 @@ fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, Migrat
         .invalidate_start(&notify)
         .map_err(|_| MigrateError::Retry { range })?;
     let staging = shared.staging()?;
-    let run = staging.alloc(range, true)?;
+    let run = staging.alloc(range, super::staging::Want::Empty, true)?;
     let mut claimed = Vec::new();
     {
         let mut regions = lock(&shared.regions);

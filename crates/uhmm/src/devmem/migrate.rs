@@ -28,7 +28,7 @@
 //!    the invalidation and lets waiting CPU accesses go on.
 
 use super::pagemap::DevmemError;
-use super::staging::{Run, StagingError};
+use super::staging::{Run, StagingError, Want};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{InvalidateGuard, NotifierRange, NotifyEvent};
 use crate::mm::service::Shared;
@@ -285,7 +285,11 @@ impl<'a> MigrateVma<'a> {
 
     /// Takes the selected system pages out of the CPU page table.
     fn isolate(&mut self, pages: &[VirtAddr], vmas: &[Vma]) -> Result<(), MigrateError> {
-        let run = match self.shared.staging()?.alloc(self.range, self.blockable) {
+        let run = match self
+            .shared
+            .staging()?
+            .alloc(self.range, Want::Empty, self.blockable)
+        {
             Ok(run) => run,
             Err(e) => {
                 self.unselect_all();
@@ -553,7 +557,7 @@ impl<'a> MigrateVma<'a> {
         let run = match self.run {
             Some(r) => r,
             None => {
-                let r = staging.alloc(self.range, self.blockable)?;
+                let r = staging.alloc(self.range, Want::Fill, self.blockable)?;
                 self.run = Some(r);
                 r
             }
@@ -692,6 +696,14 @@ impl<'a> MigrateVma<'a> {
         }
         for pfn in freed {
             self.shared.put_device_page(self.owner, pfn);
+        }
+        // Every filled slot moved out (not copied): nothing is left in the
+        // run.
+        if idx
+            .iter()
+            .all(|&i| self.entries[i].migrate && !self.copy_install[i])
+        {
+            self.run_dirty = false;
         }
     }
 

@@ -25,8 +25,13 @@ use std::sync::Mutex;
 /// The block size: a PMD, so THPs keep their alignment.
 pub(crate) const BLOCK: usize = 2 << 20;
 
-/// Reserved address space (only slots in use are backed).
-const AREA: usize = 16 << 30;
+/// Reserved address space per area (only slots in use are backed).
+const AREA: usize = 8 << 30;
+
+/// Dirty blocks kept for reuse (a migration back to system memory fills
+/// slots that still hold pages without allocating); beyond this many, a
+/// freed dirty run is emptied at once.
+const KEEP_DIRTY: usize = 128;
 
 /// Why staging could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -49,53 +54,92 @@ pub enum StagingError {
     },
 }
 
+/// What the caller will do with a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// Move pages in: every slot must be a hole.
+    Empty,
+    /// Fill slots and move them out: slots that still hold pages are
+    /// welcome (no allocation needed).
+    Fill,
+}
+
 #[derive(Debug)]
-struct Blocks {
+struct Area {
+    map: Mapping,
     users: Vec<u32>,
     dirty: Vec<bool>,
-    /// Where the next search starts.
-    hint: usize,
+}
+
+#[derive(Debug)]
+struct Areas {
+    /// For whole 2 MiB blocks: THP allowed.
+    huge: Area,
+    /// For the rest: 4 KiB pages only (a THP for one page would cost a
+    /// 2 MiB allocation, and moving a page out of it a split).
+    small: Area,
+    dirty_blocks: usize,
 }
 
 /// The staging area.
 #[derive(Debug)]
 pub(crate) struct Staging {
-    map: Mapping,
-    blocks: Mutex<Blocks>,
+    areas: Mutex<Areas>,
+    /// Where each area starts (fixed), to compute slots without the lock.
+    huge_start: VirtAddr,
+    small_start: VirtAddr,
 }
 
 /// A run of blocks given to one migration (or exclusive grab) for `range`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
+    huge: bool,
     first: usize,
     count: usize,
     /// The 2 MiB-aligned address the run's first block stands for.
     origin: VirtAddr,
 }
 
+fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
+    let map = Mapping::builder(AREA)
+        .align(BLOCK)
+        .noreserve(true)
+        .build()?;
+    map.advise(map.range(), advice)?;
+    uffd.register(&map, map.range(), RegisterMode::WP)?;
+    let n = AREA / BLOCK;
+    Ok(Area {
+        map,
+        users: vec![0; n],
+        dirty: vec![false; n],
+    })
+}
+
 impl Staging {
-    /// Maps and registers the area.
+    /// Maps and registers the areas.
     pub(crate) fn new(uffd: &Uffd) -> Result<Staging, StagingError> {
-        let map = Mapping::builder(AREA)
-            .align(BLOCK)
-            .noreserve(true)
-            .build()?;
-        map.advise(map.range(), Advice::HugePage)?;
-        uffd.register(&map, map.range(), RegisterMode::WP)?;
-        let n = AREA / BLOCK;
+        let huge = area(uffd, Advice::HugePage)?;
+        let small = area(uffd, Advice::NoHugePage)?;
         Ok(Staging {
-            map,
-            blocks: Mutex::new(Blocks {
-                users: vec![0; n],
-                dirty: vec![false; n],
-                hint: 0,
+            huge_start: huge.map.range().start(),
+            small_start: small.map.range().start(),
+            areas: Mutex::new(Areas {
+                huge,
+                small,
+                dirty_blocks: 0,
             }),
         })
     }
 
-    /// A run of empty blocks for the pages of `range`. `may_clean`: the
-    /// caller is not the fault service, so dirty blocks can be emptied.
-    pub(crate) fn alloc(&self, range: PageRange, may_clean: bool) -> Result<Run, StagingError> {
+    /// A run for the pages of `range`. `may_clean`: the caller is not the
+    /// fault service, so dirty blocks can be emptied.
+    pub(crate) fn alloc(
+        &self,
+        range: PageRange,
+        want: Want,
+        may_clean: bool,
+    ) -> Result<Run, StagingError> {
+        let huge = range.start().is_aligned(BLOCK) && range.len() % BLOCK == 0;
         let origin = range.start().align_down(BLOCK);
         let span = range.end().get() - origin.get();
         let count = span.div_ceil(BLOCK);
@@ -103,47 +147,68 @@ impl Staging {
             range,
             needed: (count * BLOCK) >> 20,
         };
-        let mut b = crate::mm::lock_poisoned(&self.blocks);
-        let n = b.users.len();
+        let mut guard = crate::mm::lock_poisoned(&self.areas);
+        let areas = &mut *guard;
+        let a = if huge {
+            &mut areas.huge
+        } else {
+            &mut areas.small
+        };
+        let n = a.users.len();
         if count > n {
             return Err(full());
         }
-        let usable = |b: &Blocks, i: usize| b.users[i] == 0 && (may_clean || !b.dirty[i]);
+        // First fit, preferring blocks in the state wanted: holes to move
+        // pages in, pages to fill (already allocated and warm).
+        let fits = |a: &Area, start: usize, dirty_ok: bool, clean_ok: bool| {
+            (start..start + count)
+                .all(|i| a.users[i] == 0 && (if a.dirty[i] { dirty_ok } else { clean_ok }))
+        };
+        let (first_pass, second_pass) = match want {
+            Want::Empty => ((false, true), (may_clean, true)),
+            Want::Fill => ((true, false), (true, true)),
+        };
         let mut found = None;
-        for k in 0..n {
-            let start = (b.hint + k) % n;
-            if start + count > n {
-                continue;
-            }
-            if (start..start + count).all(|i| usable(&b, i)) {
-                found = Some(start);
+        for (dirty_ok, clean_ok) in [first_pass, second_pass] {
+            found = (0..=n - count).find(|&s| fits(a, s, dirty_ok, clean_ok));
+            if found.is_some() {
                 break;
             }
         }
         let first = found.ok_or_else(full)?;
         let mut clean = Vec::new();
         for i in first..first + count {
-            b.users[i] = 1;
-            if std::mem::take(&mut b.dirty[i]) {
+            a.users[i] = 1;
+            if want == Want::Empty && std::mem::take(&mut a.dirty[i]) {
                 clean.push(i);
             }
         }
-        b.hint = (first + count) % n;
-        drop(b);
-        for i in clean {
-            self.empty(i, 1);
-        }
-        Ok(Run {
+        areas.dirty_blocks -= clean.len().min(areas.dirty_blocks);
+        drop(guard);
+        let run = Run {
+            huge,
             first,
             count,
             origin,
-        })
+        };
+        for i in clean {
+            self.empty(huge, i, 1);
+        }
+        Ok(run)
+    }
+
+    fn start(&self, huge: bool) -> VirtAddr {
+        if huge {
+            self.huge_start
+        } else {
+            self.small_start
+        }
     }
 
     /// The slot of the page at `addr` (which lies in the run's range).
     pub(crate) fn slot(&self, run: &Run, addr: VirtAddr) -> VirtAddr {
         let offset = addr.get() - run.origin.get();
-        VirtAddr::new(self.map.range().start().get() + run.first * BLOCK + offset)
+        VirtAddr::new(self.start(run.huge).get() + run.first * BLOCK + offset)
     }
 
     /// The slots of `range` (inside the run's range) as one range.
@@ -152,21 +217,47 @@ impl Staging {
             .unwrap_or_else(|_| unreachable!("slots of a valid range are a valid range"))
     }
 
-    /// A page number naming the slot at `slot` (for the state table).
+    /// A page number naming the slot at `slot` (for the state table):
+    /// small-area pages count from 0, huge-area pages from `AREA / PAGE_SIZE`.
     pub(crate) fn page_number(&self, slot: VirtAddr) -> u64 {
-        ((slot.get() - self.map.range().start().get()) / PAGE_SIZE) as u64
+        let (base, extra) =
+            if slot >= self.small_start && slot.get() < self.small_start.get() + AREA {
+                (self.small_start, 0)
+            } else {
+                (self.huge_start, AREA / PAGE_SIZE)
+            };
+        ((slot.get() - base.get()) / PAGE_SIZE + extra) as u64
     }
 
     /// The slot a page number names.
     pub(crate) fn page_at(&self, number: u64) -> VirtAddr {
-        VirtAddr::new(self.map.range().start().get() + number as usize * PAGE_SIZE)
+        let n = number as usize;
+        if n < AREA / PAGE_SIZE {
+            VirtAddr::new(self.small_start.get() + n * PAGE_SIZE)
+        } else {
+            VirtAddr::new(self.huge_start.get() + (n - AREA / PAGE_SIZE) * PAGE_SIZE)
+        }
+    }
+
+    fn block_of(number: u64) -> (bool, usize) {
+        let n = number as usize;
+        if n < AREA / PAGE_SIZE {
+            (false, n * PAGE_SIZE / BLOCK)
+        } else {
+            (true, (n - AREA / PAGE_SIZE) * PAGE_SIZE / BLOCK)
+        }
     }
 
     /// One more user of the block holding page `number`.
     pub(crate) fn hold(&self, number: u64) {
-        let block = number as usize * PAGE_SIZE / BLOCK;
-        let mut b = crate::mm::lock_poisoned(&self.blocks);
-        if let Some(u) = b.users.get_mut(block) {
+        let (huge, block) = Self::block_of(number);
+        let mut areas = crate::mm::lock_poisoned(&self.areas);
+        let a = if huge {
+            &mut areas.huge
+        } else {
+            &mut areas.small
+        };
+        if let Some(u) = a.users.get_mut(block) {
             *u += 1;
         }
     }
@@ -174,32 +265,50 @@ impl Staging {
     /// One user less of the block holding page `number`; `dirty`: it may
     /// hold pages.
     pub(crate) fn unhold(&self, number: u64, dirty: bool) {
-        let block = number as usize * PAGE_SIZE / BLOCK;
-        self.put_blocks(block, 1, dirty);
+        let (huge, block) = Self::block_of(number);
+        self.put_blocks(huge, block, 1, dirty, false);
     }
 
     /// The run's users leave. `dirty`: pages may remain in it; `may_clean`:
-    /// empty them now (not on the fault service).
+    /// they may be emptied now (not on the fault service), which happens
+    /// when more dirty blocks are kept than are worth keeping.
     pub(crate) fn free(&self, run: Run, dirty: bool, may_clean: bool) {
-        if dirty && may_clean {
-            self.empty(run.first, run.count);
-            self.put_blocks(run.first, run.count, false);
+        let too_many = crate::mm::lock_poisoned(&self.areas).dirty_blocks + run.count > KEEP_DIRTY;
+        if dirty && may_clean && too_many {
+            self.empty(run.huge, run.first, run.count);
+            self.put_blocks(run.huge, run.first, run.count, false, true);
         } else {
-            self.put_blocks(run.first, run.count, dirty);
+            self.put_blocks(run.huge, run.first, run.count, dirty, true);
         }
     }
 
-    fn put_blocks(&self, first: usize, count: usize, dirty: bool) {
-        let mut b = crate::mm::lock_poisoned(&self.blocks);
-        for i in first..(first + count).min(b.users.len()) {
-            b.users[i] = b.users[i].saturating_sub(1);
-            b.dirty[i] |= dirty;
+    /// `exact`: the leaving user knows the blocks' whole contents (a run:
+    /// `dirty == false` means they are empty now, if nobody else uses them).
+    fn put_blocks(&self, huge: bool, first: usize, count: usize, dirty: bool, exact: bool) {
+        let mut guard = crate::mm::lock_poisoned(&self.areas);
+        let areas = &mut *guard;
+        let a = if huge {
+            &mut areas.huge
+        } else {
+            &mut areas.small
+        };
+        let (mut newly, mut cleaned) = (0, 0);
+        for i in first..(first + count).min(a.users.len()) {
+            a.users[i] = a.users[i].saturating_sub(1);
+            if dirty && !a.dirty[i] {
+                a.dirty[i] = true;
+                newly += 1;
+            } else if !dirty && exact && a.users[i] == 0 && a.dirty[i] {
+                a.dirty[i] = false;
+                cleaned += 1;
+            }
         }
+        areas.dirty_blocks = areas.dirty_blocks + newly - cleaned.min(areas.dirty_blocks + newly);
     }
 
     #[allow(unsafe_code)] // named place: uhmm's own staging area
-    fn empty(&self, first: usize, count: usize) {
-        let start = VirtAddr::new(self.map.range().start().get() + first * BLOCK);
+    fn empty(&self, huge: bool, first: usize, count: usize) {
+        let start = VirtAddr::new(self.start(huge).get() + first * BLOCK);
         if let Ok(r) = PageRange::new(start, count * BLOCK) {
             // SAFETY: the staging area is uhmm's own mapping and no
             // reference into these blocks exists (they have no users).
@@ -217,7 +326,6 @@ impl Staging {
     /// borrow it).
     #[allow(unsafe_code)] // named place: slices over staging slots
     pub(crate) fn page(&self, slot: VirtAddr) -> &[u8] {
-        debug_assert!(self.map.range().contains(slot));
         // SAFETY: see above: the slot lies in the live staging mapping and
         // nothing writes it while the slice lives.
         unsafe { std::slice::from_raw_parts(slot.as_ptr::<u8>(), PAGE_SIZE) }
@@ -232,7 +340,6 @@ impl Staging {
         slots
             .iter()
             .map(|&s| {
-                debug_assert!(self.map.range().contains(s));
                 // SAFETY: distinct, page-aligned slots of the live staging
                 // mapping held by one migration, which borrows itself
                 // mutably for as long as these slices live, so nothing else
