@@ -34,3 +34,16 @@ pub fn read_byte(addr: uhmm::VirtAddr) -> u8 {
     // SAFETY: `addr` lies in a readable mapping owned by the benchmark.
     unsafe { addr.as_ptr::<u8>().read_volatile() }
 }
+
+/// Pins the calling thread to `cpu` (threads it creates afterwards inherit
+/// that); returns whether the kernel agreed.
+pub fn pin_to(cpu: usize) -> bool {
+    // SAFETY: `set` is a local cpu_set_t initialised by CPU_ZERO; CPU_SET
+    // writes inside it; sched_setaffinity(0) changes the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}

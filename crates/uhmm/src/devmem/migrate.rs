@@ -37,7 +37,7 @@ use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
 use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::{Vma, VmaKind};
-use crate::sys::uffd::{CopyMode, Features, MoveMode, Stop};
+use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Stop};
 use bitflags::bitflags;
 
 /// Largest run an eviction migrates at once.
@@ -184,15 +184,24 @@ impl<'a> MigrateVma<'a> {
         let (region, armed) = lock(&shared.regions)
             .containing(range)
             .ok_or(invalid("not inside one managed region"))?;
-        let vmas = shared
-            .procmap()
-            .map_err(MmError::from)?
-            .covering(range)
-            .map_err(MmError::from)?;
-        check_vmas(range, &vmas).map_err(invalid)?;
-        if select.contains(Select::SYSTEM) && !armed {
-            shared.arm(region, &vmas)?;
-        }
+        // Device pages lie only where a migration to the device found
+        // mappings; bringing them back needs no look at the mappings (an
+        // unmapped page has no state, and installing picks MOVE or COPY by
+        // what the kernel accepts). Selecting system pages does.
+        let vmas = if select.contains(Select::SYSTEM) {
+            let vmas = shared
+                .procmap()
+                .map_err(MmError::from)?
+                .covering(range)
+                .map_err(MmError::from)?;
+            check_vmas(range, &vmas).map_err(invalid)?;
+            if !armed {
+                shared.arm(region, &vmas)?;
+            }
+            vmas
+        } else {
+            Vec::new()
+        };
         if !shared.gate.enter(blockable) {
             return Err(MigrateError::Retry { range });
         }
@@ -232,8 +241,9 @@ impl<'a> MigrateVma<'a> {
             done: false,
         };
         for addr in range.pages() {
+            // Without a look at the mappings: MOVE, falling back to COPY.
             let vma = vma_of(&vmas, addr);
-            m.copy_install.push(!vma.is_some_and(movable));
+            m.copy_install.push(vma.is_some_and(|v| !movable(v)));
         }
         m.collect(select, &vmas)?;
         Ok(m)
@@ -246,17 +256,17 @@ impl<'a> MigrateVma<'a> {
         {
             let mut regions = lock(&self.shared.regions);
             for (i, addr) in self.range.pages().enumerate() {
-                let Some(vma) = vma_of(vmas, addr) else {
-                    continue;
-                };
-                let write = vma.perms.contains(Prot::WRITE);
+                let vma = vma_of(vmas, addr);
+                let write = vma.is_none_or(|v| v.perms.contains(Prot::WRITE));
                 let stored = regions.states.get(addr);
-                let src = match stored {
-                    Stored::Cpu if select.contains(Select::SYSTEM) && private(self.shared, vma) => {
+                let src = match (stored, vma) {
+                    (Stored::Cpu, Some(vma))
+                        if select.contains(Select::SYSTEM) && private(self.shared, vma) =>
+                    {
                         system.push(addr);
                         MigrateSrc::System
                     }
-                    Stored::Device(o, pfn)
+                    (Stored::Device(o, pfn), _)
                         if o == owner && select.contains(Select::DEVICE_PRIVATE) =>
                     {
                         MigrateSrc::Device(pfn)
@@ -574,8 +584,11 @@ impl<'a> MigrateVma<'a> {
             .iter()
             .map(|&i| VirtAddr::new(self.range.start().get() + i * PAGE_SIZE))
             .collect();
+        // (A few pages fault in as they are written just as fast.)
         for r in super::pagemap::runs(&addrs, usize::MAX >> 1) {
-            let _ = mem::populate(staging.slots(&run, r), true);
+            if r.npages() >= 16 {
+                let _ = mem::populate(staging.slots(&run, r), true);
+            }
         }
         self.run_dirty = !idx.is_empty();
         for &i in &idx {
@@ -714,7 +727,15 @@ impl<'a> MigrateVma<'a> {
         let res = if copy {
             self.shared.uffd.copy(r, slots.start(), CopyMode::empty())
         } else {
-            self.shared.move_pages(r, slots.start(), MoveMode::empty())
+            // MOVE needs private anonymous read-write memory at both ends;
+            // elsewhere (read-only, a private file mapping) the kernel says
+            // EINVAL and the pages are copied.
+            match self.shared.move_pages(r, slots.start(), MoveMode::empty()) {
+                Err(OpError::Invalid { .. }) => {
+                    self.shared.uffd.copy(r, slots.start(), CopyMode::empty())
+                }
+                res => res,
+            }
         };
         match res {
             Ok(p) if p.is_complete() => r.len(),
@@ -776,7 +797,7 @@ impl<'a> MigrateVma<'a> {
                 let _ = self.shared.move_pages(
                     r,
                     staging.slots(&run, r).start(),
-                    MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
+                    MoveMode::ALLOW_SRC_HOLES,
                 );
             }
         }
@@ -810,7 +831,6 @@ impl<'a> MigrateVma<'a> {
         // look at the faults that waited for these pages.
         self.guard.take();
         self.shared.gate.leave();
-        let _ = self.shared.uffd.wake(self.range);
         self.shared.poke();
     }
 }
