@@ -91,10 +91,36 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             }
             // Served once the page is back; otherwise (the device asked to
             // retry, or failed) look again on the next turn.
-            match lock(&shared.regions).states.get(page.start()) {
+            let served = match lock(&shared.regions).states.get(page.start()) {
                 Stored::Cpu => Served::Done,
-                _ => Served::Park,
+                _ => return Served::Park,
+            };
+            // A fault right after the block served last is a sequential
+            // scan: bring the next block back now, while the thread reads
+            // this one (it was woken when its pages were installed).
+            let sequential = shared
+                .last_block_end
+                .swap(range.end().get(), Ordering::Relaxed)
+                == range.start().get();
+            if sequential
+                && block > PAGE_SIZE
+                && let Ok(next) = PageRange::new(range.end(), block)
+                && let Some(next) = next.intersection(region)
+            {
+                let ahead = DeviceFault {
+                    shared,
+                    owner,
+                    range: next,
+                    addr: None,
+                    blockable: false,
+                };
+                if pm.ops.migrate_to_ram(&ahead).is_ok() {
+                    shared
+                        .last_block_end
+                        .store(next.end().get(), Ordering::Relaxed);
+                }
             }
+            served
         }
         Stored::Exclusive(owner, hold) => {
             drop(regions);

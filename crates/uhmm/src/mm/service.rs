@@ -64,6 +64,11 @@ pub(crate) struct Shared {
     own_removes: Mutex<Vec<PageRange>>,
     /// Bytes a CPU fault on a device page brings back (a power of two).
     pub(crate) fault_block: AtomicUsize,
+    /// Faults the service holds for later.
+    parked: AtomicUsize,
+    /// Where the block the last device fault brought back ended (to see a
+    /// sequential scan).
+    pub(crate) last_block_end: AtomicUsize,
 }
 
 impl Shared {
@@ -84,6 +89,8 @@ impl Shared {
             gate: Gate::default(),
             own_removes: Mutex::new(Vec::new()),
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
+            parked: AtomicUsize::new(0),
+            last_block_end: AtomicUsize::new(0),
         })
     }
 
@@ -208,9 +215,12 @@ impl Shared {
         }
     }
 
-    /// Has the service look at the faults waiting for pages in flight.
+    /// Has the service look at the faults waiting for pages in flight (if
+    /// any wait).
     pub(crate) fn poke(&self) {
-        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        if self.parked.load(Ordering::Acquire) > 0 {
+            let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        }
     }
 
     /// Brings every device page and exclusive page in `within` (everywhere
@@ -325,6 +335,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
             handle(&shared, event, &mut pending, &mut parked);
         }
         retry_pending(&shared, &mut pending);
+        shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
             let waiting = std::mem::take(&mut parked);
             for f in waiting {
@@ -332,6 +343,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     parked.push(f);
                 }
             }
+            shared.parked.store(parked.len(), Ordering::Release);
         }
     }
 }
