@@ -962,3 +962,61 @@ fn migrate_anon_huge_zero_err() {
     assert_eq!(res.cpages, THP_PAGES as u64);
     assert!(cpu_ints(&region).iter().all(|&v| v == 0));
 }
+
+/// Bad migrations: typed errors with dmirror's errno, and memory as it was.
+#[test]
+fn bad_migrations_are_typed_errors_and_change_nothing() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    // Unmanaged memory: EINVAL.
+    let plain = Mapping::anon(4 * PAGE_SIZE).unwrap();
+    let e = dev.migrate_to_device(plain.range().start(), 4).unwrap_err();
+    assert_eq!(e.errno(), Errno::INVAL, "{e}");
+    // PROT_NONE: EINVAL, and the data is still there afterwards.
+    let region = anon(&mm, 8 * PAGE_SIZE);
+    fill(&region, |i| i);
+    mm.mprotect(region.range(), Prot::empty()).unwrap();
+    let e = dev.migrate_to_device(start(&region), 8).unwrap_err();
+    assert_eq!(e.errno(), Errno::INVAL, "{e}");
+    mm.mprotect(region.range(), Prot::READ | Prot::WRITE)
+        .unwrap();
+    assert!(holds(&cpu_ints(&region), |i| i));
+    // A range that spans beyond its region (a gap after it): EINVAL.
+    let e = dev.migrate_to_device(start(&region), 9).unwrap_err();
+    assert_eq!(e.errno(), Errno::INVAL, "{e}");
+    // Pages already on another device: not migrated (ENOENT), and they
+    // stay where they are.
+    let other = SimDevice::new(&mm);
+    other.migrate_to_device(start(&region), 8).unwrap();
+    let e = dev.migrate_to_device(start(&region), 8).unwrap_err();
+    assert_eq!(e.errno(), Errno::NOENT, "{e}");
+    assert_eq!(other.device_pages(), 8);
+    assert!(holds(&cpu_ints(&region), |i| i));
+    // Device memory exhausted: ENOMEM, nothing left half-migrated.
+    let small = SimDevice::with_memory(
+        &mm,
+        uhmm::devmem::PagemapConfig {
+            chunk_pages: 4,
+            max_chunks: 1,
+        },
+    );
+    let e = small.migrate_to_device(start(&region), 8).unwrap_err();
+    assert_eq!(e.errno(), Errno::NOMEM, "{e}");
+    assert_eq!(small.device_pages(), 0);
+    for a in region.range().pages() {
+        assert!(
+            !matches!(
+                mm.page_state(a).unwrap(),
+                uhmm::mm::PageState::Device { owner, .. } | uhmm::mm::PageState::Migrating { owner }
+                    if owner == small.owner()
+            ),
+            "nothing of it on the small device"
+        );
+    }
+    assert!(holds(&cpu_ints(&region), |i| i));
+    // Exclusive access to shared memory: EINVAL.
+    let shared = mm.alloc(4 * PAGE_SIZE, Backing::AnonShared).unwrap();
+    let e = dev.exclusive(start(&shared), 4).unwrap_err();
+    assert_eq!(e.errno(), Errno::INVAL, "{e}");
+}

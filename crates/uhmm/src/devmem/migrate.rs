@@ -770,6 +770,12 @@ impl<'a> MigrateVma<'a> {
             return;
         }
         self.done = true;
+        if !self.committed {
+            // Never committed (an early return, an error): nothing migrated.
+            for e in &mut self.entries {
+                e.migrate = false;
+            }
+        }
         self.committed = true;
         let staging = self.shared.staging().ok();
         // Put back what did not migrate.
