@@ -436,7 +436,11 @@ impl SimDevice {
             // Rust references into it (the contract of `Mm::alloc`'s
             // regions and of `Mm::manage`), so writing it breaks none. (A
             // raw munmap of managed memory, which uhmm learns of only after
-            // the fact, is outside those contracts.)
+            // the fact, is outside those contracts.) A page in device
+            // memory is written in the device's arena, and a page held
+            // exclusive in its staging slot: no references point into
+            // either, and the translation (checked under this lock) says
+            // the page is still there.
             unsafe { mem::write_process(page, &data[offset..offset + len]) }
         })
     }

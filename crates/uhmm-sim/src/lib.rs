@@ -7,8 +7,36 @@
 //! dmirror's mirror commands with the same results and counts
 //! ([`CmdResult`]: pages copied, device-fault rounds) and the same errors
 //! ([`SimError::errno`]: EFAULT, EPERM, ...). Several devices can mirror the
-//! same memory. Device memory and migration arrive with uhmm's
-//! device-memory layer.
+//! same memory.
+//!
+//! Each device also has device memory (a host arena the CPU does not map,
+//! behind a [`uhmm::devmem::DevicePagemap`]): `migrate_to_device` moves
+//! pages there, any CPU touch brings them back, `migrate_to_system` and
+//! `release` bring them home, `exclusive` holds pages for device atomics
+//! until the CPU touches them; `fail_next_alloc` and `set_copy_engine`
+//! inject failures.
+//!
+//! ```
+//! use uhmm::mm::{Mm, PageState};
+//! use uhmm::sys::mem::Backing;
+//! use uhmm::PAGE_SIZE;
+//! use uhmm_sim::SimDevice;
+//!
+//! let mm = Mm::new()?;
+//! let region = mm.alloc(16 * PAGE_SIZE, Backing::AnonPrivate)?;
+//! region.write_at(0, b"lives on the device")?;
+//! let dev = SimDevice::new(&mm);
+//! let (data, res) = dev.migrate_to_device(region.range().start(), 16)?;
+//! assert_eq!(res.cpages, 16);
+//! assert_eq!(&data[..19], b"lives on the device");
+//! assert!(matches!(mm.page_state(region.range().start())?, PageState::Device { .. }));
+//! // The CPU reads it through a plain pointer: the page faults back.
+//! // SAFETY: the region is mapped and readable; no reference points into it.
+//! let first = unsafe { region.as_ptr().read_volatile() };
+//! assert_eq!(first, b'l');
+//! assert_eq!(mm.page_state(region.range().start())?, PageState::System);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! ```
 //! use uhmm::mm::Mm;

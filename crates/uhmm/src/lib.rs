@@ -10,18 +10,23 @@
 //! `DESIGN.md` in the repository):
 //!
 //! - [`sys`]: the kernel-interface layer — the only place with raw syscalls,
-//!   ioctls and `unsafe`, but for two named places in [`mm`]:
-//!   `Mm::manage` (an `unsafe fn`: the caller vouches for memory it already
-//!   has) and `Mm::mprotect` (safe, because managed memory has no
-//!   references into it).
+//!   ioctls and `unsafe`, but for a few named places: `Mm::manage` (an
+//!   `unsafe fn`: the caller vouches for memory it already has),
+//!   `Mm::mprotect` and the fault service's own moves and discards of
+//!   managed memory (safe, because managed memory has no references into
+//!   it), and the slices over uhmm's staging slots that migrations hand to
+//!   copy engines.
 //! - [`addr`]: address newtypes ([`VirtAddr`], [`PageRange`]) used by every
 //!   layer.
 //! - [`mm`]: the address space as devices see it: [`mm::Mm`] (the
 //!   userfaultfd, the fault service, managed regions and their page
 //!   states), interval notifiers ([`mm::notifier`]) and
 //!   [`range_fault`](mm::range).
-//! - [`devmem`]: device memory; today its copy engines
-//!   ([`devmem::copy`]). Device page pools and migration build on these.
+//! - [`devmem`]: device memory: [`devmem::DevicePagemap`] (device pages and
+//!   the device's `page_free` / `migrate_to_ram`), [`devmem::MigrateVma`]
+//!   (setup / pages / finalize), copy engines ([`devmem::copy`]), and
+//!   `Mm::make_device_exclusive`. A CPU touch of a device page is served by
+//!   the fault service, which calls the owner back.
 //!
 //! The software device `uhmm-sim` shows a complete device on the public API.
 //!
