@@ -2,6 +2,7 @@
 //! parses the command line and dispatches.
 
 mod bench;
+mod demo;
 mod info;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job: a device computing over process memory while CPU
+    /// threads update it, with migrations, faults, a fork and device
+    /// removal, verified against a model.
+    Demo(demo::Args),
     /// Probe the running kernel and show what uhmm can use.
     Info(info::Args),
     /// Measure uhmm against the raw kernel primitives, in the same run.
@@ -26,6 +31,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Bench(args) => bench::run(&args),
     }

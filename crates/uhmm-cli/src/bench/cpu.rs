@@ -1,7 +1,8 @@
-//! The CPU side of the benchmarks: touching and reading memory through
-//! plain pointers, as a program would. The one named place with `unsafe`
-//! in the CLI: the pointers are to mappings the benchmark made and owns,
-//! which nothing else refers into.
+//! The CPU side of the benchmarks and the demo: touching, reading and
+//! updating memory through plain pointers, as a program would, and forking.
+//! The one named place with `unsafe` in the CLI: the pointers are to
+//! mappings the benchmark or demo made and owns, which nothing else refers
+//! into.
 #![allow(unsafe_code)]
 
 use uhmm::PAGE_SIZE;
@@ -46,4 +47,50 @@ pub fn pin_to(cpu: usize) -> bool {
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
     }
+}
+
+/// Adds `v` to the `u64` at `addr` atomically (as a program's threads
+/// would update shared memory); returns the old value.
+pub fn add_u64(addr: uhmm::VirtAddr, v: u64) -> u64 {
+    // SAFETY: `addr` is 8-byte aligned inside a writable mapping owned by
+    // the caller, which is only ever accessed atomically or through the
+    // kernel while threads run.
+    let a = unsafe { std::sync::atomic::AtomicU64::from_ptr(addr.as_mut_ptr::<u64>()) };
+    a.fetch_add(v, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Reads the `u64` at `addr`.
+pub fn read_u64(addr: uhmm::VirtAddr) -> u64 {
+    // SAFETY: `addr` is 8-byte aligned inside a readable mapping owned by
+    // the caller.
+    unsafe { addr.as_ptr::<u64>().read_volatile() }
+}
+
+/// Writes the `u64` at `addr`.
+pub fn write_u64(addr: uhmm::VirtAddr, v: u64) {
+    // SAFETY: `addr` is 8-byte aligned inside a writable mapping owned by
+    // the caller; no reference points into it.
+    unsafe { addr.as_mut_ptr::<u64>().write_volatile(v) }
+}
+
+/// Forks; the child runs `child` and exits with its result (without
+/// unwinding or running exit hooks), the parent waits and returns the
+/// child's exit status (`None` if it did not exit normally).
+pub fn fork_and_wait(child: impl FnOnce() -> i32) -> Option<i32> {
+    // SAFETY: fork; in the child only `child` runs, then _exit. The demo
+    // forks while no other thread of its own holds a lock it needs in the
+    // child (its worker threads have been joined).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = child();
+        // SAFETY: leaves the child at once, as a forked child must.
+        unsafe { libc::_exit(code) }
+    }
+    if pid < 0 {
+        return None;
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just made; `status` is a local.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    (r == pid && libc::WIFEXITED(status)).then(|| libc::WEXITSTATUS(status))
 }

@@ -7,7 +7,7 @@
 //! with the 99th percentile; the ratio compares medians.
 
 mod cases;
-mod cpu;
+pub(crate) mod cpu;
 mod measure;
 mod svg;
 

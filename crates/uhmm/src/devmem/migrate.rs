@@ -618,6 +618,14 @@ impl<'a> MigrateVma<'a> {
         if !to_system.is_empty() {
             self.commit_to_system(&to_system);
         }
+        let stats = &self.shared.stats;
+        let moved = |idx: &[usize]| idx.iter().filter(|&&i| self.entries[i].migrate).count() as u64;
+        stats
+            .pages_to_device
+            .fetch_add(moved(&to_device), std::sync::atomic::Ordering::Relaxed);
+        stats
+            .pages_to_system
+            .fetch_add(moved(&to_system), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn indices(&self, pick: impl Fn(&Entry) -> bool) -> Vec<usize> {

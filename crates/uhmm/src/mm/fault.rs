@@ -52,13 +52,17 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
         Stored::Migrating(_) => Served::Park,
         Stored::Cpu if f.flags.contains(FaultFlags::WP) => {
             drop(regions);
+            shared.stats.faults_wp.fetch_add(1, Ordering::Relaxed);
             let _ = shared.uffd.write_protect(page, false, true);
             Served::Done
         }
         // Filled under the region lock: a migration records its pages
         // Migrating under it before taking them out, so a hole is never
         // filled behind a migration's back.
-        Stored::Cpu => fill_hole(shared, page, f.flags),
+        Stored::Cpu => {
+            shared.stats.faults_hole.fetch_add(1, Ordering::Relaxed);
+            fill_hole(shared, page, f.flags)
+        }
         Stored::Device(owner, _) => {
             drop(regions);
             let block = shared.fault_block.load(Ordering::Relaxed).max(PAGE_SIZE);
@@ -92,7 +96,10 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             // Served once the page is back; otherwise (the device asked to
             // retry, or failed) look again on the next turn.
             let served = match lock(&shared.regions).states.get(page.start()) {
-                Stored::Cpu => Served::Done,
+                Stored::Cpu => {
+                    shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);
+                    Served::Done
+                }
                 _ => return Served::Park,
             };
             // A fault right after the block served last is a sequential
@@ -125,7 +132,13 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
         Stored::Exclusive(owner, hold) => {
             drop(regions);
             match crate::devmem::exclusive::revoke(shared, page, owner, hold, false) {
-                Ok(()) => Served::Done,
+                Ok(()) => {
+                    shared
+                        .stats
+                        .faults_exclusive
+                        .fetch_add(1, Ordering::Relaxed);
+                    Served::Done
+                }
                 Err(()) => Served::Park,
             }
         }

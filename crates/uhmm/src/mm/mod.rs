@@ -98,7 +98,7 @@ pub enum MmError {
 }
 
 /// What the fault service has counted so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MmStats {
     /// Userfaultfd events read.
     pub events: u64,
@@ -111,6 +111,23 @@ pub struct MmStats {
     pub state_pages: usize,
     /// Bytes of per-page state held for them.
     pub state_bytes: usize,
+    /// Faults on holes of armed regions, filled as the kernel would.
+    pub faults_hole: u64,
+    /// Faults on device-resident pages, served by bringing them back.
+    pub faults_device: u64,
+    /// Faults that revoked a device's exclusive access.
+    pub faults_exclusive: u64,
+    /// Write faults on pages write-protected while they were copied.
+    pub faults_wp: u64,
+    /// Times a fault had to wait (a migration in flight, a busy device).
+    pub faults_waited: u64,
+    /// Pages migrated into device memory.
+    pub pages_to_device: u64,
+    /// Pages migrated back to system memory (by faults, commands and
+    /// evictions).
+    pub pages_to_system: u64,
+    /// Invalidations started, by event.
+    pub invalidations: Vec<(NotifyEvent, u64)>,
 }
 
 /// The process's address space as uhmm manages it. Cheap to clone: clones
@@ -348,6 +365,14 @@ impl Mm {
             invalidation_retries: s.retries.load(Ordering::Relaxed),
             state_pages: regions.states.pages(),
             state_bytes: regions.states.bytes(),
+            faults_hole: s.faults_hole.load(Ordering::Relaxed),
+            faults_device: s.faults_device.load(Ordering::Relaxed),
+            faults_exclusive: s.faults_exclusive.load(Ordering::Relaxed),
+            faults_wp: s.faults_wp.load(Ordering::Relaxed),
+            faults_waited: s.faults_waited.load(Ordering::Relaxed),
+            pages_to_device: s.pages_to_device.load(Ordering::Relaxed),
+            pages_to_system: s.pages_to_system.load(Ordering::Relaxed),
+            invalidations: self.inner.shared.notifiers.counts(),
         }
     }
 

@@ -88,6 +88,24 @@ pub enum NotifyEvent {
     Release,
 }
 
+impl NotifyEvent {
+    /// Every event, in a fixed order.
+    pub const ALL: [NotifyEvent; 8] = [
+        NotifyEvent::Unmap,
+        NotifyEvent::Clear,
+        NotifyEvent::Remap,
+        NotifyEvent::Fork,
+        NotifyEvent::Protection,
+        NotifyEvent::Migrate,
+        NotifyEvent::Exclusive,
+        NotifyEvent::Release,
+    ];
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|&e| e == self).unwrap_or(0)
+    }
+}
+
 /// One invalidation: which pages, why, on whose behalf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotifierRange {
@@ -187,6 +205,8 @@ pub struct Notifiers {
     state: Mutex<State>,
     /// Signalled whenever the last running invalidation ends.
     idle: Condvar,
+    /// Invalidations started, by event (in [`NotifyEvent::ALL`] order).
+    counts: [AtomicU64; 8],
 }
 
 impl Default for Notifiers {
@@ -199,6 +219,7 @@ impl Default for Notifiers {
                 deferred: Vec::new(),
             }),
             idle: Condvar::new(),
+            counts: Default::default(),
         }
     }
 }
@@ -248,6 +269,14 @@ impl Notifiers {
         st.subs.len() + st.deferred.len()
     }
 
+    /// Invalidations started so far, by event (retries count again).
+    pub fn counts(&self) -> Vec<(NotifyEvent, u64)> {
+        NotifyEvent::ALL
+            .iter()
+            .map(|&e| (e, self.counts[e.index()].load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Whether no notifier is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -264,6 +293,7 @@ impl Notifiers {
     /// non-blockable ranges); nothing is held then, and the caller must
     /// invalidate again later before (or instead of) making the change.
     pub fn invalidate_start(&self, range: &NotifierRange) -> Result<InvalidateGuard<'_>, Retry> {
+        self.counts[range.event.index()].fetch_add(1, Ordering::Relaxed);
         let (cur_seq, hits) = {
             let mut st = self.lock();
             st.active += 1;

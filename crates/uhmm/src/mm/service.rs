@@ -36,6 +36,13 @@ pub(crate) struct ServiceStats {
     pub(crate) events: AtomicU64,
     pub(crate) faults: AtomicU64,
     pub(crate) retries: AtomicU64,
+    pub(crate) faults_hole: AtomicU64,
+    pub(crate) faults_device: AtomicU64,
+    pub(crate) faults_exclusive: AtomicU64,
+    pub(crate) faults_wp: AtomicU64,
+    pub(crate) faults_waited: AtomicU64,
+    pub(crate) pages_to_device: AtomicU64,
+    pub(crate) pages_to_system: AtomicU64,
 }
 
 /// The state the service thread shares with [`super::Mm`].
@@ -369,6 +376,7 @@ fn handle(
         Event::PageFault(f) => {
             shared.stats.faults.fetch_add(1, Ordering::Relaxed);
             if fault::serve(shared, f) == fault::Served::Park {
+                shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
                 parked.push(f);
             }
         }
