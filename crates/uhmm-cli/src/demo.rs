@@ -149,7 +149,7 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
                 cpu::write_u64(elem(region, 0), u64::MAX);
                 if same { 0 } else { 1 }
             });
-            let ok = code == Some(0) && cpu::read_u64(elem(&region, 0)) == model[0];
+            let ok = code == Some(0) && cpu::read_u64(elem(region, 0)) == model[0];
             println!(
                 "  fork    the child read all {} MiB ({on_device} pages were on the device): {}",
                 len >> 20,
@@ -184,7 +184,7 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             format!(
                 "{} ({} MiB)",
                 st.pages_to_device,
-                st.pages_to_device * 4 >> 10
+                (st.pages_to_device * 4) >> 10
             ),
         ),
         (
@@ -192,7 +192,7 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
             format!(
                 "{} ({} MiB)",
                 st.pages_to_system,
-                st.pages_to_system * 4 >> 10
+                (st.pages_to_system * 4) >> 10
             ),
         ),
         (
