@@ -702,17 +702,26 @@ impl<'a> MigrateVma<'a> {
             } else {
                 0
             };
-            let mut regions = lock(&self.shared.regions);
-            for (k, a) in r.pages().enumerate() {
-                let i = self.index(a);
-                if k * PAGE_SIZE < done {
-                    let _ = regions.states.set(a, Stored::Cpu);
-                    if let MigrateSrc::Device(pfn) = self.entries[i].src {
-                        freed.push(pfn);
+            {
+                let mut regions = lock(&self.shared.regions);
+                for (k, a) in r.pages().enumerate() {
+                    let i = self.index(a);
+                    if k * PAGE_SIZE < done {
+                        let _ = regions.states.set(a, Stored::Cpu);
+                        if let MigrateSrc::Device(pfn) = self.entries[i].src {
+                            freed.push(pfn);
+                        }
+                    } else {
+                        self.entries[i].migrate = false;
                     }
-                } else {
-                    self.entries[i].migrate = false;
                 }
+            }
+            // Woken only now, so that a thread that faulted finds the
+            // page's state already updated.
+            if done > 0
+                && let Some(woken) = PageRange::new(r.start(), done).ok()
+            {
+                let _ = self.shared.uffd.wake(woken);
             }
         }
         for pfn in freed {
@@ -729,18 +738,18 @@ impl<'a> MigrateVma<'a> {
     }
 
     /// Puts the staged pages `slots` at `r` (holes there, since every CPU
-    /// access waits) and wakes whoever waits on them; returns the bytes done.
+    /// access waits), without waking anyone yet; returns the bytes done.
     fn install(&self, r: PageRange, slots: PageRange) -> usize {
         let copy = r.pages().any(|a| self.copy_install[self.index(a)]);
         let res = if copy {
-            self.shared.uffd.copy(r, slots.start(), CopyMode::empty())
+            self.shared.uffd.copy(r, slots.start(), CopyMode::DONTWAKE)
         } else {
             // MOVE needs private anonymous read-write memory at both ends;
             // elsewhere (read-only, a private file mapping) the kernel says
             // EINVAL and the pages are copied.
-            match self.shared.move_pages(r, slots.start(), MoveMode::empty()) {
+            match self.shared.move_pages(r, slots.start(), MoveMode::DONTWAKE) {
                 Err(OpError::Invalid { .. }) => {
-                    self.shared.uffd.copy(r, slots.start(), CopyMode::empty())
+                    self.shared.uffd.copy(r, slots.start(), CopyMode::DONTWAKE)
                 }
                 res => res,
             }
