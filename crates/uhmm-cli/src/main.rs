@@ -12,6 +12,10 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "uhmm", version, about)]
 struct Cli {
+    /// Print uhmm's trace events (migrations, invalidations, device
+    /// faults; rate limited) on stderr.
+    #[arg(long, global = true)]
+    trace: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +34,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.trace {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Info(args) => info::run(&args),

@@ -48,5 +48,6 @@ pub mod addr;
 pub mod devmem;
 pub mod mm;
 pub mod sys;
+pub mod trace;
 
 pub use addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};

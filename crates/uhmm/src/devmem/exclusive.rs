@@ -68,7 +68,23 @@ impl Mm {
         if !armed {
             shared.arm(region, &vmas)?;
         }
-        mem::populate(range, true).map_err(MmError::from)?;
+        shared.sync_events();
+        // Fault in (writable) every page but those already exclusive to
+        // this owner: touching those would take them back from it.
+        let mine: Vec<VirtAddr> = lock(&shared.regions)
+            .states
+            .entries(range)
+            .into_iter()
+            .filter(|&(_, s)| matches!(s, Stored::Exclusive(o, _) if o == owner))
+            .map(|(a, _)| a)
+            .collect();
+        let mut cursor = range.start();
+        for a in mine.iter().copied().chain(std::iter::once(range.end())) {
+            if let Ok(gap) = PageRange::from_bounds(cursor, a) {
+                mem::populate(gap, true).map_err(MmError::from)?;
+            }
+            cursor = a.checked_add(PAGE_SIZE).unwrap_or(range.end());
+        }
         if !shared.gate.enter(true) {
             return Err(MigrateError::Retry { range });
         }
@@ -98,11 +114,17 @@ fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, Migrat
     let staging = shared.staging()?;
     let run = staging.alloc(range, super::staging::Want::Empty, true)?;
     let mut claimed = Vec::new();
+    let mut already = 0;
     {
         let mut regions = lock(&shared.regions);
         for addr in range.pages() {
-            if regions.states.get(addr) != Stored::Cpu {
-                continue;
+            match regions.states.get(addr) {
+                Stored::Cpu => {}
+                Stored::Exclusive(o, _) if o == owner => {
+                    already += 1;
+                    continue;
+                }
+                _ => continue,
             }
             let hold = staging.page_number(staging.slot(&run, addr));
             if regions
@@ -138,7 +160,7 @@ fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, Migrat
         }
     }
     staging.free(run, false, true);
-    Ok(count)
+    Ok(count + already)
 }
 
 /// Takes the exclusive page at `page` back for the CPU (its holder is told

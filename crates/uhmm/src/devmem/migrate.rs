@@ -181,6 +181,9 @@ impl<'a> MigrateVma<'a> {
         blockable: bool,
     ) -> Result<MigrateVma<'a>, MigrateError> {
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
+        if blockable {
+            shared.sync_events();
+        }
         let (region, armed) = lock(&shared.regions)
             .containing(range)
             .ok_or(invalid("not inside one managed region"))?;
@@ -620,6 +623,15 @@ impl<'a> MigrateVma<'a> {
         }
         let stats = &self.shared.stats;
         let moved = |idx: &[usize]| idx.iter().filter(|&&i| self.entries[i].migrate).count() as u64;
+        crate::trace::event!(
+            target: "uhmm::migrate",
+            owner = self.owner.get(),
+            start = %self.range.start(),
+            pages = self.range.npages(),
+            to_device = moved(&to_device),
+            to_system = moved(&to_system),
+            "migration committed"
+        );
         stats
             .pages_to_device
             .fetch_add(moved(&to_device), std::sync::atomic::Ordering::Relaxed);
@@ -727,11 +739,12 @@ impl<'a> MigrateVma<'a> {
         for pfn in freed {
             self.shared.put_device_page(self.owner, pfn);
         }
-        // Every filled slot moved out (not copied): nothing is left in the
-        // run.
-        if idx
-            .iter()
-            .all(|&i| self.entries[i].migrate && !self.copy_install[i])
+        // Every filled slot moved out (not copied), and the run held
+        // nothing before: nothing is left in it.
+        if !run.was_dirty
+            && idx
+                .iter()
+                .all(|&i| self.entries[i].migrate && !self.copy_install[i])
         {
             self.run_dirty = false;
         }

@@ -95,6 +95,13 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             }
             // Served once the page is back; otherwise (the device asked to
             // retry, or failed) look again on the next turn.
+            crate::trace::event!(
+                target: "uhmm::fault",
+                owner = owner.get(),
+                addr = %f.addr,
+                block_pages = range.npages(),
+                "CPU fault on device memory served"
+            );
             let served = match lock(&shared.regions).states.get(page.start()) {
                 Stored::Cpu => {
                     shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);

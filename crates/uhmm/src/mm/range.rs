@@ -272,6 +272,9 @@ impl Mm {
                 len: r.pfns.len(),
             });
         }
+        // Discards and unmaps already returned to their callers are
+        // handled (states dropped, devices told) before the table is read.
+        self.inner.shared.sync_events();
         let maps = self.inner.shared.procmap()?;
         let pagemap = self.inner.shared.pagemap()?;
         for _ in 0..MAX_ROUNDS {

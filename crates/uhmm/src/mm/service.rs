@@ -73,6 +73,9 @@ pub(crate) struct Shared {
     pub(crate) fault_block: AtomicUsize,
     /// Faults the service holds for later.
     parked: AtomicUsize,
+    /// Set while the service reads and handles a batch of events (see
+    /// `sync_events`).
+    busy: AtomicBool,
     /// Where the block the last device fault brought back ended (to see a
     /// sequential scan).
     pub(crate) last_block_end: AtomicUsize,
@@ -97,6 +100,7 @@ impl Shared {
             own_removes: Mutex::new(Vec::new()),
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
+            busy: AtomicBool::new(false),
             last_block_end: AtomicUsize::new(0),
         })
     }
@@ -222,6 +226,25 @@ impl Shared {
         }
     }
 
+    /// Waits until the service has handled every event it has read.
+    ///
+    /// A thread that discards or unmaps managed memory returns from the
+    /// system call once the service has *read* the event, not once it has
+    /// invalidated the devices and dropped the pages' states; a device
+    /// command right after must wait for that. Never call it on the service
+    /// thread.
+    pub(crate) fn sync_events(&self) {
+        let mut spins = 0u32;
+        while self.busy.load(Ordering::Acquire) {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
     /// Has the service look at the faults waiting for pages in flight (if
     /// any wait).
     pub(crate) fn poke(&self) {
@@ -331,6 +354,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
         let mut drain = [0u8; 8];
         let _ = rustix::io::read(&shared.wake, &mut drain);
+        // Busy from before the read: a thread whose event this read
+        // releases sees it set until the event is handled.
+        shared.busy.store(true, Ordering::Release);
         if shared.uffd.read_events(&mut events).is_err() {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -341,6 +367,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         for event in events.drain(..) {
             handle(&shared, event, &mut pending, &mut parked);
         }
+        shared.busy.store(false, Ordering::Release);
         retry_pending(&shared, &mut pending);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
@@ -368,6 +395,13 @@ fn handle(
             return;
         }
         let r = NotifierRange::new(range, kind).non_blocking();
+        crate::trace::event!(
+            target: "uhmm::invalidate",
+            event = ?kind,
+            start = %range.start(),
+            pages = range.npages(),
+            "invalidation from a userfaultfd event"
+        );
         if shared.notifiers.invalidate(&r).is_err() {
             pending.push(r);
         }
