@@ -17,6 +17,7 @@ use uhmm::devmem::{
     DeviceFault, DevicePagemapOps, DevmemError, FaultError, MigrateSrc, MigrateVma, Select,
 };
 use uhmm::sys::mem::Mapping;
+use uhmm::sys::pagemap::{Categories, Pagemap, ScanQuery};
 use uhmm::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
 
 /// The most a migration command moves in one `MigrateVma` (it needs as
@@ -31,6 +32,16 @@ pub(crate) struct Arena {
     pub(crate) engine: RwLock<Arc<dyn CopyEngine>>,
     /// dmirror's FAIL_ALLOC: the next bulk allocation fails (one-shot).
     pub(crate) fail_alloc: std::sync::atomic::AtomicBool,
+    /// Pages move between the arena and managed memory with no copy
+    /// (`UFFDIO_MOVE`); off once a copy engine is set.
+    pub(crate) zero_copy: std::sync::atomic::AtomicBool,
+    /// Chunks registered with the address space (for moves).
+    registered: std::sync::Mutex<usize>,
+    /// Freed device pages whose arena page may still hold data (a moved-in
+    /// page needs a hole): emptied before they are used again.
+    dirty: std::sync::Mutex<Vec<bool>>,
+    /// The page table, to see which of those still hold a page.
+    pagemap: std::sync::OnceLock<Option<Pagemap>>,
 }
 
 impl Arena {
@@ -40,7 +51,73 @@ impl Arena {
             chunk_pages,
             engine: RwLock::new(engine),
             fail_alloc: std::sync::atomic::AtomicBool::new(false),
+            zero_copy: std::sync::atomic::AtomicBool::new(true),
+            registered: std::sync::Mutex::new(0),
+            dirty: std::sync::Mutex::new(Vec::new()),
+            pagemap: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Registers new chunks with `mm` (so pages can move in and out), and
+    /// empties the arena pages of `pfns` that may hold data. Not on the
+    /// fault service (an emptied page raises a userfaultfd event).
+    fn prepare_moves(&self, mm: &uhmm::mm::Mm, pfns: &[DevicePfn]) -> bool {
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        let mut reg = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        while *reg < chunks.len() {
+            if mm.register_device_memory(&chunks[*reg]).is_err() {
+                return false;
+            }
+            *reg += 1;
+        }
+        drop(reg);
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let mut emptied: Vec<VirtAddr> = Vec::new();
+        for pfn in pfns {
+            if let Some(d) = dirty.get_mut(pfn.0 as usize)
+                && std::mem::take(d)
+            {
+                let c = pfn.0 as usize / self.chunk_pages;
+                if let Some(a) = chunks[c]
+                    .range()
+                    .start()
+                    .checked_add((pfn.0 as usize % self.chunk_pages) * PAGE_SIZE)
+                {
+                    emptied.push(a);
+                }
+            }
+        }
+        drop(dirty);
+        emptied.sort_unstable();
+        let mut k = 0;
+        while k < emptied.len() {
+            let mut n = 1;
+            while emptied.get(k + n).map(|a| a.get()) == Some(emptied[k].get() + n * PAGE_SIZE) {
+                n += 1;
+            }
+            let chunk = chunks.iter().find(|c| c.range().contains(emptied[k]));
+            if let (Some(c), Ok(r)) = (chunk, PageRange::new(emptied[k], n * PAGE_SIZE)) {
+                // Only pages still there need emptying (most were moved out
+                // and are holes already): emptying raises an event the
+                // caller waits for, a look at the page table does not.
+                let mut present = Vec::new();
+                let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+                let looked = self
+                    .pagemap
+                    .get_or_init(|| Pagemap::open().ok())
+                    .as_ref()
+                    .map(|pm| pm.scan(r, &query, &mut present));
+                if let Some(Ok(_)) = looked {
+                    for p in present {
+                        let _ = c.advise(p.range, uhmm::sys::mem::Advice::DontNeed);
+                    }
+                } else {
+                    let _ = c.advise(r, uhmm::sys::mem::Advice::DontNeed);
+                }
+            }
+            k += n;
+        }
+        true
     }
 
     /// The arena address of device page `pfn`.
@@ -78,7 +155,12 @@ impl Arena {
 }
 
 impl DevicePagemapOps for Mirror {
-    fn page_free(&self, _pfn: DevicePfn) {
+    fn page_free(&self, pfn: DevicePfn) {
+        let mut dirty = self.arena.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = dirty.get_mut(pfn.0 as usize) {
+            *d = true;
+        }
+        drop(dirty);
         bump(&self.counters.pages_freed, 1);
     }
 
@@ -99,6 +181,11 @@ impl DevicePagemapOps for Mirror {
         let mut chunks = self.arena.chunks.write().unwrap_or_else(|e| e.into_inner());
         debug_assert_eq!(chunks.len() * self.arena.chunk_pages, first.0 as usize);
         chunks.push(map);
+        self.arena
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resize(first.0 as usize + npages, false);
         Ok(())
     }
 }
@@ -139,7 +226,18 @@ impl Mirror {
         }
         let engine = self.arena.engine();
         let pfns: Vec<DevicePfn> = srcs.iter().map(|&(_, p)| p).collect();
-        let copied = {
+        if self.arena.zero_copy.load(Ordering::Acquire) {
+            // The arena is host RAM registered with the address space: the
+            // pages move home with no copy.
+            let from: Vec<(usize, VirtAddr)> = srcs
+                .iter()
+                .filter_map(|&(i, pfn)| Some((i, self.arena.addr(pfn)?)))
+                .collect();
+            m.move_from_device(&from);
+        }
+        let copied = if self.arena.zero_copy.load(Ordering::Acquire) {
+            Ok(())
+        } else {
             let dsts = m.system_dsts().map_err(FaultError::from)?;
             let Some(srcs_mem) = self.arena.pages_mut(&pfns) else {
                 return Err(FaultError::Device("a device page outside the arena".into()));
@@ -241,12 +339,29 @@ impl SimDevice {
         }
         let pfns = self.alloc_device_pages(sel.len())?;
         let engine = self.mirror.arena.engine();
+        let arena = &self.mirror.arena;
+        // Host RAM: move the pages into the arena (no copy); what cannot
+        // move (pages that were copied out) is copied below.
+        let moved: Vec<usize> =
+            if arena.zero_copy.load(Ordering::Acquire) && arena.prepare_moves(&self.mm, &pfns) {
+                let to: Vec<(usize, DevicePfn, VirtAddr)> = sel
+                    .iter()
+                    .zip(&pfns)
+                    .filter_map(|(&(i, _), &pfn)| Some((i, pfn, arena.addr(pfn)?)))
+                    .collect();
+                m.move_to_device(&to)
+            } else {
+                Vec::new()
+            };
         let copied = {
             let Some(dsts) = self.mirror.arena.pages_mut(&pfns) else {
                 return Err(SimError::DeviceMemory(DevmemError::BadPfn { pfn: pfns[0] }));
             };
             let mut jobs = Vec::with_capacity(sel.len());
             for ((i, src), dst) in sel.iter().zip(dsts) {
+                if moved.binary_search(i).is_ok() {
+                    continue;
+                }
                 match (src, m.src_bytes(*i)) {
                     (MigrateSrc::System, Some(bytes)) => jobs.push(CopyJob { src: bytes, dst }),
                     // A hole or the zero page: allocate and clear.
@@ -257,14 +372,21 @@ impl SimDevice {
         };
         if copied.is_err() {
             bump(&self.mirror.counters.copy_failures, 1);
-            for pfn in pfns {
-                self.pagemap.put(pfn);
+            for (&(i, _), &pfn) in sel.iter().zip(&pfns) {
+                if moved.binary_search(&i).is_err() {
+                    self.pagemap.put(pfn);
+                }
             }
-            // Nothing migrates; finalize (on drop) puts every page back.
-            return Ok(());
-        }
-        for (&(i, _), &pfn) in sel.iter().zip(&pfns) {
-            m.set_device_dst(i, pfn);
+            // What was moved still migrates; the rest is put back.
+            if moved.is_empty() {
+                return Ok(());
+            }
+        } else {
+            for (&(i, _), &pfn) in sel.iter().zip(&pfns) {
+                if moved.binary_search(&i).is_err() {
+                    m.set_device_dst(i, pfn);
+                }
+            }
         }
         m.pages();
         {
@@ -415,8 +537,12 @@ impl SimDevice {
         self.mirror.arena.fail_alloc.store(true, Ordering::Release);
     }
 
-    /// Replaces the copy engine (for injected copy failures, say).
+    /// Replaces the copy engine (for injected copy failures, say). From
+    /// then on pages are copied between the arena and system memory
+    /// through it, as for a device with memory of its own; by default they
+    /// are moved with no copy (the arena is host RAM).
     pub fn set_copy_engine(&self, engine: Arc<dyn CopyEngine>) {
+        self.mirror.arena.zero_copy.store(false, Ordering::Release);
         *self
             .mirror
             .arena

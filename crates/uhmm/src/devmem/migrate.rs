@@ -78,6 +78,10 @@ pub enum MigrateDst {
     Device(DevicePfn),
     /// A system page, filled through [`MigrateVma::system_dsts`].
     System,
+    /// The device page's own memory, at this address of host RAM
+    /// registered with the `Mm` (`Mm::register_device_memory`), moved into
+    /// place with no copy ([`MigrateVma::move_from_device`]).
+    SystemFrom(VirtAddr),
 }
 
 /// Why a migration could not be set up.
@@ -131,6 +135,11 @@ struct Entry {
     how: How,
     write: bool,
     migrate: bool,
+    /// Its data already moved into device memory (no staging copy left).
+    moved_out: bool,
+    /// Its staging slot holds the zero page (a `Zero` entry that is not a
+    /// hole).
+    zero_pte: bool,
 }
 
 /// One migration of a range between system memory and one owner's device
@@ -232,6 +241,8 @@ impl<'a> MigrateVma<'a> {
                     how: How::None,
                     write: false,
                     migrate: false,
+                    moved_out: false,
+                    zero_pte: false,
                 };
                 range.npages()
             ],
@@ -447,17 +458,22 @@ impl<'a> MigrateVma<'a> {
             .scan(slots, &query, &mut regions)
             .map_err(MmError::from)?;
         let mut data = vec![false; self.entries.len()];
+        let mut zero = vec![false; self.entries.len()];
         for r in regions {
             if r.categories.contains(Categories::PFNZERO) {
+                for slot in r.range.pages() {
+                    zero[(slot.get() - slots.start().get()) / PAGE_SIZE] = true;
+                }
                 continue;
             }
             for slot in r.range.pages() {
                 data[(slot.get() - slots.start().get()) / PAGE_SIZE] = true;
             }
         }
-        for (e, has_data) in self.entries.iter_mut().zip(data) {
+        for ((e, has_data), zero_pte) in self.entries.iter_mut().zip(data).zip(zero) {
             if e.src == MigrateSrc::System && e.how != How::None && !has_data {
                 e.src = MigrateSrc::Zero;
+                e.zero_pte = zero_pte && e.how == How::Moved;
             }
         }
         Ok(())
@@ -475,6 +491,8 @@ impl<'a> MigrateVma<'a> {
                     how: How::None,
                     write: false,
                     migrate: false,
+                    moved_out: false,
+                    zero_pte: false,
                 };
             }
         }
@@ -543,10 +561,12 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
-    /// Page `i` does not migrate after all (its dst is dropped).
+    /// Page `i` does not migrate after all (its dst is dropped). Not for a
+    /// page [`move_to_device`](Self::move_to_device) already moved.
     pub fn skip(&mut self, i: usize) {
         if let Some(e) = self.entries.get_mut(i)
             && !self.committed
+            && !e.moved_out
         {
             if let MigrateDst::Device(old) = e.dst {
                 self.shared.put_device_page(self.owner, old);
@@ -601,6 +621,96 @@ impl<'a> MigrateVma<'a> {
         Ok(idx.into_iter().zip(staging.pages_mut(&slots)).collect())
     }
 
+    /// For device memory that is host RAM registered with the `Mm`
+    /// (`Mm::register_device_memory`): moves each selected system page
+    /// `i` into the hole at its address there, with no copy, and makes
+    /// `pfn` its destination (whose reference the migration takes). A hole
+    /// or zero page moves nothing (the device page stays a hole, which
+    /// reads as zeros). Returns the indices done; the others (pages that
+    /// were copied out, or whose move failed) are left for the caller to
+    /// copy ([`src_bytes`](Self::src_bytes)) or skip.
+    pub fn move_to_device(&mut self, pages: &[(usize, DevicePfn, VirtAddr)]) -> Vec<usize> {
+        let mut done = Vec::with_capacity(pages.len());
+        let (Some(run), Ok(staging)) = (self.run, self.shared.staging()) else {
+            return done;
+        };
+        let mut k = 0;
+        while k < pages.len() {
+            let (i, pfn, to) = pages[k];
+            let Some(e) = self.entries.get(i).copied() else {
+                k += 1;
+                continue;
+            };
+            if self.committed || !e.migrate || e.how != How::Moved {
+                k += 1;
+                continue;
+            }
+            if e.src == MigrateSrc::Zero && !e.zero_pte {
+                self.set_device_dst(i, pfn);
+                done.push(i);
+                k += 1;
+                continue;
+            }
+            // A run of system pages at consecutive addresses on both sides.
+            let mut n = 1;
+            while let Some(&(j, _, t)) = pages.get(k + n) {
+                let ok = j == i + n
+                    && t.get() == to.get() + n * PAGE_SIZE
+                    && self.entries.get(j).is_some_and(|f| {
+                        f.migrate
+                            && f.how == How::Moved
+                            && (f.src == MigrateSrc::System || f.zero_pte)
+                    });
+                if !ok {
+                    break;
+                }
+                n += 1;
+            }
+            let (Ok(dst), Some(first)) = (
+                PageRange::new(to, n * PAGE_SIZE),
+                self.range.start().checked_add(i * PAGE_SIZE),
+            ) else {
+                k += n;
+                continue;
+            };
+            let moved =
+                match self
+                    .shared
+                    .move_pages(dst, staging.slot(&run, first), MoveMode::DONTWAKE)
+                {
+                    Ok(p) if p.is_complete() => n,
+                    Ok(p) => p.done / PAGE_SIZE,
+                    Err(_) => 0,
+                };
+            for &(j, pfn, _) in &pages[k..k + moved] {
+                self.set_device_dst(j, pfn);
+                self.entries[j].moved_out = true;
+                done.push(j);
+            }
+            k += n;
+        }
+        done
+    }
+
+    /// For device memory that is host RAM registered with the `Mm`: each
+    /// selected device page `i` comes back by moving its page at the given
+    /// address into place, with no copy (a copy where the mapping does not
+    /// allow a move). Replaces [`system_dsts`](Self::system_dsts) for those
+    /// pages.
+    pub fn move_from_device(&mut self, pages: &[(usize, VirtAddr)]) {
+        if self.committed {
+            return;
+        }
+        for &(i, from) in pages {
+            if let Some(e) = self.entries.get_mut(i)
+                && e.migrate
+                && e.how == How::Device
+            {
+                e.dst = MigrateDst::SystemFrom(from);
+            }
+        }
+    }
+
     /// Commits: pages with a dst migrate. Afterwards
     /// [`migrated`](Self::migrated) says which did.
     pub fn pages(&mut self) {
@@ -609,7 +719,8 @@ impl<'a> MigrateVma<'a> {
         }
         self.committed = true;
         let to_device: Vec<usize> = self.indices(|e| matches!(e.dst, MigrateDst::Device(_)));
-        let to_system: Vec<usize> = self.indices(|e| e.dst == MigrateDst::System);
+        let to_system: Vec<usize> =
+            self.indices(|e| matches!(e.dst, MigrateDst::System | MigrateDst::SystemFrom(_)));
         for e in &mut self.entries {
             if e.dst == MigrateDst::None {
                 e.migrate = false;
@@ -695,36 +806,59 @@ impl<'a> MigrateVma<'a> {
     }
 
     fn commit_to_system(&mut self, idx: &[usize]) {
-        let (Some(run), Ok(staging)) = (self.run, self.shared.staging()) else {
-            for &i in idx {
-                self.entries[i].migrate = false;
+        let staging = self.shared.staging().ok();
+        // Where each page's data is: its staging slot, or device memory.
+        let source = |me: &Self, i: usize| -> Option<(VirtAddr, bool)> {
+            match me.entries[i].dst {
+                MigrateDst::SystemFrom(a) => Some((a, true)),
+                MigrateDst::System => {
+                    let (run, st) = (me.run.as_ref()?, staging?);
+                    Some((st.slot(run, me.addr(i)), false))
+                }
+                _ => None,
             }
-            return;
         };
-        let addrs: Vec<VirtAddr> = idx.iter().map(|&i| self.addr(i)).collect();
         let mut freed = Vec::new();
-        for r in super::pagemap::runs(&addrs, usize::MAX >> 1) {
+        let mut k = 0;
+        while k < idx.len() {
+            let i = idx[k];
+            let Some((src, from_device)) = source(self, i) else {
+                self.entries[i].migrate = false;
+                k += 1;
+                continue;
+            };
+            // A run contiguous at both ends, from the same kind of source.
+            let mut n = 1;
+            while let Some(&j) = idx.get(k + n) {
+                let ok = j == i + n
+                    && source(self, j)
+                        == Some((VirtAddr::new(src.get() + n * PAGE_SIZE), from_device));
+                if !ok {
+                    break;
+                }
+                n += 1;
+            }
+            let Ok(r) = PageRange::new(self.addr(i), n * PAGE_SIZE) else {
+                k += n;
+                continue;
+            };
             let still = {
                 let regions = lock(&self.shared.regions);
                 r.pages()
                     .all(|a| regions.states.get(a) == Stored::Migrating(self.owner))
             };
-            let done = if still {
-                self.install(r, staging.slots(&run, r))
-            } else {
-                0
-            };
+            let done = if still { self.install(r, src) } else { 0 };
             {
                 let mut regions = lock(&self.shared.regions);
-                for (k, a) in r.pages().enumerate() {
-                    let i = self.index(a);
-                    if k * PAGE_SIZE < done {
+                for (m, a) in r.pages().enumerate() {
+                    let j = self.index(a);
+                    if m * PAGE_SIZE < done {
                         let _ = regions.states.set(a, Stored::Cpu);
-                        if let MigrateSrc::Device(pfn) = self.entries[i].src {
+                        if let MigrateSrc::Device(pfn) = self.entries[j].src {
                             freed.push(pfn);
                         }
                     } else {
-                        self.entries[i].migrate = false;
+                        self.entries[j].migrate = false;
                     }
                 }
             }
@@ -735,35 +869,42 @@ impl<'a> MigrateVma<'a> {
             {
                 let _ = self.shared.uffd.wake(woken);
             }
+            k += n;
         }
         for pfn in freed {
             self.shared.put_device_page(self.owner, pfn);
         }
         // Every filled slot moved out (not copied), and the run held
         // nothing before: nothing is left in it.
-        if !run.was_dirty
-            && idx
-                .iter()
-                .all(|&i| self.entries[i].migrate && !self.copy_install[i])
+        if let Some(run) = self.run
+            && !run.was_dirty
+            && idx.iter().all(|&i| {
+                let e = &self.entries[i];
+                e.migrate && !self.copy_install[i] && e.dst == MigrateDst::System
+            })
         {
             self.run_dirty = false;
         }
     }
 
-    /// Puts the staged pages `slots` at `r` (holes there, since every CPU
-    /// access waits), without waking anyone yet; returns the bytes done.
-    fn install(&self, r: PageRange, slots: PageRange) -> usize {
+    /// Puts the pages at `src` (staging slots, or device memory) at `r`
+    /// (holes there, since every CPU access waits), without waking anyone
+    /// yet; returns the bytes done.
+    fn install(&self, r: PageRange, src: VirtAddr) -> usize {
         let copy = r.pages().any(|a| self.copy_install[self.index(a)]);
         let res = if copy {
-            self.shared.uffd.copy(r, slots.start(), CopyMode::DONTWAKE)
+            self.shared.uffd.copy(r, src, CopyMode::DONTWAKE)
         } else {
             // MOVE needs private anonymous read-write memory at both ends;
             // elsewhere (read-only, a private file mapping) the kernel says
             // EINVAL and the pages are copied.
-            match self.shared.move_pages(r, slots.start(), MoveMode::DONTWAKE) {
-                Err(OpError::Invalid { .. }) => {
-                    self.shared.uffd.copy(r, slots.start(), CopyMode::DONTWAKE)
-                }
+            // (A hole at the source — a device page never written — stays
+            // a hole: it reads as zeros.)
+            match self
+                .shared
+                .move_pages(r, src, MoveMode::DONTWAKE | MoveMode::ALLOW_SRC_HOLES)
+            {
+                Err(OpError::Invalid { .. }) => self.shared.uffd.copy(r, src, CopyMode::DONTWAKE),
                 res => res,
             }
         };
@@ -861,7 +1002,21 @@ impl<'a> MigrateVma<'a> {
             self.shared.put_device_page(self.owner, pfn);
         }
         if let (Some(run), Some(staging)) = (self.run.take(), staging) {
-            staging.free(run, self.run_dirty, self.blockable);
+            // A run taken empty whose pages all moved on (into device
+            // memory, or back into place) is empty again.
+            let left = self.entries.iter().any(|e| {
+                e.how == How::Copied
+                    || (e.how == How::Moved
+                        && (e.src == MigrateSrc::System || e.zero_pte)
+                        && e.migrate
+                        && !e.moved_out)
+            });
+            let dirty = if run.was_dirty || self.entries.iter().any(|e| e.how == How::Device) {
+                self.run_dirty
+            } else {
+                self.run_dirty && left
+            };
+            staging.free(run, dirty, self.blockable);
         }
         // End the invalidation, let the fork gate go, and have the service
         // look at the faults that waited for these pages.

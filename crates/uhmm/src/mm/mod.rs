@@ -226,6 +226,30 @@ impl Mm {
         }
     }
 
+    /// Registers `map`, a device's memory that is host RAM (private
+    /// anonymous, read-write), with this address space's userfaultfd, so
+    /// that migrations can move pages between it and managed memory with no
+    /// copy ([`MigrateVma::move_to_device`](crate::devmem::MigrateVma::move_to_device)).
+    /// It must not be managed memory.
+    ///
+    /// # Errors
+    ///
+    /// [`MmError::AlreadyManaged`] if it overlaps a managed region;
+    /// [`MmError::Register`] if it cannot be registered.
+    pub fn register_device_memory(&self, map: &Mapping) -> Result<(), MmError> {
+        if let Some(existing) = lock(&self.inner.shared.regions).overlapping(map.range()) {
+            return Err(MmError::AlreadyManaged {
+                range: map.range(),
+                existing,
+            });
+        }
+        self.inner
+            .shared
+            .uffd
+            .register(map, map.range(), RegisterMode::WP)?;
+        Ok(())
+    }
+
     /// The userfaultfd's features (whether EVENT_FORK could be had, say).
     pub fn features(&self) -> Features {
         self.inner.shared.uffd.features()
