@@ -688,6 +688,49 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
         name: "memcpy".into(),
         points: memcpy_pts,
     });
+    // The other path: a device with memory of its own pays a copy through
+    // its engine (and an allocation and zeroing on the way back).
+    let size = (s.big / 4).max(8 << 20);
+    p.note(&format!("{} KiB, THP on, copy engine", size >> 10));
+    let copying = SimDevice::new(&mm);
+    copying.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::new()));
+    let region = mm.alloc_mapping(Mapping::builder(size).align(2 << 20))?;
+    let map = region.mapping().ok_or("no mapping")?;
+    map.advise(map.range(), Advice::HugePage)?;
+    cpu::touch_pages(region.range());
+    let npages = region.range().npages();
+    let src = vec![3u8; size];
+    let mut dst = vec![1u8; size];
+    let [raw, there, back] = rounds(s.reps, |_| {
+        let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
+        let (t_there, r) = time(|| copying.migrate_range_to_device(region.range().start(), npages));
+        if r? != npages as u64 {
+            return Err("not every page migrated to the device".into());
+        }
+        let (t_back, r) = time(|| copying.migrate_to_system(region.range().start(), npages));
+        if r?.cpages != npages as u64 {
+            return Err("not every page migrated back".into());
+        }
+        Ok([
+            rate(Unit::GBps, t_raw, size),
+            rate(Unit::GBps, t_there, size),
+            rate(Unit::GBps, t_back, size),
+        ])
+    })?;
+    let raw = Summary::of(raw);
+    for (dir, sum) in [("to device", there), ("to system", back)] {
+        rows.push(Row {
+            case: format!(
+                "migrate {dir}, {}, 2 MiB THP, copying (own memory)",
+                kib(size)
+            ),
+            unit: Unit::GBps,
+            subject: Summary::of(sum),
+            baseline_name: "memcpy",
+            baseline: Some(raw),
+            target: Target::None,
+        });
+    }
     out.rows.extend(rows);
     out.charts.push(Chart::Curve {
         file: "migration_bandwidth.svg",

@@ -1016,6 +1016,21 @@ impl<'a> MigrateVma<'a> {
             } else {
                 self.run_dirty && left
             };
+            // Believed dirty: a look at the page table says whether any
+            // page is really left (a run whose pages all moved out is empty,
+            // and an empty block is cheaper to reuse than to clean).
+            let dirty = dirty && {
+                let span = run.span();
+                let mut left = Vec::new();
+                let query = ScanQuery::new()
+                    .any_of(Categories::PRESENT | Categories::SWAPPED)
+                    .max_pages(1);
+                self.shared
+                    .pagemap()
+                    .ok()
+                    .and_then(|pm| pm.scan(staging.slots(&run, span), &query, &mut left).ok())
+                    .is_none_or(|_| !left.is_empty())
+            };
             staging.free(run, dirty, self.blockable);
         }
         // End the invalidation, let the fork gate go, and have the service

@@ -118,6 +118,14 @@ fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
     })
 }
 
+impl Run {
+    /// The whole address range the run stands for (its blocks).
+    pub(crate) fn span(&self) -> PageRange {
+        PageRange::new(self.origin, self.count * BLOCK)
+            .unwrap_or_else(|_| unreachable!("a run's span is a valid range"))
+    }
+}
+
 impl Staging {
     /// Maps and registers the areas.
     pub(crate) fn new(uffd: &Uffd) -> Result<Staging, StagingError> {
