@@ -666,6 +666,14 @@ fn cpu_int(region: &ManagedRegion, i: usize) -> i32 {
     unsafe { (region.as_ptr() as *const i32).add(i).read_volatile() }
 }
 
+/// The device migrates `npages` of the region to its memory; every page
+/// gets there (cpages == npages) and reads back `i` through the device.
+fn migrates_holding_indices(dev: &SimDevice, region: &ManagedRegion, npages: usize) {
+    let (data, res) = dev.migrate_to_device(start(region), npages).unwrap();
+    assert_eq!(res.cpages, npages as u64);
+    assert!(holds(&as_ints(&data), |i| i));
+}
+
 fn anon(mm: &Mm, len: usize) -> ManagedRegion {
     mm.alloc(len, Backing::AnonPrivate).unwrap()
 }
@@ -677,9 +685,7 @@ fn migrate() {
     let region = anon(&mm, SIZE);
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
-    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
-    assert_eq!(res.cpages, N as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, N);
     assert_eq!(dev.device_pages(), N);
     assert!(matches!(
         mm.page_state(start(&region)).unwrap(),
@@ -705,9 +711,7 @@ fn migrate_file_private() {
     // The CPU fills it: copy-on-write anonymous pages in a file mapping.
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
-    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
-    assert_eq!(res.cpages, N as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, N);
     // Beyond the kernel test: the CPU gets them back, not the file's zeros.
     assert!(holds(&cpu_ints(&region), |i| i));
 }
@@ -719,18 +723,14 @@ fn migrate_fault() {
     let region = anon(&mm, SIZE);
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
-    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
-    assert_eq!(res.cpages, N as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, N);
     // The CPU reads the first half: it faults back.
     let half = SIZE / 8;
     for i in 0..half {
         assert_eq!(cpu_int(&region, i), i as i32);
     }
     // Migrate again: a mix of system pages and the device's own pages.
-    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
-    assert_eq!(res.cpages, N as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, N);
 }
 
 #[test]
@@ -740,9 +740,7 @@ fn migrate_release() {
     let region = anon(&mm, SIZE);
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
-    let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
-    assert_eq!(res.cpages, N as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, N);
     dev.release().unwrap();
     assert_eq!(dev.device_pages(), 0, "release evicts every page");
     let faults = mm.stats().faults;
@@ -770,9 +768,7 @@ fn migrate_multiple() {
     for _ in 0..NTIMES {
         let region = anon(&mm, SIZE);
         fill(&region, |i| i);
-        let (data, res) = dev.migrate_to_device(start(&region), N).unwrap();
-        assert_eq!(res.cpages, N as u64);
-        assert!(holds(&as_ints(&data), |i| i));
+        migrates_holding_indices(&dev, &region, N);
         assert!(holds(&cpu_ints(&region), |i| i));
     }
 }
@@ -862,9 +858,7 @@ fn migrate_anon_huge_free() {
     let region = thp_region(&mm, Prot::READ | Prot::WRITE);
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
-    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
-    assert_eq!(res.cpages, THP_PAGES as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, THP_PAGES);
     // SAFETY: MADV_FREE of the managed region; no reference into it.
     unsafe {
         rustix::mm::madvise(
@@ -887,9 +881,7 @@ fn migrate_anon_huge_fault() {
     let rc = unsafe { libc::madvise(region.as_ptr().cast(), TWOMEG, 25) };
     assert_eq!(rc, 0, "MADV_COLLAPSE");
     let dev = SimDevice::new(&mm);
-    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
-    assert_eq!(res.cpages, THP_PAGES as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, THP_PAGES);
     // The snapshot sees device-private pages of this device, writable (the
     // kernel also reports PMD order: uhmm's device pages are 4 KiB each).
     let (snap, res) = dev.snapshot(start(&region), THP_PAGES).unwrap();
@@ -920,9 +912,7 @@ fn migrate_anon_huge_err() {
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);
     dev.fail_next_alloc();
-    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
-    assert_eq!(res.cpages, THP_PAGES as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, THP_PAGES);
     assert_eq!(
         dev.stats().alloc_fallbacks,
         1,
@@ -933,9 +923,7 @@ fn migrate_anon_huge_err() {
 
     let region = thp_region(&mm, Prot::READ | Prot::WRITE);
     fill(&region, |i| i);
-    let (data, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
-    assert_eq!(res.cpages, THP_PAGES as u64);
-    assert!(holds(&as_ints(&data), |i| i));
+    migrates_holding_indices(&dev, &region, THP_PAGES);
     dev.fail_next_alloc();
     dev.migrate_to_system(start(&region), THP_PAGES).unwrap();
     assert_eq!(cpu_int(&region, 2048), 2048);

@@ -143,11 +143,7 @@ fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, Migrat
             r.start(),
             MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
         );
-        let done = match res {
-            Ok(p) if p.is_complete() => r.len(),
-            Ok(p) => p.done,
-            Err(_) => 0,
-        };
+        let done = super::migrate::bytes_done(res, r.len());
         let mut regions = lock(&shared.regions);
         for (k, addr) in r.pages().enumerate() {
             if k * PAGE_SIZE < done {

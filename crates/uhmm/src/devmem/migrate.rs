@@ -37,7 +37,7 @@ use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
 use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::{Vma, VmaKind};
-use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Stop};
+use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Progress};
 use bitflags::bitflags;
 
 /// Largest run an eviction migrates at once.
@@ -142,6 +142,18 @@ struct Entry {
     zero_pte: bool,
 }
 
+impl Entry {
+    const UNSELECTED: Entry = Entry {
+        src: MigrateSrc::None,
+        dst: MigrateDst::None,
+        how: How::None,
+        write: false,
+        migrate: false,
+        moved_out: false,
+        zero_pte: false,
+    };
+}
+
 /// One migration of a range between system memory and one owner's device
 /// memory. See the [module docs](self) for the steps.
 #[derive(Debug)]
@@ -234,18 +246,7 @@ impl<'a> MigrateVma<'a> {
             shared,
             range,
             owner,
-            entries: vec![
-                Entry {
-                    src: MigrateSrc::None,
-                    dst: MigrateDst::None,
-                    how: How::None,
-                    write: false,
-                    migrate: false,
-                    moved_out: false,
-                    zero_pte: false,
-                };
-                range.npages()
-            ],
+            entries: vec![Entry::UNSELECTED; range.npages()],
             run: None,
             run_dirty: false,
             copy_install: Vec::with_capacity(range.npages()),
@@ -334,11 +335,7 @@ impl<'a> MigrateVma<'a> {
                         r.start(),
                         MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
                     );
-                    let done = match res {
-                        Ok(p) if p.is_complete() => r.len(),
-                        Ok(p) => p.done,
-                        Err(_) => 0,
-                    };
+                    let done = bytes_done(res, r.len());
                     self.mark(r, done, How::Moved);
                     rest = r.tail_from(r.start().checked_add(done).unwrap_or(r.end()));
                     if let Some(stuck) = rest {
@@ -485,15 +482,7 @@ impl<'a> MigrateVma<'a> {
             let i = self.index(addr);
             if self.entries[i].migrate {
                 let _ = regions.states.set(addr, Stored::Cpu);
-                self.entries[i] = Entry {
-                    src: MigrateSrc::None,
-                    dst: MigrateDst::None,
-                    how: How::None,
-                    write: false,
-                    migrate: false,
-                    moved_out: false,
-                    zero_pte: false,
-                };
+                self.entries[i] = Entry::UNSELECTED;
             }
         }
     }
@@ -673,15 +662,10 @@ impl<'a> MigrateVma<'a> {
                 k += n;
                 continue;
             };
-            let moved =
-                match self
-                    .shared
-                    .move_pages(dst, staging.slot(&run, first), MoveMode::DONTWAKE)
-                {
-                    Ok(p) if p.is_complete() => n,
-                    Ok(p) => p.done / PAGE_SIZE,
-                    Err(_) => 0,
-                };
+            let res = self
+                .shared
+                .move_pages(dst, staging.slot(&run, first), MoveMode::DONTWAKE);
+            let moved = bytes_done(res, dst.len()) / PAGE_SIZE;
             for &(j, pfn, _) in &pages[k..k + moved] {
                 self.set_device_dst(j, pfn);
                 self.entries[j].moved_out = true;
@@ -908,12 +892,7 @@ impl<'a> MigrateVma<'a> {
                 res => res,
             }
         };
-        match res {
-            Ok(p) if p.is_complete() => r.len(),
-            Ok(p) if p.stop == Some(Stop::Exists) => p.done,
-            Ok(p) => p.done,
-            Err(_) => 0,
-        }
+        bytes_done(res, r.len())
     }
 
     /// Whether page `i` migrated (after [`pages`](Self::pages)).
@@ -1044,6 +1023,16 @@ impl<'a> MigrateVma<'a> {
 impl Drop for MigrateVma<'_> {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// How many bytes of a `len`-byte resolve ioctl were done (a stop or an
+/// error ends it where it stopped).
+pub(crate) fn bytes_done(res: Result<Progress, OpError>, len: usize) -> usize {
+    match res {
+        Ok(p) if p.is_complete() => len,
+        Ok(p) => p.done,
+        Err(_) => 0,
     }
 }
 

@@ -392,18 +392,9 @@ pub(crate) fn evict(
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let found: Vec<(VirtAddr, Stored)> = {
-            let regions = lock(&shared.regions);
             let pick =
                 |s: Stored| matches!(s, Stored::Device(o, _) | Stored::Migrating(o) if o == owner);
-            match within {
-                Some(r) => regions
-                    .states
-                    .entries(r)
-                    .into_iter()
-                    .filter(|&(_, s)| pick(s))
-                    .collect(),
-                None => regions.states.find(pick),
-            }
+            lock(&shared.regions).states.select(within, pick)
         };
         if found.is_empty() {
             return Ok(());

@@ -260,17 +260,8 @@ impl Shared {
             let _ = crate::devmem::pagemap::evict(self, &pm, within, true);
         }
         let held: Vec<(crate::VirtAddr, Stored)> = {
-            let regions = lock(&self.regions);
             let pick = |s: Stored| matches!(s, Stored::Exclusive(..));
-            match within {
-                Some(r) => regions
-                    .states
-                    .entries(r)
-                    .into_iter()
-                    .filter(|&(_, s)| pick(s))
-                    .collect(),
-                None => regions.states.find(pick),
-            }
+            lock(&self.regions).states.select(within, pick)
         };
         for (addr, s) in held {
             if let (Stored::Exclusive(owner, hold), Ok(page)) =

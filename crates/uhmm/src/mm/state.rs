@@ -195,6 +195,23 @@ impl StateTable {
         out
     }
 
+    /// The pages of `within` (everywhere if `None`) whose stored state
+    /// `pick` selects.
+    pub(crate) fn select(
+        &self,
+        within: Option<PageRange>,
+        mut pick: impl FnMut(Stored) -> bool,
+    ) -> Vec<(VirtAddr, Stored)> {
+        match within {
+            Some(r) => self
+                .entries(r)
+                .into_iter()
+                .filter(|&(_, s)| pick(s))
+                .collect(),
+            None => self.find(pick),
+        }
+    }
+
     /// Every page anywhere whose stored state `pick` selects.
     pub(crate) fn find(&self, mut pick: impl FnMut(Stored) -> bool) -> Vec<(VirtAddr, Stored)> {
         let mut out = Vec::new();
