@@ -606,7 +606,6 @@ fn seq_read(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
 }
 
 fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
-    use uhmm::sys::mem::Advice;
     let mm = Mm::new()?;
     let dev = SimDevice::new(&mm);
     let mut series: Vec<Series> = Vec::new();
@@ -621,41 +620,8 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
                 size >> 10,
                 if thp { "on" } else { "off" }
             ));
-            let region = mm.alloc_mapping(Mapping::builder(size).align(2 << 20))?;
-            let map = region.mapping().ok_or("no mapping")?;
-            map.advise(
-                map.range(),
-                if thp {
-                    Advice::HugePage
-                } else {
-                    Advice::NoHugePage
-                },
-            )?;
-            cpu::touch_pages(region.range());
-            let npages = region.range().npages();
-            let src = vec![3u8; size];
-            let mut dst = vec![1u8; size];
             let reps = (s.reps * (64 << 20) / size).clamp(s.reps, 50);
-            let [raw, there, back] = rounds(reps, |_| {
-                let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
-                let (t_there, r) =
-                    time(|| dev.migrate_range_to_device(region.range().start(), npages));
-                if r? != npages as u64 {
-                    return Err("not every page migrated to the device".into());
-                }
-                let (t_back, r) = time(|| dev.migrate_to_system(region.range().start(), npages));
-                if r?.cpages != npages as u64 {
-                    return Err("not every page migrated back".into());
-                }
-                Ok([
-                    rate(Unit::GBps, t_raw, size),
-                    rate(Unit::GBps, t_there, size),
-                    rate(Unit::GBps, t_back, size),
-                ])
-            })?;
-            let raw = Summary::of(raw);
-            let there = Summary::of(there);
-            let back = Summary::of(back);
+            let [raw, there, back] = round_trips(&mm, &dev, size, thp, reps)?;
             if thp {
                 memcpy_pts.push((size as f64, raw.p50));
             }
@@ -694,30 +660,7 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     p.note(&format!("{} KiB, THP on, copy engine", size >> 10));
     let copying = SimDevice::new(&mm);
     copying.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::new()));
-    let region = mm.alloc_mapping(Mapping::builder(size).align(2 << 20))?;
-    let map = region.mapping().ok_or("no mapping")?;
-    map.advise(map.range(), Advice::HugePage)?;
-    cpu::touch_pages(region.range());
-    let npages = region.range().npages();
-    let src = vec![3u8; size];
-    let mut dst = vec![1u8; size];
-    let [raw, there, back] = rounds(s.reps, |_| {
-        let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
-        let (t_there, r) = time(|| copying.migrate_range_to_device(region.range().start(), npages));
-        if r? != npages as u64 {
-            return Err("not every page migrated to the device".into());
-        }
-        let (t_back, r) = time(|| copying.migrate_to_system(region.range().start(), npages));
-        if r?.cpages != npages as u64 {
-            return Err("not every page migrated back".into());
-        }
-        Ok([
-            rate(Unit::GBps, t_raw, size),
-            rate(Unit::GBps, t_there, size),
-            rate(Unit::GBps, t_back, size),
-        ])
-    })?;
-    let raw = Summary::of(raw);
+    let [raw, there, back] = round_trips(&mm, &copying, size, true, s.reps)?;
     for (dir, sum) in [("to device", there), ("to system", back)] {
         rows.push(Row {
             case: format!(
@@ -725,7 +668,7 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
                 kib(size)
             ),
             unit: Unit::GBps,
-            subject: Summary::of(sum),
+            subject: sum,
             baseline_name: "memcpy",
             baseline: Some(raw),
             target: Target::None,
@@ -739,6 +682,47 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
         series,
     });
     Ok(())
+}
+
+/// memcpy, migration to `dev` and back of a fresh `size`-byte region (THP
+/// or not), `reps` rounds after a warm-up: their GB/s summaries.
+fn round_trips(
+    mm: &Mm,
+    dev: &SimDevice,
+    size: usize,
+    thp: bool,
+    reps: usize,
+) -> Result<[Summary; 3], Box<dyn Error>> {
+    use uhmm::sys::mem::Advice;
+    let region = mm.alloc_mapping(Mapping::builder(size).align(2 << 20))?;
+    let map = region.mapping().ok_or("no mapping")?;
+    let advice = if thp {
+        Advice::HugePage
+    } else {
+        Advice::NoHugePage
+    };
+    map.advise(map.range(), advice)?;
+    cpu::touch_pages(region.range());
+    let npages = region.range().npages();
+    let src = vec![3u8; size];
+    let mut dst = vec![1u8; size];
+    let cols = rounds(reps, |_| {
+        let (t_raw, ()) = time(|| dst.copy_from_slice(&src));
+        let (t_there, r) = time(|| dev.migrate_range_to_device(region.range().start(), npages));
+        if r? != npages as u64 {
+            return Err("not every page migrated to the device".into());
+        }
+        let (t_back, r) = time(|| dev.migrate_to_system(region.range().start(), npages));
+        if r?.cpages != npages as u64 {
+            return Err("not every page migrated back".into());
+        }
+        Ok([
+            rate(Unit::GBps, t_raw, size),
+            rate(Unit::GBps, t_there, size),
+            rate(Unit::GBps, t_back, size),
+        ])
+    })?;
+    Ok(cols.map(Summary::of))
 }
 
 fn kib(bytes: usize) -> String {
