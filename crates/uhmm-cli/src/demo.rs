@@ -160,6 +160,7 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     let before_removal = dev.device_pages();
     let sim = dev.stats();
+    let memory = dev.memory_stats();
     drop(dev);
     println!("  removed {}", strip(&mm, region.range()));
     let wrong = (0..n)
@@ -202,6 +203,20 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         (
             "device pages at removal (evicted)".into(),
             before_removal.to_string(),
+        ),
+        (
+            "device memory: chunks, pages allocated, freed".into(),
+            format!(
+                "{} x 256 MiB, {}, {}",
+                memory.chunks, memory.allocated, memory.freed
+            ),
+        ),
+        (
+            "device: pages in / out, translations dropped".into(),
+            format!(
+                "{} / {}, {}",
+                sim.migrated_to_device, sim.migrated_to_system, sim.translations_dropped
+            ),
         ),
         (
             "invalidations".into(),

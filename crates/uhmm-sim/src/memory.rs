@@ -555,6 +555,11 @@ impl SimDevice {
     pub fn device_pages(&self) -> usize {
         self.pagemap.stats().in_use
     }
+
+    /// What the device's memory (its `DevicePagemap`) has counted.
+    pub fn memory_stats(&self) -> uhmm::devmem::PagemapStats {
+        self.pagemap.stats()
+    }
 }
 
 /// `range` in parts of at most [`PART`] bytes, aligned to it.
