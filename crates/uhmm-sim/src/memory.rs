@@ -89,14 +89,14 @@ impl Arena {
         }
         drop(dirty);
         emptied.sort_unstable();
+        let mut to_empty: Vec<PageRange> = Vec::new();
         let mut k = 0;
         while k < emptied.len() {
             let mut n = 1;
             while emptied.get(k + n).map(|a| a.get()) == Some(emptied[k].get() + n * PAGE_SIZE) {
                 n += 1;
             }
-            let chunk = chunks.iter().find(|c| c.range().contains(emptied[k]));
-            if let (Some(c), Ok(r)) = (chunk, PageRange::new(emptied[k], n * PAGE_SIZE)) {
+            if let Ok(r) = PageRange::new(emptied[k], n * PAGE_SIZE) {
                 // Only pages still there need emptying (most were moved out
                 // and are holes already): emptying raises an event the
                 // caller waits for, a look at the page table does not.
@@ -107,17 +107,29 @@ impl Arena {
                     .get_or_init(|| Pagemap::open().ok())
                     .as_ref()
                     .map(|pm| pm.scan(r, &query, &mut present));
-                if let Some(Ok(_)) = looked {
-                    for p in present {
-                        let _ = c.advise(p.range, uhmm::sys::mem::Advice::DontNeed);
-                    }
-                } else {
-                    let _ = c.advise(r, uhmm::sys::mem::Advice::DontNeed);
+                match looked {
+                    Some(Ok(_)) => to_empty.extend(present.into_iter().map(|p| p.range)),
+                    _ => to_empty.push(r),
                 }
             }
             k += n;
         }
+        // Emptied with no lock held: the event it raises waits for the
+        // fault service, which may need the chunk table meanwhile.
+        drop(chunks);
+        for r in to_empty {
+            self.empty(r);
+        }
         true
+    }
+
+    /// Drops the arena pages of `range` (free device pages).
+    #[allow(unsafe_code)] // named place: the device's own memory
+    fn empty(&self, range: PageRange) {
+        // SAFETY: `range` lies in an arena chunk (device memory, never
+        // managed) and holds only free device pages, which no translation
+        // names and no copy reads; no Rust reference points into the arena.
+        let _ = unsafe { uhmm::sys::mem::madvise(range, uhmm::sys::mem::Advice::DontNeed) };
     }
 
     /// The arena address of device page `pfn`.

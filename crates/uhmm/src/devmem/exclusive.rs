@@ -15,6 +15,7 @@ use crate::mm::service::Shared;
 use crate::mm::state::Stored;
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
+use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::VmaKind;
 use crate::sys::uffd::{CopyMode, MoveMode, Stop};
 
@@ -159,6 +160,20 @@ fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, Migrat
     Ok(count + already)
 }
 
+/// Whether the staging slot at `slot` holds a page (present or swapped).
+fn slot_holds_page(shared: &Shared, slot: VirtAddr) -> bool {
+    let Ok(r) = PageRange::new(slot, PAGE_SIZE) else {
+        return false;
+    };
+    let mut found = Vec::new();
+    let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+    shared
+        .pagemap()
+        .ok()
+        .and_then(|pm| pm.scan(r, &query, &mut found).ok())
+        .is_none_or(|_| !found.is_empty())
+}
+
 /// Takes the exclusive page at `page` back for the CPU (its holder is told
 /// first). `Err` if a device's callback could not run without blocking.
 pub(crate) fn revoke(
@@ -186,6 +201,17 @@ pub(crate) fn revoke(
     let slot = staging.page_at(hold);
     let res = shared.move_pages(page, slot, MoveMode::empty());
     let moved = matches!(res, Ok(p) if p.is_complete());
+    if !moved && slot_holds_page(shared, slot) {
+        // The page is still in its slot (the move failed for another
+        // reason): never replace it with zeros; try again later.
+        let mut regions = lock(&shared.regions);
+        if regions.states.get(page.start()) == Stored::Migrating(owner) {
+            let _ = regions
+                .states
+                .set(page.start(), Stored::Exclusive(owner, hold));
+        }
+        return Err(());
+    }
     if !moved {
         // The slot was empty (the page had been discarded): a zero page.
         let zero = [0u8; PAGE_SIZE];

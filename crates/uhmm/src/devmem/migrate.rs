@@ -140,6 +140,8 @@ struct Entry {
     /// Its staging slot holds the zero page (a `Zero` entry that is not a
     /// hole).
     zero_pte: bool,
+    /// Where `move_to_device` put its data.
+    dev_addr: Option<VirtAddr>,
 }
 
 impl Entry {
@@ -151,6 +153,7 @@ impl Entry {
         migrate: false,
         moved_out: false,
         zero_pte: false,
+        dev_addr: None,
     };
 }
 
@@ -169,6 +172,8 @@ pub struct MigrateVma<'a> {
     /// read-write.
     copy_install: Vec<bool>,
     guard: Option<InvalidateGuard<'a>>,
+    /// Where the address space's log of mremaps stood at setup.
+    remap_mark: u64,
     blockable: bool,
     committed: bool,
     done: bool,
@@ -251,6 +256,7 @@ impl<'a> MigrateVma<'a> {
             run_dirty: false,
             copy_install: Vec::with_capacity(range.npages()),
             guard: Some(guard),
+            remap_mark: shared.remap_mark(),
             blockable,
             committed: false,
             done: false,
@@ -666,9 +672,10 @@ impl<'a> MigrateVma<'a> {
                 .shared
                 .move_pages(dst, staging.slot(&run, first), MoveMode::DONTWAKE);
             let moved = bytes_done(res, dst.len()) / PAGE_SIZE;
-            for &(j, pfn, _) in &pages[k..k + moved] {
+            for &(j, pfn, to) in &pages[k..k + moved] {
                 self.set_device_dst(j, pfn);
                 self.entries[j].moved_out = true;
+                self.entries[j].dev_addr = Some(to);
                 done.push(j);
             }
             k += n;
@@ -927,35 +934,54 @@ impl<'a> MigrateVma<'a> {
             }
         }
         self.committed = true;
+        if self.blockable {
+            // An mremap that already returned has its event handled (and
+            // logged) before the pages are put back.
+            self.shared.sync_events();
+        }
         let staging = self.shared.staging().ok();
-        // Put back what did not migrate.
-        let mut restore_moved = Vec::new();
+        // Where each page is now: an mremap while the migration ran moved
+        // its address (and its Migrating state) elsewhere.
+        let moves = self.shared.remaps_since(self.remap_mark);
+        let now = |a: VirtAddr| follow(&moves, a);
+        // Put back what did not migrate, from wherever its data is: its
+        // staging slot, or the device memory it was already moved to.
         let mut unprotect = Vec::new();
         let mut unused_dst = Vec::new();
+        let mut back: Vec<(VirtAddr, VirtAddr)> = Vec::new();
         for (i, e) in self.entries.iter().enumerate() {
             let addr = self.addr(i);
             if e.how == How::Copied {
-                unprotect.push(addr);
-            }
-            if let (false, MigrateDst::Device(pfn)) = (e.migrate, e.dst) {
-                unused_dst.push(pfn);
+                unprotect.push(now(addr));
             }
             if e.migrate || e.src == MigrateSrc::None {
                 continue;
             }
-            match e.how {
-                How::Moved => restore_moved.push(addr),
-                How::Device | How::Copied | How::None => {}
+            let from = match (e.how, e.dev_addr, self.run, staging) {
+                (How::Moved, Some(d), _, _) if e.moved_out => Some(d),
+                (How::Moved, _, Some(run), Some(st)) => Some(st.slot(&run, addr)),
+                _ => None,
+            };
+            if let Some(from) = from {
+                back.push((now(addr), from));
             }
         }
-        if let (Some(run), Some(staging)) = (self.run, staging) {
-            for r in super::pagemap::runs(&restore_moved, usize::MAX >> 1) {
-                let _ = self.shared.move_pages(
-                    r,
-                    staging.slots(&run, r).start(),
-                    MoveMode::ALLOW_SRC_HOLES,
-                );
+        let mut restored = Vec::new();
+        let mut k = 0;
+        while k < back.len() {
+            let (to, from) = back[k];
+            let mut n = 1;
+            while back.get(k + n).is_some_and(|&(t, f)| {
+                t.get() == to.get() + n * PAGE_SIZE && f.get() == from.get() + n * PAGE_SIZE
+            }) {
+                n += 1;
             }
+            if let Ok(r) = PageRange::new(to, n * PAGE_SIZE) {
+                let res = self.shared.move_pages(r, from, MoveMode::ALLOW_SRC_HOLES);
+                let done = bytes_done(res, r.len());
+                restored.extend(r.pages().take(done / PAGE_SIZE));
+            }
+            k += n;
         }
         {
             let mut regions = lock(&self.shared.regions);
@@ -963,53 +989,49 @@ impl<'a> MigrateVma<'a> {
                 if e.migrate || e.src == MigrateSrc::None {
                     continue;
                 }
-                let addr = self.addr(i);
+                let addr = now(self.addr(i));
                 if regions.states.get(addr) != Stored::Migrating(self.owner) {
                     continue;
                 }
-                let back = match e.src {
+                let state = match e.src {
                     MigrateSrc::Device(pfn) => Stored::Device(self.owner, pfn),
                     _ => Stored::Cpu,
                 };
-                let _ = regions.states.set(addr, back);
+                let _ = regions.states.set(addr, state);
             }
         }
         for r in super::pagemap::runs(&unprotect, usize::MAX >> 1) {
             let _ = self.shared.uffd.write_protect(r, false, true);
         }
+        // A device page that got its data but did not migrate is unused,
+        // unless its data could not be moved back (then it is kept: losing
+        // a page of device memory beats losing the data).
+        for (i, e) in self.entries.iter().enumerate() {
+            if let (false, MigrateDst::Device(pfn)) = (e.migrate, e.dst) {
+                let stranded =
+                    e.moved_out && e.dev_addr.is_some() && !restored.contains(&now(self.addr(i)));
+                if !stranded {
+                    unused_dst.push(pfn);
+                }
+            }
+        }
         for pfn in unused_dst {
             self.shared.put_device_page(self.owner, pfn);
         }
         if let (Some(run), Some(staging)) = (self.run.take(), staging) {
-            // A run taken empty whose pages all moved on (into device
-            // memory, or back into place) is empty again.
-            let left = self.entries.iter().any(|e| {
-                e.how == How::Copied
-                    || (e.how == How::Moved
-                        && (e.src == MigrateSrc::System || e.zero_pte)
-                        && e.migrate
-                        && !e.moved_out)
-            });
-            let dirty = if run.was_dirty || self.entries.iter().any(|e| e.how == How::Device) {
-                self.run_dirty
-            } else {
-                self.run_dirty && left
-            };
-            // Believed dirty: a look at the page table says whether any
-            // page is really left (a run whose pages all moved out is empty,
-            // and an empty block is cheaper to reuse than to clean).
-            let dirty = dirty && {
-                let span = run.span();
-                let mut left = Vec::new();
-                let query = ScanQuery::new()
-                    .any_of(Categories::PRESENT | Categories::SWAPPED)
-                    .max_pages(1);
-                self.shared
-                    .pagemap()
-                    .ok()
-                    .and_then(|pm| pm.scan(staging.slots(&run, span), &query, &mut left).ok())
-                    .is_none_or(|_| !left.is_empty())
-            };
+            // Whether pages are left in the run, as the page table says
+            // (what did not come home, or stayed after a copy).
+            let span = run.span();
+            let mut left = Vec::new();
+            let query = ScanQuery::new()
+                .any_of(Categories::PRESENT | Categories::SWAPPED)
+                .max_pages(1);
+            let dirty = self
+                .shared
+                .pagemap()
+                .ok()
+                .and_then(|pm| pm.scan(staging.slots(&run, span), &query, &mut left).ok())
+                .is_none_or(|_| !left.is_empty());
             staging.free(run, dirty, self.blockable);
         }
         // End the invalidation, let the fork gate go, and have the service
@@ -1018,6 +1040,16 @@ impl<'a> MigrateVma<'a> {
         self.shared.gate.leave();
         self.shared.poke();
     }
+}
+
+/// Where `addr` is after the mremaps in `moves` (in order).
+fn follow(moves: &[(PageRange, VirtAddr)], mut addr: VirtAddr) -> VirtAddr {
+    for &(old, to) in moves {
+        if old.contains(addr) {
+            addr = VirtAddr::new(to.get() + (addr.get() - old.start().get()));
+        }
+    }
+    addr
 }
 
 impl Drop for MigrateVma<'_> {

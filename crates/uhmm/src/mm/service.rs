@@ -45,6 +45,10 @@ pub(crate) struct ServiceStats {
     pub(crate) pages_to_system: AtomicU64,
 }
 
+/// mremaps of pages in flight: the next number, and (number, old range,
+/// new start) for each.
+type RemapLog = (u64, Vec<(u64, PageRange, crate::VirtAddr)>);
+
 /// The state the service thread shares with [`super::Mm`].
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -73,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) fault_block: AtomicUsize,
     /// Faults the service holds for later.
     parked: AtomicUsize,
+    /// mremaps of pages in flight, numbered, for their migrations to follow.
+    remaps: Mutex<RemapLog>,
     /// Set while the service reads and handles a batch of events (see
     /// `sync_events`).
     busy: AtomicBool,
@@ -100,6 +106,7 @@ impl Shared {
             own_removes: Mutex::new(Vec::new()),
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
+            remaps: Mutex::new((0, Vec::new())),
             busy: AtomicBool::new(false),
             last_block_end: AtomicUsize::new(0),
         })
@@ -183,12 +190,10 @@ impl Shared {
     pub(crate) fn discard_own(&self, range: PageRange) -> Result<(), MemError> {
         lock(&self.own_removes).push(range);
         let res = self.discard(range);
-        if res.is_err() {
-            let mut own = lock(&self.own_removes);
-            if let Some(i) = own.iter().position(|r| *r == range) {
-                own.remove(i);
-            }
-        }
+        // Whatever of it no event took off the record (a failure, a part
+        // that had no mapping) must not swallow a later discard of the user.
+        self.sync_events();
+        lock(&self.own_removes).retain(|r| !r.overlaps(range));
         res
     }
 
@@ -215,15 +220,21 @@ impl Shared {
         unsafe { self.uffd.move_pages(dst, src, mode) }
     }
 
+    /// Whether `range` is (part of) a discard uhmm made itself; the part
+    /// is taken off the record (the kernel sends one event per mapping).
     fn is_own_remove(&self, range: PageRange) -> bool {
         let mut own = lock(&self.own_removes);
-        match own.iter().position(|r| *r == range) {
-            Some(i) => {
-                own.remove(i);
-                true
-            }
-            None => false,
+        let Some(i) = own.iter().position(|r| r.contains_range(range)) else {
+            return false;
+        };
+        let r = own.remove(i);
+        if let Ok(head) = PageRange::from_bounds(r.start(), range.start()) {
+            own.push(head);
         }
+        if let Ok(tail) = PageRange::from_bounds(range.end(), r.end()) {
+            own.push(tail);
+        }
+        true
     }
 
     /// Waits until the service has handled every event it has read.
@@ -243,6 +254,21 @@ impl Shared {
                 std::thread::yield_now();
             }
         }
+    }
+
+    /// The number the next mremap of pages in flight will get.
+    pub(crate) fn remap_mark(&self) -> u64 {
+        lock(&self.remaps).0
+    }
+
+    /// The mremaps of pages in flight since `mark`, in order.
+    pub(crate) fn remaps_since(&self, mark: u64) -> Vec<(PageRange, crate::VirtAddr)> {
+        lock(&self.remaps)
+            .1
+            .iter()
+            .filter(|&&(n, _, _)| n >= mark)
+            .map(|&(_, old, to)| (old, to))
+            .collect()
     }
 
     /// Has the service look at the faults waiting for pages in flight (if
@@ -435,7 +461,22 @@ fn handle(
             if let Ok(old) = PageRange::new(from, old_len) {
                 invalidate(old, NotifyEvent::Remap, pending);
                 let mut gone = Vec::new();
-                lock(&shared.regions).moved(old, to, |_, s| gone.push(s));
+                let mut regions = lock(&shared.regions);
+                // Pages in flight move with their state; their migrations
+                // follow them through this log when they finish.
+                if regions
+                    .states
+                    .entries(old)
+                    .iter()
+                    .any(|(_, s)| matches!(s, Stored::Migrating(_)))
+                {
+                    let mut log = lock(&shared.remaps);
+                    let n = log.0;
+                    log.0 += 1;
+                    log.1.push((n, old, to));
+                }
+                regions.moved(old, to, |_, s| gone.push(s));
+                drop(regions);
                 shared.release_states(gone);
             }
         }
