@@ -115,6 +115,17 @@ fn tmpfile(len: usize) -> Option<OwnedFd> {
     }
 }
 
+/// The whole of file `fd` (`SIZE` bytes) mapped and managed.
+fn file_region(mm: &Mm, fd: OwnedFd, shared: bool, prot: Prot) -> ManagedRegion {
+    let backing = Backing::File {
+        fd,
+        offset: 0,
+        shared,
+    };
+    mm.alloc_mapping(Mapping::builder(SIZE).backing(backing).prot(prot))
+        .unwrap()
+}
+
 #[test]
 fn open_close() {
     let _s = serial();
@@ -323,17 +334,7 @@ fn file_read() {
     let Some(fd) = tmpfile(SIZE) else { return };
     let data = ints(SIZE, |i| i);
     assert_eq!(rustix::io::pwrite(&fd, &data, 0).unwrap(), SIZE);
-    let region = mm
-        .alloc_mapping(
-            Mapping::builder(SIZE)
-                .backing(Backing::File {
-                    fd,
-                    offset: 0,
-                    shared: true,
-                })
-                .prot(Prot::READ),
-        )
-        .unwrap();
+    let region = file_region(&mm, fd, true, Prot::READ);
     let dev = SimDevice::new(&mm);
     let (mirror, res) = dev.read(start(&region), N).unwrap();
     assert_eq!((res.cpages, res.faults), (N as u64, 1));
@@ -345,13 +346,7 @@ fn file_write() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     let Some(fd) = tmpfile(SIZE) else { return };
-    let region = mm
-        .alloc_mapping(Mapping::builder(SIZE).backing(Backing::File {
-            fd,
-            offset: 0,
-            shared: true,
-        }))
-        .unwrap();
+    let region = file_region(&mm, fd, true, Prot::READ | Prot::WRITE);
     device_writes_indices_in_one_round(&mm, &region);
     let data = ints(SIZE, |i| i);
     let mut file = vec![0u8; SIZE];
@@ -701,13 +696,7 @@ fn migrate_file_private() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     let Some(fd) = tmpfile(SIZE) else { return };
-    let region = mm
-        .alloc_mapping(Mapping::builder(SIZE).backing(Backing::File {
-            fd,
-            offset: 0,
-            shared: false,
-        }))
-        .unwrap();
+    let region = file_region(&mm, fd, false, Prot::READ | Prot::WRITE);
     // The CPU fills it: copy-on-write anonymous pages in a file mapping.
     fill(&region, |i| i);
     let dev = SimDevice::new(&mm);

@@ -81,6 +81,16 @@ struct Areas {
     dirty_blocks: usize,
 }
 
+impl Areas {
+    fn area(&mut self, huge: bool) -> &mut Area {
+        if huge {
+            &mut self.huge
+        } else {
+            &mut self.small
+        }
+    }
+}
+
 /// The staging area.
 #[derive(Debug)]
 pub(crate) struct Staging {
@@ -160,11 +170,7 @@ impl Staging {
         };
         let mut guard = crate::mm::lock_poisoned(&self.areas);
         let areas = &mut *guard;
-        let a = if huge {
-            &mut areas.huge
-        } else {
-            &mut areas.small
-        };
+        let a = areas.area(huge);
         let n = a.users.len();
         if count > n {
             return Err(full());
@@ -266,11 +272,7 @@ impl Staging {
     pub(crate) fn hold(&self, number: u64) {
         let (huge, block) = Self::block_of(number);
         let mut areas = crate::mm::lock_poisoned(&self.areas);
-        let a = if huge {
-            &mut areas.huge
-        } else {
-            &mut areas.small
-        };
+        let a = areas.area(huge);
         if let Some(u) = a.users.get_mut(block) {
             *u += 1;
         }
@@ -301,11 +303,7 @@ impl Staging {
     fn put_blocks(&self, huge: bool, first: usize, count: usize, dirty: bool, exact: bool) {
         let mut guard = crate::mm::lock_poisoned(&self.areas);
         let areas = &mut *guard;
-        let a = if huge {
-            &mut areas.huge
-        } else {
-            &mut areas.small
-        };
+        let a = areas.area(huge);
         let (mut newly, mut cleaned) = (0, 0);
         for i in first..(first + count).min(a.users.len()) {
             a.users[i] = a.users[i].saturating_sub(1);
