@@ -166,8 +166,6 @@ pub struct MigrateVma<'a> {
     owner: Owner,
     entries: Vec<Entry>,
     run: Option<Run>,
-    /// Whether pages may be left in the staging run.
-    run_dirty: bool,
     /// Install by COPY (not MOVE): the mapping is not private anonymous
     /// read-write.
     copy_install: Vec<bool>,
@@ -253,7 +251,6 @@ impl<'a> MigrateVma<'a> {
             owner,
             entries: vec![Entry::UNSELECTED; range.npages()],
             run: None,
-            run_dirty: false,
             copy_install: Vec::with_capacity(range.npages()),
             guard: Some(guard),
             remap_mark: shared.remap_mark(),
@@ -374,9 +371,6 @@ impl<'a> MigrateVma<'a> {
             let i = self.index(addr);
             self.entries[i].how = how;
         }
-        if done > 0 {
-            self.run_dirty = true;
-        }
     }
 
     /// The copying fallback: write-protect `pages` (if the mapping is
@@ -434,7 +428,6 @@ impl<'a> MigrateVma<'a> {
             }
         }
         drop(bufs);
-        self.run_dirty = true;
         if ok {
             self.mark(pages, pages.len(), How::Copied);
         } else {
@@ -608,7 +601,6 @@ impl<'a> MigrateVma<'a> {
                 let _ = mem::populate(staging.slots(&run, r), true);
             }
         }
-        self.run_dirty = !idx.is_empty();
         for &i in &idx {
             self.entries[i].dst = MigrateDst::System;
         }
@@ -864,17 +856,6 @@ impl<'a> MigrateVma<'a> {
         }
         for pfn in freed {
             self.shared.put_device_page(self.owner, pfn);
-        }
-        // Every filled slot moved out (not copied), and the run held
-        // nothing before: nothing is left in it.
-        if let Some(run) = self.run
-            && !run.was_dirty
-            && idx.iter().all(|&i| {
-                let e = &self.entries[i];
-                e.migrate && !self.copy_install[i] && e.dst == MigrateDst::System
-            })
-        {
-            self.run_dirty = false;
         }
     }
 

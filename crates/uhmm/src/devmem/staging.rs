@@ -103,9 +103,6 @@ pub(crate) struct Staging {
 /// A run of blocks given to one migration (or exclusive grab) for `range`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
-    /// Some block held pages when the run was handed out (a `Fill` run):
-    /// slots the migration did not use may still hold them.
-    pub(crate) was_dirty: bool,
     huge: bool,
     first: usize,
     count: usize,
@@ -194,18 +191,15 @@ impl Staging {
         }
         let first = found.ok_or_else(full)?;
         let mut clean = Vec::new();
-        let mut was_dirty = false;
         for i in first..first + count {
             a.users[i] = 1;
             if want == Want::Empty && std::mem::take(&mut a.dirty[i]) {
                 clean.push(i);
             }
-            was_dirty |= a.dirty[i];
         }
         areas.dirty_blocks -= clean.len().min(areas.dirty_blocks);
         drop(guard);
         let run = Run {
-            was_dirty,
             huge,
             first,
             count,
