@@ -11,13 +11,12 @@
 use super::migrate::MigrateError;
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{NotifierRange, NotifyEvent};
-use crate::mm::service::Shared;
-use crate::mm::state::Stored;
+use crate::mm::service::{NoEntry, Shared};
+use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
-use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::VmaKind;
-use crate::sys::uffd::{CopyMode, MoveMode, Stop};
+use crate::sys::uffd::{CopyMode, MoveMode, Progress, Stop};
 
 impl Mm {
     /// Makes the pages of `range` exclusive to `owner`: the CPU loses
@@ -44,7 +43,7 @@ impl Mm {
     ) -> Result<usize, MigrateError> {
         let shared = self.shared();
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
-        let (region, armed) = lock(&shared.regions)
+        let region = lock(&shared.regions)
             .containing(range)
             .ok_or(invalid("not inside one managed region"))?;
         let vmas = shared
@@ -66,8 +65,8 @@ impl Mm {
                 "exclusive access needs mapped private anonymous read-write memory",
             ));
         }
-        if !armed {
-            shared.arm(region, &vmas)?;
+        if !region.armed {
+            shared.arm(region.range, &vmas)?;
         }
         shared.sync_events();
         // Fault in (writable) every page but those already exclusive to
@@ -107,6 +106,34 @@ impl Mm {
 }
 
 fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, MigrateError> {
+    let op = {
+        let mut regions = lock(&shared.regions);
+        match regions.containing(range) {
+            Some(r) if !r.closing => regions
+                .begin_op(owner, range)
+                .map_err(|e| MigrateError::Mm(MmError::State(e)))?,
+            _ => {
+                return Err(MigrateError::InvalidRange {
+                    range,
+                    reason: "not inside one managed region",
+                });
+            }
+        }
+    };
+    let result = grab_in(shared, range, owner, op);
+    shared.end_op(op);
+    result
+}
+
+/// Moves each page of `range` that is the CPU's into its staging slot and
+/// records it exclusive to `owner` — in that order, under the regions lock,
+/// so that no fault can find the page exclusive before it is in its slot.
+fn grab_in(
+    shared: &Shared,
+    range: PageRange,
+    owner: Owner,
+    op: OpId,
+) -> Result<usize, MigrateError> {
     let notify = NotifierRange::new(range, NotifyEvent::Exclusive).with_owner(owner);
     let _guard = shared
         .notifiers
@@ -114,68 +141,85 @@ fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, Migrat
         .map_err(|_| MigrateError::Retry { range })?;
     let staging = shared.staging()?;
     let run = staging.alloc(range, super::staging::Want::Empty, true)?;
-    let mut claimed = Vec::new();
-    let mut already = 0;
-    {
-        let mut regions = lock(&shared.regions);
-        for addr in range.pages() {
-            match regions.states.get(addr) {
-                Stored::Cpu => {}
-                Stored::Exclusive(o, _) if o == owner => {
-                    already += 1;
-                    continue;
-                }
-                _ => continue,
-            }
-            let hold = staging.page_number(staging.slot(&run, addr));
-            if regions
-                .states
-                .set(addr, Stored::Exclusive(owner, hold))
-                .is_ok()
-            {
-                claimed.push(addr);
-            }
-        }
-    }
     let mut count = 0;
-    for r in super::pagemap::runs(&claimed, usize::MAX >> 1) {
-        let res = shared.move_pages(
-            staging.slots(&run, r),
-            r.start(),
-            MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
-        );
-        let done = super::migrate::bytes_done(res, r.len());
-        let mut regions = lock(&shared.regions);
-        for (k, addr) in r.pages().enumerate() {
-            if k * PAGE_SIZE < done {
-                staging.hold(staging.page_number(staging.slot(&run, addr)));
-                count += 1;
-            } else {
-                // Could not be taken (pinned, say): it stays the CPU's.
-                let _ = regions.states.set(addr, Stored::Cpu);
+    let mut todo: Vec<VirtAddr> = range.pages().collect();
+    for _ in 0..1000 {
+        let mut left = Vec::new();
+        {
+            let mut regions = lock(&shared.regions);
+            for &addr in &todo {
+                let at = regions.op(op).map_or(addr, |o| o.follow(addr));
+                match regions.states.get(at) {
+                    // A discard is about to zap it: not now.
+                    Stored::Cpu if regions.zap_pending(at) => {
+                        left.push(addr);
+                        continue;
+                    }
+                    Stored::Cpu => {}
+                    Stored::Exclusive(o, _) if o == owner => {
+                        count += 1;
+                        continue;
+                    }
+                    _ => continue,
+                }
+                let (Ok(slot), Ok(page)) = (
+                    PageRange::new(staging.slot(&run, addr), PAGE_SIZE),
+                    PageRange::new(at, PAGE_SIZE),
+                ) else {
+                    continue;
+                };
+                // Never with ALLOW_SRC_HOLES (see `migrate::MOVE_QUIRK`):
+                // ENOENT is a hole at the source, moved or not.
+                let res = shared.move_pages(slot, page.start(), MoveMode::DONTWAKE);
+                let res = match res {
+                    Ok(p) if p.stop == Some(Stop::NoEntry) => {
+                        match shared.move_noentry(slot.start(), page.start()) {
+                            NoEntry::LayoutChanging => Ok(Progress {
+                                done: 0,
+                                stop: Some(Stop::LayoutChanging),
+                            }),
+                            _ => Ok(Progress {
+                                done: PAGE_SIZE,
+                                stop: None,
+                            }),
+                        }
+                    }
+                    res => res,
+                };
+                match res {
+                    Ok(p) if p.is_complete() => {
+                        let hold = staging.page_number(slot.start());
+                        if regions
+                            .states
+                            .set(at, Stored::Exclusive(owner, hold))
+                            .is_ok()
+                        {
+                            staging.hold(hold);
+                            count += 1;
+                        } else {
+                            // Cannot be recorded: put it straight back.
+                            let _ = shared.move_pages(page, slot.start(), MoveMode::empty());
+                        }
+                    }
+                    Ok(p) if p.stop == Some(Stop::LayoutChanging) => left.push(addr),
+                    // Could not be taken (pinned, say): it stays the CPU's.
+                    _ => {}
+                }
             }
         }
+        if left.is_empty() {
+            break;
+        }
+        shared.await_events();
+        todo = left;
     }
     staging.free(run, false, true);
-    Ok(count + already)
-}
-
-/// Whether the staging slot at `slot` holds a page (present or swapped).
-fn slot_holds_page(shared: &Shared, slot: VirtAddr) -> bool {
-    let Ok(r) = PageRange::new(slot, PAGE_SIZE) else {
-        return false;
-    };
-    let mut found = Vec::new();
-    let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
-    shared
-        .pagemap()
-        .ok()
-        .and_then(|pm| pm.scan(r, &query, &mut found).ok())
-        .is_none_or(|_| !found.is_empty())
+    Ok(count)
 }
 
 /// Takes the exclusive page at `page` back for the CPU (its holder is told
-/// first). `Err` if a device's callback could not run without blocking.
+/// first). `Err` if a device's callback could not run without blocking, or
+/// (not blockable) the page could not be moved back yet.
 pub(crate) fn revoke(
     shared: &Shared,
     page: PageRange,
@@ -189,49 +233,46 @@ pub(crate) fn revoke(
     let Ok(staging) = shared.staging() else {
         return Err(());
     };
-    {
-        let mut regions = lock(&shared.regions);
-        if regions.states.get(page.start()) != Stored::Exclusive(owner, hold) {
-            // Someone else took it back (or it was unmapped).
-            return Ok(());
-        }
-        // Claimed: a second revoker (or a fault) now waits.
-        let _ = regions.states.set(page.start(), Stored::Migrating(owner));
-    }
     let slot = staging.page_at(hold);
-    let res = shared.move_pages(page, slot, MoveMode::empty());
-    let moved = matches!(res, Ok(p) if p.is_complete());
-    if !moved && slot_holds_page(shared, slot) {
-        // The page is still in its slot (the move failed for another
-        // reason): never replace it with zeros; try again later.
-        let mut regions = lock(&shared.regions);
-        if regions.states.get(page.start()) == Stored::Migrating(owner) {
-            let _ = regions
-                .states
-                .set(page.start(), Stored::Exclusive(owner, hold));
-        }
-        return Err(());
-    }
-    if !moved {
-        // The slot was empty (the page had been discarded): a zero page.
-        let zero = [0u8; PAGE_SIZE];
-        match shared
-            .uffd
-            .copy(page, VirtAddr::from_ptr(zero.as_ptr()), CopyMode::empty())
+    for _ in 0..1000 {
         {
-            Ok(p) if p.stop == Some(Stop::Exists) => {
-                let _ = shared.uffd.wake(page);
+            let mut regions = lock(&shared.regions);
+            if regions.states.get(page.start()) != Stored::Exclusive(owner, hold) {
+                // Someone else took it back (or it was unmapped).
+                return Ok(());
             }
-            _ => {}
+            // A slot the page was discarded from is a hole: it moves as
+            // one, and the CPU then faults a zero page in.
+            let res = shared.move_pages(page, slot, MoveMode::DONTWAKE);
+            let done = match res {
+                Ok(p) if p.is_complete() => true,
+                // See `Shared::move_noentry`.
+                Ok(p) if p.stop == Some(Stop::NoEntry) => {
+                    shared.move_noentry(page.start(), slot) != NoEntry::LayoutChanging
+                }
+                Ok(p) if p.stop == Some(Stop::LayoutChanging) => false,
+                // The slot's page is shared or pinned: copy it instead.
+                Ok(p) if p.stop == Some(Stop::Busy) => matches!(
+                    shared.uffd.copy(page, slot, CopyMode::DONTWAKE),
+                    Ok(p) if p.is_complete()
+                ),
+                // Present already (cannot be, while it is exclusive), or
+                // not registered any more: it is the CPU's as it is.
+                _ => true,
+            };
+            if done {
+                let _ = regions.states.set(page.start(), Stored::Cpu);
+                drop(regions);
+                staging.unhold(hold, true);
+                let _ = shared.uffd.wake(page);
+                drop(guard);
+                return Ok(());
+            }
         }
-    }
-    {
-        let mut regions = lock(&shared.regions);
-        if regions.states.get(page.start()) == Stored::Migrating(owner) {
-            let _ = regions.states.set(page.start(), Stored::Cpu);
+        if !blockable {
+            return Err(());
         }
+        shared.await_events();
     }
-    staging.unhold(hold, !moved);
-    drop(guard);
-    Ok(())
+    Err(())
 }

@@ -28,16 +28,17 @@
 //!    the invalidation and lets waiting CPU accesses go on.
 
 use super::pagemap::DevmemError;
-use super::staging::{Run, StagingError, Want};
+use super::staging::{Run, Staging, StagingError, Want};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{InvalidateGuard, NotifierRange, NotifyEvent};
-use crate::mm::service::Shared;
-use crate::mm::state::Stored;
+use crate::mm::regions::Regions;
+use crate::mm::service::{NoEntry, Shared};
+use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
 use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::{Vma, VmaKind};
-use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Progress};
+use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Progress, Stop};
 use bitflags::bitflags;
 
 /// Largest run an eviction migrates at once.
@@ -159,35 +160,69 @@ impl Entry {
 
 /// One migration of a range between system memory and one owner's device
 /// memory. See the [module docs](self) for the steps.
+///
+/// It holds its range as the kernel's `mmap_lock` would (DESIGN.md,
+/// concurrency rule 1): it is an operation with a generation of its own
+/// (`OpId`), its pages are `Migrating(op)`, and every page-table change it
+/// makes is checked against that state and made under the regions lock,
+/// at the address the page has *now* (an mremap meanwhile moves it, a
+/// discard or an unmap takes it away from the migration). So it never acts
+/// on an address that has come to mean something else.
 #[derive(Debug)]
 pub struct MigrateVma<'a> {
     shared: &'a Shared,
     range: PageRange,
     owner: Owner,
+    op: OpId,
     entries: Vec<Entry>,
     run: Option<Run>,
     /// Install by COPY (not MOVE): the mapping is not private anonymous
     /// read-write.
     copy_install: Vec<bool>,
     guard: Option<InvalidateGuard<'a>>,
-    /// Where the address space's log of mremaps stood at setup.
-    remap_mark: u64,
     blockable: bool,
     committed: bool,
     done: bool,
 }
 
+/// `MOVE_QUIRK`: on Linux 6.18, a `UFFDIO_MOVE` that meets a transient
+/// EAGAIN inside the kernel (a page-table entry that changed under it, as
+/// a CPU thread touching the page makes it) retries the same address
+/// without forgetting the EAGAIN, so the page it then moves is not
+/// counted: with `ALLOW_SRC_HOLES` the retry finds a hole where it just
+/// moved the page from and spins in the kernel for ever; without it, the
+/// call ends with ENOENT at that page although the page moved. uhmm
+/// therefore never moves with `ALLOW_SRC_HOLES` (holes are found with a
+/// page-table scan first) and reads ENOENT from a move as "the source page
+/// is a hole now" — which it is, moved or not.
+const _MOVE_QUIRK: () = ();
+
+/// What [`MigrateVma::install_all`] did: the pages installed (index,
+/// address), those to try again once pending events are applied, and those
+/// that could not be installed at all.
+type Installed = (Vec<(usize, VirtAddr)>, Vec<usize>, Vec<(usize, VirtAddr)>);
+
+/// How often a migration waits for the service to apply pending events
+/// and tries again before it leaves the pages concerned where they are.
+const LAYOUT_RETRIES: usize = 1000;
+
 impl<'a> MigrateVma<'a> {
     /// Selects the pages of `range` that `select` names (device pages only
     /// if they belong to `owner`), and takes them out of the CPU's hands.
     ///
+    /// A page that is pinned (by `O_DIRECT` I/O, say) is not selected, as
+    /// the kernel skips pages with extra references; a page still shared
+    /// copy-on-write with a child is made the process's own first.
+    ///
     /// # Errors
     ///
     /// [`MigrateError::InvalidRange`] if the range is not inside one managed
-    /// region, or has a gap, an unreadable part or hugetlb memory;
-    /// [`MigrateError::Retry`] if a device's invalidation could not be done
-    /// now; [`MigrateError::Staging`] if the range is too large to migrate
-    /// at once. Memory is as it was on error.
+    /// region, or has a gap, an unreadable part or hugetlb memory, or its
+    /// region is being dropped; [`MigrateError::Retry`] if a device's
+    /// invalidation could not be done now; [`MigrateError::Staging`] if the
+    /// range is too large to migrate at once; [`MigrateError::Mm`] with
+    /// [`StateError::TooManyOwners`](crate::mm::StateError) if the address
+    /// space cannot name one more device. Memory is as it was on error.
     pub fn setup(
         mm: &'a Mm,
         range: PageRange,
@@ -205,10 +240,14 @@ impl<'a> MigrateVma<'a> {
         blockable: bool,
     ) -> Result<MigrateVma<'a>, MigrateError> {
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
+        if !blockable && select.contains(Select::SYSTEM) {
+            // Taking system pages out may have to wait for the service.
+            return Err(MigrateError::Retry { range });
+        }
         if blockable {
             shared.sync_events();
         }
-        let (region, armed) = lock(&shared.regions)
+        let region = lock(&shared.regions)
             .containing(range)
             .ok_or(invalid("not inside one managed region"))?;
         // Device pages lie only where a migration to the device found
@@ -222,8 +261,8 @@ impl<'a> MigrateVma<'a> {
                 .covering(range)
                 .map_err(MmError::from)?;
             check_vmas(range, &vmas).map_err(invalid)?;
-            if !armed {
-                shared.arm(region, &vmas)?;
+            if !region.armed {
+                shared.arm(region.range, &vmas)?;
             }
             vmas
         } else {
@@ -232,6 +271,26 @@ impl<'a> MigrateVma<'a> {
         if !shared.gate.enter(blockable) {
             return Err(MigrateError::Retry { range });
         }
+        let op = {
+            let mut regions = lock(&shared.regions);
+            let begun = match regions.containing(range) {
+                None => Err(invalid("not inside one managed region")),
+                Some(r) if r.closing && select.contains(Select::SYSTEM) => {
+                    Err(invalid("its region is being dropped"))
+                }
+                Some(_) => regions
+                    .begin_op(owner, range)
+                    .map_err(|e| MigrateError::Mm(MmError::State(e))),
+            };
+            match begun {
+                Ok(op) => op,
+                Err(e) => {
+                    drop(regions);
+                    shared.gate.leave();
+                    return Err(e);
+                }
+            }
+        };
         let notify = NotifierRange {
             range,
             event: NotifyEvent::Migrate,
@@ -241,6 +300,7 @@ impl<'a> MigrateVma<'a> {
         let guard = match shared.notifiers.invalidate_start(&notify) {
             Ok(g) => g,
             Err(_) => {
+                shared.end_op(op);
                 shared.gate.leave();
                 return Err(MigrateError::Retry { range });
             }
@@ -249,11 +309,11 @@ impl<'a> MigrateVma<'a> {
             shared,
             range,
             owner,
+            op,
             entries: vec![Entry::UNSELECTED; range.npages()],
             run: None,
             copy_install: Vec::with_capacity(range.npages()),
             guard: Some(guard),
-            remap_mark: shared.remap_mark(),
             blockable,
             committed: false,
             done: false,
@@ -263,178 +323,363 @@ impl<'a> MigrateVma<'a> {
             let vma = vma_of(&vmas, addr);
             m.copy_install.push(vma.is_some_and(|v| !movable(v)));
         }
+        // (Dropping `m` on an error ends the operation.)
         m.collect(select, &vmas)?;
         Ok(m)
     }
 
-    /// Records the selected pages Migrating and takes them out.
+    /// Where page `i` is now: its address at setup, moved by the mremaps
+    /// since. Under the regions lock.
+    fn now(&self, regions: &Regions, i: usize) -> VirtAddr {
+        let a = self.addr(i);
+        regions.op(self.op).map_or(a, |op| op.follow(a))
+    }
+
+    /// Where page `i` is now, if it is still this migration's (not
+    /// discarded or unmapped meanwhile). Under the regions lock.
+    fn holds(&self, regions: &Regions, i: usize) -> Option<VirtAddr> {
+        let at = self.now(regions, i);
+        (regions.states.get(at) == Stored::Migrating(self.op)).then_some(at)
+    }
+
+    /// Selects the pages and takes the system pages out of the CPU page
+    /// table.
     fn collect(&mut self, select: Select, vmas: &[Vma]) -> Result<(), MigrateError> {
         let owner = self.owner;
-        let mut system: Vec<VirtAddr> = Vec::new();
+        let mut movable_idx = Vec::new();
+        let mut copy_idx = Vec::new();
         {
             let mut regions = lock(&self.shared.regions);
             for (i, addr) in self.range.pages().enumerate() {
                 let vma = vma_of(vmas, addr);
-                let write = vma.is_none_or(|v| v.perms.contains(Prot::WRITE));
-                let stored = regions.states.get(addr);
-                let src = match (stored, vma) {
+                let e = &mut self.entries[i];
+                e.write = vma.is_none_or(|v| v.perms.contains(Prot::WRITE));
+                match (regions.states.get(addr), vma) {
                     (Stored::Cpu, Some(vma))
                         if select.contains(Select::SYSTEM) && private(self.shared, vma) =>
                     {
-                        system.push(addr);
-                        MigrateSrc::System
+                        if movable(vma) {
+                            movable_idx.push(i);
+                        } else {
+                            copy_idx.push(i);
+                        }
                     }
+                    // No page-table entry to change: a device page is a hole
+                    // for the CPU.
                     (Stored::Device(o, pfn), _)
-                        if o == owner && select.contains(Select::DEVICE_PRIVATE) =>
+                        if o == owner
+                            && select.contains(Select::DEVICE_PRIVATE)
+                            && regions.states.set(addr, Stored::Migrating(self.op)).is_ok() =>
                     {
-                        MigrateSrc::Device(pfn)
+                        e.src = MigrateSrc::Device(pfn);
+                        e.how = How::Device;
+                        e.migrate = true;
                     }
-                    _ => continue,
-                };
-                if regions.states.set(addr, Stored::Migrating(owner)).is_err() {
+                    _ => {}
+                }
+            }
+        }
+        if movable_idx.is_empty() && copy_idx.is_empty() {
+            return Ok(());
+        }
+        let staging = self.shared.staging()?;
+        let run = staging.alloc(self.range, Want::Empty, self.blockable)?;
+        self.run = Some(run);
+        let mut todo = movable_idx;
+        let mut busy = Vec::new();
+        let mut cow_broken = false;
+        for _ in 0..LAYOUT_RETRIES {
+            let mut left = Vec::new();
+            {
+                let mut regions = lock(&self.shared.regions);
+                if !todo.is_empty() {
+                    left = self.take_out(&mut regions, staging, &run, &todo, &mut busy);
+                }
+                if !copy_idx.is_empty() {
+                    self.copy_out(&mut regions, staging, &run, &copy_idx);
+                    copy_idx.clear();
+                }
+                if left.is_empty() && !busy.is_empty() && !cow_broken {
+                    // Still shared copy-on-write with a child, or pinned:
+                    // make each the process's own (outside the lock; a
+                    // write fault on a page that is not ours yet) and try
+                    // once more. Still refused: pinned, not selected.
+                    cow_broken = true;
+                    let addrs: Vec<VirtAddr> =
+                        busy.iter().map(|&i| self.now(&regions, i)).collect();
+                    drop(regions);
+                    for a in addrs {
+                        if let Ok(page) = PageRange::new(a, PAGE_SIZE) {
+                            let _ = mem::populate(page, true);
+                        }
+                    }
+                    left = std::mem::take(&mut busy);
+                    todo = left;
                     continue;
                 }
-                let e = &mut self.entries[i];
-                e.src = src;
-                e.write = write;
-                e.migrate = true;
-                e.how = if matches!(src, MigrateSrc::Device(_)) {
-                    How::Device
-                } else {
-                    How::None
-                };
             }
-        }
-        if !system.is_empty() {
-            self.isolate(&system, vmas)?;
-        }
-        Ok(())
-    }
-
-    /// Takes the selected system pages out of the CPU page table.
-    fn isolate(&mut self, pages: &[VirtAddr], vmas: &[Vma]) -> Result<(), MigrateError> {
-        let run = match self
-            .shared
-            .staging()?
-            .alloc(self.range, Want::Empty, self.blockable)
-        {
-            Ok(run) => run,
-            Err(e) => {
-                self.unselect_all();
-                return Err(e.into());
+            if left.is_empty() {
+                break;
             }
-        };
-        self.run = Some(run);
-        let staging = self.shared.staging()?;
-        for pages in super::pagemap::runs(pages, usize::MAX >> 1) {
-            let movable_run = vma_of(vmas, pages.start()).is_some_and(movable)
-                && pages.pages().all(|a| vma_of(vmas, a).is_some_and(movable));
-            let mut rest = Some(pages);
-            if movable_run {
-                while let Some(r) = rest {
-                    let slots = staging.slots(&run, r);
-                    let res = self.shared.move_pages(
-                        slots,
-                        r.start(),
-                        MoveMode::ALLOW_SRC_HOLES | MoveMode::DONTWAKE,
-                    );
-                    let done = bytes_done(res, r.len());
-                    self.mark(r, done, How::Moved);
-                    rest = r.tail_from(r.start().checked_add(done).unwrap_or(r.end()));
-                    if let Some(stuck) = rest {
-                        // The first page that would not move (shared after
-                        // a fork, pinned): copy it instead, go on after it.
-                        let page = PageRange::new(stuck.start(), PAGE_SIZE)
-                            .unwrap_or_else(|_| unreachable!("a page of a valid range"));
-                        self.copy_out(page, true);
-                        rest = stuck.tail_from(page.end());
-                    }
-                }
-            } else {
-                let write = self.entry(pages.start()).write;
-                self.copy_out(pages, write);
-            }
+            // The kernel said EAGAIN: an unmap, discard or mremap is under
+            // way. Let the service apply it, then look again.
+            self.shared.await_events();
+            todo = left;
         }
         self.classify()
     }
 
-    fn index(&self, addr: VirtAddr) -> usize {
-        (addr.get() - self.range.start().get()) / PAGE_SIZE
-    }
-
-    fn entry(&self, addr: VirtAddr) -> Entry {
-        self.entries[self.index(addr)]
-    }
-
-    fn mark(&mut self, r: PageRange, done: usize, how: How) {
-        for addr in r.pages().take(done / PAGE_SIZE) {
-            let i = self.index(addr);
-            self.entries[i].how = how;
-        }
-    }
-
-    /// The copying fallback: write-protect `pages` (if the mapping is
-    /// writable) so that CPU writes wait, then copy them into staging.
-    /// Pages that cannot be read are not selected.
-    fn copy_out(&mut self, pages: PageRange, write: bool) {
-        if write && self.shared.uffd.write_protect(pages, true, false).is_err() {
-            self.unselect(pages);
-            return;
-        }
-        let Some(run) = self.run else {
-            self.unselect(pages);
-            return;
-        };
-        let Ok(staging) = self.shared.staging() else {
-            self.unselect(pages);
-            return;
-        };
-        // Only pages with data are read: reading a hole of this (armed)
-        // region would fault, and the fault would wait for this migration.
-        let mut with_data = vec![false; pages.npages()];
-        let mut regions = Vec::new();
-        let query = ScanQuery::new()
-            .any_of(Categories::PRESENT | Categories::SWAPPED)
-            .report(Categories::PFNZERO);
-        let scanned = self
-            .shared
-            .pagemap()
-            .map_err(|_| ())
-            .and_then(|pm| pm.scan(pages, &query, &mut regions).map_err(|_| ()));
-        if scanned.is_err() {
-            if write {
-                let _ = self.shared.uffd.write_protect(pages, false, true);
-            }
-            self.unselect(pages);
-            return;
-        }
-        for r in regions {
-            if !r.categories.contains(Categories::PFNZERO) {
-                for a in r.range.pages() {
-                    with_data[(a.get() - pages.start().get()) / PAGE_SIZE] = true;
+    /// Moves the system pages `idx` (in memory `UFFDIO_MOVE` takes) that
+    /// are still the CPU's into their staging slots, recording each one
+    /// `Migrating` once it has moved. Pages the kernel refused as busy
+    /// (shared or pinned) go to `busy`; returns the pages to try again once
+    /// pending events are applied.
+    fn take_out(
+        &mut self,
+        regions: &mut Regions,
+        staging: &Staging,
+        run: &Run,
+        idx: &[usize],
+        busy: &mut Vec<usize>,
+    ) -> Vec<usize> {
+        let todo: Vec<(usize, VirtAddr)> = idx
+            .iter()
+            .map(|&i| (i, self.now(regions, i)))
+            .filter(|&(_, at)| regions.states.get(at) == Stored::Cpu)
+            .collect();
+        let mut left = Vec::new();
+        for group in contiguous(&todo) {
+            let group = &todo[group];
+            // Only pages with something in the page table are moved; a
+            // hole is taken as it is (a CPU access to it waits from now
+            // on, as it would for a page in flight).
+            let present = self.present(group);
+            let mut k = 0;
+            let mut single = false;
+            while k < group.len() {
+                let at = group[k].1;
+                if !present[k] {
+                    // A run of holes is taken as it is — once a move of its
+                    // first page has confirmed that no layout change is
+                    // pending (the scan may predate an mremap or munmap the
+                    // kernel has made but the service not yet applied;
+                    // then the move says EAGAIN).
+                    let holes = present[k..].iter().take_while(|&&p| !p).count();
+                    let (i, at) = group[k];
+                    let (Ok(dst), Ok(src)) = (
+                        PageRange::new(self.addr(i), PAGE_SIZE),
+                        PageRange::new(at, PAGE_SIZE),
+                    ) else {
+                        break;
+                    };
+                    let res = self.shared.move_pages(
+                        staging.slots(run, dst),
+                        src.start(),
+                        MoveMode::DONTWAKE,
+                    );
+                    let mut stop = progress(&res, PAGE_SIZE).1;
+                    if stop == Some(Stop::NoEntry)
+                        && self
+                            .shared
+                            .move_noentry(staging.slot(run, self.addr(i)), at)
+                            == NoEntry::LayoutChanging
+                    {
+                        stop = Some(Stop::LayoutChanging);
+                    }
+                    match stop {
+                        // Still a hole, or (moved after all) no longer one.
+                        None | Some(Stop::NoEntry) => {
+                            for &page in &group[k..k + holes] {
+                                if let Ok(p) = PageRange::new(page.1, PAGE_SIZE) {
+                                    regions.unfence(p);
+                                }
+                                self.mark_taken(regions, page, How::Moved);
+                            }
+                            k += holes;
+                        }
+                        Some(Stop::LayoutChanging) => {
+                            left.extend(group[k..].iter().map(|&(j, _)| j));
+                            break;
+                        }
+                        // Something else is there now: leave it.
+                        Some(_) => k += 1,
+                    }
+                    continue;
+                }
+                if regions.zap_pending(at) {
+                    // A discard is about to zap it: let that happen first.
+                    left.push(group[k].0);
+                    k += 1;
+                    continue;
+                }
+                let (i, at) = group[k];
+                let n = if single {
+                    1
+                } else {
+                    let mut n = 1;
+                    while present.get(k + n) == Some(&true) && !regions.zap_pending(group[k + n].1)
+                    {
+                        n += 1;
+                    }
+                    n
+                };
+                let (Ok(dst), Ok(src)) = (
+                    PageRange::new(self.addr(i), n * PAGE_SIZE),
+                    PageRange::new(at, n * PAGE_SIZE),
+                ) else {
+                    break;
+                };
+                // Never with ALLOW_SRC_HOLES: see `MOVE_QUIRK`.
+                let res = self.shared.move_pages(
+                    staging.slots(run, dst),
+                    src.start(),
+                    MoveMode::DONTWAKE,
+                );
+                let (done, stop) = progress(&res, dst.len());
+                for &page in &group[k..k + done / PAGE_SIZE] {
+                    // The page has left the page table: now it is ours.
+                    self.mark_taken(regions, page, How::Moved);
+                }
+                k += done / PAGE_SIZE;
+                single = false;
+                match stop {
+                    None | Some(Stop::Partial) => {}
+                    Some(Stop::LayoutChanging) => {
+                        left.extend(group[k..].iter().map(|&(j, _)| j));
+                        break;
+                    }
+                    Some(Stop::Busy) => {
+                        busy.push(group[k].0);
+                        k += 1;
+                    }
+                    // The kernel moved the page and said otherwise
+                    // (`MOVE_QUIRK`), or it is a hole now: out of the page
+                    // table either way. Or the mapping is changing.
+                    Some(Stop::NoEntry) => {
+                        let slot = staging.slot(run, self.addr(group[k].0));
+                        if self.shared.move_noentry(slot, group[k].1) == NoEntry::LayoutChanging {
+                            left.extend(group[k..].iter().map(|&(j, _)| j));
+                            break;
+                        }
+                        self.mark_taken(regions, group[k], How::Moved);
+                        k += 1;
+                    }
+                    // The mapping changed under the run (split, say): try
+                    // the page alone, then go on.
+                    Some(_) if n > 1 => single = true,
+                    Some(_) => k += 1,
                 }
             }
         }
-        let slots = staging.slots(&run, pages);
-        // Read through the kernel: a page unmapped meanwhile is an error,
-        // not a crash. The slots are ours (see `Staging::pages_mut`).
-        let slot_addrs: Vec<VirtAddr> = slots.pages().collect();
-        let mut bufs = staging.pages_mut(&slot_addrs);
-        let mut ok = true;
-        for ((addr, buf), data) in pages.pages().zip(bufs.iter_mut()).zip(with_data) {
-            if data && mem::read_process(addr, buf).is_err() {
-                ok = false;
-                break;
+        left
+    }
+
+    /// Which of the pages of `group` (contiguous at both ends) have
+    /// something in the page table (all of them if it cannot be read).
+    fn present(&self, group: &[(usize, VirtAddr)]) -> Vec<bool> {
+        let Ok(range) = PageRange::new(group[0].1, group.len() * PAGE_SIZE) else {
+            return vec![true; group.len()];
+        };
+        let mut found = Vec::new();
+        let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+        let scanned = self
+            .shared
+            .pagemap()
+            .ok()
+            .and_then(|pm| pm.scan(range, &query, &mut found).ok());
+        if scanned.is_none() {
+            return vec![true; group.len()];
+        }
+        let mut present = vec![false; group.len()];
+        for r in found {
+            for a in r.range.pages() {
+                present[(a.get() - range.start().get()) / PAGE_SIZE] = true;
             }
         }
-        drop(bufs);
-        if ok {
-            self.mark(pages, pages.len(), How::Copied);
-        } else {
-            if write {
+        present
+    }
+
+    /// Page `(i, at)` is out of the CPU page table: it is this migration's.
+    fn mark_taken(&mut self, regions: &mut Regions, (i, at): (usize, VirtAddr), how: How) {
+        if regions.states.set(at, Stored::Migrating(self.op)).is_ok() {
+            let e = &mut self.entries[i];
+            e.src = MigrateSrc::System;
+            e.how = how;
+            e.migrate = true;
+        }
+    }
+
+    /// The copying fallback for memory `UFFDIO_MOVE` does not take
+    /// (read-only, private file mappings): write-protect the pages (if the
+    /// mapping is writable) so that CPU writes wait, then copy them into
+    /// staging; they leave the page table when the migration commits.
+    ///
+    /// Under the regions lock, so nothing can discard them meanwhile (a
+    /// discard waits until its event is read, which needs this lock); a
+    /// page unmapped meanwhile fails the read cleanly and is not selected.
+    fn copy_out(&mut self, regions: &mut Regions, staging: &Staging, run: &Run, idx: &[usize]) {
+        let mut todo: Vec<(usize, VirtAddr)> = idx
+            .iter()
+            .map(|&i| (i, self.now(regions, i)))
+            .filter(|&(_, at)| regions.states.get(at) == Stored::Cpu)
+            .collect();
+        // A page a discard is about to zap is left alone (not selected).
+        todo.retain(|&(_, at)| !regions.zap_pending(at));
+        for group in contiguous(&todo) {
+            let group = &todo[group];
+            let (first, at) = group[0];
+            let Ok(pages) = PageRange::new(at, group.len() * PAGE_SIZE) else {
+                continue;
+            };
+            let write = self.entries[first].write;
+            if write
+                && !matches!(self.shared.uffd.write_protect(pages, true, false), Ok(p) if p.is_complete())
+            {
                 let _ = self.shared.uffd.write_protect(pages, false, true);
+                continue;
             }
-            self.unselect(pages);
+            // Only pages with data are read (a hole reads as zeros).
+            let mut with_data = vec![false; group.len()];
+            let mut found = Vec::new();
+            let query = ScanQuery::new()
+                .any_of(Categories::PRESENT | Categories::SWAPPED)
+                .report(Categories::PFNZERO);
+            let Ok(_) = self
+                .shared
+                .pagemap()
+                .map_err(drop)
+                .and_then(|pm| pm.scan(pages, &query, &mut found).map_err(drop))
+            else {
+                if write {
+                    let _ = self.shared.uffd.write_protect(pages, false, true);
+                }
+                continue;
+            };
+            for r in found {
+                if !r.categories.contains(Categories::PFNZERO) {
+                    for a in r.range.pages() {
+                        with_data[(a.get() - at.get()) / PAGE_SIZE] = true;
+                    }
+                }
+            }
+            let slots: Vec<VirtAddr> = group
+                .iter()
+                .map(|&(i, _)| staging.slot(run, self.addr(i)))
+                .collect();
+            let mut bufs = staging.pages_mut(&slots);
+            for (k, (&(i, a), buf)) in group.iter().zip(bufs.iter_mut()).enumerate() {
+                // Read through the kernel: a page unmapped meanwhile is an
+                // error, not a crash.
+                if with_data[k] && mem::read_process(a, buf).is_err() {
+                    if let Ok(page) = PageRange::new(a, PAGE_SIZE)
+                        && write
+                    {
+                        let _ = self.shared.uffd.write_protect(page, false, true);
+                    }
+                    continue;
+                }
+                self.mark_taken(regions, (i, a), How::Copied);
+            }
         }
     }
 
@@ -473,21 +718,6 @@ impl<'a> MigrateVma<'a> {
             }
         }
         Ok(())
-    }
-
-    fn unselect(&mut self, pages: PageRange) {
-        let mut regions = lock(&self.shared.regions);
-        for addr in pages.pages() {
-            let i = self.index(addr);
-            if self.entries[i].migrate {
-                let _ = regions.states.set(addr, Stored::Cpu);
-                self.entries[i] = Entry::UNSELECTED;
-            }
-        }
-    }
-
-    fn unselect_all(&mut self) {
-        self.unselect(self.range);
     }
 
     /// The range.
@@ -660,10 +890,39 @@ impl<'a> MigrateVma<'a> {
                 k += n;
                 continue;
             };
-            let res = self
-                .shared
-                .move_pages(dst, staging.slot(&run, first), MoveMode::DONTWAKE);
-            let moved = bytes_done(res, dst.len()) / PAGE_SIZE;
+            // Staging to device memory: neither end is the program's, so
+            // no lock is needed; EAGAIN only says some event is pending on
+            // the userfaultfd.
+            let mut moved = 0;
+            for _ in 0..LAYOUT_RETRIES {
+                let (Some(rest), Some(from)) = (
+                    dst.tail_from(VirtAddr::new(dst.start().get() + moved * PAGE_SIZE)),
+                    first.checked_add(moved * PAGE_SIZE),
+                ) else {
+                    break;
+                };
+                let res =
+                    self.shared
+                        .move_pages(rest, staging.slot(&run, from), MoveMode::DONTWAKE);
+                let (done, stop) = progress(&res, rest.len());
+                moved += done / PAGE_SIZE;
+                match stop {
+                    None => break,
+                    Some(Stop::Partial) => {}
+                    // The page is in device memory (`MOVE_QUIRK`), or its
+                    // slot is a hole: nothing is left in staging to copy.
+                    Some(Stop::NoEntry)
+                        if self.shared.move_noentry(
+                            VirtAddr::new(to.get() + moved * PAGE_SIZE),
+                            staging.slot(&run, VirtAddr::new(first.get() + moved * PAGE_SIZE)),
+                        ) != NoEntry::LayoutChanging =>
+                    {
+                        moved += 1
+                    }
+                    Some(Stop::LayoutChanging) if self.blockable => self.shared.await_events(),
+                    _ => break,
+                }
+            }
             for &(j, pfn, to) in &pages[k..k + moved] {
                 self.set_device_dst(j, pfn);
                 self.entries[j].moved_out = true;
@@ -749,15 +1008,21 @@ impl<'a> MigrateVma<'a> {
 
     fn commit_to_device(&mut self, idx: &[usize]) {
         // Copied pages are still mapped (write-protected): drop them now.
-        let copied: Vec<VirtAddr> = idx
-            .iter()
-            .filter(|&&i| self.entries[i].how == How::Copied)
-            .map(|&i| self.addr(i))
-            .collect();
-        for r in super::pagemap::runs(&copied, usize::MAX >> 1) {
+        // (Outside the lock: the discard waits for its event to be read.)
+        let copied: Vec<(usize, VirtAddr)> = {
+            let regions = lock(&self.shared.regions);
+            idx.iter()
+                .filter(|&&i| self.entries[i].how == How::Copied)
+                .filter_map(|&i| self.holds(&regions, i).map(|a| (i, a)))
+                .collect()
+        };
+        for group in contiguous(&copied) {
+            let group = &copied[group];
+            let Ok(r) = PageRange::new(group[0].1, group.len() * PAGE_SIZE) else {
+                continue;
+            };
             if self.shared.discard_own(r).is_err() {
-                for a in r.pages() {
-                    let i = self.index(a);
+                for &(i, _) in group {
                     self.entries[i].migrate = false;
                 }
             }
@@ -768,119 +1033,251 @@ impl<'a> MigrateVma<'a> {
             let MigrateDst::Device(pfn) = e.dst else {
                 continue;
             };
-            let addr = self.addr(i);
-            // Not taken out of the page table, or unmapped meanwhile (the
-            // state was dropped): nothing to commit.
-            if !e.migrate
-                || e.how == How::None
-                || regions.states.get(addr) != Stored::Migrating(self.owner)
-            {
-                self.entries[i].migrate = false;
-                continue;
-            }
-            if regions
-                .states
-                .set(addr, Stored::Device(self.owner, pfn))
-                .is_err()
-            {
+            // Not taken out of the page table, or discarded or unmapped
+            // meanwhile: nothing to commit.
+            let at = self.holds(&regions, i);
+            let committed = e.migrate
+                && e.how != How::None
+                && at.is_some_and(|a| {
+                    regions
+                        .states
+                        .set(a, Stored::Device(self.owner, pfn))
+                        .is_ok()
+                });
+            if !committed {
                 self.entries[i].migrate = false;
             }
         }
     }
 
-    fn commit_to_system(&mut self, idx: &[usize]) {
-        let staging = self.shared.staging().ok();
-        // Where each page's data is: its staging slot, or device memory.
-        let source = |me: &Self, i: usize| -> Option<(VirtAddr, bool)> {
-            match me.entries[i].dst {
-                MigrateDst::SystemFrom(a) => Some((a, true)),
-                MigrateDst::System => {
-                    let (run, st) = (me.run.as_ref()?, staging?);
-                    Some((st.slot(run, me.addr(i)), false))
-                }
-                _ => None,
-            }
-        };
-        let mut freed = Vec::new();
+    /// Where page `i`'s data waits to come back to system memory: device
+    /// memory (host RAM, moved with no copy) or its staging slot.
+    fn source(&self, i: usize) -> Option<VirtAddr> {
+        let e = &self.entries[i];
+        match (e.dst, e.how) {
+            (MigrateDst::SystemFrom(a), _) => Some(a),
+            (MigrateDst::System, _) => Some(
+                self.shared
+                    .staging()
+                    .ok()?
+                    .slot(self.run.as_ref()?, self.addr(i)),
+            ),
+            // Put back after a migration to the device that did not happen.
+            (_, How::Moved) if e.moved_out => e.dev_addr,
+            (_, How::Moved) => Some(
+                self.shared
+                    .staging()
+                    .ok()?
+                    .slot(self.run.as_ref()?, self.addr(i)),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Installs the pages `idx` (still this migration's) at their addresses
+    /// now from their sources, in runs contiguous at both ends, under the
+    /// regions lock; each installed page becomes `Cpu`. Returns the pages
+    /// installed and the pages to try again once pending events are
+    /// applied; the rest could not be installed.
+    fn install_all(&self, regions: &mut Regions, idx: &[usize]) -> Installed {
+        let todo: Vec<(usize, VirtAddr, VirtAddr)> = idx
+            .iter()
+            .filter_map(|&i| Some((i, self.holds(regions, i)?, self.source(i)?)))
+            .collect();
+        let mut done_pages = Vec::new();
+        let mut left = Vec::new();
+        let mut failed = Vec::new();
         let mut k = 0;
-        while k < idx.len() {
-            let i = idx[k];
-            let Some((src, from_device)) = source(self, i) else {
-                self.entries[i].migrate = false;
-                k += 1;
-                continue;
-            };
-            // A run contiguous at both ends, from the same kind of source.
+        while k < todo.len() {
+            let (i, at, from) = todo[k];
             let mut n = 1;
-            while let Some(&j) = idx.get(k + n) {
-                let ok = j == i + n
-                    && source(self, j)
-                        == Some((VirtAddr::new(src.get() + n * PAGE_SIZE), from_device));
-                if !ok {
+            while let Some(&(j, a, f)) = todo.get(k + n) {
+                let d = n * PAGE_SIZE;
+                if j != i + n || a.get() != at.get() + d || f.get() != from.get() + d {
                     break;
                 }
                 n += 1;
             }
-            let Ok(r) = PageRange::new(self.addr(i), n * PAGE_SIZE) else {
+            let copy = todo[k..k + n].iter().any(|&(j, _, _)| self.copy_install[j]);
+            let Ok(r) = PageRange::new(at, n * PAGE_SIZE) else {
                 k += n;
                 continue;
             };
-            let still = {
-                let regions = lock(&self.shared.regions);
-                r.pages()
-                    .all(|a| regions.states.get(a) == Stored::Migrating(self.owner))
-            };
-            let done = if still { self.install(r, src) } else { 0 };
-            {
-                let mut regions = lock(&self.shared.regions);
-                for (m, a) in r.pages().enumerate() {
-                    let j = self.index(a);
-                    if m * PAGE_SIZE < done {
-                        let _ = regions.states.set(a, Stored::Cpu);
-                        if let MigrateSrc::Device(pfn) = self.entries[j].src {
-                            freed.push(pfn);
-                        }
-                    } else {
-                        self.entries[j].migrate = false;
-                    }
-                }
+            let (done, stop) = self.install(r, from, copy);
+            let done = done / PAGE_SIZE;
+            for &(j, a, _) in &todo[k..k + done] {
+                let _ = regions.states.set(a, Stored::Cpu);
+                done_pages.push((j, a));
             }
-            // Woken only now, so that a thread that faulted finds the
-            // page's state already updated.
-            if done > 0
-                && let Some(woken) = PageRange::new(r.start(), done).ok()
-            {
-                let _ = self.shared.uffd.wake(woken);
+            let rest = todo[k + done..k + n].iter().map(|&(j, a, _)| (j, a));
+            match stop {
+                None => {}
+                Some(Stop::LayoutChanging) => left.extend(rest.map(|(j, _)| j)),
+                // Someone else resolved the page meanwhile (it is present):
+                // what is there is newer than what waited here.
+                Some(Stop::Exists) => {
+                    let mut rest = rest;
+                    if let Some((j, a)) = rest.next() {
+                        let _ = regions.states.set(a, Stored::Cpu);
+                        done_pages.push((j, a));
+                    }
+                    left.extend(rest.map(|(j, _)| j));
+                }
+                Some(_) => failed.extend(rest),
             }
             k += n;
         }
-        for pfn in freed {
-            self.shared.put_device_page(self.owner, pfn);
+        (done_pages, left, failed)
+    }
+
+    fn commit_to_system(&mut self, idx: &[usize]) {
+        let mut todo = idx.to_vec();
+        for _ in 0..LAYOUT_RETRIES {
+            let (done, left, failed) = {
+                let mut regions = lock(&self.shared.regions);
+                let held: Vec<usize> = todo
+                    .iter()
+                    .copied()
+                    .filter(|&i| self.holds(&regions, i).is_some())
+                    .collect();
+                self.install_all(&mut regions, &held)
+            };
+            let mut installed = vec![false; self.entries.len()];
+            for &(i, _) in &done {
+                installed[i] = true;
+            }
+            for &i in &todo {
+                if !installed[i] && !left.contains(&i) {
+                    // Not installed (gone, or refused): it stays on the
+                    // device, and `finish` gives it its state back.
+                    self.entries[i].migrate = false;
+                }
+            }
+            let _ = failed;
+            // Bookkeeping first: the device pages are freed before anyone
+            // who waited is woken (DESIGN.md, concurrency rule 6).
+            for &(i, _) in &done {
+                if let MigrateSrc::Device(pfn) = self.entries[i].src {
+                    self.shared.put_device_page(self.owner, pfn);
+                }
+            }
+            let woken: Vec<VirtAddr> = done.iter().map(|&(_, a)| a).collect();
+            for r in super::pagemap::runs(&woken, usize::MAX >> 1) {
+                let _ = self.shared.uffd.wake(r);
+            }
+            if left.is_empty() {
+                return;
+            }
+            if !self.blockable {
+                for i in left {
+                    self.entries[i].migrate = false;
+                }
+                return;
+            }
+            self.shared.await_events();
+            todo = left;
+        }
+        for &i in &todo {
+            self.entries[i].migrate = false;
         }
     }
 
-    /// Puts the pages at `src` (staging slots, or device memory) at `r`
+    /// Puts the pages at `from` (staging slots, or device memory) at `r`
     /// (holes there, since every CPU access waits), without waking anyone
-    /// yet; returns the bytes done.
-    fn install(&self, r: PageRange, src: VirtAddr) -> usize {
-        let copy = r.pages().any(|a| self.copy_install[self.index(a)]);
-        let res = if copy {
-            self.shared.uffd.copy(r, src, CopyMode::DONTWAKE)
-        } else {
-            // MOVE needs private anonymous read-write memory at both ends;
-            // elsewhere (read-only, a private file mapping) the kernel says
-            // EINVAL and the pages are copied.
-            // (A hole at the source — a device page never written — stays
-            // a hole: it reads as zeros.)
-            match self
-                .shared
-                .move_pages(r, src, MoveMode::DONTWAKE | MoveMode::ALLOW_SRC_HOLES)
-            {
-                Err(OpError::Invalid { .. }) => self.shared.uffd.copy(r, src, CopyMode::DONTWAKE),
-                res => res,
+    /// yet. Moves where the kernel allows it, copies where it does not
+    /// (`copy`: the mapping is known not to take MOVE; a page of the source
+    /// that is shared or pinned), and never issues one call across two
+    /// mappings. Returns the bytes done and why it stopped, if it did.
+    fn install(&self, r: PageRange, from: VirtAddr, mut copy: bool) -> (usize, Option<Stop>) {
+        let mut done = 0;
+        let mut limit = r.len();
+        while done < r.len() {
+            let len = limit.min(r.len() - done);
+            let (Ok(part), Some(src)) = (
+                PageRange::new(VirtAddr::new(r.start().get() + done), len),
+                from.checked_add(done),
+            ) else {
+                return (done, Some(Stop::NoEntry));
+            };
+            let res = if copy {
+                self.shared.uffd.copy(part, src, CopyMode::DONTWAKE)
+            } else {
+                // Never with ALLOW_SRC_HOLES: see `MOVE_QUIRK`.
+                self.shared.move_pages(part, src, MoveMode::DONTWAKE)
+            };
+            let (did, stop) = match res {
+                Ok(p) if p.is_complete() => (len, None),
+                Ok(p) => (p.done, p.stop),
+                // MOVE needs private anonymous read-write memory at both
+                // ends; elsewhere the kernel says EINVAL: copy. For COPY,
+                // EINVAL is a range not inside one registered mapping.
+                Err(OpError::Invalid { .. }) if !copy => {
+                    copy = true;
+                    continue;
+                }
+                Err(OpError::Invalid { .. }) => (0, Some(Stop::NoEntry)),
+                Err(_) => return (done, Some(Stop::NoEntry)),
+            };
+            done += did;
+            match stop {
+                None => limit = r.len(),
+                Some(Stop::Partial) => {}
+                // A page of the source shared (after a fork that uhmm did
+                // not see) or pinned: MOVE refuses it for good; copy it.
+                Some(Stop::Busy) => {
+                    let Ok(page) = PageRange::new(VirtAddr::new(r.start().get() + done), PAGE_SIZE)
+                    else {
+                        return (done, stop);
+                    };
+                    match self.shared.uffd.copy(
+                        page,
+                        src.checked_add(did).unwrap_or(src),
+                        CopyMode::DONTWAKE,
+                    ) {
+                        Ok(p) if p.is_complete() => done += PAGE_SIZE,
+                        Ok(p) => return (done, p.stop),
+                        Err(_) => return (done, Some(Stop::NoEntry)),
+                    }
+                }
+                // MOVE: a hole at the source (a device page never
+                // written), or a page the kernel moved and said otherwise
+                // (`MOVE_QUIRK`): the destination reads as it should.
+                Some(Stop::NoEntry) if !copy => {
+                    let at = VirtAddr::new(r.start().get() + done);
+                    let from_page = VirtAddr::new(from.get() + done);
+                    match self.shared.move_noentry(at, from_page) {
+                        NoEntry::Moved | NoEntry::Hole => done += PAGE_SIZE,
+                        NoEntry::LayoutChanging => return (done, Some(Stop::LayoutChanging)),
+                    }
+                }
+                // COPY: the run may cross into another mapping (a partial
+                // mprotect or madvise split it): one mapping at a time.
+                Some(Stop::NoEntry) if len > PAGE_SIZE => {
+                    limit = self.mapping_bytes(VirtAddr::new(r.start().get() + done), len);
+                }
+                Some(stop) => return (done, Some(stop)),
             }
+        }
+        (done, None)
+    }
+
+    /// How much of the `len` bytes from `at` lie in the mapping at `at`
+    /// (at least a page, less than `len` unless the mappings cannot be
+    /// read).
+    fn mapping_bytes(&self, at: VirtAddr, len: usize) -> usize {
+        let Ok(r) = PageRange::new(at, len) else {
+            return PAGE_SIZE;
         };
-        bytes_done(res, r.len())
+        let end = self
+            .shared
+            .procmap()
+            .ok()
+            .and_then(|m| m.covering(r).ok())
+            .and_then(|v| v.first().map(|v| v.range.end()));
+        match end {
+            Some(e) if e > at && e.get() - at.get() < len => e.get() - at.get(),
+            _ => PAGE_SIZE,
+        }
     }
 
     /// Whether page `i` migrated (after [`pages`](Self::pages)).
@@ -915,93 +1312,83 @@ impl<'a> MigrateVma<'a> {
             }
         }
         self.committed = true;
-        if self.blockable {
-            // An mremap that already returned has its event handled (and
-            // logged) before the pages are put back.
-            self.shared.sync_events();
-        }
-        let staging = self.shared.staging().ok();
-        // Where each page is now: an mremap while the migration ran moved
-        // its address (and its Migrating state) elsewhere.
-        let moves = self.shared.remaps_since(self.remap_mark);
-        let now = |a: VirtAddr| follow(&moves, a);
-        // Put back what did not migrate, from wherever its data is: its
-        // staging slot, or the device memory it was already moved to.
-        let mut unprotect = Vec::new();
-        let mut unused_dst = Vec::new();
-        let mut back: Vec<(VirtAddr, VirtAddr)> = Vec::new();
-        for (i, e) in self.entries.iter().enumerate() {
-            let addr = self.addr(i);
-            if e.how == How::Copied {
-                unprotect.push(now(addr));
+        // Put back what did not migrate, from wherever its data is (its
+        // staging slot, or the device memory it was already moved to), at
+        // the address each page has now — if it is still this migration's:
+        // a page discarded or unmapped meanwhile stays gone.
+        let mut todo: Vec<usize> = self.indices_all(|e| !e.migrate && e.src != MigrateSrc::None);
+        for _ in 0..LAYOUT_RETRIES {
+            if todo.is_empty() {
+                break;
             }
-            if e.migrate || e.src == MigrateSrc::None {
-                continue;
-            }
-            let from = match (e.how, e.dev_addr, self.run, staging) {
-                (How::Moved, Some(d), _, _) if e.moved_out => Some(d),
-                (How::Moved, _, Some(run), Some(st)) => Some(st.slot(&run, addr)),
-                _ => None,
+            let mut woken = Vec::new();
+            let left = {
+                let mut regions = lock(&self.shared.regions);
+                let mut moved_back = Vec::new();
+                for &i in &todo {
+                    let Some(at) = self.holds(&regions, i) else {
+                        continue;
+                    };
+                    let e = self.entries[i];
+                    match (e.how, e.src) {
+                        (How::Device, MigrateSrc::Device(pfn)) => {
+                            let _ = regions.states.set(at, Stored::Device(self.owner, pfn));
+                        }
+                        (How::Copied, _) => {
+                            // Still mapped: writes may go on.
+                            if let Ok(page) = PageRange::new(at, PAGE_SIZE) {
+                                let _ = self.shared.uffd.write_protect(page, false, false);
+                            }
+                            let _ = regions.states.set(at, Stored::Cpu);
+                            woken.push(at);
+                        }
+                        (How::Moved, _) => moved_back.push(i),
+                        _ => {
+                            let _ = regions.states.set(at, Stored::Cpu);
+                        }
+                    }
+                }
+                let (done, left, failed) = self.install_all(&mut regions, &moved_back);
+                woken.extend(done.iter().map(|&(_, a)| a));
+                // What cannot be put back at all is lost: an access gets
+                // SIGBUS (never zeros, never a wait).
+                for (_, at) in failed {
+                    if let Ok(page) = PageRange::new(at, PAGE_SIZE) {
+                        self.shared.lose_locked(&mut regions, page);
+                    }
+                }
+                left
             };
-            if let Some(from) = from {
-                back.push((now(addr), from));
+            for r in super::pagemap::runs(&woken, usize::MAX >> 1) {
+                let _ = self.shared.uffd.wake(r);
             }
+            todo = left;
+            if todo.is_empty() || !self.blockable {
+                break;
+            }
+            self.shared.await_events();
         }
-        let mut restored = Vec::new();
-        let mut k = 0;
-        while k < back.len() {
-            let (to, from) = back[k];
-            let mut n = 1;
-            while back.get(k + n).is_some_and(|&(t, f)| {
-                t.get() == to.get() + n * PAGE_SIZE && f.get() == from.get() + n * PAGE_SIZE
-            }) {
-                n += 1;
-            }
-            if let Ok(r) = PageRange::new(to, n * PAGE_SIZE) {
-                let res = self.shared.move_pages(r, from, MoveMode::ALLOW_SRC_HOLES);
-                let done = bytes_done(res, r.len());
-                restored.extend(r.pages().take(done / PAGE_SIZE));
-            }
-            k += n;
-        }
-        {
+        if !todo.is_empty() {
+            // Events kept coming for longer than any program makes them:
+            // what is still out is lost rather than left waiting.
             let mut regions = lock(&self.shared.regions);
-            for (i, e) in self.entries.iter().enumerate() {
-                if e.migrate || e.src == MigrateSrc::None {
-                    continue;
+            for &i in &todo {
+                if let Some(at) = self.holds(&regions, i)
+                    && let Ok(page) = PageRange::new(at, PAGE_SIZE)
+                {
+                    self.shared.lose_locked(&mut regions, page);
                 }
-                let addr = now(self.addr(i));
-                if regions.states.get(addr) != Stored::Migrating(self.owner) {
-                    continue;
-                }
-                let state = match e.src {
-                    MigrateSrc::Device(pfn) => Stored::Device(self.owner, pfn),
-                    _ => Stored::Cpu,
-                };
-                let _ = regions.states.set(addr, state);
             }
         }
-        for r in super::pagemap::runs(&unprotect, usize::MAX >> 1) {
-            let _ = self.shared.uffd.write_protect(r, false, true);
-        }
-        // A device page that got its data but did not migrate is unused,
-        // unless its data could not be moved back (then it is kept: losing
-        // a page of device memory beats losing the data).
-        for (i, e) in self.entries.iter().enumerate() {
+        // Device pages that did not become a page's home are unused.
+        for e in &self.entries {
             if let (false, MigrateDst::Device(pfn)) = (e.migrate, e.dst) {
-                let stranded =
-                    e.moved_out && e.dev_addr.is_some() && !restored.contains(&now(self.addr(i)));
-                if !stranded {
-                    unused_dst.push(pfn);
-                }
+                self.shared.put_device_page(self.owner, pfn);
             }
         }
-        for pfn in unused_dst {
-            self.shared.put_device_page(self.owner, pfn);
-        }
-        if let (Some(run), Some(staging)) = (self.run.take(), staging) {
+        if let (Some(run), Ok(staging)) = (self.run.take(), self.shared.staging()) {
             // Whether pages are left in the run, as the page table says
-            // (what did not come home, or stayed after a copy).
+            // (what was discarded in flight, or stayed after a copy).
             let span = run.span();
             let mut left = Vec::new();
             let query = ScanQuery::new()
@@ -1015,22 +1402,22 @@ impl<'a> MigrateVma<'a> {
                 .is_none_or(|_| !left.is_empty());
             staging.free(run, dirty, self.blockable);
         }
-        // End the invalidation, let the fork gate go, and have the service
-        // look at the faults that waited for these pages.
+        // End the operation and the invalidation, let the fork gate go, and
+        // have the service look at the faults that waited for these pages.
+        self.shared.end_op(self.op);
         self.guard.take();
         self.shared.gate.leave();
         self.shared.poke();
     }
-}
 
-/// Where `addr` is after the mremaps in `moves` (in order).
-fn follow(moves: &[(PageRange, VirtAddr)], mut addr: VirtAddr) -> VirtAddr {
-    for &(old, to) in moves {
-        if old.contains(addr) {
-            addr = VirtAddr::new(to.get() + (addr.get() - old.start().get()));
-        }
+    fn indices_all(&self, pick: impl Fn(&Entry) -> bool) -> Vec<usize> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| pick(e))
+            .map(|(i, _)| i)
+            .collect()
     }
-    addr
 }
 
 impl Drop for MigrateVma<'_> {
@@ -1039,14 +1426,32 @@ impl Drop for MigrateVma<'_> {
     }
 }
 
-/// How many bytes of a `len`-byte resolve ioctl were done (a stop or an
-/// error ends it where it stopped).
-pub(crate) fn bytes_done(res: Result<Progress, OpError>, len: usize) -> usize {
+/// Bytes done by a resolve ioctl over `len` bytes, and why it stopped (an
+/// error counts as a stop with nothing done).
+fn progress(res: &Result<Progress, OpError>, len: usize) -> (usize, Option<Stop>) {
     match res {
-        Ok(p) if p.is_complete() => len,
-        Ok(p) => p.done,
-        Err(_) => 0,
+        Ok(p) if p.is_complete() => (len, None),
+        Ok(p) => (p.done, p.stop),
+        Err(_) => (0, Some(Stop::NoEntry)),
     }
+}
+
+/// Splits `pages` ((index, address) pairs, by index) into runs whose
+/// indices and addresses both go up a page at a time.
+fn contiguous(pages: &[(usize, VirtAddr)]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for k in 1..=pages.len() {
+        let joins = pages.get(k).is_some_and(|&(i, a)| {
+            let (pi, pa) = pages[k - 1];
+            i == pi + 1 && a.get() == pa.get() + PAGE_SIZE
+        });
+        if !joins {
+            out.push(start..k);
+            start = k;
+        }
+    }
+    out
 }
 
 fn vma_of(vmas: &[Vma], addr: VirtAddr) -> Option<&Vma> {

@@ -3,6 +3,7 @@
 
 use super::migrate::{MigrateError, MigrateVma, Select};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
+use crate::mm::regions::Regions;
 use crate::mm::service::Shared;
 use crate::mm::state::Stored;
 use crate::mm::{Mm, Owner, lock_poisoned as lock};
@@ -150,27 +151,28 @@ pub(crate) struct PagemapInner {
 }
 
 impl PagemapInner {
-    /// Drops one reference to `pfn`; the last one frees it.
+    /// Drops one reference to `pfn`; the last one frees it: the device's
+    /// `page_free` runs first, and only then can the page be handed out
+    /// again (a page reused before its device let go of it could carry its
+    /// old contents into a new virtual page).
     pub(crate) fn put(&self, pfn: DevicePfn) {
-        let freed = {
+        let last = {
             let mut p = lock(&self.pool);
             match p.refs.get_mut(pfn.0 as usize) {
                 Some(r) if *r > 0 => {
                     *r -= 1;
-                    if *r == 0 {
-                        p.free.push(pfn.0);
-                        p.in_use -= 1;
-                        true
-                    } else {
-                        false
-                    }
+                    *r == 0
                 }
                 _ => false,
             }
         };
-        if freed {
-            self.freed.fetch_add(1, Ordering::Relaxed);
+        if last {
             self.ops.page_free(pfn);
+            let mut p = lock(&self.pool);
+            p.free.push(pfn.0);
+            p.in_use -= 1;
+            drop(p);
+            self.freed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -373,10 +375,41 @@ impl DevicePagemap {
 
 impl Drop for DevicePagemap {
     fn drop(&mut self) {
+        let shared = self.mm.shared();
         // Nothing may be lost: keep trying while the device gives pages
-        // back; what it cannot is lost with it, as for a device that dies.
-        let _ = self.evict_all();
-        self.mm.shared().remove_pagemap(self.inner.owner);
+        // back; what it cannot is lost with it, as for a device that dies
+        // (poisoned: an access gets SIGBUS, never zeros).
+        if self.evict_all().is_err() {
+            let owner = self.inner.owner;
+            let mut regions = lock(&shared.regions);
+            let left = regions
+                .states
+                .select(None, |s| matches!(s, Stored::Device(o, _) if o == owner));
+            for &(addr, _) in &left {
+                if let Ok(page) = PageRange::new(addr, PAGE_SIZE) {
+                    shared.lose_locked(&mut regions, page);
+                }
+            }
+            drop(regions);
+            shared.release_states(left.into_iter().map(|(_, s)| s).collect());
+        }
+        shared.remove_pagemap(self.inner.owner);
+        // The fault service may hold a reference for a fault it serves
+        // right now; the device's ops and memory must be dropped here, on
+        // this thread, never on the service (dropping them may unmap
+        // memory registered with the userfaultfd, whose event the service
+        // would have to read: DESIGN.md concurrency rule 4).
+        if !crate::mm::service::on_service() {
+            let mut spins = 0u32;
+            while Arc::strong_count(&self.inner) > 1 {
+                spins += 1;
+                if spins < 100 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
     }
 }
 
@@ -391,20 +424,28 @@ pub(crate) fn evict(
     let owner = pm.owner;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let found: Vec<(VirtAddr, Stored)> = {
-            let pick =
-                |s: Stored| matches!(s, Stored::Device(o, _) | Stored::Migrating(o) if o == owner);
-            lock(&shared.regions).states.select(within, pick)
+        let (runs, in_flight) = {
+            let regions = lock(&shared.regions);
+            let found = regions.states.select(within, |s| {
+                matches!(s, Stored::Device(..) | Stored::Migrating(_))
+            });
+            let mut pages = Vec::new();
+            let mut in_flight = false;
+            for (a, s) in found {
+                match s {
+                    Stored::Device(o, _) if o == owner => pages.push(a),
+                    Stored::Migrating(_) => in_flight |= regions.owner_of(s) == Some(owner),
+                    _ => {}
+                }
+            }
+            // A run never crosses from one managed region into the next (a
+            // migration is set up inside one region).
+            (region_runs(&regions, &pages), in_flight)
         };
-        if found.is_empty() {
+        if runs.is_empty() && !in_flight {
             return Ok(());
         }
-        let pages: Vec<VirtAddr> = found
-            .iter()
-            .filter(|(_, s)| matches!(s, Stored::Device(..)))
-            .map(|&(a, _)| a)
-            .collect();
-        if pages.is_empty() {
+        if runs.is_empty() {
             // Only pages in flight: wait for their migrations to end.
             if Instant::now() > deadline {
                 return Err(FaultError::Device(
@@ -415,7 +456,7 @@ pub(crate) fn evict(
             continue;
         }
         let mut last = Ok(());
-        for run in runs(&pages, super::migrate::EVICT_RUN) {
+        for run in runs {
             let fault = DeviceFault {
                 shared,
                 owner,
@@ -436,6 +477,27 @@ pub(crate) fn evict(
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// `pages` (sorted) as runs of at most [`EVICT_RUN`](super::migrate::EVICT_RUN)
+/// bytes, each inside one managed region.
+fn region_runs(regions: &Regions, pages: &[VirtAddr]) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    for run in runs(pages, super::migrate::EVICT_RUN) {
+        let mut cursor = run.start();
+        while cursor < run.end() {
+            let end = PageRange::new(cursor, PAGE_SIZE)
+                .ok()
+                .and_then(|p| regions.containing(p))
+                .map_or(cursor.get() + PAGE_SIZE, |r| r.range.end().get())
+                .min(run.end().get());
+            if let Ok(r) = PageRange::from_bounds(cursor, VirtAddr::new(end)) {
+                out.push(r);
+            }
+            cursor = VirtAddr::new(end);
+        }
+    }
+    out
 }
 
 /// Sorted page addresses as runs of contiguous pages, each at most

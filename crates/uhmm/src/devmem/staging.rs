@@ -116,6 +116,12 @@ fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
         .noreserve(true)
         .build()?;
     map.advise(map.range(), advice)?;
+    // A child has no use for pages in transit (a fork brings every page
+    // home first), and a page shared with one could not be moved out of
+    // staging any more (UFFDIO_MOVE refuses pages that are not the
+    // process's own): the area is not inherited, even by a fork uhmm does
+    // not see.
+    map.advise(map.range(), Advice::DontFork)?;
     uffd.register(&map, map.range(), RegisterMode::WP)?;
     let n = AREA / BLOCK;
     Ok(Area {

@@ -41,13 +41,12 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
     let Some(page) = f.page() else {
         return Served::Done;
     };
-    let regions = lock(&shared.regions);
-    let Some((region, _)) = regions.containing(page) else {
-        // Unmanaged meanwhile (unregistered or unmapped): let it retry.
-        drop(regions);
-        let _ = shared.uffd.wake(page);
-        return Served::Done;
-    };
+    // Served under the regions lock against the state the page has now
+    // (a parked fault is served again the same way): an operation changes
+    // a page's entry and its state together under this lock, so a hole is
+    // never filled behind its back, and a page it holds is waited for.
+    let mut regions = lock(&shared.regions);
+    let region = regions.containing(page).map(|r| r.range);
     match regions.states.get(page.start()) {
         Stored::Migrating(_) => Served::Park,
         Stored::Cpu if f.flags.contains(FaultFlags::WP) => {
@@ -56,15 +55,20 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             let _ = shared.uffd.write_protect(page, false, true);
             Served::Done
         }
-        // Filled under the region lock: a migration records its pages
-        // Migrating under it before taking them out, so a hole is never
-        // filled behind a migration's back.
+        // A hole — of a managed region, or of memory that left the table
+        // (unregistered or unmapped meanwhile; a fault there is filled as
+        // the kernel would, never left to retry for ever).
         Stored::Cpu => {
             shared.stats.faults_hole.fetch_add(1, Ordering::Relaxed);
-            fill_hole(shared, page, f.flags)
+            // A hole: any discard of it in progress is done.
+            regions.unfence(page);
+            let served = fill_hole(shared, page, f.flags);
+            drop(regions);
+            served
         }
         Stored::Device(owner, _) => {
             drop(regions);
+            let region = region.unwrap_or(page);
             let block = shared.fault_block.load(Ordering::Relaxed).max(PAGE_SIZE);
             let start = page.start().align_down(block).max(region.start());
             let end = page
@@ -77,11 +81,18 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             };
             let Some(pm) = shared.device_pagemap(owner) else {
                 // Its device memory is gone without giving the page back:
-                // the data is lost with the device. Never leave the thread
-                // hanging; it reads zeros.
-                let _ = lock(&shared.regions).states.set(page.start(), Stored::Cpu);
-                let _ = shared.uffd.wake(page);
-                return Served::Park;
+                // the data is lost with the device. The access gets SIGBUS
+                // (as the kernel's VM_FAULT_SIGBUS), never zeros, never a
+                // wait.
+                let mut regions = lock(&shared.regions);
+                if let s @ Stored::Device(o, _) = regions.states.get(page.start())
+                    && o == owner
+                {
+                    shared.lose_locked(&mut regions, page);
+                    drop(regions);
+                    shared.release_states(vec![s]);
+                }
+                return Served::Done;
             };
             let fault = DeviceFault {
                 shared,

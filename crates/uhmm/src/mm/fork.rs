@@ -1,32 +1,74 @@
 //! Process-wide hooks over every live `Mm`: fork notifications from a
 //! `pthread_atfork` prepare hook (see [`super::Mm::new`] for why not from the
 //! kernel's FORK event), and Release at process exit.
+//!
+//! Forks are serialised by [`HOOKS_HELD`], a lock taken in the prepare hook
+//! and released in the parent and child hooks, so two threads forking at
+//! once never interleave their preparations (glibc runs the handlers of
+//! concurrent forks without a lock of its own). The child's hook does one
+//! atomic store and nothing else: a child of a multi-threaded process may
+//! only do async-signal-safe work before it execs, and any mutex another
+//! parent thread held at the fork stays locked in it for ever. `LIVE` is
+//! only ever locked by a thread that holds the hook lock, so no fork can
+//! copy it locked.
 
 use super::notifier::{NotifierRange, NotifyEvent};
 use super::service::{Shared, lock};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, Weak};
+use std::time::Duration;
 
-/// Every live `Mm` of the process (normally one).
+/// Every live `Mm` of the process (normally one). Locked only under
+/// [`HOOKS_HELD`].
 static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
 static HOOKS: Once = Once::new();
+/// The hook lock: held from a fork's prepare hook to its parent or child
+/// hook, and around every use of `LIVE`.
+static HOOKS_HELD: AtomicBool = AtomicBool::new(false);
+
+fn hooks_lock() {
+    let mut spins = 0u32;
+    while HOOKS_HELD
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        spins += 1;
+        if spins < 100 {
+            std::thread::yield_now();
+        } else {
+            // Another fork is being prepared (it may bring device pages
+            // home): wait without burning the CPU it needs.
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+/// Async-signal-safe: one atomic store.
+fn hooks_unlock() {
+    HOOKS_HELD.store(false, Ordering::Release);
+}
 
 /// Adds `shared` to the set notified at fork and at exit, installing the
 /// hooks once.
 pub(super) fn track(shared: &Arc<Shared>) -> Result<(), rustix::io::Errno> {
     let mut result = Ok(());
     HOOKS.call_once(|| {
-        result =
-            crate::sys::on_fork(prepare, after, after).and_then(|()| crate::sys::on_exit(at_exit));
+        result = crate::sys::on_fork(prepare, after_parent, after_child)
+            .and_then(|()| crate::sys::on_exit(at_exit));
     });
     result?;
-    let mut live = lock(&LIVE);
-    live.retain(|w| w.strong_count() > 0);
-    live.push(Arc::downgrade(shared));
+    hooks_lock();
+    {
+        let mut live = lock(&LIVE);
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(shared));
+    }
+    hooks_unlock();
     Ok(())
 }
 
 /// The live `Mm`s made by this process (a forked child's copies are not
-/// its own).
+/// its own). The caller holds the hook lock.
 fn live() -> Vec<Arc<Shared>> {
     let pid = rustix::process::getpid();
     lock(&LIVE)
@@ -40,11 +82,14 @@ fn live() -> Vec<Arc<Shared>> {
 /// every live `Mm` is about to become copy-on-write. Migrations are held
 /// off, and every page on a device or held exclusive comes home first: the
 /// child gets the parent's data in its own copy-on-write pages and never
-/// depends on the parent's fault service (which it does not have).
+/// depends on the parent's fault service (which it does not have). A page
+/// a device cannot give back is lost (SIGBUS on access, in parent and child
+/// alike) rather than copied as a hole that would read as zeros.
 extern "C" fn prepare() {
+    hooks_lock();
     for shared in live() {
         shared.gate.close();
-        shared.bring_home(None);
+        shared.bring_home(None, true);
         let ranges: Vec<_> = lock(&shared.regions).ranges().collect();
         for range in ranges {
             // Blockable: this is the forking thread, not the service.
@@ -55,12 +100,20 @@ extern "C" fn prepare() {
     }
 }
 
-/// Runs after the fork, in the parent and in the child: migrations may go
-/// on.
-extern "C" fn after() {
-    for shared in lock(&LIVE).iter().filter_map(Weak::upgrade) {
+/// Runs in the parent after the fork: migrations may go on, and the next
+/// fork may be prepared.
+extern "C" fn after_parent() {
+    for shared in live() {
         shared.gate.open();
     }
+    hooks_unlock();
+}
+
+/// Runs in the child after the fork: only async-signal-safe work. The
+/// child's copies of the parent's `Mm`s are dead (no service thread runs
+/// there); the hook lock is released so that the child may make its own.
+extern "C" fn after_child() {
+    hooks_unlock();
 }
 
 /// Runs at process exit: every notifier of every `Mm` still alive gets
@@ -68,7 +121,10 @@ extern "C" fn after() {
 /// service keeps running (other exit hooks may still touch managed memory);
 /// the kernel ends it with the process.
 extern "C" fn at_exit() {
-    for shared in live() {
+    hooks_lock();
+    let all = live();
+    hooks_unlock();
+    for shared in all {
         shared.release();
     }
 }

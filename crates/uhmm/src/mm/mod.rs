@@ -126,6 +126,10 @@ pub struct MmStats {
     /// Pages migrated back to system memory (by faults, commands and
     /// evictions).
     pub pages_to_system: u64,
+    /// Pages lost: their data could not be brought back (the device that
+    /// held them is gone, or could not give them back); a CPU access to
+    /// one gets SIGBUS, as for the kernel's poisoned pages.
+    pub pages_lost: u64,
     /// Invalidations started, by event.
     pub invalidations: Vec<(NotifyEvent, u64)>,
 }
@@ -169,6 +173,7 @@ impl Mm {
             | Features::PAGEFAULT_FLAG_WP
             | Features::THREAD_ID;
         let optional = Features::WP_HUGETLBFS_SHMEM
+            | Features::POISON
             | Features::MISSING_SHMEM
             | Features::MISSING_HUGETLBFS
             | Features::MINOR_SHMEM;
@@ -296,11 +301,17 @@ impl Mm {
     pub fn alloc_mapping(&self, builder: MappingBuilder) -> Result<ManagedRegion, MmError> {
         let mapping = builder.build()?;
         let range = mapping.range();
+        // Registered and recorded under the regions lock: no event of
+        // memory that was here before is read but not yet applied then
+        // (the service applies them under this lock), so no operation
+        // still in flight on that memory can take the new region for it.
+        let mut regions = lock(&self.inner.shared.regions);
         self.inner
             .shared
             .uffd
             .register(&mapping, range, RegisterMode::WP)?;
-        lock(&self.inner.shared.regions).insert(range);
+        regions.insert(range);
+        drop(regions);
         Ok(ManagedRegion::new(self.clone(), range, Some(mapping)))
     }
 
@@ -396,6 +407,7 @@ impl Mm {
             faults_waited: s.faults_waited.load(Ordering::Relaxed),
             pages_to_device: s.pages_to_device.load(Ordering::Relaxed),
             pages_to_system: s.pages_to_system.load(Ordering::Relaxed),
+            pages_lost: s.pages_lost.load(Ordering::Relaxed),
             invalidations: self.inner.shared.notifiers.counts(),
         }
     }
@@ -410,15 +422,20 @@ impl Mm {
     /// [`MmError::Pagemap`] if the page table cannot be read.
     pub fn page_state(&self, addr: VirtAddr) -> Result<PageState, MmError> {
         let page = PageRange::new(addr.page_down(), crate::PAGE_SIZE)?;
-        let stored = {
+        let (stored, op_owner) = {
             let regions = lock(&self.inner.shared.regions);
             if !regions.covers(page) {
                 return Err(MmError::NotManaged { range: page });
             }
-            regions.states.get(page.start())
+            let s = regions.states.get(page.start());
+            (s, regions.owner_of(s))
         };
         Ok(match stored {
-            Stored::Migrating(owner) => PageState::Migrating { owner },
+            Stored::Migrating(_) => match op_owner {
+                Some(owner) => PageState::Migrating { owner },
+                // An operation's pages are never left behind it.
+                None => PageState::Empty,
+            },
             Stored::Device(owner, pfn) => PageState::Device { owner, pfn },
             Stored::Exclusive(owner, _) => PageState::Exclusive { owner },
             Stored::Cpu => {
@@ -446,27 +463,59 @@ impl Mm {
 
     /// Stops managing `range`: devices drop their translations of it
     /// (an Unmap, since no further change to it will be notified), then it
-    /// is unregistered.
+    /// is unregistered. `owned`: uhmm mapped it and unmaps it next.
+    ///
+    /// A migration or exclusive grab in flight on the range is not acted
+    /// on behind its back (DESIGN.md concurrency rule 1). Memory the caller
+    /// keeps mapped (`owned == false`) must read what it held, so this
+    /// waits for those operations, then brings device and exclusive pages
+    /// home, as an unregister waits on `mmap_lock` in the kernel. Memory
+    /// about to be unmapped needs neither: its pages' states are dropped
+    /// (device pages freed) and an operation in flight finds its pages gone
+    /// and leaves them alone, whatever is mapped there later.
     ///
     /// The range leaves the region table before the invalidation ends, so a
     /// device that faults it in again afterwards finds it unmanaged
     /// ([`is_managed`](Self::is_managed) under its lock after
     /// `read_retry`) instead of mirroring memory that is about to go.
-    pub(crate) fn unregister(&self, range: PageRange) {
+    pub(crate) fn unregister(&self, range: PageRange, owned: bool) {
         let shared = &self.inner.shared;
-        // Pages on devices or held exclusive come home first: a region
-        // the program keeps mapped must read what it held.
-        shared.bring_home(Some(range));
+        {
+            // No new migration selects its pages from now on.
+            let mut regions = lock(&shared.regions);
+            let starts: Vec<VirtAddr> = regions
+                .ranges()
+                .filter(|r| r.overlaps(range))
+                .map(PageRange::start)
+                .collect();
+            for s in starts {
+                regions.close(s);
+            }
+            while !owned && regions.ops_in(range) {
+                regions = shared
+                    .op_ended
+                    .wait(regions)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if !owned {
+            // Pages on devices or held exclusive come home first: a region
+            // the program keeps mapped must read what it held.
+            shared.bring_home(Some(range), true);
+        }
         // Blockable, so it cannot ask for a retry.
         let guard = shared
             .notifiers
             .invalidate_start(&NotifierRange::new(range, NotifyEvent::Unmap));
         let mut gone = Vec::new();
-        lock(&shared.regions).unmapped(range, |_, s| gone.push(s));
+        {
+            let mut regions = lock(&shared.regions);
+            regions.unmapped(range, |_, s| gone.push(s));
+            // The range may already be gone (unmapped behind our back);
+            // nothing is left to undo then.
+            let _ = shared.uffd.unregister(range);
+        }
         shared.release_states(gone);
-        // The range may already be gone (unmapped behind our back); nothing
-        // is left to undo then.
-        let _ = shared.uffd.unregister(range);
         drop(guard);
     }
 }

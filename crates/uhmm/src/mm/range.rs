@@ -335,9 +335,10 @@ impl Mm {
             for (pages, write) in faults {
                 if let Err(e) = mem::populate(pages, write) {
                     // ENOMEM also means "part of the range is not mapped":
-                    // the layout changed under us. Walk again; the next
-                    // round reports the missing mapping.
-                    if is_nomem(&e) && !fully_mapped(maps, pages)? {
+                    // the layout changed under us (it may be mapped again
+                    // by now, but then it is other memory, not managed).
+                    // Walk again; the next round reports what is missing.
+                    if is_nomem(&e) && (!fully_mapped(maps, pages)? || !self.is_managed(pages)) {
                         break;
                     }
                     return Err(fault_error(e, pages));
@@ -427,11 +428,15 @@ fn snapshot(
     )?;
     let mut states = vec![HmmPfn::NONE; range.npages()];
     let mut exclusive: Vec<u64> = Vec::new();
-    for region in regions {
-        let Some(vma) = vmas.iter().find(|v| v.range.contains(region.range.start())) else {
-            continue;
-        };
-        let c = region.categories;
+    // PAGEMAP_SCAN merges pages of equal categories across mappings: each
+    // part of a region gets the permissions of its own mapping.
+    let parts = regions.iter().flat_map(|region| {
+        vmas.iter().filter_map(move |vma| {
+            let part = region.range.intersection(vma.range)?;
+            Some((part, region.categories, vma))
+        })
+    });
+    for (part, c, vma) in parts {
         let order = if c.contains(Categories::HUGE) {
             (vma.page_size.max(2 << 20) >> PAGE_SHIFT).trailing_zeros()
         } else {
@@ -443,10 +448,10 @@ fn snapshot(
         let private = !vma.shared;
         if private && !c.contains(Categories::PFNZERO) {
             exclusive.clear();
-            pagemap.entries(region.range, &mut exclusive)?;
+            pagemap.entries(part, &mut exclusive)?;
         }
-        for (j, _) in region.range.pages().enumerate() {
-            let i = (region.range.start().get() - range.start().get()) / PAGE_SIZE + j;
+        for (j, _) in part.pages().enumerate() {
+            let i = (part.start().get() - range.start().get()) / PAGE_SIZE + j;
             let mut s = HmmPfn::VALID.with_order(order);
             if c.contains(Categories::PFNZERO) {
                 s = s | HmmPfn::ZERO;

@@ -68,7 +68,7 @@ impl ManagedRegion {
 
 impl Drop for ManagedRegion {
     fn drop(&mut self) {
-        self.mm.unregister(self.range);
+        self.mm.unregister(self.range, self.mapping.is_some());
         // The mapping (if owned) is unmapped after this, by its own drop.
     }
 }

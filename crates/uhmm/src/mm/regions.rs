@@ -2,19 +2,78 @@
 //! manages, and the state of their pages, kept in step with munmap, mremap
 //! and discards as the events report them.
 
-use super::state::{StateTable, Stored};
+use super::Owner;
+use super::state::{OpId, StateError, StateTable, Stored};
 use crate::addr::{PageRange, VirtAddr};
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-/// Managed ranges by start address (they never overlap), whether each is
-/// armed (registered for MISSING faults too, once device memory or
-/// exclusive access has been used in it), and the stored states of their
-/// pages.
+/// One managed range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Region {
+    pub(crate) range: PageRange,
+    /// Registered for MISSING faults too (device memory or exclusive
+    /// access has been used in it).
+    pub(crate) armed: bool,
+    /// Being dropped: no new migration selects its system pages.
+    pub(crate) closing: bool,
+}
+
+/// An operation in flight on managed pages (a migration, an exclusive grab
+/// or revoke): the kernel would hold `mmap_lock` across it; uhmm records it
+/// here, under the same lock as the page states, and every structural
+/// change the service learns of is applied to it.
+#[derive(Debug)]
+pub(crate) struct Op {
+    pub(crate) owner: Owner,
+    /// The range it was set up on.
+    pub(crate) range: PageRange,
+    /// The mremaps that moved (part of) its range since it began, in order.
+    pub(crate) remaps: Vec<(PageRange, VirtAddr)>,
+}
+
+impl Op {
+    /// Where the page set up at `addr` is now (after the mremaps).
+    pub(crate) fn follow(&self, mut addr: VirtAddr) -> VirtAddr {
+        for &(old, to) in &self.remaps {
+            if old.contains(addr) {
+                addr = VirtAddr::new(to.get() + (addr.get() - old.start().get()));
+            }
+        }
+        addr
+    }
+
+    /// Whether its pages may lie in `range` now.
+    fn touches(&self, range: PageRange) -> bool {
+        self.range.overlaps(range)
+            || self
+                .remaps
+                .iter()
+                .filter_map(|&(old, to)| PageRange::new(to, old.len()).ok())
+                .any(|r| r.overlaps(range))
+    }
+}
+
+/// Managed ranges by start address (they never overlap), the stored states
+/// of their pages, and the operations in flight on them. All three change
+/// together, under one lock, and the fault service reads and applies the
+/// kernel's events under that lock too: whoever holds it sees the states,
+/// the operations and the page table agree (see `service`).
 #[derive(Debug, Default)]
 pub(crate) struct Regions {
-    by_start: BTreeMap<VirtAddr, (PageRange, bool)>,
+    by_start: BTreeMap<VirtAddr, Region>,
     pub(crate) states: StateTable,
+    ops: BTreeMap<OpId, Op>,
+    next_op: u64,
+    /// Pages a discard is about to zap (see [`fence`](Self::fence)).
+    fences: Vec<(PageRange, Instant)>,
 }
+
+/// How long a fence stands at most. The kernel zaps right after the
+/// discarding thread is released; a fence is normally lifted as soon as its
+/// pages are seen gone, and this bound only retires the fences of pages the
+/// CPU filled again without a fault reaching uhmm (a region not yet armed).
+const FENCE_TTL: Duration = Duration::from_secs(1);
 
 impl Regions {
     /// The managed range that overlaps `range`, if any.
@@ -22,31 +81,38 @@ impl Regions {
         self.by_start
             .range(..range.end())
             .next_back()
-            .map(|(_, (r, _))| *r)
+            .map(|(_, r)| r.range)
             .filter(|r| r.overlaps(range))
     }
 
-    /// The one managed range that contains all of `range`, and whether it
-    /// is armed.
-    pub(crate) fn containing(&self, range: PageRange) -> Option<(PageRange, bool)> {
+    /// The one managed region that contains all of `range`.
+    pub(crate) fn containing(&self, range: PageRange) -> Option<Region> {
         self.by_start
             .range(..=range.start())
             .next_back()
             .map(|(_, &r)| r)
-            .filter(|(r, _)| r.contains_range(range))
+            .filter(|r| r.range.contains_range(range))
     }
 
     /// Marks the managed range starting at `start` armed.
     pub(crate) fn arm(&mut self, start: VirtAddr) {
-        if let Some((_, armed)) = self.by_start.get_mut(&start) {
-            *armed = true;
+        if let Some(r) = self.by_start.get_mut(&start) {
+            r.armed = true;
+        }
+    }
+
+    /// Marks the managed range starting at `start` as being dropped.
+    pub(crate) fn close(&mut self, start: VirtAddr) {
+        if let Some(r) = self.by_start.get_mut(&start) {
+            r.closing = true;
         }
     }
 
     /// Whether `range` lies entirely inside managed ranges.
     pub(crate) fn covers(&self, range: PageRange) -> bool {
         let mut cursor = range.start();
-        for (_, (r, _)) in self.by_start.range(..range.end()) {
+        for (_, r) in self.by_start.range(..range.end()) {
+            let r = r.range;
             if r.end() <= cursor {
                 continue;
             }
@@ -59,35 +125,43 @@ impl Regions {
     }
 
     pub(crate) fn insert(&mut self, range: PageRange) {
-        self.insert_armed(range, false);
+        self.insert_as(range, false);
     }
 
-    fn insert_armed(&mut self, range: PageRange, armed: bool) {
-        self.by_start.insert(range.start(), (range, armed));
+    fn insert_as(&mut self, range: PageRange, armed: bool) {
+        let region = Region {
+            range,
+            armed,
+            closing: false,
+        };
+        self.by_start.insert(range.start(), region);
     }
 
     /// Removes whatever lies in `gone` (an unmap), splitting ranges it cuts.
-    /// The stored states of its pages are handed to `gone`.
+    /// The stored states of its pages are handed to `gone`; a page some
+    /// operation had in flight is no longer its own.
     pub(crate) fn unmapped(&mut self, gone: PageRange, states: impl FnMut(VirtAddr, Stored)) {
         self.states.clear(gone, states);
-        let hit: Vec<(PageRange, bool)> = self
+        self.unfence(gone);
+        let hit: Vec<Region> = self
             .by_start
             .values()
             .copied()
-            .filter(|(r, _)| r.overlaps(gone))
+            .filter(|r| r.range.overlaps(gone))
             .collect();
-        for (r, armed) in hit {
-            self.by_start.remove(&r.start());
-            if let Ok(head) = PageRange::from_bounds(r.start(), gone.start()) {
-                self.insert_armed(head, armed);
+        for r in hit {
+            self.by_start.remove(&r.range.start());
+            if let Ok(head) = PageRange::from_bounds(r.range.start(), gone.start()) {
+                self.insert_as(head, r.armed);
             }
-            if let Ok(tail) = PageRange::from_bounds(gone.end(), r.end()) {
-                self.insert_armed(tail, armed);
+            if let Ok(tail) = PageRange::from_bounds(gone.end(), r.range.end()) {
+                self.insert_as(tail, r.armed);
             }
         }
     }
 
-    /// Moves what lies in `old` to start at `to` (an mremap).
+    /// Moves what lies in `old` to start at `to` (an mremap), with the
+    /// states of its pages; operations in flight follow their pages.
     /// The states of pages replaced at the destination go to `gone`.
     pub(crate) fn moved(
         &mut self,
@@ -95,7 +169,10 @@ impl Regions {
         to: VirtAddr,
         mut gone: impl FnMut(VirtAddr, Stored),
     ) {
-        let was = self.overlapping(old).map(|r| self.by_start[&r.start()].1);
+        let was = self
+            .overlapping(old)
+            .and_then(|r| self.by_start.get(&r.start()))
+            .map(|r| r.armed);
         let Ok(new) = PageRange::new(to, old.len()) else {
             self.unmapped(old, gone);
             return;
@@ -105,13 +182,109 @@ impl Regions {
         self.states.move_range(old, to);
         self.unmapped(old, &mut gone);
         if let Some(armed) = was {
-            self.insert_armed(new, armed);
+            self.insert_as(new, armed);
         }
+        for op in self.ops.values_mut() {
+            if op.touches(old) {
+                op.remaps.push((old, to));
+            }
+        }
+    }
+
+    /// Fences the present pages `pages` of a discard. The kernel sends
+    /// REMOVE *before* it zaps, and lets the discarding thread go on to zap
+    /// once the event is read: until then, a page taken out of the page
+    /// table (moved to staging) would escape the zap and keep data the
+    /// program has discarded. Operations leave a fenced page that is still
+    /// present alone until it is gone.
+    pub(crate) fn fence(&mut self, pages: PageRange) {
+        self.fences.push((pages, Instant::now()));
+    }
+
+    /// Whether the present page at `addr` may still be zapped by a discard
+    /// in progress.
+    pub(crate) fn zap_pending(&mut self, addr: VirtAddr) -> bool {
+        if self.fences.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        self.fences
+            .retain(|(_, t)| now.duration_since(*t) < FENCE_TTL);
+        self.fences.iter().any(|(r, _)| r.contains(addr))
+    }
+
+    /// The page at `page` was seen gone (or filled by uhmm after a fault
+    /// on its hole): a discard in progress has zapped it.
+    pub(crate) fn unfence(&mut self, page: PageRange) {
+        if self.fences.is_empty() {
+            return;
+        }
+        let mut kept = Vec::with_capacity(self.fences.len());
+        for (r, t) in self.fences.drain(..) {
+            if !r.overlaps(page) {
+                kept.push((r, t));
+                continue;
+            }
+            if let Ok(head) = PageRange::from_bounds(r.start(), page.start()) {
+                kept.push((head, t));
+            }
+            if let Ok(tail) = PageRange::from_bounds(page.end(), r.end()) {
+                kept.push((tail, t));
+            }
+        }
+        self.fences = kept;
     }
 
     /// Every managed range.
     pub(crate) fn ranges(&self) -> impl Iterator<Item = PageRange> + '_ {
-        self.by_start.values().map(|&(r, _)| r)
+        self.by_start.values().map(|r| r.range)
+    }
+
+    /// Records a new operation of `owner` on `range`, holding a slot for
+    /// the owner in the state table until [`end_op`](Self::end_op).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::TooManyOwners`] if the table cannot name the owner.
+    pub(crate) fn begin_op(&mut self, owner: Owner, range: PageRange) -> Result<OpId, StateError> {
+        self.states.reserve(owner)?;
+        self.next_op += 1;
+        let id = OpId(self.next_op);
+        self.ops.insert(
+            id,
+            Op {
+                owner,
+                range,
+                remaps: Vec::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// The operation `id`, while it is in flight.
+    pub(crate) fn op(&self, id: OpId) -> Option<&Op> {
+        self.ops.get(&id)
+    }
+
+    /// Ends operation `id`.
+    pub(crate) fn end_op(&mut self, id: OpId) {
+        if let Some(op) = self.ops.remove(&id) {
+            self.states.unreserve(op.owner);
+        }
+    }
+
+    /// Whether an operation in flight may have pages in `range`.
+    pub(crate) fn ops_in(&self, range: PageRange) -> bool {
+        self.ops.values().any(|op| op.touches(range))
+    }
+
+    /// The owner of the operation a stored state names, if it is one.
+    pub(crate) fn owner_of(&self, state: Stored) -> Option<Owner> {
+        match state {
+            Stored::Cpu => None,
+            Stored::Migrating(id) => self.ops.get(&id).map(|op| op.owner),
+            Stored::Device(o, _) | Stored::Exclusive(o, _) => Some(o),
+        }
     }
 }
 

@@ -10,16 +10,29 @@
 //! non-blocking mode, so a callback that would wait on a device lock asks to
 //! be retried instead of stalling the service — pending invalidations are
 //! retried on the next turn of the loop.
+//!
+//! The layout rule (DESIGN.md, concurrency rules 1 and 2): the service
+//! reads each batch of events *and applies its structural events* (unmap,
+//! remap, discard) to the region table, the page states and the operations
+//! in flight while it holds the regions lock. The kernel releases a thread
+//! that unmaps, remaps or discards only once its event is read, and
+//! refuses `UFFDIO_MOVE`/`COPY` with EAGAIN while such an event is unread.
+//! So a thread that holds the regions lock and finds a page in the state it
+//! expects can act on that address with a resolve ioctl: either nothing
+//! changed the layout there, or the kernel answers EAGAIN — then it lets go
+//! of the lock, waits for the service to catch up ([`Shared::await_events`])
+//! and looks again. Operations therefore check a page's state, change its
+//! page-table entry and record its new state under one lock.
 
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::Regions;
-use super::state::Stored;
+use super::state::{OpId, Stored};
 use super::{MmError, Owner, fault};
 use crate::addr::{DevicePfn, PageRange};
 use crate::devmem::pagemap::PagemapInner;
 use crate::devmem::staging::{Staging, StagingError};
 use crate::sys::mem::{self, Advice, MemError};
-use crate::sys::pagemap::{Pagemap, PagemapError};
+use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError};
 use crate::sys::procmap::{Vma, VmaKind};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
@@ -43,11 +56,8 @@ pub(crate) struct ServiceStats {
     pub(crate) faults_waited: AtomicU64,
     pub(crate) pages_to_device: AtomicU64,
     pub(crate) pages_to_system: AtomicU64,
+    pub(crate) pages_lost: AtomicU64,
 }
-
-/// mremaps of pages in flight: the next number, and (number, old range,
-/// new start) for each.
-type RemapLog = (u64, Vec<(u64, PageRange, crate::VirtAddr)>);
 
 /// The state the service thread shares with [`super::Mm`].
 #[derive(Debug)]
@@ -55,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) uffd: Uffd,
     pub(crate) notifiers: Arc<Notifiers>,
     pub(crate) regions: Mutex<Regions>,
+    /// Signalled when an operation in flight ends.
+    pub(crate) op_ended: Condvar,
     pub(crate) stats: ServiceStats,
     /// `/proc/self/maps` and `/proc/self/pagemap`, opened on first use and
     /// kept (each open costs more than a small `range_fault`).
@@ -77,11 +89,11 @@ pub(crate) struct Shared {
     pub(crate) fault_block: AtomicUsize,
     /// Faults the service holds for later.
     parked: AtomicUsize,
-    /// mremaps of pages in flight, numbered, for their migrations to follow.
-    remaps: Mutex<RemapLog>,
     /// Set while the service reads and handles a batch of events (see
     /// `sync_events`).
     busy: AtomicBool,
+    /// Batches of events read and applied so far (see `await_events`).
+    epoch: AtomicU64,
     /// Where the block the last device fault brought back ended (to see a
     /// sequential scan).
     pub(crate) last_block_end: AtomicUsize,
@@ -93,6 +105,7 @@ impl Shared {
             uffd,
             notifiers,
             regions: Mutex::new(Regions::default()),
+            op_ended: Condvar::new(),
             stats: ServiceStats::default(),
             procmap: OnceLock::new(),
             pagemap: OnceLock::new(),
@@ -106,8 +119,8 @@ impl Shared {
             own_removes: Mutex::new(Vec::new()),
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
-            remaps: Mutex::new((0, Vec::new())),
             busy: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
         })
     }
@@ -177,10 +190,18 @@ impl Shared {
         if minor {
             mode |= RegisterMode::MINOR;
         }
+        // Under the regions lock: the range is still the managed region
+        // it was (not unmapped and replaced by other memory meanwhile).
+        let mut regions = lock(&self.regions);
+        match regions.containing(region) {
+            Some(r) if r.range == region && !r.armed => {}
+            Some(r) if r.range == region => return Ok(()),
+            _ => return Err(MmError::NotManaged { range: region }),
+        }
         // SAFETY: a managed region already has no references into it (the
         // contract under which it was registered); the mode changes only.
         unsafe { self.uffd.register_range(region, mode) }?;
-        lock(&self.regions).arm(region.start());
+        regions.arm(region.start());
         Ok(())
     }
 
@@ -204,6 +225,34 @@ impl Shared {
         // managed regions); staging slots are referenced only by the
         // migration that holds them, which is the caller.
         unsafe { mem::madvise(range, Advice::DontNeed) }
+    }
+
+    /// Whether the page at `addr` is in the page table (present or
+    /// swapped); `None` if the page table cannot be read.
+    pub(crate) fn page_present(&self, addr: crate::VirtAddr) -> Option<bool> {
+        let page = PageRange::new(addr, crate::PAGE_SIZE).ok()?;
+        let mut found = Vec::new();
+        let query = ScanQuery::new()
+            .any_of(Categories::PRESENT | Categories::SWAPPED)
+            .max_pages(1);
+        self.pagemap().ok()?.scan(page, &query, &mut found).ok()?;
+        Some(!found.is_empty())
+    }
+
+    /// What an ENOENT from `UFFDIO_MOVE` (never asked with
+    /// `ALLOW_SRC_HOLES`) of the page `src` to `dst` means. The kernel says
+    /// ENOENT for a hole at the source, for a page it did move after a
+    /// retry it then miscounted (`migrate::MOVE_QUIRK`), and for a mapping
+    /// it could not find at either end (an mremap or munmap under way,
+    /// checked before any EAGAIN). The page table tells them apart.
+    pub(crate) fn move_noentry(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> NoEntry {
+        if self.page_present(dst) == Some(true) {
+            NoEntry::Moved
+        } else if self.page_present(src) == Some(false) {
+            NoEntry::Hole
+        } else {
+            NoEntry::LayoutChanging
+        }
     }
 
     /// `UFFDIO_MOVE` of pages between managed memory and staging.
@@ -256,19 +305,60 @@ impl Shared {
         }
     }
 
-    /// The number the next mremap of pages in flight will get.
-    pub(crate) fn remap_mark(&self) -> u64 {
-        lock(&self.remaps).0
+    /// Waits until the service has read and applied the events pending
+    /// now: what a resolve ioctl that answered EAGAIN (an UNMAP, REMOVE or
+    /// REMAP event unread) must do before it looks again. The caller must
+    /// not hold the regions lock, and must not be the service.
+    pub(crate) fn await_events(&self) {
+        // The caller saw EAGAIN while it held the regions lock, so no batch
+        // read events between that answer and the caller letting go of the
+        // lock: the next batch to end after `start` was read reads them (the
+        // poke below makes the service run one).
+        let start = self.epoch.load(Ordering::Acquire);
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+        let mut spins = 0u32;
+        while self.epoch.load(Ordering::Acquire) <= start {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else if spins < 1024 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
     }
 
-    /// The mremaps of pages in flight since `mark`, in order.
-    pub(crate) fn remaps_since(&self, mark: u64) -> Vec<(PageRange, crate::VirtAddr)> {
-        lock(&self.remaps)
-            .1
-            .iter()
-            .filter(|&&(n, _, _)| n >= mark)
-            .map(|&(_, old, to)| (old, to))
-            .collect()
+    /// Ends operation `op`: its record goes, and whoever waits for
+    /// operations to drain looks again.
+    pub(crate) fn end_op(&self, op: OpId) {
+        lock(&self.regions).end_op(op);
+        self.op_ended.notify_all();
+    }
+
+    /// Loses the pages of `range` whose data cannot be had any more (their
+    /// device memory is gone): each becomes a poisoned entry, so that a CPU
+    /// access gets SIGBUS (the kernel's answer for a page that cannot be
+    /// brought back) — never zeros, never a wait. Called with the regions
+    /// lock held, on pages the caller found in a state uhmm stores; their
+    /// states become `Cpu`.
+    pub(crate) fn lose_locked(&self, regions: &mut Regions, range: PageRange) {
+        let _ = self.uffd.poison(range, true);
+        for addr in range.pages() {
+            let _ = regions.states.set(addr, Stored::Cpu);
+        }
+        self.stats
+            .pages_lost
+            .fetch_add(range.npages() as u64, Ordering::Relaxed);
+        crate::trace::event!(
+            target: "uhmm::fault",
+            start = %range.start(),
+            pages = range.npages(),
+            "pages lost: their device memory is gone; CPU access gets SIGBUS"
+        );
     }
 
     /// Has the service look at the faults waiting for pages in flight (if
@@ -280,8 +370,12 @@ impl Shared {
     }
 
     /// Brings every device page and exclusive page in `within` (everywhere
-    /// if `None`) back to system memory, blocking.
-    pub(crate) fn bring_home(&self, within: Option<PageRange>) {
+    /// if `None`) back to system memory, blocking. Whatever a device cannot
+    /// give back (it keeps failing, or its memory is gone) is lost when
+    /// `lose` is set — poisoned, so that an access gets SIGBUS — and stays
+    /// on the device otherwise. Returns whether nothing is left on devices
+    /// or exclusive in `within`.
+    pub(crate) fn bring_home(&self, within: Option<PageRange>, lose: bool) -> bool {
         for pm in self.all_pagemaps() {
             let _ = crate::devmem::pagemap::evict(self, &pm, within, true);
         }
@@ -296,6 +390,24 @@ impl Shared {
                 let _ = crate::devmem::exclusive::revoke(self, page, owner, hold, true);
             }
         }
+        let mut regions = lock(&self.regions);
+        let left = regions.states.select(within, |s| {
+            matches!(s, Stored::Device(..) | Stored::Exclusive(..))
+        });
+        if left.is_empty() || !lose {
+            return left.is_empty();
+        }
+        let mut gone = Vec::new();
+        for (addr, s) in left {
+            if let Ok(page) = PageRange::new(addr, crate::PAGE_SIZE) {
+                // What the state held (a device page, a staging hold) goes.
+                gone.push(s);
+                self.lose_locked(&mut regions, page);
+            }
+        }
+        drop(regions);
+        self.release_states(gone);
+        false
     }
 
     /// Sends [`NotifyEvent::Release`] over the whole address space to every
@@ -329,6 +441,17 @@ impl Shared {
     }
 }
 
+/// What an ENOENT from a move was (see [`Shared::move_noentry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoEntry {
+    /// The page is at the destination.
+    Moved,
+    /// There was nothing to move: the destination stays a hole.
+    Hole,
+    /// A mapping is changing: apply the pending events and try again.
+    LayoutChanging,
+}
+
 /// The value in `cell`, made by `open` on first use. (Racing first uses may
 /// both open; one result is kept.)
 fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
@@ -343,10 +466,21 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
 /// block around the page (see `Mm::set_fault_block`).
 pub(crate) const DEFAULT_FAULT_BLOCK: usize = 2 << 20;
 
+thread_local! {
+    static ON_SERVICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a fault service.
+pub(crate) fn on_service() -> bool {
+    ON_SERVICE.with(|s| s.get())
+}
+
 /// The service loop; returns when [`Shared::stop`] is called.
 pub(crate) fn run(shared: Arc<Shared>) {
     crate::sys::block_all_signals();
+    ON_SERVICE.with(|s| s.set(true));
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
+    let mut work = Work::default();
     let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
     let mut parked: Vec<PageFault> = Vec::with_capacity(BATCH);
     loop {
@@ -374,20 +508,53 @@ pub(crate) fn run(shared: Arc<Shared>) {
         // Busy from before the read: a thread whose event this read
         // releases sees it set until the event is handled.
         shared.busy.store(true, Ordering::Release);
-        if shared.uffd.read_events(&mut events).is_err() {
-            std::thread::sleep(Duration::from_millis(1));
+        {
+            // Read and apply under the regions lock (the layout rule in the
+            // module docs): nobody sees a layout change the kernel has made
+            // and released its caller from, but the table does not yet
+            // show.
+            let mut regions = lock(&shared.regions);
+            if shared.uffd.read_events(&mut events).is_err() {
+                drop(regions);
+                std::thread::sleep(Duration::from_millis(1));
+                regions = lock(&shared.regions);
+            }
+            shared
+                .stats
+                .events
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            for event in events.drain(..) {
+                apply(&shared, &mut regions, event, &mut work);
+            }
         }
-        shared
-            .stats
-            .events
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        for event in events.drain(..) {
-            handle(&shared, event, &mut pending, &mut parked);
+        shared.epoch.fetch_add(1, Ordering::AcqRel);
+        // Devices are told, and let go of what the dropped states held,
+        // outside the lock (their callbacks may look at the address space).
+        for r in work.invalidate.drain(..) {
+            crate::trace::event!(
+                target: "uhmm::invalidate",
+                event = ?r.event,
+                start = %r.range.start(),
+                pages = r.range.npages(),
+                "invalidation from a userfaultfd event"
+            );
+            if shared.notifiers.invalidate(&r).is_err() {
+                pending.push(r);
+            }
         }
+        shared.release_states(std::mem::take(&mut work.gone));
         shared.busy.store(false, Ordering::Release);
+        for f in work.faults.drain(..) {
+            shared.stats.faults.fetch_add(1, Ordering::Relaxed);
+            if fault::serve(&shared, f) == fault::Served::Park {
+                shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
+                parked.push(f);
+            }
+        }
         retry_pending(&shared, &mut pending);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
+            // Served again against the state each page has *now*.
             let waiting = std::mem::take(&mut parked);
             for f in waiting {
                 if fault::serve(&shared, f) == fault::Served::Park {
@@ -399,85 +566,65 @@ pub(crate) fn run(shared: Arc<Shared>) {
     }
 }
 
-fn handle(
-    shared: &Shared,
-    event: Event,
-    pending: &mut Vec<NotifierRange>,
-    parked: &mut Vec<PageFault>,
-) {
-    let invalidate = |range: PageRange, kind: NotifyEvent, pending: &mut Vec<NotifierRange>| {
-        // Only managed memory is mirrored: the staging area's own events
-        // (and any other registered memory) concern no device.
-        if lock(&shared.regions).overlapping(range).is_none() {
-            return;
-        }
-        let r = NotifierRange::new(range, kind).non_blocking();
-        crate::trace::event!(
-            target: "uhmm::invalidate",
-            event = ?kind,
-            start = %range.start(),
-            pages = range.npages(),
-            "invalidation from a userfaultfd event"
-        );
-        if shared.notifiers.invalidate(&r).is_err() {
-            pending.push(r);
+/// What a batch of events leaves to do outside the regions lock.
+#[derive(Debug, Default)]
+struct Work {
+    invalidate: Vec<NotifierRange>,
+    gone: Vec<Stored>,
+    faults: Vec<PageFault>,
+}
+
+/// Applies one event to the region table (under its lock).
+fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) {
+    // Only managed memory is mirrored: the staging area's own events (and
+    // any other registered memory) concern no device.
+    let mut invalidate = |regions: &Regions, range: PageRange, kind: NotifyEvent| {
+        if regions.overlapping(range).is_some() {
+            work.invalidate
+                .push(NotifierRange::new(range, kind).non_blocking());
         }
     };
     match event {
-        Event::PageFault(f) => {
-            shared.stats.faults.fetch_add(1, Ordering::Relaxed);
-            if fault::serve(shared, f) == fault::Served::Park {
-                shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
-                parked.push(f);
-            }
-        }
+        Event::PageFault(f) => work.faults.push(f),
         Event::Remove { range } => {
             if shared.is_own_remove(range) {
                 return;
             }
-            invalidate(range, NotifyEvent::Clear, pending);
-            // Discarded pages lose their device pages and exclusive holds.
-            // A page in flight keeps its state: its migration decides.
-            let gone = {
-                let mut regions = lock(&shared.regions);
-                let mut gone = Vec::new();
-                for (addr, st) in regions.states.entries(range) {
-                    if !matches!(st, Stored::Migrating(_)) {
-                        let _ = regions.states.set(addr, Stored::Cpu);
-                        gone.push(st);
-                    }
+            invalidate(regions, range, NotifyEvent::Clear);
+            // Discarded pages lose their device pages and exclusive holds,
+            // and a page in flight is no longer its operation's: the
+            // discard wins, as the kernel's zap of a migration entry does
+            // (the operation finds the page gone and leaves it alone).
+            for (addr, st) in regions.states.entries(range) {
+                let _ = regions.states.set(addr, Stored::Cpu);
+                if !matches!(st, Stored::Migrating(_)) {
+                    work.gone.push(st);
                 }
-                gone
-            };
-            shared.release_states(gone);
+            }
+            // The zap comes once this event is read: its present pages are
+            // fenced until it has (`Regions::fence`).
+            if regions.overlapping(range).is_some() {
+                let mut present = Vec::new();
+                let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+                match shared
+                    .pagemap()
+                    .map(|pm| pm.scan(range, &query, &mut present))
+                {
+                    Ok(Ok(_)) => present.iter().for_each(|r| regions.fence(r.range)),
+                    _ => regions.fence(range),
+                }
+            }
         }
         Event::Unmap { range } => {
-            invalidate(range, NotifyEvent::Unmap, pending);
-            let mut gone = Vec::new();
-            lock(&shared.regions).unmapped(range, |_, s| gone.push(s));
-            shared.release_states(gone);
+            invalidate(regions, range, NotifyEvent::Unmap);
+            regions.unmapped(range, |_, s| work.gone.push(s));
         }
         Event::Remap { from, to, old_len } => {
             if let Ok(old) = PageRange::new(from, old_len) {
-                invalidate(old, NotifyEvent::Remap, pending);
-                let mut gone = Vec::new();
-                let mut regions = lock(&shared.regions);
-                // Pages in flight move with their state; their migrations
-                // follow them through this log when they finish.
-                if regions
-                    .states
-                    .entries(old)
-                    .iter()
-                    .any(|(_, s)| matches!(s, Stored::Migrating(_)))
-                {
-                    let mut log = lock(&shared.remaps);
-                    let n = log.0;
-                    log.0 += 1;
-                    log.1.push((n, old, to));
-                }
-                regions.moved(old, to, |_, s| gone.push(s));
-                drop(regions);
-                shared.release_states(gone);
+                invalidate(regions, old, NotifyEvent::Remap);
+                // States move with their pages, and operations in flight
+                // follow them (`Op::follow`).
+                regions.moved(old, to, |_, s| work.gone.push(s));
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the
@@ -500,11 +647,18 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Holds migrations off while a fork is prepared: a fork must not copy a
-/// page table with pages in flight. The forking thread itself passes.
+/// page table with pages in flight. Forks in preparation are counted (two
+/// threads may fork at once); the forking thread itself passes.
 #[derive(Debug, Default)]
 pub(crate) struct Gate {
-    st: Mutex<(usize, bool)>,
+    st: Mutex<GateState>,
     cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    migrations: usize,
+    forks: usize,
 }
 
 thread_local! {
@@ -517,39 +671,43 @@ impl Gate {
     pub(crate) fn enter(&self, blockable: bool) -> bool {
         let mut st = lock(&self.st);
         if !FORKING.with(|f| f.get()) {
-            while st.1 {
+            while st.forks > 0 {
                 if !blockable {
                     return false;
                 }
                 st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         }
-        st.0 += 1;
+        st.migrations += 1;
         true
     }
 
     pub(crate) fn leave(&self) {
         let mut st = lock(&self.st);
-        st.0 = st.0.saturating_sub(1);
+        st.migrations = st.migrations.saturating_sub(1);
+        let wake = st.forks > 0;
         drop(st);
-        self.cv.notify_all();
+        if wake {
+            self.cv.notify_all();
+        }
     }
 
-    /// Closes the gate and waits for migrations in flight (fork prepare).
+    /// One more fork in preparation: holds new migrations off and waits
+    /// for those in flight (fork prepare).
     pub(crate) fn close(&self) {
         FORKING.with(|f| f.set(true));
         let mut st = lock(&self.st);
-        st.1 = true;
-        while st.0 > 0 {
+        st.forks += 1;
+        while st.migrations > 0 {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Opens it again (after the fork, in parent and child).
+    /// That fork is done (in the parent).
     pub(crate) fn open(&self) {
         FORKING.with(|f| f.set(false));
         let mut st = lock(&self.st);
-        st.1 = false;
+        st.forks = st.forks.saturating_sub(1);
         drop(st);
         self.cv.notify_all();
     }

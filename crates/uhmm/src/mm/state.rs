@@ -45,12 +45,20 @@ pub enum PageState {
     },
 }
 
+/// The generation of one operation in flight on managed pages (a migration,
+/// an exclusive grab or revoke): pages it has taken out of the CPU page
+/// table are `Migrating(op)`, so that no other operation — nor a later one
+/// of the same owner — can mistake them for its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct OpId(pub(crate) u64);
+
 /// What the table holds for one page: the CPU's states are not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Stored {
     /// Empty or System: ask the CPU page table.
     Cpu,
-    Migrating(Owner),
+    /// Taken out of the CPU page table by the operation `OpId`.
+    Migrating(OpId),
     Device(Owner, DevicePfn),
     /// Exclusive to the owner; the page waits at `hold` (a page number of
     /// uhmm's staging area) until a CPU access takes it back.
@@ -76,8 +84,10 @@ pub enum StateError {
     },
 }
 
-// Entry layout: bits 0..2 the kind, 2..18 the owner's slot, 18..64 the
-// device page number (2^46 pages: 256 TiB of 4 KiB pages per device).
+// Entry layout: bits 0..2 the kind, then for Device and Exclusive bits
+// 2..18 the owner's slot and 18..64 the device page number (2^46 pages:
+// 256 TiB of 4 KiB pages per device); for Migrating bits 2..64 the
+// operation's generation.
 const KIND_BITS: u32 = 2;
 const OWNER_BITS: u32 = 16;
 const PFN_SHIFT: u32 = KIND_BITS + OWNER_BITS;
@@ -91,24 +101,39 @@ const KIND_EXCLUSIVE: u64 = 3;
 const CHUNK_PAGES: usize = 512;
 const CHUNK_SHIFT: u32 = PAGE_SHIFT + CHUNK_PAGES.trailing_zeros();
 
+/// Generations an entry can name (ops are numbered from 1 and never reused).
+pub(crate) const MAX_OP: u64 = (1 << (64 - KIND_BITS)) - 1;
+
 struct Chunk {
     entries: [u64; CHUNK_PAGES],
     /// Entries that are not `Cpu` (the chunk is freed when none is left).
     used: u16,
 }
 
+/// An owner's slot: who it is, and how many entries plus reservations name
+/// it (the slot is free again when none do).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    owner: Owner,
+    refs: u64,
+}
+
 /// The stored states of the pages of one address space.
 #[derive(Default)]
 pub(crate) struct StateTable {
     chunks: BTreeMap<usize, Box<Chunk>>,
-    owners: Vec<Owner>,
+    /// Owner slots; a slot is reused once no entry and no reservation
+    /// names its owner, so the table names at most `MAX_OWNERS` owners
+    /// *at once*, not in the address space's lifetime.
+    slots: Vec<Option<Slot>>,
+    by_owner: std::collections::HashMap<Owner, usize>,
 }
 
 impl fmt::Debug for StateTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StateTable")
             .field("chunks", &self.chunks.len())
-            .field("owners", &self.owners)
+            .field("owners", &self.by_owner.len())
             .finish()
     }
 }
@@ -131,7 +156,16 @@ impl StateTable {
     pub(crate) fn set(&mut self, addr: VirtAddr, state: Stored) -> Result<Stored, StateError> {
         let entry = self.encode(state)?;
         let (chunk, index) = split(addr);
-        let old = match self.chunks.get_mut(&chunk) {
+        let old = self.replace(chunk, index, entry);
+        let was = self.decode(old);
+        self.unref(old);
+        Ok(was)
+    }
+
+    /// Stores `entry` (whose owner reference `encode` took) at `index` of
+    /// `chunk`; returns the old entry (whose reference the caller drops).
+    fn replace(&mut self, chunk: usize, index: usize, entry: u64) -> u64 {
+        match self.chunks.get_mut(&chunk) {
             Some(c) => {
                 let old = std::mem::replace(&mut c.entries[index], entry);
                 c.used = c.used + u16::from(entry != 0) - u16::from(old != 0);
@@ -150,8 +184,7 @@ impl StateTable {
                 self.chunks.insert(chunk, c);
                 0
             }
-        };
-        Ok(self.decode(old))
+        }
     }
 
     /// Forgets the state of every page of `range` (it was unmapped or
@@ -160,6 +193,7 @@ impl StateTable {
         let first = range.start().get() >> CHUNK_SHIFT;
         let last = (range.end().get() - 1) >> CHUNK_SHIFT;
         let keys: Vec<usize> = self.chunks.range(first..=last).map(|(&k, _)| k).collect();
+        let mut dropped = Vec::new();
         for key in keys {
             let Some(chunk) = self.chunks.get_mut(&key) else {
                 continue;
@@ -171,11 +205,15 @@ impl StateTable {
                 }
                 let old = std::mem::take(entry);
                 chunk.used -= 1;
-                gone(addr, decode(&self.owners, old));
+                gone(addr, decode(&self.slots, old));
+                dropped.push(old);
             }
             if chunk.used == 0 {
                 self.chunks.remove(&key);
             }
+        }
+        for old in dropped {
+            self.unref(old);
         }
     }
 
@@ -239,16 +277,45 @@ impl StateTable {
         for (addr, state) in moved {
             let offset = addr.get() - old.start().get();
             if let Some(new) = to.checked_add(offset) {
-                // The state was encodable where it came from.
+                // Encodable where it came from; `clear` just freed its
+                // owner's slot if it was the last entry naming it, so a slot
+                // is there to take again.
                 let _ = self.set(new, state);
             }
         }
     }
 
+    /// Holds a slot for `owner` (taking a free one if it has none) so that
+    /// states naming it can be recorded until [`unreserve`](Self::unreserve).
+    ///
+    /// # Errors
+    ///
+    /// [`StateError::TooManyOwners`] if every slot names another owner.
+    pub(crate) fn reserve(&mut self, owner: Owner) -> Result<(), StateError> {
+        let slot = self.slot_of(owner)?;
+        if let Some(s) = &mut self.slots[slot] {
+            s.refs += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops a reservation taken by [`reserve`](Self::reserve).
+    pub(crate) fn unreserve(&mut self, owner: Owner) {
+        if let Some(&slot) = self.by_owner.get(&owner) {
+            self.unref_slot(slot);
+        }
+    }
+
+    /// Owners named by a slot now.
+    #[cfg(test)]
+    pub(crate) fn owners(&self) -> usize {
+        self.by_owner.len()
+    }
+
     /// Bytes of metadata held.
     pub(crate) fn bytes(&self) -> usize {
         self.chunks.len() * std::mem::size_of::<Chunk>()
-            + self.owners.capacity() * std::mem::size_of::<Owner>()
+            + self.slots.capacity() * std::mem::size_of::<Option<Slot>>()
     }
 
     /// Pages with a stored state.
@@ -256,10 +323,49 @@ impl StateTable {
         self.chunks.values().map(|c| usize::from(c.used)).sum()
     }
 
+    /// The slot naming `owner`, taking a free one if it has none (with no
+    /// reference yet).
+    fn slot_of(&mut self, owner: Owner) -> Result<usize, StateError> {
+        if let Some(&slot) = self.by_owner.get(&owner) {
+            return Ok(slot);
+        }
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(free) => free,
+            None if self.slots.len() < MAX_OWNERS => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+            None => return Err(StateError::TooManyOwners { max: MAX_OWNERS }),
+        };
+        self.slots[slot] = Some(Slot { owner, refs: 0 });
+        self.by_owner.insert(owner, slot);
+        Ok(slot)
+    }
+
+    fn unref_slot(&mut self, slot: usize) {
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        s.refs = s.refs.saturating_sub(1);
+        if s.refs == 0 {
+            let owner = s.owner;
+            self.slots[slot] = None;
+            self.by_owner.remove(&owner);
+        }
+    }
+
+    /// Drops the owner reference an entry held.
+    fn unref(&mut self, entry: u64) {
+        if matches!(entry & KIND_MASK, KIND_DEVICE | KIND_EXCLUSIVE) {
+            self.unref_slot(((entry >> KIND_BITS) as usize) & (MAX_OWNERS - 1));
+        }
+    }
+
+    /// The entry for `state`, with a reference on its owner's slot.
     fn encode(&mut self, state: Stored) -> Result<u64, StateError> {
         let (kind, owner, pfn) = match state {
             Stored::Cpu => return Ok(0),
-            Stored::Migrating(o) => (KIND_MIGRATING, o, 0),
+            Stored::Migrating(op) => return Ok(KIND_MIGRATING | (op.0 & MAX_OP) << KIND_BITS),
             Stored::Device(o, pfn) => (KIND_DEVICE, o, pfn.0),
             Stored::Exclusive(o, hold) => (KIND_EXCLUSIVE, o, hold),
         };
@@ -269,32 +375,33 @@ impl StateTable {
                 max: MAX_PFN,
             });
         }
-        let slot = match self.owners.iter().position(|&o| o == owner) {
-            Some(slot) => slot,
-            None if self.owners.len() < MAX_OWNERS => {
-                self.owners.push(owner);
-                self.owners.len() - 1
-            }
-            None => return Err(StateError::TooManyOwners { max: MAX_OWNERS }),
-        };
+        let slot = self.slot_of(owner)?;
+        if let Some(s) = &mut self.slots[slot] {
+            s.refs += 1;
+        }
         Ok(kind | (slot as u64) << KIND_BITS | pfn << PFN_SHIFT)
     }
 
     fn decode(&self, entry: u64) -> Stored {
-        decode(&self.owners, entry)
+        decode(&self.slots, entry)
     }
 }
 
-fn decode(owners: &[Owner], entry: u64) -> Stored {
+const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
+
+fn decode(slots: &[Option<Slot>], entry: u64) -> Stored {
+    let kind = entry & KIND_MASK;
+    if kind == KIND_MIGRATING {
+        return Stored::Migrating(OpId(entry >> KIND_BITS));
+    }
     let slot = ((entry >> KIND_BITS) as usize) & (MAX_OWNERS - 1);
-    // Entries are only made by `encode`, which names existing slots.
-    let Some(&owner) = owners.get(slot) else {
+    // Entries are only made by `encode`, which names a slot it holds.
+    let Some(Some(s)) = slots.get(slot) else {
         return Stored::Cpu;
     };
-    match entry & ((1 << KIND_BITS) - 1) {
-        KIND_MIGRATING => Stored::Migrating(owner),
-        KIND_DEVICE => Stored::Device(owner, DevicePfn(entry >> PFN_SHIFT)),
-        KIND_EXCLUSIVE => Stored::Exclusive(owner, entry >> PFN_SHIFT),
+    match kind {
+        KIND_DEVICE => Stored::Device(s.owner, DevicePfn(entry >> PFN_SHIFT)),
+        KIND_EXCLUSIVE => Stored::Exclusive(s.owner, entry >> PFN_SHIFT),
         _ => Stored::Cpu,
     }
 }
@@ -317,7 +424,7 @@ mod tests {
         let mut t = StateTable::default();
         let (a, b) = (Owner::unique(), Owner::unique());
         let states = [
-            Stored::Migrating(a),
+            Stored::Migrating(OpId(MAX_OP)),
             Stored::Device(b, DevicePfn(MAX_PFN)),
             Stored::Exclusive(a, 9),
             Stored::Device(a, DevicePfn(0)),
@@ -339,9 +446,42 @@ mod tests {
         );
         assert_eq!(
             t.get(page(0)),
-            Stored::Migrating(a),
+            Stored::Migrating(OpId(MAX_OP)),
             "a failed set changes nothing"
         );
+    }
+
+    #[test]
+    fn owner_slots_are_reused_when_no_entry_names_them() {
+        let mut t = StateTable::default();
+        // Far more owners over time than slots, never more than two at once.
+        for i in 0..(MAX_OWNERS + 10) {
+            let o = Owner::unique();
+            t.set(page(0), Stored::Device(o, DevicePfn(i as u64)))
+                .unwrap();
+            t.set(page(1), Stored::Exclusive(o, 1)).unwrap();
+            assert_eq!(t.owners(), 1, "the previous owner's slot was freed");
+        }
+        t.set(page(0), Stored::Cpu).unwrap();
+        t.set(page(1), Stored::Cpu).unwrap();
+        assert_eq!(t.owners(), 0);
+        // A full table is an error before anything is recorded.
+        let held: Vec<Owner> = (0..MAX_OWNERS).map(|_| Owner::unique()).collect();
+        for &o in &held {
+            t.reserve(o).unwrap();
+        }
+        let late = Owner::unique();
+        assert_eq!(
+            t.reserve(late),
+            Err(StateError::TooManyOwners { max: MAX_OWNERS })
+        );
+        assert!(t.set(page(2), Stored::Device(late, DevicePfn(0))).is_err());
+        assert_eq!(t.get(page(2)), Stored::Cpu);
+        t.unreserve(held[7]);
+        t.reserve(late).unwrap();
+        t.set(page(2), Stored::Device(late, DevicePfn(0))).unwrap();
+        t.unreserve(late);
+        assert_eq!(t.get(page(2)), Stored::Device(late, DevicePfn(0)));
     }
 
     #[test]
@@ -353,7 +493,8 @@ mod tests {
             t.set(page(i), Stored::Device(o, DevicePfn(i as u64)))
                 .unwrap();
         }
-        let per_page = (t.bytes() - std::mem::size_of::<Owner>()) / CHUNK_PAGES;
+        let per_page =
+            (t.bytes() - t.slots.capacity() * std::mem::size_of::<Option<Slot>>()) / CHUNK_PAGES;
         assert!(per_page <= 8, "{per_page} bytes per page");
         // A page 1 TiB away costs one more chunk, not a table in between.
         t.set(page((1 << 40) / PAGE_SIZE), Stored::Exclusive(o, 1))
