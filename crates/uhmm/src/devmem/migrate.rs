@@ -1426,13 +1426,15 @@ impl Drop for MigrateVma<'_> {
     }
 }
 
-/// Bytes done by a resolve ioctl over `len` bytes, and why it stopped (an
-/// error counts as a stop with nothing done).
+/// Bytes done by a move over `len` bytes, and why it stopped. An error
+/// (EINVAL: the run crosses two mappings, or a mapping changed) stops it
+/// with nothing done, like a page already present at the destination: the
+/// callers then try the first page alone, or leave it.
 fn progress(res: &Result<Progress, OpError>, len: usize) -> (usize, Option<Stop>) {
     match res {
         Ok(p) if p.is_complete() => (len, None),
         Ok(p) => (p.done, p.stop),
-        Err(_) => (0, Some(Stop::NoEntry)),
+        Err(_) => (0, Some(Stop::Exists)),
     }
 }
 

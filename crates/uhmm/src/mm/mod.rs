@@ -111,6 +111,11 @@ pub struct MmStats {
     pub state_pages: usize,
     /// Bytes of per-page state held for them.
     pub state_bytes: usize,
+    /// Device owners the page-state table names now (those with pages on
+    /// their device or held exclusive, or an operation in flight). A slot
+    /// is reused once its owner has none, so at most 65,536 devices use
+    /// one address space at a time, however many come and go.
+    pub owners: usize,
     /// Faults on holes of armed regions, filled as the kernel would.
     pub faults_hole: u64,
     /// Faults on device-resident pages, served by bringing them back.
@@ -400,6 +405,7 @@ impl Mm {
             invalidation_retries: s.retries.load(Ordering::Relaxed),
             state_pages: regions.states.pages(),
             state_bytes: regions.states.bytes(),
+            owners: regions.states.owners(),
             faults_hole: s.faults_hole.load(Ordering::Relaxed),
             faults_device: s.faults_device.load(Ordering::Relaxed),
             faults_exclusive: s.faults_exclusive.load(Ordering::Relaxed),

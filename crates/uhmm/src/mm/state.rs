@@ -307,7 +307,6 @@ impl StateTable {
     }
 
     /// Owners named by a slot now.
-    #[cfg(test)]
     pub(crate) fn owners(&self) -> usize {
         self.by_owner.len()
     }

@@ -1,0 +1,1031 @@
+//! The core's first promise under concurrency (DESIGN.md, concurrency
+//! rules): one test for each failure that was seen (`shared/repros/` in the
+//! project's steering notes), plus deterministic tests that force the
+//! interleavings that matter with a copy engine that parks until told.
+//!
+//! Soak-shaped tests run for `UHMM_RACE_SECS` seconds each (default 3);
+//! each failed within that time, most within a fraction of it, before its
+//! fix. A test that would hang instead fails after a bounded wait.
+#![allow(unsafe_code)]
+
+#[path = "../../uhmm/tests/common/mod.rs"]
+mod common;
+
+use common::{ChildEnd, fork_lock, join_soon, serial};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use uhmm::devmem::PagemapConfig;
+use uhmm::devmem::copy::{CopyEngine, CopyError, CopyJob, CpuCopyEngine};
+use uhmm::mm::{Mm, PageState};
+use uhmm::sys::mem::{Advice, Backing, Prot};
+use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
+use uhmm_sim::{SimDevice, prot};
+
+/// How long each soak-shaped test runs.
+fn soak() -> Duration {
+    let secs = std::env::var("UHMM_RACE_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(3.0);
+    Duration::from_secs_f64(secs)
+}
+
+/// xorshift64.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// A random sub-range `(first page, pages)` of `pages` pages.
+fn sub(x: &mut u64, pages: usize) -> (usize, usize) {
+    let v = next(x);
+    let first = (v % pages as u64) as usize;
+    (first, 1 + ((v >> 20) as usize % (pages - first)))
+}
+
+fn rd(a: usize) -> u64 {
+    // SAFETY: tests pass aligned addresses inside their own mappings.
+    unsafe { (a as *const u64).read_volatile() }
+}
+
+fn wr(a: usize, v: u64) {
+    // SAFETY: as in `rd`.
+    unsafe { (a as *mut u64).write_volatile(v) }
+}
+
+/// Runs `f` on a thread and fails (instead of hanging) if it has not
+/// finished within `secs`.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let t = std::thread::spawn(f);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !t.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still running after {secs} s (hang)"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    t.join().unwrap()
+}
+
+/// A thread migrating random parts of `pages` pages at the address in
+/// `base` both ways until `stop`.
+fn migrator(
+    dev: Arc<SimDevice>,
+    base: Arc<AtomicUsize>,
+    pages: usize,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let (mut x, mut ops) = (seed, 0);
+        while !stop.load(Ordering::Relaxed) {
+            let (first, n) = sub(&mut x, pages);
+            let a = VirtAddr::new(base.load(Ordering::Acquire) + first * PAGE_SIZE);
+            let _ = if x % 3 == 0 {
+                dev.migrate_to_system(a, n).map(|_| ())
+            } else {
+                dev.migrate_range_to_device(a, n).map(|_| ())
+            };
+            ops += 1;
+        }
+        ops
+    })
+}
+
+/// A copy engine whose next call, once armed, parks until released: a
+/// migration held between its setup and its commit.
+#[derive(Debug, Default)]
+struct ParkingEngine {
+    armed: AtomicBool,
+    st: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl CopyEngine for ParkingEngine {
+    fn copy(&self, jobs: &mut [CopyJob<'_>]) -> Result<(), CopyError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let mut g = self.st.lock().unwrap();
+            g.0 = true;
+            self.cv.notify_all();
+            while !g.1 {
+                g = self.cv.wait(g).unwrap();
+            }
+        }
+        CpuCopyEngine::with_threads(1).copy(jobs)
+    }
+}
+
+impl ParkingEngine {
+    fn arm(&self) {
+        *self.st.lock().unwrap() = (false, false);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn wait_parked(&self) {
+        let mut g = self.st.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !g.0 {
+            assert!(Instant::now() < deadline, "the migration never parked");
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        self.st.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A device whose migrations copy (so the parking engine holds them), and
+/// the engine.
+fn parking_device(mm: &Mm) -> (Arc<SimDevice>, Arc<ParkingEngine>) {
+    let dev = Arc::new(SimDevice::new(mm));
+    let engine = Arc::new(ParkingEngine::default());
+    dev.set_copy_engine(engine.clone());
+    (dev, engine)
+}
+
+/// repro_putback_eagain_loss: migrations that fail (device memory
+/// exhausted) put their pages back while another region is discarded
+/// (EAGAIN from the put-back's MOVE): nothing may be lost.
+#[test]
+fn failed_migrations_put_back_while_other_memory_is_discarded() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 256;
+    let dev = Arc::new(SimDevice::with_memory(
+        &mm,
+        PagemapConfig {
+            chunk_pages: 64,
+            max_chunks: 1,
+        },
+    ));
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    let other = mm.alloc(64 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let ob = other.as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(AtomicU64::new(0));
+    let cpu = {
+        let (stop, lost) = (stop.clone(), lost.clone());
+        std::thread::spawn(move || {
+            let mut model = vec![0u64; PAGES];
+            while !stop.load(Ordering::Relaxed) {
+                for (p, m) in model.iter_mut().enumerate() {
+                    let a = b + p * PAGE_SIZE;
+                    let old = rd(a);
+                    if old != *m {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *m = old.max(*m) + 1;
+                    wr(a, *m);
+                }
+            }
+        })
+    };
+    let discarder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for p in 0..64 {
+                    wr(ob + p * PAGE_SIZE, 1);
+                }
+                // SAFETY: the other region is ours; no reference into it.
+                unsafe { libc::madvise(ob as *mut _, 64 * PAGE_SIZE, libc::MADV_DONTNEED) };
+            }
+        })
+    };
+    let mig = migrator(
+        dev.clone(),
+        Arc::new(AtomicUsize::new(b)),
+        PAGES,
+        5,
+        stop.clone(),
+    );
+    std::thread::sleep(soak());
+    stop.store(true, Ordering::Relaxed);
+    join_soon(cpu);
+    join_soon(discarder);
+    assert!(join_soon(mig) > 0);
+    assert_eq!(lost.load(Ordering::Relaxed), 0, "pages lost their data");
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
+/// repro_dontneed_migrate_deadlock: MADV_DONTNEED while a device migrates
+/// the same range. The discard wins (the page reads zero once madvise
+/// returned, as on plain memory) and nothing deadlocks.
+#[test]
+fn discards_win_over_migrations_and_never_deadlock() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 16;
+    mm.set_fault_block(PAGE_SIZE);
+    let dev = Arc::new(SimDevice::new(&mm));
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mig = migrator(
+        dev.clone(),
+        Arc::new(AtomicUsize::new(b)),
+        PAGES,
+        0x1234_5678,
+        stop.clone(),
+    );
+    let limit = soak();
+    let (rounds, stale) = within(limit.as_secs() + 20, "discard loop", move || {
+        let t0 = Instant::now();
+        let (mut round, mut stale) = (0u64, 0u64);
+        while t0.elapsed() < limit {
+            round += 1;
+            for p in 0..PAGES {
+                for w in 0..8 {
+                    wr(b + p * PAGE_SIZE + w * 512, round);
+                }
+            }
+            let first = (round as usize * 7) % PAGES;
+            let n = 1 + (round as usize * 13) % (PAGES - first);
+            // SAFETY: the region is ours; no reference points into it.
+            let rc = unsafe {
+                libc::madvise(
+                    (b + first * PAGE_SIZE) as *mut _,
+                    n * PAGE_SIZE,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(rc, 0);
+            stale += (first..first + n)
+                .filter(|p| rd(b + p * PAGE_SIZE) != 0)
+                .count() as u64;
+        }
+        (round, stale)
+    });
+    stop.store(true, Ordering::Relaxed);
+    join_soon(mig);
+    assert!(rounds > 100, "only {rounds} rounds");
+    assert_eq!(stale, 0, "discarded pages read old data after madvise");
+}
+
+/// repro_stale_data_after_realloc, deterministic: a migration parked
+/// between setup and commit while its region is dropped and a new one is
+/// allocated at the same address; the old pages never land in the new
+/// region, and the drop does not wait for the parked migration.
+#[test]
+fn parked_migration_never_writes_into_a_reallocated_region() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 16;
+    let len = PAGES * PAGE_SIZE;
+    for raw in [false, true] {
+        let (dev, engine) = parking_device(&mm);
+        let old = if raw {
+            // SAFETY: a fresh private anonymous mapping of our own.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            // SAFETY: no reference points into it; it stays mapped until
+            // the raw munmap below, after which the region is forgotten.
+            unsafe { mm.manage(PageRange::new(VirtAddr::new(p as usize), len).unwrap()) }.unwrap()
+        } else {
+            mm.alloc(len, Backing::AnonPrivate).unwrap()
+        };
+        let x = old.as_ptr() as usize;
+        // SAFETY: inside the region; no reference points into it.
+        unsafe { std::ptr::write_bytes(x as *mut u8, 0xAB, len) };
+        engine.arm();
+        let d = dev.clone();
+        let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(x), PAGES));
+        engine.wait_parked();
+        let new = if raw {
+            // SAFETY: our own mapping, unmapped and replaced by fresh memory
+            // at the same address.
+            unsafe {
+                libc::munmap(x as *mut _, len);
+                let p = libc::mmap(
+                    x as *mut _,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                );
+                assert_eq!(p as usize, x);
+            }
+            std::mem::forget(old);
+            // SAFETY: as above.
+            unsafe { mm.manage(PageRange::new(VirtAddr::new(x), len).unwrap()) }.unwrap()
+        } else {
+            let t0 = Instant::now();
+            drop(old);
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "dropping the region waited for the parked migration"
+            );
+            mm.alloc(len, Backing::AnonPrivate).unwrap()
+        };
+        let y = new.as_ptr() as usize;
+        engine.release();
+        let _ = join_soon(t);
+        let dirty = (0..PAGES)
+            .filter(|p| rd(y + p * PAGE_SIZE) != 0)
+            .collect::<Vec<_>>();
+        assert!(
+            dirty.is_empty(),
+            "raw={raw}: pages {dirty:?} of the new region hold the old region's data"
+        );
+        drop(new);
+        drop(dev);
+    }
+}
+
+/// A migration parked while part of its range is discarded: the discard
+/// wins (the page reads zero), the rest migrates and comes back intact.
+#[test]
+fn parked_migration_loses_a_page_discarded_under_it() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 8;
+    let (dev, engine) = parking_device(&mm);
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    for p in 0..PAGES {
+        wr(b + p * PAGE_SIZE, 100 + p as u64);
+    }
+    engine.arm();
+    let d = dev.clone();
+    let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(b), PAGES));
+    engine.wait_parked();
+    let map = region.mapping().unwrap();
+    map.advise(map.sub(2 * PAGE_SIZE, PAGE_SIZE).unwrap(), Advice::DontNeed)
+        .unwrap();
+    engine.release();
+    let _ = join_soon(t);
+    for p in 0..PAGES {
+        let want = if p == 2 { 0 } else { 100 + p as u64 };
+        assert_eq!(rd(b + p * PAGE_SIZE), want, "page {p}");
+    }
+}
+
+/// A migration parked while its region is moved (raw mremap): it follows
+/// its pages, which come back at the new address, and none is left in
+/// flight.
+#[test]
+fn parked_migration_follows_an_mremap() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 8;
+    let len = PAGES * PAGE_SIZE;
+    let (dev, engine) = parking_device(&mm);
+    let region = mm.alloc(len, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    for p in 0..PAGES {
+        wr(b + p * PAGE_SIZE, 7000 + p as u64);
+    }
+    let dest = uhmm::sys::mem::Mapping::anon(len).unwrap().leak();
+    engine.arm();
+    let d = dev.clone();
+    let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(b), PAGES));
+    engine.wait_parked();
+    common::remap(region.range(), dest);
+    std::mem::forget(region);
+    engine.release();
+    let _ = join_soon(t);
+    let nb = dest.start().get();
+    for p in 0..PAGES {
+        let a = VirtAddr::new(nb + p * PAGE_SIZE);
+        let s = mm.page_state(a).unwrap();
+        assert!(
+            !matches!(s, PageState::Migrating { .. }),
+            "page {p} is still in flight: {s:?}"
+        );
+        assert_eq!(
+            within(5, "read after mremap", move || rd(a.get())),
+            7000 + p as u64
+        );
+    }
+    // SAFETY: the moved mapping is ours.
+    unsafe { rustix::mm::munmap(dest.start().as_mut_ptr(), len) }.unwrap();
+}
+
+/// Dropping a region the caller keeps mapped (`Mm::manage`) while a
+/// migration of it is parked: the drop waits for the migration (as an
+/// unregister waits on mmap_lock in the kernel), then brings the pages
+/// home; the memory reads what it held.
+#[test]
+fn unmanaging_waits_for_a_parked_migration_and_keeps_the_data() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 8;
+    let len = PAGES * PAGE_SIZE;
+    let map = uhmm::sys::mem::Mapping::anon(len).unwrap();
+    let b = map.range().start().get();
+    for p in 0..PAGES {
+        wr(b + p * PAGE_SIZE, 300 + p as u64);
+    }
+    // SAFETY: `map` outlives the region; no reference points into it.
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let (dev, engine) = parking_device(&mm);
+    engine.arm();
+    let d = dev.clone();
+    let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(b), PAGES));
+    engine.wait_parked();
+    let dropped = Arc::new(AtomicBool::new(false));
+    let dr = dropped.clone();
+    let dropper = std::thread::spawn(move || {
+        drop(region);
+        dr.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "the region was unmanaged under a migration in flight"
+    );
+    engine.release();
+    let _ = join_soon(t);
+    join_soon(dropper);
+    assert!(!mm.is_managed(map.range()));
+    for p in 0..PAGES {
+        assert_eq!(rd(b + p * PAGE_SIZE), 300 + p as u64, "page {p}");
+    }
+    drop(dev);
+}
+
+/// repro_mremap_stuck_migrating: a range moved back and forth (raw mremap
+/// onto a placeholder) while a device migrates it by whatever address it
+/// is at: data intact after every move, nothing stuck in flight.
+#[test]
+fn mremap_back_and_forth_while_migrating() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 16;
+    const LEN: usize = PAGES * PAGE_SIZE;
+    let places = uhmm::sys::mem::Mapping::anon(2 * LEN).unwrap().leak();
+    let (a, bb) = (places.start().get(), places.start().get() + LEN);
+    // The second half becomes a PROT_NONE placeholder.
+    // SAFETY: our own mapping.
+    unsafe { libc::mprotect(bb as *mut _, LEN, libc::PROT_NONE) };
+    mm.set_fault_block(PAGE_SIZE);
+    let dev = Arc::new(SimDevice::new(&mm));
+    // SAFETY: our own mapping, no reference into it.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
+    for i in 0..LEN / 8 {
+        wr(a + i * 8, i as u64 + 1);
+    }
+    let base = Arc::new(AtomicUsize::new(a));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mig = migrator(dev.clone(), base.clone(), PAGES, 0x9e37, stop.clone());
+    let limit = soak();
+    let b2 = base.clone();
+    let (moves, bad) = within(limit.as_secs() + 20, "mremap loop", move || {
+        let t0 = Instant::now();
+        let (mut at, mut moves, mut bad) = (a, 0u64, 0u64);
+        while t0.elapsed() < limit {
+            let to = if at == a { bb } else { a };
+            // SAFETY: our own mappings; the destination is our placeholder.
+            let r = unsafe {
+                libc::mremap(
+                    at as *mut _,
+                    LEN,
+                    LEN,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    to as *mut libc::c_void,
+                )
+            };
+            assert_eq!(r as usize, to);
+            // SAFETY: a new placeholder where the range was.
+            let p = unsafe {
+                libc::mmap(
+                    at as *mut _,
+                    LEN,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(p as usize, at);
+            at = to;
+            b2.store(at, Ordering::Release);
+            moves += 1;
+            for i in 0..LEN / 8 {
+                if rd(at + i * 8) != i as u64 + 1 {
+                    bad += 1;
+                    wr(at + i * 8, i as u64 + 1);
+                }
+            }
+        }
+        if at != a {
+            // SAFETY: as above.
+            unsafe {
+                libc::munmap(a as *mut _, LEN);
+                libc::mremap(
+                    at as *mut _,
+                    LEN,
+                    LEN,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    a as *mut libc::c_void,
+                );
+            }
+        }
+        (moves, bad)
+    });
+    stop.store(true, Ordering::Relaxed);
+    join_soon(mig);
+    assert!(moves > 50, "only {moves} mremaps");
+    assert_eq!(bad, 0, "words wrong after an mremap");
+    drop(region);
+}
+
+/// repro_exclusive_revoke_race: exclusive grabs and migrations racing CPU
+/// writers lose no page.
+#[test]
+fn exclusive_grabs_racing_cpu_writers_lose_nothing() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 16;
+    mm.set_fault_block(PAGE_SIZE);
+    let dev = Arc::new(SimDevice::new(&mm));
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..2usize)
+        .map(|t| {
+            let (stop, lost) = (stop.clone(), lost.clone());
+            std::thread::spawn(move || {
+                let mut model = [0u64; PAGES];
+                while !stop.load(Ordering::Relaxed) {
+                    for (p, m) in model.iter_mut().enumerate() {
+                        let a = b + p * PAGE_SIZE + 64 * t;
+                        if rd(a) != *m {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                        }
+                        *m += 1;
+                        wr(a, *m);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let mut x = 77u64;
+    while t0.elapsed() < soak() {
+        let (first, n) = sub(&mut x, PAGES);
+        let a = VirtAddr::new(b + first * PAGE_SIZE);
+        let _ = match x % 3 {
+            0 => dev.exclusive(a, n).map(|_| ()),
+            1 => dev.migrate_range_to_device(a, n).map(|_| ()),
+            _ => dev.migrate_to_system(a, n).map(|_| ()),
+        };
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        join_soon(w);
+    }
+    assert_eq!(
+        lost.load(Ordering::Relaxed),
+        0,
+        "increments found a lost page"
+    );
+}
+
+/// repro_pinned_page_write_lost: an O_DIRECT read(2) into a buffer a
+/// device is migrating: the data the kernel wrote through its pin lands.
+#[test]
+fn odirect_reads_into_a_buffer_being_migrated_land() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 32;
+    const LEN: usize = PAGES * PAGE_SIZE;
+    let path = std::env::temp_dir().join(format!("uhmm-odirect-{}.dat", std::process::id()));
+    let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    std::fs::write(&path, vec![0u8; LEN]).unwrap();
+    // SAFETY: opens a file we made.
+    let probe = unsafe { libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_DIRECT) };
+    if probe < 0 {
+        let _ = std::fs::remove_file(&path);
+        common::skip("O_DIRECT is not supported on the temporary directory's filesystem");
+        return;
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(probe) };
+    let dev = Arc::new(SimDevice::new(&mm));
+    let region = mm.alloc(LEN, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mig = {
+        let (d, s) = (dev.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x = 3u64;
+            while !s.load(Ordering::Relaxed) {
+                let (first, n) = sub(&mut x, PAGES);
+                let _ = d.migrate_range_to_device(VirtAddr::new(b + first * PAGE_SIZE), n);
+            }
+        })
+    };
+    let mut bad = 0;
+    for round in 0..60u8 {
+        let data = vec![round.wrapping_mul(37) | 1; LEN];
+        std::fs::write(&path, &data).unwrap();
+        // SAFETY: the region is ours, `LEN` bytes; no reference into it.
+        unsafe { std::ptr::write_bytes(b as *mut u8, 0, LEN) };
+        // SAFETY: opens our file; reads `LEN` bytes into our region.
+        let k = unsafe {
+            let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_DIRECT);
+            assert!(fd >= 0);
+            let k = libc::pread(fd, b as *mut _, LEN, 0);
+            libc::close(fd);
+            k
+        };
+        assert_eq!(k as usize, LEN);
+        // SAFETY: as above; read through a copy, not a reference kept.
+        let got = unsafe { std::slice::from_raw_parts(b as *const u8, LEN) }.to_vec();
+        if got != data {
+            bad += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    join_soon(mig);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        bad, 0,
+        "O_DIRECT reads into a buffer being migrated were lost"
+    );
+}
+
+/// repro_concurrent_fork: two threads forking at once while a device
+/// migrates: every child sees the parent's data, none hangs, and the
+/// parent's pages all come back.
+#[test]
+fn concurrent_forks_while_migrating() {
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 64;
+    let dev = Arc::new(SimDevice::new(&mm));
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    for p in 0..PAGES {
+        wr(b + p * PAGE_SIZE, 0x5000 + p as u64);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mig = migrator(
+        dev.clone(),
+        Arc::new(AtomicUsize::new(b)),
+        PAGES,
+        11,
+        stop.clone(),
+    );
+    let limit = soak();
+    let forkers: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let (mut forks, mut bad) = (0, 0);
+                while t0.elapsed() < limit {
+                    // SAFETY: the child only reads memory and exits.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        let ok = (0..PAGES).all(|p| rd(b + p * PAGE_SIZE) == 0x5000 + p as u64);
+                        // SAFETY: ends the child at once.
+                        unsafe { libc::_exit(if ok { 0 } else { 10 }) };
+                    }
+                    assert!(pid > 0);
+                    match wait_child_within(pid, 10) {
+                        Some(ChildEnd::Exited(0)) => {}
+                        other => {
+                            bad += 1;
+                            eprintln!("child {pid}: {other:?}");
+                        }
+                    }
+                    forks += 1;
+                }
+                (forks, bad)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for f in forkers {
+        let (forks, bad) = within(limit.as_secs() + 30, "forking thread", move || {
+            f.join().unwrap()
+        });
+        assert_eq!(bad, 0, "children saw wrong data or hung");
+        total += forks;
+    }
+    stop.store(true, Ordering::Relaxed);
+    join_soon(mig);
+    assert!(total > 10, "only {total} forks");
+    let all_home = within(20, "final read", move || {
+        (0..PAGES).all(|p| rd(b + p * PAGE_SIZE) == 0x5000 + p as u64)
+    });
+    assert!(all_home, "the parent's data changed");
+}
+
+/// Waits for child `pid` up to `secs`; kills it and returns `None` if it
+/// has not ended by then.
+fn wait_child_within(pid: i32, secs: u64) -> Option<ChildEnd> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut status = 0;
+        // SAFETY: our own child; WNOHANG does not block.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(if libc::WIFSIGNALED(status) {
+                ChildEnd::Signaled(libc::WTERMSIG(status))
+            } else {
+                ChildEnd::Exited(libc::WEXITSTATUS(status))
+            });
+        }
+        if Instant::now() > deadline {
+            // SAFETY: our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// repro_fork_child_hook_deadlock: forks while other threads make and drop
+/// address spaces: no child ever blocks in uhmm's atfork child hook.
+#[test]
+fn forks_while_address_spaces_come_and_go() {
+    let _s = serial();
+    let _f = fork_lock();
+    if common::mm().is_none() {
+        return;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    drop(Mm::new().unwrap());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let (mut forks, mut hung) = (0, 0);
+    while t0.elapsed() < soak() {
+        // SAFETY: the child exits at once.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) };
+        }
+        if wait_child_within(pid, 5) != Some(ChildEnd::Exited(0)) {
+            hung += 1;
+        }
+        forks += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in churn {
+        assert!(join_soon(c) > 0);
+    }
+    assert!(forks > 10);
+    assert_eq!(hung, 0, "{hung} of {forks} children never left fork()");
+}
+
+/// repro_raw_fork_hang: a fork uhmm did not see (a raw clone, no atfork
+/// hooks) while a page is on the device: the parent's next touch of it
+/// returns with its data (the device memory now shared with the child is
+/// copied back, not moved).
+#[test]
+fn a_raw_fork_leaves_the_parent_working() {
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    wr(b, 0x1234);
+    dev.migrate_range_to_device(VirtAddr::new(b), 4).unwrap();
+    // SAFETY: a raw fork; the child only exits.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    } as i32;
+    if pid == 0 {
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    assert!(pid > 0);
+    assert_eq!(common::wait_child(pid), ChildEnd::Exited(0));
+    assert_eq!(within(10, "parent's read", move || rd(b)), 0x1234);
+}
+
+/// repro_service_unmaps_device_memory: a device dropped right after a CPU
+/// access brought its page back: the fault service never ends up dropping
+/// (and unmapping) the device's memory itself.
+#[test]
+fn dropping_a_device_right_after_a_fault_back_never_stalls() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    wr(b, 7);
+    let limit = soak();
+    let mm2 = mm.clone();
+    let n = within(limit.as_secs() + 20, "device churn", move || {
+        let t0 = Instant::now();
+        let mut n = 0u64;
+        while t0.elapsed() < limit {
+            let dev = SimDevice::new(&mm2);
+            dev.migrate_range_to_device(VirtAddr::new(b), 1).unwrap();
+            assert_eq!(rd(b), 7);
+            drop(dev);
+            n += 1;
+        }
+        n
+    });
+    assert!(n > 100, "only {n} iterations");
+}
+
+/// repro_adjacent_regions_evict: device pages on both sides of the
+/// boundary of two adjacent regions come home on release, fork and drop.
+#[test]
+fn device_pages_across_adjacent_regions_come_home() {
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    const N: usize = 8;
+    let len = N * PAGE_SIZE;
+    // Two regions side by side: managed halves of one mapping.
+    let map = uhmm::sys::mem::Mapping::anon(2 * len).unwrap();
+    let a = map.range().start().get();
+    // SAFETY: `map` outlives both regions; no reference points into it.
+    let (r1, r2) = unsafe {
+        (
+            mm.manage(PageRange::new(VirtAddr::new(a), len).unwrap())
+                .unwrap(),
+            mm.manage(PageRange::new(VirtAddr::new(a + len), len).unwrap())
+                .unwrap(),
+        )
+    };
+    let (pa, pb) = (a + len - PAGE_SIZE, a + len);
+    wr(pa, 0xAAAA);
+    wr(pb, 0xBBBB);
+    let dev = SimDevice::new(&mm);
+    let to_device = |dev: &SimDevice| {
+        dev.migrate_range_to_device(VirtAddr::new(pa), 1).unwrap();
+        dev.migrate_range_to_device(VirtAddr::new(pb), 1).unwrap();
+    };
+    to_device(&dev);
+    let t = Instant::now();
+    dev.release().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!((rd(pa), rd(pb)), (0xAAAA, 0xBBBB));
+
+    let dev = SimDevice::new(&mm);
+    to_device(&dev);
+    let t = Instant::now();
+    let end = common::fork_and_wait(|| {
+        if rd(pa) == 0xAAAA && rd(pb) == 0xBBBB {
+            0
+        } else {
+            1
+        }
+    });
+    assert_eq!(end, ChildEnd::Exited(0), "the child saw the data");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "fork took {:?}",
+        t.elapsed()
+    );
+    to_device(&dev);
+    drop(dev);
+    assert_eq!(
+        (rd(pa), rd(pb)),
+        (0xAAAA, 0xBBBB),
+        "dropping the device lost data"
+    );
+    drop((r1, r2));
+}
+
+/// repro_owner_table_full_loses_page: devices come and go; the page-state
+/// table names only those with something in it now, so an address space
+/// outlives any number of devices (before the fix the 65,537th device's
+/// migration moved pages out it could not record: they read zero). The
+/// unit test `owner_slots_are_reused_when_no_entry_names_them` goes past
+/// 65,536 owners and fills the table; this one checks the slots are given
+/// back in the real flow.
+#[test]
+fn device_owner_slots_are_given_back() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    for i in 0..300u64 {
+        wr(b, i);
+        let dev = SimDevice::new(&mm);
+        dev.migrate_range_to_device(VirtAddr::new(b), 1).unwrap();
+        assert_eq!(mm.stats().owners, 1, "device #{i}");
+        drop(dev);
+        assert_eq!(
+            mm.stats().owners,
+            0,
+            "device #{i} still named after its drop"
+        );
+        assert_eq!(rd(b), i, "device #{i}");
+    }
+}
+
+/// repro_snap: `snapshot`/range_fault gives each page its own mapping's
+/// permissions when one range spans two mappings.
+#[test]
+fn snapshot_permissions_follow_each_pages_mapping() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    for ro in [0usize, 1] {
+        let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        region.write_at(0, &[1u8; 2 * PAGE_SIZE]).unwrap();
+        let base = region.range().start();
+        let page = PageRange::new(base.checked_add(ro * PAGE_SIZE).unwrap(), PAGE_SIZE).unwrap();
+        mm.mprotect(page, Prot::READ).unwrap();
+        let (m, _) = dev.snapshot(base, 2).unwrap();
+        let mut want = [prot::WRITE; 2];
+        want[ro] = prot::READ;
+        assert_eq!(&m[..], &want[..], "page {ro} read-only");
+        let w = 1 - ro;
+        dev.write(base.checked_add(w * PAGE_SIZE).unwrap(), &[2u8; PAGE_SIZE])
+            .unwrap();
+        assert!(
+            dev.write(base.checked_add(ro * PAGE_SIZE).unwrap(), &[3u8; PAGE_SIZE])
+                .is_err()
+        );
+    }
+}
+
+/// repro_split: device pages whose run spans two mappings (a partial
+/// mprotect, or a madvise that splits the mapping) come back, to a command
+/// and to a CPU touch.
+#[test]
+fn device_pages_spanning_two_mappings_come_back() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let dev = Arc::new(SimDevice::new(&mm));
+    for case in ["prot", "advice"] {
+        for by_fault in [false, true] {
+            let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+            region.write_at(0, &[7u8; 2 * PAGE_SIZE]).unwrap();
+            let page0 = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
+            match case {
+                "prot" => mm.mprotect(page0, Prot::READ).unwrap(),
+                _ => region
+                    .mapping()
+                    .unwrap()
+                    .advise(page0, Advice::NoHugePage)
+                    .unwrap(),
+            }
+            let (_, res) = dev
+                .migrate_to_device(region.range().start(), 2)
+                .unwrap_or_else(|e| panic!("{case} by_fault={by_fault}: {e}"));
+            assert_eq!(res.cpages, 2, "{case}");
+            let base = region.as_ptr() as usize;
+            if by_fault {
+                let got = within(5, "CPU read", move || {
+                    (rd(base) & 0xff, rd(base + PAGE_SIZE) & 0xff)
+                });
+                assert_eq!(got, (7, 7), "{case}");
+            } else {
+                let (d, at) = (dev.clone(), region.range().start());
+                let r = within(5, "migrate_to_system", move || {
+                    d.migrate_to_system(at, 2).map(|r| r.cpages)
+                });
+                assert_eq!(r.unwrap(), 2, "{case}");
+                assert_eq!((rd(base) & 0xff, rd(base + PAGE_SIZE) & 0xff), (7, 7));
+            }
+            assert_eq!(dev.device_pages(), 0, "{case}: device pages left");
+        }
+    }
+}
