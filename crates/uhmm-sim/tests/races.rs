@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use uhmm::devmem::PagemapConfig;
 use uhmm::devmem::copy::{CopyEngine, CopyError, CopyJob, CpuCopyEngine};
+use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
 use uhmm::mm::{Mm, PageState};
 use uhmm::sys::mem::{Advice, Backing, Prot};
 use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
@@ -143,6 +144,49 @@ impl ParkingEngine {
         self.st.lock().unwrap().1 = true;
         self.cv.notify_all();
     }
+}
+
+/// A device callback that blocks: parks the first blockable Migrate
+/// invalidation after `arm` until released (a migration held between its
+/// setup's notifier round and the selection of its pages).
+#[derive(Debug, Default)]
+struct ParkingNotifier(ParkingEngine);
+
+impl NotifierOps for ParkingNotifier {
+    fn invalidate(&self, _s: &Subscription, r: &NotifierRange, _cur_seq: u64) -> bool {
+        if r.event == NotifyEvent::Migrate
+            && r.blockable
+            && self.0.armed.swap(false, Ordering::SeqCst)
+        {
+            let mut g = self.0.st.lock().unwrap();
+            g.0 = true;
+            self.0.cv.notify_all();
+            while !g.1 {
+                g = self.0.cv.wait(g).unwrap();
+            }
+        }
+        true
+    }
+}
+
+/// A fresh private anonymous read-write mapping (at `at` if not 0,
+/// replacing what is there).
+fn raw_map(at: usize, len: usize) -> usize {
+    let fixed = if at != 0 { libc::MAP_FIXED } else { 0 };
+    // SAFETY: maps anonymous memory; with MAP_FIXED only over the test's
+    // own (already unmapped or forgotten) range.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p as usize
 }
 
 /// A device whose migrations copy (so the parking engine holds them), and
@@ -1028,4 +1072,186 @@ fn device_pages_spanning_two_mappings_come_back() {
             assert_eq!(dev.device_pages(), 0, "{case}: device pages left");
         }
     }
+}
+
+/// A device page selected by a migration back to system memory is
+/// discarded while that migration runs: its reference is dropped (the
+/// page freed), not leaked.
+#[test]
+fn discard_during_migration_back_frees_the_device_page() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 8;
+    let (dev, engine) = parking_device(&mm);
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    for p in 0..PAGES {
+        wr(b + p * PAGE_SIZE, 1 + p as u64);
+    }
+    assert_eq!(
+        dev.migrate_range_to_device(VirtAddr::new(b), PAGES)
+            .unwrap(),
+        PAGES as u64
+    );
+    engine.arm();
+    let d = dev.clone();
+    let t = std::thread::spawn(move || d.migrate_to_system(VirtAddr::new(b), PAGES));
+    engine.wait_parked();
+    let map = region.mapping().unwrap();
+    map.advise(map.sub(2 * PAGE_SIZE, PAGE_SIZE).unwrap(), Advice::DontNeed)
+        .unwrap();
+    engine.release();
+    let _ = join_soon(t);
+    for p in 0..PAGES {
+        let want = if p == 2 { 0 } else { 1 + p as u64 };
+        assert_eq!(rd(b + p * PAGE_SIZE), want, "page {p}");
+    }
+    drop(region);
+    assert_eq!(dev.device_pages(), 0, "device pages leaked");
+}
+
+/// A migration whose device callback blocks in its setup while the region
+/// is unmapped and plain memory is mapped at the same address: the
+/// migration never takes the new memory's pages.
+#[test]
+fn blocked_setup_never_takes_memory_mapped_after_an_unmap() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 8;
+    let len = PAGES * PAGE_SIZE;
+    let dev = Arc::new(SimDevice::new(&mm));
+    let x = raw_map(0, len);
+    // SAFETY: our own mapping; it is unmapped below only after the region
+    // is forgotten.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(x), len).unwrap()) }.unwrap();
+    for p in 0..PAGES {
+        wr(x + p * PAGE_SIZE, 0x1111);
+    }
+    let n = Arc::new(ParkingNotifier::default());
+    let _sub = mm.insert_notifier(region.range(), n.clone());
+    n.0.arm();
+    let d = dev.clone();
+    let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(x), PAGES));
+    n.0.wait_parked();
+    // SAFETY: our own mapping, replaced by fresh plain memory.
+    unsafe { libc::munmap(x as *mut _, len) };
+    std::mem::forget(region);
+    assert_eq!(raw_map(x, len), x);
+    for p in 0..PAGES {
+        wr(x + p * PAGE_SIZE, 0xCDCD);
+    }
+    n.0.release();
+    let _ = join_soon(t);
+    let got: Vec<u64> = (0..PAGES).map(|p| rd(x + p * PAGE_SIZE)).collect();
+    assert!(
+        got.iter().all(|&v| v == 0xCDCD),
+        "plain memory lost its data: {got:x?}"
+    );
+    assert_eq!(dev.device_pages(), 0);
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(x as *mut _, len) };
+}
+
+/// A migration back whose device callback blocks in its setup while the
+/// region is moved away (mremap) and a new managed region with pages on
+/// the same device appears at the old address: the migration follows its
+/// own pages and leaves the new region's alone; nothing is left in flight.
+#[test]
+fn blocked_setup_follows_its_pages_not_their_old_address() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 4;
+    let len = PAGES * PAGE_SIZE;
+    let dev = Arc::new(SimDevice::new(&mm));
+    let x = raw_map(0, len);
+    // SAFETY: our own mapping; it is moved below after the region is
+    // forgotten.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(x), len).unwrap()) }.unwrap();
+    for p in 0..PAGES {
+        wr(x + p * PAGE_SIZE, 0x1000 + p as u64);
+    }
+    assert_eq!(
+        dev.migrate_range_to_device(VirtAddr::new(x), PAGES)
+            .unwrap(),
+        PAGES as u64
+    );
+    let n = Arc::new(ParkingNotifier::default());
+    let _sub = mm.insert_notifier(region.range(), n.clone());
+    n.0.arm();
+    let d = dev.clone();
+    let t = std::thread::spawn(move || d.migrate_to_system(VirtAddr::new(x), PAGES));
+    n.0.wait_parked();
+    let dest = uhmm::sys::mem::Mapping::anon(len).unwrap().leak();
+    common::remap(region.range(), dest);
+    std::mem::forget(region);
+    assert_eq!(raw_map(x, len), x);
+    // SAFETY: our own new mapping.
+    let region2 = unsafe { mm.manage(PageRange::new(VirtAddr::new(x), len).unwrap()) }.unwrap();
+    for p in 0..PAGES {
+        wr(x + p * PAGE_SIZE, 0x2000 + p as u64);
+    }
+    assert_eq!(
+        dev.migrate_range_to_device(VirtAddr::new(x), PAGES)
+            .unwrap(),
+        PAGES as u64
+    );
+    n.0.release();
+    let _ = join_soon(t);
+    for p in 0..PAGES {
+        let s = mm.page_state(VirtAddr::new(x + p * PAGE_SIZE)).unwrap();
+        assert!(
+            !matches!(s, PageState::Migrating { .. }),
+            "page {p} left in flight"
+        );
+    }
+    let moved = dest.start().get();
+    let (new, old) = within(5, "reads", move || {
+        (
+            (0..PAGES)
+                .map(|p| rd(x + p * PAGE_SIZE))
+                .collect::<Vec<_>>(),
+            (0..PAGES)
+                .map(|p| rd(moved + p * PAGE_SIZE))
+                .collect::<Vec<_>>(),
+        )
+    });
+    assert_eq!(
+        new,
+        (0..PAGES).map(|p| 0x2000 + p as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        old,
+        (0..PAGES).map(|p| 0x1000 + p as u64).collect::<Vec<_>>()
+    );
+    drop(region2);
+    // SAFETY: the moved mapping is ours.
+    unsafe { rustix::mm::munmap(dest.start().as_mut_ptr(), len) }.unwrap();
+}
+
+/// Pages exclusive to a device, then their region made read-only: the
+/// CPU's next read brings each back with its data (copied, since MOVE into
+/// a read-only mapping is refused), never zeros.
+#[test]
+fn revoking_into_a_read_only_mapping_keeps_the_data() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 4;
+    let dev = SimDevice::new(&mm);
+    let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    for p in 0..PAGES {
+        wr(b + p * PAGE_SIZE, 0x4242 + p as u64);
+    }
+    dev.exclusive(VirtAddr::new(b), PAGES).unwrap();
+    mm.mprotect(region.range(), Prot::READ).unwrap();
+    let got = within(5, "reads", move || {
+        (0..PAGES)
+            .map(|p| rd(b + p * PAGE_SIZE))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(
+        got,
+        (0..PAGES).map(|p| 0x4242 + p as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(mm.stats().pages_lost, 0);
 }

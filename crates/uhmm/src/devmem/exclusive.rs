@@ -16,7 +16,7 @@ use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
 use crate::sys::procmap::VmaKind;
-use crate::sys::uffd::{CopyMode, MoveMode, Progress, Stop};
+use crate::sys::uffd::{CopyMode, MoveMode, OpError, Progress, Stop};
 
 impl Mm {
     /// Makes the pages of `range` exclusive to `owner`: the CPU loses
@@ -148,7 +148,17 @@ fn grab_in(
         {
             let mut regions = lock(&shared.regions);
             for &addr in &todo {
-                let at = regions.op(op).map_or(addr, |o| o.follow(addr));
+                // Moved meanwhile, or gone (other memory may be there now).
+                let Some(at) = regions.op(op).and_then(|o| o.follow(addr)) else {
+                    continue;
+                };
+                if PageRange::new(at, PAGE_SIZE)
+                    .ok()
+                    .and_then(|p| regions.containing(p))
+                    .is_none()
+                {
+                    continue;
+                }
                 match regions.states.get(at) {
                     // A discard is about to zap it: not now.
                     Stored::Cpu if regions.zap_pending(at) => {
@@ -217,6 +227,27 @@ fn grab_in(
     Ok(count)
 }
 
+/// Where a revoked page stands after one try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Back {
+    /// In place (or nothing was there to put back).
+    Done,
+    /// A mapping is changing: try again once pending events are applied.
+    Later,
+    /// It cannot be put back.
+    Lost,
+}
+
+impl Back {
+    fn of(stop: Option<Stop>) -> Back {
+        match stop {
+            None | Some(Stop::Exists) => Back::Done,
+            Some(Stop::LayoutChanging | Stop::Partial) => Back::Later,
+            Some(_) => Back::Lost,
+        }
+    }
+}
+
 /// Takes the exclusive page at `page` back for the CPU (its holder is told
 /// first). `Err` if a device's callback could not run without blocking, or
 /// (not blockable) the page could not be moved back yet.
@@ -241,25 +272,37 @@ pub(crate) fn revoke(
                 // Someone else took it back (or it was unmapped).
                 return Ok(());
             }
-            // A slot the page was discarded from is a hole: it moves as
-            // one, and the CPU then faults a zero page in.
-            let res = shared.move_pages(page, slot, MoveMode::DONTWAKE);
-            let done = match res {
-                Ok(p) if p.is_complete() => true,
-                // See `Shared::move_noentry`.
+            // The slot's page goes back into place: moved, or copied where
+            // the mapping does not take MOVE any more (made read-only
+            // since) or the page is shared or pinned. A slot the page was
+            // discarded from is a hole: nothing to put back.
+            let moved = match shared.move_pages(page, slot, MoveMode::DONTWAKE) {
+                Err(OpError::Invalid { .. }) => None,
+                Ok(p) if p.stop == Some(Stop::Busy) => None,
                 Ok(p) if p.stop == Some(Stop::NoEntry) => {
-                    shared.move_noentry(page.start(), slot) != NoEntry::LayoutChanging
+                    Some(match shared.move_noentry(page.start(), slot) {
+                        NoEntry::LayoutChanging => Back::Later,
+                        _ => Back::Done,
+                    })
                 }
-                Ok(p) if p.stop == Some(Stop::LayoutChanging) => false,
-                // The slot's page is shared or pinned: copy it instead.
-                Ok(p) if p.stop == Some(Stop::Busy) => matches!(
-                    shared.uffd.copy(page, slot, CopyMode::DONTWAKE),
-                    Ok(p) if p.is_complete()
-                ),
-                // Present already (cannot be, while it is exclusive), or
-                // not registered any more: it is the CPU's as it is.
-                _ => true,
+                Ok(p) => Some(Back::of(p.stop)),
+                Err(_) => Some(Back::Lost),
             };
+            let back = moved.unwrap_or_else(|| {
+                if shared.page_present(slot) == Some(false) {
+                    return Back::Done;
+                }
+                match shared.uffd.copy(page, slot, CopyMode::DONTWAKE) {
+                    Ok(p) => Back::of(p.stop),
+                    Err(_) => Back::Lost,
+                }
+            });
+            if back == Back::Lost {
+                // It cannot be put back: lost (SIGBUS on access), never
+                // zeros.
+                shared.lose_locked(&mut regions, page);
+            }
+            let done = back != Back::Later;
             if done {
                 let _ = regions.states.set(page.start(), Stored::Cpu);
                 drop(regions);

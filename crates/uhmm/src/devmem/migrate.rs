@@ -329,16 +329,24 @@ impl<'a> MigrateVma<'a> {
     }
 
     /// Where page `i` is now: its address at setup, moved by the mremaps
-    /// since. Under the regions lock.
-    fn now(&self, regions: &Regions, i: usize) -> VirtAddr {
-        let a = self.addr(i);
-        regions.op(self.op).map_or(a, |op| op.follow(a))
+    /// since; `None` if it was unmapped meanwhile (whatever is there now is
+    /// other memory). Under the regions lock.
+    fn now(&self, regions: &Regions, i: usize) -> Option<VirtAddr> {
+        regions.op(self.op)?.follow(self.addr(i))
+    }
+
+    /// Where page `i` is now, if it is the CPU's and in a managed region:
+    /// a page this migration may take. Under the regions lock.
+    fn takeable(&self, regions: &Regions, i: usize) -> Option<VirtAddr> {
+        let at = self.now(regions, i)?;
+        let page = PageRange::new(at, PAGE_SIZE).ok()?;
+        (regions.states.get(at) == Stored::Cpu && regions.containing(page).is_some()).then_some(at)
     }
 
     /// Where page `i` is now, if it is still this migration's (not
     /// discarded or unmapped meanwhile). Under the regions lock.
     fn holds(&self, regions: &Regions, i: usize) -> Option<VirtAddr> {
-        let at = self.now(regions, i);
+        let at = self.now(regions, i)?;
         (regions.states.get(at) == Stored::Migrating(self.op)).then_some(at)
     }
 
@@ -350,8 +358,13 @@ impl<'a> MigrateVma<'a> {
         let mut copy_idx = Vec::new();
         {
             let mut regions = lock(&self.shared.regions);
-            for (i, addr) in self.range.pages().enumerate() {
-                let vma = vma_of(vmas, addr);
+            for (i, setup_addr) in self.range.pages().enumerate() {
+                let vma = vma_of(vmas, setup_addr);
+                // The device's invalidation callback may have blocked: the
+                // range may have moved or gone since setup.
+                let Some(addr) = self.now(&regions, i) else {
+                    continue;
+                };
                 let e = &mut self.entries[i];
                 e.write = vma.is_none_or(|v| v.perms.contains(Prot::WRITE));
                 match (regions.states.get(addr), vma) {
@@ -406,7 +419,7 @@ impl<'a> MigrateVma<'a> {
                     // once more. Still refused: pinned, not selected.
                     cow_broken = true;
                     let addrs: Vec<VirtAddr> =
-                        busy.iter().map(|&i| self.now(&regions, i)).collect();
+                        busy.iter().filter_map(|&i| self.now(&regions, i)).collect();
                     drop(regions);
                     for a in addrs {
                         if let Ok(page) = PageRange::new(a, PAGE_SIZE) {
@@ -444,8 +457,7 @@ impl<'a> MigrateVma<'a> {
     ) -> Vec<usize> {
         let todo: Vec<(usize, VirtAddr)> = idx
             .iter()
-            .map(|&i| (i, self.now(regions, i)))
-            .filter(|&(_, at)| regions.states.get(at) == Stored::Cpu)
+            .filter_map(|&i| Some((i, self.takeable(regions, i)?)))
             .collect();
         let mut left = Vec::new();
         for group in contiguous(&todo) {
@@ -620,8 +632,7 @@ impl<'a> MigrateVma<'a> {
     fn copy_out(&mut self, regions: &mut Regions, staging: &Staging, run: &Run, idx: &[usize]) {
         let mut todo: Vec<(usize, VirtAddr)> = idx
             .iter()
-            .map(|&i| (i, self.now(regions, i)))
-            .filter(|&(_, at)| regions.states.get(at) == Stored::Cpu)
+            .filter_map(|&i| Some((i, self.takeable(regions, i)?)))
             .collect();
         // A page a discard is about to zap is left alone (not selected).
         todo.retain(|&(_, at)| !regions.zap_pending(at));
@@ -1317,6 +1328,7 @@ impl<'a> MigrateVma<'a> {
         // the address each page has now — if it is still this migration's:
         // a page discarded or unmapped meanwhile stays gone.
         let mut todo: Vec<usize> = self.indices_all(|e| !e.migrate && e.src != MigrateSrc::None);
+        let mut freed = Vec::new();
         for _ in 0..LAYOUT_RETRIES {
             if todo.is_empty() {
                 break;
@@ -1326,10 +1338,16 @@ impl<'a> MigrateVma<'a> {
                 let mut regions = lock(&self.shared.regions);
                 let mut moved_back = Vec::new();
                 for &i in &todo {
+                    let e = self.entries[i];
                     let Some(at) = self.holds(&regions, i) else {
+                        // Discarded or unmapped in flight: gone, and the
+                        // reference its device page held is this
+                        // migration's to drop (the service left it).
+                        if let MigrateSrc::Device(pfn) = e.src {
+                            freed.push(pfn);
+                        }
                         continue;
                     };
-                    let e = self.entries[i];
                     match (e.how, e.src) {
                         (How::Device, MigrateSrc::Device(pfn)) => {
                             let _ = regions.states.set(at, Stored::Device(self.owner, pfn));
@@ -1379,6 +1397,9 @@ impl<'a> MigrateVma<'a> {
                     self.shared.lose_locked(&mut regions, page);
                 }
             }
+        }
+        for pfn in freed {
+            self.shared.put_device_page(self.owner, pfn);
         }
         // Device pages that did not become a page's home are unused.
         for e in &self.entries {

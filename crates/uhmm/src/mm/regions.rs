@@ -28,29 +28,46 @@ pub(crate) struct Op {
     pub(crate) owner: Owner,
     /// The range it was set up on.
     pub(crate) range: PageRange,
-    /// The mremaps that moved (part of) its range since it began, in order.
-    pub(crate) remaps: Vec<(PageRange, VirtAddr)>,
+    /// What happened to its range since it began, in order.
+    changes: Vec<Change>,
+}
+
+/// A change of the layout under an operation.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// An mremap moved `old` to start at the address.
+    Moved(PageRange, VirtAddr),
+    /// The range was unmapped (or unmanaged): whatever is there later is
+    /// other memory.
+    Gone(PageRange),
 }
 
 impl Op {
-    /// Where the page set up at `addr` is now (after the mremaps).
-    pub(crate) fn follow(&self, mut addr: VirtAddr) -> VirtAddr {
-        for &(old, to) in &self.remaps {
-            if old.contains(addr) {
-                addr = VirtAddr::new(to.get() + (addr.get() - old.start().get()));
+    /// Where the page set up at `addr` is now (after the mremaps since),
+    /// or `None` if it was unmapped meanwhile: the address may mean other
+    /// memory now, which the operation must not touch.
+    pub(crate) fn follow(&self, mut addr: VirtAddr) -> Option<VirtAddr> {
+        for change in &self.changes {
+            match *change {
+                Change::Moved(old, to) if old.contains(addr) => {
+                    addr = VirtAddr::new(to.get() + (addr.get() - old.start().get()));
+                }
+                Change::Gone(r) if r.contains(addr) => return None,
+                _ => {}
             }
         }
-        addr
+        Some(addr)
     }
 
     /// Whether its pages may lie in `range` now.
     fn touches(&self, range: PageRange) -> bool {
         self.range.overlaps(range)
-            || self
-                .remaps
-                .iter()
-                .filter_map(|&(old, to)| PageRange::new(to, old.len()).ok())
-                .any(|r| r.overlaps(range))
+            || self.changes.iter().any(|c| match *c {
+                Change::Moved(old, to) => {
+                    PageRange::new(to, old.len()).is_ok_and(|r| r.overlaps(range))
+                }
+                Change::Gone(_) => false,
+            })
     }
 }
 
@@ -143,6 +160,16 @@ impl Regions {
     pub(crate) fn unmapped(&mut self, gone: PageRange, states: impl FnMut(VirtAddr, Stored)) {
         self.states.clear(gone, states);
         self.unfence(gone);
+        self.remove_ranges(gone);
+        for op in self.ops.values_mut() {
+            if op.touches(gone) {
+                op.changes.push(Change::Gone(gone));
+            }
+        }
+    }
+
+    /// Takes `gone` out of the managed ranges, splitting ranges it cuts.
+    fn remove_ranges(&mut self, gone: PageRange) {
         let hit: Vec<Region> = self
             .by_start
             .values()
@@ -180,13 +207,14 @@ impl Regions {
         // Whatever was at the destination was replaced.
         self.unmapped(new, &mut gone);
         self.states.move_range(old, to);
-        self.unmapped(old, &mut gone);
+        self.unfence(old);
+        self.remove_ranges(old);
         if let Some(armed) = was {
             self.insert_as(new, armed);
         }
         for op in self.ops.values_mut() {
             if op.touches(old) {
-                op.remaps.push((old, to));
+                op.changes.push(Change::Moved(old, to));
             }
         }
     }
@@ -255,7 +283,7 @@ impl Regions {
             Op {
                 owner,
                 range,
-                remaps: Vec::new(),
+                changes: Vec::new(),
             },
         );
         Ok(id)

@@ -269,21 +269,16 @@ impl Shared {
         unsafe { self.uffd.move_pages(dst, src, mode) }
     }
 
-    /// Whether `range` is (part of) a discard uhmm made itself; the part
-    /// is taken off the record (the kernel sends one event per mapping).
+    /// Whether `range` is (part of) a discard uhmm is making itself (the
+    /// kernel sends one event per mapping). The record stays until that
+    /// discard has returned (`discard_own`): a program's discard of part of
+    /// the same pages at the same moment is then taken for uhmm's own and
+    /// lost — the lesser evil, since taking uhmm's own for the program's
+    /// would drop the only copy of pages in flight.
     fn is_own_remove(&self, range: PageRange) -> bool {
-        let mut own = lock(&self.own_removes);
-        let Some(i) = own.iter().position(|r| r.contains_range(range)) else {
-            return false;
-        };
-        let r = own.remove(i);
-        if let Ok(head) = PageRange::from_bounds(r.start(), range.start()) {
-            own.push(head);
-        }
-        if let Ok(tail) = PageRange::from_bounds(range.end(), r.end()) {
-            own.push(tail);
-        }
-        true
+        lock(&self.own_removes)
+            .iter()
+            .any(|r| r.contains_range(range))
     }
 
     /// Waits until the service has handled every event it has read.
