@@ -1266,6 +1266,10 @@ impl<'a> MigrateVma<'a> {
                 Some(Stop::NoEntry) if len > PAGE_SIZE => {
                     limit = self.mapping_bytes(VirtAddr::new(r.start().get() + done), len);
                 }
+                // No mapping at the destination for a single page: one is
+                // being moved or unmapped (its event is not applied yet).
+                // Look again once it is: the page follows, or is gone.
+                Some(Stop::NoEntry) => return (done, Some(Stop::LayoutChanging)),
                 Some(stop) => return (done, Some(stop)),
             }
         }

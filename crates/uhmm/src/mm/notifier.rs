@@ -311,12 +311,21 @@ impl Notifiers {
         let guard = InvalidateGuard { tree: self };
         // Removals wait for `active` to drop to zero, so every notifier in
         // `hits` stays registered while its callback runs.
-        for sub in &hits {
-            if !sub.ops.invalidate(sub, range, cur_seq) {
-                return Err(Retry { range: range.range });
-            }
+        let done = hits
+            .iter()
+            .all(|sub| sub.ops.invalidate(sub, range, cur_seq));
+        // Our references to the notifiers go before `active` drops: a
+        // removal waiting for it then holds the last one, and the device's
+        // callbacks (and whatever they own, its memory say) are dropped by
+        // the thread that removes them — never by the fault service, which
+        // could not read the events that dropping memory raises.
+        drop(hits);
+        if done {
+            Ok(guard)
+        } else {
+            drop(guard);
+            Err(Retry { range: range.range })
         }
-        Ok(guard)
     }
 
     /// [`invalidate_start`](Self::invalidate_start) and end at once, for a
