@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod info;
+mod stress;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +31,10 @@ enum Command {
     Info(info::Args),
     /// Measure uhmm against the raw kernel primitives, in the same run.
     Bench(bench::Args),
+    /// A model-checked soak: CPU threads, system calls, migrations,
+    /// device reads, forks, mremap and failures on the same pages, every
+    /// read checked against a model.
+    Stress(stress::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,5 +50,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Stress(args) => stress::run(&args),
     }
 }
