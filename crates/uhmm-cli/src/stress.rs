@@ -1376,6 +1376,7 @@ impl<'w> Writer<'w> {
         let total: u32 = self.kinds.iter().map(|k| k.weight()).sum();
         while !self.w.stop.load(Ordering::Relaxed) {
             self.w.gate.checkpoint(self.me);
+            self.w.touch(self.me);
             let mut pick = self.rng.below(total as usize) as u32;
             let kind = *self
                 .kinds
@@ -1819,6 +1820,7 @@ impl<'w> Operator<'w> {
     fn run(mut self, member: Member<'_>) {
         while !self.w.stop.load(Ordering::Relaxed) {
             self.w.gate.checkpoint(self.me);
+            self.w.touch(self.me);
             self.me.doing(self.kind);
             match self.kind {
                 Kind::Migrate => self.migrate(),
