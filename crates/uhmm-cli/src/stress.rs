@@ -92,7 +92,10 @@ pub struct Args {
     /// Seed of the random choices (printed; random if not given).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
-    /// Run only these operation kinds (comma separated).
+    /// Run only these operation kinds, comma separated: cpu (always on),
+    /// fileio, pipe, odirect, devwrite, dontneed, mremap, realloc (done by
+    /// the writers on their own pages), migrate, exclusive, mirror, fork,
+    /// devices, faults, split (a thread each).
     #[arg(long, value_name = "LIST", value_parser = parse_kinds)]
     only: Option<KindList>,
     /// Do not run these operation kinds (comma separated).
@@ -754,12 +757,18 @@ struct World {
     /// Thread 0 is the main thread, then the writers, then the others.
     threads: Vec<ThreadInfo>,
     stop: AtomicBool,
+    /// Milliseconds from the start to the stop (0 before): rates are per
+    /// second of running, not of joining or of a hang.
+    stopped_ms: AtomicU64,
     /// The watchdog's end.
     done: AtomicBool,
     gate: Gate,
     tally: Tally,
     failure_count: AtomicU64,
     failures: Mutex<Vec<Failure>>,
+    /// (page id, counter) of the mismatches reported: every checker that
+    /// reads a lost page finds it, and one line says it.
+    reported: Mutex<std::collections::HashSet<(u64, u64)>>,
 }
 
 impl World {
@@ -769,6 +778,20 @@ impl World {
 
     fn now_ms(&self) -> u64 {
         self.t0.elapsed().as_millis() as u64
+    }
+
+    /// How long the operations ran: until the stop, or (a hang) until the
+    /// last progress any thread made.
+    fn ran_ms(&self) -> u64 {
+        match self.stopped_ms.load(Ordering::SeqCst) {
+            0 => self
+                .threads
+                .iter()
+                .map(|t| t.last_ms.load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0),
+            ms => ms,
+        }
     }
 
     fn touch(&self, me: &ThreadInfo) {
@@ -844,7 +867,8 @@ impl World {
     }
 
     /// Records a read of page `p` of region `slot` that differs from
-    /// counter `counter`.
+    /// counter `counter` (in full the first time that page is found wrong
+    /// at that counter; counted every time).
     fn mismatch(
         &self,
         thread: &str,
@@ -853,6 +877,10 @@ impl World {
         counter: u64,
         diff: Diff,
     ) {
+        if !lock(&self.reported).insert((self.id(slot, p), counter)) {
+            self.failure_count.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
         let cell = self.cell(slot, p);
         let last_move = cell.last_move.load(Ordering::Relaxed) as usize;
         self.fail(Failure::Mismatch(Box::new(Mismatch {
@@ -1158,11 +1186,13 @@ impl World {
             pin_vs_fork: RwLock::new(()),
             threads,
             stop: AtomicBool::new(false),
+            stopped_ms: AtomicU64::new(0),
             done: AtomicBool::new(false),
             gate: Gate::default(),
             tally: Tally::default(),
             failure_count: AtomicU64::new(0),
             failures: Mutex::new(Vec::new()),
+            reported: Mutex::new(std::collections::HashSet::new()),
             cfg,
         };
         world.fill();
@@ -1439,10 +1469,10 @@ impl<'w> Writer<'w> {
         })
     }
 
-    fn check(&self, check: &'static str, kind: Kind, pg: &Owned, counter: u64) -> bool {
+    fn check(&self, check: &'static str, kind: Kind, pg: &Owned, counter: u64) {
         self.w.checked(kind, 1);
         self.w
-            .check_page(&self.me.name, check, pg.slot, pg.page, counter)
+            .check_page(&self.me.name, check, pg.slot, pg.page, counter);
     }
 
     fn check_bytes(&self, check: &'static str, kind: Kind, pg: &Owned, counter: u64, bytes: &[u8]) {
@@ -2038,7 +2068,6 @@ impl<'w> Operator<'w> {
     /// model and writes its own copy of one page; the parent checks that
     /// the child's write stayed the child's.
     fn fork(&mut self) {
-        std::thread::sleep(Duration::from_millis(20));
         let sample: Vec<(usize, usize)> = (0..CHILD_SAMPLE)
             .map(|_| {
                 let s = self.rng.below(self.w.slots.len());
@@ -2075,6 +2104,9 @@ impl<'w> Operator<'w> {
                 format!("the parent reads the forked child's write at {a} (region {s} page {p}): copy-on-write broken"),
             );
         }
+        // A fork brings every device page home: leave the devices time to
+        // take some again (a phase check comes right after this).
+        std::thread::sleep(Duration::from_millis(20));
     }
 
     fn fork_outcome(&self, end: raw::ChildEnd, report: &[u8]) {
@@ -2227,8 +2259,18 @@ impl fmt::Display for Census {
 fn phase_check(w: &World, label: &'static str) -> Census {
     let me = &w.threads[0];
     me.doing.store(DOING_PHASE, Ordering::Relaxed);
+    let census = take_census(w, label);
+    let checked = device_reads(w, label) + plain_reads(w, "plain read at a phase check");
+    w.tally.phases.fetch_add(1, Ordering::Relaxed);
+    w.tally.phase_pages.fetch_add(checked, Ordering::Relaxed);
+    me.doing.store(0, Ordering::Relaxed);
+    census
+}
+
+/// Counts where the pages are; a page `Migrating` while nothing runs is a
+/// failure (an operation left it behind).
+fn take_census(w: &World, label: &str) -> Census {
     let mut census = Census::default();
-    let mut checked = 0u64;
     for (si, s) in w.slots.iter().enumerate() {
         let Some(base) = s.base() else { continue };
         for p in 0..s.npages {
@@ -2242,62 +2284,73 @@ fn phase_check(w: &World, label: &'static str) -> Census {
                     census.migrating += 1;
                     w.event(
                         "main",
-                        format!("{label}: region {si} page {p} ({a}) is Migrating (owner {}) with no operation in flight", owner.get()),
+                        format!(
+                            "{label}: region {si} page {p} ({a}) is Migrating (owner {}) with no operation in flight",
+                            owner.get()
+                        ),
                     );
                 }
                 Err(e) => w.event("main", format!("{label}: page_state({a}): {e}")),
             }
         }
-        w.touch(me);
+        w.touch(&w.threads[0]);
     }
+    census
+}
+
+/// Every device reads every page (nothing else runs: all must match);
+/// returns the pages compared.
+fn device_reads(w: &World, label: &str) -> u64 {
+    let mut checked = 0;
     for d in 0..w.ndevices() {
         for (si, s) in w.slots.iter().enumerate() {
             let Some(base) = s.base() else { continue };
             for first in (0..s.npages).step_by(PHASE_READ_PAGES) {
                 let n = PHASE_READ_PAGES.min(s.npages - first);
                 let a = VirtAddr::new(base + first * PAGE_SIZE);
-                match w.with_device(d, |dev| dev.read(a, n)) {
-                    Some(Ok((data, _))) => {
-                        for (i, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                            let p = first + i;
-                            let counter = w.cell(si, p).counter.load(Ordering::SeqCst);
-                            checked += 1;
-                            if let Some(diff) = diff_bytes(bytes, counter, w.id(si, p)) {
-                                let addr = base + p * PAGE_SIZE;
-                                w.mismatch(
-                                    "main",
-                                    "device read at a phase check",
-                                    (si, p, addr),
-                                    counter,
-                                    diff,
-                                );
-                            }
-                        }
+                let data = match w.with_device(d, |dev| dev.read(a, n)) {
+                    Some(Ok((data, _))) => data,
+                    Some(Err(e)) => {
+                        w.event(
+                            "main",
+                            format!(
+                                "{label}: device {d} could not read {n} quiescent pages at {a}: {e}"
+                            ),
+                        );
+                        continue;
                     }
-                    Some(Err(e)) => w.event(
-                        "main",
-                        format!(
-                            "{label}: device {d} could not read {n} quiescent pages at {a}: {e}"
-                        ),
-                    ),
-                    None => {}
+                    None => continue,
+                };
+                for (i, bytes) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                    let p = first + i;
+                    let counter = w.cell(si, p).counter.load(Ordering::SeqCst);
+                    checked += 1;
+                    if let Some(diff) = diff_bytes(bytes, counter, w.id(si, p)) {
+                        let addr = base + p * PAGE_SIZE;
+                        let check = "device read at a phase check";
+                        w.mismatch("main", check, (si, p, addr), counter, diff);
+                    }
                 }
             }
-            w.touch(me);
+            w.touch(&w.threads[0]);
         }
     }
+    checked
+}
+
+/// Plain loads of every page (nothing else runs); returns the pages
+/// compared.
+fn plain_reads(w: &World, check: &'static str) -> u64 {
+    let mut checked = 0;
     for (si, s) in w.slots.iter().enumerate() {
         for p in 0..s.npages {
             let counter = w.cell(si, p).counter.load(Ordering::SeqCst);
             checked += 1;
-            w.check_page("main", "plain read at a phase check", si, p, counter);
+            w.check_page("main", check, si, p, counter);
         }
-        w.touch(me);
+        w.touch(&w.threads[0]);
     }
-    w.tally.phases.fetch_add(1, Ordering::Relaxed);
-    w.tally.phase_pages.fetch_add(checked, Ordering::Relaxed);
-    me.doing.store(0, Ordering::Relaxed);
-    census
+    checked
 }
 
 /// One line on stderr: time, rates so far, residency, failures.
@@ -2378,6 +2431,7 @@ fn stress(mut cfg: Config) -> Result<bool, BoxError> {
         if spawned.is_ok() {
             run_phases(w);
         }
+        w.stopped_ms.store(w.now_ms(), Ordering::SeqCst);
         w.stop.store(true, Ordering::SeqCst);
         let main = &w.threads[0];
         main.parked.store(true, Ordering::SeqCst);
@@ -2392,11 +2446,10 @@ fn stress(mut cfg: Config) -> Result<bool, BoxError> {
         }
         main.parked.store(false, Ordering::SeqCst);
         w.touch(main);
-        spawned?;
-        let teardown = finish(w);
+        let teardown = spawned.map(|()| finish(w));
         w.done.store(true, Ordering::SeqCst);
         let _ = watchdog.join();
-        Ok(teardown)
+        Ok(teardown?)
     })?;
     let stats = world.mm.stats();
     if stats.pages_lost > 0 {
@@ -2486,20 +2539,30 @@ struct DeviceFigures {
 /// After the threads ended: a last phase check, the devices removed (their
 /// pages must come home), every page checked again, the regions dropped.
 fn finish(w: &World) -> Teardown {
-    let main = &w.threads[0];
     let census = phase_check(w, "final check");
     progress(w, w.tally.phases.load(Ordering::Relaxed), &census);
-    main.doing.store(DOING_TEARDOWN, Ordering::Relaxed);
-    let mut devices = Vec::new();
+    w.threads[0].doing.store(DOING_TEARDOWN, Ordering::Relaxed);
+    let devices = remove_devices(w);
+    plain_reads(w, "plain read after the devices were removed");
+    drop_regions(w);
+    Teardown {
+        devices,
+        census: Some(census),
+    }
+}
+
+/// Drops every device (each brings its pages home), with its figures.
+fn remove_devices(w: &World) -> Vec<DeviceFigures> {
     let removed: Vec<SimDevice> =
         std::mem::take(&mut *w.devices.write().unwrap_or_else(|e| e.into_inner()));
+    let mut figures = Vec::new();
     for (d, dev) in removed.into_iter().enumerate() {
         let pages_at_removal = dev.device_pages();
         let stats = dev.stats();
         let memory = dev.memory_stats();
         let t = Instant::now();
         drop(dev);
-        devices.push(DeviceFigures {
+        figures.push(DeviceFigures {
             path: if w.faulty.as_ref().is_some_and(|(f, _)| *f == d) {
                 "copying, failing engine"
             } else {
@@ -2510,43 +2573,32 @@ fn finish(w: &World) -> Teardown {
             pages_at_removal,
             removal_ms: t.elapsed().as_secs_f64() * 1e3,
         });
-        w.touch(main);
+        w.touch(&w.threads[0]);
     }
-    for (si, s) in w.slots.iter().enumerate() {
-        for p in 0..s.npages {
-            let counter = w.cell(si, p).counter.load(Ordering::SeqCst);
-            w.check_page(
-                "main",
-                "plain read after the devices were removed",
-                si,
-                p,
-                counter,
-            );
-        }
-    }
-    if let Some(si) = w.mremap_slot {
+    figures
+}
+
+/// Drops the regions; the mremap region goes back to its first place
+/// first (where it was managed) and its window is unmapped.
+fn drop_regions(w: &World) {
+    if let Some(si) = w.mremap_slot
+        && let Role::Mremap { places } = w.slots[si].role
+    {
         let s = &w.slots[si];
-        if let Role::Mremap { places } = s.role {
-            let at = s.base.load(Ordering::SeqCst);
-            if at != places[0] && !w.mremap_broken.load(Ordering::Relaxed) {
-                if let Err(e) = raw::mremap_fixed(at, s.len(), places[0]) {
-                    w.event("main", format!("moving the mremap region home: {e}"));
-                } else {
-                    s.base.store(places[0], Ordering::SeqCst);
-                }
+        let at = s.base.load(Ordering::SeqCst);
+        if at != places[0] && !w.mremap_broken.load(Ordering::Relaxed) {
+            match raw::mremap_fixed(at, s.len(), places[0]) {
+                Ok(()) => s.base.store(places[0], Ordering::SeqCst),
+                Err(e) => w.event("main", format!("moving the mremap region home: {e}")),
             }
-            drop(lock(&s.region).take());
-            raw::unmap(places[0], 2 * s.len());
         }
+        drop(lock(&s.region).take());
+        raw::unmap(places[0], 2 * s.len());
     }
     for s in &w.slots {
         drop(lock(&s.region).take());
     }
-    w.touch(main);
-    Teardown {
-        devices,
-        census: Some(census),
-    }
+    w.touch(&w.threads[0]);
 }
 
 // ---------------------------------------------------------------------
@@ -2734,6 +2786,7 @@ fn kernel_stacks() -> String {
 /// The final figures (printed and written as JSON).
 #[derive(Debug)]
 struct Figures {
+    /// Seconds the operations ran.
     elapsed_s: f64,
     kinds: Vec<KindFigures>,
     phases: u64,
@@ -2806,7 +2859,7 @@ impl Figures {
         let failure_count = w.failure_count.load(Ordering::SeqCst);
         let ok = failure_count == 0 && missing.is_empty() && hang.is_none();
         Figures {
-            elapsed_s: w.now_s(),
+            elapsed_s: w.ran_ms() as f64 / 1e3,
             kinds,
             phases,
             phase_pages: w.tally.phase_pages.load(Ordering::Relaxed),
