@@ -1,15 +1,17 @@
 //! `MigrateVma` at its edges, on a device of the test's own: a migration
 //! dropped after its pages moved into device memory but before its commit,
-//! and an mremap of pages while they are in flight. Neither may lose data
-//! or leave a page waiting forever. (Found by an independent review.)
+//! an mremap of pages while they are in flight, and an eviction racing a
+//! fault back that has not freed its device page yet. None may lose data,
+//! leave a page waiting forever, or end early.
 #![allow(unsafe_code)]
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use uhmm::devmem::{
-    DeviceFault, DevicePagemap, DevicePagemapOps, FaultError, MigrateVma, PagemapConfig, Select,
+    DeviceFault, DevicePagemap, DevicePagemapOps, FaultError, MigrateSrc, MigrateVma,
+    PagemapConfig, Select,
 };
 use uhmm::mm::Owner;
 use uhmm::sys::mem::{Backing, Mapping};
@@ -93,4 +95,119 @@ fn an_mremap_of_pages_in_flight_is_followed_by_their_migration() {
         "the page is back, at its new address"
     );
     common::unmap_part(dest);
+}
+
+/// A device whose memory is host RAM registered with the `Mm` (pages come
+/// home by a move), and whose `page_free` parks once armed until released.
+#[derive(Debug)]
+struct Parking {
+    arena: VirtAddr,
+    /// (armed, parked, released)
+    st: Mutex<(bool, bool, bool)>,
+    cv: Condvar,
+}
+
+impl Parking {
+    fn at(&self, pfn: DevicePfn) -> VirtAddr {
+        VirtAddr::new(self.arena.get() + pfn.0 as usize * PAGE_SIZE)
+    }
+
+    fn wait_parked(&self) {
+        let g = self.st.lock().unwrap();
+        let (g, t) = self
+            .cv
+            .wait_timeout_while(g, Duration::from_secs(10), |s| !s.1)
+            .unwrap();
+        assert!(!t.timed_out(), "page_free was never called");
+        drop(g);
+    }
+
+    fn release(&self) {
+        self.st.lock().unwrap().2 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl DevicePagemapOps for Parking {
+    fn page_free(&self, _pfn: DevicePfn) {
+        let mut g = self.st.lock().unwrap();
+        if g.0 {
+            g.1 = true;
+            self.cv.notify_all();
+            while !g.2 {
+                g = self.cv.wait(g).unwrap();
+            }
+        }
+    }
+
+    fn migrate_to_ram(&self, f: &DeviceFault<'_>) -> Result<(), FaultError> {
+        let mut m = f.migrate()?;
+        let from: Vec<(usize, VirtAddr)> = m
+            .selected()
+            .filter_map(|(i, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some((i, self.at(pfn))),
+                _ => None,
+            })
+            .collect();
+        m.move_from_device(&from);
+        m.pages();
+        m.finalize();
+        Ok(())
+    }
+}
+
+#[test]
+fn eviction_waits_for_a_fault_back_to_free_its_device_page() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[0x5A; PAGE_SIZE]).unwrap();
+    let arena = Mapping::builder(16 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let owner = Owner::unique();
+    let dev = Arc::new(Parking {
+        arena: arena.range().start(),
+        st: Mutex::default(),
+        cv: Condvar::new(),
+    });
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default());
+    let page = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
+    let mut m = MigrateVma::setup(&mm, page, Select::SYSTEM, owner).unwrap();
+    let pfn = pm.alloc(1).unwrap()[0];
+    assert_eq!(m.move_to_device(&[(0, pfn, dev.at(pfn))]), [0]);
+    m.pages();
+    m.finalize();
+    assert_eq!(pm.stats().in_use, 1, "the page lives in device memory");
+
+    // A CPU read faults the page back; the fault back commits, then parks
+    // in page_free on the fault service, its device page not yet free.
+    dev.st.lock().unwrap().0 = true;
+    let addr = page.start().get();
+    let reader = std::thread::spawn(move || {
+        // SAFETY: `addr` lies in the test's managed region, mapped and
+        // readable for the whole test.
+        unsafe { std::ptr::read_volatile(addr as *const u8) }
+    });
+    dev.wait_parked();
+    std::thread::scope(|s| {
+        let evictor = s.spawn(|| pm.evict_all());
+        std::thread::sleep(Duration::from_millis(300));
+        let early = evictor.is_finished();
+        dev.release();
+        assert!(
+            !early,
+            "evict_all returned while a fault back still held a device page"
+        );
+        evictor.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        pm.stats().in_use,
+        0,
+        "eviction ended with device memory in use"
+    );
+    assert_eq!(
+        reader.join().unwrap(),
+        0x5A,
+        "the page came home with its data"
+    );
 }

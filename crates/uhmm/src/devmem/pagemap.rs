@@ -426,18 +426,16 @@ pub(crate) fn evict(
     loop {
         let (runs, in_flight) = {
             let regions = lock(&shared.regions);
-            let found = regions.states.select(within, |s| {
-                matches!(s, Stored::Device(..) | Stored::Migrating(_))
-            });
-            let mut pages = Vec::new();
-            let mut in_flight = false;
-            for (a, s) in found {
-                match s {
-                    Stored::Device(o, _) if o == owner => pages.push(a),
-                    Stored::Migrating(_) => in_flight |= regions.owner_of(s) == Some(owner),
-                    _ => {}
-                }
-            }
+            let found = regions
+                .states
+                .select(within, |s| matches!(s, Stored::Device(o, _) if o == owner));
+            let pages: Vec<VirtAddr> = found.into_iter().map(|(a, _)| a).collect();
+            // An operation of the owner in flight holds device pages until
+            // it ends, even once its pages' states have moved on (a fault
+            // back commits, then frees what its pages held): eviction is
+            // over when those are freed too, as the kernel's eviction waits
+            // on the page locks a migration holds until it is finalized.
+            let in_flight = regions.ops_of(owner, within);
             // A run never crosses from one managed region into the next (a
             // migration is set up inside one region).
             (region_runs(&regions, &pages), in_flight)

@@ -306,6 +306,16 @@ impl Regions {
         self.ops.values().any(|op| op.touches(range))
     }
 
+    /// Whether an operation of `owner` that may have pages in `within`
+    /// (anywhere if `None`) is in flight. Its pages may have left
+    /// `Migrating` already while their device pages are not yet freed: an
+    /// operation frees them before it ends.
+    pub(crate) fn ops_of(&self, owner: Owner, within: Option<PageRange>) -> bool {
+        self.ops
+            .values()
+            .any(|op| op.owner == owner && within.is_none_or(|r| op.touches(r)))
+    }
+
     /// The owner of the operation a stored state names, if it is one.
     pub(crate) fn owner_of(&self, state: Stored) -> Option<Owner> {
         match state {
