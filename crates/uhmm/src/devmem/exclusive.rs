@@ -8,7 +8,7 @@
 //! invalidation with no owner — and the page, with whatever the device
 //! wrote, comes back.
 
-use super::migrate::MigrateError;
+use super::migrate::{MigrateError, SETUP_ATTEMPTS};
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{NotifierRange, NotifyEvent};
 use crate::mm::service::{NoEntry, Shared};
@@ -43,55 +43,66 @@ impl Mm {
     ) -> Result<usize, MigrateError> {
         let shared = self.shared();
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
-        let region = lock(&shared.regions)
-            .containing(range)
-            .ok_or(invalid("not inside one managed region"))?;
-        let vmas = shared
-            .procmap()
-            .map_err(MmError::from)?
-            .covering(range)
-            .map_err(MmError::from)?;
-        let covered: usize = vmas
-            .iter()
-            .filter_map(|v| v.range.intersection(range))
-            .map(PageRange::len)
-            .sum();
-        if covered != range.len()
-            || !vmas.iter().all(|v| {
-                v.kind() == VmaKind::AnonPrivate && v.perms.contains(Prot::READ | Prot::WRITE)
-            })
-        {
-            return Err(invalid(
-                "exclusive access needs mapped private anonymous read-write memory",
-            ));
-        }
-        if !region.armed {
-            shared.arm(region.range, &vmas)?;
-        }
-        shared.sync_events();
-        // Fault in (writable) every page but those already exclusive to
-        // this owner: touching those would take them back from it.
-        let mine: Vec<VirtAddr> = lock(&shared.regions)
-            .states
-            .entries(range)
-            .into_iter()
-            .filter(|&(_, s)| matches!(s, Stored::Exclusive(o, _) if o == owner))
-            .map(|(a, _)| a)
-            .collect();
-        let mut cursor = range.start();
-        for a in mine.iter().copied().chain(std::iter::once(range.end())) {
-            if let Ok(gap) = PageRange::from_bounds(cursor, a) {
-                mem::populate(gap, true).map_err(MmError::from)?;
+        for attempt in 1.. {
+            let region = lock(&shared.regions)
+                .containing(range)
+                .ok_or(invalid("not inside one managed region"))?;
+            let vmas = shared
+                .procmap()
+                .map_err(MmError::from)?
+                .covering(range)
+                .map_err(MmError::from)?;
+            let covered: usize = vmas
+                .iter()
+                .filter_map(|v| v.range.intersection(range))
+                .map(PageRange::len)
+                .sum();
+            if covered != range.len()
+                || !vmas.iter().all(|v| {
+                    v.kind() == VmaKind::AnonPrivate && v.perms.contains(Prot::READ | Prot::WRITE)
+                })
+            {
+                return Err(invalid(
+                    "exclusive access needs mapped private anonymous read-write memory",
+                ));
             }
-            cursor = a.checked_add(PAGE_SIZE).unwrap_or(range.end());
+            let retry = attempt < SETUP_ATTEMPTS;
+            match shared.arm_once(region, &vmas) {
+                Ok(()) => {}
+                // Replaced meanwhile: look again.
+                Err(MmError::NotManaged { .. }) if retry => continue,
+                Err(e) => return Err(e.into()),
+            }
+            shared.sync_events();
+            // Fault in (writable) every page but those already exclusive to
+            // this owner: touching those would take them back from it.
+            let mine: Vec<VirtAddr> = lock(&shared.regions)
+                .states
+                .entries(range)
+                .into_iter()
+                .filter(|&(_, s)| matches!(s, Stored::Exclusive(o, _) if o == owner))
+                .map(|(a, _)| a)
+                .collect();
+            let mut cursor = range.start();
+            for a in mine.iter().copied().chain(std::iter::once(range.end())) {
+                if let Ok(gap) = PageRange::from_bounds(cursor, a) {
+                    mem::populate(gap, true).map_err(MmError::from)?;
+                }
+                cursor = a.checked_add(PAGE_SIZE).unwrap_or(range.end());
+            }
+            if !shared.gate.enter(true) {
+                return Err(MigrateError::Retry { range });
+            }
+            let result = grab(shared, range, owner, region.id);
+            shared.gate.leave();
+            shared.poke();
+            match result {
+                // Dropped and mapped anew since it was armed: look again.
+                Err(MigrateError::Retry { .. }) if retry => continue,
+                r => return r,
+            }
         }
-        if !shared.gate.enter(true) {
-            return Err(MigrateError::Retry { range });
-        }
-        let result = grab(shared, range, owner);
-        shared.gate.leave();
-        shared.poke();
-        result
+        Err(MigrateError::Retry { range })
     }
 
     /// Where the device holding `addr`'s page exclusive finds it: a slot
@@ -105,10 +116,17 @@ impl Mm {
     }
 }
 
-fn grab(shared: &Shared, range: PageRange, owner: Owner) -> Result<usize, MigrateError> {
+/// Grabs `range` in the region `region` (its id) if it is still there.
+fn grab(
+    shared: &Shared,
+    range: PageRange,
+    owner: Owner,
+    region: u64,
+) -> Result<usize, MigrateError> {
     let op = {
         let mut regions = lock(&shared.regions);
         match regions.containing(range) {
+            Some(r) if r.id != region => return Err(MigrateError::Retry { range }),
             Some(r) if !r.closing => regions
                 .begin_op(owner, range)
                 .map_err(|e| MigrateError::Mm(MmError::State(e)))?,

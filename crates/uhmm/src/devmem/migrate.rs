@@ -191,10 +191,14 @@ pub struct MigrateVma<'a> {
 /// without forgetting the EAGAIN, so the page it then moves is not
 /// counted: with `ALLOW_SRC_HOLES` the retry finds a hole where it just
 /// moved the page from and spins in the kernel for ever; without it, the
-/// call ends with ENOENT at that page although the page moved. uhmm
+/// call ends at that page with EEXIST (the destination is checked first,
+/// and holds the page now) or ENOENT, although the page moved. Taken at
+/// its word, EEXIST left the page in staging and its address a hole that
+/// the next touch filled with zeros (`uhmm stress`, 1 run in 2). uhmm
 /// therefore never moves with `ALLOW_SRC_HOLES` (holes are found with a
-/// page-table scan first) and reads ENOENT from a move as "the source page
-/// is a hole now" — which it is, moved or not.
+/// page-table scan first), and `Shared::move_pages` counts a page at
+/// which a move stopped as moved when its source is a hole and its
+/// destination holds a page.
 const _MOVE_QUIRK: () = ();
 
 /// What [`MigrateVma::install_all`] did: the pages installed (index,
@@ -205,6 +209,10 @@ type Installed = (Vec<(usize, VirtAddr)>, Vec<usize>, Vec<(usize, VirtAddr)>);
 /// How often a migration waits for the service to apply pending events
 /// and tries again before it leaves the pages concerned where they are.
 const LAYOUT_RETRIES: usize = 1000;
+
+/// How often a setup looks again at a region that was dropped and mapped
+/// anew while it read its mappings, before it gives up (`Retry`).
+pub(crate) const SETUP_ATTEMPTS: usize = 100;
 
 impl<'a> MigrateVma<'a> {
     /// Selects the pages of `range` that `select` names (device pages only
@@ -247,45 +255,58 @@ impl<'a> MigrateVma<'a> {
         if blockable {
             shared.sync_events();
         }
-        let region = lock(&shared.regions)
-            .containing(range)
-            .ok_or(invalid("not inside one managed region"))?;
-        // Device pages lie only where a migration to the device found
-        // mappings; bringing them back needs no look at the mappings (an
-        // unmapped page has no state, and installing picks MOVE or COPY by
-        // what the kernel accepts). Selecting system pages does.
-        let vmas = if select.contains(Select::SYSTEM) {
-            let vmas = shared
-                .procmap()
-                .map_err(MmError::from)?
-                .covering(range)
-                .map_err(MmError::from)?;
-            check_vmas(range, &vmas).map_err(invalid)?;
-            if !region.armed {
-                shared.arm(region.range, &vmas)?;
+        let mut attempt = 0;
+        let (op, vmas) = loop {
+            attempt += 1;
+            let region = lock(&shared.regions)
+                .containing(range)
+                .ok_or(invalid("not inside one managed region"))?;
+            // Device pages lie only where a migration to the device found
+            // mappings; bringing them back needs no look at the mappings (an
+            // unmapped page has no state, and installing picks MOVE or COPY
+            // by what the kernel accepts). Selecting system pages does, and
+            // needs the region armed: a CPU access to a page taken out of
+            // the page table must reach the service.
+            let vmas = if select.contains(Select::SYSTEM) {
+                let vmas = shared
+                    .procmap()
+                    .map_err(MmError::from)?
+                    .covering(range)
+                    .map_err(MmError::from)?;
+                check_vmas(range, &vmas).map_err(invalid)?;
+                match shared.arm_once(region, &vmas) {
+                    Ok(()) => {}
+                    // Replaced meanwhile: look again.
+                    Err(MmError::NotManaged { .. }) if attempt < SETUP_ATTEMPTS => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                vmas
+            } else {
+                Vec::new()
+            };
+            if !shared.gate.enter(blockable) {
+                return Err(MigrateError::Retry { range });
             }
-            vmas
-        } else {
-            Vec::new()
-        };
-        if !shared.gate.enter(blockable) {
-            return Err(MigrateError::Retry { range });
-        }
-        let op = {
             let mut regions = lock(&shared.regions);
             let begun = match regions.containing(range) {
                 None => Err(invalid("not inside one managed region")),
                 Some(r) if r.closing && select.contains(Select::SYSTEM) => {
                     Err(invalid("its region is being dropped"))
                 }
+                // Dropped and mapped anew since its mappings were read and
+                // it was armed (the new region is neither): look again.
+                Some(r) if r.id != region.id => Err(MigrateError::Retry { range }),
                 Some(_) => regions
                     .begin_op(owner, range)
                     .map_err(|e| MigrateError::Mm(MmError::State(e))),
             };
+            drop(regions);
             match begun {
-                Ok(op) => op,
+                Ok(op) => break (op, vmas),
+                Err(MigrateError::Retry { .. }) if attempt < SETUP_ATTEMPTS => {
+                    shared.gate.leave();
+                }
                 Err(e) => {
-                    drop(regions);
                     shared.gate.leave();
                     return Err(e);
                 }

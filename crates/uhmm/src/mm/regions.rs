@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Region {
     pub(crate) range: PageRange,
+    /// Which mapping it is: a region dropped and mapped anew at the same
+    /// place is another region (its pieces after a partial unmap, or its
+    /// range after an mremap, are still this one).
+    pub(crate) id: u64,
     /// Registered for MISSING faults too (device memory or exclusive
     /// access has been used in it).
     pub(crate) armed: bool,
@@ -82,6 +86,7 @@ pub(crate) struct Regions {
     pub(crate) states: StateTable,
     ops: BTreeMap<OpId, Op>,
     next_op: u64,
+    next_region: u64,
     /// Pages a discard is about to zap (see [`fence`](Self::fence)).
     fences: Vec<(PageRange, Instant)>,
 }
@@ -142,16 +147,19 @@ impl Regions {
     }
 
     pub(crate) fn insert(&mut self, range: PageRange) {
-        self.insert_as(range, false);
-    }
-
-    fn insert_as(&mut self, range: PageRange, armed: bool) {
+        self.next_region += 1;
         let region = Region {
             range,
-            armed,
+            id: self.next_region,
+            armed: false,
             closing: false,
         };
         self.by_start.insert(range.start(), region);
+    }
+
+    /// `range` as a piece of `of` (split by an unmap, or moved).
+    fn insert_as(&mut self, range: PageRange, of: Region) {
+        self.by_start.insert(range.start(), Region { range, ..of });
     }
 
     /// Removes whatever lies in `gone` (an unmap), splitting ranges it cuts.
@@ -179,10 +187,10 @@ impl Regions {
         for r in hit {
             self.by_start.remove(&r.range.start());
             if let Ok(head) = PageRange::from_bounds(r.range.start(), gone.start()) {
-                self.insert_as(head, r.armed);
+                self.insert_as(head, r);
             }
             if let Ok(tail) = PageRange::from_bounds(gone.end(), r.range.end()) {
-                self.insert_as(tail, r.armed);
+                self.insert_as(tail, r);
             }
         }
     }
@@ -199,7 +207,7 @@ impl Regions {
         let was = self
             .overlapping(old)
             .and_then(|r| self.by_start.get(&r.start()))
-            .map(|r| r.armed);
+            .copied();
         let Ok(new) = PageRange::new(to, old.len()) else {
             self.unmapped(old, gone);
             return;
@@ -209,8 +217,8 @@ impl Regions {
         self.states.move_range(old, to);
         self.unfence(old);
         self.remove_ranges(old);
-        if let Some(armed) = was {
-            self.insert_as(new, armed);
+        if let Some(was) = was {
+            self.insert_as(new, was);
         }
         for op in self.ops.values_mut() {
             if op.touches(old) {
@@ -352,5 +360,27 @@ mod tests {
             None,
             "moving unmanaged memory manages nothing"
         );
+    }
+
+    #[test]
+    fn a_region_mapped_anew_is_another_region() {
+        let mut t = Regions::default();
+        t.insert(r(0, 8));
+        let first = t.containing(r(0, 1)).unwrap();
+        t.arm(r(0, 1).start());
+        // Cut and moved, it is still the same region, still armed.
+        t.unmapped(r(2, 2), |_, _| {});
+        t.moved(r(4, 4), r(20, 4).start(), |_, _| {});
+        for piece in [r(0, 2), r(20, 4)] {
+            let p = t.containing(piece).unwrap();
+            assert_eq!((p.id, p.armed), (first.id, true));
+        }
+        // Dropped and mapped again at the same place: another one, not
+        // armed.
+        t.unmapped(r(0, 2), |_, _| {});
+        t.insert(r(0, 2));
+        let again = t.containing(r(0, 2)).unwrap();
+        assert_ne!(again.id, first.id);
+        assert!(!again.armed);
     }
 }

@@ -25,7 +25,7 @@
 //! page-table entry and record its new state under one lock.
 
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
-use super::regions::Regions;
+use super::regions::{Region, Regions};
 use super::state::{OpId, Stored};
 use super::{MmError, Owner, fault};
 use crate::addr::{DevicePfn, PageRange};
@@ -36,7 +36,7 @@ use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError};
 use crate::sys::procmap::{Vma, VmaKind};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
-use crate::sys::uffd::{Features, MoveMode, OpError, PageFault, Progress, RegisterMode};
+use crate::sys::uffd::{Features, MoveMode, OpError, PageFault, Progress, RegisterMode, Stop};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -180,8 +180,14 @@ impl Shared {
     /// MINOR ones for private shmem file mappings, whose dropped pages the
     /// page cache would otherwise fill), so that a CPU access to a page
     /// taken out of the page table reaches the service.
+    ///
+    /// Does nothing for a region armed already (it stays armed while it
+    /// is the same region).
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
-    pub(crate) fn arm(&self, region: PageRange, vmas: &[Vma]) -> Result<(), MmError> {
+    pub(crate) fn arm_once(&self, region: Region, vmas: &[Vma]) -> Result<(), MmError> {
+        if region.armed {
+            return Ok(());
+        }
         let minor = self.uffd.features().contains(Features::MINOR_SHMEM)
             && vmas
                 .iter()
@@ -192,16 +198,17 @@ impl Shared {
         }
         // Under the regions lock: the range is still the managed region
         // it was (not unmapped and replaced by other memory meanwhile).
+        let range = region.range;
         let mut regions = lock(&self.regions);
-        match regions.containing(region) {
-            Some(r) if r.range == region && !r.armed => {}
-            Some(r) if r.range == region => return Ok(()),
-            _ => return Err(MmError::NotManaged { range: region }),
+        match regions.containing(range) {
+            Some(r) if r.range == range && r.id == region.id && !r.armed => {}
+            Some(r) if r.range == range && r.id == region.id => return Ok(()),
+            _ => return Err(MmError::NotManaged { range }),
         }
         // SAFETY: a managed region already has no references into it (the
         // contract under which it was registered); the mode changes only.
-        unsafe { self.uffd.register_range(region, mode) }?;
-        regions.arm(region.start());
+        unsafe { self.uffd.register_range(range, mode) }?;
+        regions.arm(range.start());
         Ok(())
     }
 
@@ -255,7 +262,16 @@ impl Shared {
         }
     }
 
-    /// `UFFDIO_MOVE` of pages between managed memory and staging.
+    /// `UFFDIO_MOVE` of pages between managed memory, staging and device
+    /// memory, its count corrected for `migrate::MOVE_QUIRK`: a stop at a
+    /// page whose source is a hole now while its destination holds a page
+    /// is a page the kernel moved and did not count.
+    ///
+    /// Callers move only pages nobody else takes out of the page table
+    /// meanwhile (their own staging slots and device memory, or managed
+    /// pages under the regions lock, where a discard, unmap or mremap waits
+    /// for the service), so a source that became a hole was moved by this
+    /// call.
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
     pub(crate) fn move_pages(
         &self,
@@ -263,10 +279,23 @@ impl Shared {
         src: crate::VirtAddr,
         mode: MoveMode,
     ) -> Result<Progress, OpError> {
-        // SAFETY: both ends are managed memory (no references into it, by
-        // the contract of managed regions) or staging slots held by the
-        // caller, who has no slice over them alive while it moves pages.
-        unsafe { self.uffd.move_pages(dst, src, mode) }
+        let mut res =
+            // SAFETY: both ends are managed memory (no references into it,
+            // by the contract of managed regions) or staging slots held by
+            // the caller, who has no slice over them alive while it moves
+            // pages.
+            unsafe { self.uffd.move_pages(dst, src, mode) };
+        if let Ok(p) = &mut res
+            && matches!(p.stop, Some(Stop::Exists | Stop::NoEntry))
+            && let (Some(to), Some(from)) =
+                (dst.start().checked_add(p.done), src.checked_add(p.done))
+            && self.page_present(to) == Some(true)
+            && self.page_present(from) == Some(false)
+        {
+            p.done += crate::PAGE_SIZE;
+            p.stop = (p.done < dst.len()).then_some(Stop::Partial);
+        }
+        res
     }
 
     /// Whether `range` is (part of) a discard uhmm is making itself (the
@@ -705,5 +734,60 @@ impl Gate {
         st.forks = st.forks.saturating_sub(1);
         drop(st);
         self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::PAGE_SIZE;
+    use crate::mm::Mm;
+    use crate::sys::mem::Backing;
+    use crate::sys::uffd::{MoveMode, Stop};
+
+    /// `migrate::MOVE_QUIRK` on real page tables: a move that stops at a
+    /// page whose source is a hole and whose destination holds a page is
+    /// counted as done (the state the kernel leaves after moving a page it
+    /// then reports as EEXIST); a real EEXIST or ENOENT stays what it is.
+    #[test]
+    fn a_move_is_counted_by_what_the_page_table_shows() {
+        let mm = Mm::new().unwrap();
+        let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let shared = mm.shared();
+        let page = |i: usize| {
+            crate::PageRange::new(
+                region.range().start().checked_add(i * PAGE_SIZE).unwrap(),
+                PAGE_SIZE,
+            )
+            .unwrap()
+        };
+        let mv = || {
+            shared
+                .move_pages(page(1), page(0).start(), MoveMode::DONTWAKE)
+                .unwrap()
+        };
+
+        // Both present: EEXIST, nothing moved.
+        region.write_at(0, &[7]).unwrap();
+        region.write_at(PAGE_SIZE, &[8]).unwrap();
+        let p = mv();
+        assert_eq!((p.done, p.stop), (0, Some(Stop::Exists)));
+        assert_eq!(shared.page_present(page(0).start()), Some(true));
+
+        // Both holes: ENOENT.
+        let m = region.mapping().unwrap();
+        m.advise(m.range(), crate::sys::mem::Advice::DontNeed)
+            .unwrap();
+        shared.sync_events();
+        let p = mv();
+        assert_eq!((p.done, p.stop), (0, Some(Stop::NoEntry)));
+
+        // The source a hole, the destination holding a page: what a move
+        // the kernel did not count leaves. Counted as done.
+        region.write_at(PAGE_SIZE, &[9]).unwrap();
+        let p = mv();
+        assert_eq!((p.done, p.stop), (PAGE_SIZE, None));
+        let mut b = [0u8];
+        region.read_at(PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [9]);
     }
 }
