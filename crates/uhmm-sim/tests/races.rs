@@ -519,11 +519,7 @@ fn mremap_back_and_forth_while_migrating() {
     let Some(mm) = common::mm() else { return };
     const PAGES: usize = 16;
     const LEN: usize = PAGES * PAGE_SIZE;
-    let places = uhmm::sys::mem::Mapping::anon(2 * LEN).unwrap().leak();
-    let (a, bb) = (places.start().get(), places.start().get() + LEN);
-    // The second half becomes a PROT_NONE placeholder.
-    // SAFETY: our own mapping.
-    unsafe { libc::mprotect(bb as *mut _, LEN, libc::PROT_NONE) };
+    let (a, bb) = low_places(LEN);
     mm.set_fault_block(PAGE_SIZE);
     let dev = Arc::new(SimDevice::new(&mm));
     // SAFETY: our own mapping, no reference into it.
@@ -535,65 +531,14 @@ fn mremap_back_and_forth_while_migrating() {
     let stop = Arc::new(AtomicBool::new(false));
     let mig = migrator(dev.clone(), base.clone(), PAGES, 0x9e37, stop.clone());
     let limit = soak();
-    let b2 = base.clone();
-    let (moves, bad) = within(limit.as_secs() + 20, "mremap loop", move || {
-        let t0 = Instant::now();
-        let (mut at, mut moves, mut bad) = (a, 0u64, 0u64);
-        while t0.elapsed() < limit {
-            let to = if at == a { bb } else { a };
-            // SAFETY: our own mappings; the destination is our placeholder.
-            let r = unsafe {
-                libc::mremap(
-                    at as *mut _,
-                    LEN,
-                    LEN,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    to as *mut libc::c_void,
-                )
-            };
-            assert_eq!(r as usize, to);
-            // SAFETY: a new placeholder where the range was.
-            let p = unsafe {
-                libc::mmap(
-                    at as *mut _,
-                    LEN,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            assert_eq!(p as usize, at);
-            at = to;
-            b2.store(at, Ordering::Release);
-            moves += 1;
-            for i in 0..LEN / 8 {
-                if rd(at + i * 8) != i as u64 + 1 {
-                    bad += 1;
-                    wr(at + i * 8, i as u64 + 1);
-                }
-            }
-        }
-        if at != a {
-            // SAFETY: as above.
-            unsafe {
-                libc::munmap(a as *mut _, LEN);
-                libc::mremap(
-                    at as *mut _,
-                    LEN,
-                    LEN,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    a as *mut libc::c_void,
-                );
-            }
-        }
-        (moves, bad)
-    });
+    let (moves, bad) = mremap_ping_pong(a, bb, LEN, base.clone(), limit);
     stop.store(true, Ordering::Relaxed);
     join_soon(mig);
     assert!(moves > 50, "only {moves} mremaps");
     assert_eq!(bad, 0, "words wrong after an mremap");
     drop(region);
+    // SAFETY: both places are ours, and unmanaged now.
+    unsafe { libc::munmap(a as *mut _, 2 * LEN) };
 }
 
 /// repro_exclusive_revoke_race: exclusive grabs and migrations racing CPU
@@ -1336,4 +1281,167 @@ fn fresh_regions_at_the_same_place_racing_migrations_lose_nothing() {
         "written pages read otherwise"
     );
     assert_eq!(mm.stats().pages_lost, 0);
+}
+
+/// Two adjacent places of `len` bytes, read-write anonymous memory then a
+/// `PROT_NONE` placeholder, far below where the kernel puts new mappings
+/// (it hands out the highest free gap first): while a range moves between
+/// them, no other mapping of the process lands in the place just vacated.
+fn low_places(len: usize) -> (usize, usize) {
+    for k in 0..64usize {
+        let hint = (1usize << 44) + k * (1 << 30);
+        // SAFETY: maps fresh anonymous memory where nothing is mapped
+        // (MAP_FIXED_NOREPLACE fails instead of replacing).
+        let p = unsafe {
+            libc::mmap(
+                hint as *mut _,
+                2 * len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize == hint {
+            // SAFETY: our own mapping.
+            unsafe { libc::mprotect((hint + len) as *mut _, len, libc::PROT_NONE) };
+            return (hint, hint + len);
+        }
+    }
+    panic!("no free place below 2^44 + 64 GiB");
+}
+
+/// Moves the `len` bytes at `a` back and forth between `a` and `bb` (a
+/// `PROT_NONE` placeholder of the same size) with raw mremap for `limit`,
+/// a new placeholder where the range was each time, publishing the
+/// current place in `base`; after each move, checks that word `i` reads
+/// `i + 1` (rewriting it if not). Returns (moves, words wrong); leaves the
+/// range at `a`.
+fn mremap_ping_pong(
+    a: usize,
+    bb: usize,
+    len: usize,
+    base: Arc<AtomicUsize>,
+    limit: Duration,
+) -> (u64, u64) {
+    within(limit.as_secs() + 20, "mremap loop", move || {
+        let t0 = Instant::now();
+        let (mut at, mut moves, mut bad) = (a, 0u64, 0u64);
+        while t0.elapsed() < limit {
+            let to = if at == a { bb } else { a };
+            // SAFETY: our own mappings; the destination is our placeholder.
+            let r = unsafe {
+                libc::mremap(
+                    at as *mut _,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    to as *mut libc::c_void,
+                )
+            };
+            assert_eq!(
+                r as usize,
+                to,
+                "mremap: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: a new placeholder where the range was.
+            let p = unsafe {
+                libc::mmap(
+                    at as *mut _,
+                    len,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            assert_eq!(
+                p as usize,
+                at,
+                "placeholder: {}",
+                std::io::Error::last_os_error()
+            );
+            at = to;
+            base.store(at, Ordering::Release);
+            moves += 1;
+            for i in 0..len / 8 {
+                if rd(at + i * 8) != i as u64 + 1 {
+                    bad += 1;
+                    wr(at + i * 8, i as u64 + 1);
+                }
+            }
+        }
+        if at != a {
+            // SAFETY: as above.
+            unsafe {
+                libc::munmap(a as *mut _, len);
+                libc::mremap(
+                    at as *mut _,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    a as *mut libc::c_void,
+                );
+            }
+        }
+        (moves, bad)
+    })
+}
+
+/// Exclusive grabs of a range moved back and forth (raw mremap): a grab
+/// whose move meets an mremap under way (the kernel says ENOENT, and the
+/// page table shows nothing where the page was) must not take the page
+/// for a hole. Taken for one, it was recorded exclusive with an empty
+/// slot and the device read zeros (`uhmm stress --only
+/// cpu,mremap,exclusive`: within a second, every run).
+#[test]
+fn exclusive_grabs_of_a_range_moved_back_and_forth_read_its_data() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 16;
+    const LEN: usize = PAGES * PAGE_SIZE;
+    let (a, bb) = low_places(LEN);
+    let dev = Arc::new(SimDevice::new(&mm));
+    // SAFETY: our own mapping, no reference into it.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
+    for i in 0..LEN / 8 {
+        wr(a + i * 8, i as u64 + 1);
+    }
+    let base = Arc::new(AtomicUsize::new(a));
+    let stop = Arc::new(AtomicBool::new(false));
+    let grabber = {
+        let (dev, base, stop) = (dev.clone(), base.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut x, mut grabs, mut wrong) = (0x51u64, 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let (first, n) = sub(&mut x, PAGES);
+                let at = base.load(Ordering::Acquire) + first * PAGE_SIZE;
+                let Ok((data, _)) = dev.exclusive(VirtAddr::new(at), n) else {
+                    continue;
+                };
+                grabs += 1;
+                for (w, word) in data.chunks_exact(8).enumerate() {
+                    let want = (first * PAGE_SIZE / 8 + w) as u64 + 1;
+                    if u64::from_ne_bytes(word.try_into().unwrap()) != want {
+                        wrong += 1;
+                    }
+                }
+            }
+            (grabs, wrong)
+        })
+    };
+    let (moves, bad) = mremap_ping_pong(a, bb, LEN, base, soak());
+    stop.store(true, Ordering::Relaxed);
+    let (grabs, wrong) = join_soon(grabber);
+    assert!(
+        moves > 50 && grabs > 50,
+        "only {moves} mremaps, {grabs} grabs"
+    );
+    assert_eq!(wrong, 0, "words the device read wrong after a grab");
+    assert_eq!(bad, 0, "words the CPU read wrong after an mremap");
+    drop(region);
+    drop(dev);
+    // SAFETY: both places are ours, and unmanaged now.
+    unsafe { libc::munmap(a as *mut _, 2 * LEN) };
 }

@@ -246,16 +246,27 @@ impl Shared {
         Some(!found.is_empty())
     }
 
+    /// Whether the page at `addr` is a hole of a mapping (mapped, nothing
+    /// in the page table); `false` if it holds a page, lies in no mapping
+    /// (an mremap or munmap under way), or cannot be looked at.
+    pub(crate) fn is_hole(&self, addr: crate::VirtAddr) -> bool {
+        self.page_present(addr) == Some(false)
+            && self
+                .procmap()
+                .is_ok_and(|m| m.query(addr).is_ok_and(|v| v.is_some()))
+    }
+
     /// What an ENOENT from `UFFDIO_MOVE` (never asked with
     /// `ALLOW_SRC_HOLES`) of the page `src` to `dst` means. The kernel says
     /// ENOENT for a hole at the source, for a page it did move after a
     /// retry it then miscounted (`migrate::MOVE_QUIRK`), and for a mapping
     /// it could not find at either end (an mremap or munmap under way,
-    /// checked before any EAGAIN). The page table tells them apart.
+    /// checked before any EAGAIN: the page table there shows nothing
+    /// either). The page table and the mappings tell them apart.
     pub(crate) fn move_noentry(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> NoEntry {
         if self.page_present(dst) == Some(true) {
             NoEntry::Moved
-        } else if self.page_present(src) == Some(false) {
+        } else if self.is_hole(src) {
             NoEntry::Hole
         } else {
             NoEntry::LayoutChanging
@@ -290,7 +301,7 @@ impl Shared {
             && let (Some(to), Some(from)) =
                 (dst.start().checked_add(p.done), src.checked_add(p.done))
             && self.page_present(to) == Some(true)
-            && self.page_present(from) == Some(false)
+            && self.is_hole(from)
         {
             p.done += crate::PAGE_SIZE;
             p.stop = (p.done < dst.len()).then_some(Stop::Partial);
