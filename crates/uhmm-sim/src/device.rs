@@ -224,14 +224,15 @@ impl Mirror {
 
 impl NotifierOps for Mirror {
     fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
-        // Its own exclusive grab: it clears its translations of the range
-        // before and programs them after (the kernel's drivers must skip
-        // this event). Its own migrations are not skipped: the device
-        // reaches system pages through their virtual addresses, so a
-        // translation of a page leaving the page table must go.
-        if r.event == NotifyEvent::Exclusive && r.owner == Some(self.owner) {
-            return true;
-        }
+        // Its own exclusive grab programs the range's translations after
+        // (the kernel's drivers skip this event and keep their sequence:
+        // the grab's own `read_retry` must pass). Unlike a kernel device,
+        // which reaches the page through its pfn, this one reaches system
+        // pages through their virtual addresses, and the grab moves the
+        // page to a staging slot: an access of its own in progress there
+        // is waited for (the table lock), and the translations go. The
+        // same for its own migrations.
+        let own_grab = r.event == NotifyEvent::Exclusive && r.owner == Some(self.owner);
         let mut table = if r.blockable {
             self.lock()
         } else {
@@ -244,7 +245,9 @@ impl NotifierOps for Mirror {
                 }
             }
         };
-        sub.set_seq(cur_seq);
+        if !own_grab {
+            sub.set_seq(cur_seq);
+        }
         // Its own migrations: pages in its memory stay its own (a
         // migration back drops their translations itself); translations
         // of system pages go, as those pages leave the page table.
@@ -275,7 +278,10 @@ impl NotifierOps for Mirror {
 /// under its table lock and only through a translation: a stale one (say,
 /// after a protection change uhmm could not see) makes the access fail, the
 /// translation is dropped and re-faulted, and the command reports the
-/// fault — the process never crashes.
+/// fault — the process never crashes. Under that lock it touches only
+/// pages the CPU page table holds (a CPU fault served there may need this
+/// very device's invalidation callback); a page gone from it is faulted in
+/// again with the lock released.
 ///
 /// ```
 /// use uhmm::mm::Mm;
@@ -548,13 +554,29 @@ impl SimDevice {
                     // Where the pages are: their virtual addresses, or the
                     // device's memory, or the slots of exclusive pages —
                     // as many as lie at consecutive addresses.
-                    let (at, run) = self.locate(&table, cursor, run);
+                    let (at, mut run) = self.locate(&table, cursor, run);
                     let Some(at) = at else {
                         // A device page the address space no longer records:
                         // stale. Drop and fault.
                         table.set(cursor, 0);
                         break;
                     };
+                    if at == cursor {
+                        // System pages are reached through the CPU page
+                        // table, which must not make this access wait in
+                        // a CPU fault with the table lock held: serving it
+                        // may need this device's invalidation callback
+                        // (another device's exclusive page, say, whose
+                        // holder waits on this lock the same way). Only
+                        // pages in the page table are accessed; a page
+                        // gone from it (discarded, or in flight) is a
+                        // stale translation: drop it and fault, unlocked.
+                        run = self.mirror.arena.present_prefix(at, run);
+                        if run == 0 {
+                            table.set(cursor, 0);
+                            break;
+                        }
+                    }
                     let offset = cursor.get() - range.start().get();
                     let (done, failed) = match copy(at, offset, run * PAGE_SIZE) {
                         Ok(()) => (run, false),
@@ -684,9 +706,14 @@ impl SimDevice {
                 Err(e) => return Err(range_error(e, range, rounds)),
             }
             let mut table = self.mirror.lock();
-            if self.notifier.read_retry(seq) {
+            let grabbing = table.grabbing.iter().any(|g| g.overlaps(range));
+            if self.notifier.read_retry(seq) || grabbing {
                 if Instant::now() >= deadline {
                     return Err(SimError::Busy { range, rounds });
+                }
+                drop(table);
+                if grabbing {
+                    std::thread::yield_now();
                 }
                 continue;
             }

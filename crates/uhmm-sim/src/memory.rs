@@ -45,6 +45,29 @@ pub(crate) struct Arena {
 }
 
 impl Arena {
+    /// How many of the `n` pages from `at` are in the CPU page table
+    /// (present or swapped), counted from the first; all of them if the
+    /// page table cannot be read.
+    pub(crate) fn present_prefix(&self, at: VirtAddr, n: usize) -> usize {
+        let Ok(range) = PageRange::new(at, n * PAGE_SIZE) else {
+            return 0;
+        };
+        let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+        let mut found = Vec::new();
+        match self
+            .pagemap
+            .get_or_init(|| Pagemap::open().ok())
+            .as_ref()
+            .map(|pm| pm.scan(range, &query, &mut found))
+        {
+            Some(Ok(_)) => found
+                .first()
+                .filter(|r| r.range.start() == at)
+                .map_or(0, |r| r.range.npages()),
+            _ => n,
+        }
+    }
+
     pub(crate) fn new(chunk_pages: usize, engine: Arc<dyn CopyEngine>) -> Arena {
         Arena {
             chunks: RwLock::new(Vec::new()),
@@ -501,11 +524,23 @@ impl SimDevice {
         let range = self.command(addr, npages.saturating_mul(PAGE_SIZE))?;
         for round in 0..100 {
             // Its own translations of the range go first: they name pages
-            // that are about to leave the page table.
-            self.mirror.lock().clear(range);
+            // that are about to leave the page table. Until the grab has
+            // programmed its own, none is made there (its own grab does not
+            // move the notifier sequence, so a concurrent device fault
+            // would not see it otherwise, and would reach a page in
+            // flight through its old address under the table lock).
+            {
+                let mut table = self.mirror.lock();
+                table.clear(range);
+                table.grabbing.push(range);
+            }
             let seq = self.notifier.read_begin();
-            let n = self.mm.make_device_exclusive(range, self.owner())?;
+            let grabbed = self.mm.make_device_exclusive(range, self.owner());
             let mut table = self.mirror.lock();
+            if let Some(i) = table.grabbing.iter().position(|&g| g == range) {
+                table.grabbing.swap_remove(i);
+            }
+            let n = grabbed?;
             if self.notifier.read_retry(seq) {
                 continue;
             }

@@ -34,6 +34,9 @@ struct Leaf {
 pub(crate) struct DeviceTable {
     leaves: BTreeMap<usize, Box<Leaf>>,
     entries: usize,
+    /// Ranges this device is making exclusive to itself right now: no
+    /// translation is made there until the grab has programmed its own.
+    pub(crate) grabbing: Vec<PageRange>,
 }
 
 fn split(addr: VirtAddr) -> (usize, usize) {

@@ -97,6 +97,7 @@ extern "C" fn prepare() {
                 .notifiers
                 .invalidate(&NotifierRange::new(range, NotifyEvent::Fork));
         }
+        shared.gate.drain();
     }
 }
 

@@ -703,11 +703,21 @@ thread_local! {
 impl Gate {
     /// One more migration; `false` if it must not start now (a fork is
     /// being prepared and the caller cannot wait).
+    ///
+    /// A caller that cannot wait (the fault service, bringing pages back
+    /// for a CPU fault) still enters while a fork waits for migrations in
+    /// flight: one of those may be waiting for that very fault (a
+    /// copy-on-write break it makes, say), and the fork cannot pass before
+    /// they end anyway. Once none is in flight, the fork may be copying
+    /// the page table, and nobody enters.
     pub(crate) fn enter(&self, blockable: bool) -> bool {
         let mut st = lock(&self.st);
         if !FORKING.with(|f| f.get()) {
             while st.forks > 0 {
                 if !blockable {
+                    if st.migrations > 0 {
+                        break;
+                    }
                     return false;
                 }
                 st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -733,6 +743,15 @@ impl Gate {
         FORKING.with(|f| f.set(true));
         let mut st = lock(&self.st);
         st.forks += 1;
+        while st.migrations > 0 {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits again until no migration is in flight: the forking thread's
+    /// own (bringing pages home) let the fault service in meanwhile.
+    pub(crate) fn drain(&self) {
+        let mut st = lock(&self.st);
         while st.migrations > 0 {
             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
         }
