@@ -411,24 +411,41 @@ impl Shared {
     /// on the device otherwise. Returns whether nothing is left on devices
     /// or exclusive in `within`.
     pub(crate) fn bring_home(&self, within: Option<PageRange>, lose: bool) -> bool {
-        for pm in self.all_pagemaps() {
-            let _ = crate::devmem::pagemap::evict(self, &pm, within, true);
-        }
-        let held: Vec<(crate::VirtAddr, Stored)> = {
-            let pick = |s: Stored| matches!(s, Stored::Exclusive(..));
-            lock(&self.regions).states.select(within, pick)
-        };
-        for (addr, s) in held {
-            if let (Stored::Exclusive(owner, hold), Ok(page)) =
-                (s, PageRange::new(addr, crate::PAGE_SIZE))
-            {
-                let _ = crate::devmem::exclusive::revoke(self, page, owner, hold, true);
+        // A page may move (an mremap by another thread) between the look
+        // at the states and the revoke, which then finds nothing at the old
+        // address: look again, and lose only what stays out while nothing
+        // is left to try.
+        let mut rounds = 0;
+        let (mut regions, left) = loop {
+            rounds += 1;
+            for pm in self.all_pagemaps() {
+                let _ = crate::devmem::pagemap::evict(self, &pm, within, true);
             }
-        }
-        let mut regions = lock(&self.regions);
-        let left = regions.states.select(within, |s| {
-            matches!(s, Stored::Device(..) | Stored::Exclusive(..))
-        });
+            let held: Vec<(crate::VirtAddr, Stored)> = {
+                let pick = |s: Stored| matches!(s, Stored::Exclusive(..));
+                lock(&self.regions).states.select(within, pick)
+            };
+            let mut revoked = false;
+            for (addr, s) in held {
+                if let (Stored::Exclusive(owner, hold), Ok(page)) =
+                    (s, PageRange::new(addr, crate::PAGE_SIZE))
+                {
+                    revoked |=
+                        crate::devmem::exclusive::revoke(self, page, owner, hold, true).is_ok();
+                }
+            }
+            let regions = lock(&self.regions);
+            let left = regions.states.select(within, |s| {
+                matches!(s, Stored::Device(..) | Stored::Exclusive(..))
+            });
+            // (Device pages that moved are found again by `evict` itself.)
+            let held_left = left
+                .iter()
+                .any(|&(_, s)| matches!(s, Stored::Exclusive(..)));
+            if !held_left || !revoked || rounds >= BRING_HOME_ROUNDS {
+                break (regions, left);
+            }
+        };
         if left.is_empty() || !lose {
             return left.is_empty();
         }
@@ -496,6 +513,10 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     let opened = open()?;
     Ok(cell.get_or_init(|| opened))
 }
+
+/// How often `Shared::bring_home` looks again for pages that moved while
+/// it brought them home.
+const BRING_HOME_ROUNDS: usize = 100;
 
 /// Bytes a CPU fault on device memory brings back by default: the 2 MiB
 /// block around the page (see `Mm::set_fault_block`).
