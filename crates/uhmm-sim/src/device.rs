@@ -696,6 +696,21 @@ impl SimDevice {
     ) -> Result<T, SimError> {
         let deadline = Instant::now() + BUSY_TIMEOUT;
         loop {
+            // Its own grab of the range in progress: wait for it first (a
+            // fault would take the pages it is grabbing back from it).
+            if self
+                .mirror
+                .lock()
+                .grabbing
+                .iter()
+                .any(|g| g.overlaps(range))
+            {
+                if Instant::now() >= deadline {
+                    return Err(SimError::Busy { range, rounds });
+                }
+                std::thread::yield_now();
+                continue;
+            }
             let seq = self.notifier.read_begin();
             let mut r = HmmRange::new(&self.notifier, seq, range);
             r.default_flags = request;

@@ -126,7 +126,7 @@ fn grab(
     let op = {
         let mut regions = lock(&shared.regions);
         match regions.containing(range) {
-            Some(r) if r.id != region => return Err(MigrateError::Retry { range }),
+            Some(r) if r.id != region || !r.armed => return Err(MigrateError::Retry { range }),
             Some(r) if !r.closing => regions
                 .begin_op(owner, range)
                 .map_err(|e| MigrateError::Mm(MmError::State(e)))?,
@@ -198,7 +198,7 @@ fn grab_in(
                 };
                 // Never with ALLOW_SRC_HOLES (see `migrate::MOVE_QUIRK`):
                 // ENOENT is a hole at the source, moved or not.
-                let res = shared.move_pages(slot, page.start(), MoveMode::DONTWAKE);
+                let res = shared.move_out_pages(slot, page.start(), MoveMode::DONTWAKE);
                 let res = match res {
                     Ok(p) if p.stop == Some(Stop::NoEntry) => {
                         match shared.move_noentry(slot.start(), page.start()) {

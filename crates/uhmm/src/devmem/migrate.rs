@@ -196,9 +196,11 @@ pub struct MigrateVma<'a> {
 /// its word, EEXIST left the page in staging and its address a hole that
 /// the next touch filled with zeros (`uhmm stress`, 1 run in 2). uhmm
 /// therefore never moves with `ALLOW_SRC_HOLES` (holes are found with a
-/// page-table scan first), and `Shared::move_pages` counts a page at
-/// which a move stopped as moved when its source is a hole and its
-/// destination holds a page.
+/// page-table scan first), and moves of present pages out of managed
+/// memory into empty staging slots (`Shared::move_out_pages`) count a page
+/// at which the move stopped as moved when its source is a hole of a
+/// mapping and its destination holds a page. (The entry that changes is
+/// the source's: moves from staging or device memory do not meet it.)
 const _MOVE_QUIRK: () = ();
 
 /// What [`MigrateVma::install_all`] did: the pages installed (index,
@@ -294,8 +296,11 @@ impl<'a> MigrateVma<'a> {
                     Err(invalid("its region is being dropped"))
                 }
                 // Dropped and mapped anew since its mappings were read and
-                // it was armed (the new region is neither): look again.
-                Some(r) if r.id != region.id => Err(MigrateError::Retry { range }),
+                // it was armed, or another piece of it moved here (pieces
+                // of one mapping share its id): look again.
+                Some(r) if r.id != region.id || (select.contains(Select::SYSTEM) && !r.armed) => {
+                    Err(MigrateError::Retry { range })
+                }
                 Some(_) => regions
                     .begin_op(owner, range)
                     .map_err(|e| MigrateError::Mm(MmError::State(e))),
@@ -563,7 +568,7 @@ impl<'a> MigrateVma<'a> {
                     break;
                 };
                 // Never with ALLOW_SRC_HOLES: see `MOVE_QUIRK`.
-                let res = self.shared.move_pages(
+                let res = self.shared.move_out_pages(
                     staging.slots(run, dst),
                     src.start(),
                     MoveMode::DONTWAKE,
