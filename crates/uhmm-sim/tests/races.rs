@@ -117,19 +117,27 @@ struct ParkingEngine {
 
 impl CopyEngine for ParkingEngine {
     fn copy(&self, jobs: &mut [CopyJob<'_>]) -> Result<(), CopyError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            let mut g = self.st.lock().unwrap();
-            g.0 = true;
-            self.cv.notify_all();
-            while !g.1 {
-                g = self.cv.wait(g).unwrap();
-            }
-        }
+        self.park_if_armed();
         CpuCopyEngine::with_threads(1).copy(jobs)
     }
 }
 
 impl ParkingEngine {
+    /// Parks the caller until released, if armed (once per `arm`); says
+    /// whether it parked.
+    fn park_if_armed(&self) -> bool {
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return false;
+        }
+        let mut g = self.st.lock().unwrap();
+        g.0 = true;
+        self.cv.notify_all();
+        while !g.1 {
+            g = self.cv.wait(g).unwrap();
+        }
+        true
+    }
+
     fn arm(&self) {
         *self.st.lock().unwrap() = (false, false);
         self.armed.store(true, Ordering::SeqCst);
@@ -154,24 +162,16 @@ impl ParkingEngine {
     }
 }
 
-/// A device callback that blocks: parks the first blockable Migrate
-/// invalidation after `arm` until released (a migration held between its
-/// setup's notifier round and the selection of its pages).
-#[derive(Debug, Default)]
-struct ParkingNotifier(ParkingEngine);
+/// A device callback that blocks: once armed, parks the first blockable
+/// invalidation of kind `.0` until released (with `Migrate`, a migration
+/// held between its setup's notifier round and the selection of its pages).
+#[derive(Debug)]
+struct ParkOn(NotifyEvent, ParkingEngine);
 
-impl NotifierOps for ParkingNotifier {
+impl NotifierOps for ParkOn {
     fn invalidate(&self, _s: &Subscription, r: &NotifierRange, _cur_seq: u64) -> bool {
-        if r.event == NotifyEvent::Migrate
-            && r.blockable
-            && self.0.armed.swap(false, Ordering::SeqCst)
-        {
-            let mut g = self.0.st.lock().unwrap();
-            g.0 = true;
-            self.0.cv.notify_all();
-            while !g.1 {
-                g = self.0.cv.wait(g).unwrap();
-            }
+        if r.event == self.0 && r.blockable {
+            self.1.park_if_armed();
         }
         true
     }
@@ -1080,12 +1080,12 @@ fn blocked_setup_never_takes_memory_mapped_after_an_unmap() {
     for p in 0..PAGES {
         wr(x + p * PAGE_SIZE, 0x1111);
     }
-    let n = Arc::new(ParkingNotifier::default());
+    let n = Arc::new(ParkOn(NotifyEvent::Migrate, ParkingEngine::default()));
     let _sub = mm.insert_notifier(region.range(), n.clone());
-    n.0.arm();
+    n.1.arm();
     let d = dev.clone();
     let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(x), PAGES));
-    n.0.wait_parked();
+    n.1.wait_parked();
     // SAFETY: our own mapping, replaced by fresh plain memory.
     unsafe { libc::munmap(x as *mut _, len) };
     std::mem::forget(region);
@@ -1093,7 +1093,7 @@ fn blocked_setup_never_takes_memory_mapped_after_an_unmap() {
     for p in 0..PAGES {
         wr(x + p * PAGE_SIZE, 0xCDCD);
     }
-    n.0.release();
+    n.1.release();
     let _ = join_soon(t);
     let got: Vec<u64> = (0..PAGES).map(|p| rd(x + p * PAGE_SIZE)).collect();
     assert!(
@@ -1128,12 +1128,12 @@ fn blocked_setup_follows_its_pages_not_their_old_address() {
             .unwrap(),
         PAGES as u64
     );
-    let n = Arc::new(ParkingNotifier::default());
+    let n = Arc::new(ParkOn(NotifyEvent::Migrate, ParkingEngine::default()));
     let _sub = mm.insert_notifier(region.range(), n.clone());
-    n.0.arm();
+    n.1.arm();
     let d = dev.clone();
     let t = std::thread::spawn(move || d.migrate_to_system(VirtAddr::new(x), PAGES));
-    n.0.wait_parked();
+    n.1.wait_parked();
     let dest = uhmm::sys::mem::Mapping::anon(len).unwrap().leak();
     common::remap(region.range(), dest);
     std::mem::forget(region);
@@ -1148,7 +1148,7 @@ fn blocked_setup_follows_its_pages_not_their_old_address() {
             .unwrap(),
         PAGES as u64
     );
-    n.0.release();
+    n.1.release();
     let _ = join_soon(t);
     for p in 0..PAGES {
         let s = mm.page_state(VirtAddr::new(x + p * PAGE_SIZE)).unwrap();
@@ -1466,14 +1466,7 @@ struct TouchingEngine {
 
 impl CopyEngine for TouchingEngine {
     fn copy(&self, jobs: &mut [CopyJob<'_>]) -> Result<(), CopyError> {
-        if self.park.armed.swap(false, Ordering::SeqCst) {
-            let mut g = self.park.st.lock().unwrap();
-            g.0 = true;
-            self.park.cv.notify_all();
-            while !g.1 {
-                g = self.park.cv.wait(g).unwrap();
-            }
-            drop(g);
+        if self.park.park_if_armed() {
             self.read
                 .store(rd(self.touch.load(Ordering::SeqCst)), Ordering::SeqCst);
         }
@@ -1577,25 +1570,6 @@ fn device_accesses_racing_exclusive_grabs_never_hang() {
         assert!(ops > 0);
     }
     drop(region);
-}
-
-/// A notifier callback that, once armed, parks the first blockable
-/// invalidation of kind `.0` until released.
-#[derive(Debug)]
-struct ParkOn(NotifyEvent, ParkingEngine);
-
-impl NotifierOps for ParkOn {
-    fn invalidate(&self, _s: &Subscription, r: &NotifierRange, _cur_seq: u64) -> bool {
-        if r.event == self.0 && r.blockable && self.1.armed.swap(false, Ordering::SeqCst) {
-            let mut g = self.1.st.lock().unwrap();
-            g.0 = true;
-            self.1.cv.notify_all();
-            while !g.1 {
-                g = self.1.cv.wait(g).unwrap();
-            }
-        }
-        true
-    }
 }
 
 /// A fork's prepare hook brings an exclusive page home while another
