@@ -1623,3 +1623,63 @@ fn a_fork_brings_home_an_exclusive_page_that_moved_meanwhile() {
     // SAFETY: both places are ours.
     unsafe { libc::munmap(a as *mut _, 2 * LEN) };
 }
+
+/// A migration making pages shared copy-on-write its own (a write fault on
+/// each, outside the regions lock) keeps them from other migrations
+/// meanwhile. Before, another migration could take such a page in between;
+/// the first one's write fault then waited for the second, and when the
+/// second waited the same way for a page the first held, both hung
+/// (`uhmm stress`, full mix: a hang within minutes).
+#[test]
+fn a_page_being_made_private_is_kept_from_other_migrations() {
+    use std::sync::mpsc::channel;
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    wr(b, 0xC0);
+    wr(b + PAGE_SIZE, 0xC1);
+    // The pages are shared copy-on-write with the child while it lives.
+    let child = common::fork_blocked();
+    let first = Arc::new(SimDevice::new(&mm));
+    let second = Arc::new(SimDevice::new(&mm));
+    let (at_tx, at_rx) = channel();
+    let (go_tx, go_rx) = channel::<()>();
+    let d = first.clone();
+    let mig = std::thread::spawn(move || {
+        uhmm::testing::on_cow_break(move || {
+            let _ = at_tx.send(());
+            let _ = go_rx.recv_timeout(Duration::from_secs(10));
+        });
+        let r = d.migrate_range_to_device(VirtAddr::new(b), 2);
+        uhmm::testing::clear();
+        r
+    });
+    at_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the first migration reached its copy-on-write break");
+    // Held between keeping the pages and faulting them: the second
+    // migration must leave them alone.
+    let d = second.clone();
+    let taken = within(10, "the second migration", move || {
+        d.migrate_range_to_device(VirtAddr::new(b), 2)
+    });
+    go_tx.send(()).unwrap();
+    let moved = within(10, "the first migration", move || mig.join().unwrap());
+    let child = within(10, "the child", move || child.release());
+    assert_eq!(child, ChildEnd::Exited(0));
+    assert_eq!(taken.unwrap(), 0, "the second migration took kept pages");
+    assert_eq!(moved.unwrap(), 2);
+    for i in 0..2 {
+        let a = VirtAddr::new(b + i * PAGE_SIZE);
+        assert!(
+            matches!(mm.page_state(a), Ok(PageState::Device { owner, .. }) if owner == first.owner()),
+            "page {i}: {:?}",
+            mm.page_state(a)
+        );
+    }
+    assert_eq!(rd(b), 0xC0);
+    assert_eq!(rd(b + PAGE_SIZE), 0xC1);
+    drop(region);
+}

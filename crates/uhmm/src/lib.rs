@@ -48,6 +48,8 @@ pub mod addr;
 pub mod devmem;
 pub mod mm;
 pub mod sys;
+#[doc(hidden)]
+pub mod testing;
 pub mod trace;
 
 pub use addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};

@@ -361,12 +361,16 @@ impl<'a> MigrateVma<'a> {
         regions.op(self.op)?.follow(self.addr(i))
     }
 
-    /// Where page `i` is now, if it is the CPU's and in a managed region:
-    /// a page this migration may take. Under the regions lock.
+    /// Where page `i` is now, if it is the CPU's, in a managed region and
+    /// not kept by another operation: a page this migration may take.
+    /// Under the regions lock.
     fn takeable(&self, regions: &Regions, i: usize) -> Option<VirtAddr> {
         let at = self.now(regions, i)?;
         let page = PageRange::new(at, PAGE_SIZE).ok()?;
-        (regions.states.get(at) == Stored::Cpu && regions.containing(page).is_some()).then_some(at)
+        (regions.states.get(at) == Stored::Cpu
+            && regions.containing(page).is_some()
+            && !regions.kept_by_other(self.op, at))
+        .then_some(at)
     }
 
     /// Where page `i` is now, if it is still this migration's (not
@@ -443,12 +447,17 @@ impl<'a> MigrateVma<'a> {
                     // make each the process's own (outside the lock; a
                     // write fault on a page that is not ours yet) and try
                     // once more. Still refused: pinned, not selected.
+                    // Kept from other operations meanwhile: the fault must
+                    // not wait for one that waits for a page of ours.
                     cow_broken = true;
-                    let addrs: Vec<VirtAddr> =
-                        busy.iter().filter_map(|&i| self.now(&regions, i)).collect();
+                    busy.retain(|&i| self.takeable(&regions, i).is_some());
+                    regions.keep(self.op, busy.iter().map(|&i| self.addr(i)));
                     drop(regions);
-                    for a in addrs {
-                        if let Ok(page) = PageRange::new(a, PAGE_SIZE) {
+                    crate::testing::cow_break();
+                    for &i in &busy {
+                        // (Where it is now, in case an mremap moved it.)
+                        let at = self.takeable(&lock(&self.shared.regions), i);
+                        if let Some(page) = at.and_then(|a| PageRange::new(a, PAGE_SIZE).ok()) {
                             let _ = mem::populate(page, true);
                         }
                     }
@@ -465,6 +474,7 @@ impl<'a> MigrateVma<'a> {
             self.shared.await_events();
             todo = left;
         }
+        lock(&self.shared.regions).unkeep(self.op);
         self.classify()
     }
 

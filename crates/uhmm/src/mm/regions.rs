@@ -34,6 +34,10 @@ pub(crate) struct Op {
     pub(crate) range: PageRange,
     /// What happened to its range since it began, in order.
     changes: Vec<Change>,
+    /// Pages (by their address at setup) it is making the process's own
+    /// with a write fault, outside the lock: no other operation takes them
+    /// meanwhile (see [`Regions::keep`]).
+    kept: Vec<VirtAddr>,
 }
 
 /// A change of the layout under an operation.
@@ -292,6 +296,7 @@ impl Regions {
                 owner,
                 range,
                 changes: Vec::new(),
+                kept: Vec::new(),
             },
         );
         Ok(id)
@@ -307,6 +312,31 @@ impl Regions {
         if let Some(op) = self.ops.remove(&id) {
             self.states.unreserve(op.owner);
         }
+    }
+
+    /// Reserves the pages `at` (addresses at setup) to operation `id`
+    /// until [`unkeep`](Self::unkeep) or its end: no other operation takes
+    /// them, so that `id` may wait for a CPU fault on them (a copy-on-write
+    /// break) without waiting, through that fault, for an operation that in
+    /// turn waits for one of `id`'s pages.
+    pub(crate) fn keep(&mut self, id: OpId, at: impl IntoIterator<Item = VirtAddr>) {
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.kept.extend(at);
+        }
+    }
+
+    /// Lifts the reservations of operation `id`.
+    pub(crate) fn unkeep(&mut self, id: OpId) {
+        if let Some(op) = self.ops.get_mut(&id) {
+            op.kept.clear();
+        }
+    }
+
+    /// Whether an operation other than `id` keeps the page now at `at`.
+    pub(crate) fn kept_by_other(&self, id: OpId, at: VirtAddr) -> bool {
+        self.ops
+            .iter()
+            .any(|(&other, op)| other != id && op.kept.iter().any(|&a| op.follow(a) == Some(at)))
     }
 
     /// Whether an operation in flight may have pages in `range`.
@@ -382,5 +412,26 @@ mod tests {
         let again = t.containing(r(0, 2)).unwrap();
         assert_ne!(again.id, first.id);
         assert!(!again.armed);
+    }
+
+    #[test]
+    fn kept_pages_follow_an_mremap_and_are_kept_from_others_only() {
+        let mut t = Regions::default();
+        t.insert(r(0, 8));
+        let owner = Owner::unique();
+        let a = t.begin_op(owner, r(0, 8)).unwrap();
+        let b = t.begin_op(owner, r(0, 8)).unwrap();
+        t.keep(a, [r(2, 1).start()]);
+        assert!(t.kept_by_other(b, r(2, 1).start()));
+        assert!(!t.kept_by_other(a, r(2, 1).start()), "not from itself");
+        assert!(!t.kept_by_other(b, r(3, 1).start()));
+        t.moved(r(0, 8), r(20, 8).start(), |_, _| {});
+        assert!(t.kept_by_other(b, r(22, 1).start()));
+        assert!(!t.kept_by_other(b, r(2, 1).start()));
+        t.unkeep(a);
+        assert!(!t.kept_by_other(b, r(22, 1).start()));
+        t.keep(a, [r(2, 1).start()]);
+        t.end_op(a);
+        assert!(!t.kept_by_other(b, r(22, 1).start()), "ends with its op");
     }
 }
