@@ -49,6 +49,16 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
     let region = regions.containing(page).map(|r| r.range);
     match regions.states.get(page.start()) {
         Stored::Migrating(_) => Served::Park,
+        // Lost while its poison was refused: poison it now (the access
+        // gets SIGBUS), or once the pending layout change is applied.
+        Stored::Lost => match shared.uffd.poison(page, true) {
+            Ok(p) if p.stop == Some(Stop::LayoutChanging) => Served::Park,
+            // Poisoned (or filled meanwhile, or no longer ours to poison).
+            _ => {
+                let _ = regions.states.set(page.start(), Stored::Cpu);
+                Served::Done
+            }
+        },
         Stored::Cpu if f.flags.contains(FaultFlags::WP) => {
             drop(regions);
             shared.stats.faults_wp.fetch_add(1, Ordering::Relaxed);

@@ -444,6 +444,9 @@ impl Mm {
             },
             Stored::Device(owner, pfn) => PageState::Device { owner, pfn },
             Stored::Exclusive(owner, _) => PageState::Exclusive { owner },
+            // No page backs it (an access gets SIGBUS), as for a poisoned
+            // page, which pagemap shows as not present.
+            Stored::Lost => PageState::Empty,
             Stored::Cpu => {
                 let mut regions = Vec::new();
                 let query = ScanQuery::new().require(Categories::PRESENT);

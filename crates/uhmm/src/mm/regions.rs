@@ -357,7 +357,7 @@ impl Regions {
     /// The owner of the operation a stored state names, if it is one.
     pub(crate) fn owner_of(&self, state: Stored) -> Option<Owner> {
         match state {
-            Stored::Cpu => None,
+            Stored::Cpu | Stored::Lost => None,
             Stored::Migrating(id) => self.ops.get(&id).map(|op| op.owner),
             Stored::Device(o, _) | Stored::Exclusive(o, _) => Some(o),
         }

@@ -166,7 +166,7 @@ impl Shared {
                         st.unhold(hold, true);
                     }
                 }
-                Stored::Migrating(_) | Stored::Cpu => {}
+                Stored::Migrating(_) | Stored::Cpu | Stored::Lost => {}
             }
         }
     }
@@ -388,9 +388,17 @@ impl Shared {
     /// lock held, on pages the caller found in a state uhmm stores; their
     /// states become `Cpu`.
     pub(crate) fn lose_locked(&self, regions: &mut Regions, range: PageRange) {
-        let _ = self.uffd.poison(range, true);
-        for addr in range.pages() {
-            let _ = regions.states.set(addr, Stored::Cpu);
+        // Refused while a layout change is pending (the page may be moving
+        // with an mremap the service has not applied yet): recorded as
+        // Lost, which moves with it and is poisoned on the first access.
+        let poisoned = self.uffd.poison(range, true).map_or(0, |p| p.done);
+        for (k, addr) in range.pages().enumerate() {
+            let state = if k * crate::PAGE_SIZE < poisoned {
+                Stored::Cpu
+            } else {
+                Stored::Lost
+            };
+            let _ = regions.states.set(addr, state);
         }
         self.stats
             .pages_lost
@@ -797,6 +805,7 @@ impl Gate {
 
 #[cfg(test)]
 mod tests {
+    use super::lock;
     use crate::PAGE_SIZE;
     use crate::mm::Mm;
     use crate::sys::mem::Backing;
@@ -853,5 +862,77 @@ mod tests {
         let mut b = [0u8];
         region.read_at(PAGE_SIZE, &mut b).unwrap();
         assert_eq!(b, [9]);
+    }
+
+    /// A page lost while a layout change is pending (UFFDIO_POISON says
+    /// EAGAIN) is still lost: an access fails (SIGBUS for the CPU, EFAULT
+    /// for a system call), it never reads zeros. Before, the refused
+    /// poison was ignored and the hole read zeros (`uhmm stress`, full
+    /// mix: zeros on pages `pages_lost` counted).
+    #[test]
+    fn a_page_lost_while_a_discard_is_pending_never_reads_zeros() {
+        use crate::mm::Owner;
+        use crate::mm::state::Stored;
+        use crate::sys::mem::Advice;
+        let mm = Mm::new().unwrap();
+        let region = mm.alloc(3 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let shared = mm.shared();
+        let page = |i: usize| {
+            crate::PageRange::new(
+                region.range().start().checked_add(i * PAGE_SIZE).unwrap(),
+                PAGE_SIZE,
+            )
+            .unwrap()
+        };
+        // Armed (a migration arms its region), page 0 a hole.
+        let owner = Owner::unique();
+        drop(
+            crate::devmem::MigrateVma::setup(
+                &mm,
+                region.range(),
+                crate::devmem::Select::SYSTEM,
+                owner,
+            )
+            .unwrap(),
+        );
+        region.write_at(2 * PAGE_SIZE, &[1]).unwrap();
+        let map = region.mapping().unwrap();
+        map.advise(page(0), Advice::DontNeed).unwrap();
+        shared.sync_events();
+
+        std::thread::scope(|s| {
+            // The service cannot read events while the regions lock is
+            // held: a discard of page 2 stays pending, and its thread
+            // waits.
+            let mut regions = lock(&shared.regions);
+            let discard = s.spawn(|| map.advise(page(2), Advice::DontNeed));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                // Page 1 is a hole: a zero-page fill is refused while the
+                // layout is changing.
+                let p = shared.uffd.zeropage(page(1), false);
+                if matches!(p, Ok(p) if p.stop == Some(Stop::LayoutChanging)) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the discard never became pending"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let device = Stored::Device(owner, crate::DevicePfn(0));
+            let _ = regions.states.set(page(0).start(), device);
+            shared.lose_locked(&mut regions, page(0));
+            drop(regions);
+            discard.join().unwrap().unwrap();
+        });
+        shared.sync_events();
+
+        let mut b = [0u8];
+        assert!(
+            region.read_at(0, &mut b).is_err(),
+            "a lost page read {b:?} instead of failing"
+        );
+        assert_eq!(mm.stats().pages_lost, 1);
     }
 }

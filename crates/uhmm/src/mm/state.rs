@@ -63,6 +63,11 @@ pub(crate) enum Stored {
     /// Exclusive to the owner; the page waits at `hold` (a page number of
     /// uhmm's staging area) until a CPU access takes it back.
     Exclusive(Owner, u64),
+    /// Lost (its data could not be brought back) but not yet poisoned:
+    /// the poison was refused while a layout change was pending. A CPU
+    /// access poisons it then (SIGBUS, never zeros); a discard or unmap
+    /// ends it, as it ends a poisoned entry.
+    Lost,
 }
 
 /// A state could not be recorded.
@@ -87,7 +92,8 @@ pub enum StateError {
 // Entry layout: bits 0..2 the kind, then for Device and Exclusive bits
 // 2..18 the owner's slot and 18..64 the device page number (2^46 pages:
 // 256 TiB of 4 KiB pages per device); for Migrating bits 2..64 the
-// operation's generation.
+// operation's generation, which is never 0: Migrating with generation 0 is
+// Lost.
 const KIND_BITS: u32 = 2;
 const OWNER_BITS: u32 = 16;
 const PFN_SHIFT: u32 = KIND_BITS + OWNER_BITS;
@@ -365,6 +371,7 @@ impl StateTable {
         let (kind, owner, pfn) = match state {
             Stored::Cpu => return Ok(0),
             Stored::Migrating(op) => return Ok(KIND_MIGRATING | (op.0 & MAX_OP) << KIND_BITS),
+            Stored::Lost => return Ok(KIND_MIGRATING),
             Stored::Device(o, pfn) => (KIND_DEVICE, o, pfn.0),
             Stored::Exclusive(o, hold) => (KIND_EXCLUSIVE, o, hold),
         };
@@ -391,7 +398,10 @@ const KIND_MASK: u64 = (1 << KIND_BITS) - 1;
 fn decode(slots: &[Option<Slot>], entry: u64) -> Stored {
     let kind = entry & KIND_MASK;
     if kind == KIND_MIGRATING {
-        return Stored::Migrating(OpId(entry >> KIND_BITS));
+        return match entry >> KIND_BITS {
+            0 => Stored::Lost,
+            op => Stored::Migrating(OpId(op)),
+        };
     }
     let slot = ((entry >> KIND_BITS) as usize) & (MAX_OWNERS - 1);
     // Entries are only made by `encode`, which names a slot it holds.
@@ -427,6 +437,8 @@ mod tests {
             Stored::Device(b, DevicePfn(MAX_PFN)),
             Stored::Exclusive(a, 9),
             Stored::Device(a, DevicePfn(0)),
+            Stored::Lost,
+            Stored::Migrating(OpId(1)),
         ];
         for (i, &s) in states.iter().enumerate() {
             assert_eq!(t.set(page(i * 1000), s), Ok(Stored::Cpu));
@@ -435,7 +447,7 @@ mod tests {
             assert_eq!(t.get(page(i * 1000)), s);
             assert_eq!(t.get(page(i * 1000 + 1)), Stored::Cpu);
         }
-        assert_eq!(t.pages(), 4);
+        assert_eq!(t.pages(), states.len());
         assert_eq!(
             t.set(page(0), Stored::Device(a, DevicePfn(MAX_PFN + 1))),
             Err(StateError::PfnTooLarge {
