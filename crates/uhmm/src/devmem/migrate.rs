@@ -40,6 +40,7 @@ use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::{Vma, VmaKind};
 use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Progress, Stop};
 use bitflags::bitflags;
+use std::time::{Duration, Instant};
 
 /// Largest run an eviction migrates at once.
 pub(crate) const EVICT_RUN: usize = 2 << 20;
@@ -211,6 +212,44 @@ type Installed = (Vec<(usize, VirtAddr)>, Vec<usize>, Vec<(usize, VirtAddr)>);
 /// How often a migration waits for the service to apply pending events
 /// and tries again before it leaves the pages concerned where they are.
 const LAYOUT_RETRIES: usize = 1000;
+
+/// How long a migration keeps trying to put back pages that a pending
+/// layout change refused (EAGAIN) before it gives them up as lost. The
+/// refusal lasts until the thread whose discard, unmap or mremap raised it
+/// runs again after the service read its event: on a loaded machine that
+/// can take many service rounds (1,000 rounds were seen to pass, and the
+/// pages were lost), so the bound is a time, not a count.
+const PUT_BACK_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits between put-back attempts: for the service to apply pending
+/// events, then, after the first rounds, also a pause that lets the thread
+/// whose event it was run.
+struct Patience {
+    deadline: Instant,
+    rounds: u32,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Self {
+            deadline: Instant::now() + PUT_BACK_PATIENCE,
+            rounds: 0,
+        }
+    }
+
+    /// Waits for the next attempt; false once the time is up.
+    fn wait(&mut self, shared: &Shared) -> bool {
+        if Instant::now() >= self.deadline {
+            return false;
+        }
+        shared.await_events();
+        self.rounds += 1;
+        if self.rounds > 100 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+}
 
 /// How often a setup looks again at a region that was dropped and mapped
 /// anew while it read its mappings, before it gives up (`Retry`).
@@ -1369,7 +1408,8 @@ impl<'a> MigrateVma<'a> {
         // a page discarded or unmapped meanwhile stays gone.
         let mut todo: Vec<usize> = self.indices_all(|e| !e.migrate && e.src != MigrateSrc::None);
         let mut freed = Vec::new();
-        for _ in 0..LAYOUT_RETRIES {
+        let mut patience = Patience::new();
+        loop {
             if todo.is_empty() {
                 break;
             }
@@ -1421,14 +1461,13 @@ impl<'a> MigrateVma<'a> {
                 let _ = self.shared.uffd.wake(r);
             }
             todo = left;
-            if todo.is_empty() || !self.blockable {
+            if todo.is_empty() || !self.blockable || !patience.wait(self.shared) {
                 break;
             }
-            self.shared.await_events();
         }
         if !todo.is_empty() {
-            // Events kept coming for longer than any program makes them:
-            // what is still out is lost rather than left waiting.
+            // Refused for longer than any layout change takes: what is
+            // still out is lost rather than left waiting.
             let mut regions = lock(&self.shared.regions);
             for &i in &todo {
                 if let Some(at) = self.holds(&regions, i)
