@@ -1741,27 +1741,32 @@ fn threads_named(name: &str) -> Vec<i32> {
 fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
-    if std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
-        common::skip("needs two CPUs");
-        return;
-    }
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let b = region.as_ptr() as usize;
     for i in 0..4 {
         wr(b + i * PAGE_SIZE, 0xD0 + i as u64);
     }
-    // Everything of ours on CPU 0; the discarding thread and the spinner
-    // on CPU 1.
+    // Everything of ours on one CPU (`ours`); the discarding thread and
+    // the spinner on another (`theirs`).
     // SAFETY: a zeroed cpu_set_t is a valid empty set, which
-    // sched_getaffinity fills with the CPUs this thread may use.
-    let cpus = unsafe {
+    // sched_getaffinity fills with the CPUs this thread may use; CPU_ISSET
+    // reads it.
+    let (cpus, allowed) = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
-        set
+        let allowed: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
+        (set, allowed)
     };
-    pin(0, 0);
+    if allowed.len() < 2 {
+        common::skip("needs two CPUs");
+        return;
+    }
+    let (ours, theirs) = (allowed[0], allowed[1]);
+    pin(0, ours);
     for t in threads_named("uhmm-fault-serv") {
-        pin(t, 0);
+        pin(t, ours);
     }
     // The service held in a fault-back (page 2 on a parked device), so
     // that the discard's event stays unread while the spinner starts.
@@ -1776,19 +1781,19 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
     engine.0.arm();
     let d = dev.clone();
     let mig = std::thread::spawn(move || {
-        pin(0, 0);
+        pin(0, ours);
         d.migrate_range_to_device(VirtAddr::new(b), 2)
     });
     engine.0.wait_parked();
     held.arm();
     let toucher = std::thread::spawn(move || {
-        pin(0, 0);
+        pin(0, ours);
         rd(b + 2 * PAGE_SIZE)
     });
     held.wait_parked();
     // The discard of page 3, on CPU 1: its event waits for the service.
     let discard = std::thread::spawn(move || {
-        pin(0, 1);
+        pin(0, theirs);
         // SAFETY: discards a page of the test's own managed region.
         unsafe {
             libc::madvise(
@@ -1804,7 +1809,7 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
     let spinning = Arc::new(AtomicBool::new(false));
     let (st, sp) = (stop.clone(), spinning.clone());
     let hog = std::thread::spawn(move || {
-        pin(0, 1);
+        pin(0, theirs);
         let param = libc::sched_param { sched_priority: 1 };
         // SAFETY: sets the calling thread's own policy.
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {

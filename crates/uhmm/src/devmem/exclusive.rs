@@ -322,7 +322,9 @@ pub(crate) fn revoke(
             }
             let done = back != Back::Later;
             if done {
-                let _ = regions.states.set(page.start(), Stored::Cpu);
+                if back != Back::Lost {
+                    let _ = regions.states.set(page.start(), Stored::Cpu);
+                }
                 drop(regions);
                 staging.unhold(hold, true);
                 let _ = shared.uffd.wake(page);

@@ -53,10 +53,18 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
         // gets SIGBUS), or once the pending layout change is applied.
         Stored::Lost => match shared.uffd.poison(page, true) {
             Ok(p) if p.stop == Some(Stop::LayoutChanging) => Served::Park,
-            // Poisoned (or filled meanwhile, or no longer ours to poison).
-            _ => {
+            // Poisoned, and the thread woken.
+            Ok(p) if p.is_complete() => {
                 let _ = regions.states.set(page.start(), Stored::Cpu);
                 Served::Done
+            }
+            // Filled meanwhile, or not to be poisoned here: served as the
+            // hole it is for the CPU (which wakes the thread).
+            _ => {
+                let _ = regions.states.set(page.start(), Stored::Cpu);
+                let served = fill_hole(shared, page, f.flags);
+                drop(regions);
+                served
             }
         },
         Stored::Cpu if f.flags.contains(FaultFlags::WP) => {
@@ -99,6 +107,12 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                     && o == owner
                 {
                     shared.lose_locked(&mut regions, page);
+                    // (Not poisoned yet: served once it is.)
+                    if regions.states.get(page.start()) == Stored::Lost {
+                        drop(regions);
+                        shared.release_states(vec![s]);
+                        return Served::Park;
+                    }
                     drop(regions);
                     shared.release_states(vec![s]);
                 }

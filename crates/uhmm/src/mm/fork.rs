@@ -90,6 +90,7 @@ extern "C" fn prepare() {
     for shared in live() {
         shared.gate.close();
         shared.bring_home(None, true);
+        shared.poison_lost(None);
         let ranges: Vec<_> = lock(&shared.regions).ranges().collect();
         for range in ranges {
             // Blockable: this is the forking thread, not the service.

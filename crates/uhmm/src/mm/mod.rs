@@ -511,6 +511,8 @@ impl Mm {
             // Pages on devices or held exclusive come home first: a region
             // the program keeps mapped must read what it held.
             shared.bring_home(Some(range), true);
+            // Lost pages stay lost once uhmm lets go (SIGBUS, not zeros).
+            shared.poison_lost(Some(range));
         }
         // Blockable, so it cannot ask for a retry.
         let guard = shared

@@ -391,9 +391,14 @@ impl Shared {
         // Refused while a layout change is pending (the page may be moving
         // with an mremap the service has not applied yet): recorded as
         // Lost, which moves with it and is poisoned on the first access.
-        let poisoned = self.uffd.poison(range, true).map_or(0, |p| p.done);
+        // Anything else (no POISON in this kernel, a page present) leaves
+        // it to the CPU page table, as before.
+        let refused = match self.uffd.poison(range, true) {
+            Ok(p) if p.stop == Some(Stop::LayoutChanging) => p.done,
+            _ => range.len(),
+        };
         for (k, addr) in range.pages().enumerate() {
-            let state = if k * crate::PAGE_SIZE < poisoned {
+            let state = if k * crate::PAGE_SIZE < refused {
                 Stored::Cpu
             } else {
                 Stored::Lost
@@ -475,6 +480,39 @@ impl Shared {
         drop(regions);
         self.release_states(gone);
         false
+    }
+
+    /// Poisons the pages of `within` (anywhere if `None`) still waiting in
+    /// [`Stored::Lost`] for a poison a layout change refused, trying again
+    /// while the service applies pending events (a bounded number of
+    /// rounds): before the CPU page table is handed on without uhmm (an
+    /// unmanaged range, a forked child), where a hole would read zeros.
+    /// Not on the service thread.
+    pub(crate) fn poison_lost(&self, within: Option<PageRange>) {
+        for _ in 0..100 {
+            let mut regions = lock(&self.regions);
+            let lost = regions.states.select(within, |s| s == Stored::Lost);
+            if lost.is_empty() {
+                return;
+            }
+            let mut refused = false;
+            for (addr, _) in lost {
+                let Ok(page) = PageRange::new(addr, crate::PAGE_SIZE) else {
+                    continue;
+                };
+                match self.uffd.poison(page, true) {
+                    Ok(p) if p.stop == Some(Stop::LayoutChanging) => refused = true,
+                    _ => {
+                        let _ = regions.states.set(addr, Stored::Cpu);
+                    }
+                }
+            }
+            drop(regions);
+            if !refused {
+                return;
+            }
+            self.await_events();
+        }
     }
 
     /// Sends [`NotifyEvent::Release`] over the whole address space to every
