@@ -849,6 +849,12 @@ mod tests {
     use crate::sys::mem::Backing;
     use crate::sys::uffd::{MoveMode, Stop};
 
+    /// Page `i` of `region`.
+    fn page_of(region: &crate::mm::ManagedRegion, i: usize) -> crate::PageRange {
+        let start = region.range().start().checked_add(i * PAGE_SIZE).unwrap();
+        crate::PageRange::new(start, PAGE_SIZE).unwrap()
+    }
+
     /// `migrate::MOVE_QUIRK` on real page tables: a move out of a page
     /// that stops where the source is a hole and the destination holds a
     /// page (the state the kernel leaves after moving a page it then
@@ -860,13 +866,7 @@ mod tests {
         let mm = Mm::new().unwrap();
         let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
         let shared = mm.shared();
-        let page = |i: usize| {
-            crate::PageRange::new(
-                region.range().start().checked_add(i * PAGE_SIZE).unwrap(),
-                PAGE_SIZE,
-            )
-            .unwrap()
-        };
+        let page = |i: usize| page_of(&region, i);
         let mv = || {
             shared
                 .move_out_pages(page(1), page(0).start(), MoveMode::DONTWAKE)
@@ -915,13 +915,7 @@ mod tests {
         let mm = Mm::new().unwrap();
         let region = mm.alloc(3 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
         let shared = mm.shared();
-        let page = |i: usize| {
-            crate::PageRange::new(
-                region.range().start().checked_add(i * PAGE_SIZE).unwrap(),
-                PAGE_SIZE,
-            )
-            .unwrap()
-        };
+        let page = |i: usize| page_of(&region, i);
         // Armed (a migration arms its region), page 0 a hole.
         let owner = Owner::unique();
         drop(
