@@ -107,14 +107,13 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                     && o == owner
                 {
                     shared.lose_locked(&mut regions, page);
-                    // (Not poisoned yet: served once it is.)
-                    if regions.states.get(page.start()) == Stored::Lost {
-                        drop(regions);
-                        shared.release_states(vec![s]);
-                        return Served::Park;
-                    }
+                    // Not poisoned yet: served once it is.
+                    let pending = regions.states.get(page.start()) == Stored::Lost;
                     drop(regions);
                     shared.release_states(vec![s]);
+                    if pending {
+                        return Served::Park;
+                    }
                 }
                 return Served::Done;
             };

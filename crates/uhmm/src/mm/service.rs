@@ -386,7 +386,7 @@ impl Shared {
     /// access gets SIGBUS (the kernel's answer for a page that cannot be
     /// brought back) — never zeros, never a wait. Called with the regions
     /// lock held, on pages the caller found in a state uhmm stores; their
-    /// states become `Cpu`.
+    /// states become `Cpu`, or `Lost` where the poison was refused.
     pub(crate) fn lose_locked(&self, regions: &mut Regions, range: PageRange) {
         // Refused while a layout change is pending (the page may be moving
         // with an mremap the service has not applied yet): recorded as
