@@ -3,6 +3,7 @@
 
 use super::migrate::{MigrateError, MigrateVma, Select};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
+use crate::mm::callback::call;
 use crate::mm::regions::Regions;
 use crate::mm::service::Shared;
 use crate::mm::state::Stored;
@@ -17,6 +18,10 @@ use std::time::{Duration, Instant};
 pub trait DevicePagemapOps: Send + Sync + fmt::Debug {
     /// The last reference to device page `pfn` went (its virtual page was
     /// unmapped, discarded, or migrated back): the device may reuse it.
+    /// Runs on whichever thread dropped that reference (the fault service
+    /// included), with no uhmm lock held; it must not block on the device's
+    /// own migration paths. If it panics, the panic is contained and the
+    /// page is never handed out again.
     fn page_free(&self, pfn: DevicePfn);
 
     /// A CPU access touched device-resident pages: migrate the pages of
@@ -28,8 +33,25 @@ pub trait DevicePagemapOps: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     ///
-    /// [`FaultError::Retry`] to be called again shortly; the other errors
-    /// are retried too (a CPU access cannot fail), and counted.
+    /// [`FaultError::Retry`] to be called again shortly;
+    /// [`FaultError::Device`] or [`FaultError::NoMemory`] when the pages
+    /// cannot come back. A CPU fault is served again while its device
+    /// fails it, within bounds: after 8 failed calls, or 1 s after the first
+    /// failure, whichever comes first (a panic, or `Ok` with the faulting
+    /// page still on the device, counts as a failure), or after 10 s of
+    /// `Retry` alone, the access fails as the kernel's `VM_FAULT_SIGBUS`
+    /// makes it fail: the faulting page is poisoned, so the thread gets
+    /// SIGBUS (a system call reading it, EFAULT) and so does any later
+    /// access; its device page is freed, and
+    /// [`MmStats::faults_sigbus`](crate::mm::MmStats::faults_sigbus) counts
+    /// it. Never zeros, never an endless wait. Eviction
+    /// ([`DevicePagemap::evict_all`]) retries for 10 s.
+    ///
+    /// # Panics
+    ///
+    /// A panic here (as in every device callback) is caught, counted in
+    /// [`MmStats::callback_panics`](crate::mm::MmStats::callback_panics)
+    /// and treated as [`FaultError::Device`]; the fault service goes on.
     fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), FaultError>;
 
     /// Device pages `first .. first + npages` are about to be handed out
@@ -148,9 +170,20 @@ pub(crate) struct PagemapInner {
     allocated: AtomicU64,
     freed: AtomicU64,
     pub(crate) faulted_back: AtomicU64,
+    /// The address space's count of callbacks that panicked.
+    pub(crate) panics: Arc<AtomicU64>,
 }
 
 impl PagemapInner {
+    /// The device's `migrate_to_ram`, contained: a panic is
+    /// [`FaultError::Device`].
+    pub(crate) fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> Result<(), FaultError> {
+        call(&self.panics, "migrate_to_ram", || {
+            self.ops.migrate_to_ram(fault)
+        })
+        .unwrap_or_else(|_| Err(FaultError::Device("migrate_to_ram panicked".into())))
+    }
+
     /// Drops one reference to `pfn`; the last one frees it: the device's
     /// `page_free` runs first, and only then can the page be handed out
     /// again (a page reused before its device let go of it could carry its
@@ -167,9 +200,13 @@ impl PagemapInner {
             }
         };
         if last {
-            self.ops.page_free(pfn);
+            // A `page_free` that panicked may not have let go of the page:
+            // it is never handed out again (the pagemap is a page smaller).
+            let freed = call(&self.panics, "page_free", || self.ops.page_free(pfn)).is_ok();
             let mut p = lock(&self.pool);
-            p.free.push(pfn.0);
+            if freed {
+                p.free.push(pfn.0);
+            }
             p.in_use -= 1;
             drop(p);
             self.freed.fetch_add(1, Ordering::Relaxed);
@@ -267,6 +304,7 @@ impl DevicePagemap {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             faulted_back: AtomicU64::new(0),
+            panics: mm.shared().stats.callback_panics.clone(),
         });
         mm.shared().add_pagemap(&inner);
         DevicePagemap {
@@ -316,9 +354,14 @@ impl DevicePagemap {
                 });
             }
             let first = (p.chunks * cfg.chunk_pages) as u64;
-            self.inner
-                .ops
-                .add_chunk(DevicePfn(first), cfg.chunk_pages)?;
+            call(&self.inner.panics, "add_chunk", || {
+                self.inner.ops.add_chunk(DevicePfn(first), cfg.chunk_pages)
+            })
+            .unwrap_or_else(|_| {
+                Err(DevmemError::Grow {
+                    reason: "the device's add_chunk panicked".into(),
+                })
+            })?;
             p.chunks += 1;
             let total = p.chunks * cfg.chunk_pages;
             p.refs.resize(total, 0);
@@ -462,7 +505,7 @@ pub(crate) fn evict(
                 addr: None,
                 blockable,
             };
-            if let Err(e) = pm.ops.migrate_to_ram(&fault) {
+            if let Err(e) = pm.migrate_to_ram(&fault) {
                 last = Err(e);
             }
         }

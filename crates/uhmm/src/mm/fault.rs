@@ -21,9 +21,10 @@
 use super::service::{Shared, lock};
 use super::state::Stored;
 use crate::addr::{PAGE_SIZE, PageRange};
-use crate::devmem::pagemap::DeviceFault;
+use crate::devmem::pagemap::{DeviceFault, FaultError};
 use crate::sys::uffd::{ContinueMode, CopyMode, FaultFlags, OpError, PageFault, Progress, Stop};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 /// What became of a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,84 @@ pub(crate) enum Served {
     Done,
     /// Not now: serve it again later.
     Park,
+    /// The page's device could not bring it back this time: serve it
+    /// again later, within the bounds of [`Attempts`].
+    Failed(Failure),
+}
+
+/// How a device failed a fault back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// It asked to be called again ([`FaultError::Retry`](crate::devmem::FaultError::Retry)).
+    Busy,
+    /// It failed, panicked, or said it was done while the page stayed on
+    /// it.
+    Device,
+}
+
+/// Failed calls of a device's `migrate_to_ram` for one fault after which
+/// the access fails with SIGBUS (the kernel's `VM_FAULT_SIGBUS`)...
+pub(crate) const FAULT_FAILURES: u32 = 8;
+/// ...or the time from its first failure after which it does.
+pub(crate) const FAULT_FAILING_FOR: Duration = Duration::from_secs(1);
+/// The time a device may keep asking to be called again for one fault
+/// before the access fails with SIGBUS all the same.
+pub(crate) const FAULT_BUSY_FOR: Duration = Duration::from_secs(10);
+
+/// How a parked fault's device has failed it so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Attempts {
+    failures: u32,
+    failing_since: Option<Instant>,
+    busy_since: Option<Instant>,
+}
+
+impl Attempts {
+    /// Records `failure`; true once the fault has failed past the bounds.
+    pub(crate) fn exhausted(&mut self, failure: Failure) -> bool {
+        let now = Instant::now();
+        match failure {
+            Failure::Busy => {
+                let since = *self.busy_since.get_or_insert(now);
+                now.duration_since(since) >= FAULT_BUSY_FOR
+            }
+            Failure::Device => {
+                self.failures += 1;
+                let since = *self.failing_since.get_or_insert(now);
+                self.failures >= FAULT_FAILURES || now.duration_since(since) >= FAULT_FAILING_FOR
+            }
+        }
+    }
+}
+
+/// Fails the access `f` made with SIGBUS: its page, if still on the device
+/// of the failed fault, is poisoned (the kernel's answer to a device that
+/// cannot give a page back; a read(2) into it gets EFAULT) and counted.
+pub(crate) fn sigbus(shared: &Shared, f: PageFault) -> Served {
+    let Some(page) = f.page() else {
+        return Served::Done;
+    };
+    let mut regions = lock(&shared.regions);
+    let s = regions.states.get(page.start());
+    if !matches!(s, Stored::Device(..)) {
+        // Back, or moved on meanwhile: serve it as it is now.
+        drop(regions);
+        return serve(shared, f);
+    }
+    shared.stats.faults_sigbus.fetch_add(1, Ordering::Relaxed);
+    shared.lose_locked(&mut regions, page);
+    // Not poisoned yet (a layout change is pending): the `Lost` arm
+    // finishes it.
+    let pending = regions.states.get(page.start()) == Stored::Lost;
+    drop(regions);
+    shared.release_states(vec![s]);
+    crate::trace::event!(
+        target: "uhmm::fault",
+        addr = %f.addr,
+        thread = ?f.thread,
+        "the device could not bring the page back: the access gets SIGBUS"
+    );
+    if pending { Served::Park } else { Served::Done }
 }
 
 /// A zeroed page, the source for write faults on holes.
@@ -124,7 +203,8 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 addr: Some(f.addr),
                 blockable: false,
             };
-            if pm.ops.migrate_to_ram(&fault).is_ok() {
+            let called = pm.migrate_to_ram(&fault);
+            if called.is_ok() {
                 pm.faulted_back.fetch_add(1, Ordering::Relaxed);
             }
             // Served once the page is back; otherwise (the device asked to
@@ -140,6 +220,13 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 Stored::Cpu => {
                     shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);
                     Served::Done
+                }
+                // Still on this device: it failed (or did nothing).
+                Stored::Device(o, _) if o == owner => {
+                    return Served::Failed(match called {
+                        Err(FaultError::Retry) => Failure::Busy,
+                        _ => Failure::Device,
+                    });
                 }
                 _ => return Served::Park,
             };
@@ -162,7 +249,7 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                     addr: None,
                     blockable: false,
                 };
-                if pm.ops.migrate_to_ram(&ahead).is_ok() {
+                if pm.migrate_to_ram(&ahead).is_ok() {
                     shared
                         .last_block_end
                         .store(next.end().get(), Ordering::Relaxed);

@@ -27,6 +27,7 @@
 //! (a MISSING registration would turn every first touch into a fault
 //! round trip and limit faults to 4 KiB pages).
 
+pub(crate) mod callback;
 mod fault;
 mod fork;
 pub mod notifier;
@@ -135,6 +136,14 @@ pub struct MmStats {
     /// held them is gone, or could not give them back); a CPU access to
     /// one gets SIGBUS, as for the kernel's poisoned pages.
     pub pages_lost: u64,
+    /// CPU accesses failed with SIGBUS because the device could not bring
+    /// their page back (it kept failing, panicking or saying it was busy
+    /// past the bounds in [`DevicePagemapOps::migrate_to_ram`](crate::devmem::DevicePagemapOps::migrate_to_ram)).
+    pub faults_sigbus: u64,
+    /// Device callbacks (`migrate_to_ram`, `page_free`, `add_chunk`,
+    /// invalidations) that panicked. Each panic was contained: the panic
+    /// hook printed it, and the call counted as failed.
+    pub callback_panics: u64,
     /// Invalidations started, by event.
     pub invalidations: Vec<(NotifyEvent, u64)>,
 }
@@ -414,6 +423,9 @@ impl Mm {
             pages_to_device: s.pages_to_device.load(Ordering::Relaxed),
             pages_to_system: s.pages_to_system.load(Ordering::Relaxed),
             pages_lost: s.pages_lost.load(Ordering::Relaxed),
+            faults_sigbus: s.faults_sigbus.load(Ordering::Relaxed),
+            callback_panics: s.callback_panics.load(Ordering::Relaxed)
+                + self.inner.shared.notifiers.callback_panics(),
             invalidations: self.inner.shared.notifiers.counts(),
         }
     }

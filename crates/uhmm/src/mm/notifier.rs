@@ -207,6 +207,8 @@ pub struct Notifiers {
     idle: Condvar,
     /// Invalidations started, by event (in [`NotifyEvent::ALL`] order).
     counts: [AtomicU64; 8],
+    /// Callbacks that panicked.
+    panics: AtomicU64,
 }
 
 impl Default for Notifiers {
@@ -220,6 +222,7 @@ impl Default for Notifiers {
             }),
             idle: Condvar::new(),
             counts: Default::default(),
+            panics: AtomicU64::new(0),
         }
     }
 }
@@ -277,6 +280,12 @@ impl Notifiers {
             .collect()
     }
 
+    /// Callbacks that panicked so far (each was contained, and counted as
+    /// done).
+    pub fn callback_panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+
     /// Whether no notifier is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -311,9 +320,19 @@ impl Notifiers {
         let guard = InvalidateGuard { tree: self };
         // Removals wait for `active` to drop to zero, so every notifier in
         // `hits` stays registered while its callback runs.
-        let done = hits
-            .iter()
-            .all(|sub| sub.ops.invalidate(sub, range, cur_seq));
+        // A callback that panics is contained (`callback::call`) and
+        // counts as done: the change goes ahead, as the kernel's would, and
+        // the notifier's sequence is advanced on its behalf so that a
+        // device read racing with it retries.
+        let done = hits.iter().all(|sub| {
+            super::callback::call(&self.panics, "invalidate", || {
+                sub.ops.invalidate(sub, range, cur_seq)
+            })
+            .unwrap_or_else(|_| {
+                sub.set_seq(cur_seq);
+                true
+            })
+        });
         // Our references to the notifiers go before `active` drops: a
         // removal waiting for it then holds the last one, and the device's
         // callbacks (and whatever they own, its memory say) are dropped by

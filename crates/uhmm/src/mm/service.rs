@@ -27,7 +27,7 @@
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::{Region, Regions};
 use super::state::{OpId, Stored};
-use super::{MmError, Owner, fault};
+use super::{MmError, Owner, callback, fault};
 use crate::addr::{DevicePfn, PageRange};
 use crate::devmem::pagemap::PagemapInner;
 use crate::devmem::staging::{Staging, StagingError};
@@ -57,6 +57,10 @@ pub(crate) struct ServiceStats {
     pub(crate) pages_to_device: AtomicU64,
     pub(crate) pages_to_system: AtomicU64,
     pub(crate) pages_lost: AtomicU64,
+    pub(crate) faults_sigbus: AtomicU64,
+    /// Shared with the pagemaps, whose `page_free` and `add_chunk` run on
+    /// any thread.
+    pub(crate) callback_panics: Arc<AtomicU64>,
 }
 
 /// The state the service thread shares with [`super::Mm`].
@@ -591,7 +595,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();
     let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
-    let mut parked: Vec<PageFault> = Vec::with_capacity(BATCH);
+    let mut parked: Vec<(PageFault, fault::Attempts)> = Vec::with_capacity(BATCH);
     loop {
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
@@ -655,9 +659,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
             shared.stats.faults.fetch_add(1, Ordering::Relaxed);
-            if fault::serve(&shared, f) == fault::Served::Park {
+            let mut attempts = fault::Attempts::default();
+            if !serve_bounded(&shared, f, &mut attempts) {
                 shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
-                parked.push(f);
+                parked.push((f, attempts));
             }
         }
         retry_pending(&shared, &mut pending);
@@ -665,13 +670,37 @@ pub(crate) fn run(shared: Arc<Shared>) {
         if !parked.is_empty() {
             // Served again against the state each page has *now*.
             let waiting = std::mem::take(&mut parked);
-            for f in waiting {
-                if fault::serve(&shared, f) == fault::Served::Park {
-                    parked.push(f);
+            for (f, mut attempts) in waiting {
+                if !serve_bounded(&shared, f, &mut attempts) {
+                    parked.push((f, attempts));
                 }
             }
             shared.parked.store(parked.len(), Ordering::Release);
         }
+    }
+}
+
+/// Serves fault `f`; false if it must be served again later. A device
+/// that keeps failing it past the bounds of [`fault::Attempts`] fails the
+/// access with SIGBUS. A panic while serving (a device callback's is
+/// contained before it gets here; this is the last line) counts as a
+/// device failure: the service itself never dies of one.
+fn serve_bounded(shared: &Shared, f: PageFault, attempts: &mut fault::Attempts) -> bool {
+    let served = callback::call(&shared.stats.callback_panics, "fault service", || {
+        fault::serve(shared, f)
+    })
+    .unwrap_or(fault::Served::Failed(fault::Failure::Device));
+    match served {
+        fault::Served::Done => true,
+        fault::Served::Park => false,
+        fault::Served::Failed(why) if attempts.exhausted(why) => {
+            *attempts = fault::Attempts::default();
+            let sigbus = callback::call(&shared.stats.callback_panics, "fault service", || {
+                fault::sigbus(shared, f)
+            });
+            sigbus == Ok(fault::Served::Done)
+        }
+        fault::Served::Failed(_) => false,
     }
 }
 
