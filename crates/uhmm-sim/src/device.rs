@@ -328,11 +328,18 @@ impl SimDevice {
     /// up to 16 GiB of device memory in 256 MiB chunks (backed as used).
     pub fn new(mm: &Mm) -> SimDevice {
         Self::with_memory(mm, PagemapConfig::default())
+            .unwrap_or_else(|_| unreachable!("a new owner with the default configuration"))
     }
 
     /// A new device with device memory as `config` says (a small one to
     /// see it run out, say).
-    pub fn with_memory(mm: &Mm, config: PagemapConfig) -> SimDevice {
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::DeviceMemory`] with [`DevmemError::BadConfig`] if
+    /// `config` is out of bounds ([`PagemapConfig::validate`]).
+    pub fn with_memory(mm: &Mm, config: PagemapConfig) -> Result<SimDevice, SimError> {
+        config.validate().map_err(SimError::DeviceMemory)?;
         let owner = Owner::unique();
         let mirror = Arc::new(Mirror {
             owner,
@@ -344,13 +351,14 @@ impl SimDevice {
         let everything = PageRange::new(VirtAddr::new(0), usize::MAX - PAGE_SIZE + 1)
             .unwrap_or_else(|_| unreachable!("the whole address space is a valid range"));
         let notifier = mm.insert_notifier(everything, mirror.clone());
-        let pagemap = DevicePagemap::new(mm, owner, mirror.clone(), config);
-        SimDevice {
+        let pagemap = DevicePagemap::new(mm, owner, mirror.clone(), config)
+            .map_err(SimError::DeviceMemory)?;
+        Ok(SimDevice {
             pagemap,
             mm: mm.clone(),
             mirror,
             notifier,
-        }
+        })
     }
 
     /// The device's identity.

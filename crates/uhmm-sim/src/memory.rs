@@ -409,7 +409,8 @@ impl SimDevice {
             bump(&self.mirror.counters.copy_failures, 1);
             for (&(i, _), &pfn) in sel.iter().zip(&pfns) {
                 if moved.binary_search(&i).is_err() {
-                    self.pagemap.put(pfn);
+                    // Allocated above: the reference is the device's.
+                    let _ = self.pagemap.put(pfn);
                 }
             }
             // What was moved still migrates; the rest is put back.
@@ -418,8 +419,10 @@ impl SimDevice {
             }
         } else {
             for (&(i, _), &pfn) in sel.iter().zip(&pfns) {
-                if moved.binary_search(&i).is_err() {
-                    m.set_device_dst(i, pfn);
+                if moved.binary_search(&i).is_err() && m.set_device_dst(i, pfn).is_err() {
+                    // (A page selected above, a page allocated above: not
+                    // refused; were it, the reference is still ours.)
+                    let _ = self.pagemap.put(pfn);
                 }
             }
         }
@@ -453,7 +456,7 @@ impl SimDevice {
                     Ok(p) => pages.extend(p),
                     Err(e) => {
                         for p in pages {
-                            self.pagemap.put(p);
+                            let _ = self.pagemap.put(p);
                         }
                         return Err(SimError::DeviceMemory(e));
                     }

@@ -977,7 +977,8 @@ fn bad_migrations_are_typed_errors_and_change_nothing() {
             chunk_pages: 4,
             max_chunks: 1,
         },
-    );
+    )
+    .unwrap();
     let e = small.migrate_to_device(start(&region), 8).unwrap_err();
     assert_eq!(e.errno(), Errno::NOMEM, "{e}");
     assert_eq!(small.device_pages(), 0);

@@ -893,7 +893,8 @@ fn injected_copy_and_alloc_failures_lose_nothing() {
                 chunk_pages: 8,
                 max_chunks: 1,
             },
-        );
+        )
+        .unwrap();
         let e = dev.migrate_to_device(addr(base, 0), PAGES).unwrap_err();
         assert_eq!(e.errno(), Errno::NOMEM, "{e}");
         assert!(matches!(e, SimError::DeviceMemory(_)), "{e}");

@@ -214,13 +214,16 @@ fn failed_migrations_put_back_while_other_memory_is_discarded() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const PAGES: usize = 256;
-    let dev = Arc::new(SimDevice::with_memory(
-        &mm,
-        PagemapConfig {
-            chunk_pages: 64,
-            max_chunks: 1,
-        },
-    ));
+    let dev = Arc::new(
+        SimDevice::with_memory(
+            &mm,
+            PagemapConfig {
+                chunk_pages: 64,
+                max_chunks: 1,
+            },
+        )
+        .unwrap(),
+    );
     let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let b = region.as_ptr() as usize;
     let other = mm.alloc(64 * PAGE_SIZE, Backing::AnonPrivate).unwrap();

@@ -127,7 +127,7 @@ struct MiniDevice {
 }
 
 impl MiniDevice {
-    fn new(mm: &Mm, range: PageRange) -> MiniDevice {
+    fn new(mm: &Mm, range: PageRange) -> Result<MiniDevice, DevmemError> {
         let owner = Owner::unique();
         let inner = Arc::new(Inner {
             table: Mutex::new(BTreeMap::new()),
@@ -137,13 +137,13 @@ impl MiniDevice {
             chunk_pages: 256,
             max_chunks: 4,
         };
-        MiniDevice {
+        Ok(MiniDevice {
             owner,
             notifier: mm.insert_notifier(range, inner.clone()),
-            pagemap: DevicePagemap::new(mm, owner, inner.clone(), config),
+            pagemap: DevicePagemap::new(mm, owner, inner.clone(), config)?,
             inner,
             mm: mm.clone(),
-        }
+        })
     }
 
     /// The mirror protocol: read_begin, range_fault, lock, read_retry.
@@ -204,7 +204,7 @@ impl MiniDevice {
             }
         }
         for (&(i, _, _), &pfn) in picked.iter().zip(&pfns) {
-            m.set_device_dst(i, pfn);
+            m.set_device_dst(i, pfn)?;
         }
         m.pages();
         let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,7 +227,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let region = mm.alloc(16 * PAGE_SIZE, Backing::AnonPrivate)?;
     let range = region.range();
     region.write_at(0, b"written by the CPU")?;
-    let dev = MiniDevice::new(&mm, range);
+    let dev = MiniDevice::new(&mm, range)?;
 
     dev.mirror(range)?;
     let seen = dev.read_page(range.start()).ok_or("no translation")?;

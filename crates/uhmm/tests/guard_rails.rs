@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uhmm::devmem::{
-    DeviceFault, DevicePagemap, DevicePagemapOps, FaultError, MigrateSrc, MigrateVma,
-    PagemapConfig, Select,
+    DeviceFault, DevicePagemap, DevicePagemapOps, DevmemError, FaultError, MigrateError,
+    MigrateSrc, MigrateVma, PagemapConfig, Select,
 };
 use uhmm::mm::notifier::{NotifierOps, NotifierRange, Subscription};
 use uhmm::mm::{ManagedRegion, Mm, Owner};
@@ -134,7 +134,7 @@ impl Rig {
         mm.register_device_memory(&arena).unwrap();
         let dev = Faulty::new(&arena);
         let owner = Owner::unique();
-        let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default());
+        let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
         // One page per fault: each access is its own fault back.
         mm.set_fault_block(PAGE_SIZE);
         let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
@@ -326,4 +326,138 @@ fn an_invalidate_callback_that_panics_is_contained() {
     );
     assert_eq!(rig.mm.stats().callback_panics, 1);
     drop(notifier);
+}
+
+#[test]
+fn a_migration_for_an_owner_without_device_memory_is_refused() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[9; PAGE_SIZE]).unwrap();
+    let nobody = Owner::unique();
+    let err = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, nobody).unwrap_err();
+    assert!(
+        matches!(err, MigrateError::NoPagemap { owner } if owner == nobody),
+        "{err}"
+    );
+    let mut b = [0u8; 1];
+    region.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [9], "memory is as it was");
+}
+
+#[test]
+fn an_owner_has_one_pagemap() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(4) else { return };
+    let owner = rig.pm.owner();
+    let second = DevicePagemap::new(
+        &rig.mm,
+        owner,
+        Faulty::new(&rig._arena),
+        PagemapConfig::default(),
+    );
+    assert!(
+        matches!(second, Err(DevmemError::OwnerTaken { owner: o }) if o == owner),
+        "{second:?}"
+    );
+    drop(second);
+    // The first pagemap still finds (and serves) its pages.
+    for i in 0..4 {
+        assert_eq!(load_soon(rig.page(i), 10), Some(i as u8 + 1));
+    }
+    assert_eq!(rig.pm.stats().in_use, 0);
+}
+
+#[test]
+fn device_destinations_that_cannot_apply_are_refused() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[1; 4 * PAGE_SIZE]).unwrap();
+    let arena = Mapping::builder(16 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let dev = Faulty::new(&arena);
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, dev, PagemapConfig::default()).unwrap();
+    let pfns = pm.alloc(2).unwrap();
+    let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
+    let bad_entry = |r: Result<(), MigrateError>, index: usize| {
+        assert!(
+            matches!(r, Err(MigrateError::BadEntry { index: i, .. }) if i == index),
+            "{r:?}"
+        );
+    };
+    bad_entry(m.set_device_dst(4, pfns[0]), 4);
+    let never = DevicePfn(1000);
+    assert!(matches!(
+        m.set_device_dst(0, never),
+        Err(MigrateError::Devmem(DevmemError::BadPfn { pfn })) if pfn == never
+    ));
+    // The device copies pages 0 and 1 into its memory.
+    for (i, pfn) in [(0, pfns[0]), (1, pfns[1])] {
+        let bytes = m.src_bytes(i).unwrap().to_vec();
+        arena.write_at(pfn.0 as usize * PAGE_SIZE, &bytes).unwrap();
+    }
+    m.set_device_dst(0, pfns[0]).unwrap();
+    bad_entry(m.set_device_dst(1, pfns[0]), 1);
+    m.set_device_dst(1, pfns[1]).unwrap();
+    m.pages();
+    assert_eq!(m.migrated_count(), 2);
+    bad_entry(m.set_device_dst(2, pfns[1]), 2);
+    m.finalize();
+    assert_eq!(pm.stats().in_use, 2, "one device page for each page moved");
+    drop(pm);
+    let mut b = [0u8; 4 * PAGE_SIZE];
+    region.read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 1), "the data came home");
+}
+
+#[test]
+fn a_second_put_of_a_page_is_refused() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let arena = Mapping::builder(4 * PAGE_SIZE).build().unwrap();
+    let pm = DevicePagemap::new(
+        &mm,
+        Owner::unique(),
+        Faulty::new(&arena),
+        PagemapConfig::default(),
+    )
+    .unwrap();
+    let p = pm.alloc(1).unwrap()[0];
+    pm.put(p).unwrap();
+    assert!(matches!(pm.put(p), Err(DevmemError::BadPfn { pfn }) if pfn == p));
+    assert!(pm.put(DevicePfn(1 << 40)).is_err());
+    let st = pm.stats();
+    assert_eq!((st.in_use, st.freed), (0, 1));
+}
+
+#[test]
+fn pagemap_configs_out_of_bounds_are_refused_at_once() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let arena = Mapping::builder(4 * PAGE_SIZE).build().unwrap();
+    let dev = Faulty::new(&arena);
+    let t0 = Instant::now();
+    for (chunk_pages, max_chunks) in [
+        (usize::MAX, 64),
+        (256 << 20, 64), // 256 MiB given in bytes
+        (0, 1),
+        (1, 0),
+        (PagemapConfig::MAX_CHUNK_PAGES, usize::MAX),
+    ] {
+        let cfg = PagemapConfig {
+            chunk_pages,
+            max_chunks,
+        };
+        let r = DevicePagemap::new(&mm, Owner::unique(), dev.clone(), cfg);
+        assert!(
+            matches!(r, Err(DevmemError::BadConfig { .. })),
+            "{cfg:?}: {r:?}"
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert!(PagemapConfig::from_bytes(256 << 20, 16 << 30).is_ok());
+    assert!(PagemapConfig::from_bytes(256 << 20, (16 << 30) + 4096).is_err());
+    assert!(PagemapConfig::from_bytes(1000, 1 << 20).is_err());
 }

@@ -47,7 +47,7 @@ fn a_migration_dropped_after_moving_to_device_memory_puts_the_data_back() {
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region.write_at(0, &[0xAB; PAGE_SIZE]).unwrap();
     let owner = Owner::unique();
-    let pm = DevicePagemap::new(&mm, owner, Arc::new(Idle), PagemapConfig::default());
+    let pm = DevicePagemap::new(&mm, owner, Arc::new(Idle), PagemapConfig::default()).unwrap();
     let arena = Mapping::builder(16 * PAGE_SIZE).build().unwrap();
     mm.register_device_memory(&arena).unwrap();
     let page = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
@@ -70,7 +70,7 @@ fn an_mremap_of_pages_in_flight_is_followed_by_their_migration() {
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region.write_at(0, &[0xCD; PAGE_SIZE]).unwrap();
     let owner = Owner::unique();
-    let _pm = DevicePagemap::new(&mm, owner, Arc::new(Idle), PagemapConfig::default());
+    let _pm = DevicePagemap::new(&mm, owner, Arc::new(Idle), PagemapConfig::default()).unwrap();
     // Where the pages go: a mapping of the test's, replaced by the mremap.
     let dest = Mapping::builder(4 * PAGE_SIZE).build().unwrap().leak();
     let page = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
@@ -170,7 +170,7 @@ fn eviction_waits_for_a_fault_back_to_free_its_device_page() {
         st: Mutex::default(),
         cv: Condvar::new(),
     });
-    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default());
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
     let page = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
     let mut m = MigrateVma::setup(&mm, page, Select::SYSTEM, owner).unwrap();
     let pfn = pm.alloc(1).unwrap()[0];

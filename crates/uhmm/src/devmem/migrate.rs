@@ -114,6 +114,22 @@ pub enum MigrateError {
     /// The address space could not be read or registered.
     #[error(transparent)]
     Mm(#[from] MmError),
+    /// The owner has no [`DevicePagemap`](super::DevicePagemap) in this
+    /// address space: pages moved to its device could never be found
+    /// again.
+    #[error("{owner:?} has no DevicePagemap in this address space")]
+    NoPagemap {
+        /// The owner.
+        owner: Owner,
+    },
+    /// A call named a page of the migration it cannot apply to.
+    #[error("page {index} of the migration: {reason}")]
+    BadEntry {
+        /// The page's index in the range.
+        index: usize,
+        /// Why.
+        reason: &'static str,
+    },
 }
 
 /// How a selected page left the CPU page table.
@@ -289,6 +305,9 @@ impl<'a> MigrateVma<'a> {
         blockable: bool,
     ) -> Result<MigrateVma<'a>, MigrateError> {
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
+        if shared.device_pagemap(owner).is_none() {
+            return Err(MigrateError::NoPagemap { owner });
+        }
         if !blockable && select.contains(Select::SYSTEM) {
             // Taking system pages out may have to wait for the service.
             return Err(MigrateError::Retry { range });
@@ -849,19 +868,53 @@ impl<'a> MigrateVma<'a> {
         Some(staging.page(staging.slot(run, addr)))
     }
 
-    /// Page `i` goes to device page `pfn`, whose reference the migration
-    /// takes (it is freed through the owner's pagemap if the page does not
-    /// migrate). Ignored for entries not selected or not from system memory.
-    pub fn set_device_dst(&mut self, i: usize, pfn: DevicePfn) {
-        if let Some(e) = self.entries.get_mut(i)
-            && e.migrate
-            && matches!(e.src, MigrateSrc::System | MigrateSrc::Zero)
-            && !self.committed
+    /// Page `i` goes to device page `pfn` (allocated from the owner's
+    /// pagemap), whose reference the migration takes: it is freed through
+    /// the pagemap if the page does not migrate. A dst set before is
+    /// replaced (and its reference dropped).
+    ///
+    /// # Errors
+    ///
+    /// [`MigrateError::BadEntry`] if page `i` is not selected, not from
+    /// system memory, the migration has committed, or another page already
+    /// goes to `pfn`; [`MigrateError::Devmem`] with
+    /// [`DevmemError::BadPfn`] if `pfn` is not an allocated page of the
+    /// owner's pagemap. Nothing changes on error (the reference stays the
+    /// caller's).
+    pub fn set_device_dst(&mut self, i: usize, pfn: DevicePfn) -> Result<(), MigrateError> {
+        self.check_device_dst(i, pfn)?;
+        let e = &mut self.entries[i];
+        if let MigrateDst::Device(old) = e.dst {
+            self.shared.put_device_page(self.owner, old);
+        }
+        e.dst = MigrateDst::Device(pfn);
+        Ok(())
+    }
+
+    /// Whether `pfn` may become page `i`'s destination (see
+    /// [`set_device_dst`](Self::set_device_dst)).
+    fn check_device_dst(&self, i: usize, pfn: DevicePfn) -> Result<(), MigrateError> {
+        let bad = |reason| Err(MigrateError::BadEntry { index: i, reason });
+        let Some(e) = self.entries.get(i) else {
+            return bad("outside the range");
+        };
+        if self.committed {
+            return bad("the migration has committed");
+        }
+        if !e.migrate || !matches!(e.src, MigrateSrc::System | MigrateSrc::Zero) {
+            return bad("not a selected page of system memory");
+        }
+        if e.dst != MigrateDst::Device(pfn)
+            && self
+                .entries
+                .iter()
+                .any(|o| o.dst == MigrateDst::Device(pfn))
         {
-            if let MigrateDst::Device(old) = e.dst {
-                self.shared.put_device_page(self.owner, old);
-            }
-            e.dst = MigrateDst::Device(pfn);
+            return bad("its device page is already another page's destination");
+        }
+        match self.shared.device_pagemap(self.owner) {
+            Some(pm) if pm.allocated(pfn) => Ok(()),
+            _ => Err(DevmemError::BadPfn { pfn }.into()),
         }
     }
 
@@ -931,12 +984,19 @@ impl<'a> MigrateVma<'a> {
     /// or zero page moves nothing (the device page stays a hole, which
     /// reads as zeros). Returns the indices done; the others (pages that
     /// were copied out, or whose move failed) are left for the caller to
-    /// copy ([`src_bytes`](Self::src_bytes)) or skip.
+    /// copy ([`src_bytes`](Self::src_bytes)) or skip, and so are entries
+    /// that [`set_device_dst`](Self::set_device_dst) would refuse (and a
+    /// device page named a second time).
     pub fn move_to_device(&mut self, pages: &[(usize, DevicePfn, VirtAddr)]) -> Vec<usize> {
         let mut done = Vec::with_capacity(pages.len());
         let (Some(run), Ok(staging)) = (self.run, self.shared.staging()) else {
             return done;
         };
+        // A device page named twice is one page's destination at most.
+        let mut seen = std::collections::HashSet::with_capacity(pages.len());
+        let pages: Vec<(usize, DevicePfn, VirtAddr)> =
+            pages.iter().copied().filter(|p| seen.insert(p.1)).collect();
+        let pages = &pages[..];
         let mut k = 0;
         while k < pages.len() {
             let (i, pfn, to) = pages[k];
@@ -948,9 +1008,14 @@ impl<'a> MigrateVma<'a> {
                 k += 1;
                 continue;
             }
+            if self.check_device_dst(i, pfn).is_err() {
+                k += 1;
+                continue;
+            }
             if e.src == MigrateSrc::Zero && !e.zero_pte {
-                self.set_device_dst(i, pfn);
-                done.push(i);
+                if self.set_device_dst(i, pfn).is_ok() {
+                    done.push(i);
+                }
                 k += 1;
                 continue;
             }
@@ -959,6 +1024,7 @@ impl<'a> MigrateVma<'a> {
             while let Some(&(j, _, t)) = pages.get(k + n) {
                 let ok = j == i + n
                     && t.get() == to.get() + n * PAGE_SIZE
+                    && self.check_device_dst(j, pages[k + n].1).is_ok()
                     && self.entries.get(j).is_some_and(|f| {
                         f.migrate
                             && f.how == How::Moved
@@ -1010,7 +1076,8 @@ impl<'a> MigrateVma<'a> {
                 }
             }
             for &(j, pfn, to) in &pages[k..k + moved] {
-                self.set_device_dst(j, pfn);
+                // Checked before the move; the data is in device memory now.
+                let _ = self.set_device_dst(j, pfn);
                 self.entries[j].moved_out = true;
                 self.entries[j].dev_addr = Some(to);
                 done.push(j);

@@ -110,22 +110,115 @@ pub enum DevmemError {
         /// Why.
         reason: String,
     },
-    /// `DevicePfn` given that this pagemap never handed out.
+    /// `DevicePfn` given that this pagemap never handed out, or that has
+    /// been freed (a second `put` of the same page, say).
     #[error("{pfn} is not an allocated page of this pagemap")]
     BadPfn {
         /// The page.
         pfn: DevicePfn,
     },
+    /// The owner has device memory already in this address space: an
+    /// owner's device pages are found through exactly one pagemap.
+    #[error("{owner:?} already has a DevicePagemap in this address space")]
+    OwnerTaken {
+        /// The owner.
+        owner: Owner,
+    },
+    /// A [`PagemapConfig`] out of bounds.
+    #[error("bad PagemapConfig: {reason}")]
+    BadConfig {
+        /// What is wrong, with the bound.
+        reason: String,
+    },
 }
 
-/// How a [`DevicePagemap`] grows.
+/// How a [`DevicePagemap`] grows: by chunks of `chunk_pages` pages (of
+/// [`PAGE_SIZE`] bytes each), up to `max_chunks` chunks.
+///
+/// ```
+/// use uhmm::devmem::PagemapConfig;
+///
+/// // 1 GiB of device memory in 64 MiB chunks.
+/// let cfg = PagemapConfig::from_bytes(64 << 20, 1 << 30)?;
+/// assert_eq!((cfg.chunk_pages, cfg.max_chunks), (16384, 16));
+/// # Ok::<(), uhmm::devmem::DevmemError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagemapConfig {
-    /// Pages per chunk (the kernel's test driver uses 256 MiB chunks).
+    /// Pages (not bytes) per chunk, 1 to [`MAX_CHUNK_PAGES`](Self::MAX_CHUNK_PAGES)
+    /// (the kernel's test driver uses 256 MiB chunks: 65,536 pages).
     pub chunk_pages: usize,
-    /// Chunks at most: the device's memory size is
-    /// `chunk_pages * max_chunks` pages.
+    /// Chunks at most, at least 1: the device's memory size is
+    /// `chunk_pages * max_chunks` pages, at most
+    /// [`MAX_PAGES`](Self::MAX_PAGES).
     pub max_chunks: usize,
+}
+
+impl PagemapConfig {
+    /// The largest chunk: 1 GiB. (A chunk's bookkeeping is made when it
+    /// is added, 12 bytes a page.)
+    pub const MAX_CHUNK_PAGES: usize = (1 << 30) / PAGE_SIZE;
+    /// The most device memory a pagemap may name: 2^47 bytes (128 TiB, a
+    /// 47-bit address space's worth).
+    pub const MAX_PAGES: usize = (1 << 47) / PAGE_SIZE;
+
+    /// `total_bytes` of device memory in chunks of `chunk_bytes` (both
+    /// multiples of [`PAGE_SIZE`], `total_bytes` of `chunk_bytes`).
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::BadConfig`] if a size is not such a multiple, or out
+    /// of the bounds of [`validate`](Self::validate).
+    pub fn from_bytes(chunk_bytes: usize, total_bytes: usize) -> Result<Self, DevmemError> {
+        let bad = |reason: String| Err(DevmemError::BadConfig { reason });
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(PAGE_SIZE) {
+            return bad(format!(
+                "chunk of {chunk_bytes} bytes: must be a non-zero multiple of {PAGE_SIZE} bytes"
+            ));
+        }
+        if total_bytes == 0 || !total_bytes.is_multiple_of(chunk_bytes) {
+            return bad(format!(
+                "{total_bytes} bytes of device memory: must be a non-zero multiple of the chunk ({chunk_bytes} bytes)"
+            ));
+        }
+        let cfg = Self {
+            chunk_pages: chunk_bytes / PAGE_SIZE,
+            max_chunks: total_bytes / chunk_bytes,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the bounds: `chunk_pages` from 1 to
+    /// [`MAX_CHUNK_PAGES`](Self::MAX_CHUNK_PAGES), `max_chunks` at least 1,
+    /// and `chunk_pages * max_chunks` at most [`MAX_PAGES`](Self::MAX_PAGES).
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::BadConfig`], saying which bound and by how much.
+    pub fn validate(&self) -> Result<(), DevmemError> {
+        let bad = |reason: String| Err(DevmemError::BadConfig { reason });
+        let (cp, mc) = (self.chunk_pages, self.max_chunks);
+        if cp == 0 || mc == 0 {
+            return bad(format!(
+                "chunk_pages ({cp}) and max_chunks ({mc}) must be at least 1"
+            ));
+        }
+        if cp > Self::MAX_CHUNK_PAGES {
+            return bad(format!(
+                "chunk_pages is {cp} pages ({} bytes each): at most {} pages (a 1 GiB chunk) — was a size in bytes given?",
+                PAGE_SIZE,
+                Self::MAX_CHUNK_PAGES
+            ));
+        }
+        match cp.checked_mul(mc) {
+            Some(total) if total <= Self::MAX_PAGES => Ok(()),
+            _ => bad(format!(
+                "chunk_pages * max_chunks ({cp} * {mc}) pages: at most {} pages (128 TiB)",
+                Self::MAX_PAGES
+            )),
+        }
+    }
 }
 
 impl Default for PagemapConfig {
@@ -188,7 +281,7 @@ impl PagemapInner {
     /// `page_free` runs first, and only then can the page be handed out
     /// again (a page reused before its device let go of it could carry its
     /// old contents into a new virtual page).
-    pub(crate) fn put(&self, pfn: DevicePfn) {
+    pub(crate) fn put(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
         let last = {
             let mut p = lock(&self.pool);
             match p.refs.get_mut(pfn.0 as usize) {
@@ -196,7 +289,7 @@ impl PagemapInner {
                     *r -= 1;
                     *r == 0
                 }
-                _ => false,
+                _ => return Err(DevmemError::BadPfn { pfn }),
             }
         };
         if last {
@@ -211,6 +304,15 @@ impl PagemapInner {
             drop(p);
             self.freed.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// Whether `pfn` is an allocated (referenced) page.
+    pub(crate) fn allocated(&self, pfn: DevicePfn) -> bool {
+        lock(&self.pool)
+            .refs
+            .get(pfn.0 as usize)
+            .is_some_and(|&r| r > 0)
     }
 }
 
@@ -290,12 +392,19 @@ impl<'a> DeviceFault<'a> {
 impl DevicePagemap {
     /// Device memory for `owner` in `mm`'s address space, empty until the
     /// first allocation adds a chunk.
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::BadConfig`] if `config` is out of bounds
+    /// ([`PagemapConfig::validate`]); [`DevmemError::OwnerTaken`] if
+    /// `owner` has a pagemap in `mm` already.
     pub fn new(
         mm: &Mm,
         owner: Owner,
         ops: Arc<dyn DevicePagemapOps>,
         config: PagemapConfig,
-    ) -> DevicePagemap {
+    ) -> Result<DevicePagemap, DevmemError> {
+        config.validate()?;
         let inner = Arc::new(PagemapInner {
             owner,
             ops,
@@ -306,11 +415,13 @@ impl DevicePagemap {
             faulted_back: AtomicU64::new(0),
             panics: mm.shared().stats.callback_panics.clone(),
         });
-        mm.shared().add_pagemap(&inner);
-        DevicePagemap {
+        if !mm.shared().add_pagemap(&inner) {
+            return Err(DevmemError::OwnerTaken { owner });
+        }
+        Ok(DevicePagemap {
             inner,
             mm: mm.clone(),
-        }
+        })
     }
 
     /// The owner.
@@ -398,8 +509,14 @@ impl DevicePagemap {
 
     /// One reference less to `pfn`; the last one frees the page
     /// ([`DevicePagemapOps::page_free`]).
-    pub fn put(&self, pfn: DevicePfn) {
-        self.inner.put(pfn);
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::BadPfn`] if the page is not in use (never handed
+    /// out, or freed already: a second `put` of its last reference); no
+    /// count changes then.
+    pub fn put(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
+        self.inner.put(pfn)
     }
 
     /// Brings every page of this owner back to system memory (the kernel's

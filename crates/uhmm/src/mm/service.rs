@@ -129,10 +129,17 @@ impl Shared {
         })
     }
 
-    pub(crate) fn add_pagemap(&self, pm: &Arc<PagemapInner>) {
+    /// Makes `pm` the device memory of its owner; false if the owner has
+    /// device memory already (the kernel binds `pgmap->owner` the same
+    /// way: one owner's device pages are found through one pagemap).
+    pub(crate) fn add_pagemap(&self, pm: &Arc<PagemapInner>) -> bool {
         let mut p = lock(&self.pagemaps);
         p.retain(|(_, w)| w.strong_count() > 0);
+        if p.iter().any(|(o, _)| *o == pm.owner) {
+            return false;
+        }
         p.push((pm.owner, Arc::downgrade(pm)));
+        true
     }
 
     pub(crate) fn remove_pagemap(&self, owner: Owner) {
@@ -156,7 +163,8 @@ impl Shared {
     /// Drops the reference a virtual page held on a device page.
     pub(crate) fn put_device_page(&self, owner: Owner, pfn: DevicePfn) {
         if let Some(pm) = self.device_pagemap(owner) {
-            pm.put(pfn);
+            // uhmm holds the references it drops here.
+            let _ = pm.put(pfn);
         }
     }
 
@@ -947,6 +955,24 @@ mod tests {
         let page = |i: usize| page_of(&region, i);
         // Armed (a migration arms its region), page 0 a hole.
         let owner = Owner::unique();
+        #[derive(Debug)]
+        struct Idle;
+        impl crate::devmem::DevicePagemapOps for Idle {
+            fn page_free(&self, _: crate::DevicePfn) {}
+            fn migrate_to_ram(
+                &self,
+                _: &crate::devmem::DeviceFault<'_>,
+            ) -> Result<(), crate::devmem::FaultError> {
+                Err(crate::devmem::FaultError::Retry)
+            }
+        }
+        let _pm = crate::devmem::DevicePagemap::new(
+            &mm,
+            owner,
+            std::sync::Arc::new(Idle),
+            crate::devmem::PagemapConfig::default(),
+        )
+        .unwrap();
         drop(
             crate::devmem::MigrateVma::setup(
                 &mm,
