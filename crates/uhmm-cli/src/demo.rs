@@ -22,18 +22,26 @@ use uhmm_sim::SimDevice;
 /// Arguments of `uhmm demo`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Size of the array, in MiB.
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
-    size: usize,
-    /// CPU threads updating the array while the device works.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
-    /// Rounds of device work (each takes one chunk of the array).
-    #[arg(long, default_value_t = 8)]
-    rounds: usize,
-    /// Element updates per CPU thread per round.
-    #[arg(long, default_value_t = 20_000)]
-    updates: usize,
+    /// Size of the array, in MiB (1 to 65536). The demo cuts it into 4
+    /// chunks of whole 2 MiB pages, so it rounds a size that is not a
+    /// multiple of 8 MiB up, and says so. It needs about twice the size in
+    /// memory (the array and its model).
+    #[arg(long, default_value_t = 64, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    size: u64,
+    /// CPU threads updating the array while the device works (1 to 1024).
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: u32,
+    /// Rounds of device work, each on one chunk of the array (1 to
+    /// 100000).
+    #[arg(long, default_value_t = 8, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    rounds: u32,
+    /// Element updates per CPU thread per round (0 to 1000000000).
+    #[arg(long, default_value_t = 20_000, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    updates: u64,
     /// Do not fork midway.
     #[arg(long)]
     no_fork: bool,
@@ -41,8 +49,16 @@ pub struct Args {
 
 /// Chunks the array is cut into; the device works on one per round.
 const CHUNKS: usize = 4;
+/// What each chunk is a whole number of: 2 MiB pages, so that the chunks
+/// can be backed by transparent huge pages.
+const CHUNK_GRANULE: usize = 2 << 20;
 /// Width of a residency strip.
 const STRIP: usize = 64;
+/// Debug builds only: the CPU thread with this index (as a decimal number)
+/// panics at the start of its first round, so that the tests can check
+/// that a panicked worker makes the verdict FAIL.
+#[cfg(debug_assertions)]
+const PANIC_THREAD_VAR: &str = "UHMM_DEMO_PANIC_THREAD";
 
 pub fn run(args: &Args) -> ExitCode {
     match demo(args) {
@@ -71,16 +87,88 @@ impl Rng {
     }
 }
 
-fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
-    if args.size == 0 || args.rounds == 0 || args.threads == 0 {
-        return Err("--size, --rounds and --threads must be at least 1".into());
+/// The layout of the array.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Elements.
+    n: usize,
+    /// Elements per chunk.
+    per_chunk: usize,
+}
+
+/// The elements CPU thread `t` increments in `round`, in order: `updates`
+/// random ones outside chunk `c` (the device's this round). Deterministic,
+/// so the model replays exactly what the thread did.
+fn updates_of(
+    layout: Layout,
+    round: u32,
+    t: u32,
+    c: usize,
+    updates: u64,
+) -> impl Iterator<Item = usize> {
+    let Layout { n, per_chunk } = layout;
+    // Distinct for every (round, thread): threads are at most 1024.
+    let seed = (u64::from(round) << 10) + u64::from(t) + 1;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
+    (0..updates).map(move |_| {
+        let mut i = (rng.next() % n as u64) as usize;
+        if i / per_chunk == c {
+            i = (i + per_chunk) % n;
+        }
+        i
+    })
+}
+
+/// The text of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// The CPU thread that is to panic (debug builds, for the tests).
+fn panic_thread() -> Option<u32> {
+    #[cfg(debug_assertions)]
+    {
+        std::env::var(PANIC_THREAD_VAR)
+            .ok()
+            .and_then(|v| v.parse().ok())
     }
+    #[cfg(not(debug_assertions))]
+    {
+        None
+    }
+}
+
+fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let t0 = Instant::now();
-    let len = (args.size << 20).next_multiple_of(CHUNKS * (2 << 20));
+    let granule = CHUNKS * CHUNK_GRANULE;
+    let asked = usize::try_from(args.size)
+        .ok()
+        .and_then(|mib| mib.checked_mul(1 << 20))
+        .ok_or_else(|| format!("--size {}: too large for this machine", args.size))?;
+    let len = asked
+        .checked_next_multiple_of(granule)
+        .ok_or_else(|| format!("--size {}: too large for this machine", args.size))?;
+    if len != asked {
+        println!(
+            "size rounded up from {} to {} MiB: the demo needs whole {} MiB pages in each of its {CHUNKS} chunks",
+            args.size,
+            len >> 20,
+            CHUNK_GRANULE >> 20
+        );
+    }
     let n = len / 8;
-    let per_chunk = n / CHUNKS;
+    let layout = Layout {
+        n,
+        per_chunk: n / CHUNKS,
+    };
+    let per_chunk = layout.per_chunk;
+    let fork_round = (!args.no_fork).then_some((args.rounds / 2).max(1));
+    let panic_thread = panic_thread();
     let mm = Mm::new()?;
-    let region = mm.alloc_mapping(Mapping::builder(len).align(2 << 20))?;
+    let region = mm.alloc_mapping(Mapping::builder(len).align(CHUNK_GRANULE))?;
     let dev = SimDevice::new(&mm);
     eprintln!(
         "uhmm demo: {} MiB array of u64 in managed memory, {} CPU threads, {} rounds, {} updates per thread per round",
@@ -95,67 +183,92 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     }
     println!("residency (D device, # system, . empty), one strip per round:");
     println!("  start   {}", strip(&mm, region.range()));
-    let mut fork_verdict = None;
+    let mut fork_verdict: Option<Result<(), String>> = None;
     for round in 0..args.rounds {
-        let c = round % CHUNKS;
+        let c = round as usize % CHUNKS;
         let chunk = PageRange::new(elem(&region, c * per_chunk), per_chunk * 8)?;
         // CPU threads update the other chunks, concurrently with the device.
-        let increments: Vec<Vec<usize>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..args.threads)
-                .map(|t| {
-                    let region = &region;
-                    s.spawn(move || {
-                        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((round * 64 + t + 1) as u64));
-                        let mut touched = Vec::with_capacity(args.updates);
-                        for _ in 0..args.updates {
-                            let mut i = (rng.next() % n as u64) as usize;
-                            if i / per_chunk == c {
-                                i = (i + per_chunk) % n;
-                            }
+        let (spawned, device, panicked) = std::thread::scope(|s| {
+            let mut workers = Vec::with_capacity(args.threads as usize);
+            let mut spawned = Ok(());
+            for t in 0..args.threads {
+                let region = &region;
+                let updates = args.updates;
+                let must_panic = round == 0 && panic_thread == Some(t);
+                let worker = std::thread::Builder::new()
+                    .name(format!("uhmm-demo-cpu-{t}"))
+                    .spawn_scoped(s, move || {
+                        assert!(!must_panic, "panic injected by the tests");
+                        for i in updates_of(layout, round, t, c, updates) {
                             cpu::add_u64(elem(region, i), 1);
-                            touched.push(i);
                         }
-                        touched
-                    })
+                    });
+                match worker {
+                    Ok(h) => workers.push((t, h)),
+                    Err(e) => {
+                        spawned = Err(format!(
+                            "cannot start CPU thread {t} ({t} of {} started): {e}",
+                            args.threads
+                        ));
+                        break;
+                    }
+                }
+            }
+            // The device works only if every thread could start.
+            let device = spawned.is_ok().then(|| device_round(&dev, chunk));
+            // Every thread is joined here (a panic is reported, not lost).
+            let panicked: Vec<String> = workers
+                .into_iter()
+                .filter_map(|(t, h)| {
+                    h.join()
+                        .err()
+                        .map(|p| format!("CPU thread {t} panicked ({})", panic_message(&*p)))
                 })
                 .collect();
-            let device = device_round(&dev, chunk);
-            let touched = workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or_default())
-                .collect();
-            device.map(|()| touched)
-        })?;
-        for i in increments.into_iter().flatten() {
-            model[i] = model[i].wrapping_add(1);
+            (spawned, device, panicked)
+        });
+        if !panicked.is_empty() {
+            if let Some(Err(e)) = &device {
+                eprintln!("uhmm demo: round {}: {e}", round + 1);
+            }
+            println!();
+            println!(
+                "verdict: FAILED — round {} did not run to its end: {}",
+                round + 1,
+                panicked.join("; ")
+            );
+            return Ok(false);
+        }
+        spawned?;
+        let moved = device.ok_or("the device round did not run")??;
+        for t in 0..args.threads {
+            for i in updates_of(layout, round, t, c, args.updates) {
+                model[i] = model[i].wrapping_add(1);
+            }
         }
         for v in &mut model[c * per_chunk..(c + 1) * per_chunk] {
             *v = v.wrapping_mul(3).wrapping_add(1);
         }
         println!("  round {:<2} {}", round + 1, strip(&mm, region.range()));
         eprintln!(
-            "round {}/{}: device computed over chunk {c} in its memory; {} pages on the device",
+            "round {}/{}: device took {moved} of the {} pages of chunk {c} into its memory and computed over the chunk; {} pages on the device now",
             round + 1,
             args.rounds,
+            chunk.npages(),
             dev.device_pages()
         );
-        if !args.no_fork && round + 1 == args.rounds / 2 {
+        if fork_round == Some(round + 1) {
             let on_device = dev.device_pages();
-            let model = &model;
-            let region = &region;
-            let code = cpu::fork_and_wait(|| {
-                let same = (0..n).all(|i| cpu::read_u64(elem(region, i)) == model[i]);
-                // The child's writes stay its own.
-                cpu::write_u64(elem(region, 0), u64::MAX);
-                if same { 0 } else { 1 }
-            });
-            let ok = code == Some(0) && cpu::read_u64(elem(region, 0)) == model[0];
+            let verdict = fork_check(&region, &model);
             println!(
                 "  fork    the child read all {} MiB ({on_device} pages were on the device): {}",
                 len >> 20,
-                if ok { "matches the parent" } else { "MISMATCH" }
+                match &verdict {
+                    Ok(()) => "matches the parent".to_string(),
+                    Err(e) => format!("FAILED: {e}"),
+                }
             );
-            fork_verdict = Some(ok);
+            fork_verdict = Some(verdict);
         }
     }
     let before_removal = dev.device_pages();
@@ -166,7 +279,6 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let wrong = (0..n)
         .filter(|&i| cpu::read_u64(elem(&region, i)) != model[i])
         .count();
-    let ok = wrong == 0 && fork_verdict.unwrap_or(true);
     let st = mm.stats();
     println!();
     println!("summary ({:.2?} wall)", round_ms(t0.elapsed()));
@@ -232,28 +344,60 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
         println!("  {k:<50} {v}");
     }
     println!();
-    if ok {
+    let mut failures = Vec::new();
+    if wrong > 0 {
+        failures.push(format!("{wrong} elements differ from the model"));
+    }
+    if let Some(Err(e)) = &fork_verdict {
+        failures.push(format!("the fork check failed: {e}"));
+    }
+    if failures.is_empty() {
+        // At most 100000 rounds x 1024 threads x 10^9 updates: fits a u64.
+        let cpu_updates = u64::from(args.rounds) * u64::from(args.threads) * args.updates;
         println!(
-            "verdict: OK — all {n} elements match the model (device work, {} CPU updates, fork, device removal)",
-            args.rounds * args.threads * args.updates
+            "verdict: OK — all {n} elements match the model (device work, {cpu_updates} CPU updates, {}device removal)",
+            if fork_verdict.is_some() {
+                "fork, "
+            } else {
+                "no fork (--no-fork), "
+            }
         );
     } else {
-        println!("verdict: FAILED — {wrong} elements differ from the model");
+        println!("verdict: FAILED — {}", failures.join("; "));
     }
-    Ok(ok)
+    Ok(failures.is_empty())
+}
+
+/// Forks; the child compares all of the array with the model, then writes
+/// element 0 of its copy, which the parent must not see.
+fn fork_check(region: &ManagedRegion, model: &[u64]) -> Result<(), String> {
+    let code = cpu::fork_and_wait(|| {
+        let same = (0..model.len()).all(|i| cpu::read_u64(elem(region, i)) == model[i]);
+        // The child's writes stay its own.
+        cpu::write_u64(elem(region, 0), u64::MAX);
+        if same { 0 } else { 1 }
+    })?;
+    match code {
+        0 if cpu::read_u64(elem(region, 0)) == model[0] => Ok(()),
+        0 => Err("the child's write showed in the parent".into()),
+        1 => Err("the child read data that differs from the parent's".into()),
+        c => Err(format!("the child exited with status {c}")),
+    }
 }
 
 /// One round of device work on `chunk`: take it into device memory, read
-/// it there, compute, write it back there.
-fn device_round(dev: &SimDevice, chunk: PageRange) -> Result<(), Box<dyn std::error::Error>> {
-    dev.migrate_range_to_device(chunk.start(), chunk.npages())?;
+/// it there, compute, write it back there. Returns how many of its pages
+/// moved into device memory (the device reaches the others through its
+/// mirror of system memory).
+fn device_round(dev: &SimDevice, chunk: PageRange) -> Result<u64, Box<dyn std::error::Error>> {
+    let moved = dev.migrate_range_to_device(chunk.start(), chunk.npages())?;
     let (mut data, _) = dev.read(chunk.start(), chunk.npages())?;
     for w in data.chunks_exact_mut(8) {
         let v = u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]));
         w.copy_from_slice(&v.wrapping_mul(3).wrapping_add(1).to_ne_bytes());
     }
     dev.write(chunk.start(), &data)?;
-    Ok(())
+    Ok(moved)
 }
 
 /// Where the pages of `range` are, sampled at `STRIP` points.

@@ -2448,7 +2448,13 @@ fn stress(mut cfg: Config) -> Result<bool, BoxError> {
         w.touch(main);
         let teardown = spawned.map(|()| finish(w));
         w.done.store(true, Ordering::SeqCst);
-        let _ = watchdog.join();
+        // A watchdog that died watched nothing: the run is not a pass.
+        if let Err(panic) = watchdog.join() {
+            w.event(
+                "uhmm-watchdog",
+                format!("the thread panicked: {}", panic_message(&*panic)),
+            );
+        }
         Ok(teardown?)
     })?;
     let stats = world.mm.stats();
@@ -2460,8 +2466,9 @@ fn stress(mut cfg: Config) -> Result<bool, BoxError> {
     }
     let fig = Figures::collect(&world, Some(stats), teardown, None);
     print_report(&fig);
-    write_json(&world, &fig);
-    let ok = fig.ok;
+    // Results asked for and not written: not a pass.
+    let written = write_json(&world, &fig);
+    let ok = fig.ok && written;
     // Dropping the last handle releases the address space; a hang there is
     // reported too.
     let limit = world.cfg.watchdog;
@@ -2994,8 +3001,10 @@ fn print_report(fig: &Figures) {
     }
 }
 
-fn write_json(w: &World, fig: &Figures) {
-    let Some(path) = &w.cfg.json else { return };
+/// Writes the figures to `--json`'s file, if one was asked for; false if
+/// that failed (the error is printed).
+fn write_json(w: &World, fig: &Figures) -> bool {
+    let Some(path) = &w.cfg.json else { return true };
     let c = &w.cfg;
     let kinds: serde_json::Map<String, serde_json::Value> = fig
         .kinds
@@ -3078,7 +3087,9 @@ fn write_json(w: &World, fig: &Figures) {
     });
     if let Err(e) = std::fs::write(path, format!("{value:#}\n")) {
         eprintln!("uhmm stress: cannot write {}: {e}", path.display());
+        return false;
     }
+    true
 }
 
 // ---------------------------------------------------------------------

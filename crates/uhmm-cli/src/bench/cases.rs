@@ -567,7 +567,9 @@ fn fault_back_samples(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let _ = server.join();
+    server
+        .join()
+        .map_err(|_| "the bare userfaultfd server thread panicked")?;
     Ok((back, raw))
 }
 

@@ -74,23 +74,43 @@ pub fn write_u64(addr: uhmm::VirtAddr, v: u64) {
 }
 
 /// Forks; the child runs `child` and exits with its result (without
-/// unwinding or running exit hooks), the parent waits and returns the
-/// child's exit status (`None` if it did not exit normally).
-pub fn fork_and_wait(child: impl FnOnce() -> i32) -> Option<i32> {
+/// unwinding or running exit hooks; 101 if `child` panics), the parent
+/// waits and returns the child's exit status, or why it has none (the
+/// fork failed, the child was killed by a signal).
+pub fn fork_and_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
     // SAFETY: fork; in the child only `child` runs, then _exit. The demo
     // forks while no other thread of its own holds a lock it needs in the
     // child (its worker threads have been joined).
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        let code = child();
+        // A panic must not unwind into the parent's code in the child.
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
         // SAFETY: leaves the child at once, as a forked child must.
         unsafe { libc::_exit(code) }
     }
     if pid < 0 {
-        return None;
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     let mut status = 0;
-    // SAFETY: waits for the child just made; `status` is a local.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    (r == pid && libc::WIFEXITED(status)).then(|| libc::WEXITSTATUS(status))
+    loop {
+        // SAFETY: waits for the child just made; `status` is a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("waitpid: {e}"));
+        }
+    }
+    if libc::WIFEXITED(status) {
+        Ok(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Err(format!(
+            "the child was killed by signal {}",
+            libc::WTERMSIG(status)
+        ))
+    } else {
+        Err(format!("the child ended with wait status {status:#x}"))
+    }
 }

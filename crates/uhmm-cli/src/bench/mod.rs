@@ -14,7 +14,7 @@ mod svg;
 use measure::{Summary, Unit};
 use serde_json::json;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -25,13 +25,17 @@ pub struct Args {
     /// (for CI smoke runs). Ratios are noisier.
     #[arg(long)]
     quick: bool,
-    /// Also write the results as JSON to this file.
+    /// Also write the results as JSON to this file (created, or emptied,
+    /// before any case runs, to check that it can be written).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Write the charts (SVG) into this directory.
+    /// Write the charts (SVG) into this directory (created, and checked
+    /// writable, before any case runs).
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
-    /// Run only the cases whose name contains this.
+    /// Run only the cases whose name contains this: touch, snapshot,
+    /// sim-read, sim-curve, fault-round, copy, fault-back, seq-read,
+    /// migrate, metadata. It must match at least one.
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
 }
@@ -132,8 +136,11 @@ impl Progress {
     }
 }
 
-/// Runs `uhmm bench`. Exits 1 if a case could not run (the error is
-/// printed), 0 otherwise — a missed target is reported, not a failure.
+/// Runs `uhmm bench`. Exits 2 if the arguments are wrong (an `--only`
+/// that matches no case, a `--json` or `--plot` destination that cannot be
+/// written: all checked before any case runs), 1 if a case could not run
+/// or the results could not be written (the error is printed), 0 otherwise
+/// — a missed target is reported, not a failure.
 pub fn run(args: &Args) -> ExitCode {
     let sizes = if args.quick {
         cases::Sizes::quick()
@@ -148,6 +155,30 @@ pub fn run(args: &Args) -> ExitCode {
                 .is_none_or(|o| c.name.contains(o.as_str()))
         })
         .collect();
+    if selected.is_empty() {
+        let names: Vec<&str> = cases::ALL.iter().map(|c| c.name).collect();
+        let _ = writeln!(
+            std::io::stderr(),
+            "uhmm bench: --only {:?} matches no case; the cases are: {}",
+            args.only.as_deref().unwrap_or_default(),
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    // Where the results go must be writable before an hour of cases runs.
+    let json_file = match args.json.as_deref().map(open_json).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "uhmm bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = &args.plot
+        && let Err(e) = check_plot_dir(dir)
+    {
+        let _ = writeln!(std::io::stderr(), "uhmm bench: {e}");
+        return ExitCode::from(2);
+    }
     let mut progress = Progress {
         start: Instant::now(),
         total: selected.len(),
@@ -163,9 +194,9 @@ pub fn run(args: &Args) -> ExitCode {
     }
     let machine = machine();
     let _ = std::io::stdout().write_all(table(&results, &machine, args.quick).as_bytes());
-    if let Some(path) = &args.json {
+    if let (Some(path), Some(mut file)) = (&args.json, json_file) {
         let text = format!("{:#}\n", to_json(&results, &machine, args.quick));
-        if let Err(e) = std::fs::write(path, text) {
+        if let Err(e) = file.write_all(text.as_bytes()) {
             let _ = writeln!(std::io::stderr(), "uhmm bench: {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
@@ -177,6 +208,21 @@ pub fn run(args: &Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Creates (or empties) the `--json` file, to be written at the end.
+fn open_json(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::File::create(path).map_err(|e| format!("cannot write --json {}: {e}", path.display()))
+}
+
+/// Creates the `--plot` directory and checks that a file can be made in
+/// it (and removes that file).
+fn check_plot_dir(dir: &Path) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("cannot write --plot {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".uhmm-bench-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
 }
 
 fn plot(results: &Results, dir: &std::path::Path) -> std::io::Result<()> {
