@@ -461,3 +461,42 @@ fn pagemap_configs_out_of_bounds_are_refused_at_once() {
     assert!(PagemapConfig::from_bytes(256 << 20, (16 << 30) + 4096).is_err());
     assert!(PagemapConfig::from_bytes(1000, 1 << 20).is_err());
 }
+
+/// A notifier that keeps nothing.
+#[derive(Debug)]
+struct Quiet;
+
+impl NotifierOps for Quiet {
+    fn invalidate(&self, sub: &Subscription, _r: &NotifierRange, cur_seq: u64) -> bool {
+        sub.set_seq(cur_seq);
+        true
+    }
+}
+
+#[test]
+fn range_fault_outside_its_notifier_is_refused() {
+    use uhmm::PageRange;
+    use uhmm::mm::range::{HmmRange, RangeFaultError};
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let half = PageRange::new(region.range().start(), 2 * PAGE_SIZE).unwrap();
+    let notifier = mm.insert_notifier(half, Arc::new(Quiet));
+    let seq = notifier.read_begin();
+    let mut r = HmmRange::new(&notifier, seq, region.range());
+    assert!(matches!(
+        mm.range_fault(&mut r),
+        Err(RangeFaultError::OutsideNotifier { notifier, .. }) if notifier == half
+    ));
+    let mut inside = HmmRange::new(&notifier, seq, half);
+    mm.range_fault(&mut inside).unwrap();
+    // A notifier of another address space's tree tells this one nothing.
+    let other = common::mm().unwrap();
+    let foreign = other.insert_notifier(region.range(), Arc::new(Quiet));
+    let seq = foreign.read_begin();
+    let mut r = HmmRange::new(&foreign, seq, half);
+    assert!(matches!(
+        mm.range_fault(&mut r),
+        Err(RangeFaultError::OutsideNotifier { .. })
+    ));
+}

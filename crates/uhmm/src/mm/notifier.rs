@@ -415,6 +415,11 @@ impl IntervalNotifier {
         self.sub.as_deref().unwrap_or_else(|| unreachable!())
     }
 
+    /// Whether it is registered in `tree`.
+    pub(crate) fn is_in(&self, tree: &Arc<Notifiers>) -> bool {
+        Arc::ptr_eq(&self.tree, tree)
+    }
+
     /// The range covered.
     pub fn range(&self) -> PageRange {
         self.sub().range

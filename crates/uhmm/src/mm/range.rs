@@ -217,6 +217,16 @@ pub enum RangeFaultError {
         /// Entries given.
         len: usize,
     },
+    /// The range is not inside the notifier's interval, or the notifier
+    /// is not one of this address space's: the device would not be told of
+    /// changes there, so nothing it mirrored could be kept coherent.
+    #[error("{range} is not covered by the notifier ({notifier}) of this address space")]
+    OutsideNotifier {
+        /// The range asked for.
+        range: PageRange,
+        /// The notifier's interval.
+        notifier: PageRange,
+    },
     /// The pages could not be faulted in for want of memory.
     #[error("out of memory faulting {range} in")]
     NoMemory {
@@ -261,8 +271,10 @@ impl Mm {
     /// [`RangeFaultError::Busy`]: an invalidation raced — `read_begin` and
     /// retry. [`RangeFaultError::Fault`]: a requested page cannot be made
     /// valid — fail the device access. [`RangeFaultError::PermissionDenied`]:
-    /// a write to read-only memory — fail it. Entries are only written on
-    /// success.
+    /// a write to read-only memory — fail it.
+    /// [`RangeFaultError::OutsideNotifier`] and
+    /// [`RangeFaultError::BadLength`]: the request itself is wrong. Entries
+    /// are only written on success.
     pub fn range_fault(&self, r: &mut HmmRange<'_>) -> Result<(), RangeFaultError> {
         let range = r.range;
         if r.pfns.len() != range.npages() {
@@ -270,6 +282,16 @@ impl Mm {
                 range,
                 npages: range.npages(),
                 len: r.pfns.len(),
+            });
+        }
+        let covered = r.notifier.range();
+        if !r.notifier.is_in(&self.inner.shared.notifiers)
+            || range.start() < covered.start()
+            || range.end() > covered.end()
+        {
+            return Err(RangeFaultError::OutsideNotifier {
+                range,
+                notifier: covered,
             });
         }
         // Discards and unmaps already returned to their callers are
