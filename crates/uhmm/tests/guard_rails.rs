@@ -500,3 +500,44 @@ fn range_fault_outside_its_notifier_is_refused() {
         Err(RangeFaultError::OutsideNotifier { .. })
     ));
 }
+
+#[test]
+fn a_thread_touching_a_page_of_its_own_migration_is_reported() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    // Page 0 back in system memory, then taken by a migration of this
+    // thread, which then touches it.
+    assert_eq!(load_soon(rig.page(0), 10), Some(1));
+    let page0 = uhmm::PageRange::new(rig.page(0), PAGE_SIZE).unwrap();
+    std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let m = MigrateVma::setup(&rig.mm, page0, Select::SYSTEM, rig.pm.owner()).unwrap();
+            assert_eq!(m.cpages(), 1);
+            // SAFETY: page 0 is the test's managed memory, mapped readable.
+            let v = unsafe { std::ptr::read_volatile(rig.page(0).as_ptr::<u8>()) };
+            drop(m);
+            v
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rig.mm.stats().self_deadlocks == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Undo the deadlock the way a program could: a discard takes the
+        // page from the migration, and the thread reads a fresh page.
+        // SAFETY: page 0 is the test's managed memory.
+        unsafe {
+            rustix::mm::madvise(
+                rig.page(0).as_mut_ptr::<u8>().cast(),
+                PAGE_SIZE,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        }
+        .unwrap();
+        assert_eq!(t.join().unwrap(), 0);
+    });
+    assert_eq!(
+        rig.mm.stats().self_deadlocks,
+        1,
+        "a thread waiting for its own migration was not reported (once)"
+    );
+}

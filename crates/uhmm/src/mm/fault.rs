@@ -127,7 +127,26 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
     let mut regions = lock(&shared.regions);
     let region = regions.containing(page).map(|r| r.range);
     match regions.states.get(page.start()) {
-        Stored::Migrating(_) => Served::Park,
+        Stored::Migrating(op) => {
+            if let Some(o) = regions.op_mut(op)
+                && f.thread == Some(o.thread)
+                && !o.deadlock_reported
+            {
+                // Faults carry the thread id: this thread set the
+                // operation up, and waits now for it to end. Unless it
+                // handed the migration to another thread, it never will.
+                o.deadlock_reported = true;
+                shared.stats.self_deadlocks.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "uhmm: thread {} touched {}, a page of the migration of {} it set up \
+                     itself, and waits for that migration to end: unless another thread \
+                     finishes it, this is a deadlock. Call pages() and finalize() (or drop \
+                     the MigrateVma) before touching its pages.",
+                    o.thread, f.addr, o.range
+                );
+            }
+            Served::Park
+        }
         // Lost while its poison was refused: poison it now (the access
         // gets SIGBUS), or once the pending layout change is applied.
         Stored::Lost => match shared.uffd.poison(page, true) {

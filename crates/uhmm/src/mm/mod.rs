@@ -144,6 +144,10 @@ pub struct MmStats {
     /// invalidations) that panicked. Each panic was contained: the panic
     /// hook printed it, and the call counted as failed.
     pub callback_panics: u64,
+    /// CPU faults of a thread on a page of a migration that thread set up
+    /// and has not finished: it waits for itself (each reported once on
+    /// stderr, by migration).
+    pub self_deadlocks: u64,
     /// Invalidations started, by event.
     pub invalidations: Vec<(NotifyEvent, u64)>,
 }
@@ -426,6 +430,7 @@ impl Mm {
             faults_sigbus: s.faults_sigbus.load(Ordering::Relaxed),
             callback_panics: s.callback_panics.load(Ordering::Relaxed)
                 + self.inner.shared.notifiers.callback_panics(),
+            self_deadlocks: s.self_deadlocks.load(Ordering::Relaxed),
             invalidations: self.inner.shared.notifiers.counts(),
         }
     }

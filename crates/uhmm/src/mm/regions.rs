@@ -38,6 +38,11 @@ pub(crate) struct Op {
     /// with a write fault, outside the lock: no other operation takes them
     /// meanwhile (see [`Regions::keep`]).
     kept: Vec<VirtAddr>,
+    /// The thread that set it up: a CPU fault of that thread on one of its
+    /// pages waits for an operation only that thread can end.
+    pub(crate) thread: u32,
+    /// Whether that self-deadlock has been reported.
+    pub(crate) deadlock_reported: bool,
 }
 
 /// A change of the layout under an operation.
@@ -297,6 +302,8 @@ impl Regions {
                 range,
                 changes: Vec::new(),
                 kept: Vec::new(),
+                thread: rustix::thread::gettid().as_raw_nonzero().get() as u32,
+                deadlock_reported: false,
             },
         );
         Ok(id)
@@ -305,6 +312,11 @@ impl Regions {
     /// The operation `id`, while it is in flight.
     pub(crate) fn op(&self, id: OpId) -> Option<&Op> {
         self.ops.get(&id)
+    }
+
+    /// The operation `id`, to change, while it is in flight.
+    pub(crate) fn op_mut(&mut self, id: OpId) -> Option<&mut Op> {
+        self.ops.get_mut(&id)
     }
 
     /// Ends operation `id`.

@@ -58,6 +58,7 @@ pub(crate) struct ServiceStats {
     pub(crate) pages_to_system: AtomicU64,
     pub(crate) pages_lost: AtomicU64,
     pub(crate) faults_sigbus: AtomicU64,
+    pub(crate) self_deadlocks: AtomicU64,
     /// Shared with the pagemaps, whose `page_free` and `add_chunk` run on
     /// any thread.
     pub(crate) callback_panics: Arc<AtomicU64>,
