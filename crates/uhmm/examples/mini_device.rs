@@ -13,7 +13,7 @@ use uhmm::devmem::{
     PagemapConfig, Select,
 };
 use uhmm::mm::notifier::{IntervalNotifier, NotifierOps, NotifierRange, Subscription};
-use uhmm::mm::range::{HmmPfn, HmmRange};
+use uhmm::mm::range::{HmmPfn, HmmRange, RangeFaultError};
 use uhmm::mm::{Mm, Owner};
 use uhmm::sys::mem::{Backing, read_process};
 use uhmm::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
@@ -153,7 +153,14 @@ impl MiniDevice {
             let mut r = HmmRange::new(&self.notifier, seq, range);
             r.default_flags = HmmPfn::REQ_FAULT;
             r.dev_private_owner = Some(self.owner);
-            self.mm.range_fault(&mut r)?;
+            match self.mm.range_fault(&mut r) {
+                Ok(()) => {}
+                // An invalidation raced with the walk: an ordinary event
+                // under load (a device sees many), not a failure. Begin
+                // again, as a kernel driver loops on -EBUSY.
+                Err(RangeFaultError::Busy { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
             let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
             if self.notifier.read_retry(seq) {
                 continue;

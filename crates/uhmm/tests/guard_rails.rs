@@ -541,3 +541,119 @@ fn a_thread_touching_a_page_of_its_own_migration_is_reported() {
         "a thread waiting for its own migration was not reported (once)"
     );
 }
+
+/// Runs `f` on another thread; `None` if it does not return within `secs`.
+fn soon<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs)).ok()
+}
+
+#[test]
+fn a_leaked_migration_stalls_nothing_else_and_its_pages_come_home() {
+    let _s = common::serial();
+    let _f = common::fork_lock();
+    let Some(mm) = common::mm() else { return };
+    const N: usize = 16;
+    // The caller's own mapping, managed.
+    let map = Mapping::builder(N * PAGE_SIZE).build().unwrap();
+    for i in 0..N {
+        map.write_at(i * PAGE_SIZE, &[i as u8 + 1; PAGE_SIZE])
+            .unwrap();
+    }
+    // SAFETY: no reference points into the mapping, which outlives the
+    // region.
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let arena = Mapping::builder(N * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let dev = Faulty::new(&arena);
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
+    let other = mm.insert_notifier(map.range(), Arc::new(Quiet));
+
+    // Half the pages moved into device memory, none committed: leaked.
+    let mut m = MigrateVma::setup(&mm, map.range(), Select::SYSTEM, owner).unwrap();
+    assert_eq!(m.cpages(), N);
+    let pfns = pm.alloc(N / 2).unwrap();
+    let dsts: Vec<(usize, DevicePfn, VirtAddr)> =
+        (0..N / 2).map(|i| (i, pfns[i], dev.at(pfns[i]))).collect();
+    assert_eq!(m.move_to_device(&dsts).len(), N / 2);
+    std::mem::forget(m);
+
+    // Devices' reads do not wait for it.
+    let o = Arc::new(other);
+    let o2 = o.clone();
+    assert!(
+        soon(5, move || o2.read_begin()).is_some(),
+        "read_begin waits for a leaked migration"
+    );
+    // A fork does not wait for it (for longer than it takes to see it
+    // abandoned), and the child sees every page's data.
+    let addr = map.range().start().get();
+    let t0 = Instant::now();
+    let end = soon(30, move || {
+        common::fork_and_wait(move || {
+            for i in 0..N {
+                // SAFETY: the child's copy of the parent's mapping.
+                let v = unsafe { std::ptr::read_volatile((addr + i * PAGE_SIZE) as *const u8) };
+                if v != i as u8 + 1 {
+                    return 10 + i as i32;
+                }
+            }
+            0
+        })
+    });
+    assert!(
+        matches!(end, Some(common::ChildEnd::Exited(0))),
+        "fork after a leaked migration: {end:?} after {:?}",
+        t0.elapsed()
+    );
+    // Dropping the region leaves the caller's mapping as it was.
+    assert!(
+        soon(30, move || drop(region)).is_some(),
+        "the region drop hung"
+    );
+    let mut b = vec![0u8; N * PAGE_SIZE];
+    map.read_at(0, &mut b).unwrap();
+    for i in 0..N {
+        assert!(
+            b[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                .iter()
+                .all(|&x| x == i as u8 + 1),
+            "page {i} lost its data"
+        );
+    }
+    drop(pm);
+}
+
+#[test]
+fn a_leaked_migration_is_reclaimed_when_its_region_is_dropped() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    const N: usize = 16;
+    let map = Mapping::builder(N * PAGE_SIZE).build().unwrap();
+    for i in 0..N {
+        map.write_at(i * PAGE_SIZE, &[i as u8 + 1; PAGE_SIZE])
+            .unwrap();
+    }
+    // SAFETY: as above.
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let arena = Mapping::builder(N * PAGE_SIZE).build().unwrap();
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, Faulty::new(&arena), PagemapConfig::default()).unwrap();
+    std::mem::forget(MigrateVma::setup(&mm, map.range(), Select::SYSTEM, owner).unwrap());
+    let t0 = Instant::now();
+    assert!(
+        soon(30, move || drop(region)).is_some(),
+        "the region drop hung"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let mut b = vec![0u8; N * PAGE_SIZE];
+    map.read_at(0, &mut b).unwrap();
+    for i in 0..N {
+        assert_eq!(b[i * PAGE_SIZE], i as u8 + 1, "page {i} lost its data");
+    }
+    drop(pm);
+}

@@ -30,8 +30,8 @@
 use super::pagemap::DevmemError;
 use super::staging::{Run, Staging, StagingError, Want};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
-use crate::mm::notifier::{InvalidateGuard, NotifierRange, NotifyEvent};
-use crate::mm::regions::Regions;
+use crate::mm::notifier::{NotifierRange, NotifyEvent};
+use crate::mm::regions::{Regions, Taken};
 use crate::mm::service::{NoEntry, Shared};
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
@@ -196,7 +196,6 @@ pub struct MigrateVma<'a> {
     /// Install by COPY (not MOVE): the mapping is not private anonymous
     /// read-write.
     copy_install: Vec<bool>,
-    guard: Option<InvalidateGuard<'a>>,
     blockable: bool,
     committed: bool,
     done: bool,
@@ -361,6 +360,12 @@ impl<'a> MigrateVma<'a> {
                 }
                 Some(_) => regions
                     .begin_op(owner, range)
+                    .inspect(|&op| {
+                        // It passed the gate: ending it leaves the gate.
+                        if let Some(o) = regions.op_mut(op) {
+                            o.gated = true;
+                        }
+                    })
                     .map_err(|e| MigrateError::Mm(MmError::State(e))),
             };
             drop(regions);
@@ -381,11 +386,17 @@ impl<'a> MigrateVma<'a> {
             owner: Some(owner),
             blockable,
         };
+        // Held while the pages are collected, as the kernel's
+        // `migrate_vma_collect` holds it: from then on the pages are the
+        // migration's (a CPU access waits; a page left mapped is
+        // write-protected, which `range_fault` reports read-only, and is
+        // invalidated again before it is dropped at the commit). So nothing
+        // a caller does with the `MigrateVma` — leaking it included — keeps
+        // devices' `read_begin` waiting.
         let guard = match shared.notifiers.invalidate_start(&notify) {
             Ok(g) => g,
             Err(_) => {
                 shared.end_op(op);
-                shared.gate.leave();
                 return Err(MigrateError::Retry { range });
             }
         };
@@ -397,7 +408,6 @@ impl<'a> MigrateVma<'a> {
             entries: vec![Entry::UNSELECTED; range.npages()],
             run: None,
             copy_install: Vec::with_capacity(range.npages()),
-            guard: Some(guard),
             blockable,
             committed: false,
             done: false,
@@ -408,7 +418,9 @@ impl<'a> MigrateVma<'a> {
             m.copy_install.push(vma.is_some_and(|v| !movable(v)));
         }
         // (Dropping `m` on an error ends the operation.)
-        m.collect(select, &vmas)?;
+        let collected = m.collect(select, &vmas);
+        drop(guard);
+        collected?;
         Ok(m)
     }
 
@@ -475,6 +487,7 @@ impl<'a> MigrateVma<'a> {
                         e.src = MigrateSrc::Device(pfn);
                         e.how = How::Device;
                         e.migrate = true;
+                        regions.record_taken(self.op, i, Taken::Device(pfn));
                     }
                     _ => {}
                 }
@@ -705,9 +718,21 @@ impl<'a> MigrateVma<'a> {
         present
     }
 
-    /// Page `(i, at)` is out of the CPU page table: it is this migration's.
+    /// Page `(i, at)` is out of the CPU page table: it is this migration's
+    /// (and the operation's record says where it waits).
     fn mark_taken(&mut self, regions: &mut Regions, (i, at): (usize, VirtAddr), how: How) {
+        let taken = match how {
+            How::Copied => Some(Taken::Mapped),
+            How::Moved => match (self.run.as_ref(), self.shared.staging()) {
+                (Some(run), Ok(st)) => Some(Taken::At(st.slot(run, self.addr(i)))),
+                _ => None,
+            },
+            How::Device | How::None => None,
+        };
         if regions.states.set(at, Stored::Migrating(self.op)).is_ok() {
+            if let Some(taken) = taken {
+                regions.record_taken(self.op, i, taken);
+            }
             let e = &mut self.entries[i];
             e.src = MigrateSrc::System;
             e.how = how;
@@ -1042,9 +1067,12 @@ impl<'a> MigrateVma<'a> {
                 k += n;
                 continue;
             };
-            // Staging to device memory: neither end is the program's, so
-            // no lock is needed; EAGAIN only says some event is pending on
-            // the userfaultfd.
+            // Staging to device memory: neither end is the program's;
+            // EAGAIN only says some event is pending on the userfaultfd.
+            // Under the regions lock all the same, and only while the
+            // migration is in flight: a reclaim (`Shared::reclaim_ops`)
+            // puts pages back from where the operation's record says they
+            // are, which this changes.
             let mut moved = 0;
             for _ in 0..LAYOUT_RETRIES {
                 let (Some(rest), Some(from)) = (
@@ -1053,24 +1081,35 @@ impl<'a> MigrateVma<'a> {
                 ) else {
                     break;
                 };
+                let mut regions = lock(&self.shared.regions);
+                if regions.op(self.op).is_none() {
+                    break;
+                }
                 let res =
                     self.shared
                         .move_pages(rest, staging.slot(&run, from), MoveMode::DONTWAKE);
                 let (done, stop) = progress(&res, rest.len());
+                for j in 0..done / PAGE_SIZE {
+                    let at = VirtAddr::new(rest.start().get() + j * PAGE_SIZE);
+                    regions.record_taken(self.op, i + moved + j, Taken::At(at));
+                }
                 moved += done / PAGE_SIZE;
+                let noentry_moved = stop == Some(Stop::NoEntry)
+                    && self.shared.move_noentry(
+                        VirtAddr::new(to.get() + moved * PAGE_SIZE),
+                        staging.slot(&run, VirtAddr::new(first.get() + moved * PAGE_SIZE)),
+                    ) != NoEntry::LayoutChanging;
+                if noentry_moved {
+                    let at = VirtAddr::new(to.get() + moved * PAGE_SIZE);
+                    regions.record_taken(self.op, i + moved, Taken::At(at));
+                }
+                drop(regions);
                 match stop {
                     None => break,
                     Some(Stop::Partial) => {}
                     // The page is in device memory (`MOVE_QUIRK`), or its
                     // slot is a hole: nothing is left in staging to copy.
-                    Some(Stop::NoEntry)
-                        if self.shared.move_noentry(
-                            VirtAddr::new(to.get() + moved * PAGE_SIZE),
-                            staging.slot(&run, VirtAddr::new(first.get() + moved * PAGE_SIZE)),
-                        ) != NoEntry::LayoutChanging =>
-                    {
-                        moved += 1
-                    }
+                    Some(Stop::NoEntry) if noentry_moved => moved += 1,
                     Some(Stop::LayoutChanging) if self.blockable => self.shared.await_events(),
                     _ => break,
                 }
@@ -1113,6 +1152,17 @@ impl<'a> MigrateVma<'a> {
             return;
         }
         self.committed = true;
+        // Not to be reclaimed halfway (`Shared::reclaim_ops` waits).
+        if let Some(op) = lock(&self.shared.regions).op_mut(self.op) {
+            op.committing = true;
+        }
+        self.commit();
+        if let Some(op) = lock(&self.shared.regions).op_mut(self.op) {
+            op.committing = false;
+        }
+    }
+
+    fn commit(&mut self) {
         let to_device: Vec<usize> = self.indices(|e| matches!(e.dst, MigrateDst::Device(_)));
         let to_system: Vec<usize> =
             self.indices(|e| matches!(e.dst, MigrateDst::System | MigrateDst::SystemFrom(_)));
@@ -1174,7 +1224,23 @@ impl<'a> MigrateVma<'a> {
             let Ok(r) = PageRange::new(group[0].1, group.len() * PAGE_SIZE) else {
                 continue;
             };
-            if self.shared.discard_own(r).is_err() {
+            // Devices may have mirrored them (read-only) since the setup's
+            // invalidation ended: they let go before the pages do.
+            let notify = NotifierRange {
+                range: r,
+                event: NotifyEvent::Migrate,
+                owner: Some(self.owner),
+                blockable: self.blockable,
+            };
+            let dropped = match self.shared.notifiers.invalidate_start(&notify) {
+                Ok(guard) => {
+                    let r = self.shared.discard_own(r);
+                    drop(guard);
+                    r.is_ok()
+                }
+                Err(_) => false,
+            };
+            if !dropped {
                 for &(i, _) in group {
                     self.entries[i].migrate = false;
                 }
@@ -1197,7 +1263,9 @@ impl<'a> MigrateVma<'a> {
                         .set(a, Stored::Device(self.owner, pfn))
                         .is_ok()
                 });
-            if !committed {
+            if committed {
+                regions.clear_taken(self.op, i);
+            } else {
                 self.entries[i].migrate = false;
             }
         }
@@ -1260,6 +1328,7 @@ impl<'a> MigrateVma<'a> {
             let done = done / PAGE_SIZE;
             for &(j, a, _) in &todo[k..k + done] {
                 let _ = regions.states.set(a, Stored::Cpu);
+                regions.clear_taken(self.op, j);
                 done_pages.push((j, a));
             }
             let rest = todo[k + done..k + n].iter().map(|&(j, a, _)| (j, a));
@@ -1272,6 +1341,7 @@ impl<'a> MigrateVma<'a> {
                     let mut rest = rest;
                     if let Some((j, a)) = rest.next() {
                         let _ = regions.states.set(a, Stored::Cpu);
+                        regions.clear_taken(self.op, j);
                         done_pages.push((j, a));
                     }
                     left.extend(rest.map(|(j, _)| j));
@@ -1489,8 +1559,13 @@ impl<'a> MigrateVma<'a> {
                     let Some(at) = self.holds(&regions, i) else {
                         // Discarded or unmapped in flight: gone, and the
                         // reference its device page held is this
-                        // migration's to drop (the service left it).
-                        if let MigrateSrc::Device(pfn) = e.src {
+                        // migration's to drop (the service left it) —
+                        // unless the migration was reclaimed, which has
+                        // dealt with it (`Shared::reclaim_ops`).
+                        if let MigrateSrc::Device(pfn) = e.src
+                            && regions.op(self.op).is_some()
+                        {
+                            regions.clear_taken(self.op, i);
                             freed.push(pfn);
                         }
                         continue;
@@ -1512,12 +1587,16 @@ impl<'a> MigrateVma<'a> {
                             let _ = regions.states.set(at, Stored::Cpu);
                         }
                     }
+                    if e.how != How::Moved {
+                        regions.clear_taken(self.op, i);
+                    }
                 }
                 let (done, left, failed) = self.install_all(&mut regions, &moved_back);
                 woken.extend(done.iter().map(|&(_, a)| a));
                 // What cannot be put back at all is lost: an access gets
                 // SIGBUS (never zeros, never a wait).
-                for (_, at) in failed {
+                for (i, at) in failed {
+                    regions.clear_taken(self.op, i);
                     if let Ok(page) = PageRange::new(at, PAGE_SIZE) {
                         self.shared.lose_locked(&mut regions, page);
                     }
@@ -1571,9 +1650,8 @@ impl<'a> MigrateVma<'a> {
         }
         // End the operation and the invalidation, let the fork gate go, and
         // have the service look at the faults that waited for these pages.
+        // (Reclaimed meanwhile, it has ended already: `Shared::reclaim_ops`.)
         self.shared.end_op(self.op);
-        self.guard.take();
-        self.shared.gate.leave();
         self.shared.poke();
     }
 

@@ -37,9 +37,9 @@ pub trait DevicePagemapOps: Send + Sync + fmt::Debug {
     /// [`FaultError::Device`] or [`FaultError::NoMemory`] when the pages
     /// cannot come back. A CPU fault is served again while its device
     /// fails it, within bounds: after 8 failed calls, or 1 s after the first
-    /// failure, whichever comes first (a panic, or `Ok` with the faulting
-    /// page still on the device, counts as a failure), or after 10 s of
-    /// `Retry` alone, the access fails as the kernel's `VM_FAULT_SIGBUS`
+    /// failure, whichever comes first (a panic counts as a failure), or
+    /// after 10 s of `Retry` (or of `Ok` with the faulting page still on
+    /// the device), the access fails as the kernel's `VM_FAULT_SIGBUS`
     /// makes it fail: the faulting page is poisoned, so the thread gets
     /// SIGBUS (a system call reading it, EFAULT) and so does any later
     /// access; its device page is freed, and
@@ -83,9 +83,14 @@ pub enum FaultError {
 }
 
 impl From<MigrateError> for FaultError {
+    /// What passes (a busy device or fork, staging full for now, the
+    /// address space naming too many devices for now) is `Retry`; the
+    /// rest is a device failure.
     fn from(e: MigrateError) -> Self {
         match e {
-            MigrateError::Retry { .. } => FaultError::Retry,
+            MigrateError::Retry { .. } | MigrateError::Staging(_) | MigrateError::Mm(_) => {
+                FaultError::Retry
+            }
             e => FaultError::Device(e.to_string()),
         }
     }
@@ -171,12 +176,12 @@ impl PagemapConfig {
     /// of the bounds of [`validate`](Self::validate).
     pub fn from_bytes(chunk_bytes: usize, total_bytes: usize) -> Result<Self, DevmemError> {
         let bad = |reason: String| Err(DevmemError::BadConfig { reason });
-        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(PAGE_SIZE) {
+        if chunk_bytes == 0 || chunk_bytes % PAGE_SIZE != 0 {
             return bad(format!(
                 "chunk of {chunk_bytes} bytes: must be a non-zero multiple of {PAGE_SIZE} bytes"
             ));
         }
-        if total_bytes == 0 || !total_bytes.is_multiple_of(chunk_bytes) {
+        if total_bytes == 0 || total_bytes % chunk_bytes != 0 {
             return bad(format!(
                 "{total_bytes} bytes of device memory: must be a non-zero multiple of the chunk ({chunk_bytes} bytes)"
             ));
@@ -582,7 +587,8 @@ pub(crate) fn evict(
     blockable: bool,
 ) -> Result<(), FaultError> {
     let owner = pm.owner;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
     loop {
         let (runs, in_flight) = {
             let regions = lock(&shared.regions);
@@ -604,7 +610,15 @@ pub(crate) fn evict(
             return Ok(());
         }
         if runs.is_empty() {
-            // Only pages in flight: wait for their migrations to end.
+            // Only pages in flight: wait for their migrations to end, and
+            // reclaim those abandoned (a `MigrateVma` leaked, say: its
+            // pages come home, its device pages stay in use).
+            if blockable
+                && !crate::mm::service::on_service()
+                && Instant::now() >= started + crate::mm::service::ABANDONED
+            {
+                shared.reclaim_ops(within, Some(owner));
+            }
             if Instant::now() > deadline {
                 return Err(FaultError::Device(
                     "device pages are still migrating after 10 s".into(),

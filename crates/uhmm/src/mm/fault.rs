@@ -41,10 +41,10 @@ pub(crate) enum Served {
 /// How a device failed a fault back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
-    /// It asked to be called again ([`FaultError::Retry`](crate::devmem::FaultError::Retry)).
+    /// It asked to be called again ([`FaultError::Retry`](crate::devmem::FaultError::Retry)),
+    /// or said it was done while the page stayed on it.
     Busy,
-    /// It failed, panicked, or said it was done while the page stayed on
-    /// it.
+    /// It failed, or panicked.
     Device,
 }
 
@@ -240,11 +240,15 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                     shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);
                     Served::Done
                 }
-                // Still on this device: it failed (or did nothing).
+                // Still on this device: it failed, asked to be called
+                // again, or said it was done without bringing the page back
+                // (a pending layout change refused the install, say): only
+                // a failure counts towards the failure bound; the rest is
+                // bounded by time.
                 Stored::Device(o, _) if o == owner => {
                     return Served::Failed(match called {
-                        Err(FaultError::Retry) => Failure::Busy,
-                        _ => Failure::Device,
+                        Err(FaultError::Device(_) | FaultError::NoMemory) => Failure::Device,
+                        Err(FaultError::Retry) | Ok(()) => Failure::Busy,
                     });
                 }
                 _ => return Served::Park,

@@ -89,6 +89,7 @@ extern "C" fn prepare() {
     hooks_lock();
     for shared in live() {
         shared.gate.close();
+        shared.settle_migrations();
         shared.bring_home(None, true);
         shared.poison_lost(None);
         let ranges: Vec<_> = lock(&shared.regions).ranges().collect();
@@ -98,7 +99,9 @@ extern "C" fn prepare() {
                 .notifiers
                 .invalidate(&NotifierRange::new(range, NotifyEvent::Fork));
         }
-        shared.gate.drain();
+        // The forking thread's own migrations (bringing pages home) let
+        // the fault service's in meanwhile.
+        shared.settle_migrations();
     }
 }
 

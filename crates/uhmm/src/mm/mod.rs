@@ -517,11 +517,23 @@ impl Mm {
             for s in starts {
                 regions.close(s);
             }
+            // Operations in flight end first; a migration that has not
+            // within `ABANDONED` (its `MigrateVma` leaked, say) is
+            // reclaimed: its pages come home. (Memory about to be unmapped
+            // does not wait: its pages are gone with it.)
+            let deadline = std::time::Instant::now() + service::ABANDONED;
             while !owned && regions.ops_in(range) {
+                if std::time::Instant::now() >= deadline {
+                    drop(regions);
+                    shared.reclaim_ops(Some(range), None);
+                    regions = lock(&shared.regions);
+                }
+                // (Exclusive grabs left end by themselves.)
                 regions = shared
                     .op_ended
-                    .wait(regions)
-                    .unwrap_or_else(|e| e.into_inner());
+                    .wait_timeout(regions, std::time::Duration::from_millis(20))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         }
         if !owned {

@@ -4,7 +4,7 @@
 
 use super::Owner;
 use super::state::{OpId, StateError, StateTable, Stored};
-use crate::addr::{PageRange, VirtAddr};
+use crate::addr::{DevicePfn, PageRange, VirtAddr};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,27 @@ pub(crate) struct Op {
     pub(crate) thread: u32,
     /// Whether that self-deadlock has been reported.
     pub(crate) deadlock_reported: bool,
+    /// A migration (it passed the fork gate, and leaves it when it ends).
+    pub(crate) gated: bool,
+    /// Inside `MigrateVma::pages`: it is committing, and must not be
+    /// reclaimed until that ends.
+    pub(crate) committing: bool,
+    /// For each page of `range` (by index) that it took out of the CPU's
+    /// hands, where the page waits: what anyone may use to put it back
+    /// should the operation be abandoned (see `Shared::reclaim_ops`).
+    pub(crate) taken: Vec<Option<Taken>>,
+}
+
+/// Where a page an operation has taken waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// Its data is at this address (a staging slot, or device memory that
+    /// is host RAM): it goes back by a move (or a copy).
+    At(VirtAddr),
+    /// Still mapped, write-protected.
+    Mapped,
+    /// A device page of the operation's owner.
+    Device(DevicePfn),
 }
 
 /// A change of the layout under an operation.
@@ -304,6 +325,9 @@ impl Regions {
                 kept: Vec::new(),
                 thread: rustix::thread::gettid().as_raw_nonzero().get() as u32,
                 deadlock_reported: false,
+                gated: false,
+                committing: false,
+                taken: Vec::new(),
             },
         );
         Ok(id)
@@ -319,11 +343,40 @@ impl Regions {
         self.ops.get_mut(&id)
     }
 
-    /// Ends operation `id`.
-    pub(crate) fn end_op(&mut self, id: OpId) {
-        if let Some(op) = self.ops.remove(&id) {
-            self.states.unreserve(op.owner);
+    /// Ends operation `id`; its record, if it was still in flight (only
+    /// one party ends an operation: the one that gets the record).
+    pub(crate) fn end_op(&mut self, id: OpId) -> Option<Op> {
+        let op = self.ops.remove(&id)?;
+        self.states.unreserve(op.owner);
+        Some(op)
+    }
+
+    /// Records that operation `id` took page `i` of its range, which waits
+    /// as `taken` says.
+    pub(crate) fn record_taken(&mut self, id: OpId, i: usize, taken: Taken) {
+        if let Some(op) = self.ops.get_mut(&id) {
+            if op.taken.len() <= i {
+                op.taken.resize(op.range.npages().max(i + 1), None);
+            }
+            op.taken[i] = Some(taken);
         }
+    }
+
+    /// Page `i` of operation `id` has left it (committed, or put back).
+    pub(crate) fn clear_taken(&mut self, id: OpId, i: usize) {
+        if let Some(t) = self.ops.get_mut(&id).and_then(|op| op.taken.get_mut(i)) {
+            *t = None;
+        }
+    }
+
+    /// The migrations in flight that may have pages in `within` (anywhere
+    /// if `None`).
+    pub(crate) fn migrations_in(&self, within: Option<PageRange>) -> Vec<OpId> {
+        self.ops
+            .iter()
+            .filter(|(_, op)| op.gated && within.is_none_or(|r| op.touches(r)))
+            .map(|(&id, _)| id)
+            .collect()
     }
 
     /// Reserves the pages `at` (addresses at setup) to operation `id`

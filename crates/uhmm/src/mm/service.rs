@@ -28,15 +28,17 @@ use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::{Region, Regions};
 use super::state::{OpId, Stored};
 use super::{MmError, Owner, callback, fault};
-use crate::addr::{DevicePfn, PageRange};
+use crate::addr::{DevicePfn, PageRange, VirtAddr};
 use crate::devmem::pagemap::PagemapInner;
 use crate::devmem::staging::{Staging, StagingError};
 use crate::sys::mem::{self, Advice, MemError};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError};
 use crate::sys::procmap::{Vma, VmaKind};
+use crate::sys::uffd::{
+    CopyMode, Features, MoveMode, OpError, PageFault, Progress, RegisterMode, Stop,
+};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
-use crate::sys::uffd::{Features, MoveMode, OpError, PageFault, Progress, RegisterMode, Stop};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -387,11 +389,167 @@ impl Shared {
         }
     }
 
-    /// Ends operation `op`: its record goes, and whoever waits for
-    /// operations to drain looks again.
-    pub(crate) fn end_op(&self, op: OpId) {
-        lock(&self.regions).end_op(op);
+    /// Ends operation `op`: its record goes (a migration leaves the fork
+    /// gate with it), and whoever waits for operations to drain looks
+    /// again. False if it had ended already (reclaimed: see
+    /// [`reclaim_ops`](Self::reclaim_ops)).
+    pub(crate) fn end_op(&self, op: OpId) -> bool {
+        let ended = lock(&self.regions).end_op(op);
+        self.ended(ended.into_iter().collect())
+    }
+
+    /// Waits until no migration is in flight (fork prepare): those still
+    /// in flight after [`ABANDONED`] are taken to be abandoned, and
+    /// reclaimed ([`reclaim_ops`](Self::reclaim_ops)).
+    pub(crate) fn settle_migrations(&self) {
+        while !self.gate.drain_for(ABANDONED) {
+            self.reclaim_ops(None, None);
+        }
+    }
+
+    /// What follows the end of operations: the gate, the waiters.
+    fn ended(&self, ops: Vec<super::regions::Op>) -> bool {
+        let any = !ops.is_empty();
+        for op in ops {
+            if op.gated {
+                self.gate.leave();
+            }
+        }
         self.op_ended.notify_all();
+        any
+    }
+
+    /// Takes back the pages of the migrations in flight in `within`
+    /// (everywhere if `None`) and ends them: for a migration its caller
+    /// abandoned (a `MigrateVma` leaked with `std::mem::forget`), or one
+    /// that a region drop or a fork must not wait for any longer. Each page
+    /// still the migration's goes back to where the migration took it from
+    /// — moved back from its staging slot or device memory, unprotected if
+    /// it stayed mapped, a device page again if it was one — as a discard
+    /// takes a page from a migration: a `MigrateVma` still alive finds its
+    /// pages gone and commits nothing. Waits for a migration inside
+    /// `pages()` to finish committing first. What cannot be put back
+    /// within 10 s is lost (poisoned: SIGBUS, never zeros). Not on the
+    /// service thread.
+    pub(crate) fn reclaim_ops(&self, within: Option<PageRange>, owner: Option<Owner>) {
+        use super::regions::Taken;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut regions = lock(&self.regions);
+            let mut ids = regions.migrations_in(within);
+            ids.retain(|&id| owner.is_none() || regions.op(id).map(|o| o.owner) == owner);
+            if ids.is_empty() {
+                return;
+            }
+            let committing = ids
+                .iter()
+                .any(|&id| regions.op(id).is_some_and(|o| o.committing));
+            let late = std::time::Instant::now() >= deadline;
+            let mut woken = Vec::new();
+            let mut left = false;
+            let mut ended = Vec::new();
+            let mut gone = Vec::new();
+            for id in ids {
+                let Some(op) = regions.op(id) else { continue };
+                if op.committing {
+                    continue;
+                }
+                let owner = op.owner;
+                // (index, where the page is now, where it waits)
+                let todo: Vec<(usize, Option<VirtAddr>, Taken)> = op
+                    .taken
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, t)| {
+                        let setup = op.range.start().checked_add(i * crate::PAGE_SIZE)?;
+                        Some((i, op.follow(setup), (*t)?))
+                    })
+                    .collect();
+                let mut op_left = false;
+                for (i, at, taken) in todo {
+                    let page = at.and_then(|a| PageRange::new(a, crate::PAGE_SIZE).ok());
+                    let Some(page) =
+                        page.filter(|p| regions.states.get(p.start()) == Stored::Migrating(id))
+                    else {
+                        // Discarded or unmapped in flight: the reference
+                        // a device page held was the operation's to drop.
+                        if let Taken::Device(pfn) = taken {
+                            gone.push(Stored::Device(owner, pfn));
+                        }
+                        regions.clear_taken(id, i);
+                        continue;
+                    };
+                    let at = page.start();
+                    match taken {
+                        Taken::Device(pfn) => {
+                            let _ = regions.states.set(at, Stored::Device(owner, pfn));
+                        }
+                        Taken::Mapped => {
+                            let _ = self.uffd.write_protect(page, false, false);
+                            let _ = regions.states.set(at, Stored::Cpu);
+                            woken.push(at);
+                        }
+                        Taken::At(from) => match self.put_back(page, from) {
+                            Some(true) => {
+                                let _ = regions.states.set(at, Stored::Cpu);
+                                woken.push(at);
+                            }
+                            // Refused while a layout change is pending.
+                            None if !late => {
+                                op_left = true;
+                                continue;
+                            }
+                            _ => self.lose_locked(&mut regions, page),
+                        },
+                    }
+                    regions.clear_taken(id, i);
+                }
+                if op_left {
+                    left = true;
+                } else {
+                    ended.extend(regions.end_op(id));
+                }
+            }
+            drop(regions);
+            for r in crate::devmem::pagemap::runs(&woken, usize::MAX >> 1) {
+                let _ = self.uffd.wake(r);
+            }
+            self.release_states(gone);
+            self.ended(ended);
+            self.poke();
+            if left {
+                self.await_events();
+            } else if committing {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// Moves (or copies, where a move is refused) the page at `from` into
+    /// the hole `page`, without waking anyone: `Some(true)` when `page`
+    /// holds the data (or was found filled meanwhile: newer than what
+    /// waited), `None` when a pending layout change refused it,
+    /// `Some(false)` when it cannot be put there at all.
+    fn put_back(&self, page: PageRange, from: VirtAddr) -> Option<bool> {
+        let copy = || self.uffd.copy(page, from, CopyMode::DONTWAKE);
+        let res = match self.move_pages(page, from, MoveMode::DONTWAKE) {
+            Err(OpError::Invalid { .. }) => copy(),
+            Ok(p) if p.stop == Some(Stop::Busy) => copy(),
+            r => r,
+        };
+        match res {
+            Ok(p) if p.is_complete() => Some(true),
+            Ok(p) => match p.stop {
+                Some(Stop::LayoutChanging) => None,
+                Some(Stop::Exists) => Some(true),
+                Some(Stop::NoEntry) => match self.move_noentry(page.start(), from) {
+                    NoEntry::LayoutChanging => None,
+                    NoEntry::Moved | NoEntry::Hole => Some(true),
+                },
+                _ => Some(false),
+            },
+            Err(_) => Some(false),
+        }
     }
 
     /// Loses the pages of `range` whose data cannot be had any more (their
@@ -579,6 +737,13 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     let opened = open()?;
     Ok(cell.get_or_init(|| opened))
 }
+
+/// How long a region drop, a fork or a device removal waits for a
+/// migration in flight before it takes the migration to be abandoned (a
+/// `MigrateVma` leaked, or held by a thread that is stuck) and reclaims its
+/// pages (`Shared::reclaim_ops`). Migrations take micro- to milliseconds;
+/// one reclaimed while it still runs only fails to migrate.
+pub(crate) const ABANDONED: Duration = Duration::from_secs(1);
 
 /// How often `Shared::bring_home` looks again for pages that moved while
 /// it brought them home.
@@ -849,24 +1014,31 @@ impl Gate {
         }
     }
 
-    /// One more fork in preparation: holds new migrations off and waits
-    /// for those in flight (fork prepare).
+    /// One more fork in preparation: holds new migrations off (fork
+    /// prepare; those in flight are waited for with
+    /// [`drain_for`](Self::drain_for)).
     pub(crate) fn close(&self) {
         FORKING.with(|f| f.set(true));
-        let mut st = lock(&self.st);
-        st.forks += 1;
-        while st.migrations > 0 {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        lock(&self.st).forks += 1;
     }
 
-    /// Waits again until no migration is in flight: the forking thread's
-    /// own (bringing pages home) let the fault service in meanwhile.
-    pub(crate) fn drain(&self) {
+    /// Waits up to `patience` until no migration is in flight; whether
+    /// none is.
+    pub(crate) fn drain_for(&self, patience: Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
         let mut st = lock(&self.st);
         while st.migrations > 0 {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        true
     }
 
     /// That fork is done (in the parent).
