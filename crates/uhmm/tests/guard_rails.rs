@@ -32,6 +32,27 @@ enum Mode {
     Busy,
 }
 
+/// Where a `page_free` parks while armed, until released.
+#[derive(Debug, Default)]
+struct FreeGate {
+    /// (armed, parked, released)
+    st: Mutex<(bool, bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+impl FreeGate {
+    fn pass(&self) {
+        let mut s = self.st.lock().unwrap();
+        if s.0 {
+            s.1 = true;
+            self.cv.notify_all();
+            while !s.2 {
+                s = self.cv.wait(s).unwrap();
+            }
+        }
+    }
+}
+
 /// A device whose memory is host RAM (pages come home by a move), whose
 /// `migrate_to_ram` and `page_free` misbehave as told, a number of times.
 #[derive(Debug)]
@@ -42,6 +63,8 @@ struct Faulty {
     fault: Mutex<(Mode, u32)>,
     /// `page_free` calls left that panic.
     free_panics: AtomicU32,
+    /// Where each `page_free` passes.
+    free_gate: Mutex<Option<Arc<FreeGate>>>,
     calls: AtomicU32,
 }
 
@@ -51,12 +74,17 @@ impl Faulty {
             arena: arena.range().start(),
             fault: Mutex::new((Mode::Work, 0)),
             free_panics: AtomicU32::new(0),
+            free_gate: Mutex::new(None),
             calls: AtomicU32::new(0),
         })
     }
 
     fn at(&self, pfn: DevicePfn) -> VirtAddr {
         VirtAddr::new(self.arena.get() + pfn.0 as usize * PAGE_SIZE)
+    }
+
+    fn gate_frees(&self, gate: Arc<FreeGate>) {
+        *self.free_gate.lock().unwrap() = Some(gate);
     }
 
     fn misbehave(&self, mode: Mode, times: u32) {
@@ -66,6 +94,10 @@ impl Faulty {
 
 impl DevicePagemapOps for Faulty {
     fn page_free(&self, _pfn: DevicePfn) {
+        let gate = self.free_gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.pass();
+        }
         if self
             .free_panics
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -656,4 +688,39 @@ fn a_leaked_migration_is_reclaimed_when_its_region_is_dropped() {
         assert_eq!(b[i * PAGE_SIZE], i as u8 + 1, "page {i} lost its data");
     }
     drop(pm);
+}
+
+#[test]
+fn a_fault_back_wakes_its_thread_only_after_the_device_page_is_freed() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    let gate = Arc::new(FreeGate::default());
+    // A device page freed while the gate is armed waits there.
+    rig.dev.gate_frees(gate.clone());
+    gate.st.lock().unwrap().0 = true;
+    let a = rig.page(0).get();
+    let reader = std::thread::spawn(move || {
+        // SAFETY: page 0 of the test's managed region, mapped readable.
+        unsafe { std::ptr::read_volatile(a as *const u8) }
+    });
+    {
+        let s = gate.st.lock().unwrap();
+        let (s, t) = gate
+            .cv
+            .wait_timeout_while(s, Duration::from_secs(10), |s| !s.1)
+            .unwrap();
+        assert!(!t.timed_out(), "page_free was never called");
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let early = reader.is_finished();
+    gate.st.lock().unwrap().2 = true;
+    gate.cv.notify_all();
+    assert!(
+        !early,
+        "the faulting thread ran on before its device page was freed: a reader \
+         could see the pagemap still holding it"
+    );
+    assert_eq!(reader.join().unwrap(), 1);
+    assert_eq!(rig.pm.stats().in_use, 1);
 }
