@@ -94,7 +94,9 @@ impl Features {
             Self::PAGEFAULT_FLAG_WP => {
                 "tell write-protect faults apart (exclusive access, migration)"
             }
-            Self::EVENT_FORK => "fork keeps device-resident pages in the child",
+            Self::EVENT_FORK => {
+                "FORK events (not used: device pages come home before a fork, so a child sees them)"
+            }
             Self::EVENT_REMAP => "mremap moves device-resident pages with the range",
             Self::EVENT_REMOVE => "MADV_DONTNEED/REMOVE frees device pages and notifies mirrors",
             Self::MISSING_HUGETLBFS => "manage hugetlb memory",
