@@ -171,11 +171,12 @@ fn demo(args: &Args) -> Result<bool, Box<dyn std::error::Error>> {
     let region = mm.alloc_mapping(Mapping::builder(len).align(CHUNK_GRANULE))?;
     let dev = SimDevice::new(&mm);
     eprintln!(
-        "uhmm demo: {} MiB array of u64 in managed memory, {} CPU threads, {} rounds, {} updates per thread per round",
+        "uhmm demo: {} MiB array of u64 in managed memory, {} CPU threads, {} rounds, {} updates per thread per round; userfaultfd via {}",
         len >> 20,
         args.threads,
         args.rounds,
-        args.updates
+        args.updates,
+        mm.access()
     );
     let mut model: Vec<u64> = (0..n as u64).collect();
     for (i, &v) in model.iter().enumerate() {

@@ -1,6 +1,9 @@
 //! `uhmm info`: what the running kernel offers uhmm, as a table (or JSON),
 //! with one line per missing item saying what will not work and how to
-//! enable it.
+//! enable it. Run as the user who will run the program: without root,
+//! read-write access to `/dev/userfaultfd` or
+//! `vm.unprivileged_userfaultfd=1`, uhmm runs in user-mode-only mode, and
+//! the report says what that mode cannot do.
 
 use serde_json::json;
 use std::process::ExitCode;
@@ -54,8 +57,12 @@ fn table(r: &Report) -> String {
     rows.push((
         "userfaultfd used".into(),
         match r.uffd_chosen {
-            Some(a) if a.serves_kernel_faults() => format!("{a} (serves kernel-mode faults)"),
-            Some(a) => format!("{a} (user-mode faults only)"),
+            Some(a) if a.serves_kernel_faults() => {
+                format!("{a} (serves kernel-mode faults: system calls on managed memory work)")
+            }
+            Some(a) => format!(
+                "{a} (user-mode faults only: system calls on pages uhmm took out of the page table fail; see below)"
+            ),
             None => "none".into(),
         },
     ));
@@ -71,7 +78,7 @@ fn table(r: &Report) -> String {
         ));
     }
     rows.push((
-        "  EVENT_FORK permitted".into(),
+        "  EVENT_FORK permitted (not needed)".into(),
         yes_no(r.event_fork_permitted).into(),
     ));
     rows.push(("PAGEMAP_SCAN".into(), yes_no(r.pagemap_scan).into()));

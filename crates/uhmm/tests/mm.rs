@@ -49,6 +49,27 @@ impl Recorder {
     }
 }
 
+/// As root, an `Mm` that requires kernel-mode faults starts and reports
+/// a mode that serves them, as plain `Mm::new` does; user-mode-only mode
+/// can be asked for, and reports itself. (The unprivileged side, where
+/// requiring them fails: uhmm-sim's `tests/unprivileged.rs`.)
+#[test]
+fn kernel_faults_can_be_required_and_the_mode_queried() {
+    use uhmm::sys::uffd::{Access, AccessPolicy};
+    require!(
+        is_root(),
+        "needs root for a userfaultfd that serves kernel-mode faults"
+    );
+    let full = Mm::with_access(AccessPolicy::FullOnly).expect("root gets kernel-mode faults");
+    assert!(full.access().serves_kernel_faults(), "{:?}", full.access());
+    assert_ne!(full.access(), Access::UserModeOnly);
+    let auto = Mm::new().unwrap();
+    assert_eq!(auto.access(), full.access(), "Mm::new picks the same way");
+    let user = Mm::with_access(AccessPolicy::Only(Access::UserModeOnly)).unwrap();
+    assert_eq!(user.access(), Access::UserModeOnly);
+    assert!(!user.access().serves_kernel_faults());
+}
+
 #[test]
 fn alloc_manages_every_backing() {
     let _serial = common::serial();

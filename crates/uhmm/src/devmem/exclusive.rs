@@ -14,7 +14,7 @@ use crate::mm::notifier::{NotifierRange, NotifyEvent};
 use crate::mm::service::{NoEntry, Shared};
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
-use crate::sys::mem::{self, Prot};
+use crate::sys::mem::Prot;
 use crate::sys::procmap::VmaKind;
 use crate::sys::uffd::{CopyMode, MoveMode, OpError, Progress, Stop};
 
@@ -67,7 +67,7 @@ impl Mm {
                 ));
             }
             let retry = attempt < SETUP_ATTEMPTS;
-            match shared.arm_once(region, &vmas) {
+            match shared.arm_once(region) {
                 Ok(()) => {}
                 // Replaced meanwhile: look again.
                 Err(MmError::NotManaged { .. }) if retry => continue,
@@ -86,7 +86,7 @@ impl Mm {
             let mut cursor = range.start();
             for a in mine.iter().copied().chain(std::iter::once(range.end())) {
                 if let Ok(gap) = PageRange::from_bounds(cursor, a) {
-                    mem::populate(gap, true).map_err(MmError::from)?;
+                    shared.fault_in(gap, true).map_err(MmError::from)?;
                 }
                 cursor = a.checked_add(PAGE_SIZE).unwrap_or(range.end());
             }

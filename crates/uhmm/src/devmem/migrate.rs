@@ -333,7 +333,7 @@ impl<'a> MigrateVma<'a> {
                     .covering(range)
                     .map_err(MmError::from)?;
                 check_vmas(range, &vmas).map_err(invalid)?;
-                match shared.arm_once(region, &vmas) {
+                match shared.arm_once(region) {
                     Ok(()) => {}
                     // Replaced meanwhile: look again.
                     Err(MmError::NotManaged { .. }) if attempt < SETUP_ATTEMPTS => continue,

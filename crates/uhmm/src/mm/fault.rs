@@ -114,7 +114,7 @@ pub(crate) fn sigbus(shared: &Shared, f: PageFault) -> Served {
 }
 
 /// A zeroed page, the source for write faults on holes.
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+pub(crate) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
     let Some(page) = f.page() else {

@@ -46,7 +46,9 @@ mod region;
 use crate::addr::{DevicePfn, PageRange, RangeError, VirtAddr};
 use crate::sys::mem::{Backing, Mapping, MappingBuilder, MemError, Prot};
 use crate::sys::pagemap::{Categories, PagemapError, ScanQuery};
-use crate::sys::uffd::{Features, OpenError, RegisterError, RegisterMode, Uffd};
+use crate::sys::uffd::{
+    Access, AccessPolicy, Features, OpenError, RegisterError, RegisterMode, Uffd,
+};
 use notifier::{IntervalNotifier, NotifierOps, NotifierRange, Notifiers, NotifyEvent};
 use service::{Shared, lock};
 use state::Stored;
@@ -175,6 +177,24 @@ impl Mm {
     /// Opens a userfaultfd with the event features uhmm uses and starts the
     /// fault service.
     ///
+    /// The userfaultfd is the first that can be had of `/dev/userfaultfd`,
+    /// the `userfaultfd(2)` system call, and that call with
+    /// `UFFD_USER_MODE_ONLY` ([`AccessPolicy::Auto`]). The last is what an
+    /// unprivileged process gets where neither `/dev/userfaultfd` (root's
+    /// only, by default) nor `vm.unprivileged_userfaultfd=1` allows more;
+    /// it is taken silently. [`access`](Self::access) says which it was. In
+    /// that *user-mode-only* mode CPU loads and stores, migrations, device
+    /// access and fork work as in full mode, but a fault raised inside the
+    /// kernel is not delivered to uhmm: a system call (`read(2)` into,
+    /// `write(2)` from, `process_vm_readv`, `O_DIRECT`) touching a managed
+    /// page that is not in the CPU page table — on a device, held
+    /// exclusive, being migrated, or discarded by the program since its
+    /// region was first migrated — fails with EFAULT instead of bringing it
+    /// back. (Never-touched pages are mapped, to the zero page, when a
+    /// region is first migrated, and work.) DESIGN.md, "Unprivileged use",
+    /// has the details. Use [`with_access`](Self::with_access) with
+    /// [`AccessPolicy::FullOnly`] to refuse that mode.
+    ///
     /// Fork is not taken from the kernel's FORK event: glibc's `fork()`
     /// holds every allocator lock while the kernel waits for that event to
     /// be read, so a service thread that allocated at that moment would
@@ -185,6 +205,35 @@ impl Mm {
     /// not use its copy of an `Mm` (it has no service thread); dropping it
     /// there does nothing.
     pub fn new() -> Result<Mm, MmError> {
+        Self::with_access(AccessPolicy::Auto)
+    }
+
+    /// [`new`](Self::new), obtaining the userfaultfd only in the ways
+    /// `policy` allows: [`AccessPolicy::FullOnly`] requires one that
+    /// serves kernel-mode faults (system calls on managed memory work
+    /// then); [`AccessPolicy::Only`] with [`Access::UserModeOnly`] runs in
+    /// user-mode-only mode even where more is allowed (to try a program
+    /// as an unprivileged user would run it).
+    ///
+    /// ```
+    /// use uhmm::mm::{Mm, MmError};
+    /// use uhmm::sys::uffd::{AccessPolicy, OpenError};
+    ///
+    /// match Mm::with_access(AccessPolicy::FullOnly) {
+    ///     Ok(mm) => assert!(mm.access().serves_kernel_faults()),
+    ///     // Says what to do: root, access to /dev/userfaultfd, or the sysctl.
+    ///     Err(MmError::Open(e @ OpenError::KernelFaultsUnavailable { .. })) => eprintln!("{e}"),
+    ///     Err(e) => eprintln!("no userfaultfd at all: {e}"),
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`MmError::Open`]: with [`OpenError::KernelFaultsUnavailable`] when
+    /// `FullOnly` finds no userfaultfd that serves kernel-mode faults, with
+    /// [`OpenError::Unavailable`] when none the policy allows can be
+    /// opened. [`MmError::Service`] when the fault service cannot start.
+    pub fn with_access(policy: AccessPolicy) -> Result<Mm, MmError> {
         let base = Features::EVENT_REMOVE
             | Features::EVENT_UNMAP
             | Features::EVENT_REMAP
@@ -196,6 +245,7 @@ impl Mm {
             | Features::MISSING_HUGETLBFS
             | Features::MINOR_SHMEM;
         let uffd = Uffd::builder()
+            .access(policy)
             .features(base)
             .optional_features(optional)
             .open()?;
@@ -271,6 +321,14 @@ impl Mm {
             .uffd
             .register(map, map.range(), RegisterMode::WP)?;
         Ok(())
+    }
+
+    /// How this address space's userfaultfd was obtained, which decides
+    /// whether faults raised inside the kernel are served
+    /// ([`Access::serves_kernel_faults`]; see [`new`](Self::new) for what
+    /// user-mode-only mode cannot do).
+    pub fn access(&self) -> Access {
+        self.inner.shared.uffd.access()
     }
 
     /// The userfaultfd's features (whether EVENT_FORK could be had, say).

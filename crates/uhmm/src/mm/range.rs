@@ -27,7 +27,7 @@ use super::service::lock;
 use super::state::Stored;
 use super::{Mm, Owner};
 use crate::addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, VirtAddr};
-use crate::sys::mem::{self, MemError, Prot};
+use crate::sys::mem::{MemError, Prot};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError, Vma, VmaKind};
 use rustix::io::Errno;
@@ -355,7 +355,7 @@ impl Mm {
                 return Ok(());
             }
             for (pages, write) in faults {
-                if let Err(e) = mem::populate(pages, write) {
+                if let Err(e) = self.inner.shared.fault_in(pages, write) {
                     // ENOMEM also means "part of the range is not mapped":
                     // the layout changed under us (it may be mapped again
                     // by now, but then it is other memory, not managed).

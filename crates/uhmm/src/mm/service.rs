@@ -191,40 +191,150 @@ impl Shared {
         open_once(&self.staging, || Staging::new(&self.uffd))
     }
 
-    /// Arms the managed `region`: registers it for MISSING faults too (and
-    /// MINOR ones for private shmem file mappings, whose dropped pages the
-    /// page cache would otherwise fill), so that a CPU access to a page
-    /// taken out of the page table reaches the service.
+    /// Arms the managed `region`: registers its private mappings for
+    /// MISSING faults too (and MINOR ones for private shmem file mappings,
+    /// whose dropped pages the page cache would otherwise fill), so that a
+    /// CPU access to a page taken out of the page table reaches the
+    /// service. Shared and hugetlb mappings stay write-protect only: uhmm
+    /// never takes their pages out, so no fault of theirs needs it.
+    ///
+    /// In user-mode-only mode
+    /// ([`Access::UserModeOnly`](crate::sys::uffd::Access::UserModeOnly))
+    /// the private mappings' holes are faulted in for reading first
+    /// (`MADV_POPULATE_READ`; private anonymous memory gets the shared zero
+    /// page, which costs page tables only): a fault raised inside the
+    /// kernel (a `read(2)` into a never-touched page) on a
+    /// MISSING-registered hole would fail with EFAULT, since such a
+    /// userfaultfd is not told of it. Holes made later (a page on a device,
+    /// a program's discard) still are such holes; DESIGN.md, "Unprivileged
+    /// use", lists them.
     ///
     /// Does nothing for a region armed already (it stays armed while it
     /// is the same region).
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
-    pub(crate) fn arm_once(&self, region: Region, vmas: &[Vma]) -> Result<(), MmError> {
+    pub(crate) fn arm_once(&self, region: Region) -> Result<(), MmError> {
         if region.armed {
             return Ok(());
         }
-        let minor = self.uffd.features().contains(Features::MINOR_SHMEM)
-            && vmas
-                .iter()
-                .any(|v| v.kind() == VmaKind::File && v.is_shmem());
-        let mut mode = RegisterMode::MISSING | RegisterMode::WP;
-        if minor {
-            mode |= RegisterMode::MINOR;
+        let range = region.range;
+        // Every mapping of the region (an `Mm::manage` range may span
+        // several), each registered in the mode its kind needs.
+        let vmas = self.procmap()?.covering(range)?;
+        let pieces: Vec<(PageRange, RegisterMode)> = vmas
+            .iter()
+            .filter_map(|v| {
+                Some((
+                    v.range.intersection(range)?,
+                    arm_mode(v, self.uffd.features()),
+                ))
+            })
+            .collect();
+        if !self.uffd.access().serves_kernel_faults() {
+            for (v, (piece, mode)) in vmas.iter().zip(&pieces) {
+                if mode.contains(RegisterMode::MISSING)
+                    && v.perms.contains(crate::sys::mem::Prot::READ)
+                {
+                    // Best effort: a hole it cannot fill (no memory) stays
+                    // one, and a region armed meanwhile by another thread
+                    // refuses with EFAULT (its holes may be device pages).
+                    let _ = mem::populate(*piece, false);
+                }
+            }
         }
         // Under the regions lock: the range is still the managed region
         // it was (not unmapped and replaced by other memory meanwhile).
-        let range = region.range;
         let mut regions = lock(&self.regions);
         match regions.containing(range) {
             Some(r) if r.range == range && r.id == region.id && !r.armed => {}
             Some(r) if r.range == range && r.id == region.id => return Ok(()),
             _ => return Err(MmError::NotManaged { range }),
         }
-        // SAFETY: a managed region already has no references into it (the
-        // contract under which it was registered); the mode changes only.
-        unsafe { self.uffd.register_range(range, mode) }?;
+        for &(piece, mode) in &pieces {
+            if mode.contains(RegisterMode::MISSING) {
+                // SAFETY: a managed region already has no references into
+                // it (the contract under which it was registered); the
+                // mode changes only.
+                unsafe { self.uffd.register_range(piece, mode) }?;
+            }
+        }
         regions.arm(range.start());
         Ok(())
+    }
+
+    /// Faults `range` of managed memory in for reading or writing
+    /// (`MADV_POPULATE_*`), as a program's accesses would, blocking. Not on
+    /// the service thread.
+    ///
+    /// In user-mode-only mode the faults that raises are not delivered to
+    /// the service (the kernel answers EFAULT), so this first does what
+    /// serving them would: pages on devices or held exclusive come home
+    /// and holes get the zero page. A page taken out again meanwhile (by a
+    /// migration of another thread) makes it try again, a bounded number of
+    /// times.
+    pub(crate) fn fault_in(&self, range: PageRange, write: bool) -> Result<(), MemError> {
+        if self.uffd.access().serves_kernel_faults() {
+            return mem::populate(range, write);
+        }
+        let mut tries = 0;
+        loop {
+            self.bring_home(Some(range), false);
+            self.fill_holes(range);
+            match mem::populate(range, write) {
+                Err(MemError::Advise {
+                    errno: rustix::io::Errno::FAULT,
+                    ..
+                }) if tries < FAULT_IN_TRIES => {
+                    tries += 1;
+                    self.sync_events();
+                    std::thread::yield_now();
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Maps the zero page into the holes of `range` that uhmm holds
+    /// nothing for (state `Cpu`), as a read fault would: for user-mode-only
+    /// mode, where a system call's fault on such a hole gets EFAULT. (A
+    /// discard whose zap is still to come may take it away again; the
+    /// caller then tries again.)
+    fn fill_holes(&self, range: PageRange) {
+        let mut present = Vec::new();
+        let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+        let Ok(pm) = self.pagemap() else { return };
+        let mut regions = lock(&self.regions);
+        if pm.scan(range, &query, &mut present).is_err() {
+            return;
+        }
+        let mut cursor = range.start();
+        let ends = present
+            .iter()
+            .map(|r| (r.range.start(), r.range.end()))
+            .chain(std::iter::once((range.end(), range.end())));
+        for (start, end) in ends {
+            if let Ok(hole) = PageRange::from_bounds(cursor, start) {
+                for page in hole.pages() {
+                    let Ok(p) = PageRange::new(page, crate::PAGE_SIZE) else {
+                        continue;
+                    };
+                    if regions.states.get(page) == Stored::Cpu {
+                        // A hole: any discard of it in progress is done.
+                        regions.unfence(p);
+                        // Refused where the layout is changing (the caller
+                        // tries again) or where it is not a hole any more.
+                        let _ = match self.uffd.zeropage(p, true) {
+                            Err(OpError::Invalid { .. }) => self.uffd.copy(
+                                p,
+                                crate::VirtAddr::from_ptr(fault::ZERO_PAGE.as_ptr()),
+                                crate::sys::uffd::CopyMode::empty(),
+                            ),
+                            r => r,
+                        };
+                    }
+                }
+            }
+            cursor = cursor.max(end);
+        }
     }
 
     /// Discards `range` of managed memory for uhmm's own purposes (a page
@@ -728,6 +838,22 @@ pub(crate) enum NoEntry {
     LayoutChanging,
 }
 
+/// The mode an armed region's mapping `v` is registered in: MISSING and
+/// WP for private memory, whose pages migrations and exclusive grabs take
+/// out of the page table (and MINOR for a private shmem file mapping, if
+/// the kernel offers it); WP only for shared and hugetlb memory, whose
+/// pages stay where they are.
+fn arm_mode(v: &Vma, features: Features) -> RegisterMode {
+    match v.kind() {
+        VmaKind::Hugetlb { .. } | VmaKind::AnonShared | VmaKind::Special => RegisterMode::WP,
+        _ if v.shared => RegisterMode::WP,
+        VmaKind::File if v.is_shmem() && features.contains(Features::MINOR_SHMEM) => {
+            RegisterMode::MISSING | RegisterMode::WP | RegisterMode::MINOR
+        }
+        _ => RegisterMode::MISSING | RegisterMode::WP,
+    }
+}
+
 /// The value in `cell`, made by `open` on first use. (Racing first uses may
 /// both open; one result is kept.)
 fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> Result<&T, E> {
@@ -744,6 +870,10 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
 /// pages (`Shared::reclaim_ops`). Migrations take micro- to milliseconds;
 /// one reclaimed while it still runs only fails to migrate.
 pub(crate) const ABANDONED: Duration = Duration::from_secs(1);
+
+/// How often `Shared::fault_in` tries again in user-mode-only mode when
+/// pages were taken out of the page table while it faulted them in.
+const FAULT_IN_TRIES: usize = 100;
 
 /// How often `Shared::bring_home` looks again for pages that moved while
 /// it brought them home.

@@ -90,6 +90,24 @@ pub struct Report {
     pub root: bool,
 }
 
+/// What works and what does not when uhmm's userfaultfd is
+/// user-mode-only ([`Access::UserModeOnly`]; README, "Requirements", and
+/// DESIGN.md, "Unprivileged use", say the same).
+pub const USER_MODE_ONLY_IMPACT: &str = "CPU loads and stores, migrations, device access, \
+    exclusive access and fork work, and so do system calls on pages in the CPU page table \
+    (never-touched pages included: uhmm maps them when a region is first migrated); but a \
+    system call (read(2) into, write(2) from, process_vm_readv/writev, O_DIRECT I/O) touching \
+    a managed page that is not in the CPU page table (on a device, held exclusive by one, \
+    being migrated, or discarded with MADV_DONTNEED/MADV_FREE since its region was first \
+    migrated and not touched by the CPU since) fails with EFAULT instead of bringing the page \
+    back, because the kernel does not report faults raised inside it to such a userfaultfd";
+
+/// How to get a userfaultfd that serves kernel-mode faults.
+pub const KERNEL_FAULTS_FIX: &str = "run as root, or give this user read-write access to \
+    /dev/userfaultfd (`setfacl -m u:USER:rw /dev/userfaultfd`), or \
+    `sysctl vm.unprivileged_userfaultfd=1`; a program can refuse to start without it \
+    (`Mm::with_access(AccessPolicy::FullOnly)`)";
+
 /// One thing that is missing, for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missing {
@@ -152,8 +170,11 @@ impl Report {
     }
 
     /// The features uhmm uses that are missing, each with its impact.
+    /// (EVENT_FORK is not one: a fork hook brings device pages home before
+    /// a fork, in every mode, so a child sees them without it.)
     pub fn missing_features(&self) -> Features {
-        let used = Features::all() - Features::SIGBUS - Features::EXACT_ADDRESS;
+        let used =
+            Features::all() - Features::SIGBUS - Features::EXACT_ADDRESS - Features::EVENT_FORK;
         used - self.uffd_features
     }
 
@@ -168,8 +189,8 @@ impl Report {
             }),
             Some(Access::UserModeOnly) => out.push(Missing {
                 item: "userfaultfd for kernel-mode faults".into(),
-                impact: "system calls (read(2), write(2), process_vm_readv) on device-resident memory fail with EFAULT instead of migrating it back".into(),
-                fix: "run as root, or give the user read-write access to /dev/userfaultfd, or `sysctl vm.unprivileged_userfaultfd=1`".into(),
+                impact: USER_MODE_ONLY_IMPACT.into(),
+                fix: KERNEL_FAULTS_FIX.into(),
             }),
             Some(_) => {}
         }
@@ -179,13 +200,6 @@ impl Report {
                     item: format!("userfaultfd feature {}", feature_name(f)),
                     impact: format!("cannot {}", f.purpose()),
                     fix: "use Linux 6.8 or newer".into(),
-                });
-            }
-            if !self.event_fork_permitted && self.uffd_features.contains(Features::EVENT_FORK) {
-                out.push(Missing {
-                    item: "userfaultfd EVENT_FORK permission".into(),
-                    impact: "a forked child cannot see the parent's device-resident pages".into(),
-                    fix: "run as root or with CAP_SYS_PTRACE".into(),
                 });
             }
         }

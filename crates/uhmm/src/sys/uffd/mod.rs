@@ -94,7 +94,9 @@ impl Features {
             Self::PAGEFAULT_FLAG_WP => {
                 "tell write-protect faults apart (exclusive access, migration)"
             }
-            Self::EVENT_FORK => "fork keeps device-resident pages in the child",
+            Self::EVENT_FORK => {
+                "FORK events (not used: device pages come home before a fork, so a child sees them)"
+            }
             Self::EVENT_REMAP => "mremap moves device-resident pages with the range",
             Self::EVENT_REMOVE => "MADV_DONTNEED/REMOVE frees device pages and notifies mirrors",
             Self::MISSING_HUGETLBFS => "manage hugetlb memory",
@@ -195,7 +197,8 @@ pub enum AccessPolicy {
     /// mode: the first that works.
     #[default]
     Auto,
-    /// Like `Auto`, but never user-mode-only: fail rather than lose the
+    /// Like `Auto`, but never user-mode-only: fail
+    /// ([`OpenError::KernelFaultsUnavailable`]) rather than lose the
     /// ability to serve faults raised by system calls.
     FullOnly,
     /// Exactly this way.
@@ -212,6 +215,18 @@ pub enum OpenError {
         attempts: Vec<(Access, Errno)>,
         /// What to do about it.
         hint: &'static str,
+    },
+    /// [`AccessPolicy::FullOnly`] was asked for, and this process may not
+    /// open a userfaultfd that serves kernel-mode faults (at most a
+    /// user-mode-only one, which cannot serve a system call touching a
+    /// page uhmm took out of the page table).
+    #[error(
+        "no userfaultfd that serves kernel-mode faults could be opened ({}); {KERNEL_FAULTS_HINT}",
+        attempts_to_string(.attempts)
+    )]
+    KernelFaultsUnavailable {
+        /// Each way tried, with the error it gave.
+        attempts: Vec<(Access, Errno)>,
     },
     /// The `UFFDIO_API` handshake failed.
     #[error("the UFFDIO_API handshake failed on {access}: {errno}")]
@@ -346,7 +361,10 @@ impl UffdBuilder {
     /// # Errors
     ///
     /// [`OpenError::Unavailable`] when no allowed way works (the hint says
-    /// which privilege or sysctl to change), [`OpenError::UnsupportedFeatures`]
+    /// which privilege or sysctl to change),
+    /// [`OpenError::KernelFaultsUnavailable`] when none does under
+    /// [`AccessPolicy::FullOnly`] (and the kernel has userfaultfd),
+    /// [`OpenError::UnsupportedFeatures`]
     /// when the kernel lacks a requested feature,
     /// [`OpenError::FeaturePermission`] for EVENT_FORK without
     /// `CAP_SYS_PTRACE`.
@@ -386,6 +404,11 @@ impl UffdBuilder {
 const HINT: &str = "run as root, or give this user read-write access to /dev/userfaultfd, \
                     or set vm.unprivileged_userfaultfd=1";
 
+/// How to get a userfaultfd that serves kernel-mode faults.
+pub const KERNEL_FAULTS_HINT: &str = "to serve faults raised inside the kernel (a read(2) into \
+    managed memory, say), run as root, or give this user read-write access to /dev/userfaultfd, \
+    or set vm.unprivileged_userfaultfd=1";
+
 fn create_any(policy: AccessPolicy) -> Result<(OwnedFd, Access), OpenError> {
     let order: &[Access] = match policy {
         AccessPolicy::Auto => &[Access::DevNode, Access::Syscall, Access::UserModeOnly],
@@ -401,15 +424,20 @@ fn create_any(policy: AccessPolicy) -> Result<(OwnedFd, Access), OpenError> {
             Err(e) => attempts.push((access, e)),
         }
     }
-    let hint = if attempts
+    let absent = attempts
         .iter()
-        .all(|(_, e)| *e == Errno::NOSYS || *e == Errno::NOENT)
-    {
-        "this kernel has no userfaultfd (CONFIG_USERFAULTFD is off)"
-    } else {
-        HINT
-    };
-    Err(OpenError::Unavailable { attempts, hint })
+        .all(|(_, e)| *e == Errno::NOSYS || *e == Errno::NOENT);
+    if absent {
+        let hint = "this kernel has no userfaultfd (CONFIG_USERFAULTFD is off)";
+        return Err(OpenError::Unavailable { attempts, hint });
+    }
+    if policy == AccessPolicy::FullOnly {
+        return Err(OpenError::KernelFaultsUnavailable { attempts });
+    }
+    Err(OpenError::Unavailable {
+        attempts,
+        hint: HINT,
+    })
 }
 
 /// Obtains a new userfaultfd (non-blocking, close-on-exec) in one way.
