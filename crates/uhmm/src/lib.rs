@@ -12,10 +12,11 @@
 //! - [`sys`]: the kernel-interface layer — the only place with raw syscalls,
 //!   ioctls and `unsafe`, but for a few named places: `Mm::manage` (an
 //!   `unsafe fn`: the caller vouches for memory it already has),
-//!   `Mm::mprotect` and the fault service's own moves and discards of
-//!   managed memory (safe, because managed memory has no references into
-//!   it), and the slices over uhmm's staging slots that migrations hand to
-//!   copy engines.
+//!   `Mm::mprotect`, `ManagedRegion`'s volatile accessors (bounds- and
+//!   alignment-checked loads and stores of plain data), the fault
+//!   service's own moves and discards of managed memory (safe, because
+//!   managed memory has no references into it), and the slices over
+//!   uhmm's staging slots that migrations hand to copy engines.
 //! - [`addr`]: address newtypes ([`VirtAddr`], [`PageRange`]) used by every
 //!   layer.
 //! - [`mm`]: the address space as devices see it: [`mm::Mm`] (the

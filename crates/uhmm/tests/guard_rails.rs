@@ -724,3 +724,44 @@ fn a_fault_back_wakes_its_thread_only_after_the_device_page_is_freed() {
     assert_eq!(reader.join().unwrap(), 1);
     assert_eq!(rig.pm.stats().in_use, 1);
 }
+
+#[test]
+fn managed_memory_has_a_safe_cpu_view_that_brings_device_pages_home() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(4) else { return };
+    // Page 2 is on the device: a safe load brings it home.
+    assert_eq!(rig.region.load::<u8>(2 * PAGE_SIZE).unwrap(), 3);
+    assert_eq!(
+        rig.region.load::<u64>(2 * PAGE_SIZE + 8).unwrap(),
+        u64::from_ne_bytes([3; 8])
+    );
+    rig.region.store::<u32>(3 * PAGE_SIZE + 4, 0xABCD).unwrap();
+    assert_eq!(rig.region.load::<u32>(3 * PAGE_SIZE + 4).unwrap(), 0xABCD);
+    let mut b = [0u8; 20];
+    rig.region.load_bytes(PAGE_SIZE - 10, &mut b).unwrap();
+    assert_eq!(&b[..10], &[1; 10]);
+    assert_eq!(&b[10..], &[2; 10]);
+    rig.region.store_bytes(PAGE_SIZE - 3, &[9; 7]).unwrap();
+    rig.region.load_bytes(PAGE_SIZE - 4, &mut b[..9]).unwrap();
+    assert_eq!(&b[..9], &[1, 9, 9, 9, 9, 9, 9, 9, 2]);
+    // Bad offsets are typed errors, memory untouched.
+    let len = 4 * PAGE_SIZE;
+    assert!(matches!(
+        rig.region.load::<u64>(len - 4),
+        Err(uhmm::sys::mem::MemError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        rig.region.store::<u64>(usize::MAX - 2, 1),
+        Err(uhmm::sys::mem::MemError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        rig.region.load::<u32>(2),
+        Err(uhmm::sys::mem::MemError::Misaligned {
+            offset: 2,
+            align: 4
+        })
+    ));
+    assert!(rig.region.store_bytes(len - 1, &[0; 2]).is_err());
+    assert_eq!(rig.region.load::<u8>(len - 1).unwrap(), 4);
+    assert_eq!(rig.mm.stats().faults_sigbus, 0);
+}

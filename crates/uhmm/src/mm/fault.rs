@@ -98,12 +98,17 @@ pub(crate) fn sigbus(shared: &Shared, f: PageFault) -> Served {
         return serve(shared, f);
     }
     shared.stats.faults_sigbus.fetch_add(1, Ordering::Relaxed);
-    shared.lose_locked(&mut regions, page);
+    shared.lose_locked_woken(&mut regions, page, false);
     // Not poisoned yet (a layout change is pending): the `Lost` arm
     // finishes it.
     let pending = regions.states.get(page.start()) == Stored::Lost;
     drop(regions);
+    // Bookkeeping first: the device page is freed before the thread runs
+    // on (it might look at the pagemap at once).
     shared.release_states(vec![s]);
+    if !pending {
+        let _ = shared.uffd.wake(page);
+    }
     crate::trace::event!(
         target: "uhmm::fault",
         addr = %f.addr,

@@ -621,10 +621,10 @@ impl Shared {
                 }
             }
             drop(regions);
+            self.release_states(gone);
             for r in crate::devmem::pagemap::runs(&woken, usize::MAX >> 1) {
                 let _ = self.uffd.wake(r);
             }
-            self.release_states(gone);
             self.ended(ended);
             self.poke();
             if left {
@@ -669,12 +669,19 @@ impl Shared {
     /// lock held, on pages the caller found in a state uhmm stores; their
     /// states become `Cpu`, or `Lost` where the poison was refused.
     pub(crate) fn lose_locked(&self, regions: &mut Regions, range: PageRange) {
+        self.lose_locked_woken(regions, range, true);
+    }
+
+    /// [`lose_locked`](Self::lose_locked), waking the threads waiting on
+    /// `range` only if `wake` (the caller wakes them once its bookkeeping
+    /// is done).
+    pub(crate) fn lose_locked_woken(&self, regions: &mut Regions, range: PageRange, wake: bool) {
         // Refused while a layout change is pending (the page may be moving
         // with an mremap the service has not applied yet): recorded as
         // Lost, which moves with it and is poisoned on the first access.
         // Anything else (no POISON in this kernel, a page present) leaves
         // it to the CPU page table, as before.
-        let refused = match self.uffd.poison(range, true) {
+        let refused = match self.uffd.poison(range, wake) {
             Ok(p) if p.stop == Some(Stop::LayoutChanging) => p.done,
             _ => range.len(),
         };

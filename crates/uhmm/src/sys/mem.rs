@@ -223,6 +223,14 @@ pub enum MemError {
         /// The mapping.
         mapping: PageRange,
     },
+    /// A value's offset is not a multiple of its alignment.
+    #[error("offset {offset:#x} is not aligned to {align} bytes")]
+    Misaligned {
+        /// The offset.
+        offset: usize,
+        /// The alignment its type needs.
+        align: usize,
+    },
     /// madvise failed.
     #[error("madvise({advice:?}) on {range} failed: {errno}")]
     Advise {
@@ -785,4 +793,96 @@ fn transfer(
         done += n as usize;
     }
     Ok(())
+}
+
+mod plain {
+    pub trait Sealed {}
+}
+
+/// Plain data: a type every bit pattern of which is a valid value, with no
+/// padding and no pointers — what may be read from and written to memory
+/// that devices and migrations change behind the program's back
+/// ([`volatile_load`], and the safe accessors of managed regions).
+/// Implemented for the integer and float types and arrays of them; sealed.
+pub trait Plain: Copy + plain::Sealed {}
+
+macro_rules! plain {
+    ($($t:ty)*) => {$(
+        impl plain::Sealed for $t {}
+        impl Plain for $t {}
+    )*};
+}
+plain!(u8 u16 u32 u64 u128 usize i8 i16 i32 i64 i128 isize f32 f64);
+impl<T: Plain, const N: usize> plain::Sealed for [T; N] {}
+impl<T: Plain, const N: usize> Plain for [T; N] {}
+
+/// A volatile load of a `T` at `addr`: one access the compiler neither
+/// elides nor merges, as for device-shared memory.
+///
+/// # Safety
+///
+/// `addr` must be aligned for `T` and the `size_of::<T>()` bytes from it
+/// must lie in a readable mapping of the process that stays mapped for the
+/// call (the access may fault, and is then served like any CPU access).
+pub unsafe fn volatile_load<T: Plain>(addr: VirtAddr) -> T {
+    // SAFETY: the caller's contract: aligned and mapped; `T: Plain` makes
+    // any bytes found there a valid `T`.
+    unsafe { std::ptr::read_volatile(addr.as_ptr::<T>()) }
+}
+
+/// A volatile store of `value` at `addr` (see [`volatile_load`]).
+///
+/// # Safety
+///
+/// As [`volatile_load`], and the mapping must be writable; no Rust
+/// reference may point into those bytes.
+pub unsafe fn volatile_store<T: Plain>(addr: VirtAddr, value: T) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::write_volatile(addr.as_mut_ptr::<T>(), value) }
+}
+
+/// Copies `buf.len()` bytes from `addr` into `buf` with volatile loads
+/// (words where aligned, bytes at the edges).
+///
+/// # Safety
+///
+/// As [`volatile_load`] for every byte of the range.
+pub unsafe fn volatile_read(addr: VirtAddr, buf: &mut [u8]) {
+    let mut i = 0;
+    while i < buf.len() {
+        let a = VirtAddr::new(addr.get() + i);
+        if a.is_aligned(8) && buf.len() - i >= 8 {
+            // SAFETY: aligned, inside the caller's range.
+            let w: u64 = unsafe { volatile_load(a) };
+            buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+            i += 8;
+        } else {
+            // SAFETY: inside the caller's range.
+            buf[i] = unsafe { volatile_load(a) };
+            i += 1;
+        }
+    }
+}
+
+/// Copies `buf` to `addr` with volatile stores (see [`volatile_read`]).
+///
+/// # Safety
+///
+/// As [`volatile_store`] for every byte of the range.
+pub unsafe fn volatile_write(addr: VirtAddr, buf: &[u8]) {
+    let mut i = 0;
+    while i < buf.len() {
+        let a = VirtAddr::new(addr.get() + i);
+        if a.is_aligned(8) && buf.len() - i >= 8 {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&buf[i..i + 8]);
+            // SAFETY: aligned, inside the caller's range.
+            unsafe { volatile_store(a, u64::from_ne_bytes(w)) };
+            i += 8;
+        } else {
+            // SAFETY: inside the caller's range.
+            unsafe { volatile_store(a, buf[i]) };
+            i += 1;
+        }
+    }
 }
