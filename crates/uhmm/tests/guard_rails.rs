@@ -765,3 +765,90 @@ fn managed_memory_has_a_safe_cpu_view_that_brings_device_pages_home() {
     assert_eq!(rig.region.load::<u8>(len - 1).unwrap(), 4);
     assert_eq!(rig.mm.stats().faults_sigbus, 0);
 }
+
+#[test]
+fn a_page_moved_into_device_memory_keeps_its_destination() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[0xAB; PAGE_SIZE]).unwrap();
+    let arena = Mapping::builder(4 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let dev = Faulty::new(&arena);
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
+    let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
+    let p = pm.alloc(2).unwrap();
+    assert_eq!(m.move_to_device(&[(0, p[0], dev.at(p[0]))]), [0]);
+    // Another destination now would free the page holding the data.
+    assert!(matches!(
+        m.set_device_dst(0, p[1]),
+        Err(MigrateError::BadEntry { index: 0, .. })
+    ));
+    assert!(m.move_to_device(&[(0, p[1], dev.at(p[1]))]).is_empty());
+    m.pages();
+    assert!(m.migrated(0));
+    m.finalize();
+    assert_eq!(region.load::<u8>(0).unwrap(), 0xAB);
+}
+
+#[test]
+fn a_migration_reclaimed_in_part_frees_no_page_twice() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let map = Mapping::builder(2 * PAGE_SIZE).build().unwrap();
+    map.write_at(0, &[0xA0; PAGE_SIZE]).unwrap();
+    map.write_at(PAGE_SIZE, &[0xA1; PAGE_SIZE]).unwrap();
+    // SAFETY: no reference points into the mapping, which outlives the
+    // region.
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let arena = Mapping::builder(8 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let doomed = Mapping::builder(8 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&doomed).unwrap();
+    let dev = Faulty::new(&arena);
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
+    // Page 0 on the device.
+    let p0 = uhmm::PageRange::new(map.range().start(), PAGE_SIZE).unwrap();
+    let pa = pm.alloc(1).unwrap()[0];
+    {
+        let mut m = MigrateVma::setup(&mm, p0, Select::SYSTEM, owner).unwrap();
+        assert_eq!(m.move_to_device(&[(0, pa, dev.at(pa))]), [0]);
+        m.pages();
+        m.finalize();
+    }
+    // A migration of both pages: page 0 back, page 1 into device memory
+    // that then goes away (its put-back is refused for ever), so that a
+    // reclaim puts page 0 back and leaves the operation alive.
+    let mut m = MigrateVma::setup(
+        &mm,
+        map.range(),
+        Select::SYSTEM | Select::DEVICE_PRIVATE,
+        owner,
+    )
+    .unwrap();
+    let pb = pm.alloc(1).unwrap()[0];
+    let to = VirtAddr::new(doomed.range().start().get() + pb.0 as usize * PAGE_SIZE);
+    assert_eq!(m.move_to_device(&[(1, pb, to)]), [1]);
+    drop(doomed);
+    std::thread::scope(|s| {
+        let t = s.spawn(move || drop(region));
+        std::thread::sleep(Duration::from_millis(2500));
+        // The live migration ends after the partial reclaim.
+        m.finalize();
+        // Whatever was freed is reused by the device.
+        for a in pm.alloc(2).unwrap() {
+            arena
+                .write_at(a.0 as usize * PAGE_SIZE, &[0x55; PAGE_SIZE])
+                .unwrap();
+        }
+        t.join().unwrap();
+    });
+    let mut b = [0u8; 1];
+    map.read_at(0, &mut b).unwrap();
+    assert_eq!(
+        b[0], 0xA0,
+        "page 0's device page was freed while it held the data"
+    );
+}

@@ -929,6 +929,9 @@ impl<'a> MigrateVma<'a> {
         if !e.migrate || !matches!(e.src, MigrateSrc::System | MigrateSrc::Zero) {
             return bad("not a selected page of system memory");
         }
+        if e.moved_out && e.dst != MigrateDst::Device(pfn) {
+            return bad("its data was moved into another device page already");
+        }
         if e.dst != MigrateDst::Device(pfn)
             && self
                 .entries
@@ -1232,17 +1235,26 @@ impl<'a> MigrateVma<'a> {
                 owner: Some(self.owner),
                 blockable: self.blockable,
             };
-            let dropped = match self.shared.notifiers.invalidate_start(&notify) {
-                Ok(guard) => {
-                    let r = self.shared.discard_own(r);
-                    drop(guard);
-                    r.is_ok()
-                }
-                Err(_) => false,
-            };
-            if !dropped {
+            let Ok(guard) = self.shared.notifiers.invalidate_start(&notify) else {
                 for &(i, _) in group {
                     self.entries[i].migrate = false;
+                }
+                continue;
+            };
+            let discarded = self.shared.discard_own(r);
+            drop(guard);
+            if discarded.is_err() {
+                // madvise goes on past a piece unmapped or moved meanwhile
+                // (and then fails): pages of the group it zapped have
+                // their data in the device page only, and commit; the
+                // others stay.
+                let regions = lock(&self.shared.regions);
+                for &(i, at) in group {
+                    let zapped = self.holds(&regions, i) == Some(at)
+                        && self.shared.page_present(at) == Some(false);
+                    if !zapped {
+                        self.entries[i].migrate = false;
+                    }
                 }
             }
         }
@@ -1264,7 +1276,7 @@ impl<'a> MigrateVma<'a> {
                         .is_ok()
                 });
             if committed {
-                regions.clear_taken(self.op, i);
+                let _ = regions.clear_taken(self.op, i);
             } else {
                 self.entries[i].migrate = false;
             }
@@ -1328,7 +1340,7 @@ impl<'a> MigrateVma<'a> {
             let done = done / PAGE_SIZE;
             for &(j, a, _) in &todo[k..k + done] {
                 let _ = regions.states.set(a, Stored::Cpu);
-                regions.clear_taken(self.op, j);
+                let _ = regions.clear_taken(self.op, j);
                 done_pages.push((j, a));
             }
             let rest = todo[k + done..k + n].iter().map(|&(j, a, _)| (j, a));
@@ -1341,7 +1353,7 @@ impl<'a> MigrateVma<'a> {
                     let mut rest = rest;
                     if let Some((j, a)) = rest.next() {
                         let _ = regions.states.set(a, Stored::Cpu);
-                        regions.clear_taken(self.op, j);
+                        let _ = regions.clear_taken(self.op, j);
                         done_pages.push((j, a));
                     }
                     left.extend(rest.map(|(j, _)| j));
@@ -1563,9 +1575,8 @@ impl<'a> MigrateVma<'a> {
                         // unless the migration was reclaimed, which has
                         // dealt with it (`Shared::reclaim_ops`).
                         if let MigrateSrc::Device(pfn) = e.src
-                            && regions.op(self.op).is_some()
+                            && regions.clear_taken(self.op, i) == Some(Taken::Device(pfn))
                         {
-                            regions.clear_taken(self.op, i);
                             freed.push(pfn);
                         }
                         continue;
@@ -1588,7 +1599,7 @@ impl<'a> MigrateVma<'a> {
                         }
                     }
                     if e.how != How::Moved {
-                        regions.clear_taken(self.op, i);
+                        let _ = regions.clear_taken(self.op, i);
                     }
                 }
                 let (done, left, failed) = self.install_all(&mut regions, &moved_back);
@@ -1596,7 +1607,7 @@ impl<'a> MigrateVma<'a> {
                 // What cannot be put back at all is lost: an access gets
                 // SIGBUS (never zeros, never a wait).
                 for (i, at) in failed {
-                    regions.clear_taken(self.op, i);
+                    let _ = regions.clear_taken(self.op, i);
                     if let Ok(page) = PageRange::new(at, PAGE_SIZE) {
                         self.shared.lose_locked(&mut regions, page);
                     }

@@ -84,13 +84,14 @@ pub enum FaultError {
 
 impl From<MigrateError> for FaultError {
     /// What passes (a busy device or fork, staging full for now, the
-    /// address space naming too many devices for now) is `Retry`; the
-    /// rest is a device failure.
+    /// address space naming too many devices for now, a range split by an
+    /// unmap meanwhile) is `Retry`; the rest is a device failure.
     fn from(e: MigrateError) -> Self {
         match e {
-            MigrateError::Retry { .. } | MigrateError::Staging(_) | MigrateError::Mm(_) => {
-                FaultError::Retry
-            }
+            MigrateError::Retry { .. }
+            | MigrateError::Staging(_)
+            | MigrateError::Mm(_)
+            | MigrateError::InvalidRange { .. } => FaultError::Retry,
             e => FaultError::Device(e.to_string()),
         }
     }

@@ -18,6 +18,7 @@
 //! in non-blocking mode and a fault that cannot be served now is parked and
 //! served again on the next turn of the service loop.
 
+use super::notifier::{NotifierRange, NotifyEvent};
 use super::service::{Shared, lock};
 use super::state::Stored;
 use crate::addr::{PAGE_SIZE, PageRange};
@@ -34,8 +35,9 @@ pub(crate) enum Served {
     /// Not now: serve it again later.
     Park,
     /// The page's device could not bring it back this time: serve it
-    /// again later, within the bounds of [`Attempts`].
-    Failed(Failure),
+    /// again later, within the bounds of [`Attempts`]. With the page's
+    /// state then.
+    Failed(Failure, Stored),
 }
 
 /// How a device failed a fault back.
@@ -66,6 +68,13 @@ pub(crate) struct Attempts {
 }
 
 impl Attempts {
+    /// The page left its device meanwhile (the fault waited for something
+    /// else): failures start counting anew.
+    pub(crate) fn clear_failures(&mut self) {
+        self.failures = 0;
+        self.failing_since = None;
+    }
+
     /// Records `failure`; true once the fault has failed past the bounds.
     pub(crate) fn exhausted(&mut self, failure: Failure) -> bool {
         let now = Instant::now();
@@ -83,19 +92,27 @@ impl Attempts {
     }
 }
 
-/// Fails the access `f` made with SIGBUS: its page, if still on the device
-/// of the failed fault, is poisoned (the kernel's answer to a device that
-/// cannot give a page back; a read(2) into it gets EFAULT) and counted.
-pub(crate) fn sigbus(shared: &Shared, f: PageFault) -> Served {
+/// Fails the access `f` made with SIGBUS: its page, if still in the state
+/// `seen` its device failed it in, is poisoned (the kernel's answer to a
+/// device that cannot give a page back; a read(2) into it gets EFAULT)
+/// and counted. Devices are told first (a `Clear` invalidation: the device
+/// page is freed), and the thread is woken last. `Park` if the page moved
+/// on meanwhile (to be served afresh), `Failed` if an invalidation callback
+/// could not run now (to be tried again).
+pub(crate) fn sigbus(shared: &Shared, f: PageFault, seen: Stored) -> Served {
     let Some(page) = f.page() else {
         return Served::Done;
     };
+    if lock(&shared.regions).states.get(page.start()) != seen {
+        return Served::Park;
+    }
+    let notify = NotifierRange::new(page, NotifyEvent::Clear).non_blocking();
+    let Ok(guard) = shared.notifiers.invalidate_start(&notify) else {
+        return Served::Failed(Failure::Busy, seen);
+    };
     let mut regions = lock(&shared.regions);
-    let s = regions.states.get(page.start());
-    if !matches!(s, Stored::Device(..)) {
-        // Back, or moved on meanwhile: serve it as it is now.
-        drop(regions);
-        return serve(shared, f);
+    if regions.states.get(page.start()) != seen {
+        return Served::Park;
     }
     shared.stats.faults_sigbus.fetch_add(1, Ordering::Relaxed);
     shared.lose_locked_woken(&mut regions, page, false);
@@ -103,9 +120,10 @@ pub(crate) fn sigbus(shared: &Shared, f: PageFault) -> Served {
     // finishes it.
     let pending = regions.states.get(page.start()) == Stored::Lost;
     drop(regions);
+    drop(guard);
     // Bookkeeping first: the device page is freed before the thread runs
     // on (it might look at the pagemap at once).
-    shared.release_states(vec![s]);
+    shared.release_states(vec![seen]);
     if !pending {
         let _ = shared.uffd.wake(page);
     }
@@ -133,6 +151,7 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
     let region = regions.containing(page).map(|r| r.range);
     match regions.states.get(page.start()) {
         Stored::Migrating(op) => {
+            let mut report = None;
             if let Some(o) = regions.op_mut(op)
                 && f.thread == Some(o.thread)
                 && !o.deadlock_reported
@@ -142,13 +161,18 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 // handed the migration to another thread, it never will.
                 o.deadlock_reported = true;
                 shared.stats.self_deadlocks.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
+                report = Some(format!(
                     "uhmm: thread {} touched {}, a page of the migration of {} it set up \
                      itself, and waits for that migration to end: unless another thread \
                      finishes it, this is a deadlock. Call pages() and finalize() (or drop \
-                     the MigrateVma) before touching its pages.",
+                     the MigrateVma) before touching its pages.\n",
                     o.thread, f.addr, o.range
-                );
+                ));
+            }
+            drop(regions);
+            if let Some(text) = report {
+                // Not under the lock, and a closed stderr is no panic.
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
             }
             Served::Park
         }
@@ -250,11 +274,12 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 // (a pending layout change refused the install, say): only
                 // a failure counts towards the failure bound; the rest is
                 // bounded by time.
-                Stored::Device(o, _) if o == owner => {
-                    return Served::Failed(match called {
+                s @ Stored::Device(o, _) if o == owner => {
+                    let why = match called {
                         Err(FaultError::Device(_) | FaultError::NoMemory) => Failure::Device,
                         Err(FaultError::Retry) | Ok(()) => Failure::Busy,
-                    });
+                    };
+                    return Served::Failed(why, s);
                 }
                 _ => return Served::Park,
             };

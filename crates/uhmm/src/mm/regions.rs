@@ -362,11 +362,15 @@ impl Regions {
         }
     }
 
-    /// Page `i` of operation `id` has left it (committed, or put back).
-    pub(crate) fn clear_taken(&mut self, id: OpId, i: usize) {
-        if let Some(t) = self.ops.get_mut(&id).and_then(|op| op.taken.get_mut(i)) {
-            *t = None;
-        }
+    /// Page `i` of operation `id` has left it (committed, or put back):
+    /// its record, which the caller now owns (a `Taken::Device` record
+    /// holds the reference its device page had: whoever takes the record
+    /// out is the one that may drop it).
+    pub(crate) fn clear_taken(&mut self, id: OpId, i: usize) -> Option<Taken> {
+        self.ops
+            .get_mut(&id)
+            .and_then(|op| op.taken.get_mut(i))
+            .and_then(Option::take)
     }
 
     /// The migrations in flight that may have pages in `within` (anywhere

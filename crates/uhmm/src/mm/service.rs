@@ -583,10 +583,9 @@ impl Shared {
                     else {
                         // Discarded or unmapped in flight: the reference
                         // a device page held was the operation's to drop.
-                        if let Taken::Device(pfn) = taken {
+                        if let Some(Taken::Device(pfn)) = regions.clear_taken(id, i) {
                             gone.push(Stored::Device(owner, pfn));
                         }
-                        regions.clear_taken(id, i);
                         continue;
                     };
                     let at = page.start();
@@ -612,7 +611,7 @@ impl Shared {
                             _ => self.lose_locked(&mut regions, page),
                         },
                     }
-                    regions.clear_taken(id, i);
+                    let _ = regions.clear_taken(id, i);
                 }
                 if op_left {
                     left = true;
@@ -1000,18 +999,39 @@ fn serve_bounded(shared: &Shared, f: PageFault, attempts: &mut fault::Attempts) 
     let served = callback::call(&shared.stats.callback_panics, "fault service", || {
         fault::serve(shared, f)
     })
-    .unwrap_or(fault::Served::Failed(fault::Failure::Device));
+    .unwrap_or_else(|_| {
+        // The state it failed in: whatever the page holds now.
+        let seen = f
+            .page()
+            .map_or(Stored::Cpu, |p| lock(&shared.regions).states.get(p.start()));
+        fault::Served::Failed(fault::Failure::Device, seen)
+    });
     match served {
         fault::Served::Done => true,
-        fault::Served::Park => false,
-        fault::Served::Failed(why) if attempts.exhausted(why) => {
-            *attempts = fault::Attempts::default();
-            let sigbus = callback::call(&shared.stats.callback_panics, "fault service", || {
-                fault::sigbus(shared, f)
-            });
-            sigbus == Ok(fault::Served::Done)
+        fault::Served::Park => {
+            attempts.clear_failures();
+            false
         }
-        fault::Served::Failed(_) => false,
+        fault::Served::Failed(why, seen) => {
+            if !attempts.exhausted(why) {
+                return false;
+            }
+            let sigbus = callback::call(&shared.stats.callback_panics, "fault service", || {
+                fault::sigbus(shared, f, seen)
+            });
+            match sigbus {
+                Ok(fault::Served::Done) => {
+                    *attempts = fault::Attempts::default();
+                    true
+                }
+                Ok(fault::Served::Park) => {
+                    *attempts = fault::Attempts::default();
+                    false
+                }
+                // An invalidation could not run now: again next round.
+                _ => false,
+            }
+        }
     }
 }
 
