@@ -852,3 +852,51 @@ fn a_migration_reclaimed_in_part_frees_no_page_twice() {
         "page 0's device page was freed while it held the data"
     );
 }
+
+#[test]
+fn a_commit_says_why_each_page_did_not_migrate() {
+    use uhmm::devmem::PageOutcome;
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[7; 4 * PAGE_SIZE]).unwrap();
+    let arena = Mapping::builder(8 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let dev = Faulty::new(&arena);
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
+    let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
+    assert_eq!(m.outcome(0), None, "nothing is known before the commit");
+    let p = pm.alloc(3).unwrap();
+    for (i, pfn) in [(0, p[0]), (2, p[1]), (3, p[2])] {
+        let bytes = m.src_bytes(i).unwrap().to_vec();
+        arena.write_at(pfn.0 as usize * PAGE_SIZE, &bytes).unwrap();
+        m.set_device_dst(i, pfn).unwrap();
+    }
+    // The program discards page 2 while it is in flight.
+    region
+        .mapping()
+        .unwrap()
+        .advise(
+            uhmm::PageRange::new(rig_page(&region, 2), PAGE_SIZE).unwrap(),
+            uhmm::sys::mem::Advice::DontNeed,
+        )
+        .unwrap();
+    m.pages();
+    assert_eq!(m.outcome(0), Some(PageOutcome::Migrated));
+    assert_eq!(m.outcome(1), Some(PageOutcome::NoDestination));
+    assert_eq!(m.outcome(2), Some(PageOutcome::Gone));
+    assert_eq!(m.outcome(3), Some(PageOutcome::Migrated));
+    assert_eq!(m.outcome(4), None);
+    m.finalize();
+    drop(pm);
+    let mut b = [0u8; 4 * PAGE_SIZE];
+    region.read_at(0, &mut b).unwrap();
+    assert!(b[..2 * PAGE_SIZE].iter().all(|&x| x == 7));
+    assert!(b[2 * PAGE_SIZE..3 * PAGE_SIZE].iter().all(|&x| x == 0));
+    assert!(b[3 * PAGE_SIZE..].iter().all(|&x| x == 7));
+}
+
+fn rig_page(region: &ManagedRegion, i: usize) -> VirtAddr {
+    VirtAddr::new(region.range().start().get() + i * PAGE_SIZE)
+}

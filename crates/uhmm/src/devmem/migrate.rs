@@ -132,6 +132,32 @@ pub enum MigrateError {
     },
 }
 
+/// What became of a page at the commit ([`MigrateVma::outcome`]): whether
+/// it migrated, and if not, why — so that a device knows whether the copy
+/// it made was wasted by its own choice, by the program, or by a moment
+/// that passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PageOutcome {
+    /// It migrated.
+    Migrated,
+    /// It was not selected (pinned, shared, another owner's, not in a
+    /// mapping that can migrate).
+    NotSelected,
+    /// The device gave it no destination (or skipped it).
+    NoDestination,
+    /// The program discarded, unmapped or moved it away while it was in
+    /// flight, or a region drop or fork took it back from a migration that
+    /// looked abandoned: it is not the migration's any more.
+    Gone,
+    /// A layout change the fault service had not applied yet refused it,
+    /// or a device's invalidation could not run without blocking, and this
+    /// migration may not wait (a fault back, on the fault service): it
+    /// stayed where it was. Trying again shortly succeeds.
+    Busy,
+    /// The page table refused it (its mapping changed under it).
+    Failed,
+}
+
 /// How a selected page left the CPU page table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum How {
@@ -160,6 +186,8 @@ struct Entry {
     zero_pte: bool,
     /// Where `move_to_device` put its data.
     dev_addr: Option<VirtAddr>,
+    /// Why it did not migrate, if it did not (set at the commit).
+    why: Option<PageOutcome>,
 }
 
 impl Entry {
@@ -172,6 +200,7 @@ impl Entry {
         moved_out: false,
         zero_pte: false,
         dev_addr: None,
+        why: None,
     };
 }
 
@@ -1171,6 +1200,9 @@ impl<'a> MigrateVma<'a> {
             self.indices(|e| matches!(e.dst, MigrateDst::System | MigrateDst::SystemFrom(_)));
         for e in &mut self.entries {
             if e.dst == MigrateDst::None {
+                if e.migrate {
+                    e.why = Some(PageOutcome::NoDestination);
+                }
                 e.migrate = false;
             }
         }
@@ -1237,7 +1269,7 @@ impl<'a> MigrateVma<'a> {
             };
             let Ok(guard) = self.shared.notifiers.invalidate_start(&notify) else {
                 for &(i, _) in group {
-                    self.entries[i].migrate = false;
+                    self.not_migrated(i, PageOutcome::Busy);
                 }
                 continue;
             };
@@ -1253,7 +1285,7 @@ impl<'a> MigrateVma<'a> {
                     let zapped = self.holds(&regions, i) == Some(at)
                         && self.shared.page_present(at) == Some(false);
                     if !zapped {
-                        self.entries[i].migrate = false;
+                        self.not_migrated(i, PageOutcome::Failed);
                     }
                 }
             }
@@ -1277,8 +1309,13 @@ impl<'a> MigrateVma<'a> {
                 });
             if committed {
                 let _ = regions.clear_taken(self.op, i);
-            } else {
-                self.entries[i].migrate = false;
+            } else if e.migrate {
+                let why = if at.is_none() {
+                    PageOutcome::Gone
+                } else {
+                    PageOutcome::Failed
+                };
+                self.not_migrated(i, why);
             }
         }
     }
@@ -1381,14 +1418,22 @@ impl<'a> MigrateVma<'a> {
             for &(i, _) in &done {
                 installed[i] = true;
             }
+            let mut refused = vec![false; self.entries.len()];
+            for &(i, _) in &failed {
+                refused[i] = true;
+            }
             for &i in &todo {
                 if !installed[i] && !left.contains(&i) {
                     // Not installed (gone, or refused): it stays on the
                     // device, and `finish` gives it its state back.
-                    self.entries[i].migrate = false;
+                    let why = if refused[i] {
+                        PageOutcome::Failed
+                    } else {
+                        PageOutcome::Gone
+                    };
+                    self.not_migrated(i, why);
                 }
             }
-            let _ = failed;
             // Bookkeeping first: the device pages are freed before anyone
             // who waited is woken (DESIGN.md, concurrency rule 6).
             for &(i, _) in &done {
@@ -1405,7 +1450,7 @@ impl<'a> MigrateVma<'a> {
             }
             if !self.blockable {
                 for i in left {
-                    self.entries[i].migrate = false;
+                    self.not_migrated(i, PageOutcome::Busy);
                 }
                 return;
             }
@@ -1413,8 +1458,15 @@ impl<'a> MigrateVma<'a> {
             todo = left;
         }
         for &i in &todo {
-            self.entries[i].migrate = false;
+            self.not_migrated(i, PageOutcome::Busy);
         }
+    }
+
+    /// Page `i` does not migrate after all, for `why`.
+    fn not_migrated(&mut self, i: usize, why: PageOutcome) {
+        let e = &mut self.entries[i];
+        e.migrate = false;
+        e.why = Some(why);
     }
 
     /// Puts the pages at `from` (staging slots, or device memory) at `r`
@@ -1522,6 +1574,21 @@ impl<'a> MigrateVma<'a> {
     /// Whether page `i` migrated (after [`pages`](Self::pages)).
     pub fn migrated(&self, i: usize) -> bool {
         self.committed && self.entries.get(i).is_some_and(|e| e.migrate)
+    }
+
+    /// What became of page `i` at the commit, and why it did not migrate
+    /// if it did not; `None` before [`pages`](Self::pages) or for an index
+    /// outside the range.
+    pub fn outcome(&self, i: usize) -> Option<PageOutcome> {
+        let e = self.entries.get(i)?;
+        if !self.committed {
+            return None;
+        }
+        Some(match (e.migrate, e.why) {
+            (true, _) => PageOutcome::Migrated,
+            (false, Some(why)) => why,
+            (false, None) => PageOutcome::NotSelected,
+        })
     }
 
     /// Pages that migrated.

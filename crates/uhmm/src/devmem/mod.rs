@@ -18,7 +18,7 @@ pub mod migrate;
 pub mod pagemap;
 pub(crate) mod staging;
 
-pub use migrate::{MigrateDst, MigrateError, MigrateSrc, MigrateVma, Select};
+pub use migrate::{MigrateDst, MigrateError, MigrateSrc, MigrateVma, PageOutcome, Select};
 pub use pagemap::{
     DeviceFault, DevicePagemap, DevicePagemapOps, DevmemError, FaultError, PagemapConfig,
     PagemapStats,
