@@ -171,12 +171,12 @@ impl PagemapConfig {
     /// of the bounds of [`validate`](Self::validate).
     pub fn from_bytes(chunk_bytes: usize, total_bytes: usize) -> Result<Self, DevmemError> {
         let bad = |reason: String| Err(DevmemError::BadConfig { reason });
-        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(PAGE_SIZE) {
+        if chunk_bytes == 0 || chunk_bytes % PAGE_SIZE != 0 {
             return bad(format!(
                 "chunk of {chunk_bytes} bytes: must be a non-zero multiple of {PAGE_SIZE} bytes"
             ));
         }
-        if total_bytes == 0 || !total_bytes.is_multiple_of(chunk_bytes) {
+        if total_bytes == 0 || total_bytes % chunk_bytes != 0 {
             return bad(format!(
                 "{total_bytes} bytes of device memory: must be a non-zero multiple of the chunk ({chunk_bytes} bytes)"
             ));
