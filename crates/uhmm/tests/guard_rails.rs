@@ -302,7 +302,10 @@ fn an_invalidate_callback_that_panics_is_contained() {
     let _s = common::serial();
     let Some(rig) = Rig::new(4) else { return };
     let ops = Arc::new(PanickingNotifier::default());
-    let notifier = rig.mm.insert_notifier(rig.region.range(), ops.clone());
+    let notifier = rig
+        .mm
+        .insert_notifier(rig.region.range(), ops.clone())
+        .unwrap();
     let seq = notifier.read_begin();
     ops.armed.store(true, Ordering::SeqCst);
     // A discard of page 3 is reported to the service, which invalidates.

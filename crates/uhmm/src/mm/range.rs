@@ -25,7 +25,7 @@
 use super::notifier::IntervalNotifier;
 use super::service::lock;
 use super::state::Stored;
-use super::{Mm, Owner};
+use super::{ForkedChild, Mm, Owner};
 use crate::addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, VirtAddr};
 use crate::sys::mem::{self, MemError, Prot};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
@@ -229,6 +229,9 @@ pub enum RangeFaultError {
     /// The mappings could not be read.
     #[error(transparent)]
     Procmap(#[from] ProcmapError),
+    /// Called in a forked child on an `Mm` its parent made.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// A device's own page-table entry format: `range_fault` hands each entry
@@ -261,9 +264,11 @@ impl Mm {
     /// [`RangeFaultError::Busy`]: an invalidation raced — `read_begin` and
     /// retry. [`RangeFaultError::Fault`]: a requested page cannot be made
     /// valid — fail the device access. [`RangeFaultError::PermissionDenied`]:
-    /// a write to read-only memory — fail it. Entries are only written on
-    /// success.
+    /// a write to read-only memory — fail it.
+    /// [`RangeFaultError::ForkedChild`]: called in a forked child. Entries
+    /// are only written on success.
     pub fn range_fault(&self, r: &mut HmmRange<'_>) -> Result<(), RangeFaultError> {
+        self.check_process()?;
         let range = r.range;
         if r.pfns.len() != range.npages() {
             return Err(RangeFaultError::BadLength {

@@ -27,7 +27,7 @@
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::{Region, Regions};
 use super::state::{OpId, Stored};
-use super::{MmError, Owner, callback, fault};
+use super::{ForkedChild, MmError, Owner, callback, fault};
 use crate::addr::{DevicePfn, PageRange};
 use crate::devmem::pagemap::PagemapInner;
 use crate::devmem::staging::{Staging, StagingError};
@@ -113,7 +113,7 @@ impl Shared {
             stats: ServiceStats::default(),
             procmap: OnceLock::new(),
             pagemap: OnceLock::new(),
-            pid: rustix::process::getpid(),
+            pid: super::fork::pid(),
             released: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
@@ -127,6 +127,14 @@ impl Shared {
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
         })
+    }
+
+    /// `Ok` in the process that made it; [`ForkedChild`] in a forked
+    /// child, which must not use it (see [`ForkedChild`]). An atomic load
+    /// (`fork::pid`): the entry points check it, never the service's
+    /// per-fault paths (which do not run in a child).
+    pub(crate) fn check_process(&self) -> Result<(), ForkedChild> {
+        ForkedChild::check(self.pid)
     }
 
     /// Makes `pm` the device memory of its owner; false if the owner has
@@ -555,6 +563,20 @@ impl Shared {
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if ForkedChild::check_exact(self.pid).is_err() {
+            // A forked child's copy (rarely dropped there: the parent's
+            // service thread's reference is counted in the copy too). The
+            // staging area is `MADV_DONTFORK`: the child never had it, and
+            // its address may hold the child's own memory by now (its own
+            // `Mm`'s staging area, say), which unmapping the copy's would
+            // unmap. It is forgotten instead.
+            std::mem::forget(self.staging.take());
+        }
     }
 }
 
