@@ -193,3 +193,23 @@ fn an_inherited_sim_device_refuses_every_command_and_the_parent_goes_on() {
     });
     assert!(ok, "the parent's munmaps and teardown ended without a hang");
 }
+
+/// A device holding the last handle of its `Mm`, dropped while a forked
+/// child (which never touches uhmm) lives: the `Mm` goes first, and the
+/// child's copy of the userfaultfd keeps its context alive, so the device
+/// memory, still registered, made its munmap wait for an UNMAP event
+/// nobody reads until the child exited.
+#[test]
+fn a_device_outliving_its_mm_goes_while_a_forked_child_lives() {
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    // Migrations register the device's memory (moves with no copy).
+    round_trip(&mm, &dev, 5).unwrap();
+    drop(mm);
+    let child = common::fork_blocked();
+    let ok = ends_within(Duration::from_secs(5), move || drop(dev));
+    assert_eq!(child.release(), ChildEnd::Exited(0));
+    assert!(ok, "dropping the device hung while a child lived");
+}

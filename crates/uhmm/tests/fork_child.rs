@@ -666,3 +666,28 @@ fn a_child_using_the_inherited_mm_does_not_hang_the_parent() {
     let Some(mm) = common::mm() else { return };
     parent_still_works(&mm);
 }
+
+/// A parent whose `Mm` goes while a forked child (which never touches
+/// uhmm) lives: the child's copy of the userfaultfd keeps its context
+/// alive, so the staging area, still registered, made its munmap wait for
+/// an UNMAP event nobody reads until the child exited.
+#[test]
+fn the_parent_drops_its_mm_while_a_forked_child_lives() {
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    {
+        // An exclusive grab puts the staging area to use.
+        let r = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        r.write_at(0, &[2; 4 * PAGE_SIZE]).unwrap();
+        assert_eq!(
+            mm.make_device_exclusive(r.range(), Owner::unique())
+                .unwrap(),
+            4
+        );
+    }
+    let child = common::fork_blocked();
+    let ok = ends_within(Duration::from_secs(5), move || drop(mm));
+    assert_eq!(child.release(), ChildEnd::Exited(0));
+    assert!(ok, "dropping the Mm hung while a child lived");
+}

@@ -349,6 +349,7 @@ impl Mm {
             .shared
             .uffd
             .register(map, map.range(), RegisterMode::WP)?;
+        self.inner.shared.add_device_memory(map.range());
         Ok(())
     }
 

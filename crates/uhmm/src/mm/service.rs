@@ -89,6 +89,9 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     /// Discards uhmm made itself, whose REMOVE events must not drop states.
     own_removes: Mutex<Vec<PageRange>>,
+    /// Device memory registered (`Mm::register_device_memory`) and not
+    /// unmapped since, to unregister at teardown.
+    device_memory: Mutex<Vec<PageRange>>,
     /// Bytes a CPU fault on a device page brings back (a power of two).
     pub(crate) fault_block: AtomicUsize,
     /// Faults the service holds for later.
@@ -121,12 +124,41 @@ impl Shared {
             staging: OnceLock::new(),
             gate: Gate::default(),
             own_removes: Mutex::new(Vec::new()),
+            device_memory: Mutex::new(Vec::new()),
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
         })
+    }
+
+    /// Device memory in `range` is gone (unmapped): only what is left of
+    /// it stays recorded.
+    fn device_memory_unmapped(&self, range: PageRange) {
+        let mut dm = lock(&self.device_memory);
+        if !dm.iter().any(|r| r.overlaps(range)) {
+            return;
+        }
+        let mut kept = Vec::with_capacity(dm.len() + 1);
+        for r in dm.drain(..) {
+            if !r.overlaps(range) {
+                kept.push(r);
+                continue;
+            }
+            kept.extend(PageRange::from_bounds(r.start(), range.start().min(r.end())).ok());
+            kept.extend(PageRange::from_bounds(range.end().max(r.start()), r.end()).ok());
+        }
+        *dm = kept;
+    }
+
+    /// Records device memory registered with the userfaultfd, to be
+    /// unregistered at teardown if it is still mapped then.
+    pub(crate) fn add_device_memory(&self, range: PageRange) {
+        let mut dm = lock(&self.device_memory);
+        // Memory mapped where recorded memory was replaced it.
+        dm.retain(|r| !r.overlaps(range));
+        dm.push(range);
     }
 
     /// `Ok` in the process that made it; [`ForkedChild`] in a forked
@@ -568,7 +600,25 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        if ForkedChild::check_exact(self.pid).is_err() {
+        if ForkedChild::check_exact(self.pid).is_ok() {
+            // The service has stopped, and the userfaultfd closes before
+            // the staging area is unmapped (fields drop in order). A forked
+            // child's copy of the descriptor keeps its context alive, and
+            // the munmap of a range still registered would then wait for
+            // an UNMAP event nobody reads, until every such child exits:
+            // the area is unregistered first. So is device memory that
+            // outlives the `Mm` (a device whose handle of it was the last
+            // unmaps its memory after it, say).
+            let device_memory = std::mem::take(
+                self.device_memory
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            let staging = self.staging.get().into_iter().flat_map(Staging::ranges);
+            for range in staging.chain(device_memory) {
+                let _ = self.uffd.unregister(range);
+            }
+        } else {
             // A forked child's copy (rarely dropped there: the parent's
             // service thread's reference is counted in the copy too). The
             // staging area is `MADV_DONTFORK`: the child never had it, and
@@ -786,6 +836,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         Event::Unmap { range } => {
             invalidate(regions, range, NotifyEvent::Unmap);
             regions.unmapped(range, |_, s| work.gone.push(s));
+            shared.device_memory_unmapped(range);
         }
         Event::Remap { from, to, old_len } => {
             if let Ok(old) = PageRange::new(from, old_len) {
