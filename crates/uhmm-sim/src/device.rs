@@ -10,7 +10,7 @@ use uhmm::devmem::copy::CpuCopyEngine;
 use uhmm::devmem::{DevicePagemap, DevmemError, FaultError, MigrateError, PagemapConfig};
 use uhmm::mm::notifier::{IntervalNotifier, NotifierOps, NotifierRange, NotifyEvent, Subscription};
 use uhmm::mm::range::{HmmPfn, HmmRange, RangeFaultError};
-use uhmm::mm::{Mm, Owner};
+use uhmm::mm::{ForkedChild, Mm, MmError, Owner};
 use uhmm::sys::mem::{self, AccessError, Backing, Mapping, MemError};
 use uhmm::{PAGE_SHIFT, PAGE_SIZE, PageRange, RangeError, VirtAddr};
 
@@ -116,6 +116,10 @@ pub enum SimError {
     /// Device pages could not be brought home.
     #[error("device memory could not be evicted: {0}")]
     Evict(FaultError),
+    /// A command in a forked child, on a device (or an `Mm`) its parent
+    /// made: the child makes its own `Mm` and device.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 impl SimError {
@@ -123,13 +127,17 @@ impl SimError {
     /// ported hmm-tests can assert it): EFAULT, EPERM, EINVAL, ENOMEM,
     /// EBUSY, or EIO. Memory uhmm does not manage has no dmirror
     /// counterpart (dmirror mirrors any mapping); it is EINVAL, a bad
-    /// command, as is a command after Release.
+    /// command, as is a command after Release, or in a forked child.
     pub fn errno(&self) -> Errno {
         match self {
             SimError::Range(_)
             | SimError::BadBuffer { .. }
             | SimError::NotManaged { .. }
-            | SimError::Released => Errno::INVAL,
+            | SimError::Released
+            | SimError::ForkedChild(_)
+            | SimError::Migrate(MigrateError::Mm(MmError::ForkedChild(_)))
+            | SimError::DeviceMemory(DevmemError::ForkedChild(_))
+            | SimError::Evict(FaultError::ForkedChild(_)) => Errno::INVAL,
             SimError::Fault { .. } => Errno::FAULT,
             SimError::PermissionDenied { .. } => Errno::PERM,
             SimError::NoMemory { .. } => Errno::NOMEM,
@@ -283,6 +291,11 @@ impl NotifierOps for Mirror {
 /// very device's invalidation callback); a page gone from it is faulted in
 /// again with the lock released.
 ///
+/// A device belongs to the process that made it, with its `Mm`: in a
+/// forked child every command returns [`SimError::ForkedChild`] (EINVAL),
+/// and dropping it there leaves the parent's address space alone. The child
+/// makes its own `Mm` and device.
+///
 /// ```
 /// use uhmm::mm::Mm;
 /// use uhmm::sys::mem::Backing;
@@ -326,9 +339,17 @@ pub struct SimDevice {
 impl SimDevice {
     /// A new device (a new [`Owner`]) mirroring `mm`'s address space, with
     /// up to 16 GiB of device memory in 256 MiB chunks (backed as used).
+    ///
+    /// # Panics
+    ///
+    /// In a forked child, with an `mm` its parent made
+    /// ([`with_memory`](Self::with_memory) returns the error instead).
     pub fn new(mm: &Mm) -> SimDevice {
-        Self::with_memory(mm, PagemapConfig::default())
-            .unwrap_or_else(|_| unreachable!("a new owner with the default configuration"))
+        match Self::with_memory(mm, PagemapConfig::default()) {
+            Ok(dev) => dev,
+            Err(SimError::ForkedChild(e)) => panic!("{e}"),
+            Err(_) => unreachable!("a new owner with the default configuration"),
+        }
     }
 
     /// A new device with device memory as `config` says (a small one to
@@ -337,8 +358,11 @@ impl SimDevice {
     /// # Errors
     ///
     /// [`SimError::DeviceMemory`] with [`DevmemError::BadConfig`] if
-    /// `config` is out of bounds ([`PagemapConfig::validate`]).
+    /// `config` is out of bounds ([`PagemapConfig::validate`]);
+    /// [`SimError::ForkedChild`] in a forked child, with an `mm` its parent
+    /// made.
     pub fn with_memory(mm: &Mm, config: PagemapConfig) -> Result<SimDevice, SimError> {
+        mm.check_process()?;
         config.validate().map_err(SimError::DeviceMemory)?;
         let owner = Owner::unique();
         let mirror = Arc::new(Mirror {
@@ -350,7 +374,12 @@ impl SimDevice {
         });
         let everything = PageRange::new(VirtAddr::new(0), usize::MAX - PAGE_SIZE + 1)
             .unwrap_or_else(|_| unreachable!("the whole address space is a valid range"));
-        let notifier = mm.insert_notifier(everything, mirror.clone());
+        let notifier = mm
+            .insert_notifier(everything, mirror.clone())
+            .map_err(|e| match e {
+                MmError::ForkedChild(f) => SimError::ForkedChild(f),
+                e => unreachable!("inserting a notifier fails in a forked child only: {e}"),
+            })?;
         let pagemap = DevicePagemap::new(mm, owner, mirror.clone(), config)
             .map_err(SimError::DeviceMemory)?;
         Ok(SimDevice {
@@ -474,6 +503,7 @@ impl SimDevice {
         npages: usize,
     ) -> Result<(Vec<u8>, CmdResult), SimError> {
         let range = command_range(addr, npages)?;
+        self.mm.check_process()?;
         self.check_released()?;
         bump(&self.mirror.counters.snapshots, 1);
         self.with_entries(range, HmmPfn::NONE, 0, |_, pfns| {
@@ -528,6 +558,7 @@ impl SimDevice {
             return Err(SimError::BadBuffer { len });
         }
         let range = command_range(addr, len / PAGE_SIZE)?;
+        self.mm.check_process()?;
         self.check_released()?;
         if !self.mm.is_managed(range) {
             return Err(SimError::NotManaged { range });
@@ -788,6 +819,7 @@ fn range_error(e: RangeFaultError, range: PageRange, rounds: u64) -> SimError {
         RangeFaultError::Fault { addr, reason } => SimError::Fault { addr, reason },
         RangeFaultError::PermissionDenied { addr } => SimError::PermissionDenied { addr },
         RangeFaultError::NoMemory { range } => SimError::NoMemory { range },
+        RangeFaultError::ForkedChild(f) => SimError::ForkedChild(f),
         e => SimError::PageTable(e),
     }
 }

@@ -345,6 +345,7 @@ impl SimDevice {
     /// As `migrate_to_device`, but for `NotMigrated`.
     pub fn migrate_range_to_device(&self, addr: VirtAddr, npages: usize) -> Result<u64, SimError> {
         let range = command_range(addr, npages)?;
+        self.mm.check_process()?;
         self.check_released()?;
         let before = self
             .mirror
@@ -482,6 +483,7 @@ impl SimDevice {
         npages: usize,
     ) -> Result<crate::CmdResult, SimError> {
         let range = command_range(addr, npages)?;
+        self.mm.check_process()?;
         self.check_released()?;
         let mut res = crate::CmdResult::default();
         for part in parts(range) {
@@ -508,6 +510,7 @@ impl SimDevice {
     ///
     /// [`SimError::Evict`] if pages could not be brought back.
     pub fn release(&self) -> Result<(), SimError> {
+        self.mm.check_process()?;
         self.pagemap.evict_all().map_err(SimError::Evict)
     }
 
@@ -573,6 +576,7 @@ impl SimDevice {
     /// As said, and [`SimError::Range`] for a bad command.
     pub fn check_exclusive(&self, addr: VirtAddr, npages: usize) -> Result<(), SimError> {
         let range = command_range(addr, npages)?;
+        self.mm.check_process()?;
         let table = self.mirror.lock();
         match range.pages().find(|&a| table.get(a) & ATOMIC != 0) {
             Some(a) => Err(SimError::StillExclusive { addr: a }),

@@ -1084,7 +1084,7 @@ fn blocked_setup_never_takes_memory_mapped_after_an_unmap() {
         wr(x + p * PAGE_SIZE, 0x1111);
     }
     let n = Arc::new(ParkOn(NotifyEvent::Migrate, ParkingEngine::default()));
-    let _sub = mm.insert_notifier(region.range(), n.clone());
+    let _sub = mm.insert_notifier(region.range(), n.clone()).unwrap();
     n.1.arm();
     let d = dev.clone();
     let t = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(x), PAGES));
@@ -1132,7 +1132,7 @@ fn blocked_setup_follows_its_pages_not_their_old_address() {
         PAGES as u64
     );
     let n = Arc::new(ParkOn(NotifyEvent::Migrate, ParkingEngine::default()));
-    let _sub = mm.insert_notifier(region.range(), n.clone());
+    let _sub = mm.insert_notifier(region.range(), n.clone()).unwrap();
     n.1.arm();
     let d = dev.clone();
     let t = std::thread::spawn(move || d.migrate_to_system(VirtAddr::new(x), PAGES));
@@ -1593,10 +1593,12 @@ fn a_fork_brings_home_an_exclusive_page_that_moved_meanwhile() {
     wr(a, 0x7E57);
     dev.exclusive(VirtAddr::new(a), 1).unwrap();
     let park = Arc::new(ParkOn(NotifyEvent::Exclusive, ParkingEngine::default()));
-    let _n = mm.insert_notifier(
-        PageRange::new(VirtAddr::new(a), 2 * LEN).unwrap(),
-        park.clone(),
-    );
+    let _n = mm
+        .insert_notifier(
+            PageRange::new(VirtAddr::new(a), 2 * LEN).unwrap(),
+            park.clone(),
+        )
+        .unwrap();
     park.1.arm();
     let forker = std::thread::spawn(|| {
         // SAFETY: the child exits at once.

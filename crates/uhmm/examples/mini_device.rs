@@ -127,7 +127,7 @@ struct MiniDevice {
 }
 
 impl MiniDevice {
-    fn new(mm: &Mm, range: PageRange) -> Result<MiniDevice, DevmemError> {
+    fn new(mm: &Mm, range: PageRange) -> Result<MiniDevice, Box<dyn std::error::Error>> {
         let owner = Owner::unique();
         let inner = Arc::new(Inner {
             table: Mutex::new(BTreeMap::new()),
@@ -139,7 +139,7 @@ impl MiniDevice {
         };
         Ok(MiniDevice {
             owner,
-            notifier: mm.insert_notifier(range, inner.clone()),
+            notifier: mm.insert_notifier(range, inner.clone())?,
             pagemap: DevicePagemap::new(mm, owner, inner.clone(), config)?,
             inner,
             mm: mm.clone(),

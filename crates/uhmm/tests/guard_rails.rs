@@ -334,7 +334,10 @@ fn an_invalidate_callback_that_panics_is_contained() {
     let _s = common::serial();
     let Some(rig) = Rig::new(4) else { return };
     let ops = Arc::new(PanickingNotifier::default());
-    let notifier = rig.mm.insert_notifier(rig.region.range(), ops.clone());
+    let notifier = rig
+        .mm
+        .insert_notifier(rig.region.range(), ops.clone())
+        .unwrap();
     let seq = notifier.read_begin();
     ops.armed.store(true, Ordering::SeqCst);
     // A discard of page 3 is reported to the service, which invalidates.
@@ -513,7 +516,7 @@ fn range_fault_outside_its_notifier_is_refused() {
     let Some(mm) = common::mm() else { return };
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let half = PageRange::new(region.range().start(), 2 * PAGE_SIZE).unwrap();
-    let notifier = mm.insert_notifier(half, Arc::new(Quiet));
+    let notifier = mm.insert_notifier(half, Arc::new(Quiet)).unwrap();
     let seq = notifier.read_begin();
     let mut r = HmmRange::new(&notifier, seq, region.range());
     assert!(matches!(
@@ -524,7 +527,9 @@ fn range_fault_outside_its_notifier_is_refused() {
     mm.range_fault(&mut inside).unwrap();
     // A notifier of another address space's tree tells this one nothing.
     let other = common::mm().unwrap();
-    let foreign = other.insert_notifier(region.range(), Arc::new(Quiet));
+    let foreign = other
+        .insert_notifier(region.range(), Arc::new(Quiet))
+        .unwrap();
     let seq = foreign.read_begin();
     let mut r = HmmRange::new(&foreign, seq, half);
     assert!(matches!(
@@ -603,7 +608,7 @@ fn a_leaked_migration_stalls_nothing_else_and_its_pages_come_home() {
     let dev = Faulty::new(&arena);
     let owner = Owner::unique();
     let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
-    let other = mm.insert_notifier(map.range(), Arc::new(Quiet));
+    let other = mm.insert_notifier(map.range(), Arc::new(Quiet)).unwrap();
 
     // Half the pages moved into device memory, none committed: leaked.
     let mut m = MigrateVma::setup(&mm, map.range(), Select::SYSTEM, owner).unwrap();

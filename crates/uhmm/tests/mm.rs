@@ -122,11 +122,15 @@ fn kernel_events_reach_exactly_the_overlapping_notifiers() {
     let r = region.range();
     let low = Arc::new(Recorder::default());
     let high = Arc::new(Recorder::default());
-    let _n1 = mm.insert_notifier(r.subrange(0, 4 * PAGE_SIZE).unwrap(), low.clone());
-    let _n2 = mm.insert_notifier(
-        r.subrange(4 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap(),
-        high.clone(),
-    );
+    let _n1 = mm
+        .insert_notifier(r.subrange(0, 4 * PAGE_SIZE).unwrap(), low.clone())
+        .unwrap();
+    let _n2 = mm
+        .insert_notifier(
+            r.subrange(4 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap(),
+            high.clone(),
+        )
+        .unwrap();
 
     // MADV_DONTNEED of pages 1-2: Clear, for the low notifier only.
     let discard = r.subrange(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
@@ -164,7 +168,7 @@ fn mremap_is_a_remap_of_the_old_range() {
     let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let target = uhmm::sys::mem::Mapping::anon(2 * PAGE_SIZE).unwrap();
     let rec = Arc::new(Recorder::default());
-    let _n = mm.insert_notifier(region.range(), rec.clone());
+    let _n = mm.insert_notifier(region.range(), rec.clone()).unwrap();
     let (from, to) = (region.range(), target.range());
     common::remap(from, to);
     assert_eq!(rec.next(), (NotifyEvent::Remap, from));
@@ -183,7 +187,7 @@ fn fork_is_notified_before_it_happens() {
     let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
     region.write_at(0, &[5]).unwrap();
     let rec = Arc::new(Recorder::default());
-    let _n = mm.insert_notifier(region.range(), rec.clone());
+    let _n = mm.insert_notifier(region.range(), rec.clone()).unwrap();
     let addr = region.range().start().get();
     // The child sees the parent's data.
     assert_eq!(
@@ -201,7 +205,7 @@ fn release_reaches_every_notifier_before_teardown() {
     let recs: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
     let notifiers: Vec<_> = recs
         .iter()
-        .map(|r| mm.insert_notifier(region.range(), r.clone()))
+        .map(|r| mm.insert_notifier(region.range(), r.clone()).unwrap())
         .collect();
     let tree = mm.notifiers().clone();
     let range = region.range();
@@ -296,7 +300,10 @@ fn release_reaches_every_notifier_at_process_exit() {
             Ok(mm) => {
                 let range = PageRange::new(uhmm::VirtAddr::new(0x1000_0000), PAGE_SIZE).unwrap();
                 for _ in 0..2 {
-                    std::mem::forget(mm.insert_notifier(range, Arc::new(PipeReporter(fds[1]))));
+                    std::mem::forget(
+                        mm.insert_notifier(range, Arc::new(PipeReporter(fds[1])))
+                            .unwrap(),
+                    );
                 }
                 // The handle stays alive: only the exit hook can release.
                 std::mem::forget(mm);

@@ -64,7 +64,7 @@ fn each_event_reaches_exactly_the_overlapping_notifiers() {
     let _subs: Vec<_> = recs
         .iter()
         .enumerate()
-        .map(|(i, r)| tree.insert(pages(4 * i, 4), r.clone()))
+        .map(|(i, r)| tree.insert(pages(4 * i, 4), r.clone()).unwrap())
         .collect();
     let owner = Owner::unique();
     for event in [
@@ -103,7 +103,7 @@ fn each_event_reaches_exactly_the_overlapping_notifiers() {
 fn read_retry_reports_a_racing_invalidation() {
     let tree = Notifiers::new();
     let rec = Arc::new(Recorder::default());
-    let n = tree.insert(pages(0, 4), rec.clone());
+    let n = tree.insert(pages(0, 4), rec.clone()).unwrap();
     let seq = n.read_begin();
     assert!(!n.read_retry(seq));
     tree.invalidate(&NotifierRange::new(pages(8, 1), NotifyEvent::Clear))
@@ -126,7 +126,10 @@ fn read_retry_reports_a_racing_invalidation() {
 #[test]
 fn read_begin_waits_for_a_running_invalidation() {
     let tree = Notifiers::new();
-    let n = Arc::new(tree.insert(pages(0, 4), Arc::new(Recorder::default())));
+    let n = Arc::new(
+        tree.insert(pages(0, 4), Arc::new(Recorder::default()))
+            .unwrap(),
+    );
     let guard = tree
         .invalidate_start(&NotifierRange::new(pages(0, 1), NotifyEvent::Clear))
         .unwrap();
@@ -153,12 +156,14 @@ fn read_begin_waits_for_a_running_invalidation() {
 #[test]
 fn an_insert_during_an_invalidation_takes_effect_at_its_end() {
     let tree = Notifiers::new();
-    let _first = tree.insert(pages(0, 4), Arc::new(Recorder::default()));
+    let _first = tree
+        .insert(pages(0, 4), Arc::new(Recorder::default()))
+        .unwrap();
     let guard = tree
         .invalidate_start(&NotifierRange::new(pages(0, 4), NotifyEvent::Clear))
         .unwrap();
     let late = Arc::new(Recorder::default());
-    let n = Arc::new(tree.insert(pages(0, 4), late.clone()));
+    let n = Arc::new(tree.insert(pages(0, 4), late.clone()).unwrap());
     assert!(
         late.seen().is_empty(),
         "the running invalidation started before the insert"
@@ -188,7 +193,7 @@ fn remove_waits_for_a_running_callback_and_ends_them() {
         delay: Some(Duration::from_millis(200)),
         ..Recorder::default()
     });
-    let n = tree.insert(pages(0, 4), slow.clone());
+    let n = tree.insert(pages(0, 4), slow.clone()).unwrap();
     let t2 = tree.clone();
     let t = std::thread::spawn(move || {
         t2.invalidate(&NotifierRange::new(pages(0, 1), NotifyEvent::Clear))
@@ -218,7 +223,7 @@ fn remove_waits_for_a_running_callback_and_ends_them() {
 fn a_callback_that_cannot_block_asks_for_a_retry() {
     let tree = Notifiers::new();
     let rec = Arc::new(Recorder::default());
-    let n = tree.insert(pages(0, 4), rec.clone());
+    let n = tree.insert(pages(0, 4), rec.clone()).unwrap();
     let seq = n.read_begin();
     let held = rec.update_lock.lock().unwrap();
     let r = NotifierRange::new(pages(0, 1), NotifyEvent::Clear).non_blocking();
@@ -238,7 +243,7 @@ fn a_callback_that_cannot_block_asks_for_a_retry() {
 fn dropping_the_handle_unregisters() {
     let tree = Notifiers::new();
     let rec = Arc::new(Recorder::default());
-    drop(tree.insert(pages(0, 4), rec.clone()));
+    drop(tree.insert(pages(0, 4), rec.clone()).unwrap());
     tree.invalidate(&NotifierRange::new(pages(0, 4), NotifyEvent::Clear))
         .unwrap();
     assert!(rec.seen().is_empty() && tree.is_empty());

@@ -32,7 +32,7 @@ fn fault(
     mask: HmmPfn,
     pfns: Option<Vec<HmmPfn>>,
 ) -> Result<Vec<HmmPfn>, RangeFaultError> {
-    let n = mm.insert_notifier(region.range(), Arc::new(Seq));
+    let n = mm.insert_notifier(region.range(), Arc::new(Seq)).unwrap();
     let mut r = HmmRange::new(&n, n.read_begin(), region.range());
     r.default_flags = default;
     r.pfn_flags_mask = mask;
@@ -135,7 +135,7 @@ fn a_racing_invalidation_makes_it_busy() {
     let _serial = common::serial();
     let Some(mm) = common::mm() else { return };
     let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    let n = mm.insert_notifier(region.range(), Arc::new(Seq));
+    let n = mm.insert_notifier(region.range(), Arc::new(Seq)).unwrap();
     let seq = n.read_begin();
     mm.mprotect(region.range(), Prot::READ).unwrap(); // notifies Protection
     let mut r = HmmRange::new(&n, seq, region.range());
@@ -227,7 +227,7 @@ fn entries_arrive_in_the_device_encoding() {
     let _serial = common::serial();
     let Some(mm) = common::mm() else { return };
     let region = sample(&mm, 3);
-    let n = mm.insert_notifier(region.range(), Arc::new(Seq));
+    let n = mm.insert_notifier(region.range(), Arc::new(Seq)).unwrap();
     let mut r = HmmRange::new(&n, n.read_begin(), region.range());
     let mut bytes = Vec::new();
     mm.range_fault_encoded(&mut r, &DmirrorBytes, &mut bytes)

@@ -219,7 +219,7 @@ fn snapshot(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
     let region = mm.alloc(s.big, Backing::AnonPrivate)?;
     cpu::touch_pages(region.range());
     let range = region.range();
-    let notifier = mm.insert_notifier(range, Arc::new(Quiet));
+    let notifier = mm.insert_notifier(range, Arc::new(Quiet))?;
     let pagemap = Pagemap::open()?;
     let query = ScanQuery::new().require(Categories::PRESENT);
     let mut regions = Vec::new();

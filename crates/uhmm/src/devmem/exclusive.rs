@@ -35,12 +35,13 @@ impl Mm {
     /// [`MigrateError::InvalidRange`] unless the range lies in one managed
     /// region of private anonymous read-write memory (the kernel refuses
     /// other memory too); [`MigrateError::Mm`] if the pages cannot be
-    /// faulted in.
+    /// faulted in, or with [`MmError::ForkedChild`] in a forked child.
     pub fn make_device_exclusive(
         &self,
         range: PageRange,
         owner: Owner,
     ) -> Result<usize, MigrateError> {
+        self.check_process().map_err(MmError::from)?;
         let shared = self.shared();
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
         for attempt in 1.. {
@@ -106,8 +107,10 @@ impl Mm {
     }
 
     /// Where the device holding `addr`'s page exclusive finds it: a slot
-    /// of uhmm's staging area, valid until the page's next invalidation.
+    /// of uhmm's staging area, valid until the page's next invalidation
+    /// (never, in a forked child: a fork brings every page home first).
     pub fn exclusive_page(&self, addr: VirtAddr, owner: Owner) -> Option<VirtAddr> {
+        self.check_process().ok()?;
         let shared = self.shared();
         match lock(&shared.regions).states.get(addr.page_down()) {
             Stored::Exclusive(o, hold) if o == owner => Some(shared.staging().ok()?.page_at(hold)),

@@ -315,13 +315,16 @@ impl<'a> MigrateVma<'a> {
     /// invalidation could not be done now; [`MigrateError::Staging`] if the
     /// range is too large to migrate at once; [`MigrateError::Mm`] with
     /// [`StateError::TooManyOwners`](crate::mm::StateError) if the address
-    /// space cannot name one more device. Memory is as it was on error.
+    /// space cannot name one more device, or with
+    /// [`MmError::ForkedChild`] in a forked child. Memory is as it was on
+    /// error.
     pub fn setup(
         mm: &'a Mm,
         range: PageRange,
         select: Select,
         owner: Owner,
     ) -> Result<MigrateVma<'a>, MigrateError> {
+        mm.check_process().map_err(MmError::from)?;
         Self::setup_in(mm.shared(), range, select, owner, true)
     }
 

@@ -7,7 +7,7 @@ use crate::mm::callback::call;
 use crate::mm::regions::Regions;
 use crate::mm::service::Shared;
 use crate::mm::state::Stored;
-use crate::mm::{Mm, Owner, lock_poisoned as lock};
+use crate::mm::{ForkedChild, Mm, MmError, Owner, lock_poisoned as lock};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,6 +80,10 @@ pub enum FaultError {
     /// The device failed (the kernel's `VM_FAULT_SIGBUS`).
     #[error("device failure: {0}")]
     Device(String),
+    /// Called in a forked child on device memory its parent made
+    /// ([`DevicePagemap::evict_all`]).
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 impl From<MigrateError> for FaultError {
@@ -88,6 +92,7 @@ impl From<MigrateError> for FaultError {
     /// unmap meanwhile) is `Retry`; the rest is a device failure.
     fn from(e: MigrateError) -> Self {
         match e {
+            MigrateError::Mm(MmError::ForkedChild(f)) => FaultError::ForkedChild(f),
             MigrateError::Retry { .. }
             | MigrateError::Staging(_)
             | MigrateError::Mm(_)
@@ -136,6 +141,10 @@ pub enum DevmemError {
         /// What is wrong, with the bound.
         reason: String,
     },
+    /// Called in a forked child on an `Mm`, or device memory, its parent
+    /// made.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// How a [`DevicePagemap`] grows: by chunks of `chunk_pages` pages (of
@@ -332,6 +341,10 @@ impl PagemapInner {
 /// faults: the fault service finds `migrate_to_ram` through the owner
 /// stored with each device-resident page. Dropping the pagemap (or
 /// [`evict_all`](Self::evict_all)) brings every page home first.
+///
+/// It belongs to the process that made it, with its [`Mm`]: in a forked
+/// child its operations return [`ForkedChild`], and dropping it does
+/// nothing (a fork brings every device page home first).
 pub struct DevicePagemap {
     inner: Arc<PagemapInner>,
     mm: Mm,
@@ -403,13 +416,15 @@ impl DevicePagemap {
     ///
     /// [`DevmemError::BadConfig`] if `config` is out of bounds
     /// ([`PagemapConfig::validate`]); [`DevmemError::OwnerTaken`] if
-    /// `owner` has a pagemap in `mm` already.
+    /// `owner` has a pagemap in `mm` already; [`DevmemError::ForkedChild`]
+    /// in a forked child, with its parent's `mm`.
     pub fn new(
         mm: &Mm,
         owner: Owner,
         ops: Arc<dyn DevicePagemapOps>,
         config: PagemapConfig,
     ) -> Result<DevicePagemap, DevmemError> {
+        mm.check_process()?;
         config.validate()?;
         let inner = Arc::new(PagemapInner {
             owner,
@@ -440,12 +455,23 @@ impl DevicePagemap {
         self.inner.config.chunk_pages * self.inner.config.max_chunks
     }
 
-    /// What it has counted.
+    /// What it has counted (in a forked child, what it had at the fork;
+    /// chunks and pages in use only if no thread of the parent held the
+    /// pool then).
     pub fn stats(&self) -> PagemapStats {
-        let p = lock(&self.inner.pool);
+        let (chunks, in_use) = if self.mm.check_process().is_ok() {
+            let p = lock(&self.inner.pool);
+            (p.chunks, p.in_use)
+        } else {
+            // A lock a thread of the parent held at the fork stays locked.
+            self.inner
+                .pool
+                .try_lock()
+                .map_or((0, 0), |p| (p.chunks, p.in_use))
+        };
         PagemapStats {
-            chunks: p.chunks,
-            in_use: p.in_use,
+            chunks,
+            in_use,
             allocated: self.inner.allocated.load(Ordering::Relaxed),
             freed: self.inner.freed.load(Ordering::Relaxed),
             faulted_back: self.inner.faulted_back.load(Ordering::Relaxed),
@@ -458,8 +484,10 @@ impl DevicePagemap {
     /// # Errors
     ///
     /// [`DevmemError::Exhausted`] when fewer than `n` can be had;
-    /// [`DevmemError::Grow`] when the device cannot back a new chunk.
+    /// [`DevmemError::Grow`] when the device cannot back a new chunk;
+    /// [`DevmemError::ForkedChild`] in a forked child.
     pub fn alloc(&self, n: usize) -> Result<Vec<DevicePfn>, DevmemError> {
+        self.mm.check_process()?;
         let cfg = self.inner.config;
         let mut p = lock(&self.inner.pool);
         while p.free.len() < n {
@@ -501,8 +529,10 @@ impl DevicePagemap {
     ///
     /// # Errors
     ///
-    /// [`DevmemError::BadPfn`] if the page is not in use.
+    /// [`DevmemError::BadPfn`] if the page is not in use;
+    /// [`DevmemError::ForkedChild`] in a forked child.
     pub fn get(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
+        self.mm.check_process()?;
         let mut p = lock(&self.inner.pool);
         match p.refs.get_mut(pfn.0 as usize) {
             Some(r) if *r > 0 => {
@@ -520,8 +550,9 @@ impl DevicePagemap {
     ///
     /// [`DevmemError::BadPfn`] if the page is not in use (never handed
     /// out, or freed already: a second `put` of its last reference); no
-    /// count changes then.
+    /// count changes then. [`DevmemError::ForkedChild`] in a forked child.
     pub fn put(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
+        self.mm.check_process()?;
         self.inner.put(pfn)
     }
 
@@ -534,13 +565,23 @@ impl DevicePagemap {
     ///
     /// [`FaultError`] if the device keeps failing to give pages back for
     /// ten seconds; the pages not brought back stay on the device.
+    /// [`FaultError::ForkedChild`] in a forked child.
     pub fn evict_all(&self) -> Result<(), FaultError> {
+        self.mm.check_process()?;
         evict(self.mm.shared(), &self.inner, None, true)
     }
 }
 
 impl Drop for DevicePagemap {
     fn drop(&mut self) {
+        if ForkedChild::check_exact(self.mm.shared().pid).is_err() {
+            // A forked child's copy: the pages it could bring home are the
+            // parent's business (a fork brought them home already), the
+            // service it would wait for runs in the parent only, and a
+            // thread of the parent may have held one of its locks at the
+            // fork. Nothing to do.
+            return;
+        }
         let shared = self.mm.shared();
         // Nothing may be lost: keep trying while the device gives pages
         // back; what it cannot is lost with it, as for a device that dies

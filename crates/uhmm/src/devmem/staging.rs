@@ -155,6 +155,13 @@ impl Staging {
         })
     }
 
+    /// The two areas, as registered.
+    pub(crate) fn ranges(&self) -> impl Iterator<Item = PageRange> {
+        [self.huge_start, self.small_start]
+            .into_iter()
+            .filter_map(|start| PageRange::new(start, AREA).ok())
+    }
+
     /// A run for the pages of `range`. `may_clean`: the caller is not the
     /// fault service, so dirty blocks can be emptied.
     pub(crate) fn alloc(

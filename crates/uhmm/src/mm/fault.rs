@@ -276,7 +276,11 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 // bounded by time.
                 s @ Stored::Device(o, _) if o == owner => {
                     let why = match called {
-                        Err(FaultError::Device(_) | FaultError::NoMemory) => Failure::Device,
+                        Err(
+                            FaultError::Device(_)
+                            | FaultError::NoMemory
+                            | FaultError::ForkedChild(_),
+                        ) => Failure::Device,
                         Err(FaultError::Retry) | Ok(()) => Failure::Busy,
                     };
                     return Served::Failed(why, s);

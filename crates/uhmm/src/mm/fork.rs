@@ -5,16 +5,17 @@
 //! Forks are serialised by [`HOOKS_HELD`], a lock taken in the prepare hook
 //! and released in the parent and child hooks, so two threads forking at
 //! once never interleave their preparations (glibc runs the handlers of
-//! concurrent forks without a lock of its own). The child's hook does one
-//! atomic store and nothing else: a child of a multi-threaded process may
-//! only do async-signal-safe work before it execs, and any mutex another
-//! parent thread held at the fork stays locked in it for ever. `LIVE` is
-//! only ever locked by a thread that holds the hook lock, so no fork can
-//! copy it locked.
+//! concurrent forks without a lock of its own). The child's hook records
+//! the child's process id (`getpid`, one atomic store: see [`pid`]) and
+//! releases the hook lock, nothing else: a child of a multi-threaded
+//! process may only do async-signal-safe work before it execs, and any
+//! mutex another parent thread held at the fork stays locked in it for
+//! ever. `LIVE` is only ever locked by a thread that holds the hook lock,
+//! so no fork can copy it locked.
 
 use super::notifier::{NotifierRange, NotifyEvent};
 use super::service::{Shared, lock};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::Duration;
 
@@ -25,6 +26,30 @@ static HOOKS: Once = Once::new();
 /// The hook lock: held from a fork's prepare hook to its parent or child
 /// hook, and around every use of `LIVE`.
 static HOOKS_HELD: AtomicBool = AtomicBool::new(false);
+
+/// The id of this process, kept while the hooks are installed: recorded
+/// when they are, and anew by the child hook after every fork.
+static PID: AtomicI32 = AtomicI32::new(0);
+
+/// This process's id, without a system call once the hooks are installed
+/// (every entry point of an `Mm` checks it against its maker's, and
+/// `getpid` costs a few hundred ns). A child of a fork that runs no
+/// `pthread_atfork` handlers (a raw `clone`) has its parent's id here, as
+/// uhmm does not see such forks (DESIGN.md, "Fork"); teardown in `Drop`
+/// checks the exact id instead ([`exact_pid`]).
+pub(crate) fn pid() -> rustix::process::Pid {
+    if HOOKS.is_completed() {
+        if let Some(p) = rustix::process::Pid::from_raw(PID.load(Ordering::Relaxed)) {
+            return p;
+        }
+    }
+    exact_pid()
+}
+
+/// This process's id (`getpid`).
+pub(crate) fn exact_pid() -> rustix::process::Pid {
+    rustix::process::getpid()
+}
 
 fn hooks_lock() {
     let mut spins = 0u32;
@@ -53,6 +78,7 @@ fn hooks_unlock() {
 pub(super) fn track(shared: &Arc<Shared>) -> Result<(), rustix::io::Errno> {
     let mut result = Ok(());
     HOOKS.call_once(|| {
+        PID.store(exact_pid().as_raw_nonzero().get(), Ordering::Relaxed);
         result = crate::sys::on_fork(prepare, after_parent, after_child)
             .and_then(|()| crate::sys::on_exit(at_exit));
     });
@@ -70,7 +96,7 @@ pub(super) fn track(shared: &Arc<Shared>) -> Result<(), rustix::io::Errno> {
 /// The live `Mm`s made by this process (a forked child's copies are not
 /// its own). The caller holds the hook lock.
 fn live() -> Vec<Arc<Shared>> {
-    let pid = rustix::process::getpid();
+    let pid = pid();
     lock(&LIVE)
         .iter()
         .filter_map(Weak::upgrade)
@@ -114,10 +140,13 @@ extern "C" fn after_parent() {
     hooks_unlock();
 }
 
-/// Runs in the child after the fork: only async-signal-safe work. The
-/// child's copies of the parent's `Mm`s are dead (no service thread runs
-/// there); the hook lock is released so that the child may make its own.
+/// Runs in the child after the fork: only async-signal-safe work (a
+/// system call and two atomic stores). The child's copies of the parent's
+/// `Mm`s are dead (no service thread runs there; their entry points see
+/// the new process id and refuse); the hook lock is released so that the
+/// child may make its own.
 extern "C" fn after_child() {
+    PID.store(exact_pid().as_raw_nonzero().get(), Ordering::Relaxed);
     hooks_unlock();
 }
 

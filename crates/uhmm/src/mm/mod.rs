@@ -98,6 +98,61 @@ pub enum MmError {
         /// The range asked for.
         range: PageRange,
     },
+    /// Called in a forked child on an `Mm` its parent made.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
+}
+
+/// Refused: the [`Mm`] (or what was made from it: a [`ManagedRegion`], an
+/// [`IntervalNotifier`], a [`DevicePagemap`](crate::devmem::DevicePagemap))
+/// belongs to the process that made it, and the caller is a forked child.
+///
+/// The userfaultfd, the fault service and the registrations of an `Mm` are
+/// its maker's: a child that registered memory through its copy would
+/// register the *parent's* address space (the kernel ties a userfaultfd to
+/// the address space that opened it), and no service thread runs in the
+/// child to serve or apply anything. Every operation of an inherited `Mm`
+/// that would touch them returns this error instead; reads answer for the
+/// child (nothing is managed there); dropping the copies does nothing. A
+/// child that wants managed memory makes its own [`Mm::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this Mm was made by process {made_by}; process {current}, a forked child, must make its own Mm (Mm::new)"
+)]
+pub struct ForkedChild {
+    /// The process that made the `Mm`.
+    pub made_by: i32,
+    /// The calling process.
+    pub current: i32,
+}
+
+impl ForkedChild {
+    /// `Err` unless the calling process is `made_by` (an atomic load: see
+    /// `fork::pid`).
+    pub(crate) fn check(made_by: rustix::process::Pid) -> Result<(), ForkedChild> {
+        Self::check_against(made_by, fork::pid())
+    }
+
+    /// [`check`](Self::check) with the exact process id (`getpid`), for
+    /// teardown, which must never act in a child of a fork uhmm did not
+    /// see (a raw `clone`).
+    pub(crate) fn check_exact(made_by: rustix::process::Pid) -> Result<(), ForkedChild> {
+        Self::check_against(made_by, fork::exact_pid())
+    }
+
+    fn check_against(
+        made_by: rustix::process::Pid,
+        current: rustix::process::Pid,
+    ) -> Result<(), ForkedChild> {
+        if current == made_by {
+            Ok(())
+        } else {
+            Err(ForkedChild {
+                made_by: made_by.as_raw_nonzero().get(),
+                current: current.as_raw_nonzero().get(),
+            })
+        }
+    }
 }
 
 /// What the fault service has counted so far.
@@ -201,9 +256,12 @@ impl Mm {
     /// deadlock the process. Instead a `pthread_atfork` prepare hook, run in
     /// the forking thread before those locks are taken, sends
     /// [`NotifyEvent::Fork`] for every managed region — before the fork
-    /// write-protects private pages, as the kernel orders it. A child must
-    /// not use its copy of an `Mm` (it has no service thread); dropping it
-    /// there does nothing.
+    /// write-protects private pages, as the kernel orders it.
+    ///
+    /// A forked child cannot use its copy of an `Mm` (the userfaultfd
+    /// belongs to the parent's address space, and no service thread runs
+    /// in the child): its operations return [`ForkedChild`] there, and
+    /// dropping it does nothing. The child makes its own with `new`.
     pub fn new() -> Result<Mm, MmError> {
         Self::with_access(AccessPolicy::Auto)
     }
@@ -269,11 +327,31 @@ impl Mm {
         &self.inner.shared
     }
 
+    /// `Ok` in the process that made this `Mm`; [`ForkedChild`] in a
+    /// forked child, where nothing may be done with it (see
+    /// [`ForkedChild`]). uhmm's own operations check it; a device built on
+    /// uhmm calls it to refuse its commands in a child early.
+    ///
+    /// # Errors
+    ///
+    /// [`ForkedChild`] in a process other than the one that made it.
+    pub fn check_process(&self) -> Result<(), ForkedChild> {
+        self.inner.shared.check_process()
+    }
+
+    /// Whether the calling process is not the one that made this `Mm` (a
+    /// forked child).
+    fn inherited(&self) -> bool {
+        self.check_process().is_err()
+    }
+
     /// Sets how much a CPU fault on a device-resident page brings back:
     /// the aligned block of `bytes` around it (rounded to a power of two,
     /// from one page to 2 MiB), clipped to its region. The default, 2 MiB,
     /// makes a sequential CPU scan of device-resident memory take one fault
-    /// per 2 MiB; one page suits random access to scattered pages.
+    /// per 2 MiB; one page suits random access to scattered pages. (In a
+    /// forked child it changes the child's copy of the setting only, which
+    /// nothing there uses.)
     pub fn set_fault_block(&self, bytes: usize) {
         let b = bytes
             .clamp(crate::PAGE_SIZE, 2 << 20)
@@ -288,8 +366,11 @@ impl Mm {
     }
 
     /// The device page of `owner` holding the managed page at `addr`, if
-    /// that is where it lives now.
+    /// that is where it lives now (never, in a forked child).
     pub fn device_page(&self, addr: VirtAddr, owner: Owner) -> Option<DevicePfn> {
+        if self.inherited() {
+            return None;
+        }
         match lock(&self.inner.shared.regions)
             .states
             .get(addr.page_down())
@@ -308,8 +389,10 @@ impl Mm {
     /// # Errors
     ///
     /// [`MmError::AlreadyManaged`] if it overlaps a managed region;
-    /// [`MmError::Register`] if it cannot be registered.
+    /// [`MmError::Register`] if it cannot be registered;
+    /// [`MmError::ForkedChild`] in a forked child.
     pub fn register_device_memory(&self, map: &Mapping) -> Result<(), MmError> {
+        self.check_process()?;
         if let Some(existing) = lock(&self.inner.shared.regions).overlapping(map.range()) {
             return Err(MmError::AlreadyManaged {
                 range: map.range(),
@@ -320,6 +403,7 @@ impl Mm {
             .shared
             .uffd
             .register(map, map.range(), RegisterMode::WP)?;
+        self.inner.shared.add_device_memory(map.range());
         Ok(())
     }
 
@@ -342,8 +426,16 @@ impl Mm {
     }
 
     /// Registers `ops` for invalidations overlapping `range`.
-    pub fn insert_notifier(&self, range: PageRange, ops: Arc<dyn NotifierOps>) -> IntervalNotifier {
-        self.inner.shared.notifiers.insert(range, ops)
+    ///
+    /// # Errors
+    ///
+    /// [`MmError::ForkedChild`] in a forked child.
+    pub fn insert_notifier(
+        &self,
+        range: PageRange,
+        ops: Arc<dyn NotifierOps>,
+    ) -> Result<IntervalNotifier, MmError> {
+        Ok(self.inner.shared.notifiers.insert(range, ops)?)
     }
 
     /// Maps `len` bytes of new memory of the given kind and manages it.
@@ -352,7 +444,8 @@ impl Mm {
     ///
     /// [`MmError::Map`] if the memory cannot be mapped (for example no free
     /// huge pages), [`MmError::Register`] if it cannot be registered (shared
-    /// memory needs `WP_HUGETLBFS_SHMEM`, Linux 5.19+).
+    /// memory needs `WP_HUGETLBFS_SHMEM`, Linux 5.19+),
+    /// [`MmError::ForkedChild`] in a forked child (nothing is mapped then).
     pub fn alloc(&self, len: usize, backing: Backing) -> Result<ManagedRegion, MmError> {
         self.alloc_mapping(Mapping::builder(len).backing(backing))
     }
@@ -375,6 +468,7 @@ impl Mm {
     ///
     /// As [`alloc`](Self::alloc).
     pub fn alloc_mapping(&self, builder: MappingBuilder) -> Result<ManagedRegion, MmError> {
+        self.check_process()?;
         let mapping = builder.build()?;
         let range = mapping.range();
         // Registered and recorded under the regions lock: no event of
@@ -397,7 +491,7 @@ impl Mm {
     ///
     /// [`MmError::AlreadyManaged`] if it overlaps a managed region,
     /// [`MmError::Register`] if part of it is unmapped, or of a kind that
-    /// cannot be registered.
+    /// cannot be registered; [`MmError::ForkedChild`] in a forked child.
     ///
     /// # Safety
     ///
@@ -406,6 +500,7 @@ impl Mm {
     /// until the returned region is dropped.
     #[allow(unsafe_code)] // named place: the caller's contract is registration's
     pub unsafe fn manage(&self, range: PageRange) -> Result<ManagedRegion, MmError> {
+        self.check_process()?;
         let mut regions = lock(&self.inner.shared.regions);
         if let Some(existing) = regions.overlapping(range) {
             return Err(MmError::AlreadyManaged { range, existing });
@@ -422,13 +517,18 @@ impl Mm {
         Ok(ManagedRegion::new(self.clone(), range, None))
     }
 
-    /// Whether `range` lies entirely inside managed regions.
+    /// Whether `range` lies entirely inside managed regions. In a forked
+    /// child nothing is: the child's copies of the regions are not
+    /// registered (the kernel drops the registrations in a fork).
     pub fn is_managed(&self, range: PageRange) -> bool {
-        lock(&self.inner.shared.regions).covers(range)
+        !self.inherited() && lock(&self.inner.shared.regions).covers(range)
     }
 
-    /// The total length of the managed regions.
+    /// The total length of the managed regions (0 in a forked child).
     pub fn managed_len(&self) -> usize {
+        if self.inherited() {
+            return 0;
+        }
         lock(&self.inner.shared.regions)
             .ranges()
             .map(PageRange::len)
@@ -444,9 +544,10 @@ impl Mm {
     /// # Errors
     ///
     /// [`MmError::NotManaged`] if the range is not managed; [`MmError::Map`]
-    /// if the kernel refuses.
+    /// if the kernel refuses; [`MmError::ForkedChild`] in a forked child.
     #[allow(unsafe_code)] // named place: managed memory has no references
     pub fn mprotect(&self, range: PageRange, prot: Prot) -> Result<(), MmError> {
+        self.check_process()?;
         if !self.is_managed(range) {
             return Err(MmError::NotManaged { range });
         }
@@ -466,17 +567,21 @@ impl Mm {
     }
 
     /// What the fault service has counted, and the size of the page-state
-    /// table.
+    /// table. In a forked child: the counts as they were at the fork, and
+    /// no page state (nothing is managed there).
     pub fn stats(&self) -> MmStats {
         let s = &self.inner.shared.stats;
-        let regions = lock(&self.inner.shared.regions);
+        // A forked child does not take the lock: a thread of the parent may
+        // have held it at the fork, and then it stays locked in the child.
+        let regions = (!self.inherited()).then(|| lock(&self.inner.shared.regions));
+        let states = regions.as_ref().map(|r| &r.states);
         MmStats {
             events: s.events.load(Ordering::Relaxed),
             faults: s.faults.load(Ordering::Relaxed),
             invalidation_retries: s.retries.load(Ordering::Relaxed),
-            state_pages: regions.states.pages(),
-            state_bytes: regions.states.bytes(),
-            owners: regions.states.owners(),
+            state_pages: states.map_or(0, |t| t.pages()),
+            state_bytes: states.map_or(0, |t| t.bytes()),
+            owners: states.map_or(0, |t| t.owners()),
             faults_hole: s.faults_hole.load(Ordering::Relaxed),
             faults_device: s.faults_device.load(Ordering::Relaxed),
             faults_exclusive: s.faults_exclusive.load(Ordering::Relaxed),
@@ -500,8 +605,10 @@ impl Mm {
     /// # Errors
     ///
     /// [`MmError::NotManaged`] if the page is not managed;
-    /// [`MmError::Pagemap`] if the page table cannot be read.
+    /// [`MmError::Pagemap`] if the page table cannot be read;
+    /// [`MmError::ForkedChild`] in a forked child.
     pub fn page_state(&self, addr: VirtAddr) -> Result<PageState, MmError> {
+        self.check_process()?;
         let page = PageRange::new(addr.page_down(), crate::PAGE_SIZE)?;
         let (stored, op_owner) = {
             let regions = lock(&self.inner.shared.regions);
@@ -562,7 +669,14 @@ impl Mm {
     /// device that faults it in again afterwards finds it unmanaged
     /// ([`is_managed`](Self::is_managed) under its lock after
     /// `read_retry`) instead of mirroring memory that is about to go.
+    ///
+    /// Does nothing in a forked child: the child's copy of the range was
+    /// never registered, and the userfaultfd (which would unregister the
+    /// parent's range) and the state are the parent's.
     pub(crate) fn unregister(&self, range: PageRange, owned: bool) {
+        if ForkedChild::check_exact(self.inner.shared.pid).is_err() {
+            return;
+        }
         let shared = &self.inner.shared;
         {
             // No new migration selects its pages from now on.
@@ -620,9 +734,21 @@ impl Mm {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if rustix::process::getpid() != self.shared.pid {
+        if ForkedChild::check_exact(self.shared.pid).is_err() {
             // A forked child's copy: no service thread runs here, and the
-            // child's ranges were never registered. Nothing to release.
+            // child's ranges were never registered. Nothing to release
+            // (what the shared state holds is let go of without touching
+            // the parent's: see `Drop for Shared`). The handle of the
+            // parent's service thread is forgotten, not dropped: dropping
+            // it would detach whatever thread of the child now has its
+            // descriptor (the child reuses the stacks of the parent's
+            // threads), and a later join of that thread would fail.
+            let thread = self
+                .thread
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            std::mem::forget(thread);
             return;
         }
         // Release first, while everything still stands, so devices stop

@@ -31,7 +31,7 @@
 //! let tree = Notifiers::new();
 //! let range = PageRange::new(VirtAddr::new(0x10_0000), 4 * PAGE_SIZE)?;
 //! let dev = Arc::new(Device::default());
-//! let notifier = tree.insert(range, dev.clone());
+//! let notifier = tree.insert(range, dev.clone())?;
 //! loop {
 //!     let seq = notifier.read_begin();
 //!     let entries = vec![1, 2, 3, 4]; // snapshot the CPU page table (range_fault)
@@ -60,7 +60,7 @@
 //! [`read_begin`]: IntervalNotifier::read_begin
 //! [`read_retry`]: IntervalNotifier::read_retry
 
-use super::Owner;
+use super::{ForkedChild, Owner};
 use crate::addr::PageRange;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,6 +200,11 @@ struct State {
 }
 
 /// The notifiers of one address space.
+///
+/// A tree belongs to the process that made it (with its [`Mm`](super::Mm)):
+/// in a forked child, [`insert`](Self::insert) returns [`ForkedChild`], and
+/// the inherited [`IntervalNotifier`]s neither wait nor unregister (the
+/// threads that ran the parent's invalidations do not exist there).
 #[derive(Debug)]
 pub struct Notifiers {
     state: Mutex<State>,
@@ -209,6 +214,8 @@ pub struct Notifiers {
     counts: [AtomicU64; 8],
     /// Callbacks that panicked.
     panics: AtomicU64,
+    /// The process that made it.
+    pid: rustix::process::Pid,
 }
 
 impl Default for Notifiers {
@@ -223,6 +230,7 @@ impl Default for Notifiers {
             idle: Condvar::new(),
             counts: Default::default(),
             panics: AtomicU64::new(0),
+            pid: super::fork::pid(),
         }
     }
 }
@@ -241,11 +249,16 @@ impl Notifiers {
 
     /// Registers `ops` for invalidations overlapping `range`. Removed when
     /// the returned handle is dropped (or [`IntervalNotifier::remove`]d).
+    ///
+    /// # Errors
+    ///
+    /// [`ForkedChild`] in a forked child (the tree is its parent's).
     pub fn insert(
         self: &Arc<Self>,
         range: PageRange,
         ops: Arc<dyn NotifierOps>,
-    ) -> IntervalNotifier {
+    ) -> Result<IntervalNotifier, ForkedChild> {
+        ForkedChild::check(self.pid)?;
         let mut st = self.lock();
         let invalidating = st.seq & 1 == 1;
         let sub = Arc::new(Subscription {
@@ -260,10 +273,18 @@ impl Notifiers {
         } else {
             st.subs.push(sub.clone());
         }
-        IntervalNotifier {
+        Ok(IntervalNotifier {
             sub: Some(sub),
             tree: self.clone(),
-        }
+        })
+    }
+
+    /// Whether the calling process is not the one that made the tree (a
+    /// forked child): then no lock of it is taken and nothing waits, since
+    /// a thread of the parent may have held its lock, or run an
+    /// invalidation, at the fork, and never will end it in the child.
+    fn inherited(&self) -> bool {
+        ForkedChild::check(self.pid).is_err()
     }
 
     /// How many notifiers are registered (deferred inserts included).
@@ -371,6 +392,9 @@ impl Notifiers {
     /// Waits until no invalidation of a notifier whose sequence is `seq` is
     /// running.
     fn wait_while_invalidating(&self, seq: u64) {
+        if self.inherited() {
+            return;
+        }
         let mut st = self.lock();
         while st.seq == seq {
             st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -378,6 +402,11 @@ impl Notifiers {
     }
 
     fn remove(&self, sub: &Arc<Subscription>) {
+        if ForkedChild::check_exact(self.pid).is_err() {
+            // The parent's registration, in the child's copy of the tree:
+            // nothing in the child invalidates through it.
+            return;
+        }
         let mut st = self.lock();
         // Wait out running invalidations: after this returns no callback of
         // `sub` runs, now or later.
@@ -428,7 +457,8 @@ impl IntervalNotifier {
     /// Begins a read of the CPU page table: waits while an invalidation of
     /// this notifier runs, then returns the sequence to check with
     /// [`read_retry`](Self::read_retry). It does not loop: an invalidation
-    /// may already have started when it returns.
+    /// may already have started when it returns. (In a forked child it does
+    /// not wait; `range_fault` refuses there.)
     pub fn read_begin(&self) -> u64 {
         let seq = self.sub().seq.load(Ordering::Acquire);
         self.tree.wait_while_invalidating(seq);
@@ -443,7 +473,8 @@ impl IntervalNotifier {
     }
 
     /// Unregisters, waiting for running invalidations to end; no callback
-    /// runs after it returns. Must not be called from a callback.
+    /// runs after it returns. Must not be called from a callback. (In a
+    /// forked child, on the parent's tree, it does nothing.)
     pub fn remove(mut self) {
         if let Some(sub) = self.sub.take() {
             self.tree.remove(&sub);

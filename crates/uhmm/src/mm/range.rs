@@ -25,7 +25,7 @@
 use super::notifier::IntervalNotifier;
 use super::service::lock;
 use super::state::Stored;
-use super::{Mm, Owner};
+use super::{ForkedChild, Mm, Owner};
 use crate::addr::{DevicePfn, PAGE_SHIFT, PAGE_SIZE, PageRange, VirtAddr};
 use crate::sys::mem::{MemError, Prot};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
@@ -239,6 +239,9 @@ pub enum RangeFaultError {
     /// The mappings could not be read.
     #[error(transparent)]
     Procmap(#[from] ProcmapError),
+    /// Called in a forked child on an `Mm` its parent made.
+    #[error(transparent)]
+    ForkedChild(#[from] ForkedChild),
 }
 
 /// A device's own page-table entry format: `range_fault` hands each entry
@@ -273,9 +276,11 @@ impl Mm {
     /// valid — fail the device access. [`RangeFaultError::PermissionDenied`]:
     /// a write to read-only memory — fail it.
     /// [`RangeFaultError::OutsideNotifier`] and
-    /// [`RangeFaultError::BadLength`]: the request itself is wrong. Entries
+    /// [`RangeFaultError::BadLength`]: the request itself is wrong.
+    /// [`RangeFaultError::ForkedChild`]: called in a forked child. Entries
     /// are only written on success.
     pub fn range_fault(&self, r: &mut HmmRange<'_>) -> Result<(), RangeFaultError> {
+        self.check_process()?;
         let range = r.range;
         if r.pfns.len() != range.npages() {
             return Err(RangeFaultError::BadLength {

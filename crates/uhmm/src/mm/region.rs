@@ -8,6 +8,11 @@ use crate::sys::mem::{self, Mapping, MemError, Plain};
 /// to it reaches the interval notifiers. Dropping it stops managing the
 /// range, and unmaps it if [`Mm::alloc`] mapped it.
 ///
+/// In a forked child, the inherited copy is the child's own memory, which
+/// no `Mm` manages there: reading and writing it work, and dropping it only
+/// unmaps the child's copy (if `alloc` mapped it), leaving the parent's
+/// region managed.
+///
 /// Like [`Mapping`], it hands out no references into its memory (devices
 /// and migrations change it behind the program's back). Programs reach it
 /// safely through volatile accessors — [`load`](Self::load) /

@@ -27,7 +27,7 @@
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::{Region, Regions};
 use super::state::{OpId, Stored};
-use super::{MmError, Owner, callback, fault};
+use super::{ForkedChild, MmError, Owner, callback, fault};
 use crate::addr::{DevicePfn, PageRange, VirtAddr};
 use crate::devmem::pagemap::PagemapInner;
 use crate::devmem::staging::{Staging, StagingError};
@@ -92,6 +92,9 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     /// Discards uhmm made itself, whose REMOVE events must not drop states.
     own_removes: Mutex<Vec<PageRange>>,
+    /// Device memory registered (`Mm::register_device_memory`) and not
+    /// unmapped since, to unregister at teardown.
+    device_memory: Mutex<Vec<PageRange>>,
     /// Bytes a CPU fault on a device page brings back (a power of two).
     pub(crate) fault_block: AtomicUsize,
     /// Faults the service holds for later.
@@ -116,7 +119,7 @@ impl Shared {
             stats: ServiceStats::default(),
             procmap: OnceLock::new(),
             pagemap: OnceLock::new(),
-            pid: rustix::process::getpid(),
+            pid: super::fork::pid(),
             released: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
@@ -124,12 +127,49 @@ impl Shared {
             staging: OnceLock::new(),
             gate: Gate::default(),
             own_removes: Mutex::new(Vec::new()),
+            device_memory: Mutex::new(Vec::new()),
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
         })
+    }
+
+    /// Device memory in `range` is gone (unmapped): only what is left of
+    /// it stays recorded.
+    fn device_memory_unmapped(&self, range: PageRange) {
+        let mut dm = lock(&self.device_memory);
+        if !dm.iter().any(|r| r.overlaps(range)) {
+            return;
+        }
+        let mut kept = Vec::with_capacity(dm.len() + 1);
+        for r in dm.drain(..) {
+            if !r.overlaps(range) {
+                kept.push(r);
+                continue;
+            }
+            kept.extend(PageRange::from_bounds(r.start(), range.start().min(r.end())).ok());
+            kept.extend(PageRange::from_bounds(range.end().max(r.start()), r.end()).ok());
+        }
+        *dm = kept;
+    }
+
+    /// Records device memory registered with the userfaultfd, to be
+    /// unregistered at teardown if it is still mapped then.
+    pub(crate) fn add_device_memory(&self, range: PageRange) {
+        let mut dm = lock(&self.device_memory);
+        // Memory mapped where recorded memory was replaced it.
+        dm.retain(|r| !r.overlaps(range));
+        dm.push(range);
+    }
+
+    /// `Ok` in the process that made it; [`ForkedChild`] in a forked
+    /// child, which must not use it (see [`ForkedChild`]). An atomic load
+    /// (`fork::pid`): the entry points check it, never the service's
+    /// per-fault paths (which do not run in a child).
+    pub(crate) fn check_process(&self) -> Result<(), ForkedChild> {
+        ForkedChild::check(self.pid)
     }
 
     /// Makes `pm` the device memory of its owner; false if the owner has
@@ -833,6 +873,38 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if ForkedChild::check_exact(self.pid).is_ok() {
+            // The service has stopped, and the userfaultfd closes before
+            // the staging area is unmapped (fields drop in order). A forked
+            // child's copy of the descriptor keeps its context alive, and
+            // the munmap of a range still registered would then wait for
+            // an UNMAP event nobody reads, until every such child exits:
+            // the area is unregistered first. So is device memory that
+            // outlives the `Mm` (a device whose handle of it was the last
+            // unmaps its memory after it, say).
+            let device_memory = std::mem::take(
+                self.device_memory
+                    .get_mut()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            let staging = self.staging.get().into_iter().flat_map(Staging::ranges);
+            for range in staging.chain(device_memory) {
+                let _ = self.uffd.unregister(range);
+            }
+        } else {
+            // A forked child's copy (rarely dropped there: the parent's
+            // service thread's reference is counted in the copy too). The
+            // staging area is `MADV_DONTFORK`: the child never had it, and
+            // its address may hold the child's own memory by now (its own
+            // `Mm`'s staging area, say), which unmapping the copy's would
+            // unmap. It is forgotten instead.
+            std::mem::forget(self.staging.take());
+        }
+    }
+}
+
 /// What an ENOENT from a move was (see [`Shared::move_noentry`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NoEntry {
@@ -1087,6 +1159,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         Event::Unmap { range } => {
             invalidate(regions, range, NotifyEvent::Unmap);
             regions.unmapped(range, |_, s| work.gone.push(s));
+            shared.device_memory_unmapped(range);
         }
         Event::Remap { from, to, old_len } => {
             if let Ok(old) = PageRange::new(from, old_len) {

@@ -94,6 +94,8 @@ pub fn fork_lock() -> MutexGuard<'static, ()> {
 pub enum ChildEnd {
     Exited(i32),
     Signaled(i32),
+    /// Still running at the deadline of [`fork_within`] (killed then).
+    Hung,
 }
 
 /// Forks; the child runs `f` (which must only touch memory and make raw
@@ -110,6 +112,72 @@ pub fn fork_and_wait(f: impl FnOnce() -> i32) -> ChildEnd {
         unsafe { libc::_exit(code) };
     }
     wait_child(pid)
+}
+
+/// Forks; the child runs `f` and `_exit`s with its result (101 if it
+/// panicked: a panic never unwinds into the test harness). Waits up to
+/// `limit` for the child; one still running then is killed and reported as
+/// [`ChildEnd::Hung`]. For children that use uhmm (they allocate and take
+/// locks): the caller holds `serial()` and `fork_lock()`, so no other test
+/// thread of the binary holds a lock at the fork.
+pub fn fork_within(limit: Duration, f: impl FnOnce() -> i32) -> ChildEnd {
+    // SAFETY: the child runs `f` under the contract above, then `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: polls our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r == 0 || r == pid, "waitpid");
+        if r == pid {
+            return if libc::WIFSIGNALED(status) {
+                ChildEnd::Signaled(libc::WTERMSIG(status))
+            } else {
+                ChildEnd::Exited(libc::WEXITSTATUS(status))
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return ChildEnd::Hung;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// In a forked child: an owned copy of a value of the parent's, to drop
+/// there (the parent's own is untouched).
+///
+/// # Safety
+///
+/// Only in a forked child, and `v` is never used again there (the child
+/// `_exit`s without dropping it), so the copy is dropped once.
+pub unsafe fn take_in_child<T>(v: &T) -> T {
+    // SAFETY: the caller's contract: `v` is not used or dropped again.
+    unsafe { std::ptr::read(v) }
+}
+
+/// Runs `f` on a thread; `true` if it ended (without a panic) within
+/// `limit`. A thread still blocked then is left behind.
+pub fn ends_within(limit: Duration, f: impl FnOnce() + Send + 'static) -> bool {
+    let t = std::thread::spawn(f);
+    let deadline = std::time::Instant::now() + limit;
+    while !t.is_finished() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    t.join().is_ok()
 }
 
 pub fn wait_child(pid: i32) -> ChildEnd {
