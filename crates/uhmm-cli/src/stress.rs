@@ -1104,7 +1104,7 @@ type BoxError = Box<dyn std::error::Error>;
 impl World {
     fn build(mut cfg: Config) -> Result<World, BoxError> {
         let mm = Mm::new()?;
-        mm.set_fault_block(cfg.fault_block);
+        mm.set_fault_block(cfg.fault_block)?;
         let len = cfg.pages * PAGE_SIZE;
         let mut slots = Vec::new();
         let mut first = 0;

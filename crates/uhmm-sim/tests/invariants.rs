@@ -312,7 +312,7 @@ fn concurrent_cpu_increments_survive_migration_loops() {
     });
     // Small fault blocks: CPU faults bring back parts of what the device
     // holds, so migrations meet every mix of device and system pages.
-    mm.set_fault_block(8 * PAGE_SIZE);
+    mm.set_fault_block(8 * PAGE_SIZE).unwrap();
     let dev = SimDevice::new(&mm);
 
     let start = Arc::new(Barrier::new(THREADS + 1));
@@ -602,7 +602,7 @@ fn munmap_mremap_fork_of_device_pages() {
         let region = unsafe { mm.manage(old) }.unwrap();
         let base = old.start().as_mut_ptr::<u8>();
         fill(base, 0..PAGES, 5);
-        mm.set_fault_block(PAGE_SIZE);
+        mm.set_fault_block(PAGE_SIZE).unwrap();
         dev.migrate_to_device(addr(base, 0), PAGES).unwrap();
         // Pages 0 and 7 come back before the move: a mix moves.
         assert_eq!(rd(base, 0, 0), word(5, 0, 0));
@@ -666,7 +666,7 @@ fn munmap_mremap_fork_of_device_pages() {
             "migrated after mremap",
         );
         assert_cpu(nb, 0..PAGES, |p, w| word(6, p, w), "back after mremap");
-        mm.set_fault_block(2 << 20);
+        mm.set_fault_block(2 << 20).unwrap();
         // SAFETY: the moved mapping is this test's; unmapping it ends it.
         assert_eq!(unsafe { libc::munmap(nb.cast(), len) }, 0);
         wait_until("the moved range to be unmanaged", || !mm.is_managed(target));
@@ -1391,7 +1391,7 @@ fn proptest_model() {
         let mm = Mm::new().unwrap();
         // One page per CPU fault: device, exclusive and system pages stay
         // mixed after CPU accesses.
-        mm.set_fault_block(PAGE_SIZE);
+        mm.set_fault_block(PAGE_SIZE).unwrap();
         run_model(&mm, &ops)
     });
     if let Err(e) = result {

@@ -283,7 +283,7 @@ fn discards_win_over_migrations_and_never_deadlock() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const PAGES: usize = 16;
-    mm.set_fault_block(PAGE_SIZE);
+    mm.set_fault_block(PAGE_SIZE).unwrap();
     let dev = Arc::new(SimDevice::new(&mm));
     let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let b = region.as_ptr() as usize;
@@ -531,7 +531,7 @@ fn mremap_back_and_forth_while_migrating() {
     const PAGES: usize = 16;
     const LEN: usize = PAGES * PAGE_SIZE;
     let (a, bb) = low_places(LEN);
-    mm.set_fault_block(PAGE_SIZE);
+    mm.set_fault_block(PAGE_SIZE).unwrap();
     let dev = Arc::new(SimDevice::new(&mm));
     // SAFETY: our own mapping, no reference into it.
     let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
@@ -559,7 +559,7 @@ fn exclusive_grabs_racing_cpu_writers_lose_nothing() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const PAGES: usize = 16;
-    mm.set_fault_block(PAGE_SIZE);
+    mm.set_fault_block(PAGE_SIZE).unwrap();
     let dev = Arc::new(SimDevice::new(&mm));
     let region = mm.alloc(PAGES * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let b = region.as_ptr() as usize;

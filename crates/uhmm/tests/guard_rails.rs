@@ -168,7 +168,7 @@ impl Rig {
         let owner = Owner::unique();
         let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
         // One page per fault: each access is its own fault back.
-        mm.set_fault_block(PAGE_SIZE);
+        mm.set_fault_block(PAGE_SIZE).unwrap();
         let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
         let pfns = pm.alloc(pages).unwrap();
         let dsts: Vec<(usize, DevicePfn, VirtAddr)> =
@@ -904,4 +904,22 @@ fn a_commit_says_why_each_page_did_not_migrate() {
 
 fn rig_page(region: &ManagedRegion, i: usize) -> VirtAddr {
     VirtAddr::new(region.range().start().get() + i * PAGE_SIZE)
+}
+
+#[test]
+fn a_fault_block_that_is_not_a_power_of_two_page_size_is_refused() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let before = mm.fault_block();
+    for bytes in [0, 1, 4095, 4097, 3 << 12, 4 << 20, usize::MAX] {
+        assert!(
+            matches!(mm.set_fault_block(bytes), Err(uhmm::mm::MmError::BadFaultBlock { bytes: b }) if b == bytes),
+            "{bytes}"
+        );
+        assert_eq!(mm.fault_block(), before, "unchanged after {bytes}");
+    }
+    for bytes in [PAGE_SIZE, 64 << 10, 2 << 20] {
+        mm.set_fault_block(bytes).unwrap();
+        assert_eq!(mm.fault_block(), bytes);
+    }
 }

@@ -542,7 +542,7 @@ fn fault_back_samples(
     use std::sync::atomic::Ordering;
     cpu::pin_to(server_cpu);
     let mm = Mm::new()?;
-    mm.set_fault_block(PAGE_SIZE);
+    mm.set_fault_block(PAGE_SIZE).unwrap();
     let region = mm.alloc((n + 1) * PAGE_SIZE, Backing::AnonPrivate)?;
     let bare = Mapping::anon((n + 1) * PAGE_SIZE)?;
     let (server, stop) = bare_missing_server(&bare)?;

@@ -60,6 +60,15 @@ use std::thread::JoinHandle;
 /// Why an [`Mm`] operation failed. Memory is left as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum MmError {
+    /// A fault block that is not a power of two from a page to 2 MiB
+    /// ([`Mm::set_fault_block`]).
+    #[error(
+        "fault block of {bytes} bytes: must be a power of two from 4096 (one page) to 2097152 (2 MiB)"
+    )]
+    BadFaultBlock {
+        /// The size asked for, in bytes.
+        bytes: usize,
+    },
     /// No userfaultfd could be opened.
     #[error("cannot start uhmm: {0}")]
     Open(#[from] OpenError),
@@ -228,6 +237,9 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The largest fault block: 2 MiB.
+const MAX_FAULT_BLOCK: usize = 2 << 20;
+
 impl Mm {
     /// Opens a userfaultfd with the event features uhmm uses and starts the
     /// fault service.
@@ -346,18 +358,26 @@ impl Mm {
     }
 
     /// Sets how much a CPU fault on a device-resident page brings back:
-    /// the aligned block of `bytes` around it (rounded to a power of two,
-    /// from one page to 2 MiB), clipped to its region. The default, 2 MiB,
-    /// makes a sequential CPU scan of device-resident memory take one fault
-    /// per 2 MiB; one page suits random access to scattered pages. (In a
-    /// forked child it changes the child's copy of the setting only, which
-    /// nothing there uses.)
-    pub fn set_fault_block(&self, bytes: usize) {
-        let b = bytes
-            .clamp(crate::PAGE_SIZE, 2 << 20)
-            .next_power_of_two()
-            .min(2 << 20);
-        self.inner.shared.fault_block.store(b, Ordering::Relaxed);
+    /// the aligned block of `bytes` bytes around it, clipped to its region.
+    /// `bytes` is a power of two from one page (4096) to 2 MiB. The
+    /// default, 2 MiB, makes a sequential CPU scan of device-resident
+    /// memory take one fault per 2 MiB; one page suits random access to
+    /// scattered pages. (In a forked child it changes the child's copy of
+    /// the setting only, which nothing there uses.)
+    ///
+    /// # Errors
+    ///
+    /// [`MmError::BadFaultBlock`] if `bytes` is not such a size; the
+    /// setting is unchanged.
+    pub fn set_fault_block(&self, bytes: usize) -> Result<(), MmError> {
+        if !bytes.is_power_of_two() || !(crate::PAGE_SIZE..=MAX_FAULT_BLOCK).contains(&bytes) {
+            return Err(MmError::BadFaultBlock { bytes });
+        }
+        self.inner
+            .shared
+            .fault_block
+            .store(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The block a CPU fault on device memory brings back, in bytes.
