@@ -1258,7 +1258,13 @@ fn run_model(mm: &Mm, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut model = vec![0u8; LEN];
     let bytes = |first: usize, n: usize| first * PAGE_SIZE..(first + n) * PAGE_SIZE;
     for (step, op) in ops.iter().enumerate() {
-        let fail = |what: String| TestCaseError::fail(format!("step {step} {op:?}: {what}"));
+        let fail = |what: String| {
+            let st = mm.stats();
+            TestCaseError::fail(format!(
+                "step {step} {op:?}: {what} (SIGBUS'd faults {}, callback panics {}, pages lost {}, self-deadlocks {})",
+                st.faults_sigbus, st.callback_panics, st.pages_lost, st.self_deadlocks
+            ))
+        };
         let at = |first: usize| addr(base, first);
         match *op {
             Op::CpuWrite { page, word, value } => {
@@ -1327,7 +1333,12 @@ fn run_model(mm: &Mm, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Exclusive { dev, first, n } => match devs[dev].exclusive(at(first), n) {
                 Ok((data, _)) => same(&data, &model[bytes(first, n)], first)
                     .map_err(|e| fail(format!("data read back: {e}")))?,
-                Err(e) => return Err(fail(e.to_string())),
+                Err(e) => {
+                    let states: Vec<String> = (first..first + n)
+                        .map(|p| format!("{p}: {:?}", mm.page_state(addr(base, p))))
+                        .collect();
+                    return Err(fail(format!("{e}; pages: {}", states.join(", "))));
+                }
             },
             Op::Discard { first, n } => {
                 region

@@ -164,7 +164,14 @@ fn grab_in(
     let run = staging.alloc(range, super::staging::Want::Empty, true)?;
     let mut count = 0;
     let mut todo: Vec<VirtAddr> = range.pages().collect();
-    for _ in 0..1000 {
+    // Bounded by time, not rounds: a page fenced by a discard (whose zap
+    // may still come) is waited for until its fence goes, which may take
+    // up to the fence's lifetime when the CPU refilled the page without a
+    // fault reaching uhmm; rounds with nothing pending pass in
+    // microseconds.
+    let deadline = std::time::Instant::now() + crate::mm::regions::FENCE_TTL * 2;
+    let mut rounds = 0u32;
+    loop {
         let mut left = Vec::new();
         {
             let mut regions = lock(&shared.regions);
@@ -238,10 +245,14 @@ fn grab_in(
                 }
             }
         }
-        if left.is_empty() {
+        if left.is_empty() || std::time::Instant::now() >= deadline {
             break;
         }
         shared.await_events();
+        rounds += 1;
+        if rounds > 100 {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         todo = left;
     }
     staging.free(run, false, true);

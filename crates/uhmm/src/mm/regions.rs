@@ -125,7 +125,7 @@ pub(crate) struct Regions {
 /// discarding thread is released; a fence is normally lifted as soon as its
 /// pages are seen gone, and this bound only retires the fences of pages the
 /// CPU filled again without a fault reaching uhmm (a region not yet armed).
-const FENCE_TTL: Duration = Duration::from_secs(1);
+pub(crate) const FENCE_TTL: Duration = Duration::from_secs(1);
 
 impl Regions {
     /// The managed range that overlaps `range`, if any.
