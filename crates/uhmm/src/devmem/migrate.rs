@@ -228,6 +228,11 @@ pub struct MigrateVma<'a> {
     blockable: bool,
     committed: bool,
     done: bool,
+    /// The device pages that are some page's destination.
+    dsts: PfnSet,
+    /// The owner's device memory (weak: a leaked migration must not keep
+    /// a pagemap's drop waiting).
+    pagemap: std::sync::Weak<super::pagemap::PagemapInner>,
 }
 
 /// `MOVE_QUIRK`: on Linux 6.18, a `UFFDIO_MOVE` that meets a transient
@@ -336,9 +341,10 @@ impl<'a> MigrateVma<'a> {
         blockable: bool,
     ) -> Result<MigrateVma<'a>, MigrateError> {
         let invalid = |reason| MigrateError::InvalidRange { range, reason };
-        if shared.device_pagemap(owner).is_none() {
+        let Some(pagemap) = shared.device_pagemap(owner) else {
             return Err(MigrateError::NoPagemap { owner });
-        }
+        };
+        let pagemap = std::sync::Arc::downgrade(&pagemap);
         if !blockable && select.contains(Select::SYSTEM) {
             // Taking system pages out may have to wait for the service.
             return Err(MigrateError::Retry { range });
@@ -443,6 +449,8 @@ impl<'a> MigrateVma<'a> {
             blockable,
             committed: false,
             done: false,
+            dsts: PfnSet::default(),
+            pagemap,
         };
         for addr in range.pages() {
             // Without a look at the mappings: MOVE, falling back to COPY.
@@ -940,17 +948,59 @@ impl<'a> MigrateVma<'a> {
     /// caller's).
     pub fn set_device_dst(&mut self, i: usize, pfn: DevicePfn) -> Result<(), MigrateError> {
         self.check_device_dst(i, pfn)?;
+        self.set_device_dst_checked(i, pfn);
+        Ok(())
+    }
+
+    /// [`set_device_dst`](Self::set_device_dst) of a destination checked
+    /// already.
+    fn set_device_dst_checked(&mut self, i: usize, pfn: DevicePfn) {
         let e = &mut self.entries[i];
         if let MigrateDst::Device(old) = e.dst {
+            self.dsts.remove(&old);
             self.shared.put_device_page(self.owner, old);
         }
         e.dst = MigrateDst::Device(pfn);
-        Ok(())
+        self.dsts.insert(pfn);
+    }
+
+    /// Which of `pages` `set_device_dst` would accept, in one pass: the
+    /// pagemap's pool is locked once, and a device page named twice is
+    /// accepted the first time only.
+    fn valid_device_dsts(&self, pages: &[(usize, DevicePfn, VirtAddr)]) -> Vec<bool> {
+        let pfns: Vec<DevicePfn> = pages.iter().map(|p| p.1).collect();
+        let allocated = match self.pagemap.upgrade() {
+            Some(pm) => pm.allocated_all(&pfns),
+            None => vec![false; pages.len()],
+        };
+        let mut named = PfnSet::with_capacity_and_hasher(pages.len(), Default::default());
+        pages
+            .iter()
+            .zip(allocated)
+            .map(|(&(i, pfn, _), allocated)| {
+                allocated && named.insert(pfn) && self.check_entry_dst(i, pfn).is_ok()
+            })
+            .collect()
     }
 
     /// Whether `pfn` may become page `i`'s destination (see
     /// [`set_device_dst`](Self::set_device_dst)).
     fn check_device_dst(&self, i: usize, pfn: DevicePfn) -> Result<(), MigrateError> {
+        // (The entry is checked once the page is known allocated.)
+        if self.entries.get(i).is_none() {
+            return Err(MigrateError::BadEntry {
+                index: i,
+                reason: "outside the range",
+            });
+        }
+        match self.pagemap.upgrade() {
+            Some(pm) if pm.allocated(pfn) => self.check_entry_dst(i, pfn),
+            _ => Err(DevmemError::BadPfn { pfn }.into()),
+        }
+    }
+
+    /// The entry side of [`check_device_dst`](Self::check_device_dst).
+    fn check_entry_dst(&self, i: usize, pfn: DevicePfn) -> Result<(), MigrateError> {
         let bad = |reason| Err(MigrateError::BadEntry { index: i, reason });
         let Some(e) = self.entries.get(i) else {
             return bad("outside the range");
@@ -964,18 +1014,10 @@ impl<'a> MigrateVma<'a> {
         if e.moved_out && e.dst != MigrateDst::Device(pfn) {
             return bad("its data was moved into another device page already");
         }
-        if e.dst != MigrateDst::Device(pfn)
-            && self
-                .entries
-                .iter()
-                .any(|o| o.dst == MigrateDst::Device(pfn))
-        {
+        if e.dst != MigrateDst::Device(pfn) && self.dsts.contains(&pfn) {
             return bad("its device page is already another page's destination");
         }
-        match self.shared.device_pagemap(self.owner) {
-            Some(pm) if pm.allocated(pfn) => Ok(()),
-            _ => Err(DevmemError::BadPfn { pfn }.into()),
-        }
+        Ok(())
     }
 
     /// Page `i` does not migrate after all (its dst is dropped). Not for a
@@ -986,6 +1028,7 @@ impl<'a> MigrateVma<'a> {
             && !e.moved_out
         {
             if let MigrateDst::Device(old) = e.dst {
+                self.dsts.remove(&old);
                 self.shared.put_device_page(self.owner, old);
             }
             e.dst = MigrateDst::None;
@@ -1052,30 +1095,26 @@ impl<'a> MigrateVma<'a> {
         let (Some(run), Ok(staging)) = (self.run, self.shared.staging()) else {
             return done;
         };
-        // A device page named twice is one page's destination at most.
-        let mut seen = std::collections::HashSet::with_capacity(pages.len());
-        let pages: Vec<(usize, DevicePfn, VirtAddr)> =
-            pages.iter().copied().filter(|p| seen.insert(p.1)).collect();
+        // Only what `set_device_dst` would accept, checked in one go (a
+        // device page named twice is one page's destination at most).
+        let valid = self.valid_device_dsts(pages);
+        let pages: Vec<(usize, DevicePfn, VirtAddr)> = pages
+            .iter()
+            .zip(valid)
+            .filter_map(|(&p, ok)| ok.then_some(p))
+            .collect();
         let pages = &pages[..];
         let mut k = 0;
         while k < pages.len() {
             let (i, pfn, to) = pages[k];
-            let Some(e) = self.entries.get(i).copied() else {
-                k += 1;
-                continue;
-            };
-            if self.committed || !e.migrate || e.how != How::Moved {
-                k += 1;
-                continue;
-            }
-            if self.check_device_dst(i, pfn).is_err() {
+            let e = self.entries[i];
+            if e.how != How::Moved {
                 k += 1;
                 continue;
             }
             if e.src == MigrateSrc::Zero && !e.zero_pte {
-                if self.set_device_dst(i, pfn).is_ok() {
-                    done.push(i);
-                }
+                self.set_device_dst_checked(i, pfn);
+                done.push(i);
                 k += 1;
                 continue;
             }
@@ -1084,7 +1123,6 @@ impl<'a> MigrateVma<'a> {
             while let Some(&(j, _, t)) = pages.get(k + n) {
                 let ok = j == i + n
                     && t.get() == to.get() + n * PAGE_SIZE
-                    && self.check_device_dst(j, pages[k + n].1).is_ok()
                     && self.entries.get(j).is_some_and(|f| {
                         f.migrate
                             && f.how == How::Moved
@@ -1151,7 +1189,7 @@ impl<'a> MigrateVma<'a> {
             }
             for &(j, pfn, to) in &pages[k..k + moved] {
                 // Checked before the move; the data is in device memory now.
-                let _ = self.set_device_dst(j, pfn);
+                self.set_device_dst_checked(j, pfn);
                 self.entries[j].moved_out = true;
                 self.entries[j].dev_addr = Some(to);
                 done.push(j);
@@ -1749,6 +1787,30 @@ impl<'a> MigrateVma<'a> {
 impl Drop for MigrateVma<'_> {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// A set of device pages, hashed by multiplying the page number (distinct
+/// numbers; no untrusted input to defend against, and SipHash cost a
+/// fifth of a small migration's time).
+type PfnSet = std::collections::HashSet<DevicePfn, std::hash::BuildHasherDefault<PfnHasher>>;
+
+#[derive(Default)]
+struct PfnHasher(u64);
+
+impl std::hash::Hasher for PfnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 

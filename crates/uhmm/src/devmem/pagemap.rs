@@ -322,6 +322,14 @@ impl PagemapInner {
         Ok(())
     }
 
+    /// Whether each of `pfns` is an allocated page (one look at the pool).
+    pub(crate) fn allocated_all(&self, pfns: &[DevicePfn]) -> Vec<bool> {
+        let p = lock(&self.pool);
+        pfns.iter()
+            .map(|pfn| p.refs.get(pfn.0 as usize).is_some_and(|&r| r > 0))
+            .collect()
+    }
+
     /// Whether `pfn` is an allocated (referenced) page.
     pub(crate) fn allocated(&self, pfn: DevicePfn) -> bool {
         lock(&self.pool)
