@@ -691,3 +691,63 @@ fn the_parent_drops_its_mm_while_a_forked_child_lives() {
     assert_eq!(child.release(), ChildEnd::Exited(0));
     assert!(ok, "dropping the Mm hung while a child lived");
 }
+
+/// A device that never needs its pages back here.
+#[derive(Debug)]
+struct Still;
+
+impl uhmm::devmem::DevicePagemapOps for Still {
+    fn page_free(&self, _pfn: uhmm::DevicePfn) {}
+    fn migrate_to_ram(
+        &self,
+        _f: &uhmm::devmem::DeviceFault<'_>,
+    ) -> Result<(), uhmm::devmem::FaultError> {
+        Err(uhmm::devmem::FaultError::Retry)
+    }
+}
+
+#[test]
+fn a_migration_held_across_a_fork_is_inert_in_the_child_and_reclaimed_in_the_parent() {
+    use uhmm::devmem::{DevicePagemap, MigrateVma, PageOutcome, PagemapConfig, Select};
+    let _s = serial();
+    let _f = fork_lock();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.write_at(0, &[0x3C; 2 * PAGE_SIZE]).unwrap();
+    let owner = uhmm::mm::Owner::unique();
+    let pm = DevicePagemap::new(
+        &mm,
+        owner,
+        std::sync::Arc::new(Still),
+        PagemapConfig::default(),
+    )
+    .unwrap();
+    let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
+    assert_eq!(m.cpages(), 2);
+    // The fork waits for the migration this thread holds, then reclaims
+    // it; the child's copy of it must do nothing (staging is not
+    // inherited), its drop included.
+    let end = common::fork_within(Duration::from_secs(20), || {
+        // SAFETY: the child's copy; the parent's `m` is not touched here.
+        let mut mine = unsafe { common::take_in_child(&m) };
+        let inert = mine.src_bytes(0).is_none() && mine.system_dsts().is_err();
+        mine.pages();
+        drop(mine);
+        if inert { 0 } else { 1 }
+    });
+    assert!(
+        matches!(end, common::ChildEnd::Exited(0)),
+        "the child's copy of a migration: {end:?}"
+    );
+    // The parent's is reclaimed: it commits nothing, and the data is home.
+    let pfn = pm.alloc(1).unwrap()[0];
+    m.set_device_dst(0, pfn).unwrap();
+    m.pages();
+    assert_eq!(m.outcome(0), Some(PageOutcome::Gone));
+    assert_eq!(m.outcome(1), Some(PageOutcome::NoDestination));
+    m.finalize();
+    assert_eq!(pm.stats().in_use, 0, "the unused destination was freed");
+    let mut b = [0u8; 2 * PAGE_SIZE];
+    region.read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x3C));
+}

@@ -923,3 +923,85 @@ fn a_fault_block_that_is_not_a_power_of_two_page_size_is_refused() {
         assert_eq!(mm.fault_block(), bytes);
     }
 }
+
+#[test]
+fn user_mode_only_faulting_never_replaces_file_data_with_zeros() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use uhmm::mm::range::{HmmPfn, HmmRange};
+    use uhmm::sys::uffd::{Access, AccessPolicy};
+    let _s = common::serial();
+    let Ok(mm) = Mm::with_access(AccessPolicy::Only(Access::UserModeOnly)) else {
+        common::skip("no user-mode-only userfaultfd");
+        return;
+    };
+    // SAFETY: memfd_create with a static name; the descriptor is owned
+    // below, and pwrite writes from a live buffer.
+    let fd = unsafe {
+        let fd = libc::memfd_create(c"guard".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        let data = [0x5Au8; 2 * PAGE_SIZE];
+        assert_eq!(
+            libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0),
+            data.len() as isize
+        );
+        OwnedFd::from_raw_fd(fd)
+    };
+    let region = mm
+        .alloc_mapping(Mapping::builder(2 * PAGE_SIZE).backing(Backing::File {
+            fd,
+            offset: 0,
+            shared: false,
+        }))
+        .unwrap();
+    let n = mm.insert_notifier(region.range(), Arc::new(Quiet)).unwrap();
+    let mut r = HmmRange::new(&n, n.read_begin(), region.range());
+    r.default_flags = HmmPfn::REQ_FAULT;
+    // Faulted in, or refused; never the zero page over the file's data.
+    let _ = mm.range_fault(&mut r);
+    assert_eq!(region.load::<u8>(0).unwrap(), 0x5A);
+    assert_eq!(region.load::<u8>(PAGE_SIZE).unwrap(), 0x5A);
+}
+
+#[test]
+fn user_mode_only_faulting_waits_for_a_live_migration_and_takes_nothing_from_it() {
+    use uhmm::devmem::PageOutcome;
+    use uhmm::mm::range::{HmmPfn, HmmRange};
+    use uhmm::sys::uffd::{Access, AccessPolicy};
+    let _s = common::serial();
+    let Ok(mm) = Mm::with_access(AccessPolicy::Only(Access::UserModeOnly)) else {
+        common::skip("no user-mode-only userfaultfd");
+        return;
+    };
+    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    region.store_bytes(0, &[7; 4 * PAGE_SIZE]).unwrap();
+    let arena = Mapping::builder(4 * PAGE_SIZE).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let dev = Faulty::new(&arena);
+    let owner = Owner::unique();
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
+    let n = mm.insert_notifier(region.range(), Arc::new(Quiet)).unwrap();
+    let range = region.range();
+    let mut m = MigrateVma::setup(&mm, range, Select::SYSTEM, owner).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut r = HmmRange::new(&n, n.read_begin(), range);
+            r.default_flags = HmmPfn::REQ_FAULT;
+            let _ = mm.range_fault(&mut r);
+        });
+        // Longer than a region drop or a fork waits before it reclaims.
+        std::thread::sleep(Duration::from_millis(1500));
+        let pfn = pm.alloc(1).unwrap()[0];
+        let bytes = m.src_bytes(0).unwrap().to_vec();
+        arena.write_at(pfn.0 as usize * PAGE_SIZE, &bytes).unwrap();
+        m.set_device_dst(0, pfn).unwrap();
+        m.pages();
+        assert_eq!(
+            m.outcome(0),
+            Some(PageOutcome::Migrated),
+            "a range_fault took the pages of a live migration"
+        );
+        drop(m);
+    });
+    drop(pm);
+    assert_eq!(region.load::<u8>(0).unwrap(), 7);
+}

@@ -923,6 +923,8 @@ impl<'a> MigrateVma<'a> {
     /// The bytes of selected system page `i` (held in staging while it
     /// migrates); `None` for other entries.
     pub fn src_bytes(&self, i: usize) -> Option<&[u8]> {
+        // (Not in a forked child: staging is not inherited.)
+        self.shared.check_process().ok()?;
         let e = self.entries.get(i)?;
         if !e.migrate || e.src != MigrateSrc::System {
             return None;
@@ -986,6 +988,7 @@ impl<'a> MigrateVma<'a> {
     /// Whether `pfn` may become page `i`'s destination (see
     /// [`set_device_dst`](Self::set_device_dst)).
     fn check_device_dst(&self, i: usize, pfn: DevicePfn) -> Result<(), MigrateError> {
+        self.shared.check_process().map_err(MmError::from)?;
         // (The entry is checked once the page is known allocated.)
         if self.entries.get(i).is_none() {
             return Err(MigrateError::BadEntry {
@@ -1023,6 +1026,9 @@ impl<'a> MigrateVma<'a> {
     /// Page `i` does not migrate after all (its dst is dropped). Not for a
     /// page [`move_to_device`](Self::move_to_device) already moved.
     pub fn skip(&mut self, i: usize) {
+        if self.shared.check_process().is_err() {
+            return;
+        }
         if let Some(e) = self.entries.get_mut(i)
             && !self.committed
             && !e.moved_out
@@ -1043,6 +1049,7 @@ impl<'a> MigrateVma<'a> {
     ///
     /// [`MigrateError::Staging`] if staging cannot take the range.
     pub fn system_dsts(&mut self) -> Result<Vec<(usize, &mut [u8])>, MigrateError> {
+        self.shared.check_process().map_err(MmError::from)?;
         if self.committed {
             return Ok(Vec::new());
         }
@@ -1092,6 +1099,9 @@ impl<'a> MigrateVma<'a> {
     /// device page named a second time).
     pub fn move_to_device(&mut self, pages: &[(usize, DevicePfn, VirtAddr)]) -> Vec<usize> {
         let mut done = Vec::with_capacity(pages.len());
+        if self.shared.check_process().is_err() {
+            return done;
+        }
         let (Some(run), Ok(staging)) = (self.run, self.shared.staging()) else {
             return done;
         };
@@ -1221,7 +1231,7 @@ impl<'a> MigrateVma<'a> {
     /// Commits: pages with a dst migrate. Afterwards
     /// [`migrated`](Self::migrated) says which did.
     pub fn pages(&mut self) {
-        if self.committed {
+        if self.committed || self.shared.check_process().is_err() {
             return;
         }
         self.committed = true;
@@ -1652,6 +1662,12 @@ impl<'a> MigrateVma<'a> {
             return;
         }
         self.done = true;
+        if crate::mm::ForkedChild::check_exact(self.shared.pid).is_err() {
+            // A forked child's copy: the migration is the parent's (whose
+            // fork prepare reclaimed it, or waited for it); nothing here
+            // is the child's to touch.
+            return;
+        }
         if !self.committed {
             // Never committed (an early return, an error): nothing migrated.
             for e in &mut self.entries {

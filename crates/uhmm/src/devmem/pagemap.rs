@@ -576,7 +576,7 @@ impl DevicePagemap {
     /// [`FaultError::ForkedChild`] in a forked child.
     pub fn evict_all(&self) -> Result<(), FaultError> {
         self.mm.check_process()?;
-        evict(self.mm.shared(), &self.inner, None, true)
+        evict(self.mm.shared(), &self.inner, None, true, true)
     }
 }
 
@@ -629,12 +629,15 @@ impl Drop for DevicePagemap {
 }
 
 /// Brings the pages of `pm`'s owner in `within` (everywhere if `None`)
-/// home, in runs of contiguous pages of at most 2 MiB.
+/// home, in runs of contiguous pages of at most 2 MiB. With `reclaim`
+/// (the device's own eviction), a migration of the owner still in flight
+/// after `ABANDONED` is reclaimed; otherwise it is waited for.
 pub(crate) fn evict(
     shared: &Shared,
     pm: &PagemapInner,
     within: Option<PageRange>,
     blockable: bool,
+    reclaim: bool,
 ) -> Result<(), FaultError> {
     let owner = pm.owner;
     let started = Instant::now();
@@ -663,7 +666,8 @@ pub(crate) fn evict(
             // Only pages in flight: wait for their migrations to end, and
             // reclaim those abandoned (a `MigrateVma` leaked, say: its
             // pages come home, its device pages stay in use).
-            if blockable
+            if reclaim
+                && blockable
                 && !crate::mm::service::on_service()
                 && Instant::now() >= started + crate::mm::service::ABANDONED
             {

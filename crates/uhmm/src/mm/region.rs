@@ -74,6 +74,9 @@ impl ManagedRegion {
     /// Where `len` bytes at `offset` are, if they lie inside the region
     /// and `offset` is a multiple of `align`.
     fn at(&self, offset: usize, len: usize, align: usize) -> Result<VirtAddr, MemError> {
+        if super::service::on_service() {
+            return Err(MemError::OnFaultService);
+        }
         match offset.checked_add(len) {
             Some(end) if end <= self.range.len() => {}
             _ => {
@@ -96,7 +99,10 @@ impl ManagedRegion {
     /// # Errors
     ///
     /// [`MemError::OutOfBounds`] if it does not lie inside the region;
-    /// [`MemError::Misaligned`] if `offset` is not aligned for `T`.
+    /// [`MemError::Misaligned`] if `offset` is not aligned for `T`;
+    /// [`MemError::OnFaultService`] from a device callback on the fault
+    /// service. A region made inaccessible (`Mm::mprotect` to none, say)
+    /// faults as any access would.
     #[allow(unsafe_code)] // named place: the region's volatile accessors
     pub fn load<T: Plain>(&self, offset: usize) -> Result<T, MemError> {
         let a = self.at(offset, size_of::<T>(), align_of::<T>())?;

@@ -339,6 +339,24 @@ impl Shared {
     /// discard whose zap is still to come may take it away again; the
     /// caller then tries again.)
     fn fill_holes(&self, range: PageRange) {
+        // Private anonymous memory only: a hole of a file mapping reads the
+        // file (the zero page there would replace its data with zeros), so
+        // it is left to fail (EFAULT) rather than filled.
+        let Ok(vmas) = self.procmap().and_then(|m| m.covering(range)) else {
+            return;
+        };
+        for v in vmas {
+            if v.kind() == VmaKind::AnonPrivate
+                && !v.shared
+                && let Some(piece) = v.range.intersection(range)
+            {
+                self.fill_anon_holes(piece);
+            }
+        }
+    }
+
+    /// [`fill_holes`](Self::fill_holes) in one private anonymous mapping.
+    fn fill_anon_holes(&self, range: PageRange) {
         let mut present = Vec::new();
         let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
         let Ok(pm) = self.pagemap() else { return };
@@ -766,7 +784,8 @@ impl Shared {
         let (mut regions, left) = loop {
             rounds += 1;
             for pm in self.all_pagemaps() {
-                let _ = crate::devmem::pagemap::evict(self, &pm, within, true);
+                // (No reclaim here: a migration in flight is waited for.)
+                let _ = crate::devmem::pagemap::evict(self, &pm, within, true, false);
             }
             let held: Vec<(crate::VirtAddr, Stored)> = {
                 let pick = |s: Stored| matches!(s, Stored::Exclusive(..));

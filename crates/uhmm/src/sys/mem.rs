@@ -223,6 +223,12 @@ pub enum MemError {
         /// The mapping.
         mapping: PageRange,
     },
+    /// Managed memory touched from the fault service's own thread (a
+    /// device callback): a fault there would wait for the service itself.
+    #[error(
+        "managed memory cannot be accessed from the fault service's thread (a device callback): the access would wait for itself"
+    )]
+    OnFaultService,
     /// A value's offset is not a multiple of its alignment.
     #[error("offset {offset:#x} is not aligned to {align} bytes")]
     Misaligned {
