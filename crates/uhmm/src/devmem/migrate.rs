@@ -1235,13 +1235,27 @@ impl<'a> MigrateVma<'a> {
             return;
         }
         self.committed = true;
-        // Not to be reclaimed halfway (`Shared::reclaim_ops` waits).
-        if let Some(op) = lock(&self.shared.regions).op_mut(self.op) {
-            op.committing = true;
+        // Not to be reclaimed halfway (`Shared::reclaim_ops` waits): the
+        // commit drops pages that stayed mapped (copied) outside the
+        // regions lock. Everything else it does under the lock, page by
+        // page against the state the page has, so without such pages (a
+        // fault back, say) it needs no mark.
+        let unlocked = self
+            .entries
+            .iter()
+            .any(|e| e.how == How::Copied && matches!(e.dst, MigrateDst::Device(_)));
+        let (shared, id) = (self.shared, self.op);
+        let mark = move |on: bool| {
+            if let Some(op) = lock(&shared.regions).op_mut(id) {
+                op.committing = on;
+            }
+        };
+        if unlocked {
+            mark(true);
         }
         self.commit();
-        if let Some(op) = lock(&self.shared.regions).op_mut(self.op) {
-            op.committing = false;
+        if unlocked {
+            mark(false);
         }
     }
 
