@@ -761,13 +761,18 @@ pub unsafe fn write_process(addr: VirtAddr, buf: &[u8]) -> Result<(), AccessErro
 
 /// Runs `op(done, remote)` until `len` bytes moved; a short transfer is
 /// retried from where it stopped, and the next error is reported with the
-/// count done so far.
+/// count done so far. `process_vm_readv`/`writev` report any failure to
+/// pin the pages as EFAULT, including a transient one while the address
+/// space is being changed (seen once in CI, with another thread forking):
+/// an EFAULT that makes no progress is tried [`EFAULT_TRIES`] times before
+/// it is believed; a page that truly cannot be reached fails every time.
 fn transfer(
     addr: VirtAddr,
     len: usize,
     mut op: impl FnMut(usize, *const libc::iovec) -> isize,
 ) -> Result<(), AccessError> {
     let mut done = 0;
+    let mut faults = 0;
     while done < len {
         let remote = libc::iovec {
             iov_base: (addr.get().wrapping_add(done)) as *mut c_void,
@@ -779,6 +784,11 @@ fn transfer(
                 std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
             );
             if errno == Errno::INTR {
+                continue;
+            }
+            if errno == Errno::FAULT && faults + 1 < EFAULT_TRIES {
+                faults += 1;
+                std::thread::yield_now();
                 continue;
             }
             return Err(AccessError {
@@ -797,9 +807,13 @@ fn transfer(
             });
         }
         done += n as usize;
+        faults = 0;
     }
     Ok(())
 }
+
+/// How often [`transfer`] tries an access that fails with EFAULT.
+const EFAULT_TRIES: usize = 3;
 
 mod plain {
     pub trait Sealed {}
