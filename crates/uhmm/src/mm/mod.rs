@@ -207,8 +207,9 @@ pub struct MmStats {
     /// past the bounds in [`DevicePagemapOps::migrate_to_ram`](crate::devmem::DevicePagemapOps::migrate_to_ram)).
     pub faults_sigbus: u64,
     /// Device callbacks (`migrate_to_ram`, `page_free`, `add_chunk`,
-    /// invalidations) that panicked. Each panic was contained: the panic
-    /// hook printed it, and the call counted as failed.
+    /// invalidations) that panicked, and panics while the fault service
+    /// served a fault. Each was contained: the panic hook printed it, and
+    /// the call counted as failed.
     pub callback_panics: u64,
     /// CPU faults of a thread on a page of a migration that thread set up
     /// and has not finished: it waits for itself (each reported once on
