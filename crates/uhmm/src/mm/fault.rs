@@ -110,30 +110,42 @@ pub(crate) fn sigbus(shared: &Shared, f: PageFault, seen: Stored) -> Served {
     let Ok(guard) = shared.notifiers.invalidate_start(&notify) else {
         return Served::Failed(Failure::Busy, seen);
     };
-    let mut regions = lock(&shared.regions);
+    let regions = lock(&shared.regions);
     if regions.states.get(page.start()) != seen {
         return Served::Park;
     }
     shared.stats.faults_sigbus.fetch_add(1, Ordering::Relaxed);
-    shared.lose_locked_woken(&mut regions, page, false);
-    // Not poisoned yet (a layout change is pending): the `Lost` arm
-    // finishes it.
-    let pending = regions.states.get(page.start()) == Stored::Lost;
-    drop(regions);
+    let served = lose_page(shared, regions, page, seen);
     drop(guard);
-    // Bookkeeping first: the device page is freed before the thread runs
-    // on (it might look at the pagemap at once).
-    shared.release_states(vec![seen]);
-    if !pending {
-        let _ = shared.uffd.wake(page);
-    }
     crate::trace::event!(
         target: "uhmm::fault",
         addr = %f.addr,
         thread = ?f.thread,
         "the device could not bring the page back: the access gets SIGBUS"
     );
-    if pending { Served::Park } else { Served::Done }
+    served
+}
+
+/// Loses the faulting `page`, whose state (found under `regions`) is the
+/// device page `held`: poisons it, frees what the state held, and only
+/// then wakes the thread (bookkeeping first: it might look at the pagemap
+/// at once). `Park` while the poison waits for a pending layout change
+/// (the `Lost` arm finishes it), `Done` otherwise.
+fn lose_page(
+    shared: &Shared,
+    mut regions: std::sync::MutexGuard<'_, super::regions::Regions>,
+    page: PageRange,
+    held: Stored,
+) -> Served {
+    shared.lose_locked_woken(&mut regions, page, false);
+    let pending = regions.states.get(page.start()) == Stored::Lost;
+    drop(regions);
+    shared.release_states(vec![held]);
+    if pending {
+        return Served::Park;
+    }
+    let _ = shared.uffd.wake(page);
+    Served::Done
 }
 
 /// A zeroed page, the source for write faults on holes.
@@ -229,20 +241,11 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 // the data is lost with the device. The access gets SIGBUS
                 // (as the kernel's VM_FAULT_SIGBUS), never zeros, never a
                 // wait.
-                let mut regions = lock(&shared.regions);
-                if let s @ Stored::Device(o, _) = regions.states.get(page.start())
-                    && o == owner
-                {
-                    shared.lose_locked(&mut regions, page);
-                    // Not poisoned yet: served once it is.
-                    let pending = regions.states.get(page.start()) == Stored::Lost;
-                    drop(regions);
-                    shared.release_states(vec![s]);
-                    if pending {
-                        return Served::Park;
-                    }
-                }
-                return Served::Done;
+                let regions = lock(&shared.regions);
+                return match regions.states.get(page.start()) {
+                    s @ Stored::Device(o, _) if o == owner => lose_page(shared, regions, page, s),
+                    _ => Served::Done,
+                };
             };
             let fault = DeviceFault {
                 shared,
