@@ -15,13 +15,13 @@ mod common;
 
 use common::{ChildEnd, ends_within, fork_lock, fork_within, serial, take_in_child};
 use std::fmt::Debug;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uhmm::devmem::{
     DeviceFault, DevicePagemap, DevicePagemapOps, DevmemError, FaultError, MigrateError,
     MigrateVma, PagemapConfig, Select,
 };
-use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
+use uhmm::mm::notifier::NotifyEvent;
 use uhmm::mm::range::{HmmPfn, HmmRange, RangeFaultError};
 use uhmm::mm::{ForkedChild, Mm, MmError, Owner};
 use uhmm::sys::mem::{Advice, Backing, Mapping, Prot};
@@ -91,18 +91,7 @@ fn devmem_forked(e: &DevmemError) -> Option<ForkedChild> {
     }
 }
 
-#[derive(Debug, Default)]
-struct Recorder {
-    log: Mutex<Vec<(NotifyEvent, PageRange)>>,
-}
-
-impl NotifierOps for Recorder {
-    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
-        sub.set_seq(cur_seq);
-        self.log.lock().unwrap().push((r.event, r.range));
-        true
-    }
-}
+use common::Recorder;
 
 impl Recorder {
     /// Waits (up to 5 s) for an invalidation with `event`, skipping others.

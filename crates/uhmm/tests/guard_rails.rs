@@ -193,28 +193,31 @@ impl Rig {
 
 /// Reads page `addr`'s first byte with a plain load on another thread;
 /// `None` if that does not end within `secs`.
-fn load_soon(addr: VirtAddr, secs: u64) -> Option<u8> {
+/// Runs `f` on another thread; `None` if it does not return within `secs`.
+fn soon<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let a = addr.get();
     std::thread::spawn(move || {
-        // SAFETY: `a` lies in a mapped, readable page of the test's.
-        let v = unsafe { std::ptr::read_volatile(a as *const u8) };
-        let _ = tx.send(v);
+        let _ = tx.send(f());
     });
     rx.recv_timeout(Duration::from_secs(secs)).ok()
+}
+
+fn load_soon(addr: VirtAddr, secs: u64) -> Option<u8> {
+    let a = addr.get();
+    // SAFETY: `a` lies in a mapped, readable page of the test's.
+    soon(secs, move || unsafe {
+        std::ptr::read_volatile(a as *const u8)
+    })
 }
 
 /// Reads page `addr`'s first byte through the kernel (a system call, so
 /// that a poisoned page is EFAULT rather than SIGBUS); `None` if that does
 /// not end within `secs`.
 fn syscall_read_soon(addr: VirtAddr, secs: u64) -> Option<Result<u8, uhmm::sys::mem::AccessError>> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    soon(secs, move || {
         let mut b = [0u8; 1];
-        let r = uhmm::sys::mem::read_process(addr, &mut b).map(|()| b[0]);
-        let _ = tx.send(r);
-    });
-    rx.recv_timeout(Duration::from_secs(secs)).ok()
+        uhmm::sys::mem::read_process(addr, &mut b).map(|()| b[0])
+    })
 }
 
 #[test]
@@ -579,13 +582,32 @@ fn a_thread_touching_a_page_of_its_own_migration_is_reported() {
     );
 }
 
-/// Runs `f` on another thread; `None` if it does not return within `secs`.
-fn soon<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs)).ok()
+/// The caller's own mapping of `n` pages, page `i` filled with `i + 1`,
+/// managed (`Mm::manage`).
+fn own_managed(mm: &Mm, n: usize) -> (Mapping, ManagedRegion) {
+    let map = Mapping::builder(n * PAGE_SIZE).build().unwrap();
+    for i in 0..n {
+        map.write_at(i * PAGE_SIZE, &[i as u8 + 1; PAGE_SIZE])
+            .unwrap();
+    }
+    // SAFETY: no reference points into the mapping, which the caller
+    // keeps until after the region is dropped.
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    (map, region)
+}
+
+/// Every page `i` of `map` still holds `i + 1` (see [`own_managed`]).
+fn assert_own_data(map: &Mapping, n: usize) {
+    let mut b = vec![0u8; n * PAGE_SIZE];
+    map.read_at(0, &mut b).unwrap();
+    for i in 0..n {
+        assert!(
+            b[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                .iter()
+                .all(|&x| x == i as u8 + 1),
+            "page {i} lost its data"
+        );
+    }
 }
 
 #[test]
@@ -594,15 +616,7 @@ fn a_leaked_migration_stalls_nothing_else_and_its_pages_come_home() {
     let _f = common::fork_lock();
     let Some(mm) = common::mm() else { return };
     const N: usize = 16;
-    // The caller's own mapping, managed.
-    let map = Mapping::builder(N * PAGE_SIZE).build().unwrap();
-    for i in 0..N {
-        map.write_at(i * PAGE_SIZE, &[i as u8 + 1; PAGE_SIZE])
-            .unwrap();
-    }
-    // SAFETY: no reference points into the mapping, which outlives the
-    // region.
-    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let (map, region) = own_managed(&mm, N);
     let arena = Mapping::builder(N * PAGE_SIZE).build().unwrap();
     mm.register_device_memory(&arena).unwrap();
     let dev = Faulty::new(&arena);
@@ -652,16 +666,7 @@ fn a_leaked_migration_stalls_nothing_else_and_its_pages_come_home() {
         soon(30, move || drop(region)).is_some(),
         "the region drop hung"
     );
-    let mut b = vec![0u8; N * PAGE_SIZE];
-    map.read_at(0, &mut b).unwrap();
-    for i in 0..N {
-        assert!(
-            b[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                .iter()
-                .all(|&x| x == i as u8 + 1),
-            "page {i} lost its data"
-        );
-    }
+    assert_own_data(&map, N);
     drop(pm);
 }
 
@@ -670,13 +675,7 @@ fn a_leaked_migration_is_reclaimed_when_its_region_is_dropped() {
     let _s = common::serial();
     let Some(mm) = common::mm() else { return };
     const N: usize = 16;
-    let map = Mapping::builder(N * PAGE_SIZE).build().unwrap();
-    for i in 0..N {
-        map.write_at(i * PAGE_SIZE, &[i as u8 + 1; PAGE_SIZE])
-            .unwrap();
-    }
-    // SAFETY: as above.
-    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let (map, region) = own_managed(&mm, N);
     let arena = Mapping::builder(N * PAGE_SIZE).build().unwrap();
     let owner = Owner::unique();
     let pm = DevicePagemap::new(&mm, owner, Faulty::new(&arena), PagemapConfig::default()).unwrap();
@@ -687,11 +686,7 @@ fn a_leaked_migration_is_reclaimed_when_its_region_is_dropped() {
         "the region drop hung"
     );
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-    let mut b = vec![0u8; N * PAGE_SIZE];
-    map.read_at(0, &mut b).unwrap();
-    for i in 0..N {
-        assert_eq!(b[i * PAGE_SIZE], i as u8 + 1, "page {i} lost its data");
-    }
+    assert_own_data(&map, N);
     drop(pm);
 }
 

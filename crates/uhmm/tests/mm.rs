@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ChildEnd, fork_and_wait, fork_lock, is_root, reserve_hugepages};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
 use uhmm::mm::{Mm, MmError};
@@ -13,18 +13,7 @@ use uhmm::sys::mem::{Advice, Backing, Prot};
 use uhmm::sys::uffd::{Features, RegisterError};
 use uhmm::{PAGE_SIZE, PageRange};
 
-#[derive(Debug, Default)]
-struct Recorder {
-    log: Mutex<Vec<(NotifyEvent, PageRange)>>,
-}
-
-impl NotifierOps for Recorder {
-    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
-        sub.set_seq(cur_seq);
-        self.log.lock().unwrap().push((r.event, r.range));
-        true
-    }
-}
+use common::Recorder;
 
 impl Recorder {
     /// Waits (up to 5 s) for the next invalidation; the service delivers

@@ -401,3 +401,22 @@ impl BlockedChild {
         wait_child(self.pid)
     }
 }
+
+/// A notifier that records every invalidation it gets (event and range).
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub log: Mutex<Vec<(uhmm::mm::notifier::NotifyEvent, uhmm::PageRange)>>,
+}
+
+impl uhmm::mm::notifier::NotifierOps for Recorder {
+    fn invalidate(
+        &self,
+        sub: &uhmm::mm::notifier::Subscription,
+        r: &uhmm::mm::notifier::NotifierRange,
+        cur_seq: u64,
+    ) -> bool {
+        sub.set_seq(cur_seq);
+        self.log.lock().unwrap().push((r.event, r.range));
+        true
+    }
+}
