@@ -155,6 +155,19 @@ impl Arena {
         let _ = unsafe { uhmm::sys::mem::madvise(range, uhmm::sys::mem::Advice::DontNeed) };
     }
 
+    /// The arena addresses of device pages `pfns` (one look at the chunk
+    /// table).
+    pub(crate) fn addrs(&self, pfns: impl Iterator<Item = DevicePfn>) -> Vec<Option<VirtAddr>> {
+        let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
+        pfns.map(|pfn| {
+            let c = chunks.get(pfn.0 as usize / self.chunk_pages)?;
+            c.range()
+                .start()
+                .checked_add((pfn.0 as usize % self.chunk_pages) * PAGE_SIZE)
+        })
+        .collect()
+    }
+
     /// The arena address of device page `pfn`.
     pub(crate) fn addr(&self, pfn: DevicePfn) -> Option<VirtAddr> {
         let chunks = self.chunks.read().unwrap_or_else(|e| e.into_inner());
@@ -264,9 +277,11 @@ impl Mirror {
         if self.arena.zero_copy.load(Ordering::Acquire) {
             // The arena is host RAM registered with the address space: the
             // pages move home with no copy.
+            let at = self.arena.addrs(srcs.iter().map(|&(_, pfn)| pfn));
             let from: Vec<(usize, VirtAddr)> = srcs
                 .iter()
-                .filter_map(|&(i, pfn)| Some((i, self.arena.addr(pfn)?)))
+                .zip(at)
+                .filter_map(|(&(i, _), a)| Some((i, a?)))
                 .collect();
             m.move_from_device(&from);
         }
@@ -380,16 +395,21 @@ impl SimDevice {
         // move (pages that were copied out) is copied below.
         let moved: Vec<usize> =
             if arena.zero_copy.load(Ordering::Acquire) && arena.prepare_moves(&self.mm, &pfns) {
+                let at = arena.addrs(pfns.iter().copied());
                 let to: Vec<(usize, DevicePfn, VirtAddr)> = sel
                     .iter()
                     .zip(&pfns)
-                    .filter_map(|(&(i, _), &pfn)| Some((i, pfn, arena.addr(pfn)?)))
+                    .zip(at)
+                    .filter_map(|((&(i, _), &pfn), a)| Some((i, pfn, a?)))
                     .collect();
                 m.move_to_device(&to)
             } else {
                 Vec::new()
             };
-        let copied = {
+        let copied = if moved.len() == sel.len() {
+            // Every page moved: nothing to copy or clear.
+            Ok(())
+        } else {
             let Some(dsts) = self.mirror.arena.pages_mut(&pfns) else {
                 return Err(SimError::DeviceMemory(DevmemError::BadPfn { pfn: pfns[0] }));
             };

@@ -229,7 +229,7 @@ pub struct MigrateVma<'a> {
     committed: bool,
     done: bool,
     /// The device pages that are some page's destination.
-    dsts: PfnSet,
+    dsts: Dsts,
     /// The owner's device memory (weak: a leaked migration must not keep
     /// a pagemap's drop waiting).
     pagemap: std::sync::Weak<super::pagemap::PagemapInner>,
@@ -449,7 +449,7 @@ impl<'a> MigrateVma<'a> {
             blockable,
             committed: false,
             done: false,
-            dsts: PfnSet::default(),
+            dsts: Dsts::default(),
             pagemap,
         };
         for addr in range.pages() {
@@ -959,7 +959,7 @@ impl<'a> MigrateVma<'a> {
     fn set_device_dst_checked(&mut self, i: usize, pfn: DevicePfn) {
         let e = &mut self.entries[i];
         if let MigrateDst::Device(old) = e.dst {
-            self.dsts.remove(&old);
+            self.dsts.remove(old);
             self.shared.put_device_page(self.owner, old);
         }
         e.dst = MigrateDst::Device(pfn);
@@ -975,6 +975,20 @@ impl<'a> MigrateVma<'a> {
             Some(pm) => pm.allocated_all(&pfns),
             None => vec![false; pages.len()],
         };
+        // Ascending, and above every destination named so far (the usual
+        // batch): no page is named twice, and the entries need no look at
+        // the destinations.
+        let fresh = self.dsts.ascending_max().is_some_and(|max| {
+            pages.first().is_none_or(|p| max.is_none_or(|m| p.1 > m))
+                && pages.windows(2).all(|w| w[0].1 < w[1].1)
+        });
+        if fresh {
+            return pages
+                .iter()
+                .zip(allocated)
+                .map(|(&(i, pfn, _), allocated)| allocated && self.check_entry_dst(i, pfn).is_ok())
+                .collect();
+        }
         let mut named = PfnSet::with_capacity_and_hasher(pages.len(), Default::default());
         pages
             .iter()
@@ -1017,7 +1031,7 @@ impl<'a> MigrateVma<'a> {
         if e.moved_out && e.dst != MigrateDst::Device(pfn) {
             return bad("its data was moved into another device page already");
         }
-        if e.dst != MigrateDst::Device(pfn) && self.dsts.contains(&pfn) {
+        if e.dst != MigrateDst::Device(pfn) && self.dsts.contains(pfn) {
             return bad("its device page is already another page's destination");
         }
         Ok(())
@@ -1034,7 +1048,7 @@ impl<'a> MigrateVma<'a> {
             && !e.moved_out
         {
             if let MigrateDst::Device(old) = e.dst {
-                self.dsts.remove(&old);
+                self.dsts.remove(old);
                 self.shared.put_device_page(self.owner, old);
             }
             e.dst = MigrateDst::None;
@@ -1501,11 +1515,14 @@ impl<'a> MigrateVma<'a> {
             }
             // Bookkeeping first: the device pages are freed before anyone
             // who waited is woken (DESIGN.md, concurrency rule 6).
-            for &(i, _) in &done {
-                if let MigrateSrc::Device(pfn) = self.entries[i].src {
-                    self.shared.put_device_page(self.owner, pfn);
-                }
-            }
+            let freed: Vec<DevicePfn> = done
+                .iter()
+                .filter_map(|&(i, _)| match self.entries[i].src {
+                    MigrateSrc::Device(pfn) => Some(pfn),
+                    _ => None,
+                })
+                .collect();
+            self.shared.put_device_pages(self.owner, &freed);
             let woken: Vec<VirtAddr> = done.iter().map(|&(_, a)| a).collect();
             for r in super::pagemap::runs(&woken, usize::MAX >> 1) {
                 let _ = self.shared.uffd.wake(r);
@@ -1676,7 +1693,9 @@ impl<'a> MigrateVma<'a> {
             return;
         }
         self.done = true;
-        if crate::mm::ForkedChild::check_exact(self.shared.pid).is_err() {
+        if !crate::mm::service::on_service_of(self.shared)
+            && crate::mm::ForkedChild::check_exact(self.shared.pid).is_err()
+        {
             // A forked child's copy: the migration is the parent's (whose
             // fork prepare reclaimed it, or waited for it); nothing here
             // is the child's to touch.
@@ -1772,15 +1791,16 @@ impl<'a> MigrateVma<'a> {
                 }
             }
         }
-        for pfn in freed {
-            self.shared.put_device_page(self.owner, pfn);
-        }
         // Device pages that did not become a page's home are unused.
-        for e in &self.entries {
-            if let (false, MigrateDst::Device(pfn)) = (e.migrate, e.dst) {
-                self.shared.put_device_page(self.owner, pfn);
-            }
-        }
+        freed.extend(
+            self.entries
+                .iter()
+                .filter_map(|e| match (e.migrate, e.dst) {
+                    (false, MigrateDst::Device(pfn)) => Some(pfn),
+                    _ => None,
+                }),
+        );
+        self.shared.put_device_pages(self.owner, &freed);
         if let (Some(run), Ok(staging)) = (self.run.take(), self.shared.staging()) {
             // Whether pages are left in the run, as the page table says
             // (what was discarded in flight, or stayed after a copy).
@@ -1823,24 +1843,66 @@ impl Drop for MigrateVma<'_> {
 /// A set of device pages, hashed by multiplying the page number (distinct
 /// numbers; no untrusted input to defend against, and SipHash cost a
 /// fifth of a small migration's time).
-type PfnSet = std::collections::HashSet<DevicePfn, std::hash::BuildHasherDefault<PfnHasher>>;
+type PfnSet = std::collections::HashSet<DevicePfn, crate::addr::IdBuildHasher>;
 
-#[derive(Default)]
-struct PfnHasher(u64);
+/// The device pages named as destinations so far: a sorted list while they
+/// come in ascending order (a device allocates a batch in order, and names
+/// it in order: no hashing at all), a hash set once they do not.
+#[derive(Debug)]
+enum Dsts {
+    Ascending(Vec<DevicePfn>),
+    Set(PfnSet),
+}
 
-impl std::hash::Hasher for PfnHasher {
-    fn finish(&self) -> u64 {
-        self.0
+impl Default for Dsts {
+    fn default() -> Self {
+        Dsts::Ascending(Vec::new())
     }
+}
 
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+impl Dsts {
+    fn contains(&self, pfn: DevicePfn) -> bool {
+        match self {
+            Dsts::Ascending(v) => {
+                v.last().is_some_and(|&l| pfn <= l) && v.binary_search(&pfn).is_ok()
+            }
+            Dsts::Set(s) => s.contains(&pfn),
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    /// The largest destination, while they came in ascending order.
+    fn ascending_max(&self) -> Option<Option<DevicePfn>> {
+        match self {
+            Dsts::Ascending(v) => Some(v.last().copied()),
+            Dsts::Set(_) => None,
+        }
+    }
+
+    fn insert(&mut self, pfn: DevicePfn) {
+        match self {
+            Dsts::Ascending(v) if v.last().is_none_or(|&l| pfn > l) => v.push(pfn),
+            Dsts::Ascending(v) => {
+                let mut s: PfnSet = v.drain(..).collect();
+                s.insert(pfn);
+                *self = Dsts::Set(s);
+            }
+            Dsts::Set(s) => {
+                s.insert(pfn);
+            }
+        }
+    }
+
+    fn remove(&mut self, pfn: DevicePfn) {
+        match self {
+            Dsts::Ascending(v) => {
+                if let Ok(k) = v.binary_search(&pfn) {
+                    v.remove(k);
+                }
+            }
+            Dsts::Set(s) => {
+                s.remove(&pfn);
+            }
+        }
     }
 }
 

@@ -322,6 +322,39 @@ impl PagemapInner {
         Ok(())
     }
 
+    /// [`put`](Self::put) of each of `pfns`, the pool locked twice in all
+    /// rather than twice a page; a page not in use is skipped (uhmm drops
+    /// only references it holds).
+    pub(crate) fn put_many(&self, pfns: &[DevicePfn]) {
+        let last: Vec<DevicePfn> = {
+            let mut p = lock(&self.pool);
+            pfns.iter()
+                .copied()
+                .filter(|pfn| match p.refs.get_mut(pfn.0 as usize) {
+                    Some(r) if *r > 0 => {
+                        *r -= 1;
+                        *r == 0
+                    }
+                    _ => false,
+                })
+                .collect()
+        };
+        if last.is_empty() {
+            return;
+        }
+        // As in `put`: a page whose `page_free` panicked is not reused.
+        let freed: Vec<u64> = last
+            .iter()
+            .filter(|&&pfn| call(&self.panics, "page_free", || self.ops.page_free(pfn)).is_ok())
+            .map(|pfn| pfn.0)
+            .collect();
+        let mut p = lock(&self.pool);
+        p.free.extend(freed);
+        p.in_use -= last.len();
+        drop(p);
+        self.freed.fetch_add(last.len() as u64, Ordering::Relaxed);
+    }
+
     /// Whether each of `pfns` is an allocated page (one look at the pool).
     pub(crate) fn allocated_all(&self, pfns: &[DevicePfn]) -> Vec<bool> {
         let p = lock(&self.pool);

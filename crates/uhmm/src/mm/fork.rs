@@ -46,6 +46,24 @@ pub(crate) fn pid() -> rustix::process::Pid {
     exact_pid()
 }
 
+thread_local! {
+    /// This thread's id, once asked (0 before): reset by the child hook,
+    /// the one thread of a forked child having a new id.
+    static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The calling thread's id, with one `gettid` per thread (operations record
+/// the thread that set them up, and the fault service sets one up per
+/// fault back).
+pub(crate) fn tid() -> u32 {
+    TID.with(|t| {
+        if t.get() == 0 {
+            t.set(rustix::thread::gettid().as_raw_nonzero().get() as u32);
+        }
+        t.get()
+    })
+}
+
 /// This process's id (`getpid`).
 pub(crate) fn exact_pid() -> rustix::process::Pid {
     rustix::process::getpid()
@@ -141,12 +159,14 @@ extern "C" fn after_parent() {
 }
 
 /// Runs in the child after the fork: only async-signal-safe work (a
-/// system call and two atomic stores). The child's copies of the parent's
+/// system call, two atomic stores and a store to a const-initialized
+/// thread-local). The child's copies of the parent's
 /// `Mm`s are dead (no service thread runs there; their entry points see
 /// the new process id and refuse); the hook lock is released so that the
 /// child may make its own.
 extern "C" fn after_child() {
     PID.store(exact_pid().as_raw_nonzero().get(), Ordering::Relaxed);
+    TID.with(|t| t.set(0));
     hooks_unlock();
 }
 

@@ -722,11 +722,7 @@ impl Mm {
                     regions = lock(&shared.regions);
                 }
                 // (Exclusive grabs left end by themselves.)
-                regions = shared
-                    .op_ended
-                    .wait_timeout(regions, std::time::Duration::from_millis(20))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                regions = shared.wait_op_ended(regions, std::time::Duration::from_millis(20));
             }
         }
         if !owned {

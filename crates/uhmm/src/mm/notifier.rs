@@ -197,6 +197,9 @@ struct State {
     subs: Vec<Arc<Subscription>>,
     /// Inserts made while invalidating, applied when the last one ends.
     deferred: Vec<Arc<Subscription>>,
+    /// Threads waiting on `idle`: an end that nobody waits for signals
+    /// nobody (a condvar's notify is a system call, waiters or not).
+    waiting: usize,
 }
 
 /// The notifiers of one address space.
@@ -226,6 +229,7 @@ impl Default for Notifiers {
                 active: 0,
                 subs: Vec::new(),
                 deferred: Vec::new(),
+                waiting: 0,
             }),
             idle: Condvar::new(),
             counts: Default::default(),
@@ -385,8 +389,19 @@ impl Notifiers {
         }
         let deferred = std::mem::take(&mut st.deferred);
         st.subs.extend(deferred);
+        let waiting = st.waiting > 0;
         drop(st);
-        self.idle.notify_all();
+        if waiting {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits on `idle` once (counted as waiting meanwhile).
+    fn wait_idle<'a>(&self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.waiting += 1;
+        let mut st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        st.waiting -= 1;
+        st
     }
 
     /// Waits until no invalidation of a notifier whose sequence is `seq` is
@@ -397,7 +412,7 @@ impl Notifiers {
         }
         let mut st = self.lock();
         while st.seq == seq {
-            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.wait_idle(st);
         }
     }
 
@@ -411,7 +426,7 @@ impl Notifiers {
         // Wait out running invalidations: after this returns no callback of
         // `sub` runs, now or later.
         while st.active > 0 {
-            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.wait_idle(st);
         }
         st.subs.retain(|s| !Arc::ptr_eq(s, sub));
         st.deferred.retain(|s| !Arc::ptr_eq(s, sub));

@@ -323,7 +323,7 @@ impl Regions {
                 range,
                 changes: Vec::new(),
                 kept: Vec::new(),
-                thread: rustix::thread::gettid().as_raw_nonzero().get() as u32,
+                thread: super::fork::tid(),
                 deadlock_reported: false,
                 gated: false,
                 committing: false,

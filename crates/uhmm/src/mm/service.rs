@@ -72,8 +72,11 @@ pub(crate) struct Shared {
     pub(crate) uffd: Uffd,
     pub(crate) notifiers: Arc<Notifiers>,
     pub(crate) regions: Mutex<Regions>,
-    /// Signalled when an operation in flight ends.
+    /// Signalled when an operation in flight ends...
     pub(crate) op_ended: Condvar,
+    /// ...if anyone waits on it (counted under the regions lock, which
+    /// every wait holds: see [`wait_op_ended`](Self::wait_op_ended)).
+    op_waiters: AtomicUsize,
     pub(crate) stats: ServiceStats,
     /// `/proc/self/maps` and `/proc/self/pagemap`, opened on first use and
     /// kept (each open costs more than a small `range_fault`).
@@ -116,6 +119,7 @@ impl Shared {
             notifiers,
             regions: Mutex::new(Regions::default()),
             op_ended: Condvar::new(),
+            op_waiters: AtomicUsize::new(0),
             stats: ServiceStats::default(),
             procmap: OnceLock::new(),
             pagemap: OnceLock::new(),
@@ -211,11 +215,31 @@ impl Shared {
         }
     }
 
+    /// Drops the references virtual pages held on the device pages `pfns`
+    /// of `owner`, in one batch.
+    pub(crate) fn put_device_pages(&self, owner: Owner, pfns: &[DevicePfn]) {
+        if pfns.is_empty() {
+            return;
+        }
+        if let Some(pm) = self.device_pagemap(owner) {
+            pm.put_many(pfns);
+        }
+    }
+
     /// Lets go of what dropped states held: device pages, exclusive holds.
     pub(crate) fn release_states(&self, gone: Vec<Stored>) {
+        // Device pages in batches of one owner (usually all of them).
+        let mut batch: Option<(Owner, Vec<DevicePfn>)> = None;
         for s in gone {
             match s {
-                Stored::Device(owner, pfn) => self.put_device_page(owner, pfn),
+                Stored::Device(owner, pfn) => match &mut batch {
+                    Some((o, pfns)) if *o == owner => pfns.push(pfn),
+                    _ => {
+                        if let Some((o, pfns)) = batch.replace((owner, vec![pfn])) {
+                            self.put_device_pages(o, &pfns);
+                        }
+                    }
+                },
                 Stored::Exclusive(_, hold) => {
                     if let Some(st) = self.staging.get() {
                         st.unhold(hold, true);
@@ -223,6 +247,9 @@ impl Shared {
                 }
                 Stored::Migrating(_) | Stored::Cpu | Stored::Lost => {}
             }
+        }
+        if let Some((o, pfns)) = batch {
+            self.put_device_pages(o, &pfns);
         }
     }
 
@@ -583,8 +610,30 @@ impl Shared {
                 self.gate.leave();
             }
         }
-        self.op_ended.notify_all();
+        // An operation ends under the regions lock, and a waiter counts
+        // itself under it before it waits: one that missed this end is
+        // counted here.
+        if self.op_waiters.load(Ordering::Acquire) > 0 {
+            self.op_ended.notify_all();
+        }
         any
+    }
+
+    /// Waits (up to `timeout`) until an operation in flight ends; with the
+    /// regions lock `regions`, as its caller saw one in flight under it.
+    pub(crate) fn wait_op_ended<'a>(
+        &self,
+        regions: std::sync::MutexGuard<'a, Regions>,
+        timeout: Duration,
+    ) -> std::sync::MutexGuard<'a, Regions> {
+        self.op_waiters.fetch_add(1, Ordering::AcqRel);
+        let regions = self
+            .op_ended
+            .wait_timeout(regions, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        self.op_waiters.fetch_sub(1, Ordering::AcqRel);
+        regions
     }
 
     /// Takes back the pages of the migrations in flight in `within`
@@ -981,18 +1030,26 @@ const BRING_HOME_ROUNDS: usize = 100;
 pub(crate) const DEFAULT_FAULT_BLOCK: usize = 2 << 20;
 
 thread_local! {
-    static ON_SERVICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The address of the `Shared` whose service this thread is (0: none).
+    static ON_SERVICE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Whether the calling thread is a fault service.
 pub(crate) fn on_service() -> bool {
-    ON_SERVICE.with(|s| s.get())
+    ON_SERVICE.with(|s| s.get() != 0)
+}
+
+/// Whether the calling thread is `shared`'s own fault service, which runs
+/// only in the process that made it (a fork copies no other thread): no
+/// need to ask the kernel which process this is.
+pub(crate) fn on_service_of(shared: &Shared) -> bool {
+    ON_SERVICE.with(|s| s.get() == shared as *const Shared as usize)
 }
 
 /// The service loop; returns when [`Shared::stop`] is called.
 pub(crate) fn run(shared: Arc<Shared>) {
     crate::sys::block_all_signals();
-    ON_SERVICE.with(|s| s.set(true));
+    ON_SERVICE.with(|s| s.set(Arc::as_ptr(&shared) as usize));
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();
     let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
@@ -1017,8 +1074,12 @@ pub(crate) fn run(shared: Arc<Shared>) {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let mut drain = [0u8; 8];
-        let _ = rustix::io::read(&shared.wake, &mut drain);
+        if fds[1].revents().contains(PollFlags::IN) {
+            // Only when poked: a read that would say EAGAIN is a system
+            // call per fault for nothing.
+            let mut drain = [0u8; 8];
+            let _ = rustix::io::read(&shared.wake, &mut drain);
+        }
         // Busy from before the read: a thread whose event this read
         // releases sees it set until the event is handled.
         shared.busy.store(true, Ordering::Release);

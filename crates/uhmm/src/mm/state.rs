@@ -132,7 +132,7 @@ pub(crate) struct StateTable {
     /// names its owner, so the table names at most `MAX_OWNERS` owners
     /// *at once*, not in the address space's lifetime.
     slots: Vec<Option<Slot>>,
-    by_owner: std::collections::HashMap<Owner, usize>,
+    by_owner: std::collections::HashMap<Owner, usize, crate::addr::IdBuildHasher>,
 }
 
 impl fmt::Debug for StateTable {
