@@ -722,6 +722,46 @@ fn migrate_fault() {
     migrates_holding_indices(&dev, &region, N);
 }
 
+/// Beyond the kernel tests: a sequential CPU scan of device-resident
+/// memory reads ahead at every fault block, 4 KiB included — a window that
+/// doubles with each fault of the scan — so it takes far fewer faults than
+/// pages; a touch that is not sequential brings back its block only.
+#[test]
+fn a_sequential_scan_reads_ahead_at_every_fault_block() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    for block in [PAGE_SIZE, 16 * PAGE_SIZE] {
+        mm.set_fault_block(block).unwrap();
+        let region = anon(&mm, SIZE);
+        fill(&region, |i| i);
+        let dev = SimDevice::new(&mm);
+        migrates_holding_indices(&dev, &region, N);
+        // Scattered touches, none right after the last: one block each.
+        let per_page = PAGE_SIZE / 4;
+        let blocks = N / (block / PAGE_SIZE);
+        for (k, b) in [blocks / 2, blocks / 8, blocks - 1].into_iter().enumerate() {
+            let i = b * (block / PAGE_SIZE) * per_page;
+            assert_eq!(cpu_int(&region, i), i as i32);
+            assert_eq!(
+                dev.device_pages(),
+                N - (k + 1) * (block / PAGE_SIZE),
+                "a touch that is not sequential brings back its block, {block} B blocks"
+            );
+        }
+        // A scan from the start: every value right, few faults.
+        let before = mm.stats().faults_device;
+        for i in 0..N * per_page {
+            assert_eq!(cpu_int(&region, i), i as i32);
+        }
+        let faults = mm.stats().faults_device - before;
+        assert!(
+            faults <= (blocks as u64 / 8).max(16),
+            "{faults} faults for a sequential scan of {N} pages in {blocks} blocks of {block} B"
+        );
+        assert_eq!(dev.device_pages(), 0);
+    }
+}
+
 #[test]
 fn migrate_release() {
     let _s = serial();

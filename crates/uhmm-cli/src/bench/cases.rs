@@ -21,17 +21,17 @@ type CaseResult = Result<(), Box<dyn Error>>;
 #[derive(Debug)]
 pub struct Sizes {
     /// The large region (1 GiB in a full run).
-    big: usize,
+    pub(super) big: usize,
     /// Memory touched per first-touch repetition.
-    touch: usize,
+    pub(super) touch: usize,
     /// Measured repetitions (after one warm-up).
-    reps: usize,
+    pub(super) reps: usize,
     /// Sizes of the bandwidth curve.
-    curve: Vec<usize>,
+    pub(super) curve: Vec<usize>,
     /// Samples of the single-page latency case.
-    latency_samples: usize,
+    pub(super) latency_samples: usize,
     /// Sizes of the migration table.
-    migrate: Vec<usize>,
+    pub(super) migrate: Vec<usize>,
 }
 
 impl Sizes {
@@ -42,16 +42,9 @@ impl Sizes {
             reps: 7,
             curve: (0..=11).map(|i| (512 << 10) << i).collect(),
             latency_samples: 3000,
-            migrate: vec![
-                512 << 10,
-                1 << 20,
-                2 << 20,
-                4 << 20,
-                8 << 20,
-                16 << 20,
-                256 << 20,
-                1 << 30,
-            ],
+            // The kernel's benchmark_thp_migration sizes (a quarter THP
+            // to 128 THPs), and 1 GiB.
+            migrate: (0..10).map(|i| (512 << 10) << i).chain([1 << 30]).collect(),
         }
     }
 
@@ -108,13 +101,23 @@ pub const ALL: &[Case] = &[
     },
     Case {
         name: "fault-back",
-        title: "CPU touch of a device-resident page vs a bare MISSING + COPY round trip",
-        run: fault_back,
+        title: "CPU touch of a device-resident page (zero-copy and copying) vs a bare MISSING + COPY server: latency, CPU and system calls per fault",
+        run: super::faults::fault_back,
+    },
+    Case {
+        name: "stalls",
+        title: "random 4 KiB fault back over the large region: every stall over 1 ms, with its cause",
+        run: super::faults::stalls,
     },
     Case {
         name: "seq-read",
         title: "sequential CPU read of device-resident memory vs memcpy",
         run: seq_read,
+    },
+    Case {
+        name: "seq-read-copying",
+        title: "sequential CPU read of device-resident memory, copying device: 4 KiB blocks vs a bare server, default block vs memcpy",
+        run: super::faults::seq_read_copying,
     },
     Case {
         name: "migrate",
@@ -128,7 +131,7 @@ pub const ALL: &[Case] = &[
     },
 ];
 
-fn mib(bytes: usize) -> String {
+pub(super) fn mib(bytes: usize) -> String {
     if bytes >= 1 << 30 {
         format!("{} GiB", bytes >> 30)
     } else {
@@ -447,132 +450,6 @@ fn copy_engine(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
     Ok(())
 }
 
-/// A bare userfaultfd server: one thread answering MISSING faults on its
-/// own registered mapping with `UFFDIO_COPY` of a page (the baseline of
-/// the fault-back case).
-fn bare_missing_server(
-    map: &Mapping,
-) -> Result<
-    (
-        std::thread::JoinHandle<()>,
-        Arc<std::sync::atomic::AtomicBool>,
-    ),
-    Box<dyn Error>,
-> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use uhmm::sys::uffd::{CopyMode, Event, RegisterMode, Uffd};
-    let uffd = Uffd::builder().open()?;
-    uffd.register(map, map.range(), RegisterMode::MISSING)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let handle = std::thread::spawn(move || {
-        let src = vec![7u8; PAGE_SIZE];
-        let mut events = Vec::with_capacity(64);
-        while !st.load(Ordering::Relaxed) {
-            if !uffd
-                .wait(Some(std::time::Duration::from_millis(20)))
-                .unwrap_or(false)
-            {
-                continue;
-            }
-            if uffd.read_events(&mut events).is_err() {
-                continue;
-            }
-            for e in events.drain(..) {
-                if let Event::PageFault(f) = e
-                    && let Some(page) = f.page()
-                {
-                    let _ = uffd.copy(
-                        page,
-                        uhmm::VirtAddr::from_ptr(src.as_ptr()),
-                        CopyMode::empty(),
-                    );
-                }
-            }
-        }
-    });
-    Ok((handle, stop))
-}
-
-fn fault_back(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
-    // Both servers (uhmm's fault service, the bare loop) are created by a
-    // thread pinned to `server_cpu`, and inherit it; the touching thread
-    // runs on `toucher_cpu`. A wake-up across vCPUs costs ~30 us each way
-    // on these VMs, so the placement decides the round trip.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut placements = vec![("same vCPU", 0, 0)];
-    if cpus > 1 {
-        placements.push(("across vCPUs", 1, 0));
-    }
-    for (placement, server_cpu, toucher_cpu) in placements {
-        p.note(placement);
-        let samples = s.latency_samples;
-        let (back, raw) = std::thread::scope(|sc| {
-            sc.spawn(|| {
-                fault_back_samples(samples, server_cpu, toucher_cpu).map_err(|e| e.to_string())
-            })
-            .join()
-            .map_err(|_| "the benchmark thread panicked".to_string())?
-        })?;
-        if placement == "same vCPU" {
-            out.charts.push(Chart::Histogram {
-                file: "fault_back_latency.svg",
-                title: "CPU touch of a device-resident page, same vCPU (ns)".into(),
-                samples_ns: back.clone(),
-            });
-        }
-        out.rows.push(Row {
-            case: format!("CPU touch of a device-resident 4 KiB page, {placement}"),
-            unit: Unit::NsPerPage,
-            subject: Summary::of(back),
-            baseline_name: "bare MISSING + UFFDIO_COPY",
-            baseline: Some(Summary::of(raw)),
-            target: Target::AtMost(1.3),
-        });
-    }
-    Ok(())
-}
-
-/// (uhmm, bare) latencies in ns of `n` first touches each.
-fn fault_back_samples(
-    n: usize,
-    server_cpu: usize,
-    toucher_cpu: usize,
-) -> Result<(Vec<f64>, Vec<f64>), Box<dyn Error>> {
-    use std::sync::atomic::Ordering;
-    cpu::pin_to(server_cpu);
-    let mm = Mm::new()?;
-    mm.set_fault_block(PAGE_SIZE).unwrap();
-    let region = mm.alloc((n + 1) * PAGE_SIZE, Backing::AnonPrivate)?;
-    let bare = Mapping::anon((n + 1) * PAGE_SIZE)?;
-    let (server, stop) = bare_missing_server(&bare)?;
-    cpu::pin_to(toucher_cpu);
-    cpu::touch_pages(region.range());
-    let dev = SimDevice::new(&mm);
-    dev.migrate_range_to_device(region.range().start(), n + 1)?;
-    let mut raw = Vec::with_capacity(n);
-    let mut back = Vec::with_capacity(n);
-    // Alternate, page by page; page 0 of each is the warm-up.
-    for i in 0..=n {
-        let a = bare.range().page(i).ok_or("page")?.start();
-        let (t_raw, v) = time(|| cpu::read_byte(a));
-        let b = region.range().page(i).ok_or("page")?.start();
-        let (t_back, w) = time(|| cpu::read_byte(b));
-        if v != 7 || w != 1 {
-            return Err("a faulted page read the wrong byte".into());
-        }
-        if i > 0 {
-            raw.push(t_raw.as_nanos() as f64);
-            back.push(t_back.as_nanos() as f64);
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    server
-        .join()
-        .map_err(|_| "the bare userfaultfd server thread panicked")?;
-    Ok((back, raw))
-}
-
 fn seq_read(s: &Sizes, _: &mut Progress, out: &mut Results) -> CaseResult {
     let mm = Mm::new()?;
     let len = s.big;
@@ -613,6 +490,13 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     let mut series: Vec<Series> = Vec::new();
     let mut memcpy_pts = Vec::new();
     let mut rows = Vec::new();
+    let mut thp_table = vec![
+        "Migration by size (the layout of the kernel's benchmark_thp_migration): ms per direction, and GB/s; medians".to_string(),
+        format!(
+            "  {:>10}  {:>4}  {:>13}  {:>9}  {:>13}  {:>9}",
+            "size", "THP", "to device ms", "GB/s", "to system ms", "GB/s"
+        ),
+    ];
     for thp in [true, false] {
         let mut to_dev = Vec::new();
         let mut to_sys = Vec::new();
@@ -629,6 +513,16 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
             }
             to_dev.push((size as f64, there.p50));
             to_sys.push((size as f64, back.p50));
+            let ms = |gbps: f64| size as f64 / (gbps * 1e9) * 1e3;
+            thp_table.push(format!(
+                "  {:>10}  {:>4}  {:>13.3}  {:>9.2}  {:>13.3}  {:>9.2}",
+                kib(size),
+                if thp { "on" } else { "off" },
+                ms(there.p50),
+                there.p50,
+                ms(back.p50),
+                back.p50
+            ));
             let granule = if thp { "2 MiB THP" } else { "4 KiB pages" };
             let target = Target::AtLeast(if thp { 0.7 } else { 0.4 });
             for (dir, sum) in [("to device", there), ("to system", back)] {
@@ -677,6 +571,7 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
         });
     }
     out.rows.extend(rows);
+    out.notes.extend(thp_table);
     out.charts.push(Chart::Curve {
         file: "migration_bandwidth.svg",
         title: "SimDevice migration bandwidth by size".into(),
@@ -737,7 +632,7 @@ fn kib(bytes: usize) -> String {
 
 /// The memcpy baseline: `dst = src`, kept (the copy is otherwise dead
 /// code the compiler may drop).
-fn memcpy(dst: &mut [u8], src: &[u8]) {
+pub(super) fn memcpy(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
     std::hint::black_box(dst);
 }

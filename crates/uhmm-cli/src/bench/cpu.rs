@@ -114,3 +114,129 @@ pub fn fork_and_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
         Err(format!("the child ended with wait status {status:#x}"))
     }
 }
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The ids of this process's threads whose name starts with `prefix`.
+pub fn threads_named(prefix: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let tid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        comm.starts_with(prefix).then_some(tid)
+    })
+    .collect()
+}
+
+/// The CPU time of one thread of this process and its time spent waiting
+/// for a CPU (`/proc/self/task/TID/schedstat`), read without reopening.
+#[derive(Debug)]
+pub struct ThreadClock {
+    file: std::fs::File,
+}
+
+impl ThreadClock {
+    pub fn open(tid: i32) -> Result<ThreadClock, String> {
+        let path = format!("/proc/self/task/{tid}/schedstat");
+        std::fs::File::open(&path)
+            .map(|file| ThreadClock { file })
+            .map_err(|e| format!("{path}: {e}"))
+    }
+
+    /// (ns on a CPU, ns waiting on a run queue) so far.
+    pub fn read(&self) -> (u64, u64) {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 96];
+        let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
+        let text = std::str::from_utf8(&buf[..n]).unwrap_or("");
+        let mut f = text
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        (f.next().unwrap_or(0), f.next().unwrap_or(0))
+    }
+}
+
+/// Counts the system calls one thread makes: the `raw_syscalls:sys_enter`
+/// tracepoint, through `perf_event_open`. Needs tracefs mounted (for the
+/// tracepoint's id) and the privilege to open tracepoints (root).
+#[derive(Debug)]
+pub struct SyscallCounter {
+    fd: std::fs::File,
+}
+
+/// `struct perf_event_attr` up to `config1` (`PERF_ATTR_SIZE_VER0`, which
+/// every kernel since 2.6.31 takes).
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+const PERF_TYPE_TRACEPOINT: u32 = 2;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+
+impl SyscallCounter {
+    pub fn open(tid: i32) -> Result<SyscallCounter, String> {
+        let id = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .find_map(|root| {
+                std::fs::read_to_string(format!("{root}/events/raw_syscalls/sys_enter/id")).ok()
+            })
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")?;
+        let attr = PerfEventAttr {
+            kind: PERF_TYPE_TRACEPOINT,
+            size: std::mem::size_of::<PerfEventAttr>() as u32,
+            config: id,
+            ..Default::default()
+        };
+        // SAFETY: perf_event_open reads `attr` (a valid, initialised
+        // struct of the size it says) and returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                &attr as *const PerfEventAttr,
+                tid,
+                -1i32,
+                -1i32,
+                PERF_FLAG_FD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(format!(
+                "perf_event_open of raw_syscalls:sys_enter: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `fd` is a descriptor perf_event_open just returned, owned
+        // by nothing else.
+        let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        Ok(SyscallCounter { fd })
+    }
+
+    /// System calls counted so far.
+    pub fn read(&self) -> u64 {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        match (&self.fd).read(&mut buf) {
+            Ok(8) => u64::from_ne_bytes(buf),
+            _ => 0,
+        }
+    }
+}

@@ -15,6 +15,8 @@ pub enum Unit {
     MPagesPerSec,
     /// Bytes of metadata per managed page (lower is better).
     BytesPerPage,
+    /// A count per fault (lower is better).
+    PerFault,
 }
 
 impl Unit {
@@ -24,6 +26,7 @@ impl Unit {
             Unit::GBps => "GB/s",
             Unit::MPagesPerSec => "Mpages/s",
             Unit::BytesPerPage => "B/page",
+            Unit::PerFault => "per fault",
         }
     }
 }
@@ -78,7 +81,7 @@ pub fn rate(unit: Unit, d: Duration, bytes: usize) -> f64 {
         Unit::NsPerPage => s * 1e9 / pages,
         Unit::GBps => bytes as f64 / s / 1e9,
         Unit::MPagesPerSec => pages / s / 1e6,
-        Unit::BytesPerPage => f64::NAN,
+        Unit::BytesPerPage | Unit::PerFault => f64::NAN,
     }
 }
 

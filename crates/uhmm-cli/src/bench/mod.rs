@@ -8,6 +8,7 @@
 
 mod cases;
 pub(crate) mod cpu;
+mod faults;
 mod measure;
 mod svg;
 
@@ -34,8 +35,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
     /// Run only the cases whose name contains this: touch, snapshot,
-    /// sim-read, sim-curve, fault-round, copy, fault-back, seq-read,
-    /// migrate, metadata. It must match at least one.
+    /// sim-read, sim-curve, fault-round, copy, fault-back, stalls,
+    /// seq-read, seq-read-copying, migrate, metadata. It must match at
+    /// least one.
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
 }
@@ -109,6 +111,8 @@ pub enum Chart {
 pub struct Results {
     pub rows: Vec<Row>,
     pub charts: Vec<Chart>,
+    /// Lines printed after the table (and kept in the JSON).
+    pub notes: Vec<String>,
 }
 
 /// Progress lines on stderr, with the time since start.
@@ -284,6 +288,7 @@ fn fmt_value(unit: Unit, v: f64) -> String {
         Unit::GBps => format!("{v:.2} GB/s"),
         Unit::MPagesPerSec => format!("{v:.1} Mp/s"),
         Unit::BytesPerPage => format!("{v:.2} B"),
+        Unit::PerFault => format!("{v:.2}"),
     }
 }
 
@@ -348,6 +353,9 @@ fn table(results: &Results, machine: &str, quick: bool) -> String {
         out,
         "\nratio = uhmm / baseline, medians of the same run (time: lower is better; rates: higher is better)."
     );
+    for note in &results.notes {
+        let _ = writeln!(out, "{note}");
+    }
     out
 }
 
@@ -386,5 +394,5 @@ fn to_json(results: &Results, machine: &str, quick: bool) -> serde_json::Value {
             Chart::Histogram { .. } => None,
         })
         .collect();
-    json!({ "machine": machine, "quick": quick, "rows": rows, "curves": curves })
+    json!({ "machine": machine, "quick": quick, "rows": rows, "curves": curves, "notes": results.notes })
 }

@@ -148,6 +148,10 @@ fn lose_page(
     Served::Done
 }
 
+/// The largest read-ahead window of a sequential scan with a fault block
+/// smaller than this.
+pub(crate) const READ_AHEAD_MAX: usize = 512 << 10;
+
 /// A zeroed page, the source for write faults on holes.
 pub(crate) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
@@ -227,11 +231,22 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             drop(regions);
             let region = region.unwrap_or(page);
             let block = shared.fault_block.load(Ordering::Relaxed).max(PAGE_SIZE);
-            let start = page.start().align_down(block).max(region.start());
-            let end = page
-                .start()
-                .align_down(block)
-                .checked_add(block)
+            // A fault right where the last one's pages (and read-ahead)
+            // ended is a sequential scan: it brings back a window that
+            // doubles with each such fault, up to `READ_AHEAD_MAX`
+            // (the fault block where that is larger); any other fault
+            // brings back its block.
+            let aligned = page.start().align_down(block);
+            let sequential = shared.last_block_end.load(Ordering::Relaxed) == aligned.get();
+            let window = if sequential {
+                (shared.window.load(Ordering::Relaxed) * 2).clamp(block, block.max(READ_AHEAD_MAX))
+            } else {
+                block
+            };
+            shared.window.store(window, Ordering::Relaxed);
+            let start = aligned.max(region.start());
+            let end = aligned
+                .checked_add(window)
                 .map_or(region.end(), |e| e.min(region.end()));
             let Ok(range) = PageRange::from_bounds(start, end) else {
                 return Served::Park;
@@ -290,16 +305,15 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 }
                 _ => return Served::Park,
             };
-            // A fault right after the block served last is a sequential
-            // scan: bring the next block back now, while the thread reads
-            // this one (it was woken when its pages were installed).
-            let sequential = shared
+            // In a sequential scan, bring the next window back now, while
+            // the thread reads this one (it was woken when its pages were
+            // installed).
+            shared
                 .last_block_end
-                .swap(range.end().get(), Ordering::Relaxed)
-                == range.start().get();
+                .store(range.end().get(), Ordering::Relaxed);
             if sequential
-                && block > PAGE_SIZE
-                && let Ok(next) = PageRange::new(range.end(), block)
+                && window > PAGE_SIZE
+                && let Ok(next) = PageRange::new(range.end(), window)
                 && let Some(next) = next.intersection(region)
             {
                 let ahead = DeviceFault {

@@ -366,6 +366,13 @@ impl Mm {
     /// scattered pages. (In a forked child it changes the child's copy of
     /// the setting only, which nothing there uses.)
     ///
+    /// Whatever the block, a fault right where the previous one's pages
+    /// ended is taken for a sequential scan and reads ahead, as the
+    /// kernel's page cache does: it brings back a window that doubles with
+    /// each such fault, from the block up to 512 KiB (or the block, if
+    /// larger), and then the next window while the woken thread reads the
+    /// first. Any other fault brings back its block alone.
+    ///
     /// # Errors
     ///
     /// [`MmError::BadFaultBlock`] if `bytes` is not such a size; the

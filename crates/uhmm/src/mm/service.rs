@@ -110,6 +110,10 @@ pub(crate) struct Shared {
     /// Where the block the last device fault brought back ended (to see a
     /// sequential scan).
     pub(crate) last_block_end: AtomicUsize,
+    /// The bytes the last fault back on device memory brought back: the
+    /// fault block, or more for a sequential scan (the read-ahead window,
+    /// which doubles while the scan goes on).
+    pub(crate) window: AtomicUsize,
 }
 
 impl Shared {
@@ -137,6 +141,7 @@ impl Shared {
             busy: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
+            window: AtomicUsize::new(0),
         })
     }
 

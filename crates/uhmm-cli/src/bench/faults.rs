@@ -1,0 +1,532 @@
+//! The fault-back cases: a CPU touch of a device-resident page against a
+//! bare userfaultfd server, in latency, in the serving thread's CPU time
+//! and in system calls per fault; the stalls of a long random run; and the
+//! sequential read of device-resident memory by a device that copies.
+
+use super::measure::{Summary, Unit, rate, time};
+use super::{Progress, Results, Row, Target, cpu};
+use std::error::Error;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use uhmm::mm::Mm;
+use uhmm::sys::mem::{Backing, Mapping};
+use uhmm::sys::uffd::{CopyMode, Event, RegisterMode, Uffd};
+use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
+use uhmm_sim::SimDevice;
+
+type CaseResult = Result<(), Box<dyn Error>>;
+
+/// The byte every page the bare server serves holds.
+const BARE_BYTE: u8 = 7;
+
+/// A bare userfaultfd server: one thread answering MISSING faults on a
+/// mapping of its own with `UFFDIO_COPY` of a page — the kernel interface
+/// uhmm's fault back builds on, with nothing else (the baseline).
+pub struct BareServer {
+    pub map: Mapping,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    /// The serving thread's id.
+    pub tid: i32,
+}
+
+impl BareServer {
+    pub fn start(len: usize) -> Result<BareServer, Box<dyn Error>> {
+        let map = Mapping::anon(len)?;
+        let uffd = Uffd::builder().open()?;
+        uffd.register(&map, map.range(), RegisterMode::MISSING)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("bare-uffd-server".into())
+            .spawn(move || {
+                let _ = tx.send(cpu::gettid());
+                let src = vec![BARE_BYTE; PAGE_SIZE];
+                let mut events = Vec::with_capacity(64);
+                while !st.load(Ordering::Relaxed) {
+                    if !uffd.wait(Some(Duration::from_millis(20))).unwrap_or(false) {
+                        continue;
+                    }
+                    if uffd.read_events(&mut events).is_err() {
+                        continue;
+                    }
+                    for e in events.drain(..) {
+                        if let Event::PageFault(f) = e
+                            && let Some(page) = f.page()
+                        {
+                            let _ = uffd.copy(
+                                page,
+                                VirtAddr::from_ptr(src.as_ptr()),
+                                CopyMode::empty(),
+                            );
+                        }
+                    }
+                }
+            })?;
+        let tid = rx.recv().map_err(|_| "the bare server did not start")?;
+        Ok(BareServer {
+            map,
+            stop,
+            handle: Some(handle),
+            tid,
+        })
+    }
+
+    pub fn finish(mut self) -> Result<(), Box<dyn Error>> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take().map(|h| h.join()) {
+            Some(Err(_)) => Err("the bare userfaultfd server thread panicked".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for BareServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What a thread spent over a stretch: CPU time and system calls.
+struct Meter {
+    clock: cpu::ThreadClock,
+    calls: Option<cpu::SyscallCounter>,
+    start: (u64, u64),
+}
+
+impl Meter {
+    fn open(tid: i32) -> Result<(Meter, Option<String>), Box<dyn Error>> {
+        let clock = cpu::ThreadClock::open(tid)?;
+        let (calls, why) = match cpu::SyscallCounter::open(tid) {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e)),
+        };
+        let mut m = Meter {
+            clock,
+            calls,
+            start: (0, 0),
+        };
+        m.restart();
+        Ok((m, why))
+    }
+
+    fn restart(&mut self) {
+        self.start = (
+            self.clock.read().0,
+            self.calls.as_ref().map_or(0, |c| c.read()),
+        );
+    }
+
+    /// (CPU ns, system calls or NaN) per `n` faults since the start.
+    fn per(&self, n: usize) -> (f64, f64) {
+        let cpu_ns = self.clock.read().0.saturating_sub(self.start.0) as f64 / n as f64;
+        let calls = self.calls.as_ref().map_or(f64::NAN, |c| {
+            c.read().saturating_sub(self.start.1) as f64 / n as f64
+        });
+        (cpu_ns, calls)
+    }
+}
+
+/// The fault service thread of an `Mm` made by the caller just now.
+/// (The thread names itself once it runs: look again for a while.)
+fn service_tid(before: &[i32]) -> Result<i32, Box<dyn Error>> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(t) = cpu::threads_named("uhmm-fault")
+            .into_iter()
+            .find(|t| !before.contains(t))
+        {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            return Err("cannot find the fault service thread".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// An `Mm` with a 4 KiB fault block, a device (copying through a
+/// one-thread CPU engine if `copying`), and `n` pages holding 1 in their
+/// first byte, all on the device.
+struct Subject {
+    mm: Mm,
+    region: uhmm::mm::ManagedRegion,
+    dev: SimDevice,
+    meter: Meter,
+}
+
+fn subject(n: usize, copying: bool) -> Result<(Subject, Option<String>), Box<dyn Error>> {
+    let before = cpu::threads_named("uhmm-fault");
+    let mm = Mm::new()?;
+    let tid = service_tid(&before)?;
+    mm.set_fault_block(PAGE_SIZE)?;
+    let region = mm.alloc(n * PAGE_SIZE, Backing::AnonPrivate)?;
+    cpu::touch_pages(region.range());
+    let dev = SimDevice::new(&mm);
+    if copying {
+        dev.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::with_threads(1)));
+    }
+    dev.migrate_range_to_device(region.range().start(), n)?;
+    let (meter, why) = Meter::open(tid)?;
+    Ok((
+        Subject {
+            mm,
+            region,
+            dev,
+            meter,
+        },
+        why,
+    ))
+}
+
+/// A permutation of `0..n` (xorshift; the same every run).
+fn shuffled(n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+fn page(range: PageRange, i: usize) -> Result<VirtAddr, Box<dyn Error>> {
+    Ok(range.page(i).ok_or("page out of range")?.start())
+}
+
+/// Per placement, in random page order, interleaved page by page: a touch
+/// served by uhmm with a zero-copy device, one with a copying device, and
+/// one served by the bare server. Latency, serving-thread CPU and system
+/// calls per fault.
+pub fn fault_back(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut placements = vec![("same vCPU", 0, 0)];
+    if cpus > 1 {
+        placements.push(("across vCPUs", 1, 0));
+    }
+    let n = s.latency_samples;
+    for (placement, server_cpu, toucher_cpu) in placements {
+        p.note(placement);
+        // Servers are made by a thread pinned to `server_cpu` (and inherit
+        // it); the touching thread runs on `toucher_cpu`.
+        let m = std::thread::scope(|sc| {
+            sc.spawn(|| measure_fault_back(n, server_cpu, toucher_cpu).map_err(|e| e.to_string()))
+                .join()
+                .map_err(|_| "the benchmark thread panicked".to_string())?
+        })?;
+        if let Some(why) = &m.no_syscalls {
+            p.note(&format!("system calls not counted: {why}"));
+        }
+        if placement == "same vCPU" {
+            out.charts.push(super::Chart::Histogram {
+                file: "fault_back_latency.svg",
+                title: "CPU touch of a device-resident page, zero-copy, same vCPU (ns)".into(),
+                samples_ns: m.zero_copy.clone(),
+            });
+        }
+        let bare = Summary::of(m.bare);
+        for (kind, lat, (cpu_ns, calls), target) in [
+            ("zero-copy", m.zero_copy, m.zero_copy_use, 1.0),
+            ("copying", m.copying, m.copying_use, 1.2),
+        ] {
+            out.rows.push(Row {
+                case: format!(
+                    "CPU touch of a device-resident 4 KiB page, random, {kind}, {placement}"
+                ),
+                unit: Unit::NsPerPage,
+                subject: Summary::of(lat),
+                baseline_name: "bare MISSING + UFFDIO_COPY",
+                baseline: Some(bare),
+                target: Target::AtMost(target),
+            });
+            out.rows.push(Row {
+                case: format!("fault-service CPU per 4 KiB fault, {kind}, {placement}"),
+                unit: Unit::NsPerPage,
+                subject: Summary::single(cpu_ns),
+                baseline_name: "bare server's CPU per fault",
+                baseline: Some(Summary::single(m.bare_use.0)),
+                target: Target::AtMost(1.2),
+            });
+            out.rows.push(Row {
+                case: format!("system calls per 4 KiB fault (serving thread), {kind}, {placement}"),
+                unit: Unit::PerFault,
+                subject: Summary::single(calls),
+                baseline_name: "bare server's per fault",
+                baseline: Some(Summary::single(m.bare_use.1)),
+                target: Target::None,
+            });
+        }
+    }
+    Ok(())
+}
+
+struct FaultBack {
+    zero_copy: Vec<f64>,
+    copying: Vec<f64>,
+    bare: Vec<f64>,
+    /// (CPU ns, system calls) per fault of each serving thread.
+    zero_copy_use: (f64, f64),
+    copying_use: (f64, f64),
+    bare_use: (f64, f64),
+    no_syscalls: Option<String>,
+}
+
+fn measure_fault_back(
+    n: usize,
+    server_cpu: usize,
+    toucher_cpu: usize,
+) -> Result<FaultBack, Box<dyn Error>> {
+    cpu::pin_to(server_cpu);
+    let (mut zc, why) = subject(n + 1, false)?;
+    let (mut cp, _) = subject(n + 1, true)?;
+    let bare = BareServer::start((n + 1) * PAGE_SIZE)?;
+    let (mut bare_meter, _) = Meter::open(bare.tid)?;
+    cpu::pin_to(toucher_cpu);
+    let mut m = FaultBack {
+        zero_copy: Vec::with_capacity(n),
+        copying: Vec::with_capacity(n),
+        bare: Vec::with_capacity(n),
+        zero_copy_use: (0.0, 0.0),
+        copying_use: (0.0, 0.0),
+        bare_use: (0.0, 0.0),
+        no_syscalls: why,
+    };
+    // Page 0 of each is the warm-up, then the rest in random order.
+    let order: Vec<usize> = std::iter::once(0)
+        .chain(shuffled(n).into_iter().map(|i| i + 1))
+        .collect();
+    for (k, &i) in order.iter().enumerate() {
+        let a = page(bare.map.range(), i)?;
+        let (t_bare, v) = time(|| cpu::read_byte(a));
+        let b = page(zc.region.range(), i)?;
+        let (t_zc, w) = time(|| cpu::read_byte(b));
+        let c = page(cp.region.range(), i)?;
+        let (t_cp, x) = time(|| cpu::read_byte(c));
+        if (v, w, x) != (BARE_BYTE, 1, 1) {
+            return Err("a faulted page read the wrong byte".into());
+        }
+        if k == 0 {
+            for meter in [&mut zc.meter, &mut cp.meter, &mut bare_meter] {
+                meter.restart();
+            }
+            continue;
+        }
+        m.bare.push(t_bare.as_nanos() as f64);
+        m.zero_copy.push(t_zc.as_nanos() as f64);
+        m.copying.push(t_cp.as_nanos() as f64);
+    }
+    // The last fault's serving thread may still be finishing it.
+    std::thread::sleep(Duration::from_millis(5));
+    m.zero_copy_use = zc.meter.per(n);
+    m.copying_use = cp.meter.per(n);
+    m.bare_use = bare_meter.per(n);
+    for sub in [&zc, &cp] {
+        if sub.dev.device_pages() != 0 || sub.mm.stats().faults_device < n as u64 {
+            return Err("a touched page did not come back through a fault".into());
+        }
+    }
+    bare.finish()?;
+    Ok(m)
+}
+
+/// A random 4 KiB fault back over the whole large region, every fault
+/// timed; each one over 1 ms is listed with what the two threads did
+/// meanwhile (the fault service on a CPU: uhmm's own work; either waiting
+/// for a CPU: the scheduler or the host).
+pub fn stalls(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
+    let n = s.big / PAGE_SIZE;
+    p.note(&format!("{n} random 4 KiB faults"));
+    let (sub, _) = subject(n, false)?;
+    let me = cpu::ThreadClock::open(cpu::gettid())?;
+    let order = shuffled(n);
+    let mut stalls = Vec::new();
+    let mut lat = Vec::with_capacity(n);
+    let start = Instant::now();
+    let mut before = (sub.meter.clock.read(), me.read());
+    for (k, &i) in order.iter().enumerate() {
+        let a = page(sub.region.range(), i)?;
+        let (t, v) = time(|| cpu::read_byte(a));
+        if v != 1 {
+            return Err("a faulted page read the wrong byte".into());
+        }
+        let after = (sub.meter.clock.read(), me.read());
+        if t > Duration::from_millis(1) {
+            stalls.push(Stall {
+                at: start.elapsed().saturating_sub(t),
+                fault: k,
+                took: t,
+                service_cpu: after.0.0.saturating_sub(before.0.0),
+                service_wait: after.0.1.saturating_sub(before.0.1),
+                toucher_wait: after.1.1.saturating_sub(before.1.1),
+            });
+        }
+        lat.push(t.as_nanos() as f64);
+        before = after;
+        if k % (1 << 16) == 0 && k > 0 {
+            p.note(&format!("{k} faults"));
+        }
+    }
+    let by_uhmm = stalls
+        .iter()
+        .filter(|s| s.cause() == Cause::Service)
+        .count();
+    out.notes.push(format!(
+        "Stalls over 1 ms in {n} random 4 KiB faults (zero-copy, fault block 4 KiB): {} ({by_uhmm} with the fault service on a CPU for most of it)",
+        stalls.len()
+    ));
+    for st in &stalls {
+        out.notes.push(format!("  {st}"));
+    }
+    out.rows.push(Row {
+        case: format!(
+            "random 4 KiB fault back over {}, zero-copy",
+            super::cases::mib(s.big)
+        ),
+        unit: Unit::NsPerPage,
+        subject: Summary::of(lat),
+        baseline_name: "-",
+        baseline: None,
+        target: Target::None,
+    });
+    out.rows.push(Row {
+        case: "stalls over 1 ms in it with the fault service busy".into(),
+        unit: Unit::PerFault,
+        subject: Summary::single(by_uhmm as f64),
+        baseline_name: "-",
+        baseline: None,
+        target: Target::None,
+    });
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Cause {
+    Service,
+    RunQueue,
+    Unexplained,
+}
+
+struct Stall {
+    at: Duration,
+    fault: usize,
+    took: Duration,
+    service_cpu: u64,
+    service_wait: u64,
+    toucher_wait: u64,
+}
+
+impl Stall {
+    fn cause(&self) -> Cause {
+        let half = self.took.as_nanos() as u64 / 2;
+        if self.service_cpu >= half {
+            Cause::Service
+        } else if self.service_wait + self.toucher_wait >= half {
+            Cause::RunQueue
+        } else {
+            Cause::Unexplained
+        }
+    }
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let cause = match self.cause() {
+            Cause::Service => "the fault service was on a CPU (uhmm's own work)",
+            Cause::RunQueue => "a thread waited for a CPU (scheduler or host)",
+            Cause::Unexplained => "neither thread ran nor waited for a CPU (host preemption?)",
+        };
+        write!(
+            f,
+            "fault {} at {:.3} s: {:.2} ms; service on CPU {:.2} ms, service waiting for a CPU {:.2} ms, toucher waiting for a CPU {:.2} ms: {cause}",
+            self.fault,
+            self.at.as_secs_f64(),
+            self.took.as_secs_f64() * 1e3,
+            ms(self.service_cpu),
+            ms(self.service_wait),
+            ms(self.toucher_wait),
+        )
+    }
+}
+
+/// Sequential CPU reads of device-resident memory through a device that
+/// copies (its own memory): 4 KiB blocks against the bare server reading
+/// the same size sequentially, and the default block against memcpy.
+pub fn seq_read_copying(
+    s: &super::cases::Sizes,
+    p: &mut Progress,
+    out: &mut Results,
+) -> CaseResult {
+    let len = s.big;
+    let npages = len / PAGE_SIZE;
+    let reps = s.reps.min(3);
+    let mm = Mm::new()?;
+    let region = mm.alloc_mapping(Mapping::builder(len).align(2 << 20))?;
+    cpu::touch_pages(region.range());
+    let dev = SimDevice::new(&mm);
+    dev.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::new()));
+    let default_fault_block = mm.fault_block();
+    let mut bare_rates = Vec::new();
+    let mut small = Vec::new();
+    let mut memcpy_rates = Vec::new();
+    let mut default_block = Vec::new();
+    let src = vec![3u8; len];
+    let mut dst = vec![1u8; len];
+    // One warm-up round, then `reps` measured, each case after its
+    // baseline.
+    for round in 0..=reps {
+        p.note(&format!("round {round} of {reps}"));
+        let bare = BareServer::start(len)?;
+        let (t_bare, sum) = time(|| cpu::sum(bare.map.range()));
+        std::hint::black_box(sum);
+        bare.finish()?;
+        mm.set_fault_block(PAGE_SIZE)?;
+        dev.migrate_range_to_device(region.range().start(), npages)?;
+        let (t_small, sum) = time(|| cpu::sum(region.range()));
+        std::hint::black_box(sum);
+        let (t_raw, ()) = time(|| super::cases::memcpy(&mut dst, &src));
+        mm.set_fault_block(default_fault_block)?;
+        dev.migrate_range_to_device(region.range().start(), npages)?;
+        let (t_default, sum) = time(|| cpu::sum(region.range()));
+        std::hint::black_box(sum);
+        if dev.device_pages() != 0 {
+            return Err("pages stayed on the device after a full CPU read".into());
+        }
+        if round > 0 {
+            bare_rates.push(rate(Unit::GBps, t_bare, len));
+            small.push(rate(Unit::GBps, t_small, len));
+            memcpy_rates.push(rate(Unit::GBps, t_raw, len));
+            default_block.push(rate(Unit::GBps, t_default, len));
+        }
+    }
+    let size = super::cases::mib(len);
+    out.rows.push(Row {
+        case: format!(
+            "sequential CPU read of device-resident memory ({size}, 4 KiB fault block), copying"
+        ),
+        unit: Unit::GBps,
+        subject: Summary::of(small),
+        baseline_name: "bare server, 4 KiB, sequential",
+        baseline: Some(Summary::of(bare_rates)),
+        target: Target::AtLeast(1.5),
+    });
+    out.rows.push(Row {
+        case: format!(
+            "sequential CPU read of device-resident memory ({size}, fault block {} KiB), copying",
+            default_fault_block >> 10
+        ),
+        unit: Unit::GBps,
+        subject: Summary::of(default_block),
+        baseline_name: "memcpy",
+        baseline: Some(Summary::of(memcpy_rates)),
+        target: Target::AtLeast(0.3),
+    });
+    Ok(())
+}
