@@ -35,6 +35,10 @@ pub(crate) struct Arena {
     /// Pages move between the arena and managed memory with no copy
     /// (`UFFDIO_MOVE`); off once a copy engine is set.
     pub(crate) zero_copy: std::sync::atomic::AtomicBool,
+    /// With a copy engine: pages come back by one kernel copy from the
+    /// arena straight into place (the CPU can read device memory through
+    /// a mapping), not through the engine.
+    pub(crate) cpu_visible: std::sync::atomic::AtomicBool,
     /// Chunks registered with the address space (for moves).
     registered: std::sync::Mutex<usize>,
     /// Freed device pages whose arena page may still hold data (a moved-in
@@ -75,6 +79,7 @@ impl Arena {
             engine: RwLock::new(engine),
             fail_alloc: std::sync::atomic::AtomicBool::new(false),
             zero_copy: std::sync::atomic::AtomicBool::new(true),
+            cpu_visible: std::sync::atomic::AtomicBool::new(false),
             registered: std::sync::Mutex::new(0),
             dirty: std::sync::Mutex::new(Vec::new()),
             pagemap: std::sync::OnceLock::new(),
@@ -285,7 +290,18 @@ impl Mirror {
                 .collect();
             m.move_from_device(&from);
         }
-        let copied = if self.arena.zero_copy.load(Ordering::Acquire) {
+        let cpu_visible = self.arena.cpu_visible.load(Ordering::Acquire);
+        if !self.arena.zero_copy.load(Ordering::Acquire) && cpu_visible {
+            // One copy, by the kernel, from the arena straight into place.
+            let at = self.arena.addrs(srcs.iter().map(|&(_, pfn)| pfn));
+            let from: Vec<(usize, VirtAddr)> = srcs
+                .iter()
+                .zip(at)
+                .filter_map(|(&(i, _), a)| Some((i, a?)))
+                .collect();
+            m.copy_from_device(&from);
+        }
+        let copied = if self.arena.zero_copy.load(Ordering::Acquire) || cpu_visible {
             Ok(())
         } else {
             let dsts = m.system_dsts().map_err(FaultError::from)?;
@@ -623,6 +639,16 @@ impl SimDevice {
             .engine
             .write()
             .unwrap_or_else(|e| e.into_inner()) = engine;
+    }
+
+    /// With a copy engine set: whether the CPU can read the device's
+    /// memory through a mapping (as a GPU's BAR or coherent memory). Then
+    /// pages still reach the device through the engine, but a page coming
+    /// back is copied once, by the kernel, from device memory straight
+    /// into place ([`MigrateVma::copy_from_device`]) rather than through
+    /// the engine into a staging page that is then moved. Off by default.
+    pub fn set_cpu_visible_memory(&self, on: bool) {
+        self.mirror.arena.cpu_visible.store(on, Ordering::Release);
     }
 
     /// Device pages in use.

@@ -762,6 +762,35 @@ fn a_sequential_scan_reads_ahead_at_every_fault_block() {
     }
 }
 
+/// Beyond the kernel tests: a device whose memory the CPU can read
+/// (`set_cpu_visible_memory`) takes pages through its copy engine and
+/// gives them back by one kernel copy, without the engine: an engine that
+/// fails its next call fails no fault back and no migration back.
+#[test]
+fn cpu_visible_device_memory_comes_back_without_the_engine() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let region = anon(&mm, SIZE);
+    fill(&region, |i| i);
+    let dev = SimDevice::new(&mm);
+    let engine = std::sync::Arc::new(uhmm::devmem::copy::FailingEngine::new(
+        uhmm::devmem::copy::CpuCopyEngine::new(),
+    ));
+    dev.set_copy_engine(engine.clone());
+    dev.set_cpu_visible_memory(true);
+    migrates_holding_indices(&dev, &region, N);
+    engine.fail_after(0);
+    // Page 3 by a CPU fault, the rest by a migration back.
+    let per_page = PAGE_SIZE / 4;
+    assert_eq!(cpu_int(&region, 3 * per_page), (3 * per_page) as i32);
+    assert_eq!(dev.device_pages(), N - 1);
+    let res = dev.migrate_to_system(start(&region), N).unwrap();
+    assert_eq!(res.cpages, N as u64 - 1);
+    assert_eq!(engine.failures(), 0, "the way back never used the engine");
+    assert!(holds(&cpu_ints(&region), |i| i));
+}
+
 #[test]
 fn migrate_release() {
     let _s = serial();

@@ -211,3 +211,114 @@ fn eviction_waits_for_a_fault_back_to_free_its_device_page() {
         "the page came home with its data"
     );
 }
+
+/// A device whose memory the CPU reads through a mapping it never
+/// registers with the `Mm` (a BAR, say): pages go there by copy and come
+/// back by one kernel copy straight into place (`copy_from_device`), for
+/// an explicit migration and for a CPU fault alike.
+#[derive(Debug)]
+struct Visible {
+    mem: Mapping,
+}
+
+impl Visible {
+    fn addr(&self, pfn: DevicePfn) -> VirtAddr {
+        VirtAddr::new(self.mem.range().start().get() + pfn.0 as usize * PAGE_SIZE)
+    }
+
+    fn bring_back(&self, mut m: MigrateVma<'_>) -> usize {
+        let from: Vec<(usize, VirtAddr)> = m
+            .selected()
+            .filter_map(|(i, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some((i, self.addr(pfn))),
+                _ => None,
+            })
+            .collect();
+        m.copy_from_device(&from);
+        m.pages();
+        let n = m.migrated_count();
+        m.finalize();
+        n
+    }
+}
+
+impl DevicePagemapOps for Visible {
+    fn page_free(&self, _pfn: DevicePfn) {}
+    fn migrate_to_ram(&self, f: &DeviceFault<'_>) -> Result<(), FaultError> {
+        self.bring_back(f.migrate()?);
+        Ok(())
+    }
+}
+
+#[test]
+fn pages_come_back_from_cpu_visible_device_memory_by_one_copy() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let n = 8;
+    let region = mm.alloc(n * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let data: Vec<u8> = (0..n * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+    region.write_at(0, &data).unwrap();
+    let owner = Owner::unique();
+    let dev = Arc::new(Visible {
+        mem: Mapping::anon(n * PAGE_SIZE).unwrap(),
+    });
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), PagemapConfig::default()).unwrap();
+    // Registered, so that its pages could move: they must be copied all
+    // the same.
+    mm.register_device_memory(&dev.mem).unwrap();
+    // To the device: copied into its memory.
+    let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
+    let pfns = pm.alloc(n).unwrap();
+    for (i, &pfn) in pfns.iter().enumerate() {
+        let src = m.src_bytes(i).unwrap().to_vec();
+        dev.mem.write_at(pfn.0 as usize * PAGE_SIZE, &src).unwrap();
+        m.set_device_dst(i, pfn).unwrap();
+    }
+    m.pages();
+    assert_eq!(m.migrated_count(), n);
+    m.finalize();
+    // Page 1 by a CPU fault, served through `migrate_to_ram`.
+    assert_eq!(
+        read_soon(VirtAddr::new(region.range().start().get() + PAGE_SIZE)),
+        Some(data[PAGE_SIZE])
+    );
+    assert_eq!(
+        pm.stats().in_use,
+        n - 1,
+        "the fault brought back its page only"
+    );
+    // A source the CPU cannot read: that page stays on the device.
+    let hole = Mapping::anon(PAGE_SIZE).unwrap();
+    let unreadable = hole.range().start();
+    drop(hole);
+    let page0 = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
+    let mut m = MigrateVma::setup(&mm, page0, Select::DEVICE_PRIVATE, owner).unwrap();
+    m.copy_from_device(&[(0, unreadable)]);
+    m.pages();
+    assert!(
+        !m.migrated(0),
+        "a source that cannot be read does not migrate"
+    );
+    m.finalize();
+    assert!(
+        mm.device_page(region.range().start(), owner).is_some(),
+        "the page is still the device's"
+    );
+    // The rest by an explicit migration.
+    let m = MigrateVma::setup(&mm, region.range(), Select::DEVICE_PRIVATE, owner).unwrap();
+    assert_eq!(dev.bring_back(m), n - 1);
+    assert_eq!(pm.stats().in_use, 0);
+    let mut back = vec![0u8; n * PAGE_SIZE];
+    region.read_at(0, &mut back).unwrap();
+    assert!(back == data, "every page came back with its data");
+    // Copied, not moved: device memory still holds what it held.
+    let mut kept = vec![0u8; PAGE_SIZE];
+    dev.mem
+        .read_at(pfns[3].0 as usize * PAGE_SIZE, &mut kept)
+        .unwrap();
+    assert!(
+        kept[..] == data[3 * PAGE_SIZE..4 * PAGE_SIZE],
+        "device memory kept its copy of page 3 (copied back, not moved)"
+    );
+}

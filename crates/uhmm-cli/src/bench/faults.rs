@@ -150,9 +150,40 @@ fn service_tid(before: &[i32]) -> Result<i32, Box<dyn Error>> {
     }
 }
 
-/// An `Mm` with a 4 KiB fault block, a device (copying through a
-/// one-thread CPU engine if `copying`), and `n` pages holding 1 in their
-/// first byte, all on the device.
+/// How a device's pages come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Moved with no copy (device memory is host RAM).
+    ZeroCopy,
+    /// Copied by the device's engine into staging, then moved into place.
+    Engine,
+    /// Copied once by the kernel from device memory the CPU can read
+    /// (`MigrateVma::copy_from_device`).
+    Mapped,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::ZeroCopy, Kind::Engine, Kind::Mapped];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::ZeroCopy => "zero-copy",
+            Kind::Engine => "copying (engine)",
+            Kind::Mapped => "copying (CPU-visible memory)",
+        }
+    }
+
+    fn target(self) -> f64 {
+        match self {
+            Kind::ZeroCopy => 1.0,
+            Kind::Engine | Kind::Mapped => 1.2,
+        }
+    }
+}
+
+/// An `Mm` with a 4 KiB fault block, a device whose pages come back as
+/// `kind` says (copies through a one-thread CPU engine), and `n` pages
+/// holding 1 in their first byte, all on the device.
 struct Subject {
     mm: Mm,
     region: uhmm::mm::ManagedRegion,
@@ -160,7 +191,7 @@ struct Subject {
     meter: Meter,
 }
 
-fn subject(n: usize, copying: bool) -> Result<(Subject, Option<String>), Box<dyn Error>> {
+fn subject(n: usize, kind: Kind) -> Result<(Subject, Option<String>), Box<dyn Error>> {
     let before = cpu::threads_named("uhmm-fault");
     let mm = Mm::new()?;
     let tid = service_tid(&before)?;
@@ -168,8 +199,9 @@ fn subject(n: usize, copying: bool) -> Result<(Subject, Option<String>), Box<dyn
     let region = mm.alloc(n * PAGE_SIZE, Backing::AnonPrivate)?;
     cpu::touch_pages(region.range());
     let dev = SimDevice::new(&mm);
-    if copying {
+    if kind != Kind::ZeroCopy {
         dev.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::with_threads(1)));
+        dev.set_cpu_visible_memory(kind == Kind::Mapped);
     }
     dev.migrate_range_to_device(region.range().start(), n)?;
     let (meter, why) = Meter::open(tid)?;
@@ -202,9 +234,8 @@ fn page(range: PageRange, i: usize) -> Result<VirtAddr, Box<dyn Error>> {
 }
 
 /// Per placement, in random page order, interleaved page by page: a touch
-/// served by uhmm with a zero-copy device, one with a copying device, and
-/// one served by the bare server. Latency, serving-thread CPU and system
-/// calls per fault.
+/// served by uhmm for each [`Kind`] of device, and one served by the bare
+/// server. Latency, serving-thread CPU and system calls per fault.
 pub fn fault_back(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut placements = vec![("same vCPU", 0, 0)];
@@ -228,14 +259,12 @@ pub fn fault_back(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) 
             out.charts.push(super::Chart::Histogram {
                 file: "fault_back_latency.svg",
                 title: "CPU touch of a device-resident page, zero-copy, same vCPU (ns)".into(),
-                samples_ns: m.zero_copy.clone(),
+                samples_ns: m.kinds[0].0.clone(),
             });
         }
         let bare = Summary::of(m.bare);
-        for (kind, lat, (cpu_ns, calls), target) in [
-            ("zero-copy", m.zero_copy, m.zero_copy_use, 1.0),
-            ("copying", m.copying, m.copying_use, 1.2),
-        ] {
+        for (kind, (lat, (cpu_ns, calls))) in Kind::ALL.into_iter().zip(m.kinds) {
+            let (target, kind) = (kind.target(), kind.name());
             out.rows.push(Row {
                 case: format!(
                     "CPU touch of a device-resident 4 KiB page, random, {kind}, {placement}"
@@ -268,12 +297,10 @@ pub fn fault_back(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) 
 }
 
 struct FaultBack {
-    zero_copy: Vec<f64>,
-    copying: Vec<f64>,
+    /// Per kind (in `Kind::ALL` order): latencies in ns, and (CPU ns,
+    /// system calls) per fault of its serving thread.
+    kinds: Vec<(Vec<f64>, (f64, f64))>,
     bare: Vec<f64>,
-    /// (CPU ns, system calls) per fault of each serving thread.
-    zero_copy_use: (f64, f64),
-    copying_use: (f64, f64),
     bare_use: (f64, f64),
     no_syscalls: Option<String>,
 }
@@ -284,20 +311,18 @@ fn measure_fault_back(
     toucher_cpu: usize,
 ) -> Result<FaultBack, Box<dyn Error>> {
     cpu::pin_to(server_cpu);
-    let (mut zc, why) = subject(n + 1, false)?;
-    let (mut cp, _) = subject(n + 1, true)?;
+    let mut subjects = Vec::new();
+    let mut why = None;
+    for kind in Kind::ALL {
+        let (sub, w) = subject(n + 1, kind)?;
+        why = why.or(w);
+        subjects.push(sub);
+    }
     let bare = BareServer::start((n + 1) * PAGE_SIZE)?;
     let (mut bare_meter, _) = Meter::open(bare.tid)?;
     cpu::pin_to(toucher_cpu);
-    let mut m = FaultBack {
-        zero_copy: Vec::with_capacity(n),
-        copying: Vec::with_capacity(n),
-        bare: Vec::with_capacity(n),
-        zero_copy_use: (0.0, 0.0),
-        copying_use: (0.0, 0.0),
-        bare_use: (0.0, 0.0),
-        no_syscalls: why,
-    };
+    let mut lat: Vec<Vec<f64>> = vec![Vec::with_capacity(n); subjects.len()];
+    let mut bare_lat = Vec::with_capacity(n);
     // Page 0 of each is the warm-up, then the rest in random order.
     let order: Vec<usize> = std::iter::once(0)
         .chain(shuffled(n).into_iter().map(|i| i + 1))
@@ -305,33 +330,47 @@ fn measure_fault_back(
     for (k, &i) in order.iter().enumerate() {
         let a = page(bare.map.range(), i)?;
         let (t_bare, v) = time(|| cpu::read_byte(a));
-        let b = page(zc.region.range(), i)?;
-        let (t_zc, w) = time(|| cpu::read_byte(b));
-        let c = page(cp.region.range(), i)?;
-        let (t_cp, x) = time(|| cpu::read_byte(c));
-        if (v, w, x) != (BARE_BYTE, 1, 1) {
-            return Err("a faulted page read the wrong byte".into());
+        if v != BARE_BYTE {
+            return Err("a page the bare server served read the wrong byte".into());
+        }
+        let mut took = Vec::with_capacity(subjects.len());
+        for sub in &subjects {
+            let b = page(sub.region.range(), i)?;
+            let (t, w) = time(|| cpu::read_byte(b));
+            if w != 1 {
+                return Err("a faulted page read the wrong byte".into());
+            }
+            took.push(t);
         }
         if k == 0 {
-            for meter in [&mut zc.meter, &mut cp.meter, &mut bare_meter] {
-                meter.restart();
+            bare_meter.restart();
+            for sub in &mut subjects {
+                sub.meter.restart();
             }
             continue;
         }
-        m.bare.push(t_bare.as_nanos() as f64);
-        m.zero_copy.push(t_zc.as_nanos() as f64);
-        m.copying.push(t_cp.as_nanos() as f64);
+        bare_lat.push(t_bare.as_nanos() as f64);
+        for (l, t) in lat.iter_mut().zip(took) {
+            l.push(t.as_nanos() as f64);
+        }
     }
     // The last fault's serving thread may still be finishing it.
     std::thread::sleep(Duration::from_millis(5));
-    m.zero_copy_use = zc.meter.per(n);
-    m.copying_use = cp.meter.per(n);
-    m.bare_use = bare_meter.per(n);
-    for sub in [&zc, &cp] {
+    for sub in &subjects {
         if sub.dev.device_pages() != 0 || sub.mm.stats().faults_device < n as u64 {
             return Err("a touched page did not come back through a fault".into());
         }
     }
+    let m = FaultBack {
+        kinds: lat
+            .into_iter()
+            .zip(&subjects)
+            .map(|(l, sub)| (l, sub.meter.per(n)))
+            .collect(),
+        bare: bare_lat,
+        bare_use: bare_meter.per(n),
+        no_syscalls: why,
+    };
     bare.finish()?;
     Ok(m)
 }
@@ -343,7 +382,7 @@ fn measure_fault_back(
 pub fn stalls(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     let n = s.big / PAGE_SIZE;
     p.note(&format!("{n} random 4 KiB faults"));
-    let (sub, _) = subject(n, false)?;
+    let (sub, _) = subject(n, Kind::ZeroCopy)?;
     let me = cpu::ThreadClock::open(cpu::gettid())?;
     let order = shuffled(n);
     let mut stalls = Vec::new();

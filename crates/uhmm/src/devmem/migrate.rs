@@ -1242,6 +1242,30 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
+    /// For device memory the CPU can read through a mapping of this
+    /// process (host-visible or coherent device memory, a BAR mapping):
+    /// each selected device page `i` comes back by one copy the kernel
+    /// makes from its address there straight into place (`UFFDIO_COPY`),
+    /// with no staging page to fill first and no move to flush. The source
+    /// must stay readable and unchanged until [`pages`](Self::pages)
+    /// returns; a page whose source cannot be read does not migrate (it
+    /// stays on the device). Replaces [`system_dsts`](Self::system_dsts)
+    /// for those pages.
+    pub fn copy_from_device(&mut self, pages: &[(usize, VirtAddr)]) {
+        if self.committed {
+            return;
+        }
+        for &(i, from) in pages {
+            if let Some(e) = self.entries.get_mut(i)
+                && e.migrate
+                && e.how == How::Device
+            {
+                e.dst = MigrateDst::SystemFrom(from);
+                self.copy_install[i] = true;
+            }
+        }
+    }
+
     /// Commits: pages with a dst migrate. Afterwards
     /// [`migrated`](Self::migrated) says which did.
     pub fn pages(&mut self) {
