@@ -349,8 +349,11 @@ typedef struct uhmm_pagemap_ops {
    * again. Returns 0, `-EAGAIN` (or `-EBUSY`) to be called again,
    * `-ENOMEM`, or another negative errno when the pages cannot come
    * back (after repeated failures the access fails with SIGBUS, never
-   * zeros). Any other value counts as a device failure. A migration
-   * left unfinalized is finalized when the callback returns. Required.
+   * zeros). An error that [`uhmm_fault_migrate`] or
+   * [`uhmm_migrate_system_dsts`] gave, returned as it is, keeps its
+   * meaning: a passing condition is retried. Any other value counts as
+   * a device failure. A migration left unfinalized is finalized when
+   * the callback returns. Required.
    */
   int (*migrate_to_ram)(void *ctx,
                         struct uhmm_fault *fault);

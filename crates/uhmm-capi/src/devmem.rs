@@ -3,7 +3,7 @@
 //! (`uhmm_migrate`), and host-RAM device memory for moves with no copy
 //! (`uhmm_devmem`).
 
-use crate::error::{Error, call, call_value, write_out};
+use crate::error::{Errno, Error, call, call_value, write_out};
 use crate::handle::{Ctx, Kind, callback, forget, get, owner_from, owner_number, register, take};
 use crate::mm::{CMm, page_range, uhmm_mm};
 use std::cell::RefCell;
@@ -11,8 +11,8 @@ use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use uhmm::devmem::{
-    DeviceFault, DevicePagemap, DevicePagemapOps, DevmemError, FaultError, MigrateSrc, MigrateVma,
-    PageOutcome, PagemapConfig, Select,
+    DeviceFault, DevicePagemap, DevicePagemapOps, DevmemError, FaultError, MigrateError,
+    MigrateSrc, MigrateVma, PageOutcome, PagemapConfig, Select,
 };
 use uhmm::mm::Mm;
 use uhmm::sys::mem::Mapping;
@@ -107,8 +107,11 @@ pub struct uhmm_pagemap_ops {
     /// again. Returns 0, `-EAGAIN` (or `-EBUSY`) to be called again,
     /// `-ENOMEM`, or another negative errno when the pages cannot come
     /// back (after repeated failures the access fails with SIGBUS, never
-    /// zeros). Any other value counts as a device failure. A migration
-    /// left unfinalized is finalized when the callback returns. Required.
+    /// zeros). An error that [`uhmm_fault_migrate`] or
+    /// [`uhmm_migrate_system_dsts`] gave, returned as it is, keeps its
+    /// meaning: a passing condition is retried. Any other value counts as
+    /// a device failure. A migration left unfinalized is finalized when
+    /// the callback returns. Required.
     pub migrate_to_ram:
         Option<unsafe extern "C" fn(ctx: *mut c_void, fault: *mut uhmm_fault) -> c_int>,
     /// Device pages `first .. first + npages` are about to be handed out
@@ -142,6 +145,23 @@ struct FaultCtx<'f, 'a> {
 thread_local! {
     /// The fault handles whose callback runs on this thread.
     static ACTIVE_FAULTS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// The last migration error a uhmm call gave inside `migrate_to_ram`
+    /// on this thread: its errno, and what it means for the fault.
+    static PASSED: RefCell<Option<(c_int, FaultError)>> = const { RefCell::new(None) };
+}
+
+/// A migration error for C. Inside `migrate_to_ram` its meaning for the
+/// fault is kept, so that a callback that returns the errno as it got it
+/// passes that meaning on: a passing condition (a busy device, staging
+/// full for now, a range split meanwhile) is retried, as Rust's
+/// `From<MigrateError> for FaultError` makes it.
+fn migrate_error(e: MigrateError) -> Error {
+    let err = Error::new(e.errno(), e.to_string());
+    if ACTIVE_FAULTS.with(|s| !s.borrow().is_empty()) {
+        let meaning = FaultError::from(e);
+        PASSED.with(|p| *p.borrow_mut() = Some((err.errno, meaning)));
+    }
+    err
 }
 
 fn strerror(errno: c_int) -> String {
@@ -163,6 +183,7 @@ impl DevicePagemapOps for COps {
             migrations: RefCell::new(Vec::new()),
         };
         let key = &fc as *const FaultCtx<'_, '_> as usize;
+        PASSED.with(|p| p.borrow_mut().take());
         ACTIVE_FAULTS.with(|s| s.borrow_mut().push(key));
         // SAFETY: a C function pointer of this signature given in the ops;
         // the fault handle is `fc`, alive until after the call.
@@ -182,8 +203,13 @@ impl DevicePagemapOps for COps {
                 st.finalize();
             }
         }
+        let passed = PASSED.with(|p| p.borrow_mut().take());
         match rc {
             0 => Ok(()),
+            // The error a uhmm call gave it, returned as it was.
+            rc if passed.as_ref().is_some_and(|(errno, _)| -errno == rc) => {
+                Err(passed.map_or(FaultError::Retry, |(_, meaning)| meaning))
+            }
             rc if rc == -libc::EAGAIN || rc == -libc::EBUSY => Err(FaultError::Retry),
             rc if rc == -libc::ENOMEM => Err(FaultError::NoMemory),
             rc if rc < 0 && rc > -4096 => Err(FaultError::Device(format!(
@@ -508,7 +534,7 @@ pub unsafe extern "C" fn uhmm_fault_migrate(
             return Err(Error::null("out"));
         }
         with_fault(f, |fc| {
-            let vma = fc.fault.migrate()?;
+            let vma = fc.fault.migrate().map_err(migrate_error)?;
             // SAFETY: the migration borrows the address space the fault
             // service runs for, which outlives this callback; it is
             // finalized before the callback's `migrate_to_ram` returns (by
@@ -839,7 +865,8 @@ pub unsafe extern "C" fn uhmm_migrate_system_dsts(
             return Err(Error::null("out"));
         }
         let dsts: Vec<uhmm_migrate_dst> = with_mig(m, |v| {
-            Ok(v.system_dsts()?
+            Ok(v.system_dsts()
+                .map_err(migrate_error)?
                 .into_iter()
                 .map(|(index, b)| uhmm_migrate_dst {
                     index,
