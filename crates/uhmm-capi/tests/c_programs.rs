@@ -232,3 +232,39 @@ fn api_paths() {
     ));
     assert!(text.contains("paths: all"), "{text}");
 }
+
+/// The C snippet of README's "Using uhmm from C and C++" compiles, links
+/// and runs.
+#[test]
+fn readme_snippet() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## Using uhmm from C and C++")
+        .nth(1)
+        .expect("README has the section");
+    let code = section
+        .split("```c\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("the section has a C snippet");
+    let dir = out_dir("readme");
+    std::fs::write(dir.join("readme.c"), code).expect("write the snippet");
+    let exe = dir.join("readme");
+    let out = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root().join("include"))
+        .arg(dir.join("readme.c"))
+        .arg(lib_dir().join("libuhmm.a"))
+        .args(NATIVE_LIBS)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "README's C snippet does not compile:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = assert_passes(&exe);
+    assert!(text.contains("page 0: valid"), "{text}");
+}
