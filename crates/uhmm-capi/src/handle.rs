@@ -1,0 +1,181 @@
+//! The table of live handles. A handle given to C is the address of an
+//! object kept alive by this table; it is looked up, never dereferenced,
+//! so a NULL, stale or wrong-kind handle is an error, not undefined
+//! behaviour.
+
+use crate::error::Error;
+use std::any::Any;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use uhmm::mm::Owner;
+
+type Table = HashMap<usize, Arc<dyn Any + Send + Sync>>;
+
+static HANDLES: LazyLock<Mutex<Table>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn table() -> MutexGuard<'static, Table> {
+    HANDLES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An object C can hold a handle to: its name in messages.
+pub(crate) trait Kind: Any + Send + Sync {
+    /// The C type's name.
+    const NAME: &'static str;
+}
+
+/// Makes a handle for `obj`.
+pub(crate) fn register<T: Kind, H>(obj: T) -> *mut H {
+    let arc = Arc::new(obj);
+    let key = Arc::as_ptr(&arc) as usize;
+    table().insert(key, arc);
+    key as *mut H
+}
+
+/// The object behind handle `h`, kept alive while the caller holds it
+/// (the table's lock is not held meanwhile).
+pub(crate) fn get<T: Kind, H>(h: *const H) -> Result<Arc<T>, Error> {
+    if h.is_null() {
+        return Err(Error::null(T::NAME));
+    }
+    let found = table().get(&(h as usize)).cloned();
+    found
+        .and_then(|a| a.downcast::<T>().ok())
+        .ok_or_else(|| not_live::<T>(h as usize))
+}
+
+fn not_live<T: Kind>(h: usize) -> Error {
+    Error::inval(format!(
+        "{h:#x} is not a live {} handle (destroyed already, or another kind of handle)",
+        T::NAME
+    ))
+}
+
+/// Takes handle `h` out of the table (it is invalid from now on) and
+/// returns its object; `Ok(None)` for NULL. Refused inside a callback,
+/// where dropping the object could wait for the callback itself.
+pub(crate) fn take<T: Kind, H>(h: *const H) -> Result<Option<Arc<T>>, Error> {
+    if h.is_null() {
+        return Ok(None);
+    }
+    if in_callback() {
+        return Err(Error::new(
+            libc::EDEADLK,
+            format!(
+                "a {} may not be destroyed inside a uhmm callback (it could wait for that callback)",
+                T::NAME
+            ),
+        ));
+    }
+    let mut t = table();
+    match t.get(&(h as usize)) {
+        Some(a) if a.is::<T>() => {}
+        _ => return Err(not_live::<T>(h as usize)),
+    }
+    let a = t.remove(&(h as usize)).and_then(|a| a.downcast::<T>().ok());
+    drop(t);
+    Ok(a)
+}
+
+/// Takes `h` out of the table whatever it is (used after a callback for
+/// what it left behind).
+pub(crate) fn forget(h: usize) {
+    let a = table().remove(&h);
+    drop(a);
+}
+
+thread_local! {
+    static CALLBACK_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Whether the calling thread is inside a uhmm callback into C.
+pub(crate) fn in_callback() -> bool {
+    CALLBACK_DEPTH.with(|d| d.get() > 0)
+}
+
+/// Runs `f` (a call into C) counted as a callback on this thread.
+pub(crate) fn callback<R>(f: impl FnOnce() -> R) -> R {
+    struct Depth;
+    impl Drop for Depth {
+        fn drop(&mut self) {
+            CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+        }
+    }
+    CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
+    let _depth = Depth;
+    f()
+}
+
+/// A C context pointer, passed back to C's callbacks on uhmm's threads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx(pub(crate) *mut c_void);
+
+// SAFETY: uhmm only passes the pointer back to the C callbacks it was
+// given with, never dereferences it; the C API requires the context to be
+// usable from any thread (documented on every function taking one).
+unsafe impl Send for Ctx {}
+// SAFETY: as for `Send`: the pointer is only handed back to C.
+unsafe impl Sync for Ctx {}
+
+static OWNERS: LazyLock<Mutex<HashMap<u64, Owner>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The C number of `owner` (never 0), remembered so that it can be given
+/// back.
+pub(crate) fn owner_number(owner: Owner) -> u64 {
+    let n = owner.get();
+    OWNERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(n)
+        .or_insert(owner);
+    n
+}
+
+/// The owner C names by `n`.
+pub(crate) fn owner_from(n: u64) -> Result<Owner, Error> {
+    if n == 0 {
+        return Err(Error::inval(
+            "owner 0: an owner is made by uhmm_owner_unique",
+        ));
+    }
+    OWNERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&n)
+        .copied()
+        .ok_or_else(|| {
+            Error::inval(format!(
+                "owner {n} was not made by uhmm_owner_unique in this process"
+            ))
+        })
+}
+
+/// The optional owner `n` (0: none).
+pub(crate) fn owner_opt(n: u64) -> Result<Option<Owner>, Error> {
+    if n == 0 {
+        Ok(None)
+    } else {
+        owner_from(n).map(Some)
+    }
+}
+
+/// Makes a handle for an object the caller keeps a reference to as well.
+pub(crate) fn register_shared<T: Kind, H>(arc: Arc<T>) -> *mut H {
+    let key = Arc::as_ptr(&arc) as usize;
+    table().insert(key, arc);
+    key as *mut H
+}
+
+/// [`take`], allowed inside callbacks (for objects whose drop cannot
+/// wait for one).
+pub(crate) fn take_any<T: Kind, H>(h: *const H) -> Result<Arc<T>, Error> {
+    let mut t = table();
+    match t.get(&(h as usize)) {
+        Some(a) if a.is::<T>() => {}
+        _ => return Err(not_live::<T>(h as usize)),
+    }
+    let a = t.remove(&(h as usize)).and_then(|a| a.downcast::<T>().ok());
+    drop(t);
+    a.ok_or_else(|| not_live::<T>(h as usize))
+}
