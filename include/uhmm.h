@@ -465,7 +465,8 @@ typedef struct uhmm_move_page {
 
 /**
  * A device page to bring back from host-RAM device memory
- * ([`uhmm_migrate_move_from_device`]).
+ * ([`uhmm_migrate_move_from_device`]) or CPU-readable device memory
+ * ([`uhmm_migrate_copy_from_device`]).
  */
 typedef struct uhmm_move_back {
   /**
@@ -973,6 +974,23 @@ int uhmm_migrate_move_to_device(const struct uhmm_migrate *m,
  * `pages` is NULL or valid for reads of `n` entries.
  */
 int uhmm_migrate_move_from_device(const struct uhmm_migrate *m,
+                                  const struct uhmm_move_back *pages,
+                                  size_t n);
+
+/**
+ * For device memory this process can read through a mapping (a BAR,
+ * coherent or host-visible memory): each selected device page comes back
+ * by one copy the kernel makes from `dev_addr` straight into place, with
+ * no staging page (in place of [`uhmm_migrate_system_dsts`] for those
+ * pages). The source must stay readable and unchanged until
+ * [`uhmm_migrate_pages`] returns; a page whose source cannot be read does
+ * not migrate (it stays on the device).
+ *
+ * # Safety
+ *
+ * `pages` is NULL or valid for reads of `n` entries.
+ */
+int uhmm_migrate_copy_from_device(const struct uhmm_migrate *m,
                                   const struct uhmm_move_back *pages,
                                   size_t n);
 

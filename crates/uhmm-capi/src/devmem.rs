@@ -951,7 +951,8 @@ pub unsafe extern "C" fn uhmm_migrate_move_to_device(
 }
 
 /// A device page to bring back from host-RAM device memory
-/// ([`uhmm_migrate_move_from_device`]).
+/// ([`uhmm_migrate_move_from_device`]) or CPU-readable device memory
+/// ([`uhmm_migrate_copy_from_device`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct uhmm_move_back {
@@ -989,6 +990,43 @@ pub unsafe extern "C" fn uhmm_migrate_move_from_device(
         };
         with_mig(m, |v| {
             v.move_from_device(&list);
+            Ok(())
+        })
+    })
+}
+
+/// For device memory this process can read through a mapping (a BAR,
+/// coherent or host-visible memory): each selected device page comes back
+/// by one copy the kernel makes from `dev_addr` straight into place, with
+/// no staging page (in place of [`uhmm_migrate_system_dsts`] for those
+/// pages). The source must stay readable and unchanged until
+/// [`uhmm_migrate_pages`] returns; a page whose source cannot be read does
+/// not migrate (it stays on the device).
+///
+/// # Safety
+///
+/// `pages` is NULL or valid for reads of `n` entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn uhmm_migrate_copy_from_device(
+    m: *const uhmm_migrate,
+    pages: *const uhmm_move_back,
+    n: usize,
+) -> c_int {
+    call(|| {
+        if n > 0 && pages.is_null() {
+            return Err(Error::null("pages"));
+        }
+        let list: Vec<(usize, VirtAddr)> = if n == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: not NULL, and the caller vouches for `n` entries.
+            unsafe { std::slice::from_raw_parts(pages, n) }
+                .iter()
+                .map(|p| (p.index, VirtAddr::new(p.dev_addr)))
+                .collect()
+        };
+        with_mig(m, |v| {
+            v.copy_from_device(&list);
             Ok(())
         })
     })

@@ -45,7 +45,7 @@ static uint8_t pattern(size_t page, size_t byte)
 struct dev {
     uint8_t *devbase; /* the uhmm_devmem: device page pfn is at devbase + pfn * PAGE */
     atomic_int to_ram_calls, evictions, nonsense_left, freed, chunks;
-    atomic_int eviction_addr_rc, eviction_blockable;
+    atomic_int eviction_addr_rc, eviction_blockable, copied_back;
 };
 
 static void dev_page_free(void *ctx, uint64_t pfn)
@@ -72,9 +72,9 @@ static int failing_add_chunk(void *ctx, uint64_t first, size_t npages)
     return -ENOSPC;
 }
 
-/* Brings pages home by moving them back from host RAM, no copy. The first
- * call answers nonsense (a positive number): a device failure for uhmm,
- * which calls again. */
+/* Brings pages home from host RAM: by one kernel copy for a CPU fault, by
+ * a move (no copy) for an eviction. The first call answers nonsense (a
+ * positive number): a device failure for uhmm, which calls again. */
 static int dev_migrate_to_ram(void *ctx, uhmm_fault *f)
 {
     struct dev *d = ctx;
@@ -99,7 +99,13 @@ static int dev_migrate_to_ram(void *ctx, uhmm_fault *f)
         for (size_t i = 0; i < nsel; i++)
             if (sel[i].src == UHMM_SRC_DEVICE)
                 back[k++] = (uhmm_move_back){sel[i].index, (uintptr_t)(d->devbase + sel[i].device_pfn * PAGE)};
-        uhmm_migrate_move_from_device(m, back, k);
+        /* A CPU fault copies them back (one kernel copy from memory the
+         * CPU can read); an eviction moves them. */
+        if (uhmm_fault_blockable(f) == 0) {
+            atomic_fetch_add(&d->copied_back, (int)k);
+            uhmm_migrate_copy_from_device(m, back, k);
+        } else
+            uhmm_migrate_move_from_device(m, back, k);
         uhmm_migrate_pages(m);
     } else
         rc = -ENOMEM;
@@ -244,6 +250,7 @@ int main(void)
     atomic_store(&d->nonsense_left, 1);
     check(data_ok(cpu, NPAGES), "the CPU reads every byte back after a nonsense answer");
     check(atomic_load(&d->to_ram_calls) >= 2, "migrate_to_ram was called again after its nonsense answer");
+    check(atomic_load(&d->copied_back) > 0, "... which copied them back (uhmm_migrate_copy_from_device)");
     uhmm_mm_stats ms;
     check(uhmm_mm_get_stats(mm, &ms) == 0 && ms.pages_lost == 0 && ms.faults_sigbus == 0, "nothing lost, no SIGBUS");
 
