@@ -150,16 +150,15 @@ impl ThreadClock {
             .map_err(|e| format!("{path}: {e}"))
     }
 
-    /// (ns on a CPU, ns waiting on a run queue) so far.
-    pub fn read(&self) -> (u64, u64) {
+    /// (ns on a CPU, ns waiting on a run queue) so far; `None` if they
+    /// cannot be read (the thread is gone, say).
+    pub fn read(&self) -> Option<(u64, u64)> {
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 96];
-        let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
-        let text = std::str::from_utf8(&buf[..n]).unwrap_or("");
-        let mut f = text
-            .split_whitespace()
-            .map(|x| x.parse::<u64>().unwrap_or(0));
-        (f.next().unwrap_or(0), f.next().unwrap_or(0))
+        let n = self.file.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+        Some((f.next()??, f.next()??))
     }
 }
 
@@ -230,13 +229,13 @@ impl SyscallCounter {
         Ok(SyscallCounter { fd })
     }
 
-    /// System calls counted so far.
-    pub fn read(&self) -> u64 {
+    /// System calls counted so far; `None` if the count cannot be read.
+    pub fn read(&self) -> Option<u64> {
         use std::io::Read;
         let mut buf = [0u8; 8];
         match (&self.fd).read(&mut buf) {
-            Ok(8) => u64::from_ne_bytes(buf),
-            _ => 0,
+            Ok(8) => Some(u64::from_ne_bytes(buf)),
+            _ => None,
         }
     }
 }

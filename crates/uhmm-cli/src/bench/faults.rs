@@ -92,11 +92,12 @@ impl Drop for BareServer {
     }
 }
 
-/// What a thread spent over a stretch: CPU time and system calls.
+/// What a thread spent over a stretch: CPU time and system calls (`None`
+/// where a reading failed: reported as not measured, never as zero).
 struct Meter {
     clock: cpu::ThreadClock,
     calls: Option<cpu::SyscallCounter>,
-    start: (u64, u64),
+    start: (Option<u64>, Option<u64>),
 }
 
 impl Meter {
@@ -109,7 +110,7 @@ impl Meter {
         let mut m = Meter {
             clock,
             calls,
-            start: (0, 0),
+            start: (None, None),
         };
         m.restart();
         Ok((m, why))
@@ -117,17 +118,20 @@ impl Meter {
 
     fn restart(&mut self) {
         self.start = (
-            self.clock.read().0,
-            self.calls.as_ref().map_or(0, |c| c.read()),
+            self.clock.read().map(|c| c.0),
+            self.calls.as_ref().and_then(|c| c.read()),
         );
     }
 
-    /// (CPU ns, system calls or NaN) per `n` faults since the start.
+    /// (CPU ns, system calls) per `n` faults since the start; NaN (shown
+    /// as not measured) for what could not be read.
     fn per(&self, n: usize) -> (f64, f64) {
-        let cpu_ns = self.clock.read().0.saturating_sub(self.start.0) as f64 / n as f64;
-        let calls = self.calls.as_ref().map_or(f64::NAN, |c| {
-            c.read().saturating_sub(self.start.1) as f64 / n as f64
-        });
+        let per = |start: Option<u64>, now: Option<u64>| match (start, now) {
+            (Some(s), Some(e)) if e >= s => (e - s) as f64 / n as f64,
+            _ => f64::NAN,
+        };
+        let cpu_ns = per(self.start.0, self.clock.read().map(|c| c.0));
+        let calls = per(self.start.1, self.calls.as_ref().and_then(|c| c.read()));
         (cpu_ns, calls)
     }
 }
@@ -216,15 +220,37 @@ fn subject(n: usize, kind: Kind) -> Result<(Subject, Option<String>), Box<dyn Er
     ))
 }
 
-/// A permutation of `0..n` (xorshift; the same every run).
+/// A random permutation of `0..n` (xorshift; the same every run) in
+/// which no page comes right after the page before it: a touch of page
+/// `i + 1` after page `i` is a sequential scan, which reads ahead (later
+/// touches of those pages would be no faults at all).
 fn shuffled(n: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    for i in (1..n).rev() {
+    let mut next = || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
+        x
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    // About one such step in a random permutation: move each to a place
+    // where it makes none (a random one, looked for a few times; n > 3).
+    let sequential = |o: &[usize], k: usize| k + 1 < o.len() && o[k + 1] == o[k] + 1;
+    for k in 0..n.saturating_sub(1) {
+        let mut tries = 0;
+        while sequential(&order, k) && n > 3 && tries < 64 {
+            let j = (next() % n as u64) as usize;
+            order.swap(k + 1, j);
+            let around =
+                |o: &[usize], p: usize| (p > 0 && sequential(o, p - 1)) || sequential(o, p);
+            if around(&order, k + 1) || around(&order, j) {
+                order.swap(k + 1, j);
+            }
+            tries += 1;
+        }
     }
     order
 }
@@ -310,7 +336,9 @@ fn measure_fault_back(
     server_cpu: usize,
     toucher_cpu: usize,
 ) -> Result<FaultBack, Box<dyn Error>> {
-    cpu::pin_to(server_cpu);
+    if !cpu::pin_to(server_cpu) {
+        return Err(format!("cannot pin a thread to vCPU {server_cpu}").into());
+    }
     let mut subjects = Vec::new();
     let mut why = None;
     for kind in Kind::ALL {
@@ -320,13 +348,13 @@ fn measure_fault_back(
     }
     let bare = BareServer::start((n + 1) * PAGE_SIZE)?;
     let (mut bare_meter, _) = Meter::open(bare.tid)?;
-    cpu::pin_to(toucher_cpu);
+    if !cpu::pin_to(toucher_cpu) {
+        return Err(format!("cannot pin a thread to vCPU {toucher_cpu}").into());
+    }
     let mut lat: Vec<Vec<f64>> = vec![Vec::with_capacity(n); subjects.len()];
     let mut bare_lat = Vec::with_capacity(n);
-    // Page 0 of each is the warm-up, then the rest in random order.
-    let order: Vec<usize> = std::iter::once(0)
-        .chain(shuffled(n).into_iter().map(|i| i + 1))
-        .collect();
+    // The first page of the order is the warm-up, then the rest.
+    let order = shuffled(n + 1);
     for (k, &i) in order.iter().enumerate() {
         let a = page(bare.map.range(), i)?;
         let (t_bare, v) = time(|| cpu::read_byte(a));
@@ -388,14 +416,21 @@ pub fn stalls(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> C
     let mut stalls = Vec::new();
     let mut lat = Vec::with_capacity(n);
     let start = Instant::now();
-    let mut before = (sub.meter.clock.read(), me.read());
+    let unread = || "cannot read a thread's schedstat".to_string();
+    let mut before = (
+        sub.meter.clock.read().ok_or_else(unread)?,
+        me.read().ok_or_else(unread)?,
+    );
     for (k, &i) in order.iter().enumerate() {
         let a = page(sub.region.range(), i)?;
         let (t, v) = time(|| cpu::read_byte(a));
         if v != 1 {
             return Err("a faulted page read the wrong byte".into());
         }
-        let after = (sub.meter.clock.read(), me.read());
+        let after = (
+            sub.meter.clock.read().ok_or_else(unread)?,
+            me.read().ok_or_else(unread)?,
+        );
         if t > Duration::from_millis(1) {
             stalls.push(Stall {
                 at: start.elapsed().saturating_sub(t),
@@ -568,4 +603,25 @@ pub fn seq_read_copying(
         target: Target::AtLeast(0.3),
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shuffled;
+
+    #[test]
+    fn the_touch_order_is_a_permutation_with_no_sequential_step() {
+        for n in [4, 5, 17, 301, 3001, 1 << 16] {
+            let order = shuffled(n);
+            let mut seen = vec![false; n];
+            for &i in &order {
+                assert!(!std::mem::replace(&mut seen[i], true), "{i} twice");
+            }
+            assert!(seen.iter().all(|&s| s), "not every page, n = {n}");
+            assert!(
+                order.windows(2).all(|w| w[1] != w[0] + 1),
+                "a sequential step, n = {n}"
+            );
+        }
+    }
 }

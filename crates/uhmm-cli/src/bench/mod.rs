@@ -86,7 +86,9 @@ impl Row {
     /// subject / baseline on medians (for both kinds of unit: the target
     /// says which way is good).
     fn ratio(&self) -> Option<f64> {
-        self.baseline.map(|b| self.subject.p50 / b.p50)
+        self.baseline
+            .map(|b| self.subject.p50 / b.p50)
+            .filter(|r| r.is_finite())
     }
 }
 

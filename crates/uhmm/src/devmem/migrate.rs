@@ -1918,9 +1918,16 @@ impl Dsts {
 
     fn remove(&mut self, pfn: DevicePfn) {
         match self {
+            Dsts::Ascending(v) if v.last() == Some(&pfn) => {
+                v.pop();
+            }
+            // Not the last: a hash set from now on (removing from the
+            // middle of the list, page after page, would be quadratic).
             Dsts::Ascending(v) => {
-                if let Ok(k) = v.binary_search(&pfn) {
-                    v.remove(k);
+                if v.binary_search(&pfn).is_ok() {
+                    let mut s: PfnSet = v.drain(..).collect();
+                    s.remove(&pfn);
+                    *self = Dsts::Set(s);
                 }
             }
             Dsts::Set(s) => {

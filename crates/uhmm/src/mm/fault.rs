@@ -235,7 +235,7 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             // ended is a sequential scan: it brings back a window that
             // doubles with each such fault, up to `READ_AHEAD_MAX`
             // (the fault block where that is larger); any other fault
-            // brings back its block.
+            // brings back its block. (A failure ends the scan: see below.)
             let aligned = page.start().align_down(block);
             let sequential = shared.last_block_end.load(Ordering::Relaxed) == aligned.get();
             let window = if sequential {
@@ -243,7 +243,6 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             } else {
                 block
             };
-            shared.window.store(window, Ordering::Relaxed);
             let start = aligned.max(region.start());
             let end = aligned
                 .checked_add(window)
@@ -285,6 +284,7 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             let served = match lock(&shared.regions).states.get(page.start()) {
                 Stored::Cpu => {
                     shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);
+                    shared.window.store(window, Ordering::Relaxed);
                     Served::Done
                 }
                 // Still on this device: it failed, asked to be called
@@ -293,6 +293,10 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 // a failure counts towards the failure bound; the rest is
                 // bounded by time.
                 s @ Stored::Device(o, _) if o == owner => {
+                    // The scan ends here: the fault is served again with
+                    // its block alone (a page the device can give back is
+                    // never failed for a neighbour it cannot).
+                    shared.last_block_end.store(0, Ordering::Relaxed);
                     let why = match called {
                         Err(
                             FaultError::Device(_)
@@ -303,7 +307,10 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                     };
                     return Served::Failed(why, s);
                 }
-                _ => return Served::Park,
+                _ => {
+                    shared.last_block_end.store(0, Ordering::Relaxed);
+                    return Served::Park;
+                }
             };
             // In a sequential scan, bring the next window back now, while
             // the thread reads this one (it was woken when its pages were
