@@ -13,6 +13,7 @@ use crate::table::{ATOMIC, DEV, READ, WRITE};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, TryLockError};
 use uhmm::devmem::copy::{CopyEngine, CopyJob};
+use uhmm::devmem::pagemap::HUGE_PAGES;
 use uhmm::devmem::{
     DeviceFault, DevicePagemapOps, DevmemError, FaultError, MigrateSrc, MigrateVma, Select,
 };
@@ -225,12 +226,25 @@ impl DevicePagemapOps for Mirror {
     }
 
     fn add_chunk(&self, first: DevicePfn, npages: usize) -> Result<(), DevmemError> {
+        let grow = |e: uhmm::sys::mem::MemError| DevmemError::Grow {
+            reason: e.to_string(),
+        };
+        // Chunks of whole 2 MiB blocks are aligned and THP-backed, so that
+        // a 2 MiB device page holds a THP, which moves in and out whole.
+        let whole = npages % HUGE_PAGES == 0;
         let map = Mapping::builder(npages * PAGE_SIZE)
             .noreserve(true)
+            .align(if whole {
+                HUGE_PAGES * PAGE_SIZE
+            } else {
+                PAGE_SIZE
+            })
             .build()
-            .map_err(|e| DevmemError::Grow {
-                reason: e.to_string(),
-            })?;
+            .map_err(grow)?;
+        if whole {
+            map.advise(map.range(), uhmm::sys::mem::Advice::HugePage)
+                .map_err(grow)?;
+        }
         let mut chunks = self.arena.chunks.write().unwrap_or_else(|e| e.into_inner());
         debug_assert_eq!(chunks.len() * self.arena.chunk_pages, first.0 as usize);
         chunks.push(map);
@@ -404,7 +418,7 @@ impl SimDevice {
         if sel.is_empty() {
             return Ok(());
         }
-        let pfns = self.alloc_device_pages(sel.len())?;
+        let pfns = self.alloc_for(&m, &sel)?;
         let engine = self.mirror.arena.engine();
         let arena = &self.mirror.arena;
         // Host RAM: move the pages into the arena (no copy); what cannot
@@ -479,6 +493,58 @@ impl SimDevice {
         );
         m.finalize();
         Ok(())
+    }
+
+    /// Device pages for the selected pages `sel` (in order): a 2 MiB device
+    /// page for each 2 MiB-aligned run of them taken from a THP (the
+    /// kernel's compound migration), single pages for the rest — and for
+    /// those runs too when 2 MiB device pages cannot be had, or FAIL_ALLOC
+    /// is armed (dmirror's fallback to 4 KiB pages).
+    fn alloc_for(
+        &self,
+        m: &MigrateVma<'_>,
+        sel: &[(usize, MigrateSrc)],
+    ) -> Result<Vec<DevicePfn>, SimError> {
+        let start = m.range().start().get();
+        let mut pfns: Vec<Option<DevicePfn>> = vec![None; sel.len()];
+        let mut k = 0;
+        while k + HUGE_PAGES <= sel.len() {
+            let i = sel[k].0;
+            let whole = (start + i * PAGE_SIZE) % (HUGE_PAGES * PAGE_SIZE) == 0
+                && sel[k + HUGE_PAGES - 1].0 == i + HUGE_PAGES - 1
+                && sel[k..k + HUGE_PAGES].iter().all(|&(j, _)| m.src_huge(j));
+            if !whole {
+                k += 1;
+                continue;
+            }
+            if self.mirror.arena.fail_alloc.swap(false, Ordering::AcqRel) {
+                bump(&self.mirror.counters.alloc_fallbacks, 1);
+                break;
+            }
+            let Ok(head) = self.pagemap.alloc_huge(1) else {
+                break;
+            };
+            for (d, p) in pfns[k..k + HUGE_PAGES].iter_mut().enumerate() {
+                *p = Some(DevicePfn(head[0].0 + d as u64));
+            }
+            k += HUGE_PAGES;
+        }
+        let rest = pfns.iter().filter(|p| p.is_none()).count();
+        let singles = match self.alloc_device_pages(rest) {
+            Ok(s) => s,
+            Err(e) => {
+                for pfn in pfns.into_iter().flatten() {
+                    let _ = self.pagemap.put(pfn);
+                }
+                return Err(e);
+            }
+        };
+        // (As many singles as holes: every hole is filled.)
+        let mut singles = singles.into_iter();
+        Ok(pfns
+            .into_iter()
+            .filter_map(|p| p.or_else(|| singles.next()))
+            .collect())
     }
 
     /// `n` device pages; FAIL_ALLOC makes the bulk allocation fail once

@@ -940,13 +940,17 @@ fn migrate_anon_huge_fault() {
     assert_eq!(rc, 0, "MADV_COLLAPSE");
     let dev = SimDevice::new(&mm);
     migrates_holding_indices(&dev, &region, THP_PAGES);
-    // The snapshot sees device-private pages of this device, writable (the
-    // kernel also reports PMD order: uhmm's device pages are 4 KiB each).
+    // The THP went to the device as one 2 MiB device page: the snapshot
+    // sees device-private pages of this device, writable, at PMD order
+    // (the kernel's 0x26).
+    assert_eq!(dev.memory_stats().huge_pages, 1);
     let (snap, res) = dev.snapshot(start(&region), THP_PAGES).unwrap();
     assert_eq!(res.cpages, THP_PAGES as u64);
     assert!(
         snap.iter()
-            .all(|&b| b == prot::DEV_PRIVATE_LOCAL | prot::WRITE)
+            .all(|&b| b == prot::DEV_PRIVATE_LOCAL | prot::WRITE | prot::PMD),
+        "{:#x}",
+        snap[0]
     );
     // The CPU page table has none of them present.
     let mut present = Vec::new();
@@ -960,6 +964,139 @@ fn migrate_anon_huge_fault() {
         .unwrap();
     assert!(present.is_empty());
     assert!(holds(&cpu_ints(&region), |i| i));
+}
+
+/// MADV_COLLAPSE (25): makes the 2 MiB region one THP.
+fn collapse(region: &ManagedRegion) {
+    // SAFETY: collapsing keeps contents; no reference into the region.
+    let rc = unsafe { libc::madvise(region.as_ptr().cast(), TWOMEG, 25) };
+    assert_eq!(rc, 0, "MADV_COLLAPSE");
+}
+
+/// Whether the 2 MiB at `at` are mapped by a PMD (a THP) in the CPU page
+/// table.
+fn is_thp(at: VirtAddr) -> bool {
+    use uhmm::sys::pagemap::{Categories, Pagemap, ScanQuery};
+    let mut found = Vec::new();
+    Pagemap::open()
+        .unwrap()
+        .scan(
+            PageRange::new(at, TWOMEG).unwrap(),
+            &ScanQuery::new()
+                .require(Categories::PRESENT)
+                .report(Categories::HUGE),
+            &mut found,
+        )
+        .unwrap();
+    found.len() == 1
+        && found[0].range.len() == TWOMEG
+        && found[0].categories.contains(Categories::HUGE)
+}
+
+/// Beyond the kernel tests: a 2 MiB device page comes back whole, as one
+/// unit, on a CPU touch of any of its pages — as a THP again.
+#[test]
+fn a_2m_device_page_comes_back_whole_on_a_cpu_touch() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    collapse(&region);
+    assert!(is_thp(start(&region)), "MADV_COLLAPSE made a THP");
+    let dev = SimDevice::new(&mm);
+    migrates_holding_indices(&dev, &region, THP_PAGES);
+    assert_eq!(dev.memory_stats().huge_pages, 1);
+    // One page touched, with a 4 KiB fault block: all 512 come back.
+    let i = 300 * (PAGE_SIZE / 4);
+    assert_eq!(cpu_int(&region, i), i as i32);
+    assert_eq!(
+        dev.device_pages(),
+        0,
+        "the 2 MiB device page came back whole"
+    );
+    assert_eq!(dev.memory_stats().huge_pages, 0);
+    assert!(is_thp(start(&region)), "it is a THP again");
+    assert!(holds(&cpu_ints(&region), |i| i));
+    // And the block it left is whole for the next one.
+    migrates_holding_indices(&dev, &region, THP_PAGES);
+    assert_eq!(dev.memory_stats().huge_pages, 1);
+}
+
+/// Beyond the kernel tests: unmapping part of a 2 MiB device page splits
+/// it (as the kernel splits the folio): the rest is reported at order 0,
+/// comes back page by page, and loses nothing.
+#[test]
+fn a_partial_unmap_splits_a_2m_device_page() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    collapse(&region);
+    let dev = SimDevice::new(&mm);
+    migrates_holding_indices(&dev, &region, THP_PAGES);
+    assert_eq!(dev.memory_stats().huge_pages, 1);
+    // The last page goes.
+    let last = VirtAddr::new(start(&region).get() + TWOMEG - PAGE_SIZE);
+    // SAFETY: the region's last page, which nothing refers into.
+    unsafe { rustix::mm::munmap(last.as_mut_ptr(), PAGE_SIZE) }.unwrap();
+    let rest = THP_PAGES - 1;
+    let (snap, res) = dev.snapshot(start(&region), rest).unwrap();
+    assert_eq!(res.cpages, rest as u64);
+    assert!(
+        snap.iter()
+            .all(|&b| b == prot::DEV_PRIVATE_LOCAL | prot::WRITE),
+        "split: order 0 ({:#x})",
+        snap[0]
+    );
+    assert_eq!(dev.memory_stats().huge_pages, 0, "split");
+    assert_eq!(dev.device_pages(), rest);
+    // A touch brings back its page alone now.
+    let per_page = PAGE_SIZE / 4;
+    assert_eq!(cpu_int(&region, 5 * per_page), (5 * per_page) as i32);
+    assert_eq!(dev.device_pages(), rest - 1);
+    // (The last page is gone: read the rest only.)
+    assert!((0..rest * per_page).all(|i| cpu_int(&region, i) == i as i32));
+}
+
+/// Beyond the kernel tests: pages not from a THP (or a THP whose 2 MiB
+/// device page cannot be had: FAIL_ALLOC) go to 4 KiB device pages,
+/// reported at order 0.
+#[test]
+fn without_a_thp_or_a_2m_device_page_pages_go_one_by_one() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    for fail in [false, true] {
+        let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+        if fail {
+            fill(&region, |i| i);
+            collapse(&region);
+            dev.fail_next_alloc();
+        } else {
+            // 4 KiB pages from the start.
+            let map = region.mapping().unwrap();
+            map.advise(map.range(), Advice::NoHugePage).unwrap();
+            fill(&region, |i| i);
+            assert!(!is_thp(start(&region)));
+        }
+        let before = dev.stats().alloc_fallbacks;
+        let (_, res) = dev.migrate_to_device(start(&region), THP_PAGES).unwrap();
+        assert_eq!(res.cpages, THP_PAGES as u64);
+        if fail {
+            assert_eq!(dev.stats().alloc_fallbacks, before + 1);
+        }
+        assert_eq!(dev.memory_stats().huge_pages, 0, "fail = {fail}");
+        let (snap, _) = dev.snapshot(start(&region), THP_PAGES).unwrap();
+        assert!(
+            snap.iter()
+                .all(|&b| b == prot::DEV_PRIVATE_LOCAL | prot::WRITE),
+            "order 0 ({:#x}), fail = {fail}",
+            snap[0]
+        );
+        dev.migrate_to_system(start(&region), THP_PAGES).unwrap();
+    }
 }
 
 #[test]

@@ -322,3 +322,53 @@ fn pages_come_back_from_cpu_visible_device_memory_by_one_copy() {
         "device memory kept its copy of page 3 (copied back, not moved)"
     );
 }
+
+/// 2 MiB device pages: aligned, whole blocks, as many references as
+/// pages; freeing part of one splits it; a block all of whose pages are
+/// free again is whole again (no new chunk for the next one); chunks that
+/// are not whole blocks have none.
+#[test]
+fn two_mib_device_pages_are_whole_aligned_blocks_that_split_and_come_back() {
+    use uhmm::devmem::pagemap::HUGE_PAGES;
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let cfg = PagemapConfig {
+        chunk_pages: 2 * HUGE_PAGES,
+        max_chunks: 1,
+    };
+    let pm = DevicePagemap::new(&mm, Owner::unique(), Arc::new(Idle), cfg).unwrap();
+    let heads = pm.alloc_huge(2).unwrap();
+    assert_eq!(heads.len(), 2);
+    assert!(heads.iter().all(|h| h.0 % HUGE_PAGES as u64 == 0));
+    assert_ne!(heads[0], heads[1]);
+    let st = pm.stats();
+    assert_eq!(
+        (st.in_use, st.huge_pages, st.chunks),
+        (2 * HUGE_PAGES, 2, 1)
+    );
+    assert!(pm.alloc_huge(1).is_err(), "the only chunk is taken");
+    assert!(pm.alloc(1).is_err());
+    // Freeing one page splits its 2 MiB page.
+    pm.put(heads[0]).unwrap();
+    assert_eq!(pm.stats().huge_pages, 1);
+    // That page can be had alone now; the others of its block stay used.
+    let single = pm.alloc(1).unwrap();
+    assert_eq!(single, [heads[0]]);
+    pm.put(single[0]).unwrap();
+    for k in 0..HUGE_PAGES as u64 {
+        let _ = pm.put(DevicePfn(heads[0].0 + k));
+    }
+    assert_eq!(pm.stats().in_use, HUGE_PAGES);
+    // Every page of the split block is free again: whole again.
+    let again = pm.alloc_huge(1).unwrap();
+    assert_eq!(again, [heads[0]]);
+    assert_eq!(pm.stats().chunks, 1);
+    // A chunk that is not whole 2 MiB blocks has none.
+    let odd = PagemapConfig {
+        chunk_pages: HUGE_PAGES + 1,
+        max_chunks: 4,
+    };
+    let pm2 = DevicePagemap::new(&mm, Owner::unique(), Arc::new(Idle), odd).unwrap();
+    assert!(pm2.alloc_huge(1).is_err());
+    assert_eq!(pm2.alloc(3).unwrap().len(), 3);
+}

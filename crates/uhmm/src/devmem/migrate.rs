@@ -188,6 +188,9 @@ struct Entry {
     dev_addr: Option<VirtAddr>,
     /// Why it did not migrate, if it did not (set at the commit).
     why: Option<PageOutcome>,
+    /// Part of a PMD-mapped THP when it was taken (the kernel's
+    /// `MIGRATE_PFN_COMPOUND`).
+    huge: bool,
 }
 
 impl Entry {
@@ -201,6 +204,7 @@ impl Entry {
         zero_pte: false,
         dev_addr: None,
         why: None,
+        huge: false,
     };
 }
 
@@ -612,7 +616,10 @@ impl<'a> MigrateVma<'a> {
             // Only pages with something in the page table are moved; a
             // hole is taken as it is (a CPU access to it waits from now
             // on, as it would for a page in flight).
-            let present = self.present(group);
+            let (present, huge) = self.present(group);
+            for (&(i, _), &h) in group.iter().zip(&huge) {
+                self.entries[i].huge = h;
+            }
             let mut k = 0;
             let mut single = false;
             while k < group.len() {
@@ -735,27 +742,38 @@ impl<'a> MigrateVma<'a> {
 
     /// Which of the pages of `group` (contiguous at both ends) have
     /// something in the page table (all of them if it cannot be read).
-    fn present(&self, group: &[(usize, VirtAddr)]) -> Vec<bool> {
+    /// And which are mapped by a PMD (a THP).
+    fn present(&self, group: &[(usize, VirtAddr)]) -> (Vec<bool>, Vec<bool>) {
+        let all = (vec![true; group.len()], vec![false; group.len()]);
         let Ok(range) = PageRange::new(group[0].1, group.len() * PAGE_SIZE) else {
-            return vec![true; group.len()];
+            return all;
         };
         let mut found = Vec::new();
         let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
-        let scanned = self
-            .shared
-            .pagemap()
-            .ok()
-            .and_then(|pm| pm.scan(range, &query, &mut found).ok());
+        // (Only PAGEMAP_SCAN tells HUGE: without it, no page is taken for
+        // a THP's.)
+        let scanned = self.shared.pagemap().ok().and_then(|pm| {
+            pm.scan(range, &query.report(Categories::HUGE), &mut found)
+                .or_else(|_| {
+                    found.clear();
+                    pm.scan(range, &query, &mut found)
+                })
+                .ok()
+        });
         if scanned.is_none() {
-            return vec![true; group.len()];
+            return all;
         }
         let mut present = vec![false; group.len()];
+        let mut huge = vec![false; group.len()];
         for r in found {
+            let h = r.categories.contains(Categories::HUGE);
             for a in r.range.pages() {
-                present[(a.get() - range.start().get()) / PAGE_SIZE] = true;
+                let k = (a.get() - range.start().get()) / PAGE_SIZE;
+                present[k] = true;
+                huge[k] = h;
             }
         }
-        present
+        (present, huge)
     }
 
     /// Page `(i, at)` is out of the CPU page table: it is this migration's
@@ -1035,6 +1053,15 @@ impl<'a> MigrateVma<'a> {
             return bad("its device page is already another page's destination");
         }
         Ok(())
+    }
+
+    /// Whether selected system page `i` was part of a transparent huge
+    /// page mapped by a PMD when it was taken (the kernel's
+    /// `MIGRATE_PFN_COMPOUND`): a device may give such a 2 MiB range a 2 MiB
+    /// device page ([`DevicePagemap::alloc_huge`](super::DevicePagemap::alloc_huge))
+    /// and move it as one unit.
+    pub fn src_huge(&self, i: usize) -> bool {
+        self.entries.get(i).is_some_and(|e| e.migrate && e.huge)
     }
 
     /// Page `i` does not migrate after all (its dst is dropped). Not for a

@@ -258,14 +258,135 @@ pub struct PagemapStats {
     pub freed: u64,
     /// Pages brought back by CPU faults and evictions.
     pub faulted_back: u64,
+    /// 2 MiB device pages in use and not split
+    /// ([`DevicePagemap::alloc_huge`]).
+    pub huge_pages: usize,
 }
 
 #[derive(Debug, Default)]
 struct Pool {
     refs: Vec<u32>,
+    /// Free pages, one by one (popped from the end).
     free: Vec<u64>,
+    /// First pages of wholly free, aligned blocks of [`HUGE_PAGES`] pages
+    /// (in chunks that are a whole number of such blocks), kept whole for
+    /// 2 MiB device pages; single pages are cut from them when `free` runs
+    /// out.
+    free_huge: Vec<u64>,
+    /// Per block of [`HUGE_PAGES`] pages: handed out as one 2 MiB device
+    /// page and not split since (a partial free splits it, as the kernel
+    /// splits a folio).
+    huge: Vec<bool>,
+    /// Per such huge block: its pages still referenced.
+    live: Vec<u32>,
+    /// Per block: its pages in `free`.
+    nfree: Vec<u32>,
     chunks: usize,
     in_use: usize,
+}
+
+/// The pages of a 2 MiB device page (order 9).
+pub const HUGE_PAGES: usize = 512;
+
+impl Pool {
+    /// Drops one reference to `pfn`: `Some(true)` if it was the last,
+    /// `Some(false)` if not, `None` if the page is not in use.
+    fn unref(&mut self, pfn: DevicePfn) -> Option<bool> {
+        let r = self.refs.get_mut(pfn.0 as usize).filter(|r| **r > 0)?;
+        *r -= 1;
+        let last = *r == 0;
+        if last && let Some(l) = self.live.get_mut(pfn.0 as usize / HUGE_PAGES) {
+            *l = l.saturating_sub(1);
+        }
+        Some(last)
+    }
+
+    /// Puts `freed` (pages whose last reference went, and whose device let
+    /// go of them) back: a huge page all of whose pages are free goes back
+    /// whole; a huge page freed in part is split (its pages are single
+    /// pages from now on).
+    fn give_back(&mut self, freed: &[u64]) {
+        let mut whole: Vec<usize> = Vec::new();
+        for &pfn in freed {
+            let b = pfn as usize / HUGE_PAGES;
+            if whole.contains(&b) {
+                continue;
+            }
+            if self.huge.get(b).copied().unwrap_or(false) {
+                self.huge[b] = false;
+                if self.live[b] == 0 {
+                    // Every page of it went in this batch: whole again.
+                    whole.push(b);
+                    self.free_huge.push((b * HUGE_PAGES) as u64);
+                    continue;
+                }
+            }
+            self.push_free(pfn);
+        }
+    }
+
+    fn push_free(&mut self, pfn: u64) {
+        self.free.push(pfn);
+        self.nfree[pfn as usize / HUGE_PAGES] += 1;
+    }
+
+    /// Cuts the whole block at `head` into single free pages.
+    fn cut(&mut self, head: u64) {
+        self.free.extend((head..head + HUGE_PAGES as u64).rev());
+        self.nfree[head as usize / HUGE_PAGES] += HUGE_PAGES as u32;
+    }
+
+    /// The `n` single free pages at the end of `free`.
+    fn take_free(&mut self, n: usize) -> Vec<DevicePfn> {
+        let at = self.free.len() - n;
+        let pages: Vec<DevicePfn> = self.free.drain(at..).rev().map(DevicePfn).collect();
+        for p in &pages {
+            self.nfree[p.0 as usize / HUGE_PAGES] -= 1;
+        }
+        pages
+    }
+
+    /// Makes blocks all of whose pages are free single pages whole again
+    /// (for 2 MiB device pages): one pass over the free pages. Only where
+    /// chunks are made of whole blocks.
+    fn coalesce(&mut self, chunk_pages: usize) {
+        if chunk_pages % HUGE_PAGES != 0 {
+            return;
+        }
+        let whole: Vec<usize> = (0..self.nfree.len())
+            .filter(|&b| self.nfree[b] as usize == HUGE_PAGES)
+            .collect();
+        if whole.is_empty() {
+            return;
+        }
+        let nfree = &self.nfree;
+        self.free
+            .retain(|&f| nfree[f as usize / HUGE_PAGES] as usize != HUGE_PAGES);
+        for b in whole {
+            self.nfree[b] = 0;
+            self.free_huge.push((b * HUGE_PAGES) as u64);
+        }
+    }
+
+    /// Adds a chunk of `pages` pages from `first`: whole blocks for 2 MiB
+    /// device pages where the chunk is made of them, single pages
+    /// otherwise (popped from the end: lowest page numbers first).
+    fn grow(&mut self, first: u64, pages: usize) {
+        let total = first as usize + pages;
+        self.refs.resize(total, 0);
+        self.huge.resize(total.div_ceil(HUGE_PAGES), false);
+        self.live.resize(total.div_ceil(HUGE_PAGES), 0);
+        self.nfree.resize(total.div_ceil(HUGE_PAGES), 0);
+        if first as usize % HUGE_PAGES == 0 && pages % HUGE_PAGES == 0 {
+            let blocks = pages / HUGE_PAGES;
+            self.free_huge
+                .extend((0..blocks).rev().map(|k| first + (k * HUGE_PAGES) as u64));
+        } else {
+            for pfn in (first..first + pages as u64).rev() {
+                self.push_free(pfn);
+            }
+        }
+    }
 }
 
 /// The shared part, found by the fault service through the owner.
@@ -297,15 +418,9 @@ impl PagemapInner {
     /// again (a page reused before its device let go of it could carry its
     /// old contents into a new virtual page).
     pub(crate) fn put(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
-        let last = {
-            let mut p = lock(&self.pool);
-            match p.refs.get_mut(pfn.0 as usize) {
-                Some(r) if *r > 0 => {
-                    *r -= 1;
-                    *r == 0
-                }
-                _ => return Err(DevmemError::BadPfn { pfn }),
-            }
+        let last = match lock(&self.pool).unref(pfn) {
+            Some(last) => last,
+            None => return Err(DevmemError::BadPfn { pfn }),
         };
         if last {
             // A `page_free` that panicked may not have let go of the page:
@@ -313,7 +428,13 @@ impl PagemapInner {
             let freed = call(&self.panics, "page_free", || self.ops.page_free(pfn)).is_ok();
             let mut p = lock(&self.pool);
             if freed {
-                p.free.push(pfn.0);
+                p.give_back(&[pfn.0]);
+            } else {
+                // (A huge page it was part of is split for good.)
+                let b = pfn.0 as usize / HUGE_PAGES;
+                if let Some(h) = p.huge.get_mut(b) {
+                    *h = false;
+                }
             }
             p.in_use -= 1;
             drop(p);
@@ -330,13 +451,7 @@ impl PagemapInner {
             let mut p = lock(&self.pool);
             pfns.iter()
                 .copied()
-                .filter(|pfn| match p.refs.get_mut(pfn.0 as usize) {
-                    Some(r) if *r > 0 => {
-                        *r -= 1;
-                        *r == 0
-                    }
-                    _ => false,
-                })
+                .filter(|&pfn| p.unref(pfn) == Some(true))
                 .collect()
         };
         if last.is_empty() {
@@ -349,7 +464,17 @@ impl PagemapInner {
             .map(|pfn| pfn.0)
             .collect();
         let mut p = lock(&self.pool);
-        p.free.extend(freed);
+        if freed.len() < last.len() {
+            // Pages whose `page_free` panicked split their huge pages.
+            for pfn in &last {
+                if !freed.contains(&pfn.0)
+                    && let Some(h) = p.huge.get_mut(pfn.0 as usize / HUGE_PAGES)
+                {
+                    *h = false;
+                }
+            }
+        }
+        p.give_back(&freed);
         p.in_use -= last.len();
         drop(p);
         self.freed.fetch_add(last.len() as u64, Ordering::Relaxed);
@@ -361,6 +486,15 @@ impl PagemapInner {
         pfns.iter()
             .map(|pfn| p.refs.get(pfn.0 as usize).is_some_and(|&r| r > 0))
             .collect()
+    }
+
+    /// Whether `pfn` is a page of a 2 MiB device page (not split).
+    pub(crate) fn is_huge(&self, pfn: DevicePfn) -> bool {
+        lock(&self.pool)
+            .huge
+            .get(pfn.0 as usize / HUGE_PAGES)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Whether `pfn` is an allocated (referenced) page.
@@ -500,15 +634,12 @@ impl DevicePagemap {
     /// chunks and pages in use only if no thread of the parent held the
     /// pool then).
     pub fn stats(&self) -> PagemapStats {
-        let (chunks, in_use) = if self.mm.check_process().is_ok() {
-            let p = lock(&self.inner.pool);
-            (p.chunks, p.in_use)
+        let of = |p: &Pool| (p.chunks, p.in_use, p.huge.iter().filter(|&&h| h).count());
+        let (chunks, in_use, huge_pages) = if self.mm.check_process().is_ok() {
+            of(&lock(&self.inner.pool))
         } else {
             // A lock a thread of the parent held at the fork stays locked.
-            self.inner
-                .pool
-                .try_lock()
-                .map_or((0, 0), |p| (p.chunks, p.in_use))
+            self.inner.pool.try_lock().map_or((0, 0, 0), |p| of(&p))
         };
         PagemapStats {
             chunks,
@@ -516,6 +647,7 @@ impl DevicePagemap {
             allocated: self.inner.allocated.load(Ordering::Relaxed),
             freed: self.inner.freed.load(Ordering::Relaxed),
             faulted_back: self.inner.faulted_back.load(Ordering::Relaxed),
+            huge_pages,
         }
     }
 
@@ -532,6 +664,12 @@ impl DevicePagemap {
         let cfg = self.inner.config;
         let mut p = lock(&self.inner.pool);
         while p.free.len() < n {
+            // Single pages are cut from whole blocks before the pagemap
+            // grows.
+            if let Some(head) = p.free_huge.pop() {
+                p.cut(head);
+                continue;
+            }
             if p.chunks >= cfg.max_chunks {
                 return Err(DevmemError::Exhausted {
                     in_use: p.in_use,
@@ -549,13 +687,9 @@ impl DevicePagemap {
                 })
             })?;
             p.chunks += 1;
-            let total = p.chunks * cfg.chunk_pages;
-            p.refs.resize(total, 0);
-            // Popped from the end: lowest page numbers first.
-            p.free.extend((first..first + cfg.chunk_pages as u64).rev());
+            p.grow(first, cfg.chunk_pages);
         }
-        let at = p.free.len() - n;
-        let mut pages: Vec<DevicePfn> = p.free.drain(at..).rev().map(DevicePfn).collect();
+        let mut pages = p.take_free(n);
         pages.sort_unstable();
         for pfn in &pages {
             p.refs[pfn.0 as usize] = 1;
@@ -564,6 +698,67 @@ impl DevicePagemap {
         drop(p);
         self.inner.allocated.fetch_add(n as u64, Ordering::Relaxed);
         Ok(pages)
+    }
+
+    /// `n` free 2 MiB device pages (order 9, the kernel's device-private
+    /// THP): for each, the first of its [`HUGE_PAGES`] consecutive page
+    /// numbers, aligned to [`HUGE_PAGES`], each page with one reference
+    /// (as [`alloc`](Self::alloc) gives them); all of them or none. A
+    /// virtual 2 MiB range whose pages name such a page in order is
+    /// reported at PMD order by `range_fault`, and comes back to system
+    /// memory as one unit. Freeing part of it (a partial unmap, say)
+    /// splits it into single pages for good, as the kernel splits a folio.
+    ///
+    /// # Errors
+    ///
+    /// [`DevmemError::Exhausted`] when fewer than `n` whole 2 MiB blocks
+    /// can be had — also when chunks are not made of whole blocks
+    /// (`chunk_pages` not a multiple of [`HUGE_PAGES`]), or free memory is
+    /// only in single pages: fall back to [`alloc`](Self::alloc) then, as
+    /// the kernel's drivers fall back to 4 KiB pages;
+    /// [`DevmemError::Grow`]; [`DevmemError::ForkedChild`].
+    pub fn alloc_huge(&self, n: usize) -> Result<Vec<DevicePfn>, DevmemError> {
+        self.mm.check_process()?;
+        let cfg = self.inner.config;
+        let mut p = lock(&self.inner.pool);
+        if p.free_huge.len() < n {
+            p.coalesce(cfg.chunk_pages);
+        }
+        while p.free_huge.len() < n {
+            if p.chunks >= cfg.max_chunks || cfg.chunk_pages % HUGE_PAGES != 0 {
+                return Err(DevmemError::Exhausted {
+                    in_use: p.in_use,
+                    capacity: cfg.chunk_pages * cfg.max_chunks,
+                    wanted: n * HUGE_PAGES,
+                });
+            }
+            let first = (p.chunks * cfg.chunk_pages) as u64;
+            call(&self.inner.panics, "add_chunk", || {
+                self.inner.ops.add_chunk(DevicePfn(first), cfg.chunk_pages)
+            })
+            .unwrap_or_else(|_| {
+                Err(DevmemError::Grow {
+                    reason: "the device's add_chunk panicked".into(),
+                })
+            })?;
+            p.chunks += 1;
+            p.grow(first, cfg.chunk_pages);
+        }
+        let at = p.free_huge.len() - n;
+        let mut heads: Vec<DevicePfn> = p.free_huge.drain(at..).rev().map(DevicePfn).collect();
+        heads.sort_unstable();
+        for head in &heads {
+            let b = head.0 as usize / HUGE_PAGES;
+            p.refs[b * HUGE_PAGES..(b + 1) * HUGE_PAGES].fill(1);
+            p.huge[b] = true;
+            p.live[b] = HUGE_PAGES as u32;
+        }
+        p.in_use += n * HUGE_PAGES;
+        drop(p);
+        self.inner
+            .allocated
+            .fetch_add((n * HUGE_PAGES) as u64, Ordering::Relaxed);
+        Ok(heads)
     }
 
     /// One more reference to `pfn`.

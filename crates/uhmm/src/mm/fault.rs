@@ -227,7 +227,7 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
             drop(regions);
             served
         }
-        Stored::Device(owner, _) => {
+        Stored::Device(owner, pfn) => {
             drop(regions);
             let region = region.unwrap_or(page);
             let block = shared.fault_block.load(Ordering::Relaxed).max(PAGE_SIZE);
@@ -260,6 +260,13 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                     s @ Stored::Device(o, _) if o == owner => lose_page(shared, regions, page, s),
                     _ => Served::Done,
                 };
+            };
+            // A 2 MiB device page comes back whole, as one unit (the
+            // kernel migrates a device-private THP's folio back whole).
+            let huge = crate::devmem::pagemap::HUGE_PAGES * PAGE_SIZE;
+            let range = match PageRange::new(page.start().align_down(huge), huge) {
+                Ok(block) if pm.is_huge(pfn) && region.contains_range(block) => block,
+                _ => range,
             };
             let fault = DeviceFault {
                 shared,

@@ -324,6 +324,7 @@ impl Mm {
                         cpu[i] = HmmPfn::device_private(pfn, write);
                     }
                 }
+                self.mark_huge_device_pages(owner, range, &mut cpu)?;
             }
             let mut out = Vec::with_capacity(range.npages());
             let mut faults: Vec<(PageRange, bool)> = Vec::new();
@@ -373,6 +374,60 @@ impl Mm {
             }
         }
         Err(RangeFaultError::Busy { range })
+    }
+
+    /// Reports at PMD order (9) the device entries of `range` that lie in a
+    /// 2 MiB device page of `owner` mapped whole: a 2 MiB-aligned virtual
+    /// block, inside one mapping, whose pages name the pages of one
+    /// unsplit [`alloc_huge`](crate::devmem::DevicePagemap::alloc_huge)
+    /// page in order (the kernel reports a device-private THP's entries at
+    /// its folio's order).
+    fn mark_huge_device_pages(
+        &self,
+        owner: super::Owner,
+        range: PageRange,
+        cpu: &mut [HmmPfn],
+    ) -> Result<(), RangeFaultError> {
+        use crate::devmem::pagemap::HUGE_PAGES;
+        const HUGE: usize = HUGE_PAGES * PAGE_SIZE;
+        let Some(pm) = self.inner.shared.device_pagemap(owner) else {
+            return Ok(());
+        };
+        let mut at = range.start().align_down(HUGE);
+        while at < range.end() {
+            let Ok(block) = PageRange::new(at, HUGE) else {
+                break;
+            };
+            at = block.end();
+            let first =
+                (block.start().get().max(range.start().get()) - range.start().get()) / PAGE_SIZE;
+            if cpu.get(first).is_none_or(|e| e.device_pfn().is_none()) {
+                continue;
+            }
+            let whole = {
+                let regions = lock(&self.inner.shared.regions);
+                let head = match regions.states.get(block.start()) {
+                    Stored::Device(o, pfn) if o == owner && pfn.0 % HUGE_PAGES as u64 == 0 => pfn,
+                    _ => continue,
+                };
+                pm.is_huge(head)
+                    && block.pages().enumerate().all(|(k, a)| {
+                        regions.states.get(a) == Stored::Device(owner, DevicePfn(head.0 + k as u64))
+                    })
+            };
+            if !whole {
+                continue;
+            }
+            let vmas = self.inner.shared.procmap()?.covering(block)?;
+            if vmas.len() != 1 {
+                continue;
+            }
+            let last = (block.end().get().min(range.end().get()) - range.start().get()) / PAGE_SIZE;
+            for e in &mut cpu[first..last] {
+                *e = e.with_order(9);
+            }
+        }
+        Ok(())
     }
 
     /// [`range_fault`](Self::range_fault), then each entry encoded in the
