@@ -1018,9 +1018,14 @@ fn a_2m_device_page_comes_back_whole_on_a_cpu_touch() {
     assert_eq!(dev.memory_stats().huge_pages, 0);
     assert!(is_thp(start(&region)), "it is a THP again");
     assert!(holds(&cpu_ints(&region), |i| i));
-    // And the block it left is whole for the next one.
+    // And the block it left is whole for the next one; eviction brings it
+    // back whole too.
     migrates_holding_indices(&dev, &region, THP_PAGES);
     assert_eq!(dev.memory_stats().huge_pages, 1);
+    dev.release().unwrap();
+    assert_eq!(dev.device_pages(), 0);
+    assert!(is_thp(start(&region)), "evicted as a THP");
+    assert!(holds(&cpu_ints(&region), |i| i));
 }
 
 /// Beyond the kernel tests: unmapping part of a 2 MiB device page splits
