@@ -229,8 +229,10 @@ impl DevicePagemapOps for Mirror {
         let grow = |e: uhmm::sys::mem::MemError| DevmemError::Grow {
             reason: e.to_string(),
         };
-        // Chunks of whole 2 MiB blocks are aligned and THP-backed, so that
-        // a 2 MiB device page holds a THP, which moves in and out whole.
+        // Chunks of whole 2 MiB blocks are 2 MiB aligned, so that a THP
+        // moved into a 2 MiB device page stays one (a move of a whole PMD)
+        // and moves out whole. (Not MADV_HUGEPAGE: a device that copies
+        // into its pages would then back each written 4 KiB with 2 MiB.)
         let whole = npages % HUGE_PAGES == 0;
         let map = Mapping::builder(npages * PAGE_SIZE)
             .noreserve(true)
@@ -241,10 +243,6 @@ impl DevicePagemapOps for Mirror {
             })
             .build()
             .map_err(grow)?;
-        if whole {
-            map.advise(map.range(), uhmm::sys::mem::Advice::HugePage)
-                .map_err(grow)?;
-        }
         let mut chunks = self.arena.chunks.write().unwrap_or_else(|e| e.into_inner());
         debug_assert_eq!(chunks.len() * self.arena.chunk_pages, first.0 as usize);
         chunks.push(map);

@@ -1028,6 +1028,48 @@ fn a_2m_device_page_comes_back_whole_on_a_cpu_touch() {
     assert!(holds(&cpu_ints(&region), |i| i));
 }
 
+/// Beyond the kernel tests: a sequential scan's read-ahead never takes a
+/// 2 MiB device page in part (which would split it): it takes it whole, or
+/// stops before it.
+#[test]
+fn read_ahead_takes_a_2m_device_page_whole_or_not_at_all() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let region = mm
+        .alloc_mapping(Mapping::builder(2 * TWOMEG).align(TWOMEG))
+        .unwrap();
+    let map = region.mapping().unwrap();
+    let (first, second) = (
+        PageRange::new(start(&region), TWOMEG).unwrap(),
+        PageRange::new(VirtAddr::new(start(&region).get() + TWOMEG), TWOMEG).unwrap(),
+    );
+    map.advise(first, Advice::NoHugePage).unwrap();
+    map.advise(second, Advice::HugePage).unwrap();
+    fill(&region, |i| i);
+    // SAFETY: collapsing keeps contents; no reference into the region.
+    let rc = unsafe { libc::madvise(second.start().as_mut_ptr(), TWOMEG, 25) };
+    assert_eq!(rc, 0, "MADV_COLLAPSE");
+    let dev = SimDevice::new(&mm);
+    migrates_holding_indices(&dev, &region, 2 * THP_PAGES);
+    assert_eq!(
+        dev.memory_stats().huge_pages,
+        1,
+        "the second 2 MiB is one page"
+    );
+    // A scan of the first 2 MiB, page by page.
+    let per_page = PAGE_SIZE / 4;
+    for i in 0..THP_PAGES * per_page {
+        assert_eq!(cpu_int(&region, i), i as i32);
+        let st = dev.memory_stats();
+        assert!(
+            st.in_use == 0 || (st.huge_pages == 1 && st.in_use >= THP_PAGES),
+            "the 2 MiB device page was taken in part: {st:?}"
+        );
+    }
+    assert!(holds(&cpu_ints(&region), |i| i));
+}
+
 /// Beyond the kernel tests: unmapping part of a 2 MiB device page splits
 /// it (as the kernel splits the folio): the rest is reported at order 0,
 /// comes back page by page, and loses nothing.

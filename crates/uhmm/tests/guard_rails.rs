@@ -1091,3 +1091,101 @@ fn a_page_is_never_failed_for_a_neighbour_its_read_ahead_took_in() {
     // Healed: the pagemap's drop brings page 4 home too.
     dev.bad.store(0, Ordering::SeqCst);
 }
+
+/// Host-RAM device memory that fails every fault back of more than
+/// `max_pages` pages (a device short of staging for a 2 MiB copy, say).
+#[derive(Debug)]
+struct RefusesBig {
+    arena: VirtAddr,
+    max_pages: std::sync::atomic::AtomicUsize,
+    calls: Mutex<Vec<usize>>,
+}
+
+impl DevicePagemapOps for RefusesBig {
+    fn page_free(&self, _pfn: DevicePfn) {}
+    fn migrate_to_ram(&self, f: &DeviceFault<'_>) -> Result<(), FaultError> {
+        let mut m = f.migrate()?;
+        let n = m.range().npages();
+        self.calls.lock().unwrap().push(n);
+        if n > self.max_pages.load(Ordering::SeqCst) {
+            return Err(FaultError::NoMemory);
+        }
+        let from: Vec<(usize, VirtAddr)> = m
+            .selected()
+            .filter_map(|(i, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some((
+                    i,
+                    VirtAddr::new(self.arena.get() + pfn.0 as usize * PAGE_SIZE),
+                )),
+                _ => None,
+            })
+            .collect();
+        m.move_from_device(&from);
+        m.pages();
+        m.finalize();
+        Ok(())
+    }
+}
+
+/// A 2 MiB device page comes back whole on a CPU fault; a device that
+/// cannot bring it back whole gets the fault's own range next (the page
+/// splits, as the kernel falls back to 4 KiB): the access never fails for
+/// the size of the page it touched.
+#[test]
+fn a_2m_device_page_its_device_cannot_bring_back_whole_comes_back_in_part() {
+    use uhmm::devmem::pagemap::HUGE_PAGES;
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let huge = HUGE_PAGES * PAGE_SIZE;
+    let region = mm
+        .alloc_mapping(Mapping::builder(huge).align(huge))
+        .unwrap();
+    for i in 0..HUGE_PAGES {
+        region.write_at(i * PAGE_SIZE, &[i as u8 ^ 0x5A]).unwrap();
+    }
+    let arena = Mapping::builder(huge).align(huge).build().unwrap();
+    mm.register_device_memory(&arena).unwrap();
+    let owner = Owner::unique();
+    let dev = Arc::new(RefusesBig {
+        arena: arena.range().start(),
+        max_pages: 1.into(),
+        calls: Mutex::default(),
+    });
+    let cfg = PagemapConfig {
+        chunk_pages: HUGE_PAGES,
+        max_chunks: 1,
+    };
+    let pm = DevicePagemap::new(&mm, owner, dev.clone(), cfg).unwrap();
+    let head = pm.alloc_huge(1).unwrap()[0];
+    let mut m = MigrateVma::setup(&mm, region.range(), Select::SYSTEM, owner).unwrap();
+    let to: Vec<(usize, DevicePfn, VirtAddr)> = (0..HUGE_PAGES)
+        .map(|i| {
+            let pfn = DevicePfn(head.0 + i as u64);
+            (
+                i,
+                pfn,
+                VirtAddr::new(arena.range().start().get() + i * PAGE_SIZE),
+            )
+        })
+        .collect();
+    assert_eq!(m.move_to_device(&to).len(), HUGE_PAGES);
+    m.pages();
+    assert_eq!(m.migrated_count(), HUGE_PAGES);
+    m.finalize();
+    assert_eq!(pm.stats().huge_pages, 1);
+    let at = VirtAddr::new(region.range().start().get() + 7 * PAGE_SIZE);
+    let got = syscall_read_soon(at, 10).expect("hung");
+    let calls = dev.calls.lock().unwrap().clone();
+    assert_eq!(got.ok(), Some(7 ^ 0x5A), "calls (pages each): {calls:?}");
+    assert_eq!(calls.first(), Some(&HUGE_PAGES), "first the whole 2 MiB");
+    assert_eq!(mm.stats().faults_sigbus, 0);
+    assert_eq!(pm.stats().huge_pages, 0, "split");
+    assert_eq!(pm.stats().in_use, HUGE_PAGES - 1);
+    // Healed: the rest comes home with the pagemap.
+    dev.max_pages.store(usize::MAX, Ordering::SeqCst);
+    drop(pm);
+    let mut b = [0u8; 1];
+    region.read_at(9 * PAGE_SIZE, &mut b).unwrap();
+    assert_eq!(b[0], 9 ^ 0x5A);
+}

@@ -1863,10 +1863,16 @@ impl<'a> MigrateVma<'a> {
             // into it left for device memory (or was a hole); otherwise as
             // the page table says (what was discarded in flight, or stayed
             // after a copy).
+            // (A hole put back may have been copied from its slot, which
+            // faults the zero page in; a reclaimed migration's pages were
+            // put back by another: both are scanned.)
             let emptied = !self.filled
+                && lock(&self.shared.regions).op(self.op).is_some()
                 && self.entries.iter().all(|e| match e.how {
                     How::None | How::Device => true,
-                    How::Moved => e.moved_out || (e.src == MigrateSrc::Zero && !e.zero_pte),
+                    How::Moved => {
+                        e.moved_out || (e.src == MigrateSrc::Zero && !e.zero_pte && e.migrate)
+                    }
                     How::Copied => false,
                 });
             let dirty = !emptied && {

@@ -301,27 +301,55 @@ impl Pool {
         Some(last)
     }
 
-    /// Puts `freed` (pages whose last reference went, and whose device let
-    /// go of them) back: a huge page all of whose pages are free goes back
-    /// whole; a huge page freed in part is split (its pages are single
-    /// pages from now on).
-    fn give_back(&mut self, freed: &[u64]) {
-        let mut whole: Vec<usize> = Vec::new();
-        for &pfn in freed {
-            let b = pfn as usize / HUGE_PAGES;
-            if whole.contains(&b) {
+    /// Decides, under the same lock as the references to `last` were
+    /// dropped (their last ones), what becomes of the 2 MiB device pages
+    /// they belong to: one whose every page lost its last reference in
+    /// this very batch is freed whole (returned, to be given back whole);
+    /// any other is split now, for good. Deciding later, with the lock let
+    /// go for `page_free` meanwhile, would let two threads freeing parts of
+    /// one page both see it whole.
+    fn settle(&mut self, last: &[DevicePfn]) -> Vec<usize> {
+        let mut touched: Vec<(usize, usize)> = Vec::new();
+        for pfn in last {
+            let b = pfn.0 as usize / HUGE_PAGES;
+            if !self.huge.get(b).copied().unwrap_or(false) {
                 continue;
             }
-            if self.huge.get(b).copied().unwrap_or(false) {
-                self.huge[b] = false;
-                if self.live[b] == 0 {
-                    // Every page of it went in this batch: whole again.
-                    whole.push(b);
-                    self.free_huge.push((b * HUGE_PAGES) as u64);
-                    continue;
-                }
+            match touched.iter_mut().find(|(tb, _)| *tb == b) {
+                Some((_, n)) => *n += 1,
+                None => touched.push((b, 1)),
             }
-            self.push_free(pfn);
+        }
+        let mut whole = Vec::new();
+        for (b, n) in touched {
+            self.huge[b] = false;
+            if n == HUGE_PAGES && self.live[b] == 0 {
+                whole.push(b);
+            }
+        }
+        whole
+    }
+
+    /// Puts `freed` (pages whose last reference went, and whose device let
+    /// go of them) back: the blocks `settle` found freed whole go back
+    /// whole, unless one of their pages' `page_free` panicked (then their
+    /// other pages go back one by one); every other page goes back alone.
+    fn give_back(&mut self, freed: &[u64], whole: &[usize]) {
+        let complete = |b: usize| {
+            freed
+                .iter()
+                .filter(|&&f| f as usize / HUGE_PAGES == b)
+                .count()
+                == HUGE_PAGES
+        };
+        let whole: Vec<usize> = whole.iter().copied().filter(|&b| complete(b)).collect();
+        for &b in &whole {
+            self.free_huge.push((b * HUGE_PAGES) as u64);
+        }
+        for &pfn in freed {
+            if !whole.contains(&(pfn as usize / HUGE_PAGES)) {
+                self.push_free(pfn);
+            }
         }
     }
 
@@ -418,9 +446,18 @@ impl PagemapInner {
     /// again (a page reused before its device let go of it could carry its
     /// old contents into a new virtual page).
     pub(crate) fn put(&self, pfn: DevicePfn) -> Result<(), DevmemError> {
-        let last = match lock(&self.pool).unref(pfn) {
-            Some(last) => last,
-            None => return Err(DevmemError::BadPfn { pfn }),
+        let last = {
+            let mut p = lock(&self.pool);
+            match p.unref(pfn) {
+                // (One page alone never frees a 2 MiB page whole: it
+                // splits it.)
+                Some(true) => {
+                    p.settle(&[pfn]);
+                    true
+                }
+                Some(false) => false,
+                None => return Err(DevmemError::BadPfn { pfn }),
+            }
         };
         if last {
             // A `page_free` that panicked may not have let go of the page:
@@ -428,13 +465,7 @@ impl PagemapInner {
             let freed = call(&self.panics, "page_free", || self.ops.page_free(pfn)).is_ok();
             let mut p = lock(&self.pool);
             if freed {
-                p.give_back(&[pfn.0]);
-            } else {
-                // (A huge page it was part of is split for good.)
-                let b = pfn.0 as usize / HUGE_PAGES;
-                if let Some(h) = p.huge.get_mut(b) {
-                    *h = false;
-                }
+                p.give_back(&[pfn.0], &[]);
             }
             p.in_use -= 1;
             drop(p);
@@ -447,12 +478,15 @@ impl PagemapInner {
     /// rather than twice a page; a page not in use is skipped (uhmm drops
     /// only references it holds).
     pub(crate) fn put_many(&self, pfns: &[DevicePfn]) {
-        let last: Vec<DevicePfn> = {
+        let (last, whole) = {
             let mut p = lock(&self.pool);
-            pfns.iter()
+            let last: Vec<DevicePfn> = pfns
+                .iter()
                 .copied()
                 .filter(|&pfn| p.unref(pfn) == Some(true))
-                .collect()
+                .collect();
+            let whole = p.settle(&last);
+            (last, whole)
         };
         if last.is_empty() {
             return;
@@ -464,17 +498,7 @@ impl PagemapInner {
             .map(|pfn| pfn.0)
             .collect();
         let mut p = lock(&self.pool);
-        if freed.len() < last.len() {
-            // Pages whose `page_free` panicked split their huge pages.
-            for pfn in &last {
-                if !freed.contains(&pfn.0)
-                    && let Some(h) = p.huge.get_mut(pfn.0 as usize / HUGE_PAGES)
-                {
-                    *h = false;
-                }
-            }
-        }
-        p.give_back(&freed);
+        p.give_back(&freed, &whole);
         p.in_use -= last.len();
         drop(p);
         self.freed.fetch_add(last.len() as u64, Ordering::Relaxed);

@@ -21,7 +21,7 @@
 use super::notifier::{NotifierRange, NotifyEvent};
 use super::service::{Shared, lock};
 use super::state::Stored;
-use crate::addr::{PAGE_SIZE, PageRange};
+use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::pagemap::{DeviceFault, FaultError};
 use crate::sys::uffd::{ContinueMode, CopyMode, FaultFlags, OpError, PageFault, Progress, Stop};
 use std::sync::atomic::Ordering;
@@ -148,6 +148,66 @@ fn lose_page(
     Served::Done
 }
 
+/// The bytes of a 2 MiB device page.
+const HUGE: usize = crate::devmem::pagemap::HUGE_PAGES * PAGE_SIZE;
+
+/// Whether the page at `addr` is a page of a 2 MiB device page of `owner`
+/// (states read under the regions lock, the pool asked with it let go:
+/// DESIGN.md's lock order).
+fn in_huge_page(
+    shared: &Shared,
+    pm: &crate::devmem::pagemap::PagemapInner,
+    owner: super::Owner,
+    addr: crate::VirtAddr,
+) -> bool {
+    let st = lock(&shared.regions).states.get(addr);
+    matches!(st, Stored::Device(o, pfn) if o == owner && pm.is_huge(pfn))
+}
+
+/// `range` (a fault's, around `page`) without the part of a 2 MiB device
+/// page it would take only in part (which would split it): cut at that
+/// page's block.
+fn whole_huge_pages(
+    shared: &Shared,
+    pm: &crate::devmem::pagemap::PagemapInner,
+    owner: super::Owner,
+    range: PageRange,
+    page: PageRange,
+) -> PageRange {
+    let last = VirtAddr::new(range.end().get() - PAGE_SIZE);
+    let block = last.align_down(HUGE);
+    if block > page.start()
+        && block.get() + HUGE > range.end().get()
+        && in_huge_page(shared, pm, owner, last)
+    {
+        return PageRange::from_bounds(range.start(), block).unwrap_or(range);
+    }
+    range
+}
+
+/// The read-ahead range `next` made of whole 2 MiB device pages: one it
+/// starts in is taken whole (if inside `region`), one it ends in part of
+/// is left out; `None` if nothing is left.
+fn read_ahead_range(
+    shared: &Shared,
+    pm: &crate::devmem::pagemap::PagemapInner,
+    owner: super::Owner,
+    next: PageRange,
+    region: PageRange,
+) -> Option<PageRange> {
+    let first = next.start().align_down(HUGE);
+    if first != next.start() && in_huge_page(shared, pm, owner, next.start()) {
+        let block = PageRange::new(first, HUGE).ok()?;
+        return region.contains_range(block).then_some(block);
+    }
+    let last = VirtAddr::new(next.end().get() - PAGE_SIZE);
+    let block = last.align_down(HUGE);
+    if block.get() + HUGE > next.end().get() && in_huge_page(shared, pm, owner, last) {
+        return PageRange::from_bounds(next.start(), block).ok();
+    }
+    Some(next)
+}
+
 /// The largest read-ahead window of a sequential scan with a fault block
 /// smaller than this.
 pub(crate) const READ_AHEAD_MAX: usize = 512 << 10;
@@ -262,11 +322,20 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 };
             };
             // A 2 MiB device page comes back whole, as one unit (the
-            // kernel migrates a device-private THP's folio back whole).
-            let huge = crate::devmem::pagemap::HUGE_PAGES * PAGE_SIZE;
-            let range = match PageRange::new(page.start().align_down(huge), huge) {
-                Ok(block) if pm.is_huge(pfn) && region.contains_range(block) => block,
-                _ => range,
+            // kernel migrates a device-private THP's folio back whole) —
+            // unless that failed for this block last time: then the
+            // fault's own range, which splits it (the kernel's fallback).
+            // A range never takes part of another 2 MiB device page.
+            let huge_block = PageRange::new(page.start().align_down(HUGE), HUGE)
+                .ok()
+                .filter(|b| {
+                    pm.is_huge(pfn)
+                        && region.contains_range(*b)
+                        && shared.huge_failed.load(Ordering::Relaxed) != b.start().get()
+                });
+            let range = match huge_block {
+                Some(block) => block,
+                None => whole_huge_pages(shared, &pm, owner, range, page),
             };
             let fault = DeviceFault {
                 shared,
@@ -292,6 +361,12 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 Stored::Cpu => {
                     shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);
                     shared.window.store(window, Ordering::Relaxed);
+                    let _ = shared.huge_failed.compare_exchange(
+                        range.start().get(),
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
                     Served::Done
                 }
                 // Still on this device: it failed, asked to be called
@@ -302,8 +377,12 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 s @ Stored::Device(o, _) if o == owner => {
                     // The scan ends here: the fault is served again with
                     // its block alone (a page the device can give back is
-                    // never failed for a neighbour it cannot).
+                    // never failed for a neighbour it cannot); a 2 MiB
+                    // device page, with the fault's own range.
                     shared.last_block_end.store(0, Ordering::Relaxed);
+                    if let Some(b) = huge_block {
+                        shared.huge_failed.store(b.start().get(), Ordering::Relaxed);
+                    }
                     let why = match called {
                         Err(
                             FaultError::Device(_)
@@ -329,6 +408,7 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 && window > PAGE_SIZE
                 && let Ok(next) = PageRange::new(range.end(), window)
                 && let Some(next) = next.intersection(region)
+                && let Some(next) = read_ahead_range(shared, &pm, owner, next, region)
             {
                 let ahead = DeviceFault {
                     shared,

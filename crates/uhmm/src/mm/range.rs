@@ -404,22 +404,30 @@ impl Mm {
             if cpu.get(first).is_none_or(|e| e.device_pfn().is_none()) {
                 continue;
             }
-            let whole = {
+            // The states under the regions lock, then the pool's view with
+            // it let go (the pool's lock is taken before the regions lock
+            // where both are: a device's `add_chunk` may ask `device_page`).
+            // A change between the two moves the notifier's sequence, which
+            // the caller checks before it uses the entries.
+            let head = {
                 let regions = lock(&self.inner.shared.regions);
                 let head = match regions.states.get(block.start()) {
                     Stored::Device(o, pfn) if o == owner && pfn.0 % HUGE_PAGES as u64 == 0 => pfn,
                     _ => continue,
                 };
-                pm.is_huge(head)
-                    && block.pages().enumerate().all(|(k, a)| {
-                        regions.states.get(a) == Stored::Device(owner, DevicePfn(head.0 + k as u64))
-                    })
+                let in_order = block.pages().enumerate().all(|(k, a)| {
+                    regions.states.get(a) == Stored::Device(owner, DevicePfn(head.0 + k as u64))
+                });
+                if !in_order || regions.containing(block).is_none() {
+                    continue;
+                }
+                head
             };
-            if !whole {
+            if !pm.is_huge(head) {
                 continue;
             }
             let vmas = self.inner.shared.procmap()?.covering(block)?;
-            if vmas.len() != 1 {
+            if vmas.len() != 1 || !vmas[0].range.contains_range(block) {
                 continue;
             }
             let last = (block.end().get().min(range.end().get()) - range.start().get()) / PAGE_SIZE;

@@ -114,6 +114,9 @@ pub(crate) struct Shared {
     /// fault block, or more for a sequential scan (the read-ahead window,
     /// which doubles while the scan goes on).
     pub(crate) window: AtomicUsize,
+    /// The 2 MiB block whose device page a fault back failed to bring
+    /// back whole last (0: none): its next fault takes its own range.
+    pub(crate) huge_failed: AtomicUsize,
 }
 
 impl Shared {
@@ -142,6 +145,7 @@ impl Shared {
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
+            huge_failed: AtomicUsize::new(0),
         })
     }
 
