@@ -27,6 +27,10 @@ pub struct Args {
     /// this many bytes (at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
     threshold: usize,
+    /// The software device's memory in MiB (default 16 GiB): with less
+    /// than the program's, migrations past it fail (and are counted).
+    #[arg(long, value_name = "MIB")]
+    device_memory: Option<usize>,
     /// Append each process's statistics to FILE as one JSON object a line
     /// (the file is emptied first), instead of a line on stderr.
     #[arg(long, value_name = "FILE")]
@@ -153,6 +157,14 @@ pub fn run(args: &Args) -> ExitCode {
     match args.chaos {
         Some(r) => cmd.env("UHMM_RUN_CHAOS", r.to_string()),
         None => cmd.env_remove("UHMM_RUN_CHAOS"),
+    };
+    match args.device_memory {
+        Some(m) if m > 0 => cmd.env("UHMM_RUN_DEVICE_MIB", m.to_string()),
+        Some(_) => {
+            eprintln!("uhmm run: --device-memory must be at least 1 (MiB)");
+            return ExitCode::from(2);
+        }
+        None => cmd.env_remove("UHMM_RUN_DEVICE_MIB"),
     };
     match &args.stats {
         Some(f) => {

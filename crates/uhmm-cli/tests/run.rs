@@ -371,3 +371,70 @@ fn exit_status_is_the_programs() {
     let (out, _) = under_uhmm(&dir, &["--chaos", "0"], &["true"]);
     assert_eq!(out.status.code(), Some(2), "a rate of 0 is refused");
 }
+
+/// tests/run/bad_input.c, compiled with `cc`: half a managed mapping
+/// unmapped, the rest grown by mremap, a discard, a fork with pages on the
+/// device, malloc blocks grown and shrunk, more memory than the device
+/// (32 MiB here) holds, and an exit from a signal handler. The same output
+/// plain and under chaos, and no process left behind.
+#[test]
+fn bad_input_program() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("bad-input");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/run/bad_input.c");
+    let exe = dir.join("bad_input");
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let exe = exe.to_str().expect("a UTF-8 path");
+    let reference = plain(&dir, &[exe]);
+    assert!(
+        reference.status.success(),
+        "bad_input fails plain:\n{}",
+        String::from_utf8_lossy(&reference.stdout)
+    );
+    let (out, stats) = under_uhmm(&dir, &["--chaos", CHAOS, "--device-memory", "32"], &[exe]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "under chaos: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&reference.stdout),
+        "stderr:\n{stderr}"
+    );
+    assert_eq!(
+        stats.0.len(),
+        2,
+        "the parent and the child report: {stats:?}"
+    );
+    assert!(stats.sum("faults_device") > 0, "{stats:?}");
+    assert!(stats.sum("tails_managed") > 0, "the mremap tail: {stats:?}");
+    assert!(stats.sum("discards") > 0, "{stats:?}");
+    assert!(
+        stats.sum("chaos_failed") > 0,
+        "a 32 MiB device runs out: {stats:?}"
+    );
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+    }
+    // No process is left: nothing still runs the program.
+    let left = Command::new("pgrep")
+        .args(["-f", exe])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left)
+    );
+}

@@ -29,6 +29,7 @@
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
+//! `UHMM_RUN_DEVICE_MIB` (the device's memory in MiB, default 16 GiB),
 //! `UHMM_RUN_STATS` (a file to append one JSON line per process to; stderr
 //! otherwise), `UHMM_RUN_QUIET=1` (no stderr report).
 //!
@@ -377,7 +378,18 @@ fn proc() -> Option<&'static Proc> {
 
 fn make(pid: i32) -> Result<Proc, Box<dyn std::error::Error>> {
     let mm = Mm::new()?;
-    let dev = SimDevice::with_memory(&mm, PagemapConfig::default())?;
+    let config = match std::env::var("UHMM_RUN_DEVICE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        // 1 MiB chunks.
+        Some(mib) if mib > 0 => PagemapConfig {
+            chunk_pages: (1 << 20) / PAGE,
+            max_chunks: mib,
+        },
+        _ => PagemapConfig::default(),
+    };
+    let dev = SimDevice::with_memory(&mm, config)?;
     Ok(Proc {
         pid,
         mm,
