@@ -646,11 +646,21 @@ struct Heap {
     free: BTreeMap<usize, usize>,
     /// Blocks handed out: start → mapped length.
     blocks: BTreeMap<usize, usize>,
+    /// Freed blocks kept mapped (and managed) for the next allocations of
+    /// about their size, oldest first, at most `CACHE_BYTES` in all: a
+    /// program that allocates and frees large buffers in a loop (`xz`
+    /// does, per block) would otherwise pay a map, a registration, first
+    /// touches and an unmap each time, where glibc reuses its heap.
+    cache: Vec<(usize, usize)>,
 }
+
+/// The most bytes of freed blocks kept for reuse.
+const CACHE_BYTES: usize = 128 << 20;
 
 static HEAP: Mutex<Heap> = Mutex::new(Heap {
     free: BTreeMap::new(),
     blocks: BTreeMap::new(),
+    cache: Vec::new(),
 });
 
 thread_local! {
@@ -679,13 +689,24 @@ fn round_up(n: usize) -> Option<usize> {
 const RW: c_int = libc::PROT_READ | libc::PROT_WRITE;
 const FIXED_ANON: c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
 
-/// A new managed block of at least `n` bytes (zeroed: fresh memory), or
+/// A new managed block of at least `n` bytes (zeroed if `zeroed`), or
 /// `None` (the caller uses glibc's).
-fn big_alloc(n: usize) -> Option<*mut c_void> {
+fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
     inside(|| {
         let proc = proc()?;
         let len = round_up(n)?;
         let mut heap = lock(&HEAP);
+        if !zeroed
+            && let Some(i) = (0..heap.cache.len())
+                .filter(|&i| (len..=len.saturating_mul(2)).contains(&heap.cache[i].1))
+                .min_by_key(|&i| heap.cache[i].1)
+        {
+            // A block freed before, still mapped and managed (in this
+            // process, or a parent's copy: plain memory then).
+            let (s, l) = heap.cache.remove(i);
+            heap.blocks.insert(s, l);
+            return Some(s as *mut c_void);
+        }
         let (&s, &e) = heap.free.iter().find(|&(&s, &e)| e - s >= len)?;
         let p = real_mmap(s as *mut c_void, len, RW, FIXED_ANON, -1, 0);
         if p != s as *mut c_void {
@@ -741,7 +762,18 @@ fn big_free(p: *mut c_void) {
     // thread got it).
     let _g = Inside::enter();
     let mut heap = lock(&HEAP);
-    if let Some(len) = heap.blocks.remove(&(p as usize)) {
+    let Some(len) = heap.blocks.remove(&(p as usize)) else {
+        return;
+    };
+    if len <= CACHE_BYTES / 4 {
+        let mut cached: usize = heap.cache.iter().map(|&(_, l)| l).sum();
+        while cached + len > CACHE_BYTES && !heap.cache.is_empty() {
+            let (s, l) = heap.cache.remove(0);
+            unmap_block(&mut heap, s, l);
+            cached -= l;
+        }
+        heap.cache.push((p as usize, len));
+    } else {
         unmap_block(&mut heap, p as usize, len);
     }
 }
@@ -1051,7 +1083,7 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
     if n >= threshold()
-        && let Some(p) = big_alloc(n)
+        && let Some(p) = big_alloc(n, false)
     {
         return p;
     }
@@ -1066,7 +1098,7 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
 pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
     if let Some(total) = n.checked_mul(size)
         && total >= threshold()
-        && let Some(p) = big_alloc(total)
+        && let Some(p) = big_alloc(total, true)
     {
         return p; // fresh anonymous memory: zeroed
     }
@@ -1125,7 +1157,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
     }
     if n >= threshold()
         && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
-        && let Some(q) = big_alloc(n)
+        && let Some(q) = big_alloc(n, false)
     {
         // SAFETY: dlsym's answer for "malloc_usable_size", of this type,
         // asked about a live glibc block.
