@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod info;
+mod run;
 mod stress;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,9 @@ enum Command {
     /// device reads, forks, mremap and failures on the same pages, every
     /// read checked against a model.
     Stress(stress::Args),
+    /// Run an unmodified program with its large anonymous memory managed
+    /// by uhmm and the software device attached (LD_PRELOAD).
+    Run(run::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,5 +55,6 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Stress(args) => stress::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }

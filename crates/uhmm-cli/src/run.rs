@@ -1,0 +1,193 @@
+//! `uhmm run`: runs an unmodified program with its large private anonymous
+//! memory managed by uhmm, through `libuhmm_preload.so` (crate
+//! `uhmm-preload`) in `LD_PRELOAD`.
+//!
+//! The library is looked for, in order: `$UHMM_PRELOAD` (a path to it),
+//! next to the `uhmm` binary (`target/<profile>/`, where `cargo build`
+//! puts both), in `deps/` below it, and in `../lib/` beside it (an
+//! installed layout: `bin/uhmm`, `lib/libuhmm_preload.so`).
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The file name of the preload library.
+const LIB: &str = "libuhmm_preload.so";
+
+/// `uhmm run [--chaos RATE] [--threshold BYTES] [--stats FILE] -- PROGRAM [ARGS...]`
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Keep moving random managed ranges to the software device and back,
+    /// RATE migrations a second (per process), while the program runs.
+    #[arg(long, value_name = "RATE")]
+    chaos: Option<f64>,
+    /// Manage private anonymous mappings and malloc blocks of at least
+    /// this many bytes (at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    threshold: usize,
+    /// The software device's memory in MiB (default 16 GiB): with less
+    /// than the program's, migrations past it fail (and are counted).
+    #[arg(long, value_name = "MIB")]
+    device_memory: Option<usize>,
+    /// Append each process's statistics to FILE as one JSON object a line
+    /// (the file is emptied first), instead of a line on stderr.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+/// Finds the preload library (see the module documentation).
+fn find_lib() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("UHMM_PRELOAD").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(std::path::absolute(&p).unwrap_or(p))
+        } else {
+            Err(format!("UHMM_PRELOAD={} is not a file", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the uhmm binary: {e}"))?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let candidates = [
+        dir.join(LIB),
+        dir.join("deps").join(LIB),
+        dir.join("..").join("lib").join(LIB),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "{LIB} not found next to {} (build it: `cargo build -p uhmm-preload`, \
+             or set UHMM_PRELOAD to its path)",
+                exe.display()
+            )
+        })
+}
+
+/// `program` as `execvp` would find it.
+fn resolve(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return Some(program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Why the dynamic linker will ignore `LD_PRELOAD` for this file, if it
+/// will: a static ELF executable (no `PT_INTERP`), or a setuid / setgid one.
+fn not_preloadable(path: &Path) -> Option<&'static str> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.permissions().mode() & 0o6000 != 0 {
+        return Some("setuid or setgid");
+    }
+    let bytes = std::fs::read(path).ok()?;
+    // An ELF64 little-endian file; anything else (a script) is run by an
+    // interpreter, which is then what gets the library.
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let phoff = u64_at(32)? as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    const PT_INTERP: u32 = 3;
+    let has_interp = (0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        bytes
+            .get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+            == Some(PT_INTERP)
+    });
+    (!has_interp).then_some("statically linked")
+}
+
+pub fn run(args: &Args) -> ExitCode {
+    let lib = match find_lib() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("uhmm run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.threshold < 4096 {
+        eprintln!("uhmm run: --threshold must be at least 4096 (a page)");
+        return ExitCode::from(2);
+    }
+    if let Some(r) = args.chaos
+        && !(r.is_finite() && r > 0.0)
+    {
+        eprintln!("uhmm run: --chaos must be a positive rate (migrations a second)");
+        return ExitCode::from(2);
+    }
+    let program = Path::new(&args.command[0]);
+    if let Some(why) = resolve(program).as_deref().and_then(not_preloadable) {
+        eprintln!(
+            "uhmm run: {} is {why}: the dynamic linker ignores LD_PRELOAD for it, so it \
+             runs unmanaged",
+            program.display()
+        );
+    }
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&args.command[1..]);
+    let preload = match std::env::var_os("LD_PRELOAD").filter(|p| !p.is_empty()) {
+        Some(old) => {
+            let mut p = lib.into_os_string();
+            p.push(":");
+            p.push(old);
+            p
+        }
+        None => lib.into_os_string(),
+    };
+    cmd.env("LD_PRELOAD", preload);
+    cmd.env("UHMM_RUN_THRESHOLD", args.threshold.to_string());
+    match args.chaos {
+        Some(r) => cmd.env("UHMM_RUN_CHAOS", r.to_string()),
+        None => cmd.env_remove("UHMM_RUN_CHAOS"),
+    };
+    match args.device_memory {
+        Some(m) if m > 0 => cmd.env("UHMM_RUN_DEVICE_MIB", m.to_string()),
+        Some(_) => {
+            eprintln!("uhmm run: --device-memory must be at least 1 (MiB)");
+            return ExitCode::from(2);
+        }
+        None => cmd.env_remove("UHMM_RUN_DEVICE_MIB"),
+    };
+    match &args.stats {
+        Some(f) => {
+            if let Err(e) = std::fs::write(f, b"") {
+                eprintln!("uhmm run: cannot write {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+            cmd.env(
+                "UHMM_RUN_STATS",
+                std::path::absolute(f).unwrap_or(f.clone()),
+            );
+        }
+        None => {
+            cmd.env_remove("UHMM_RUN_STATS");
+        }
+    }
+    // Replaces this process: the program's exit status (or signal) is
+    // the status of `uhmm run`.
+    let e = cmd.exec();
+    eprintln!("uhmm run: cannot run {}: {e}", program.display());
+    ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
+}

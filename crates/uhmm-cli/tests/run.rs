@@ -1,0 +1,440 @@
+//! `uhmm run` on programs no one here wrote: each runs plain and under
+//! `uhmm run --chaos`, and the outputs (and exit statuses) must be the same
+//! byte for byte, while the chaos run reports CPU faults served from device
+//! memory (`faults_device` summed over its processes) and loses nothing.
+//!
+//! A program the machine lacks is a skip (`SKIPPED` on stderr), and a
+//! failure under CI (`CI=true` or `UHMM_REQUIRE_ALL=1`), as the other
+//! tests' missing capabilities are.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// Migrations a second of the chaos runs.
+const CHAOS: &str = "1000";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The uhmm binary's directory (`target/<profile>`).
+fn profile_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_uhmm"))
+        .parent()
+        .expect("the binary's directory")
+        .to_path_buf()
+}
+
+/// Builds libuhmm_preload.so (once per test process) into the uhmm
+/// binary's directory, where `uhmm run` looks for it, and returns its path.
+fn preload() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = profile_dir();
+        let profile = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("profile directory name")
+            .to_string();
+        let above = dir.parent().expect("target directory");
+        let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
+            (above.to_path_buf(), None)
+        } else {
+            let t = above.parent().expect("target directory").to_path_buf();
+            (
+                t,
+                above.file_name().and_then(|n| n.to_str()).map(String::from),
+            )
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "uhmm-preload", "--lib", "--target-dir"])
+            .arg(&target_dir)
+            .current_dir(root());
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            p => {
+                cmd.args(["--profile", p]);
+            }
+        }
+        if let Some(t) = triple {
+            cmd.args(["--target", &t]);
+        }
+        let out = cmd.output().expect("run cargo build -p uhmm-preload");
+        assert!(
+            out.status.success(),
+            "cargo build -p uhmm-preload failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lib = dir.join("libuhmm_preload.so");
+        assert!(lib.exists(), "{} was not built", lib.display());
+        lib
+    })
+}
+
+/// A scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = profile_dir().join("run-tests").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch directory");
+    d
+}
+
+/// Whether `program` is on PATH; a skip (a failure under CI) if not.
+fn have(program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        let required = std::env::var("UHMM_REQUIRE_ALL").is_ok_and(|v| v == "1")
+            || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        if required {
+            panic!("{program} is not installed (CI must not skip: see .ci/run)");
+        }
+        let name = std::thread::current().name().unwrap_or("?").to_owned();
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("SKIPPED {name}: {program} is not installed\n").as_bytes(),
+        );
+    }
+    found
+}
+
+/// The statistics of a run: one JSON object per process.
+#[derive(Debug)]
+struct Stats(Vec<serde_json::Value>);
+
+impl Stats {
+    fn sum(&self, key: &str) -> u64 {
+        self.0.iter().map(|v| v[key].as_u64().unwrap_or(0)).sum()
+    }
+}
+
+/// Runs `argv` under `uhmm run` with `opts`, in `dir`.
+fn under_uhmm(dir: &Path, opts: &[&str], argv: &[&str]) -> (Output, Stats) {
+    let stats = dir.join(format!("stats-{}.jsonl", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_uhmm"))
+        .env("UHMM_PRELOAD", preload())
+        .arg("run")
+        .args(opts)
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--")
+        .args(argv)
+        .current_dir(dir)
+        .output()
+        .expect("run uhmm run");
+    let text = std::fs::read_to_string(&stats).unwrap_or_default();
+    let v = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad stats line {l:?}: {e}")))
+        .collect();
+    (out, Stats(v))
+}
+
+fn plain(dir: &Path, argv: &[&str]) -> Output {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .current_dir(dir)
+        .output()
+        .expect("run the program")
+}
+
+/// Runs `argv` plain and under `uhmm run --chaos`: same stdout, same exit
+/// status, device faults served, nothing lost. Returns the chaos run's
+/// statistics.
+fn same_under_chaos(dir: &Path, argv: &[&str]) -> Stats {
+    let reference = plain(dir, argv);
+    assert!(
+        reference.status.success(),
+        "{argv:?} failed when run plain: {}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    assert!(!reference.stdout.is_empty(), "{argv:?} printed nothing");
+    let (out, stats) = under_uhmm(dir, &["--chaos", CHAOS], argv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        reference.status.code(),
+        "exit status under uhmm run --chaos; stderr:\n{stderr}"
+    );
+    assert!(
+        out.stdout == reference.stdout,
+        "{argv:?}: the output under uhmm run --chaos differs from the plain run's \
+         ({} bytes against {}); stderr:\n{stderr}",
+        out.stdout.len(),
+        reference.stdout.len()
+    );
+    assert!(
+        !stats.0.is_empty(),
+        "no process reported statistics; stderr:\n{stderr}"
+    );
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key} under chaos: {stats:?}");
+    }
+    assert!(
+        stats.sum("faults_device") > 0,
+        "{argv:?}: no CPU fault was served from device memory under chaos: {stats:?}"
+    );
+    assert!(stats.sum("pages_to_device") > 0, "{stats:?}");
+    stats
+}
+
+/// Deterministic text: `n` lines of pseudo-random words.
+fn text(n: usize) -> String {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut s = String::with_capacity(n * 24);
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(&format!("{:016x} {} {}\n", x, i % 977, x % 1_000_003));
+    }
+    s
+}
+
+#[test]
+fn python_sorts_a_large_list() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("python");
+    let script = "import hashlib, random\n\
+        random.seed(7)\n\
+        a = [(random.random(), str(i)) for i in range(600000)]\n\
+        a.sort()\n\
+        d = {k: v for v, k in a[:200000]}\n\
+        print(len(a), len(d), hashlib.sha256(repr(a[::97]).encode()).hexdigest())\n";
+    same_under_chaos(&dir, &["python3", "-c", script]);
+}
+
+#[test]
+fn python_threads() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("python-threads");
+    let script = "import hashlib, threading\n\
+        out = [None] * 4\n\
+        def work(k):\n    \
+            a = [(i * 2654435761 + k) % 1000003 for i in range(250000)]\n    \
+            a.sort()\n    \
+            out[k] = hashlib.sha256(repr(a).encode()).hexdigest()\n\
+        ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]\n\
+        [t.start() for t in ts]\n\
+        [t.join() for t in ts]\n\
+        print(out)\n";
+    same_under_chaos(&dir, &["python3", "-c", script]);
+}
+
+#[test]
+fn sort_of_a_large_file() {
+    if !have("sort") {
+        return;
+    }
+    let dir = scratch("sort");
+    std::fs::write(dir.join("in.txt"), text(300_000)).expect("input");
+    // Two threads, one in-memory buffer (no temporary files).
+    same_under_chaos(&dir, &["sort", "--parallel=2", "-S", "64M", "in.txt"]);
+}
+
+#[test]
+fn xz_round_trip_with_two_threads() {
+    if !have("xz") || !have("sha256sum") {
+        return;
+    }
+    let dir = scratch("xz");
+    std::fs::write(dir.join("in.txt"), text(200_000)).expect("input");
+    same_under_chaos(
+        &dir,
+        &[
+            "sh",
+            "-c",
+            "xz -1 -T2 -c in.txt > in.txt.xz && xz -dc in.txt.xz | sha256sum && \
+             xz -l in.txt.xz | tail -n 1",
+        ],
+    );
+}
+
+#[test]
+fn shell_pipeline_forks_and_execs() {
+    if !have("sort") || !have("gzip") || !have("sha256sum") {
+        return;
+    }
+    let dir = scratch("pipeline");
+    std::fs::write(dir.join("in.txt"), text(200_000)).expect("input");
+    let stats = same_under_chaos(
+        &dir,
+        &[
+            "sh",
+            "-c",
+            "sort -S 32M in.txt | gzip -c | gunzip -c | sort -r -S 32M | sha256sum; \
+             (sort -k3 -n -S 32M in.txt | tail -c 1000000 | wc -c) & wait",
+        ],
+    );
+    let pids: std::collections::BTreeSet<u64> =
+        stats.0.iter().filter_map(|v| v["pid"].as_u64()).collect();
+    assert!(
+        pids.len() >= 3,
+        "each sort reports for its own process: {stats:?}"
+    );
+}
+
+#[test]
+fn sqlite3_loads_and_queries() {
+    if !have("sqlite3") {
+        return;
+    }
+    let dir = scratch("sqlite3");
+    let sql = "create table t(a integer, b text);\
+        with recursive c(x) as (select 1 union all select x+1 from c where x<300000)\
+        insert into t select (x*7919)%300007, hex((x*2654435761)%4294967296) from c;\
+        select count(*), sum(a), max(b) from t;\
+        create index i on t(b);\
+        select a from t order by b limit 5;\
+        select sum(length(b)), min(b) from (select b from t order by a);\
+        select a%100, count(*) from t group by a%100 order by 2 desc, 1 limit 3;";
+    same_under_chaos(&dir, &["sqlite3", ":memory:", sql]);
+}
+
+/// A process that forks with managed memory (device pages included): the
+/// child reads its copy of the parent's data, makes large allocations of
+/// its own (its own `Mm`), and both report.
+#[test]
+fn python_forks_with_managed_memory() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("python-fork");
+    let script = "import hashlib, os, sys\n\
+        a = [i * 7 % 1000003 for i in range(1500000)]\n\
+        for r in range(3):\n    \
+            sys.stdout.flush()\n    \
+            pid = os.fork()\n    \
+            if pid == 0:\n        \
+                b = sorted(a)\n        \
+                c = [x + r for x in b]\n        \
+                print('child', r, hashlib.sha256(repr(c[::11]).encode()).hexdigest())\n        \
+                sys.stdout.flush()\n        \
+                sys.exit(0)\n    \
+            os.waitpid(pid, 0)\n    \
+            a = [x + 1 for x in a]\n\
+        print('parent', hashlib.sha256(repr(a).encode()).hexdigest())\n";
+    let stats = same_under_chaos(&dir, &["python3", "-c", script]);
+    let pids: std::collections::BTreeSet<u64> =
+        stats.0.iter().filter_map(|v| v["pid"].as_u64()).collect();
+    assert_eq!(
+        pids.len(),
+        4,
+        "the parent and three children report: {stats:?}"
+    );
+}
+
+/// Without chaos nothing moves: the same output, no page on the device,
+/// memory managed.
+#[test]
+fn without_chaos_memory_is_managed_and_stays_home() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("no-chaos");
+    let argv = [
+        "python3",
+        "-c",
+        "a = list(range(3000000)); a.reverse(); print(sum(a[::3]))",
+    ];
+    let reference = plain(&dir, &argv);
+    let (out, stats) = under_uhmm(&dir, &[], &argv);
+    assert_eq!(out.stdout, reference.stdout);
+    assert!(out.status.success());
+    assert_eq!(stats.0.len(), 1, "{stats:?}");
+    assert!(stats.sum("managed_bytes_peak") >= 24 << 20, "{stats:?}");
+    assert!(stats.sum("malloc_blocks_managed") > 0, "{stats:?}");
+    assert_eq!(stats.sum("pages_to_device"), 0, "{stats:?}");
+    assert_eq!(stats.sum("faults_device"), 0, "{stats:?}");
+}
+
+/// The exit status of the program is `uhmm run`'s, and a missing program
+/// is 127, as in a shell.
+#[test]
+fn exit_status_is_the_programs() {
+    let dir = scratch("status");
+    let (out, _) = under_uhmm(&dir, &[], &["sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let (out, _) = under_uhmm(&dir, &[], &["/nonexistent/program"]);
+    assert_eq!(out.status.code(), Some(127));
+    let (out, _) = under_uhmm(&dir, &["--chaos", "0"], &["true"]);
+    assert_eq!(out.status.code(), Some(2), "a rate of 0 is refused");
+}
+
+/// tests/run/bad_input.c, compiled with `cc`: half a managed mapping
+/// unmapped, the rest grown by mremap, a discard, a fork with pages on the
+/// device, malloc blocks grown and shrunk, more memory than the device
+/// (32 MiB here) holds, and an exit from a signal handler. The same output
+/// plain and under chaos, and no process left behind.
+#[test]
+fn bad_input_program() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("bad-input");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/run/bad_input.c");
+    let exe = dir.join("bad_input");
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let exe = exe.to_str().expect("a UTF-8 path");
+    let reference = plain(&dir, &[exe]);
+    assert!(
+        reference.status.success(),
+        "bad_input fails plain:\n{}",
+        String::from_utf8_lossy(&reference.stdout)
+    );
+    let (out, stats) = under_uhmm(&dir, &["--chaos", CHAOS, "--device-memory", "32"], &[exe]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "under chaos: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&reference.stdout),
+        "stderr:\n{stderr}"
+    );
+    assert_eq!(
+        stats.0.len(),
+        2,
+        "the parent and the child report: {stats:?}"
+    );
+    assert!(stats.sum("faults_device") > 0, "{stats:?}");
+    assert!(stats.sum("tails_managed") > 0, "the mremap tail: {stats:?}");
+    assert!(stats.sum("discards") > 0, "{stats:?}");
+    assert!(
+        stats.sum("chaos_failed") > 0,
+        "a 32 MiB device runs out: {stats:?}"
+    );
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+    }
+    // No process is left: nothing still runs the program.
+    let left = Command::new("pgrep")
+        .args(["-f", exe])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left)
+    );
+}

@@ -1,0 +1,1207 @@
+//! `libuhmm_preload.so`: the library `uhmm run` loads into an unmodified
+//! program with `LD_PRELOAD`. It puts the program's large private
+//! anonymous memory under uhmm, with a [`SimDevice`] attached, and can
+//! keep moving it to the device and back while the program runs.
+//!
+//! What it interposes (C symbols this library defines, found before
+//! glibc's by the dynamic linker):
+//!
+//! - `mmap`: a private anonymous read-write mapping of at least the
+//!   threshold is managed (`Mm::manage`) right after it is made. Shared,
+//!   file, stack (`MAP_STACK`, `MAP_GROWSDOWN`), hugetlb and `PROT_NONE`
+//!   (reservation) mappings are left alone, as is every mapping made while
+//!   inside this library or by uhmm's own threads (uhmm itself maps through
+//!   raw system calls, which no interposition sees).
+//! - `munmap`, `mremap`, `madvise`: passed on; uhmm's fault service follows
+//!   the kernel's UNMAP / REMAP / REMOVE events of managed memory, so its
+//!   own bookkeeping needs nothing here. This library keeps its list of
+//!   managed pieces (what `--chaos` picks from) in step, and manages the
+//!   grown tail of a managed mapping that `mremap` enlarged.
+//! - `malloc`, `calloc`, `realloc`, `reallocarray`, `free`,
+//!   `malloc_usable_size`: glibc serves large blocks with its own internal
+//!   `mmap`, which no interposition sees. So a block of at least the
+//!   threshold is served here instead: mapped inside a reservation of
+//!   address space this library holds (so that `free` tells its blocks from
+//!   glibc's by one comparison) and managed. Smaller blocks, and every
+//!   block when that fails, are glibc's (`__libc_malloc` and friends). The
+//!   aligned allocators (`memalign`, `posix_memalign`, `aligned_alloc`,
+//!   `valloc`) stay glibc's and are not managed.
+//!
+//! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
+//! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
+//! `UHMM_RUN_DEVICE_MIB` (the device's memory in MiB, default 16 GiB),
+//! `UHMM_RUN_STATS` (a file to append one JSON line per process to; stderr
+//! otherwise), `UHMM_RUN_QUIET=1` (no stderr report).
+//!
+//! Each process gets its own `Mm` and device, made on its first managed
+//! mapping: a forked child's inherited `Mm` is dead (uhmm returns
+//! `ForkedChild` there, and the child's copies of managed memory are plain
+//! memory), so the first interposed call in the child that needs one sees
+//! a different process id and makes a new one. If uhmm cannot start (no
+//! userfaultfd, say) the process runs unmanaged, with one line on stderr.
+//! Nothing here panics into the program or aborts it: every entry point
+//! catches a panic and falls back to the plain call.
+//!
+//! Not covered: memory a program registers with its own userfaultfd
+//! (`UFFDIO_REGISTER` of a managed range fails with EBUSY: run such a
+//! program with a threshold above its mappings), static and setuid
+//! programs (the dynamic linker ignores `LD_PRELOAD` for them), mappings
+//! glibc makes internally (thread stacks, malloc arenas), the heap below
+//! the threshold, and `.bss`.
+
+// An LD_PRELOAD library is unsafe by nature: it defines the C symbols
+// mmap, malloc, free, ... that the program and glibc call, calls the real
+// ones through pointers from dlsym or glibc's `__libc_*` entry points, and
+// hands memory it manages to C code. Each unsafe block says why it holds.
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::ffi::{c_int, c_void};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use libc::{off_t, size_t};
+use uhmm::devmem::PagemapConfig;
+use uhmm::mm::Mm;
+use uhmm::{PageRange, VirtAddr};
+use uhmm_sim::SimDevice;
+
+const PAGE: usize = 4096;
+/// The address space reserved for large `malloc` blocks (virtual only:
+/// `PROT_NONE`, `MAP_NORESERVE`).
+const RESERVATION: usize = 256 << 30;
+
+/// Mappings and blocks of at least this many bytes are managed; `usize::MAX`
+/// until the constructor has read the environment.
+static THRESHOLD: AtomicUsize = AtomicUsize::new(usize::MAX);
+static CHAOS_RATE: AtomicU64 = AtomicU64::new(0); // f64 bits
+static RES_START: AtomicUsize = AtomicUsize::new(0);
+static RES_END: AtomicUsize = AtomicUsize::new(0);
+
+static REAL_MMAP: AtomicUsize = AtomicUsize::new(0);
+static REAL_MUNMAP: AtomicUsize = AtomicUsize::new(0);
+static REAL_MREMAP: AtomicUsize = AtomicUsize::new(0);
+static REAL_MADVISE: AtomicUsize = AtomicUsize::new(0);
+static REAL_USABLE: AtomicUsize = AtomicUsize::new(0);
+
+type MmapFn = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
+type MunmapFn = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
+type MremapFn =
+    unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
+type MadviseFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
+type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
+
+unsafe extern "C" {
+    // glibc's own allocator, under the names it exports for replacements
+    // of malloc to call (GLIBC_2.2.5).
+    fn __libc_malloc(n: size_t) -> *mut c_void;
+    fn __libc_calloc(n: size_t, size: size_t) -> *mut c_void;
+    fn __libc_realloc(p: *mut c_void, n: size_t) -> *mut c_void;
+    fn __libc_free(p: *mut c_void);
+}
+
+// ---------------------------------------------------------------------
+// The reentrancy guard: calls made while inside this library (or by
+// uhmm's threads) go straight to the real functions.
+
+thread_local! {
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as inside this library while alive.
+struct Inside;
+
+impl Inside {
+    /// `None` if the thread is inside already (or its thread-local storage
+    /// is gone): the caller must do the plain call.
+    fn enter() -> Option<Inside> {
+        INSIDE
+            .try_with(|c| (!c.replace(true)).then_some(Inside))
+            .ok()
+            .flatten()
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        let _ = INSIDE.try_with(|c| c.set(false));
+    }
+}
+
+/// Whether the calling thread is one of uhmm's (its fault service, the
+/// chaos thread): they are named `uhmm-…`, and what they map is uhmm's.
+fn uhmm_thread() -> bool {
+    let mut name = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
+    let rc = unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    rc == 0 && name.starts_with(b"uhmm-")
+}
+
+/// Runs `f` inside the library, or returns `None` if the thread is inside
+/// already, is uhmm's, or `f` panicked (contained: the panic hook printed
+/// it; the caller falls back to the plain call).
+fn inside<T>(f: impl FnOnce() -> Option<T>) -> Option<T> {
+    let _g = Inside::enter()?;
+    if uhmm_thread() {
+        return None;
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .ok()
+        .flatten()
+}
+
+// ---------------------------------------------------------------------
+// The real calls.
+
+fn real_mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
+    match REAL_MMAP.load(Ordering::Acquire) {
+        // SAFETY: before the constructor resolved glibc's mmap (another
+        // library's constructor mapping memory), the system call itself,
+        // with the caller's arguments.
+        0 => unsafe {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
+        },
+        // SAFETY: REAL_MMAP holds dlsym's answer for "mmap", which has this
+        // type; the caller's arguments are passed on unchanged.
+        f => unsafe { std::mem::transmute::<usize, MmapFn>(f)(addr, len, prot, flags, fd, off) },
+    }
+}
+
+fn real_munmap(addr: *mut c_void, len: usize) -> c_int {
+    match REAL_MUNMAP.load(Ordering::Acquire) {
+        // SAFETY: as in `real_mmap`.
+        0 => unsafe { libc::syscall(libc::SYS_munmap, addr, len) as c_int },
+        // SAFETY: dlsym's answer for "munmap", of this type.
+        f => unsafe { std::mem::transmute::<usize, MunmapFn>(f)(addr, len) },
+    }
+}
+
+fn real_mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: c_int,
+    new: *mut c_void,
+) -> *mut c_void {
+    match REAL_MREMAP.load(Ordering::Acquire) {
+        // SAFETY: as in `real_mmap`.
+        0 => unsafe {
+            libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new) as *mut c_void
+        },
+        // SAFETY: dlsym's answer for "mremap"; passing the fifth argument
+        // always is how a variadic call with it looks on this ABI (and
+        // glibc reads it only with MREMAP_FIXED).
+        f => unsafe {
+            std::mem::transmute::<usize, MremapFn>(f)(old, old_len, new_len, flags, new)
+        },
+    }
+}
+
+fn real_madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int {
+    match REAL_MADVISE.load(Ordering::Acquire) {
+        // SAFETY: as in `real_mmap`.
+        0 => unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) as c_int },
+        // SAFETY: dlsym's answer for "madvise", of this type.
+        f => unsafe { std::mem::transmute::<usize, MadviseFn>(f)(addr, len, advice) },
+    }
+}
+
+fn resolve(name: &std::ffi::CStr, slot: &AtomicUsize) {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    slot.store(p as usize, Ordering::Release);
+}
+
+// ---------------------------------------------------------------------
+// Per-process state.
+
+/// Counters of this library (uhmm counts the rest).
+#[derive(Default)]
+struct Counters {
+    mappings_managed: AtomicU64,
+    blocks_managed: AtomicU64,
+    manage_failures: AtomicU64,
+    tails_managed: AtomicU64,
+    discards: AtomicU64,
+    peak_managed: AtomicUsize,
+    chaos_to_device: AtomicU64,
+    chaos_to_system: AtomicU64,
+    chaos_pages_moved: AtomicU64,
+    chaos_failed: AtomicU64,
+}
+
+/// The managed pieces of this process: start → end.
+#[derive(Default)]
+struct Live {
+    pieces: BTreeMap<usize, usize>,
+}
+
+impl Live {
+    fn insert(&mut self, start: usize, end: usize) {
+        self.remove(start, end);
+        self.pieces.insert(start, end);
+    }
+
+    /// Removes `[start, end)`; returns the pieces that overlapped it,
+    /// clipped to it.
+    fn remove(&mut self, start: usize, end: usize) -> Vec<(usize, usize)> {
+        let hit: Vec<(usize, usize)> = self
+            .pieces
+            .range(..end)
+            .rev()
+            .take_while(|&(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        let mut clipped = Vec::new();
+        for (s, e) in hit {
+            self.pieces.remove(&s);
+            if s < start {
+                self.pieces.insert(s, start);
+            }
+            if e > end {
+                self.pieces.insert(end, e);
+            }
+            clipped.push((s.max(start), e.min(end)));
+        }
+        clipped
+    }
+
+    fn overlaps(&self, start: usize, end: usize) -> bool {
+        self.pieces
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &e)| e > start)
+    }
+
+    fn bytes(&self) -> usize {
+        self.pieces.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+struct Proc {
+    pid: i32,
+    mm: Mm,
+    dev: SimDevice,
+    live: Mutex<Live>,
+    c: Counters,
+    chaos_stop: AtomicBool,
+    chaos_done: AtomicBool,
+    warned: AtomicBool,
+}
+
+static PROC: AtomicPtr<Proc> = AtomicPtr::new(std::ptr::null_mut());
+/// The process id whose `Proc` could not be made (it runs unmanaged).
+static FAILED_PID: AtomicI32 = AtomicI32::new(0);
+/// The process id of the thread making a `Proc` now (0: nobody). Keyed by
+/// process so that a child forked in the middle does not wait for it.
+static MAKING: AtomicI32 = AtomicI32::new(0);
+static REPORTED_PID: AtomicI32 = AtomicI32::new(0);
+static ATEXIT_PID: AtomicI32 = AtomicI32::new(0);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn getpid() -> i32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+/// This process's state, made on first use; `None` if uhmm cannot run here.
+/// Call inside the library only.
+fn proc() -> Option<&'static Proc> {
+    let pid = getpid();
+    let current = || {
+        let p = PROC.load(Ordering::Acquire);
+        // SAFETY: a published `Proc` is leaked, never freed.
+        (!p.is_null())
+            .then(|| unsafe { &*p })
+            .filter(|p| p.pid == pid)
+    };
+    if let Some(p) = current() {
+        return Some(p);
+    }
+    if FAILED_PID.load(Ordering::Relaxed) == pid {
+        return None;
+    }
+    loop {
+        let m = MAKING.load(Ordering::Acquire);
+        if m == pid {
+            std::thread::yield_now();
+            continue;
+        }
+        // Free, or left taken by a thread of the parent we were forked from.
+        if MAKING
+            .compare_exchange(m, pid, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            break;
+        }
+    }
+    let made = current().or_else(|| {
+        if FAILED_PID.load(Ordering::Relaxed) == pid {
+            return None;
+        }
+        match make(pid) {
+            Ok(p) => {
+                let p: &'static Proc = Box::leak(Box::new(p));
+                PROC.store(p as *const Proc as *mut Proc, Ordering::Release);
+                start_chaos(p);
+                // Registered after `Mm::new` registered uhmm's own hook, so
+                // that it runs first, with the device still there.
+                if ATEXIT_PID.swap(pid, Ordering::AcqRel) != pid {
+                    // SAFETY: `at_exit` is a plain function that never unwinds.
+                    unsafe { libc::atexit(at_exit) };
+                }
+                Some(p)
+            }
+            Err(e) => {
+                FAILED_PID.store(pid, Ordering::Relaxed);
+                say(&format!("pid {pid} runs unmanaged: {e}"));
+                None
+            }
+        }
+    });
+    MAKING.store(0, Ordering::Release);
+    made
+}
+
+fn make(pid: i32) -> Result<Proc, Box<dyn std::error::Error>> {
+    let mm = Mm::new()?;
+    let config = match std::env::var("UHMM_RUN_DEVICE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        // 1 MiB chunks.
+        Some(mib) if mib > 0 => PagemapConfig {
+            chunk_pages: (1 << 20) / PAGE,
+            max_chunks: mib,
+        },
+        _ => PagemapConfig::default(),
+    };
+    let dev = SimDevice::with_memory(&mm, config)?;
+    Ok(Proc {
+        pid,
+        mm,
+        dev,
+        live: Mutex::new(Live::default()),
+        c: Counters::default(),
+        chaos_stop: AtomicBool::new(false),
+        chaos_done: AtomicBool::new(true),
+        warned: AtomicBool::new(false),
+    })
+}
+
+/// One line on stderr, prefixed.
+fn say(msg: &str) {
+    let _ = std::io::stderr().write_all(format!("uhmm run: {msg}\n").as_bytes());
+}
+
+impl Proc {
+    /// Manages `[start, end)`, just mapped by the program (or for it). Call
+    /// with `live` locked.
+    fn manage(&self, live: &mut Live, start: usize, end: usize) -> bool {
+        let Ok(range) = PageRange::from_bounds(VirtAddr::new(start), VirtAddr::new(end)) else {
+            return false;
+        };
+        // SAFETY: `Mm::manage`'s contract. No Rust reference points into the
+        // range: it is the program's memory (or a block handed to it), which
+        // this library reaches by raw pointers only. "Kept mapped until the
+        // region is dropped": the region is never dropped (forgotten below),
+        // and its drop is the only thing that relies on it; when the program
+        // unmaps, remaps or discards the memory, uhmm follows the kernel's
+        // UNMAP / REMAP / REMOVE events of it, as it does for any managed
+        // memory unmapped behind its back (and the kernel unregisters what
+        // is unmapped).
+        match unsafe { self.mm.manage(range) } {
+            Ok(region) => {
+                std::mem::forget(region);
+                live.insert(start, end);
+                let bytes = live.bytes();
+                self.c.peak_managed.fetch_max(bytes, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.c.manage_failures.fetch_add(1, Ordering::Relaxed);
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    say(&format!(
+                        "pid {}: {:#x}..{:#x} left unmanaged: {e} (said once)",
+                        self.pid, start, end
+                    ));
+                }
+                false
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Chaos.
+
+fn chaos_rate() -> f64 {
+    f64::from_bits(CHAOS_RATE.load(Ordering::Relaxed))
+}
+
+fn start_chaos(p: &'static Proc) {
+    let rate = chaos_rate();
+    if rate <= 0.0 {
+        return;
+    }
+    p.chaos_done.store(false, Ordering::Release);
+    let spawned = std::thread::Builder::new()
+        .name("uhmm-chaos".into())
+        .spawn(move || {
+            let _g = Inside::enter();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chaos(p, rate)));
+            p.chaos_done.store(true, Ordering::Release);
+        });
+    if let Err(e) = spawned {
+        p.chaos_done.store(true, Ordering::Release);
+        say(&format!("pid {}: no chaos thread: {e}", p.pid));
+    }
+}
+
+/// Moves random managed ranges to the device (three in four) and back
+/// (one in four), `rate` times a second; CPU touches bring the rest back.
+fn chaos(p: &Proc, rate: f64) {
+    let interval = Duration::from_secs_f64((1.0 / rate).min(1.0));
+    let mut seed = (p.pid as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut next = Instant::now();
+    while !p.chaos_stop.load(Ordering::Acquire) {
+        next += interval;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else if now - next > Duration::from_millis(100) {
+            next = now;
+        }
+        let pick = {
+            let live = lock(&p.live);
+            let total = live.bytes() / PAGE;
+            if total == 0 {
+                continue;
+            }
+            let mut at = (rand() % total as u64) as usize * PAGE;
+            live.pieces.iter().find_map(|(&s, &e)| {
+                if at < e - s {
+                    Some((s + at, e))
+                } else {
+                    at -= e - s;
+                    None
+                }
+            })
+        };
+        let Some((addr, end)) = pick else { continue };
+        let npages = (1 + (rand() % 256) as usize)
+            .min((end - addr) / PAGE)
+            .max(1);
+        let a = VirtAddr::new(addr);
+        if rand() % 4 != 0 {
+            match p.dev.migrate_range_to_device(a, npages) {
+                Ok(n) => {
+                    p.c.chaos_to_device.fetch_add(1, Ordering::Relaxed);
+                    p.c.chaos_pages_moved.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    p.c.chaos_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        } else {
+            match p.dev.migrate_to_system(a, npages) {
+                Ok(r) => {
+                    p.c.chaos_to_system.fetch_add(1, Ordering::Relaxed);
+                    p.c.chaos_pages_moved.fetch_add(r.cpages, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    p.c.chaos_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// The report at exit.
+
+extern "C" fn at_exit() {
+    let _ = inside(|| {
+        report();
+        Some(())
+    });
+}
+
+fn report() {
+    let pid = getpid();
+    let p = PROC.load(Ordering::Acquire);
+    if p.is_null() || REPORTED_PID.swap(pid, Ordering::AcqRel) == pid {
+        return;
+    }
+    // SAFETY: a published `Proc` is leaked, never freed.
+    let p = unsafe { &*p };
+    if p.pid != pid {
+        return;
+    }
+    p.chaos_stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !p.chaos_done.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let s = p.mm.stats();
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map(|e| e.display().to_string())
+        .unwrap_or_default();
+    let c = &p.c;
+    let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let json = serde_json::json!({
+        "pid": pid,
+        "exe": exe,
+        "managed_bytes_at_exit": p.mm.managed_len(),
+        "managed_bytes_peak": c.peak_managed.load(Ordering::Relaxed),
+        "mappings_managed": ld(&c.mappings_managed),
+        "malloc_blocks_managed": ld(&c.blocks_managed),
+        "tails_managed": ld(&c.tails_managed),
+        "manage_failures": ld(&c.manage_failures),
+        "discards": ld(&c.discards),
+        "faults": s.faults,
+        "faults_hole": s.faults_hole,
+        "faults_device": s.faults_device,
+        "faults_exclusive": s.faults_exclusive,
+        "faults_wp": s.faults_wp,
+        "faults_waited": s.faults_waited,
+        "faults_sigbus": s.faults_sigbus,
+        "pages_to_device": s.pages_to_device,
+        "pages_to_system": s.pages_to_system,
+        "pages_lost": s.pages_lost,
+        "device_pages_at_exit": p.dev.device_pages(),
+        "callback_panics": s.callback_panics,
+        "chaos_rate": chaos_rate(),
+        "chaos_to_device": ld(&c.chaos_to_device),
+        "chaos_to_system": ld(&c.chaos_to_system),
+        "chaos_pages_moved": ld(&c.chaos_pages_moved),
+        "chaos_failed": ld(&c.chaos_failed),
+    });
+    let line = format!("{json}\n");
+    match std::env::var_os("UHMM_RUN_STATS") {
+        Some(path) if !path.is_empty() => {
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = written {
+                say(&format!(
+                    "pid {pid}: cannot write stats to {}: {e}",
+                    path.to_string_lossy()
+                ));
+            }
+        }
+        _ => {
+            if std::env::var_os("UHMM_RUN_QUIET").is_none_or(|q| q != "1") {
+                say(&format!(
+                    "pid {pid} ({exe}): managed {} B at exit ({} B peak); faults {} (hole {}, \
+                     device {}, exclusive {}, wp {}, waited {}); pages to device {}, to system {}, \
+                     lost {}; device pages at exit {}",
+                    p.mm.managed_len(),
+                    c.peak_managed.load(Ordering::Relaxed),
+                    s.faults,
+                    s.faults_hole,
+                    s.faults_device,
+                    s.faults_exclusive,
+                    s.faults_wp,
+                    s.faults_waited,
+                    s.pages_to_device,
+                    s.pages_to_system,
+                    s.pages_lost,
+                    p.dev.device_pages(),
+                ));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// The heap of large blocks, in the reservation. Inherited by a forked
+// child with the memory (the child frees its copies of the blocks), so it
+// is not per process; held across fork by the atfork hooks.
+
+#[derive(Default)]
+struct Heap {
+    /// Free space of the reservation: start → end.
+    free: BTreeMap<usize, usize>,
+    /// Blocks handed out: start → mapped length.
+    blocks: BTreeMap<usize, usize>,
+    /// Freed blocks kept mapped (and managed) for the next allocations of
+    /// about their size, oldest first, at most `CACHE_BYTES` in all: a
+    /// program that allocates and frees large buffers in a loop (`xz`
+    /// does, per block) would otherwise pay a map, a registration, first
+    /// touches and an unmap each time, where glibc reuses its heap.
+    cache: Vec<(usize, usize)>,
+}
+
+/// The most bytes of freed blocks kept for reuse.
+const CACHE_BYTES: usize = 128 << 20;
+
+static HEAP: Mutex<Heap> = Mutex::new(Heap {
+    free: BTreeMap::new(),
+    blocks: BTreeMap::new(),
+    cache: Vec::new(),
+});
+
+thread_local! {
+    static FORK_HELD: std::cell::RefCell<Option<MutexGuard<'static, Heap>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn fork_prepare() {
+    let g = lock(&HEAP);
+    let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(g));
+}
+
+extern "C" fn fork_release() {
+    let _ = FORK_HELD.try_with(|h| h.borrow_mut().take());
+}
+
+fn ours(p: *mut c_void) -> bool {
+    let a = p as usize;
+    a >= RES_START.load(Ordering::Relaxed) && a < RES_END.load(Ordering::Relaxed)
+}
+
+fn round_up(n: usize) -> Option<usize> {
+    n.checked_add(PAGE - 1).map(|x| x & !(PAGE - 1))
+}
+
+const RW: c_int = libc::PROT_READ | libc::PROT_WRITE;
+const FIXED_ANON: c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+
+/// A new managed block of at least `n` bytes (zeroed if `zeroed`), or
+/// `None` (the caller uses glibc's).
+fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
+    inside(|| {
+        let proc = proc()?;
+        let len = round_up(n)?;
+        let mut heap = lock(&HEAP);
+        if !zeroed
+            && let Some(i) = (0..heap.cache.len())
+                .filter(|&i| (len..=len.saturating_mul(2)).contains(&heap.cache[i].1))
+                .min_by_key(|&i| heap.cache[i].1)
+        {
+            // A block freed before, still mapped and managed (in this
+            // process, or a parent's copy: plain memory then).
+            let (s, l) = heap.cache.remove(i);
+            heap.blocks.insert(s, l);
+            return Some(s as *mut c_void);
+        }
+        let (&s, &e) = heap.free.iter().find(|&(&s, &e)| e - s >= len)?;
+        let p = real_mmap(s as *mut c_void, len, RW, FIXED_ANON, -1, 0);
+        if p != s as *mut c_void {
+            return None;
+        }
+        heap.free.remove(&s);
+        if s + len < e {
+            heap.free.insert(s + len, e);
+        }
+        heap.blocks.insert(s, len);
+        let mut live = lock(&proc.live);
+        if proc.manage(&mut live, s, s + len) {
+            proc.c.blocks_managed.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(p)
+    })
+}
+
+/// Gives `[s, s + len)` back to the reservation. Heap locked.
+fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
+    // Mapping the reservation over it unmaps the block (uhmm reads the
+    // UNMAP event before this returns).
+    let p = real_mmap(
+        s as *mut c_void,
+        len,
+        libc::PROT_NONE,
+        FIXED_ANON | libc::MAP_NORESERVE,
+        -1,
+        0,
+    );
+    if p != s as *mut c_void {
+        return; // left mapped: a leak, not a fault
+    }
+    if let Some(p) = current_proc() {
+        lock(&p.live).remove(s, s + len);
+    }
+    let (mut start, mut end) = (s, s + len);
+    if let Some((&ps, &pe)) = heap.free.range(..start).next_back()
+        && pe == start
+    {
+        heap.free.remove(&ps);
+        start = ps;
+    }
+    if let Some(&ne) = heap.free.get(&end) {
+        heap.free.remove(&end);
+        end = ne;
+    }
+    heap.free.insert(start, end);
+}
+
+fn big_free(p: *mut c_void) {
+    // Even inside the library (a block can only be ours if a program
+    // thread got it).
+    let _g = Inside::enter();
+    let mut heap = lock(&HEAP);
+    let Some(len) = heap.blocks.remove(&(p as usize)) else {
+        return;
+    };
+    if len <= CACHE_BYTES / 4 {
+        let mut cached: usize = heap.cache.iter().map(|&(_, l)| l).sum();
+        while cached + len > CACHE_BYTES && !heap.cache.is_empty() {
+            let (s, l) = heap.cache.remove(0);
+            unmap_block(&mut heap, s, l);
+            cached -= l;
+        }
+        heap.cache.push((p as usize, len));
+    } else {
+        unmap_block(&mut heap, p as usize, len);
+    }
+}
+
+fn block_len(p: *mut c_void) -> Option<usize> {
+    lock(&HEAP).blocks.get(&(p as usize)).copied()
+}
+
+/// Grows the block at `p` in place to `len` bytes if the reservation is
+/// free right after it.
+fn grow_in_place(p: *mut c_void, len: usize) -> bool {
+    inside(|| {
+        let s = p as usize;
+        let mut heap = lock(&HEAP);
+        let old = *heap.blocks.get(&s)?;
+        let (gs, ge) = (s + old, s + len);
+        let fe = *heap.free.get(&gs)?;
+        if fe < ge {
+            return None;
+        }
+        let q = real_mmap(gs as *mut c_void, ge - gs, RW, FIXED_ANON, -1, 0);
+        if q != gs as *mut c_void {
+            return None;
+        }
+        heap.free.remove(&gs);
+        if ge < fe {
+            heap.free.insert(ge, fe);
+        }
+        heap.blocks.insert(s, len);
+        if let Some(proc) = proc() {
+            let mut live = lock(&proc.live);
+            if live.overlaps(s, gs) {
+                proc.manage(&mut live, gs, ge);
+            }
+        }
+        Some(())
+    })
+    .is_some()
+}
+
+// ---------------------------------------------------------------------
+// The constructor.
+
+extern "C" fn init() {
+    let Some(_g) = Inside::enter() else { return };
+    let _ = std::panic::catch_unwind(|| {
+        resolve(c"mmap", &REAL_MMAP);
+        resolve(c"munmap", &REAL_MUNMAP);
+        resolve(c"mremap", &REAL_MREMAP);
+        resolve(c"madvise", &REAL_MADVISE);
+        resolve(c"malloc_usable_size", &REAL_USABLE);
+        let threshold = match std::env::var("UHMM_RUN_THRESHOLD") {
+            Ok(v) => match v.parse::<usize>() {
+                Ok(n) => n.max(PAGE),
+                Err(_) => {
+                    say(&format!(
+                        "UHMM_RUN_THRESHOLD={v:?} is not a byte count: using 1 MiB"
+                    ));
+                    1 << 20
+                }
+            },
+            Err(_) => 1 << 20,
+        };
+        if let Ok(v) = std::env::var("UHMM_RUN_CHAOS") {
+            match v.parse::<f64>() {
+                Ok(r) if r.is_finite() && r >= 0.0 => {
+                    CHAOS_RATE.store(r.to_bits(), Ordering::Relaxed)
+                }
+                _ => say(&format!("UHMM_RUN_CHAOS={v:?} is not a rate: no chaos")),
+            }
+        }
+        // SAFETY: the atfork hooks are plain functions that never unwind.
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
+        let res = real_mmap(
+            std::ptr::null_mut(),
+            RESERVATION,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if res != libc::MAP_FAILED {
+            let s = res as usize;
+            lock(&HEAP).free.insert(s, s + RESERVATION);
+            RES_START.store(s, Ordering::Relaxed);
+            RES_END.store(s + RESERVATION, Ordering::Relaxed);
+        }
+        THRESHOLD.store(threshold, Ordering::Release);
+    });
+}
+
+#[used]
+// SAFETY: `.init_array` holds constructors, called once at load with no
+// arguments; `init` is such a function and never unwinds.
+#[unsafe(link_section = ".init_array")]
+static INIT: extern "C" fn() = init;
+
+// ---------------------------------------------------------------------
+// The interposed calls.
+
+fn threshold() -> usize {
+    THRESHOLD.load(Ordering::Relaxed)
+}
+
+/// Whether a mapping of this kind and size is to be managed.
+fn eligible(len: usize, prot: c_int, flags: c_int, fd: c_int) -> bool {
+    len >= threshold()
+        && flags & libc::MAP_ANONYMOUS != 0
+        && flags & libc::MAP_TYPE == libc::MAP_PRIVATE
+        && flags & (libc::MAP_STACK | libc::MAP_GROWSDOWN | libc::MAP_HUGETLB) == 0
+        && prot == RW
+        && (fd == -1 || fd == 0)
+}
+
+/// The live pieces, if this process has a `Proc` already (none is made).
+fn current_proc() -> Option<&'static Proc> {
+    let p = PROC.load(Ordering::Acquire);
+    // SAFETY: a published `Proc` is leaked, never freed.
+    (!p.is_null())
+        .then(|| unsafe { &*p })
+        .filter(|p| p.pid == getpid())
+}
+
+/// # Safety
+///
+/// As `mmap(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
+    if threshold() == usize::MAX {
+        return real_mmap(addr, len, prot, flags, fd, off);
+    }
+    let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
+    if !eligible(len, prot, flags, fd) {
+        if fixed && flags & libc::MAP_FIXED_NOREPLACE == 0 {
+            // Whatever it replaces leaves the managed pieces.
+            let done = inside(|| {
+                let p = current_proc()?;
+                let mut live = lock(&p.live);
+                let r = real_mmap(addr, len, prot, flags, fd, off);
+                if r != libc::MAP_FAILED {
+                    live.remove(r as usize, r as usize + len);
+                }
+                Some(r)
+            });
+            if let Some(r) = done {
+                return r;
+            }
+        }
+        return real_mmap(addr, len, prot, flags, fd, off);
+    }
+    let mut result = None;
+    let managed = inside(|| {
+        let p = proc()?;
+        let mut live = lock(&p.live);
+        let r = real_mmap(addr, len, prot, flags, fd, off);
+        result = Some(r);
+        if r == libc::MAP_FAILED {
+            return None;
+        }
+        let s = r as usize;
+        live.remove(s, s + len);
+        if p.manage(&mut live, s, s + round_up(len)?) {
+            p.c.mappings_managed.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(r)
+    });
+    match (managed, result) {
+        (Some(r), _) | (None, Some(r)) => r,
+        (None, None) => real_mmap(addr, len, prot, flags, fd, off),
+    }
+}
+
+/// # Safety
+///
+/// As `mmap(2)` (glibc's alias of `mmap` on 64-bit targets).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
+    // SAFETY: the caller's contract is mmap's.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// # Safety
+///
+/// As `munmap(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    let done = inside(|| {
+        let p = current_proc()?;
+        let mut live = lock(&p.live);
+        let end = (addr as usize).checked_add(round_up(len)?)?;
+        if !live.overlaps(addr as usize, end) {
+            return None;
+        }
+        let r = real_munmap(addr, len);
+        if r == 0 {
+            live.remove(addr as usize, end);
+        }
+        Some(r)
+    });
+    done.unwrap_or_else(|| real_munmap(addr, len))
+}
+
+/// # Safety
+///
+/// As `mremap(2)`; `new` is read only with `MREMAP_FIXED`, as glibc's
+/// variadic `mremap` reads it (on x86-64 and aarch64 a fifth argument is
+/// passed the same way with or without the `...`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new: *mut c_void,
+) -> *mut c_void {
+    let done = inside(|| {
+        let p = current_proc()?;
+        let mut live = lock(&p.live);
+        let (os, oe) = (
+            old as usize,
+            (old as usize).checked_add(round_up(old_len)?)?,
+        );
+        if !live.overlaps(os, oe) {
+            return None;
+        }
+        let r = real_mremap(old, old_len, new_len, flags, new);
+        if r == libc::MAP_FAILED {
+            return Some(r);
+        }
+        let ns = r as usize;
+        let ne = ns + round_up(new_len)?;
+        let whole = live.pieces.get(&os).is_some_and(|&e| e >= oe)
+            || live
+                .pieces
+                .range(..=os)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= oe);
+        let moved = if flags & libc::MREMAP_DONTUNMAP != 0 {
+            // The old range stays, empty; its pieces stay managed.
+            live.pieces
+                .range(..oe)
+                .filter(|&(_, &e)| e > os)
+                .map(|(&s, &e)| (s.max(os), e.min(oe)))
+                .collect()
+        } else {
+            live.remove(os, oe)
+        };
+        // The pages' pieces move with them (uhmm follows REMAP).
+        live.remove(ns, ne);
+        for (s, e) in moved {
+            let (s, e) = (s - os + ns, (e - os + ns).min(ne));
+            if s < e {
+                live.insert(s, e);
+            }
+        }
+        // A grown tail of a wholly managed mapping is managed too (the
+        // kernel registered it with the mapping; uhmm records it now).
+        let grown = ns + round_up(old_len)?;
+        if whole && ne > grown && p.manage(&mut live, grown, ne) {
+            p.c.tails_managed.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(r)
+    });
+    done.unwrap_or_else(|| real_mremap(old, old_len, new_len, flags, new))
+}
+
+/// # Safety
+///
+/// As `madvise(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
+    let discard = matches!(
+        advice,
+        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE
+    );
+    let r = real_madvise(addr, len, advice);
+    if r == 0 && discard && len >= PAGE {
+        // uhmm follows the discard itself (REMOVE event); counted here.
+        let _ = inside(|| {
+            let p = current_proc()?;
+            let end = (addr as usize).checked_add(len)?;
+            lock(&p.live)
+                .overlaps(addr as usize, end)
+                .then(|| p.c.discards.fetch_add(1, Ordering::Relaxed))
+        });
+    }
+    r
+}
+
+/// # Safety
+///
+/// As `malloc(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
+    if n >= threshold()
+        && let Some(p) = big_alloc(n, false)
+    {
+        return p;
+    }
+    // SAFETY: glibc's malloc.
+    unsafe { __libc_malloc(n) }
+}
+
+/// # Safety
+///
+/// As `calloc(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
+    if let Some(total) = n.checked_mul(size)
+        && total >= threshold()
+        && let Some(p) = big_alloc(total, true)
+    {
+        return p; // fresh anonymous memory: zeroed
+    }
+    // SAFETY: glibc's calloc (which checks the product itself).
+    unsafe { __libc_calloc(n, size) }
+}
+
+/// # Safety
+///
+/// As `free(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    if ours(p) {
+        big_free(p);
+    } else {
+        // SAFETY: not ours, so glibc's.
+        unsafe { __libc_free(p) }
+    }
+}
+
+/// # Safety
+///
+/// As `realloc(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
+    if p.is_null() {
+        // SAFETY: as malloc.
+        return unsafe { malloc(n) };
+    }
+    if ours(p) {
+        if n == 0 {
+            big_free(p);
+            return std::ptr::null_mut();
+        }
+        let Some(old) = block_len(p) else {
+            return std::ptr::null_mut(); // not a block: the program's bug
+        };
+        let Some(len) = round_up(n) else {
+            return std::ptr::null_mut();
+        };
+        if len <= old || grow_in_place(p, len) {
+            return p;
+        }
+        // SAFETY: as malloc.
+        let q = unsafe { malloc(n) };
+        if !q.is_null() {
+            // SAFETY: `p` holds `old` bytes, `q` at least `n` > `old`; two
+            // different allocations.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
+            big_free(p);
+        }
+        return q;
+    }
+    if n >= threshold()
+        && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
+        && let Some(q) = big_alloc(n, false)
+    {
+        // SAFETY: dlsym's answer for "malloc_usable_size", of this type,
+        // asked about a live glibc block.
+        let old = unsafe { std::mem::transmute::<usize, UsableFn>(usable)(p) };
+        // SAFETY: `p` holds `old` readable bytes, `q` at least `n`.
+        unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
+        // SAFETY: glibc's block, no longer used.
+        unsafe { __libc_free(p) };
+        return q;
+    }
+    // SAFETY: glibc's block.
+    unsafe { __libc_realloc(p, n) }
+}
+
+/// # Safety
+///
+/// As `reallocarray(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: size_t, size: size_t) -> *mut c_void {
+    match n.checked_mul(size) {
+        // SAFETY: as realloc.
+        Some(total) => unsafe { realloc(p, total) },
+        None => {
+            // SAFETY: errno is this thread's.
+            unsafe { *libc::__errno_location() = libc::ENOMEM };
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// # Safety
+///
+/// As `malloc_usable_size(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
+    if p.is_null() {
+        return 0;
+    }
+    if ours(p) {
+        return block_len(p).unwrap_or(0);
+    }
+    match REAL_USABLE.load(Ordering::Acquire) {
+        0 => 0,
+        // SAFETY: dlsym's answer for "malloc_usable_size", of this type.
+        f => unsafe { std::mem::transmute::<usize, UsableFn>(f)(p) },
+    }
+}
