@@ -115,20 +115,66 @@ impl Stats {
     }
 }
 
-/// Runs `argv` under `uhmm run` with `opts`, in `dir`.
+/// Runs `cmd` to its end, with its output, or kills it (and panics)
+/// after `secs` seconds: a program that hangs under `uhmm run` fails its
+/// test instead of hanging it.
+fn output_within(mut cmd: Command, secs: u64) -> Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the program");
+    let mut o = child.stdout.take().expect("stdout");
+    let mut e = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = o.read_to_end(&mut b);
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = e.read_to_end(&mut b);
+        b
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the program") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still ran after {secs} s (hung): killed; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `argv` under `uhmm run` with `opts`, in `dir` (at most 120 s).
 fn under_uhmm(dir: &Path, opts: &[&str], argv: &[&str]) -> (Output, Stats) {
     let stats = dir.join(format!("stats-{}.jsonl", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_uhmm"))
-        .env("UHMM_PRELOAD", preload())
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
         .arg("run")
         .args(opts)
         .arg("--stats")
         .arg(&stats)
         .arg("--")
         .args(argv)
-        .current_dir(dir)
-        .output()
-        .expect("run uhmm run");
+        .current_dir(dir);
+    let out = output_within(cmd, 120);
     let text = std::fs::read_to_string(&stats).unwrap_or_default();
     let v = text
         .lines()
@@ -437,4 +483,52 @@ fn bad_input_program() {
         "processes left: {}",
         String::from_utf8_lossy(&left)
     );
+}
+
+/// Compiles tests/run/NAME.c with `cc` into `dir`; the executable's path.
+fn compile(dir: &Path, name: &str) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/run/{name}.c"));
+    let exe = dir.join(name);
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    exe.to_str().expect("a UTF-8 path").to_owned()
+}
+
+/// tests/run/fork_device.c: a fork with more than 20,000 managed pages on
+/// the device. uhmm's fork hook brings them home on the forking thread,
+/// growing a list of them past the threshold through the interposed
+/// `malloc`; that allocation must be glibc's, not a managed block (whose
+/// `Mm::manage` waits for the lock the hook holds: the program hung).
+#[test]
+fn fork_with_many_device_pages() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("fork-device");
+    let exe = compile(&dir, "fork_device");
+    let argv = [exe.as_str(), "20000"];
+    let reference = plain(&dir, &argv);
+    assert!(reference.status.success(), "fork_device fails plain");
+    let (out, stats) = under_uhmm(&dir, &["--chaos", "2000", "--threshold", "65536"], &argv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "under chaos: {stderr}");
+    assert_eq!(out.stdout, reference.stdout, "stderr:\n{stderr}");
+    assert_eq!(
+        stats.0.len(),
+        2,
+        "the parent and the child report: {stats:?}"
+    );
+    assert!(stats.sum("pages_to_system") >= 20000, "{stats:?}");
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+    }
 }

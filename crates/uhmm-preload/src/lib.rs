@@ -131,6 +131,40 @@ impl Drop for Inside {
     }
 }
 
+thread_local! {
+    /// Set while uhmm's own fork or exit hooks run on this thread: every
+    /// interposed call is then the plain one (as inside the library), kept
+    /// apart from `INSIDE` so that no guard dropped meanwhile clears it.
+    static IN_UHMM_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether uhmm's fork or exit hooks run on this thread now.
+fn in_uhmm_hook() -> bool {
+    IN_UHMM_HOOK.try_with(Cell::get).unwrap_or(true)
+}
+
+/// Registered (once, after uhmm registered its own) so that it runs just
+/// before uhmm's fork preparation: the forking thread counts as inside
+/// this library for the whole of uhmm's fork hooks. uhmm brings device
+/// pages home there while holding its own locks, allocating as it goes; an
+/// allocation served here as a managed block would call `Mm::manage`,
+/// which waits for those locks (the program hung), and a cached block
+/// unmapped there would raise an UNMAP event the fault service reads only
+/// under them.
+extern "C" fn uhmm_hooks_enter() {
+    let _ = IN_UHMM_HOOK.try_with(|c| c.set(true));
+}
+
+/// Runs after uhmm's parent and child hooks. Async-signal-safe (a store
+/// to a const-initialized thread-local).
+extern "C" fn uhmm_hooks_leave() {
+    let _ = IN_UHMM_HOOK.try_with(|c| c.set(false));
+}
+
+/// Whether `uhmm_hooks_enter` / `uhmm_hooks_leave` are registered
+/// (inherited by a forked child, as the registration is).
+static FORK_GUARD: std::sync::Once = std::sync::Once::new();
+
 /// Whether the calling thread is one of uhmm's (its fault service, the
 /// chaos thread): they are named `uhmm-…`, and what they map is uhmm's.
 fn uhmm_thread() -> bool {
@@ -145,7 +179,7 @@ fn uhmm_thread() -> bool {
 /// it; the caller falls back to the plain call).
 fn inside<T>(f: impl FnOnce() -> Option<T>) -> Option<T> {
     let _g = Inside::enter()?;
-    if uhmm_thread() {
+    if in_uhmm_hook() || uhmm_thread() {
         return None;
     }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
@@ -356,6 +390,20 @@ fn proc() -> Option<&'static Proc> {
             Ok(p) => {
                 let p: &'static Proc = Box::leak(Box::new(p));
                 PROC.store(p as *const Proc as *mut Proc, Ordering::Release);
+                // After `Mm::new` registered uhmm's fork hooks: prepare
+                // handlers run in reverse order of registration, parent
+                // and child handlers in order, so these two enclose uhmm's.
+                FORK_GUARD.call_once(|| {
+                    // SAFETY: plain functions that never unwind; the child
+                    // one is async-signal-safe.
+                    unsafe {
+                        libc::pthread_atfork(
+                            Some(uhmm_hooks_enter),
+                            Some(uhmm_hooks_leave),
+                            Some(uhmm_hooks_leave),
+                        )
+                    };
+                });
                 start_chaos(p);
                 // Registered after `Mm::new` registered uhmm's own hook, so
                 // that it runs first, with the device still there.
@@ -544,6 +592,11 @@ extern "C" fn at_exit() {
         report();
         Some(())
     });
+    // uhmm's own exit hook runs next, on this thread (and the program's
+    // older exit hooks after it): what they allocate is glibc's, never a
+    // managed block (see `uhmm_hooks_enter`). The process is exiting; the
+    // thread stays so.
+    let _ = IN_UHMM_HOOK.try_with(|c| c.set(true));
 }
 
 fn report() {
