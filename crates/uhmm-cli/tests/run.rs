@@ -220,9 +220,18 @@ fn same_under_chaos(dir: &Path, argv: &[&str]) -> Stats {
         !stats.0.is_empty(),
         "no process reported statistics; stderr:\n{stderr}"
     );
-    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+    for key in [
+        "pages_lost",
+        "faults_sigbus",
+        "callback_panics",
+        "manage_failures",
+    ] {
         assert_eq!(stats.sum(key), 0, "{key} under chaos: {stats:?}");
     }
+    assert!(
+        !stderr.contains("runs unmanaged") && !stderr.contains("left unmanaged"),
+        "a process ran unmanaged: {stderr}"
+    );
     assert!(
         stats.sum("faults_device") > 0,
         "{argv:?}: no CPU fault was served from device memory under chaos: {stats:?}"
@@ -473,16 +482,22 @@ fn bad_input_program() {
         assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
     }
     // No process is left: nothing still runs the program.
-    let left = Command::new("pgrep")
-        .args(["-f", exe])
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
-    assert!(
-        left.is_empty(),
-        "processes left: {}",
-        String::from_utf8_lossy(&left)
-    );
+    let left = running(exe);
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+/// The processes whose command line starts with `exe` (read from /proc:
+/// no `pgrep` needed).
+fn running(exe: &str) -> Vec<u32> {
+    let procs = std::fs::read_dir("/proc").expect("read /proc");
+    let found: Vec<u32> = procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).next() == Some(exe.as_bytes()))
+        })
+        .collect();
+    found
 }
 
 /// Compiles tests/run/NAME.c with `cc` into `dir`; the executable's path.
@@ -531,4 +546,37 @@ fn fork_with_many_device_pages() {
     for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
         assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
     }
+}
+
+/// A chaos rate below one a second is honoured (it was taken as one), and
+/// the exit does not wait for the next migration.
+#[test]
+fn slow_chaos_rate() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("slow-chaos");
+    let started = std::time::Instant::now();
+    let (out, stats) = under_uhmm(
+        &dir,
+        &["--chaos", "0.4"],
+        &[
+            "python3",
+            "-c",
+            "import time; a = bytearray(32 << 20); time.sleep(1.5); print(len(a))",
+        ],
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stats.0.len(), 1, "{stats:?}");
+    assert_eq!(
+        stats.sum("chaos_to_device") + stats.sum("chaos_to_system") + stats.sum("chaos_failed"),
+        0,
+        "one migration in 2.5 s, none in the first 1.5 s: {stats:?}"
+    );
+    assert!(took.as_secs_f64() < 3.0, "took {took:?}");
 }

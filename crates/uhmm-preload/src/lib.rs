@@ -340,6 +340,12 @@ static FAILED_PID: AtomicI32 = AtomicI32::new(0);
 /// process so that a child forked in the middle does not wait for it.
 static MAKING: AtomicI32 = AtomicI32::new(0);
 static REPORTED_PID: AtomicI32 = AtomicI32::new(0);
+/// `UHMM_RUN_DEVICE_MIB` (0: the default), `UHMM_RUN_STATS` (a non-empty
+/// path) and `UHMM_RUN_QUIET=1`, read by the constructor (single-threaded:
+/// the environment may change later, and reading it races with that).
+static DEVICE_MIB: AtomicUsize = AtomicUsize::new(0);
+static STATS: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+static QUIET: AtomicBool = AtomicBool::new(false);
 static ATEXIT_PID: AtomicI32 = AtomicI32::new(0);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -382,6 +388,7 @@ fn proc() -> Option<&'static Proc> {
             break;
         }
     }
+    let _making = Making(pid);
     let made = current().or_else(|| {
         if FAILED_PID.load(Ordering::Relaxed) == pid {
             return None;
@@ -420,16 +427,26 @@ fn proc() -> Option<&'static Proc> {
             }
         }
     });
-    MAKING.store(0, Ordering::Release);
     made
+}
+
+/// Held by the thread making this process's `Proc`: frees `MAKING` when
+/// done, and on a panic (caught further up) marks the process unmanaged,
+/// so that no later call waits for a `Proc` that will never come.
+struct Making(i32);
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            FAILED_PID.store(self.0, Ordering::Relaxed);
+        }
+        MAKING.store(0, Ordering::Release);
+    }
 }
 
 fn make(pid: i32) -> Result<Proc, Box<dyn std::error::Error>> {
     let mm = Mm::new()?;
-    let config = match std::env::var("UHMM_RUN_DEVICE_MIB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    let config = match Some(DEVICE_MIB.load(Ordering::Relaxed)) {
         // 1 MiB chunks.
         Some(mib) if mib > 0 => PagemapConfig {
             chunk_pages: (1 << 20) / PAGE,
@@ -522,7 +539,8 @@ fn start_chaos(p: &'static Proc) {
 /// Moves random managed ranges to the device (three in four) and back
 /// (one in four), `rate` times a second; CPU touches bring the rest back.
 fn chaos(p: &Proc, rate: f64) {
-    let interval = Duration::from_secs_f64((1.0 / rate).min(1.0));
+    // (At most a day: a rate too small to write as a duration is no chaos.)
+    let interval = Duration::from_secs_f64((1.0 / rate).min(86_400.0));
     let mut seed = (p.pid as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut rand = move || {
         seed ^= seed << 13;
@@ -535,7 +553,18 @@ fn chaos(p: &Proc, rate: f64) {
         next += interval;
         let now = Instant::now();
         if next > now {
-            std::thread::sleep(next - now);
+            // In slices, so that the exit report does not wait for a slow
+            // rate's next migration.
+            while !p.chaos_stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            }
+            if p.chaos_stop.load(Ordering::Acquire) {
+                break;
+            }
         } else if now - next > Duration::from_millis(100) {
             next = now;
         }
@@ -650,8 +679,8 @@ fn report() {
         "chaos_failed": ld(&c.chaos_failed),
     });
     let line = format!("{json}\n");
-    match std::env::var_os("UHMM_RUN_STATS") {
-        Some(path) if !path.is_empty() => {
+    match STATS.get().and_then(Option::as_ref) {
+        Some(path) => {
             let written = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -665,7 +694,7 @@ fn report() {
             }
         }
         _ => {
-            if std::env::var_os("UHMM_RUN_QUIET").is_none_or(|q| q != "1") {
+            if !QUIET.load(Ordering::Relaxed) {
                 say(&format!(
                     "pid {pid} ({exe}): managed {} B at exit ({} B peak); faults {} (hole {}, \
                      device {}, exclusive {}, wp {}, waited {}); pages to device {}, to system {}, \
@@ -890,6 +919,17 @@ extern "C" fn init() {
             },
             Err(_) => 1 << 20,
         };
+        if let Some(mib) = std::env::var("UHMM_RUN_DEVICE_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            DEVICE_MIB.store(mib, Ordering::Relaxed);
+        }
+        let _ = STATS.set(std::env::var_os("UHMM_RUN_STATS").filter(|p| !p.is_empty()));
+        QUIET.store(
+            std::env::var_os("UHMM_RUN_QUIET").is_some_and(|q| q == "1"),
+            Ordering::Relaxed,
+        );
         if let Ok(v) = std::env::var("UHMM_RUN_CHAOS") {
             match v.parse::<f64>() {
                 Ok(r) if r.is_finite() && r >= 0.0 => {
@@ -1168,11 +1208,24 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         return;
     }
     if ours(p) {
+        // (glibc >= 2.33 keeps errno across free; unmapping may set it.)
+        let saved = errno();
         big_free(p);
+        set_errno(saved);
     } else {
         // SAFETY: not ours, so glibc's.
         unsafe { __libc_free(p) }
     }
+}
+
+fn errno() -> c_int {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// # Safety
@@ -1190,9 +1243,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
             return std::ptr::null_mut();
         }
         let Some(old) = block_len(p) else {
+            set_errno(libc::ENOMEM);
             return std::ptr::null_mut(); // not a block: the program's bug
         };
         let Some(len) = round_up(n) else {
+            set_errno(libc::ENOMEM);
             return std::ptr::null_mut();
         };
         if len <= old || grow_in_place(p, len) {
@@ -1205,6 +1260,8 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
             // different allocations.
             unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
             big_free(p);
+        } else {
+            set_errno(libc::ENOMEM);
         }
         return q;
     }
