@@ -233,6 +233,13 @@ fn same_under_chaos(dir: &Path, argv: &[&str]) -> Stats {
         "a process ran unmanaged: {stderr}"
     );
     assert!(
+        stats
+            .0
+            .iter()
+            .all(|v| v["serves_kernel_faults"] == serde_json::Value::Bool(true)),
+        "chaos runs with a userfaultfd that serves kernel-mode faults: {stats:?}"
+    );
+    assert!(
         stats.sum("faults_device") > 0,
         "{argv:?}: no CPU fault was served from device memory under chaos: {stats:?}"
     );
@@ -579,4 +586,65 @@ fn slow_chaos_rate() {
         "one migration in 2.5 s, none in the first 1.5 s: {stats:?}"
     );
     assert!(took.as_secs_f64() < 3.0, "took {took:?}");
+}
+
+/// Without a userfaultfd that serves kernel-mode faults (an unprivileged
+/// user, `vm.unprivileged_userfaultfd=0`), `uhmm run --chaos` refuses with
+/// exit status 2 and says how to enable it, and the library asked for
+/// chaos runs the program unmanaged, saying why (chaos would make its
+/// system calls on device pages fail with EFAULT). Needs root (to become
+/// `nobody` with `setpriv`) and the sysctl off; a skip otherwise.
+#[test]
+fn chaos_needs_kernel_mode_faults() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|v| v.trim() == "0");
+    if !root || !sysctl || !have("setpriv") || !have("python3") {
+        eprintln!("SKIPPED chaos_needs_kernel_mode_faults: needs root and the sysctl at 0");
+        return;
+    }
+    let nobody = |argv: &[&std::ffi::OsStr]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(argv)
+            .current_dir("/");
+        output_within(cmd, 60)
+    };
+    let uhmm = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_uhmm"));
+    let lib = preload().as_os_str();
+    let mut preload_env = std::ffi::OsString::from("UHMM_PRELOAD=");
+    preload_env.push(lib);
+    let out = nobody(&[
+        "env".as_ref(),
+        &preload_env,
+        uhmm,
+        "run".as_ref(),
+        "--chaos".as_ref(),
+        "10".as_ref(),
+        "--".as_ref(),
+        "true".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "refused: {stderr}");
+    assert!(stderr.contains("kernel-mode faults"), "{stderr}");
+    let mut ld = std::ffi::OsString::from("LD_PRELOAD=");
+    ld.push(lib);
+    let out = nobody(&[
+        "env".as_ref(),
+        &ld,
+        "UHMM_RUN_CHAOS=100".as_ref(),
+        "python3".as_ref(),
+        "-c".as_ref(),
+        "a = bytearray(8 << 20); print(len(a))".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, b"8388608\n");
+    assert!(
+        stderr.contains("runs unmanaged") && stderr.contains("kernel-mode faults"),
+        "{stderr}"
+    );
 }

@@ -66,6 +66,7 @@ use std::time::{Duration, Instant};
 use libc::{off_t, size_t};
 use uhmm::devmem::PagemapConfig;
 use uhmm::mm::Mm;
+use uhmm::sys::uffd::AccessPolicy;
 use uhmm::{PageRange, VirtAddr};
 use uhmm_sim::SimDevice;
 
@@ -445,7 +446,16 @@ impl Drop for Making {
 }
 
 fn make(pid: i32) -> Result<Proc, Box<dyn std::error::Error>> {
-    let mm = Mm::new()?;
+    // Under chaos pages leave the CPU page table at any time: a system call
+    // on one needs a userfaultfd that serves kernel-mode faults (with a
+    // user-mode-only one it fails with EFAULT, and the program with it).
+    // Without one the process runs unmanaged, and says why.
+    let policy = if chaos_rate() > 0.0 {
+        AccessPolicy::FullOnly
+    } else {
+        AccessPolicy::Auto
+    };
+    let mm = Mm::with_access(policy)?;
     let config = match Some(DEVICE_MIB.load(Ordering::Relaxed)) {
         // 1 MiB chunks.
         Some(mib) if mib > 0 => PagemapConfig {
@@ -653,6 +663,8 @@ fn report() {
     let json = serde_json::json!({
         "pid": pid,
         "exe": exe,
+        "access": p.mm.access().to_string(),
+        "serves_kernel_faults": p.mm.access().serves_kernel_faults(),
         "managed_bytes_at_exit": p.mm.managed_len(),
         "managed_bytes_peak": c.peak_managed.load(Ordering::Relaxed),
         "mappings_managed": ld(&c.mappings_managed),
