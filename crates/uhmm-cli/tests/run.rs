@@ -648,3 +648,48 @@ fn chaos_needs_kernel_mode_faults() {
         "{stderr}"
     );
 }
+
+/// tests/run/aligned.c with another malloc (the ASan runtime) in
+/// `LD_PRELOAD` after uhmm's library: every malloc-family call, the
+/// aligned allocators included, goes to that allocator (a block of its
+/// freed as glibc's aborted the program), and the library says so once.
+/// A skip where no ASan runtime is found.
+#[test]
+fn another_malloc_in_ld_preload() {
+    if !have("cc") {
+        return;
+    }
+    let asan = Command::new("cc")
+        .arg("-print-file-name=libasan.so")
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_absolute() && p.exists());
+    let Some(asan) = asan else {
+        eprintln!("SKIPPED another_malloc_in_ld_preload: no ASan runtime");
+        return;
+    };
+    let dir = scratch("aligned");
+    let exe = compile(&dir, "aligned");
+    let reference = plain(&dir, &[&exe]);
+    assert!(reference.status.success());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
+        .env("LD_PRELOAD", &asan)
+        .env("ASAN_OPTIONS", "detect_leaks=0:verify_asan_link_order=0")
+        .args(["run", "--threshold", "65536", "--", &exe])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, reference.stdout, "{stderr}");
+    assert!(stderr.contains("another malloc"), "{stderr}");
+    // And with glibc's: the same output.
+    let (out, _) = under_uhmm(&dir, &["--threshold", "65536"], &[&exe]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, reference.stdout);
+}

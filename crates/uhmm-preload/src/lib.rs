@@ -94,6 +94,85 @@ type MremapFn =
     unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 type MadviseFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
 type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
+type MallocFn = unsafe extern "C" fn(size_t) -> *mut c_void;
+type CallocFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
+type ReallocFn = unsafe extern "C" fn(*mut c_void, size_t) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type MemalignFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
+type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, size_t, size_t) -> c_int;
+
+/// Which malloc the program has: not known yet (0), glibc's (1: large
+/// blocks are served here), or another one found after this library
+/// (2: jemalloc, tcmalloc, an ASan runtime in `LD_PRELOAD`; every
+/// malloc-family call is passed on to it, and only mappings are managed).
+static ALLOCATOR: AtomicUsize = AtomicUsize::new(0);
+static RESOLVING: AtomicBool = AtomicBool::new(false);
+static NEXT_MALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_CALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_REALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_FREE: AtomicUsize = AtomicUsize::new(0);
+static NEXT_MEMALIGN: AtomicUsize = AtomicUsize::new(0);
+static NEXT_POSIX_MEMALIGN: AtomicUsize = AtomicUsize::new(0);
+static NEXT_ALIGNED_ALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_VALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_PVALLOC: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether another malloc than glibc's serves the program (resolving the
+/// malloc family on the first call that asks; a call made meanwhile, by
+/// dlsym itself, is glibc's).
+fn foreign_malloc() -> bool {
+    match ALLOCATOR.load(Ordering::Acquire) {
+        0 => {
+            if RESOLVING.swap(true, Ordering::AcqRel) {
+                return false;
+            }
+            resolve_malloc();
+            ALLOCATOR.load(Ordering::Acquire) == 2
+        }
+        a => a == 2,
+    }
+}
+
+fn resolve_malloc() {
+    for (name, slot) in [
+        (c"malloc", &NEXT_MALLOC),
+        (c"calloc", &NEXT_CALLOC),
+        (c"realloc", &NEXT_REALLOC),
+        (c"free", &NEXT_FREE),
+        (c"memalign", &NEXT_MEMALIGN),
+        (c"posix_memalign", &NEXT_POSIX_MEMALIGN),
+        (c"aligned_alloc", &NEXT_ALIGNED_ALLOC),
+        (c"valloc", &NEXT_VALLOC),
+        (c"pvalloc", &NEXT_PVALLOC),
+    ] {
+        resolve(name, slot);
+    }
+    let next = NEXT_MALLOC.load(Ordering::Acquire);
+    let glibc = __libc_malloc as MallocFn as usize;
+    let foreign = next != 0
+        && next != glibc
+        && [&NEXT_CALLOC, &NEXT_REALLOC, &NEXT_FREE]
+            .iter()
+            .all(|s| s.load(Ordering::Acquire) != 0);
+    ALLOCATOR.store(if foreign { 2 } else { 1 }, Ordering::Release);
+}
+
+/// Calls the next definition of an allocator function in `slot` (resolved)
+/// with `call`, or `fallback` where there is none.
+macro_rules! next_call {
+    ($slot:expr, $ty:ty, $fallback:expr, |$f:ident| $call:expr) => {
+        match $slot.load(Ordering::Acquire) {
+            0 => $fallback,
+            p => {
+                // SAFETY: dlsym's answer for the function of this name,
+                // whose C type is `$ty`; the caller's arguments are passed
+                // on unchanged.
+                let $f = unsafe { std::mem::transmute::<usize, $ty>(p) };
+                $call
+            }
+        }
+    };
+}
 
 unsafe extern "C" {
     // glibc's own allocator, under the names it exports for replacements
@@ -919,6 +998,12 @@ extern "C" fn init() {
         resolve(c"mremap", &REAL_MREMAP);
         resolve(c"madvise", &REAL_MADVISE);
         resolve(c"malloc_usable_size", &REAL_USABLE);
+        if foreign_malloc() {
+            say(
+                "another malloc than glibc's serves this program (LD_PRELOAD): malloc \
+                 blocks are left to it; only large anonymous mappings are managed",
+            );
+        }
         let threshold = match std::env::var("UHMM_RUN_THRESHOLD") {
             Ok(v) => match v.parse::<usize>() {
                 Ok(n) => n.max(PAGE),
@@ -1187,6 +1272,12 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 /// As `malloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
+    if foreign_malloc() {
+        // SAFETY: the other allocator's malloc.
+        return next_call!(NEXT_MALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+            f(n)
+        });
+    }
     if n >= threshold()
         && let Some(p) = big_alloc(n, false)
     {
@@ -1201,6 +1292,12 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
 /// As `calloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
+    if foreign_malloc() {
+        // SAFETY: the other allocator's calloc.
+        return next_call!(NEXT_CALLOC, CallocFn, std::ptr::null_mut(), |f| unsafe {
+            f(n, size)
+        });
+    }
     if let Some(total) = n.checked_mul(size)
         && total >= threshold()
         && let Some(p) = big_alloc(total, true)
@@ -1218,6 +1315,10 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
 pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() {
         return;
+    }
+    if !ours(p) && foreign_malloc() {
+        // SAFETY: the other allocator's free, of its block.
+        return next_call!(NEXT_FREE, FreeFn, (), |f| unsafe { f(p) });
     }
     if ours(p) {
         // (glibc >= 2.33 keeps errno across free; unmapping may set it.)
@@ -1245,6 +1346,12 @@ fn set_errno(e: c_int) {
 /// As `realloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
+    if !ours(p) && foreign_malloc() {
+        // SAFETY: the other allocator's realloc, of its block.
+        return next_call!(NEXT_REALLOC, ReallocFn, std::ptr::null_mut(), |f| unsafe {
+            f(p, n)
+        });
+    }
     if p.is_null() {
         // SAFETY: as malloc.
         return unsafe { malloc(n) };
@@ -1326,4 +1433,74 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
         // SAFETY: dlsym's answer for "malloc_usable_size", of this type.
         f => unsafe { std::mem::transmute::<usize, UsableFn>(f)(p) },
     }
+}
+
+/// # Safety
+///
+/// As `posix_memalign(3)`. Passed on (glibc's or another allocator's: the
+/// block is then that allocator's, as `free` expects).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n: size_t) -> c_int {
+    foreign_malloc();
+    // SAFETY: the caller's contract is posix_memalign's.
+    next_call!(
+        NEXT_POSIX_MEMALIGN,
+        PosixMemalignFn,
+        libc::ENOMEM,
+        |f| unsafe { f(out, align, n) }
+    )
+}
+
+/// # Safety
+///
+/// As `memalign(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
+    foreign_malloc();
+    // SAFETY: the caller's contract is memalign's.
+    next_call!(
+        NEXT_MEMALIGN,
+        MemalignFn,
+        std::ptr::null_mut(),
+        |f| unsafe { f(align, n) }
+    )
+}
+
+/// # Safety
+///
+/// As `aligned_alloc(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void {
+    foreign_malloc();
+    // SAFETY: the caller's contract is aligned_alloc's.
+    next_call!(
+        NEXT_ALIGNED_ALLOC,
+        MemalignFn,
+        std::ptr::null_mut(),
+        |f| unsafe { f(align, n) }
+    )
+}
+
+/// # Safety
+///
+/// As `valloc(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn valloc(n: size_t) -> *mut c_void {
+    foreign_malloc();
+    // SAFETY: the caller's contract is valloc's.
+    next_call!(NEXT_VALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+        f(n)
+    })
+}
+
+/// # Safety
+///
+/// As `pvalloc(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pvalloc(n: size_t) -> *mut c_void {
+    foreign_malloc();
+    // SAFETY: the caller's contract is pvalloc's.
+    next_call!(NEXT_PVALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+        f(n)
+    })
 }
