@@ -25,7 +25,10 @@
 //!   glibc's by one comparison) and managed. Smaller blocks, and every
 //!   block when that fails, are glibc's (`__libc_malloc` and friends). The
 //!   aligned allocators (`memalign`, `posix_memalign`, `aligned_alloc`,
-//!   `valloc`) stay glibc's and are not managed.
+//!   `valloc`, `pvalloc`) are passed on, not managed. Where another
+//!   malloc follows this library in `LD_PRELOAD` (jemalloc, tcmalloc, an
+//!   ASan runtime), every malloc-family call is passed on to it (said once
+//!   on stderr): only mappings are managed then.
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
@@ -469,7 +472,7 @@ fn proc() -> Option<&'static Proc> {
         }
     }
     let _making = Making(pid);
-    let made = current().or_else(|| {
+    current().or_else(|| {
         if FAILED_PID.load(Ordering::Relaxed) == pid {
             return None;
         }
@@ -506,8 +509,7 @@ fn proc() -> Option<&'static Proc> {
                 None
             }
         }
-    });
-    made
+    })
 }
 
 /// Held by the thread making this process's `Proc`: frees `MAKING` when
@@ -775,7 +777,7 @@ fn report() {
             let written = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
+                .open(path)
                 .and_then(|mut f| f.write_all(line.as_bytes()));
             if let Err(e) = written {
                 say(&format!(
@@ -1442,11 +1444,11 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n: size_t) -> c_int {
     foreign_malloc();
-    // SAFETY: the caller's contract is posix_memalign's.
     next_call!(
         NEXT_POSIX_MEMALIGN,
         PosixMemalignFn,
         libc::ENOMEM,
+        // SAFETY: the caller's contract is posix_memalign's.
         |f| unsafe { f(out, align, n) }
     )
 }
@@ -1457,11 +1459,11 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n:
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
     foreign_malloc();
-    // SAFETY: the caller's contract is memalign's.
     next_call!(
         NEXT_MEMALIGN,
         MemalignFn,
         std::ptr::null_mut(),
+        // SAFETY: the caller's contract is memalign's.
         |f| unsafe { f(align, n) }
     )
 }
@@ -1472,11 +1474,11 @@ pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void {
     foreign_malloc();
-    // SAFETY: the caller's contract is aligned_alloc's.
     next_call!(
         NEXT_ALIGNED_ALLOC,
         MemalignFn,
         std::ptr::null_mut(),
+        // SAFETY: the caller's contract is aligned_alloc's.
         |f| unsafe { f(align, n) }
     )
 }
