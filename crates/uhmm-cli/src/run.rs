@@ -115,6 +115,17 @@ fn not_preloadable(path: &Path) -> Option<&'static str> {
     (!has_interp).then_some("statically linked")
 }
 
+/// Whether this process may open a userfaultfd that serves kernel-mode
+/// faults (the library, run by the program as this user, needs one under
+/// `--chaos`); the error says what to do if not.
+fn kernel_faults() -> Result<(), uhmm::sys::uffd::OpenError> {
+    use uhmm::sys::uffd::{AccessPolicy, Uffd};
+    Uffd::builder()
+        .access(AccessPolicy::FullOnly)
+        .open()
+        .map(drop)
+}
+
 pub fn run(args: &Args) -> ExitCode {
     let lib = match find_lib() {
         Ok(l) => l,
@@ -131,6 +142,15 @@ pub fn run(args: &Args) -> ExitCode {
         && !(r.is_finite() && r > 0.0)
     {
         eprintln!("uhmm run: --chaos must be a positive rate (migrations a second)");
+        return ExitCode::from(2);
+    }
+    if args.chaos.is_some()
+        && let Err(e) = kernel_faults()
+    {
+        eprintln!(
+            "uhmm run: --chaos needs a userfaultfd that serves kernel-mode faults (system \
+             calls on pages chaos moved to the device fail with EFAULT otherwise): {e}"
+        );
         return ExitCode::from(2);
     }
     let program = Path::new(&args.command[0]);

@@ -115,20 +115,66 @@ impl Stats {
     }
 }
 
-/// Runs `argv` under `uhmm run` with `opts`, in `dir`.
+/// Runs `cmd` to its end, with its output, or kills it (and panics)
+/// after `secs` seconds: a program that hangs under `uhmm run` fails its
+/// test instead of hanging it.
+fn output_within(mut cmd: Command, secs: u64) -> Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the program");
+    let mut o = child.stdout.take().expect("stdout");
+    let mut e = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = o.read_to_end(&mut b);
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = e.read_to_end(&mut b);
+        b
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the program") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still ran after {secs} s (hung): killed; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `argv` under `uhmm run` with `opts`, in `dir` (at most 120 s).
 fn under_uhmm(dir: &Path, opts: &[&str], argv: &[&str]) -> (Output, Stats) {
     let stats = dir.join(format!("stats-{}.jsonl", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_uhmm"))
-        .env("UHMM_PRELOAD", preload())
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
         .arg("run")
         .args(opts)
         .arg("--stats")
         .arg(&stats)
         .arg("--")
         .args(argv)
-        .current_dir(dir)
-        .output()
-        .expect("run uhmm run");
+        .current_dir(dir);
+    let out = output_within(cmd, 120);
     let text = std::fs::read_to_string(&stats).unwrap_or_default();
     let v = text
         .lines()
@@ -174,9 +220,25 @@ fn same_under_chaos(dir: &Path, argv: &[&str]) -> Stats {
         !stats.0.is_empty(),
         "no process reported statistics; stderr:\n{stderr}"
     );
-    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+    for key in [
+        "pages_lost",
+        "faults_sigbus",
+        "callback_panics",
+        "manage_failures",
+    ] {
         assert_eq!(stats.sum(key), 0, "{key} under chaos: {stats:?}");
     }
+    assert!(
+        !stderr.contains("runs unmanaged") && !stderr.contains("left unmanaged"),
+        "a process ran unmanaged: {stderr}"
+    );
+    assert!(
+        stats
+            .0
+            .iter()
+            .all(|v| v["serves_kernel_faults"] == serde_json::Value::Bool(true)),
+        "chaos runs with a userfaultfd that serves kernel-mode faults: {stats:?}"
+    );
     assert!(
         stats.sum("faults_device") > 0,
         "{argv:?}: no CPU fault was served from device memory under chaos: {stats:?}"
@@ -427,14 +489,207 @@ fn bad_input_program() {
         assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
     }
     // No process is left: nothing still runs the program.
-    let left = Command::new("pgrep")
-        .args(["-f", exe])
+    let left = running(exe);
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
+
+/// The processes whose command line starts with `exe` (read from /proc:
+/// no `pgrep` needed).
+fn running(exe: &str) -> Vec<u32> {
+    let procs = std::fs::read_dir("/proc").expect("read /proc");
+    let found: Vec<u32> = procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).next() == Some(exe.as_bytes()))
+        })
+        .collect();
+    found
+}
+
+/// Compiles tests/run/NAME.c with `cc` into `dir`; the executable's path.
+fn compile(dir: &Path, name: &str) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/run/{name}.c"));
+    let exe = dir.join(name);
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
         .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
+        .expect("run cc");
     assert!(
-        left.is_empty(),
-        "processes left: {}",
-        String::from_utf8_lossy(&left)
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
     );
+    exe.to_str().expect("a UTF-8 path").to_owned()
+}
+
+/// tests/run/fork_device.c: a fork with more than 20,000 managed pages on
+/// the device. uhmm's fork hook brings them home on the forking thread,
+/// growing a list of them past the threshold through the interposed
+/// `malloc`; that allocation must be glibc's, not a managed block (whose
+/// `Mm::manage` waits for the lock the hook holds: the program hung).
+#[test]
+fn fork_with_many_device_pages() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("fork-device");
+    let exe = compile(&dir, "fork_device");
+    let argv = [exe.as_str(), "20000"];
+    let reference = plain(&dir, &argv);
+    assert!(reference.status.success(), "fork_device fails plain");
+    let (out, stats) = under_uhmm(&dir, &["--chaos", "2000", "--threshold", "65536"], &argv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "under chaos: {stderr}");
+    assert_eq!(out.stdout, reference.stdout, "stderr:\n{stderr}");
+    assert_eq!(
+        stats.0.len(),
+        2,
+        "the parent and the child report: {stats:?}"
+    );
+    assert!(stats.sum("pages_to_system") >= 20000, "{stats:?}");
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+    }
+}
+
+/// A chaos rate below one a second is honoured (it was taken as one), and
+/// the exit does not wait for the next migration.
+#[test]
+fn slow_chaos_rate() {
+    if !have("python3") {
+        return;
+    }
+    let dir = scratch("slow-chaos");
+    let started = std::time::Instant::now();
+    let (out, stats) = under_uhmm(
+        &dir,
+        &["--chaos", "0.4"],
+        &[
+            "python3",
+            "-c",
+            "import time; a = bytearray(32 << 20); time.sleep(1.5); print(len(a))",
+        ],
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stats.0.len(), 1, "{stats:?}");
+    assert_eq!(
+        stats.sum("chaos_to_device") + stats.sum("chaos_to_system") + stats.sum("chaos_failed"),
+        0,
+        "one migration in 2.5 s, none in the first 1.5 s: {stats:?}"
+    );
+    assert!(took.as_secs_f64() < 3.0, "took {took:?}");
+}
+
+/// Without a userfaultfd that serves kernel-mode faults (an unprivileged
+/// user, `vm.unprivileged_userfaultfd=0`), `uhmm run --chaos` refuses with
+/// exit status 2 and says how to enable it, and the library asked for
+/// chaos runs the program unmanaged, saying why (chaos would make its
+/// system calls on device pages fail with EFAULT). Needs root (to become
+/// `nobody` with `setpriv`) and the sysctl off; a skip otherwise.
+#[test]
+fn chaos_needs_kernel_mode_faults() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let sysctl = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|v| v.trim() == "0");
+    if !root || !sysctl || !have("setpriv") || !have("python3") {
+        eprintln!("SKIPPED chaos_needs_kernel_mode_faults: needs root and the sysctl at 0");
+        return;
+    }
+    let nobody = |argv: &[&std::ffi::OsStr]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(argv)
+            .current_dir("/");
+        output_within(cmd, 60)
+    };
+    let uhmm = std::ffi::OsStr::new(env!("CARGO_BIN_EXE_uhmm"));
+    let lib = preload().as_os_str();
+    let mut preload_env = std::ffi::OsString::from("UHMM_PRELOAD=");
+    preload_env.push(lib);
+    let out = nobody(&[
+        "env".as_ref(),
+        &preload_env,
+        uhmm,
+        "run".as_ref(),
+        "--chaos".as_ref(),
+        "10".as_ref(),
+        "--".as_ref(),
+        "true".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "refused: {stderr}");
+    assert!(stderr.contains("kernel-mode faults"), "{stderr}");
+    let mut ld = std::ffi::OsString::from("LD_PRELOAD=");
+    ld.push(lib);
+    let out = nobody(&[
+        "env".as_ref(),
+        &ld,
+        "UHMM_RUN_CHAOS=100".as_ref(),
+        "python3".as_ref(),
+        "-c".as_ref(),
+        "a = bytearray(8 << 20); print(len(a))".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, b"8388608\n");
+    assert!(
+        stderr.contains("runs unmanaged") && stderr.contains("kernel-mode faults"),
+        "{stderr}"
+    );
+}
+
+/// tests/run/aligned.c with another malloc (the ASan runtime) in
+/// `LD_PRELOAD` after uhmm's library: every malloc-family call, the
+/// aligned allocators included, goes to that allocator (a block of its
+/// freed as glibc's aborted the program), and the library says so once.
+/// A skip where no ASan runtime is found.
+#[test]
+fn another_malloc_in_ld_preload() {
+    if !have("cc") {
+        return;
+    }
+    let asan = Command::new("cc")
+        .arg("-print-file-name=libasan.so")
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_absolute() && p.exists());
+    let Some(asan) = asan else {
+        eprintln!("SKIPPED another_malloc_in_ld_preload: no ASan runtime");
+        return;
+    };
+    let dir = scratch("aligned");
+    let exe = compile(&dir, "aligned");
+    let reference = plain(&dir, &[&exe]);
+    assert!(reference.status.success());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
+        .env("LD_PRELOAD", &asan)
+        .env("ASAN_OPTIONS", "detect_leaks=0:verify_asan_link_order=0")
+        .args(["run", "--threshold", "65536", "--", &exe])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, reference.stdout, "{stderr}");
+    assert!(stderr.contains("another malloc"), "{stderr}");
+    // And with glibc's: the same output.
+    let (out, _) = under_uhmm(&dir, &["--threshold", "65536"], &[&exe]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, reference.stdout);
 }

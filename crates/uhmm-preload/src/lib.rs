@@ -25,7 +25,10 @@
 //!   glibc's by one comparison) and managed. Smaller blocks, and every
 //!   block when that fails, are glibc's (`__libc_malloc` and friends). The
 //!   aligned allocators (`memalign`, `posix_memalign`, `aligned_alloc`,
-//!   `valloc`) stay glibc's and are not managed.
+//!   `valloc`, `pvalloc`) are passed on, not managed. Where another
+//!   malloc follows this library in `LD_PRELOAD` (jemalloc, tcmalloc, an
+//!   ASan runtime), every malloc-family call is passed on to it (said once
+//!   on stderr): only mappings are managed then.
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
@@ -66,6 +69,7 @@ use std::time::{Duration, Instant};
 use libc::{off_t, size_t};
 use uhmm::devmem::PagemapConfig;
 use uhmm::mm::Mm;
+use uhmm::sys::uffd::AccessPolicy;
 use uhmm::{PageRange, VirtAddr};
 use uhmm_sim::SimDevice;
 
@@ -93,6 +97,85 @@ type MremapFn =
     unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 type MadviseFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
 type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
+type MallocFn = unsafe extern "C" fn(size_t) -> *mut c_void;
+type CallocFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
+type ReallocFn = unsafe extern "C" fn(*mut c_void, size_t) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type MemalignFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
+type PosixMemalignFn = unsafe extern "C" fn(*mut *mut c_void, size_t, size_t) -> c_int;
+
+/// Which malloc the program has: not known yet (0), glibc's (1: large
+/// blocks are served here), or another one found after this library
+/// (2: jemalloc, tcmalloc, an ASan runtime in `LD_PRELOAD`; every
+/// malloc-family call is passed on to it, and only mappings are managed).
+static ALLOCATOR: AtomicUsize = AtomicUsize::new(0);
+static RESOLVING: AtomicBool = AtomicBool::new(false);
+static NEXT_MALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_CALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_REALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_FREE: AtomicUsize = AtomicUsize::new(0);
+static NEXT_MEMALIGN: AtomicUsize = AtomicUsize::new(0);
+static NEXT_POSIX_MEMALIGN: AtomicUsize = AtomicUsize::new(0);
+static NEXT_ALIGNED_ALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_VALLOC: AtomicUsize = AtomicUsize::new(0);
+static NEXT_PVALLOC: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether another malloc than glibc's serves the program (resolving the
+/// malloc family on the first call that asks; a call made meanwhile, by
+/// dlsym itself, is glibc's).
+fn foreign_malloc() -> bool {
+    match ALLOCATOR.load(Ordering::Acquire) {
+        0 => {
+            if RESOLVING.swap(true, Ordering::AcqRel) {
+                return false;
+            }
+            resolve_malloc();
+            ALLOCATOR.load(Ordering::Acquire) == 2
+        }
+        a => a == 2,
+    }
+}
+
+fn resolve_malloc() {
+    for (name, slot) in [
+        (c"malloc", &NEXT_MALLOC),
+        (c"calloc", &NEXT_CALLOC),
+        (c"realloc", &NEXT_REALLOC),
+        (c"free", &NEXT_FREE),
+        (c"memalign", &NEXT_MEMALIGN),
+        (c"posix_memalign", &NEXT_POSIX_MEMALIGN),
+        (c"aligned_alloc", &NEXT_ALIGNED_ALLOC),
+        (c"valloc", &NEXT_VALLOC),
+        (c"pvalloc", &NEXT_PVALLOC),
+    ] {
+        resolve(name, slot);
+    }
+    let next = NEXT_MALLOC.load(Ordering::Acquire);
+    let glibc = __libc_malloc as MallocFn as usize;
+    let foreign = next != 0
+        && next != glibc
+        && [&NEXT_CALLOC, &NEXT_REALLOC, &NEXT_FREE]
+            .iter()
+            .all(|s| s.load(Ordering::Acquire) != 0);
+    ALLOCATOR.store(if foreign { 2 } else { 1 }, Ordering::Release);
+}
+
+/// Calls the next definition of an allocator function in `slot` (resolved)
+/// with `call`, or `fallback` where there is none.
+macro_rules! next_call {
+    ($slot:expr, $ty:ty, $fallback:expr, |$f:ident| $call:expr) => {
+        match $slot.load(Ordering::Acquire) {
+            0 => $fallback,
+            p => {
+                // SAFETY: dlsym's answer for the function of this name,
+                // whose C type is `$ty`; the caller's arguments are passed
+                // on unchanged.
+                let $f = unsafe { std::mem::transmute::<usize, $ty>(p) };
+                $call
+            }
+        }
+    };
+}
 
 unsafe extern "C" {
     // glibc's own allocator, under the names it exports for replacements
@@ -131,6 +214,40 @@ impl Drop for Inside {
     }
 }
 
+thread_local! {
+    /// Set while uhmm's own fork or exit hooks run on this thread: every
+    /// interposed call is then the plain one (as inside the library), kept
+    /// apart from `INSIDE` so that no guard dropped meanwhile clears it.
+    static IN_UHMM_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether uhmm's fork or exit hooks run on this thread now.
+fn in_uhmm_hook() -> bool {
+    IN_UHMM_HOOK.try_with(Cell::get).unwrap_or(true)
+}
+
+/// Registered (once, after uhmm registered its own) so that it runs just
+/// before uhmm's fork preparation: the forking thread counts as inside
+/// this library for the whole of uhmm's fork hooks. uhmm brings device
+/// pages home there while holding its own locks, allocating as it goes; an
+/// allocation served here as a managed block would call `Mm::manage`,
+/// which waits for those locks (the program hung), and a cached block
+/// unmapped there would raise an UNMAP event the fault service reads only
+/// under them.
+extern "C" fn uhmm_hooks_enter() {
+    let _ = IN_UHMM_HOOK.try_with(|c| c.set(true));
+}
+
+/// Runs after uhmm's parent and child hooks. Async-signal-safe (a store
+/// to a const-initialized thread-local).
+extern "C" fn uhmm_hooks_leave() {
+    let _ = IN_UHMM_HOOK.try_with(|c| c.set(false));
+}
+
+/// Whether `uhmm_hooks_enter` / `uhmm_hooks_leave` are registered
+/// (inherited by a forked child, as the registration is).
+static FORK_GUARD: std::sync::Once = std::sync::Once::new();
+
 /// Whether the calling thread is one of uhmm's (its fault service, the
 /// chaos thread): they are named `uhmm-…`, and what they map is uhmm's.
 fn uhmm_thread() -> bool {
@@ -145,7 +262,7 @@ fn uhmm_thread() -> bool {
 /// it; the caller falls back to the plain call).
 fn inside<T>(f: impl FnOnce() -> Option<T>) -> Option<T> {
     let _g = Inside::enter()?;
-    if uhmm_thread() {
+    if in_uhmm_hook() || uhmm_thread() {
         return None;
     }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
@@ -306,6 +423,12 @@ static FAILED_PID: AtomicI32 = AtomicI32::new(0);
 /// process so that a child forked in the middle does not wait for it.
 static MAKING: AtomicI32 = AtomicI32::new(0);
 static REPORTED_PID: AtomicI32 = AtomicI32::new(0);
+/// `UHMM_RUN_DEVICE_MIB` (0: the default), `UHMM_RUN_STATS` (a non-empty
+/// path) and `UHMM_RUN_QUIET=1`, read by the constructor (single-threaded:
+/// the environment may change later, and reading it races with that).
+static DEVICE_MIB: AtomicUsize = AtomicUsize::new(0);
+static STATS: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+static QUIET: AtomicBool = AtomicBool::new(false);
 static ATEXIT_PID: AtomicI32 = AtomicI32::new(0);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -348,7 +471,8 @@ fn proc() -> Option<&'static Proc> {
             break;
         }
     }
-    let made = current().or_else(|| {
+    let _making = Making(pid);
+    current().or_else(|| {
         if FAILED_PID.load(Ordering::Relaxed) == pid {
             return None;
         }
@@ -356,6 +480,20 @@ fn proc() -> Option<&'static Proc> {
             Ok(p) => {
                 let p: &'static Proc = Box::leak(Box::new(p));
                 PROC.store(p as *const Proc as *mut Proc, Ordering::Release);
+                // After `Mm::new` registered uhmm's fork hooks: prepare
+                // handlers run in reverse order of registration, parent
+                // and child handlers in order, so these two enclose uhmm's.
+                FORK_GUARD.call_once(|| {
+                    // SAFETY: plain functions that never unwind; the child
+                    // one is async-signal-safe.
+                    unsafe {
+                        libc::pthread_atfork(
+                            Some(uhmm_hooks_enter),
+                            Some(uhmm_hooks_leave),
+                            Some(uhmm_hooks_leave),
+                        )
+                    };
+                });
                 start_chaos(p);
                 // Registered after `Mm::new` registered uhmm's own hook, so
                 // that it runs first, with the device still there.
@@ -371,17 +509,35 @@ fn proc() -> Option<&'static Proc> {
                 None
             }
         }
-    });
-    MAKING.store(0, Ordering::Release);
-    made
+    })
+}
+
+/// Held by the thread making this process's `Proc`: frees `MAKING` when
+/// done, and on a panic (caught further up) marks the process unmanaged,
+/// so that no later call waits for a `Proc` that will never come.
+struct Making(i32);
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            FAILED_PID.store(self.0, Ordering::Relaxed);
+        }
+        MAKING.store(0, Ordering::Release);
+    }
 }
 
 fn make(pid: i32) -> Result<Proc, Box<dyn std::error::Error>> {
-    let mm = Mm::new()?;
-    let config = match std::env::var("UHMM_RUN_DEVICE_MIB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    // Under chaos pages leave the CPU page table at any time: a system call
+    // on one needs a userfaultfd that serves kernel-mode faults (with a
+    // user-mode-only one it fails with EFAULT, and the program with it).
+    // Without one the process runs unmanaged, and says why.
+    let policy = if chaos_rate() > 0.0 {
+        AccessPolicy::FullOnly
+    } else {
+        AccessPolicy::Auto
+    };
+    let mm = Mm::with_access(policy)?;
+    let config = match Some(DEVICE_MIB.load(Ordering::Relaxed)) {
         // 1 MiB chunks.
         Some(mib) if mib > 0 => PagemapConfig {
             chunk_pages: (1 << 20) / PAGE,
@@ -474,7 +630,8 @@ fn start_chaos(p: &'static Proc) {
 /// Moves random managed ranges to the device (three in four) and back
 /// (one in four), `rate` times a second; CPU touches bring the rest back.
 fn chaos(p: &Proc, rate: f64) {
-    let interval = Duration::from_secs_f64((1.0 / rate).min(1.0));
+    // (At most a day: a rate too small to write as a duration is no chaos.)
+    let interval = Duration::from_secs_f64((1.0 / rate).min(86_400.0));
     let mut seed = (p.pid as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut rand = move || {
         seed ^= seed << 13;
@@ -487,7 +644,18 @@ fn chaos(p: &Proc, rate: f64) {
         next += interval;
         let now = Instant::now();
         if next > now {
-            std::thread::sleep(next - now);
+            // In slices, so that the exit report does not wait for a slow
+            // rate's next migration.
+            while !p.chaos_stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= next {
+                    break;
+                }
+                std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            }
+            if p.chaos_stop.load(Ordering::Acquire) {
+                break;
+            }
         } else if now - next > Duration::from_millis(100) {
             next = now;
         }
@@ -544,6 +712,11 @@ extern "C" fn at_exit() {
         report();
         Some(())
     });
+    // uhmm's own exit hook runs next, on this thread (and the program's
+    // older exit hooks after it): what they allocate is glibc's, never a
+    // managed block (see `uhmm_hooks_enter`). The process is exiting; the
+    // thread stays so.
+    let _ = IN_UHMM_HOOK.try_with(|c| c.set(true));
 }
 
 fn report() {
@@ -571,6 +744,8 @@ fn report() {
     let json = serde_json::json!({
         "pid": pid,
         "exe": exe,
+        "access": p.mm.access().to_string(),
+        "serves_kernel_faults": p.mm.access().serves_kernel_faults(),
         "managed_bytes_at_exit": p.mm.managed_len(),
         "managed_bytes_peak": c.peak_managed.load(Ordering::Relaxed),
         "mappings_managed": ld(&c.mappings_managed),
@@ -597,12 +772,12 @@ fn report() {
         "chaos_failed": ld(&c.chaos_failed),
     });
     let line = format!("{json}\n");
-    match std::env::var_os("UHMM_RUN_STATS") {
-        Some(path) if !path.is_empty() => {
+    match STATS.get().and_then(Option::as_ref) {
+        Some(path) => {
             let written = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
+                .open(path)
                 .and_then(|mut f| f.write_all(line.as_bytes()));
             if let Err(e) = written {
                 say(&format!(
@@ -612,7 +787,7 @@ fn report() {
             }
         }
         _ => {
-            if std::env::var_os("UHMM_RUN_QUIET").is_none_or(|q| q != "1") {
+            if !QUIET.load(Ordering::Relaxed) {
                 say(&format!(
                     "pid {pid} ({exe}): managed {} B at exit ({} B peak); faults {} (hole {}, \
                      device {}, exclusive {}, wp {}, waited {}); pages to device {}, to system {}, \
@@ -825,6 +1000,12 @@ extern "C" fn init() {
         resolve(c"mremap", &REAL_MREMAP);
         resolve(c"madvise", &REAL_MADVISE);
         resolve(c"malloc_usable_size", &REAL_USABLE);
+        if foreign_malloc() {
+            say(
+                "another malloc than glibc's serves this program (LD_PRELOAD): malloc \
+                 blocks are left to it; only large anonymous mappings are managed",
+            );
+        }
         let threshold = match std::env::var("UHMM_RUN_THRESHOLD") {
             Ok(v) => match v.parse::<usize>() {
                 Ok(n) => n.max(PAGE),
@@ -837,6 +1018,17 @@ extern "C" fn init() {
             },
             Err(_) => 1 << 20,
         };
+        if let Some(mib) = std::env::var("UHMM_RUN_DEVICE_MIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            DEVICE_MIB.store(mib, Ordering::Relaxed);
+        }
+        let _ = STATS.set(std::env::var_os("UHMM_RUN_STATS").filter(|p| !p.is_empty()));
+        QUIET.store(
+            std::env::var_os("UHMM_RUN_QUIET").is_some_and(|q| q == "1"),
+            Ordering::Relaxed,
+        );
         if let Ok(v) = std::env::var("UHMM_RUN_CHAOS") {
             match v.parse::<f64>() {
                 Ok(r) if r.is_finite() && r >= 0.0 => {
@@ -1082,6 +1274,12 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 /// As `malloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
+    if foreign_malloc() {
+        // SAFETY: the other allocator's malloc.
+        return next_call!(NEXT_MALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+            f(n)
+        });
+    }
     if n >= threshold()
         && let Some(p) = big_alloc(n, false)
     {
@@ -1096,6 +1294,12 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
 /// As `calloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
+    if foreign_malloc() {
+        // SAFETY: the other allocator's calloc.
+        return next_call!(NEXT_CALLOC, CallocFn, std::ptr::null_mut(), |f| unsafe {
+            f(n, size)
+        });
+    }
     if let Some(total) = n.checked_mul(size)
         && total >= threshold()
         && let Some(p) = big_alloc(total, true)
@@ -1114,12 +1318,29 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
+    if !ours(p) && foreign_malloc() {
+        // SAFETY: the other allocator's free, of its block.
+        return next_call!(NEXT_FREE, FreeFn, (), |f| unsafe { f(p) });
+    }
     if ours(p) {
+        // (glibc >= 2.33 keeps errno across free; unmapping may set it.)
+        let saved = errno();
         big_free(p);
+        set_errno(saved);
     } else {
         // SAFETY: not ours, so glibc's.
         unsafe { __libc_free(p) }
     }
+}
+
+fn errno() -> c_int {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// # Safety
@@ -1127,6 +1348,12 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 /// As `realloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
+    if !ours(p) && foreign_malloc() {
+        // SAFETY: the other allocator's realloc, of its block.
+        return next_call!(NEXT_REALLOC, ReallocFn, std::ptr::null_mut(), |f| unsafe {
+            f(p, n)
+        });
+    }
     if p.is_null() {
         // SAFETY: as malloc.
         return unsafe { malloc(n) };
@@ -1137,9 +1364,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
             return std::ptr::null_mut();
         }
         let Some(old) = block_len(p) else {
+            set_errno(libc::ENOMEM);
             return std::ptr::null_mut(); // not a block: the program's bug
         };
         let Some(len) = round_up(n) else {
+            set_errno(libc::ENOMEM);
             return std::ptr::null_mut();
         };
         if len <= old || grow_in_place(p, len) {
@@ -1152,6 +1381,8 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
             // different allocations.
             unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
             big_free(p);
+        } else {
+            set_errno(libc::ENOMEM);
         }
         return q;
     }
@@ -1204,4 +1435,74 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
         // SAFETY: dlsym's answer for "malloc_usable_size", of this type.
         f => unsafe { std::mem::transmute::<usize, UsableFn>(f)(p) },
     }
+}
+
+/// # Safety
+///
+/// As `posix_memalign(3)`. Passed on (glibc's or another allocator's: the
+/// block is then that allocator's, as `free` expects).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n: size_t) -> c_int {
+    foreign_malloc();
+    next_call!(
+        NEXT_POSIX_MEMALIGN,
+        PosixMemalignFn,
+        libc::ENOMEM,
+        // SAFETY: the caller's contract is posix_memalign's.
+        |f| unsafe { f(out, align, n) }
+    )
+}
+
+/// # Safety
+///
+/// As `memalign(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
+    foreign_malloc();
+    next_call!(
+        NEXT_MEMALIGN,
+        MemalignFn,
+        std::ptr::null_mut(),
+        // SAFETY: the caller's contract is memalign's.
+        |f| unsafe { f(align, n) }
+    )
+}
+
+/// # Safety
+///
+/// As `aligned_alloc(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void {
+    foreign_malloc();
+    next_call!(
+        NEXT_ALIGNED_ALLOC,
+        MemalignFn,
+        std::ptr::null_mut(),
+        // SAFETY: the caller's contract is aligned_alloc's.
+        |f| unsafe { f(align, n) }
+    )
+}
+
+/// # Safety
+///
+/// As `valloc(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn valloc(n: size_t) -> *mut c_void {
+    foreign_malloc();
+    // SAFETY: the caller's contract is valloc's.
+    next_call!(NEXT_VALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+        f(n)
+    })
+}
+
+/// # Safety
+///
+/// As `pvalloc(3)` (passed on, as `posix_memalign`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pvalloc(n: size_t) -> *mut c_void {
+    foreign_malloc();
+    // SAFETY: the caller's contract is pvalloc's.
+    next_call!(NEXT_PVALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+        f(n)
+    })
 }
