@@ -975,24 +975,8 @@ pub unsafe extern "C" fn uhmm_migrate_move_from_device(
     pages: *const uhmm_move_back,
     n: usize,
 ) -> c_int {
-    call(|| {
-        if n > 0 && pages.is_null() {
-            return Err(Error::null("pages"));
-        }
-        let list: Vec<(usize, VirtAddr)> = if n == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: not NULL, and the caller vouches for `n` entries.
-            unsafe { std::slice::from_raw_parts(pages, n) }
-                .iter()
-                .map(|p| (p.index, VirtAddr::new(p.dev_addr)))
-                .collect()
-        };
-        with_mig(m, |v| {
-            v.move_from_device(&list);
-            Ok(())
-        })
-    })
+    // SAFETY: the caller's contract, passed on.
+    unsafe { bring_back(m, pages, n, MigrateVma::move_from_device) }
 }
 
 /// For device memory this process can read through a mapping (a BAR,
@@ -1012,6 +996,22 @@ pub unsafe extern "C" fn uhmm_migrate_copy_from_device(
     pages: *const uhmm_move_back,
     n: usize,
 ) -> c_int {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { bring_back(m, pages, n, MigrateVma::copy_from_device) }
+}
+
+/// `how` (`move_from_device` or `copy_from_device`) of the `n` pages at
+/// `pages` for migration `m`.
+///
+/// # Safety
+///
+/// `pages` is NULL or valid for reads of `n` entries.
+unsafe fn bring_back(
+    m: *const uhmm_migrate,
+    pages: *const uhmm_move_back,
+    n: usize,
+    how: fn(&mut MigrateVma<'static>, &[(usize, VirtAddr)]),
+) -> c_int {
     call(|| {
         if n > 0 && pages.is_null() {
             return Err(Error::null("pages"));
@@ -1026,7 +1026,7 @@ pub unsafe extern "C" fn uhmm_migrate_copy_from_device(
                 .collect()
         };
         with_mig(m, |v| {
-            v.copy_from_device(&list);
+            how(v, &list);
             Ok(())
         })
     })
