@@ -1256,17 +1256,7 @@ impl<'a> MigrateVma<'a> {
     /// allow a move). Replaces [`system_dsts`](Self::system_dsts) for those
     /// pages.
     pub fn move_from_device(&mut self, pages: &[(usize, VirtAddr)]) {
-        if self.committed {
-            return;
-        }
-        for &(i, from) in pages {
-            if let Some(e) = self.entries.get_mut(i)
-                && e.migrate
-                && e.how == How::Device
-            {
-                e.dst = MigrateDst::SystemFrom(from);
-            }
-        }
+        self.back_from_device(pages, false);
     }
 
     /// For device memory the CPU can read through a mapping of this
@@ -1279,6 +1269,13 @@ impl<'a> MigrateVma<'a> {
     /// stays on the device). Replaces [`system_dsts`](Self::system_dsts)
     /// for those pages.
     pub fn copy_from_device(&mut self, pages: &[(usize, VirtAddr)]) {
+        self.back_from_device(pages, true);
+    }
+
+    /// Each selected device page `i` of `pages` comes back from its
+    /// address in device memory: copied (`copy`), or moved where the
+    /// mapping allows.
+    fn back_from_device(&mut self, pages: &[(usize, VirtAddr)], copy: bool) {
         if self.committed {
             return;
         }
@@ -1288,7 +1285,9 @@ impl<'a> MigrateVma<'a> {
                 && e.how == How::Device
             {
                 e.dst = MigrateDst::SystemFrom(from);
-                self.copy_install[i] = true;
+                if copy {
+                    self.copy_install[i] = true;
+                }
             }
         }
     }

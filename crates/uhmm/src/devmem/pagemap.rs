@@ -701,17 +701,7 @@ impl DevicePagemap {
                     wanted: n,
                 });
             }
-            let first = (p.chunks * cfg.chunk_pages) as u64;
-            call(&self.inner.panics, "add_chunk", || {
-                self.inner.ops.add_chunk(DevicePfn(first), cfg.chunk_pages)
-            })
-            .unwrap_or_else(|_| {
-                Err(DevmemError::Grow {
-                    reason: "the device's add_chunk panicked".into(),
-                })
-            })?;
-            p.chunks += 1;
-            p.grow(first, cfg.chunk_pages);
+            self.add_chunk(&mut p)?;
         }
         let mut pages = p.take_free(n);
         pages.sort_unstable();
@@ -756,17 +746,7 @@ impl DevicePagemap {
                     wanted: n * HUGE_PAGES,
                 });
             }
-            let first = (p.chunks * cfg.chunk_pages) as u64;
-            call(&self.inner.panics, "add_chunk", || {
-                self.inner.ops.add_chunk(DevicePfn(first), cfg.chunk_pages)
-            })
-            .unwrap_or_else(|_| {
-                Err(DevmemError::Grow {
-                    reason: "the device's add_chunk panicked".into(),
-                })
-            })?;
-            p.chunks += 1;
-            p.grow(first, cfg.chunk_pages);
+            self.add_chunk(&mut p)?;
         }
         let at = p.free_huge.len() - n;
         let mut heads: Vec<DevicePfn> = p.free_huge.drain(at..).rev().map(DevicePfn).collect();
@@ -783,6 +763,24 @@ impl DevicePagemap {
             .allocated
             .fetch_add((n * HUGE_PAGES) as u64, Ordering::Relaxed);
         Ok(heads)
+    }
+
+    /// Has the device back one more chunk and adds its pages to the pool
+    /// `p` (under the pool's lock; `add_chunk` runs under it).
+    fn add_chunk(&self, p: &mut Pool) -> Result<(), DevmemError> {
+        let cfg = self.inner.config;
+        let first = (p.chunks * cfg.chunk_pages) as u64;
+        call(&self.inner.panics, "add_chunk", || {
+            self.inner.ops.add_chunk(DevicePfn(first), cfg.chunk_pages)
+        })
+        .unwrap_or_else(|_| {
+            Err(DevmemError::Grow {
+                reason: "the device's add_chunk panicked".into(),
+            })
+        })?;
+        p.chunks += 1;
+        p.grow(first, cfg.chunk_pages);
+        Ok(())
     }
 
     /// One more reference to `pfn`.
