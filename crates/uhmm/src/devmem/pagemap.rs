@@ -36,9 +36,10 @@ pub trait DevicePagemapOps: Send + Sync + fmt::Debug {
     /// [`FaultError::Retry`] to be called again shortly;
     /// [`FaultError::Device`] or [`FaultError::NoMemory`] when the pages
     /// cannot come back. A CPU fault is served again while its device
-    /// fails it, within bounds: after 8 failed calls, or 1 s after the first
-    /// failure, whichever comes first (a panic counts as a failure), or
-    /// after 10 s of `Retry` (or of `Ok` with the faulting page still on
+    /// fails it, within bounds: after 8 failed calls in a row, or 1 s of
+    /// failing every call, whichever comes first (a panic counts as a
+    /// failure; a `Retry` or an `Ok` between two failures ends the run),
+    /// or after 10 s of `Retry` (or of `Ok` with the faulting page still on
     /// the device), the access fails as the kernel's `VM_FAULT_SIGBUS`
     /// makes it fail: the faulting page is poisoned, so the thread gets
     /// SIGBUS (a system call reading it, EFAULT) and so does any later

@@ -50,10 +50,15 @@ pub(crate) enum Failure {
     Device,
 }
 
-/// Failed calls of a device's `migrate_to_ram` for one fault after which
-/// the access fails with SIGBUS (the kernel's `VM_FAULT_SIGBUS`)...
+/// Failed calls in a row of a device's `migrate_to_ram` for one fault
+/// after which the access fails with SIGBUS (the kernel's
+/// `VM_FAULT_SIGBUS`)...
 pub(crate) const FAULT_FAILURES: u32 = 8;
-/// ...or the time from its first failure after which it does.
+/// ...or the time it has failed every call for after which it does. A
+/// call that does not fail (the device asked to be called again, or its
+/// page stayed for a pending layout change) ends the run of failures: a
+/// device whose failures are spread out is flaky, not gone, and losing
+/// its page for them would lose data a later call gives back.
 pub(crate) const FAULT_FAILING_FOR: Duration = Duration::from_secs(1);
 /// The time a device may keep asking to be called again for one fault
 /// before the access fails with SIGBUS all the same.
@@ -68,8 +73,9 @@ pub(crate) struct Attempts {
 }
 
 impl Attempts {
-    /// The page left its device meanwhile (the fault waited for something
-    /// else): failures start counting anew.
+    /// Ends a run of failures: the page left its device meanwhile (the
+    /// fault waited for something else), or the device answered a call
+    /// without failing.
     pub(crate) fn clear_failures(&mut self) {
         self.failures = 0;
         self.failing_since = None;
@@ -80,6 +86,7 @@ impl Attempts {
         let now = Instant::now();
         match failure {
             Failure::Busy => {
+                self.clear_failures();
                 let since = *self.busy_since.get_or_insert(now);
                 now.duration_since(since) >= FAULT_BUSY_FOR
             }
