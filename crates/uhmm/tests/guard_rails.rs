@@ -68,6 +68,18 @@ struct Faulty {
     /// Where each `page_free` passes.
     free_gate: Mutex<Option<Arc<FreeGate>>>,
     calls: AtomicU32,
+    /// Run once by the next `migrate_to_ram`, after its pages are
+    /// selected and before they are committed.
+    before_commit: Mutex<Option<Hook>>,
+}
+
+/// A test's code run inside a device callback.
+struct Hook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Faulty {
@@ -78,6 +90,7 @@ impl Faulty {
             free_panics: AtomicU32::new(0),
             free_gate: Mutex::new(None),
             calls: AtomicU32::new(0),
+            before_commit: Mutex::new(None),
         })
     }
 
@@ -141,6 +154,10 @@ impl DevicePagemapOps for Faulty {
             })
             .collect();
         m.move_from_device(&from);
+        let hook = self.before_commit.lock().unwrap().take();
+        if let Some(Hook(hook)) = hook {
+            hook();
+        }
         m.pages();
         m.finalize();
         Ok(())
@@ -310,6 +327,49 @@ fn failures_that_are_not_in_a_row_lose_nothing() {
     );
     assert_eq!(rig.mm.stats().faults_sigbus, 0);
     assert_eq!(rig.mm.stats().pages_lost, 0);
+}
+
+#[test]
+fn a_fault_back_whose_install_meets_a_pending_discard_is_not_redone() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    // Elsewhere in the program: a managed page that another thread
+    // discards while the fault back of page 0 is in the device's hands.
+    let other = rig.mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    other.write_at(0, &[7u8; PAGE_SIZE]).unwrap();
+    let at = other.range().start().get();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let discarder = std::thread::spawn(move || {
+        wait.recv().unwrap();
+        // SAFETY: the test's own managed page; nothing refers to it.
+        unsafe {
+            rustix::mm::madvise(
+                at as *mut std::ffi::c_void,
+                PAGE_SIZE,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        }
+        .unwrap();
+    });
+    *rig.dev.before_commit.lock().unwrap() = Some(Hook(Box::new(move || {
+        // The discard's REMOVE event stays unread while the service is in
+        // here, so the kernel refuses the install that follows (EAGAIN).
+        go.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    })));
+    let calls = rig.dev.calls.load(Ordering::SeqCst);
+    assert_eq!(load_soon(rig.page(0), 10), Some(1), "the fault back hung");
+    discarder.join().unwrap();
+    assert_eq!(
+        rig.dev.calls.load(Ordering::SeqCst) - calls,
+        1,
+        "the service redid the fault back from the device instead of reading \
+         the events that refused its install and installing again"
+    );
+    let mut b = [1u8; 1];
+    other.read_at(0, &mut b).unwrap();
+    assert_eq!(b[0], 0, "the discard was lost");
+    assert_eq!(rig.mm.stats().faults_sigbus, 0);
 }
 
 #[test]

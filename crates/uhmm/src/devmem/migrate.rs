@@ -304,6 +304,12 @@ impl Patience {
     }
 }
 
+/// The first pause of the fault service between two installs of a fault
+/// back that pending layout changes refused (doubling each time)...
+const SERVICE_PAUSE: Duration = Duration::from_micros(10);
+/// ...up to this one; then the fault is served again on a later turn.
+const SERVICE_PAUSE_MAX: Duration = Duration::from_micros(320);
+
 /// How often a setup looks again at a region that was dropped and mapped
 /// anew while it read its mappings, before it gives up (`Retry`).
 pub(crate) const SETUP_ATTEMPTS: usize = 100;
@@ -1533,6 +1539,8 @@ impl<'a> MigrateVma<'a> {
 
     fn commit_to_system(&mut self, idx: &[usize]) {
         let mut todo = idx.to_vec();
+        let here = crate::mm::service::on_service_of(self.shared);
+        let mut pause = SERVICE_PAUSE;
         for _ in 0..LAYOUT_RETRIES {
             let (done, left, failed) = {
                 let mut regions = lock(&self.shared.regions);
@@ -1579,6 +1587,19 @@ impl<'a> MigrateVma<'a> {
             }
             if left.is_empty() {
                 return;
+            }
+            if !self.blockable && here && pause <= SERVICE_PAUSE_MAX {
+                // The fault service cannot wait for itself to read the
+                // events that refused the install: it reads them here, and
+                // gives the threads they release a moment to run (the
+                // kernel refuses until each one has, not only until its
+                // event is read). Its data copied already, the fault back
+                // is not redone from the start on a later turn.
+                self.shared.read_events_here();
+                std::thread::sleep(pause);
+                pause *= 2;
+                todo = left;
+                continue;
             }
             if !self.blockable {
                 for i in left {

@@ -593,6 +593,38 @@ impl Shared {
         }
     }
 
+    /// On `self`'s service thread, in the middle of serving a fault: reads
+    /// and applies the events pending now, as the service loop does, so
+    /// that a resolve ioctl refused for them (EAGAIN) can look again at
+    /// once rather than the whole fault back being redone on a later turn
+    /// (DESIGN.md, concurrency rule 3). What the events leave to do
+    /// outside the regions lock (device invalidations, freeing the states
+    /// they dropped, the faults among them) waits for the loop, with
+    /// `busy` set until then. The caller holds neither the regions lock
+    /// nor anything a device's invalidation takes. Does nothing on any
+    /// other thread.
+    pub(crate) fn read_events_here(&self) {
+        if !on_service_of(self) {
+            return;
+        }
+        self.busy.store(true, Ordering::Release);
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            let Deferred { events, work, read } = &mut *d;
+            *read = true;
+            let mut regions = lock(&self.regions);
+            if self.uffd.read_events(events).is_ok() {
+                self.stats
+                    .events
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                for event in events.drain(..) {
+                    apply(self, &mut regions, event, work);
+                }
+            }
+        });
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Ends operation `op`: its record goes (a migration leaves the fork
     /// gate with it), and whoever waits for operations to drain looks
     /// again. False if it had ended already (reclaimed: see
@@ -1043,6 +1075,23 @@ thread_local! {
     static ON_SERVICE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// Events the service read in the middle of serving a fault
+/// ([`Shared::read_events_here`]), and what they leave to do outside the
+/// regions lock until the service loop gets to it.
+#[derive(Debug, Default)]
+struct Deferred {
+    /// Reserved once, when the service starts (see `Uffd::read_events`).
+    events: Vec<Event>,
+    work: Work,
+    /// Whether events were read since the loop last settled them.
+    read: bool,
+}
+
+thread_local! {
+    /// The service thread's [`Deferred`] (unused on any other thread).
+    static DEFERRED: std::cell::RefCell<Deferred> = std::cell::RefCell::default();
+}
+
 /// Whether the calling thread is a fault service.
 pub(crate) fn on_service() -> bool {
     ON_SERVICE.with(|s| s.get() != 0)
@@ -1063,6 +1112,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut work = Work::default();
     let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
     let mut parked: Vec<(PageFault, fault::Attempts)> = Vec::with_capacity(BATCH);
+    DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
@@ -1129,13 +1179,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.release_states(std::mem::take(&mut work.gone));
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
-            shared.stats.faults.fetch_add(1, Ordering::Relaxed);
-            let mut attempts = fault::Attempts::default();
-            if !serve_bounded(&shared, f, &mut attempts) {
-                shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
-                parked.push((f, attempts));
-            }
+            serve_new(&shared, f, &mut parked);
         }
+        settle_deferred(&shared, &mut pending, &mut parked);
         retry_pending(&shared, &mut pending);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
@@ -1146,7 +1192,48 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     parked.push((f, attempts));
                 }
             }
+            settle_deferred(&shared, &mut pending, &mut parked);
             shared.parked.store(parked.len(), Ordering::Release);
+        }
+    }
+}
+
+/// Serves a fault just read; parks it if it must wait.
+fn serve_new(shared: &Shared, f: PageFault, parked: &mut Vec<(PageFault, fault::Attempts)>) {
+    shared.stats.faults.fetch_add(1, Ordering::Relaxed);
+    let mut attempts = fault::Attempts::default();
+    if !serve_bounded(shared, f, &mut attempts) {
+        shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
+        parked.push((f, attempts));
+    }
+}
+
+/// Does what the events read while serving faults
+/// ([`Shared::read_events_here`]) left to do, as the loop does for its
+/// own batch: devices are told, dropped states let go, `busy` cleared,
+/// and the faults among them served (which may read more).
+fn settle_deferred(
+    shared: &Shared,
+    pending: &mut Vec<NotifierRange>,
+    parked: &mut Vec<(PageFault, fault::Attempts)>,
+) {
+    loop {
+        let (read, work) = DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            (std::mem::take(&mut d.read), std::mem::take(&mut d.work))
+        });
+        if !read {
+            return;
+        }
+        for r in work.invalidate {
+            if shared.notifiers.invalidate(&r).is_err() {
+                pending.push(r);
+            }
+        }
+        shared.release_states(work.gone);
+        shared.busy.store(false, Ordering::Release);
+        for f in work.faults {
+            serve_new(shared, f, parked);
         }
     }
 }
