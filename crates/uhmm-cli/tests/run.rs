@@ -693,3 +693,110 @@ fn another_malloc_in_ld_preload() {
     );
     assert_eq!(out.stdout, reference.stdout);
 }
+
+/// Compiles tests/run/NAME.c with `cc` into `dir` as a shared library
+/// (NAME.so); its path.
+fn compile_lib(dir: &Path, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/run/{name}.c"));
+    let lib = dir.join(format!("{name}.so"));
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    lib
+}
+
+/// The dynamic linker splits `LD_PRELOAD` at every space and colon, with
+/// no escape: a library whose path has one was not loaded (the program
+/// ran unmanaged, with ld.so's "cannot be preloaded" on stderr, and
+/// `uhmm run` exited 0). `uhmm run` refuses such a path with exit status
+/// 2, saying why and what to do; a symlink with such a path to a file
+/// whose own path is fine is followed and used.
+#[test]
+fn preload_path_with_space_or_colon() {
+    let dir = scratch("preload-path");
+    for name in ["with space", "with:colon"] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).expect("directory");
+        let lib = d.join("libuhmm_preload.so");
+        std::fs::copy(preload(), &lib).expect("copy the library");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+        cmd.env("UHMM_PRELOAD", &lib)
+            .args(["run", "--", "true"])
+            .current_dir(&dir);
+        let out = output_within(cmd, 60);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name:?} refused: {stderr}");
+        assert!(
+            stderr.contains("LD_PRELOAD") && stderr.contains("UHMM_PRELOAD"),
+            "says why and what to do: {stderr}"
+        );
+        assert!(!stderr.contains("cannot be preloaded"), "{stderr}");
+    }
+    // A link whose path has a space, to the library's own file: the
+    // file's path goes in LD_PRELOAD, and the library is loaded.
+    let link = dir.join("with space").join("link.so");
+    std::os::unix::fs::symlink(preload(), &link).expect("symlink");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", &link)
+        .args(["run", "--", "cat", "/proc/self/maps"])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let real = std::fs::canonicalize(preload()).expect("the library's path");
+    let maps = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        maps.contains(real.to_str().expect("a UTF-8 path")),
+        "{} is not mapped: {maps}\n{stderr}",
+        real.display()
+    );
+}
+
+/// An `LD_PRELOAD` already in the environment is kept, after uhmm's
+/// library (so that uhmm's `malloc` and `mmap` come first): both are
+/// loaded into the program.
+#[test]
+fn existing_ld_preload_is_kept() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("existing-preload");
+    let other = compile_lib(&dir, "slow_mmap");
+    let ours = std::fs::canonicalize(preload()).expect("the library's path");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
+        .env("LD_PRELOAD", &other)
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "printf '%s\\n' \"$LD_PRELOAD\"; cat /proc/self/maps",
+        ])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ld_preload, maps) = text.split_once('\n').expect("two parts");
+    assert_eq!(
+        ld_preload,
+        format!("{}:{}", ours.display(), other.display()),
+        "{stderr}"
+    );
+    for lib in [&ours, &other] {
+        assert!(
+            maps.contains(lib.to_str().expect("a UTF-8 path")),
+            "{} is not mapped: {maps}",
+            lib.display()
+        );
+    }
+}
