@@ -800,3 +800,44 @@ fn existing_ld_preload_is_kept() {
         );
     }
 }
+
+/// tests/run/fork_grow.c: a forked child grows (realloc) a malloc block
+/// it inherited, in place, on one thread, while another thread of the
+/// child forks. The grow took the heap lock and then made the child's
+/// `Mm`, whose registration waits for uhmm's fork lock; the forking
+/// thread held that lock (uhmm's prepare hook) and waited for the heap
+/// lock (this library's prepare hook, which runs after uhmm's): the child
+/// hung. tests/run/slow_mmap.c, in `LD_PRELOAD` after uhmm's library,
+/// holds the growing thread inside the library for 300 ms (in the
+/// mapping of the grown part) and the program forks meanwhile, so that
+/// the interleaving happens every run. A hung child is ended by SIGALRM
+/// after 10 s.
+#[test]
+fn fork_while_a_child_grows_a_block() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("fork-grow");
+    let slow = compile_lib(&dir, "slow_mmap");
+    let exe = compile(&dir, "fork_grow");
+    let stats = dir.join("stats.jsonl");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
+        .env("LD_PRELOAD", &slow)
+        .arg("run")
+        .arg("--stats")
+        .arg(&stats)
+        .args(["--", &exe])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout, "held 1, forked 1, grown in place, data ok\n",
+        "{stderr}"
+    );
+    // The child made its own `Mm` (in the grow) and reported.
+    let lines = std::fs::read_to_string(&stats).unwrap_or_default();
+    assert!(lines.lines().count() >= 2, "{lines}");
+}

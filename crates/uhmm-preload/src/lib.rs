@@ -843,6 +843,12 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Holds the heap lock across a fork. Registered in the constructor, so
+/// run after every prepare hook registered later: after uhmm's, which
+/// takes uhmm's fork lock and keeps it until the fork is done. Lock order
+/// is therefore uhmm's fork lock, then the heap lock: nothing may wait for
+/// uhmm's fork lock while holding the heap lock (making a `Proc` does:
+/// `Mm::new` registers under it).
 extern "C" fn fork_prepare() {
     let g = lock(&HEAP);
     let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(g));
@@ -961,6 +967,14 @@ fn block_len(p: *mut c_void) -> Option<usize> {
 /// free right after it.
 fn grow_in_place(p: *mut c_void, len: usize) -> bool {
     inside(|| {
+        // The process's `Proc` before the heap lock, never under it (as in
+        // `big_alloc`). In a forked child the first grow of an inherited
+        // block makes the child's `Proc`, and `Mm::new` waits for uhmm's
+        // fork lock; a thread forking meanwhile holds that lock (uhmm's
+        // prepare hook) and then waits for the heap lock (`fork_prepare`,
+        // which runs after uhmm's): made under the heap lock, neither
+        // thread went on.
+        let proc = proc();
         let s = p as usize;
         let mut heap = lock(&HEAP);
         let old = *heap.blocks.get(&s)?;
@@ -978,7 +992,7 @@ fn grow_in_place(p: *mut c_void, len: usize) -> bool {
             heap.free.insert(ge, fe);
         }
         heap.blocks.insert(s, len);
-        if let Some(proc) = proc() {
+        if let Some(proc) = proc {
             let mut live = lock(&proc.live);
             if live.overlaps(s, gs) {
                 proc.manage(&mut live, gs, ge);
