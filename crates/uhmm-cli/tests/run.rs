@@ -841,3 +841,45 @@ fn fork_while_a_child_grows_a_block() {
     let lines = std::fs::read_to_string(&stats).unwrap_or_default();
     assert!(lines.lines().count() >= 2, "{lines}");
 }
+
+/// tests/run/mremap_pieces.c: a managed mapping grown by `mremap` is two
+/// pieces (the mapping and its grown tail), and more after a partial
+/// munmap and an mprotect split; each is grown again. The kernel
+/// registers a grown tail with its mapping, so each tail must be managed
+/// too; a tail was managed only when one piece covered the whole old
+/// range, so after the first growth no tail was (chaos never moved them,
+/// and the library's pieces and uhmm's regions disagreed). The same
+/// output plain and under chaos; every tail managed.
+#[test]
+fn mremap_of_a_mapping_in_several_pieces() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("mremap-pieces");
+    let exe = compile(&dir, "mremap_pieces");
+    let reference = plain(&dir, &[&exe]);
+    assert!(reference.status.success(), "mremap_pieces fails plain");
+    let (out, stats) = under_uhmm(&dir, &["--chaos", CHAOS], &[&exe]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "under chaos: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&reference.stdout),
+        "stderr:\n{stderr}"
+    );
+    assert_eq!(stats.0.len(), 1, "{stats:?}");
+    assert_eq!(stats.sum("tails_managed"), 4, "four growths: {stats:?}");
+    assert_eq!(
+        stats.sum("managed_bytes_peak"),
+        40 << 20,
+        "the whole 40 MiB mapping: {stats:?}"
+    );
+    assert_eq!(
+        stats.sum("managed_bytes_at_exit"),
+        26 << 20,
+        "uhmm manages the 26 MiB left: {stats:?}"
+    );
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+    }
+}

@@ -393,6 +393,29 @@ impl Live {
         clipped
     }
 
+    /// Whether the pieces cover `[start, end)` with no gap (one piece or
+    /// several that meet end to start: a mapping grown by `mremap` is its
+    /// first piece and a piece per grown tail).
+    fn covers(&self, start: usize, end: usize) -> bool {
+        let mut at = start;
+        // The piece holding `start`, then those that follow it.
+        let from = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        for (&s, &e) in self.pieces.range(from..end) {
+            if s > at {
+                return false;
+            }
+            at = at.max(e);
+            if at >= end {
+                return true;
+            }
+        }
+        at >= end
+    }
+
     fn overlaps(&self, start: usize, end: usize) -> bool {
         self.pieces
             .range(..end)
@@ -1225,12 +1248,11 @@ pub unsafe extern "C" fn mremap(
         }
         let ns = r as usize;
         let ne = ns + round_up(new_len)?;
-        let whole = live.pieces.get(&os).is_some_and(|&e| e >= oe)
-            || live
-                .pieces
-                .range(..=os)
-                .next_back()
-                .is_some_and(|(_, &e)| e >= oe);
+        // Whether the old range was managed all through: in one piece, or
+        // in several (a mapping grown before is its first piece and a
+        // piece per tail; only one piece counted, so from the second
+        // growth on no tail was managed).
+        let whole = live.covers(os, oe);
         let moved = if flags & libc::MREMAP_DONTUNMAP != 0 {
             // The old range stays, empty; its pieces stay managed.
             live.pieces
