@@ -883,3 +883,39 @@ fn mremap_of_a_mapping_in_several_pieces() {
         assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
     }
 }
+
+/// tests/run/rlimit_as.c under a 1 GiB `RLIMIT_AS`, set by the program
+/// after it started and by the shell before (`ulimit -v`): the same
+/// output as plain, and large malloc blocks still managed. The library
+/// reserved 256 GiB of address space for its blocks, which counts
+/// against the limit: a program that lowered its limit could map nothing
+/// more (it aborted in its first allocation after), and one started under
+/// a limit had no reservation, so no block was managed.
+#[test]
+fn low_address_space_limit() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("rlimit-as");
+    let exe = compile(&dir, "rlimit_as");
+    let lowered = [exe.as_str(), "lower"];
+    let ulimit = ["sh", "-c", "ulimit -v 1048576 && exec ./rlimit_as"];
+    for argv in [&lowered[..], &ulimit[..]] {
+        let reference = plain(&dir, argv);
+        assert!(reference.status.success(), "{argv:?} fails plain");
+        let (out, stats) = under_uhmm(&dir, &[], argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{argv:?}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{argv:?}: {stderr}"
+        );
+        assert_eq!(stats.0.len(), 1, "{argv:?}: {stats:?}");
+        assert!(
+            stats.sum("malloc_blocks_managed") > 0,
+            "{argv:?}: {stats:?}"
+        );
+        assert_eq!(stats.sum("manage_failures"), 0, "{argv:?}: {stats:?}");
+    }
+}
