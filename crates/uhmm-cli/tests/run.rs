@@ -919,3 +919,42 @@ fn low_address_space_limit() {
         assert_eq!(stats.sum("manage_failures"), 0, "{argv:?}: {stats:?}");
     }
 }
+
+/// tests/run/free_rss.c: large blocks allocated, written and freed in a
+/// loop, and large blocks shrunk by realloc, with the program's resident
+/// memory read after each round: at most 32 MiB may stay resident beyond
+/// what it holds. Freed blocks kept for reuse kept their memory (up to
+/// 128 MiB), and a shrunk block all of its old length. Then under chaos
+/// (no bound: the device's memory is the process's too) blocks freed,
+/// discarded and reused by calloc read as zeros. The same output plain.
+#[test]
+fn freed_memory_is_given_back() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("free-rss");
+    let exe = compile(&dir, "free_rss");
+    let reference = plain(&dir, &[&exe]);
+    assert!(
+        reference.status.success(),
+        "free_rss fails plain: {}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    for (opts, argv) in [
+        (&[][..], &[exe.as_str()][..]),
+        (&["--chaos", "200"][..], &[exe.as_str(), "any"][..]),
+    ] {
+        let (out, stats) = under_uhmm(&dir, opts, argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{opts:?}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{opts:?}: {stderr}"
+        );
+        assert!(stats.sum("malloc_blocks_managed") > 0, "{stats:?}");
+        for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+            assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+        }
+    }
+}

@@ -866,13 +866,30 @@ struct Heap {
     /// Freed blocks kept mapped (and managed) for the next allocations of
     /// about their size, oldest first, at most `CACHE_BYTES` in all: a
     /// program that allocates and frees large buffers in a loop (`xz`
-    /// does, per block) would otherwise pay a map, a registration, first
-    /// touches and an unmap each time, where glibc reuses its heap.
-    cache: Vec<(usize, usize)>,
+    /// does, per block) would otherwise pay a map, a registration and an
+    /// unmap each time, where glibc reuses its heap. Only the newest
+    /// `CACHE_RESIDENT` bytes of them keep their memory (and save first
+    /// touches too); the others were discarded.
+    cache: Vec<Cached>,
 }
 
-/// The most bytes of freed blocks kept for reuse.
+/// A freed block in the cache.
+#[derive(Clone, Copy)]
+struct Cached {
+    start: usize,
+    len: usize,
+    /// Whether its memory is kept; if not, it was discarded
+    /// (`MADV_DONTNEED`) and reads as zeros.
+    resident: bool,
+}
+
+/// The most bytes of freed blocks kept mapped for reuse (address space:
+/// their memory is discarded beyond `CACHE_RESIDENT`).
 const CACHE_BYTES: usize = 128 << 20;
+
+/// The most bytes of freed blocks whose memory is kept: what a process
+/// that freed all its large blocks still holds of them.
+const CACHE_RESIDENT: usize = 16 << 20;
 
 static HEAP: Mutex<Heap> = Mutex::new(Heap {
     free: BTreeMap::new(),
@@ -919,16 +936,19 @@ fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
         let proc = proc()?;
         let len = round_up(n)?;
         let mut heap = lock(&HEAP);
-        if !zeroed
-            && let Some(i) = (0..heap.cache.len())
-                .filter(|&i| (len..=len.saturating_mul(2)).contains(&heap.cache[i].1))
-                .min_by_key(|&i| heap.cache[i].1)
+        // A block freed before, still mapped and managed (in this process,
+        // or a parent's copy: plain memory then); a zeroed one must have
+        // been discarded.
+        if let Some(i) = (0..heap.cache.len())
+            .filter(|&i| {
+                let c = heap.cache[i];
+                (len..=len.saturating_mul(2)).contains(&c.len) && !(zeroed && c.resident)
+            })
+            .min_by_key(|&i| heap.cache[i].len)
         {
-            // A block freed before, still mapped and managed (in this
-            // process, or a parent's copy: plain memory then).
-            let (s, l) = heap.cache.remove(i);
-            heap.blocks.insert(s, l);
-            return Some(s as *mut c_void);
+            let c = heap.cache.remove(i);
+            heap.blocks.insert(c.start, c.len);
+            return Some(c.start as *mut c_void);
         }
         let (&s, &e) = heap.free.iter().find(|&(&s, &e)| e - s >= len)?;
         let p = real_mmap(s as *mut c_void, len, RW, FIXED_ANON, -1, 0);
@@ -948,8 +968,9 @@ fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
     })
 }
 
-/// Gives `[s, s + len)` back to the reservation. Heap locked.
-fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
+/// Gives `[s, s + len)` back to the reservation; whether it could. Heap
+/// locked.
+fn unmap_block(heap: &mut Heap, s: usize, len: usize) -> bool {
     // Mapping the reservation over it unmaps the block (uhmm reads the
     // UNMAP event before this returns).
     let p = real_mmap(
@@ -961,7 +982,7 @@ fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
         0,
     );
     if p != s as *mut c_void {
-        return; // left mapped: a leak, not a fault
+        return false; // left mapped: a leak, not a fault
     }
     if let Some(p) = current_proc() {
         lock(&p.live).remove(s, s + len);
@@ -978,6 +999,15 @@ fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
         end = ne;
     }
     heap.free.insert(start, end);
+    true
+}
+
+/// Gives the memory of `[s, s + len)` back to the system, keeping the
+/// mapping (and its registration): the kernel frees the pages, and uhmm,
+/// which follows the REMOVE event of managed memory, drops its device
+/// pages. Whether it could. Heap locked (the block is no one's).
+fn discard(s: usize, len: usize) -> bool {
+    real_madvise(s as *mut c_void, len, libc::MADV_DONTNEED) == 0
 }
 
 fn big_free(p: *mut c_void) {
@@ -989,15 +1019,64 @@ fn big_free(p: *mut c_void) {
         return;
     };
     if len <= CACHE_BYTES / 4 {
-        let mut cached: usize = heap.cache.iter().map(|&(_, l)| l).sum();
+        let mut cached: usize = heap.cache.iter().map(|c| c.len).sum();
         while cached + len > CACHE_BYTES && !heap.cache.is_empty() {
-            let (s, l) = heap.cache.remove(0);
-            unmap_block(&mut heap, s, l);
-            cached -= l;
+            let c = heap.cache.remove(0);
+            unmap_block(&mut heap, c.start, c.len);
+            cached -= c.len;
         }
-        heap.cache.push((p as usize, len));
+        // The newest keep their memory (the likeliest to be reused next):
+        // older ones are discarded to make room, and a block larger than
+        // all the room is discarded itself.
+        let resident = len <= CACHE_RESIDENT;
+        let mut kept: usize = heap
+            .cache
+            .iter()
+            .filter(|c| c.resident)
+            .map(|c| c.len)
+            .sum();
+        let mut i = 0;
+        while resident && kept + len > CACHE_RESIDENT && i < heap.cache.len() {
+            let c = heap.cache[i];
+            if !c.resident {
+                i += 1;
+            } else if discard(c.start, c.len) {
+                heap.cache[i].resident = false;
+                kept -= c.len;
+                i += 1;
+            } else {
+                heap.cache.remove(i);
+                unmap_block(&mut heap, c.start, c.len);
+                kept -= c.len;
+            }
+        }
+        if resident || discard(p as usize, len) {
+            heap.cache.push(Cached {
+                start: p as usize,
+                len,
+                resident,
+            });
+        } else {
+            unmap_block(&mut heap, p as usize, len);
+        }
     } else {
         unmap_block(&mut heap, p as usize, len);
+    }
+}
+
+/// Shrinks the block at `p` to `len` bytes (page-aligned, less than its
+/// length), giving the rest back to the reservation: its memory goes back
+/// to the system at once, as glibc's `mremap` of a mapped chunk does.
+fn shrink_in_place(p: *mut c_void, len: usize) {
+    // Even inside the library, as `big_free`.
+    let _g = Inside::enter();
+    let s = p as usize;
+    let mut heap = lock(&HEAP);
+    let Some(&old) = heap.blocks.get(&s) else {
+        return;
+    };
+    if len < old && unmap_block(&mut heap, s + len, old - len) {
+        heap.blocks.insert(s, len);
     }
 }
 
@@ -1099,8 +1178,8 @@ fn reservation_len(limit: Option<usize>, threshold: usize) -> usize {
 fn fit_reservation(limit: usize) {
     let _ = inside(|| {
         let mut heap = lock(&HEAP);
-        for (s, l) in std::mem::take(&mut heap.cache) {
-            unmap_block(&mut heap, s, l);
+        for c in std::mem::take(&mut heap.cache) {
+            unmap_block(&mut heap, c.start, c.len);
         }
         let free: usize = heap.free.iter().map(|(s, e)| e - s).sum();
         let keep = affordable(limit, address_space_in_use().saturating_sub(free));
@@ -1598,7 +1677,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
             set_errno(libc::ENOMEM);
             return std::ptr::null_mut();
         };
-        if len <= old || grow_in_place(p, len) {
+        if len < old {
+            shrink_in_place(p, len);
+            return p;
+        }
+        if len == old || grow_in_place(p, len) {
             return p;
         }
         // SAFETY: as malloc.
