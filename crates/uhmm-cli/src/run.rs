@@ -5,7 +5,11 @@
 //! The library is looked for, in order: `$UHMM_PRELOAD` (a path to it),
 //! next to the `uhmm` binary (`target/<profile>/`, where `cargo build`
 //! puts both), in `deps/` below it, and in `../lib/` beside it (an
-//! installed layout: `bin/uhmm`, `lib/libuhmm_preload.so`).
+//! installed layout: `bin/uhmm`, `lib/libuhmm_preload.so`). Its path
+//! goes first in `LD_PRELOAD`, before any the environment has (kept). A
+//! path with a space or a colon, which `LD_PRELOAD` cannot hold, is
+//! replaced by the file's canonical path if that has neither, and refused
+//! (exit status 2) otherwise.
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
@@ -70,6 +74,52 @@ fn find_lib() -> Result<PathBuf, String> {
         })
 }
 
+/// Why `path` cannot be an entry of `LD_PRELOAD`, if it cannot. The
+/// dynamic linker splits the variable at every space and colon, with no
+/// way to escape one, and skips an entry of `PATH_MAX` (4096) bytes or
+/// more: such a library is not loaded, and the program runs unmanaged.
+fn not_preload_safe(path: &Path) -> Option<&'static str> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.contains(&b' ') {
+        Some("a space")
+    } else if bytes.contains(&b':') {
+        Some("a colon")
+    } else if bytes.len() >= 4096 {
+        Some("4096 bytes or more")
+    } else {
+        None
+    }
+}
+
+/// `lib`, or the same file by its canonical path (symlinks resolved), as
+/// it can go in `LD_PRELOAD`; an error saying why and what to do if
+/// neither can.
+///
+/// A copy or a link at a path of our choosing is not made: the library
+/// is loaded again by every program the program execs, after `uhmm run`
+/// itself is gone (it execs the program), so nothing could remove it; and
+/// a directory every user may write (`/tmp`) would let another user put
+/// a library of theirs in its place, to run inside the program. Where to
+/// put a copy is the user's choice, so it is the user's step.
+fn preload_path(lib: PathBuf) -> Result<PathBuf, String> {
+    let Some(why) = not_preload_safe(&lib) else {
+        return Ok(lib);
+    };
+    if let Ok(real) = std::fs::canonicalize(&lib)
+        && not_preload_safe(&real).is_none()
+    {
+        return Ok(real);
+    }
+    Err(format!(
+        "the library's path {} has {why}, which LD_PRELOAD cannot hold (the dynamic \
+         linker splits it at spaces and colons, with no escape, and ignores entries of \
+         4096 bytes or more): copy {LIB} to a directory whose path has neither and set \
+         UHMM_PRELOAD to the copy",
+        lib.display()
+    ))
+}
+
 /// `program` as `execvp` would find it.
 fn resolve(program: &Path) -> Option<PathBuf> {
     if program.components().count() > 1 {
@@ -127,7 +177,7 @@ fn kernel_faults() -> Result<(), uhmm::sys::uffd::OpenError> {
 }
 
 pub fn run(args: &Args) -> ExitCode {
-    let lib = match find_lib() {
+    let lib = match find_lib().and_then(preload_path) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("uhmm run: {e}");

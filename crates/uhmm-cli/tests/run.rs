@@ -693,3 +693,268 @@ fn another_malloc_in_ld_preload() {
     );
     assert_eq!(out.stdout, reference.stdout);
 }
+
+/// Compiles tests/run/NAME.c with `cc` into `dir` as a shared library
+/// (NAME.so); its path.
+fn compile_lib(dir: &Path, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/run/{name}.c"));
+    let lib = dir.join(format!("{name}.so"));
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    assert!(
+        cc.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    lib
+}
+
+/// The dynamic linker splits `LD_PRELOAD` at every space and colon, with
+/// no escape: a library whose path has one was not loaded (the program
+/// ran unmanaged, with ld.so's "cannot be preloaded" on stderr, and
+/// `uhmm run` exited 0). `uhmm run` refuses such a path with exit status
+/// 2, saying why and what to do; a symlink with such a path to a file
+/// whose own path is fine is followed and used.
+#[test]
+fn preload_path_with_space_or_colon() {
+    let dir = scratch("preload-path");
+    for name in ["with space", "with:colon"] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).expect("directory");
+        let lib = d.join("libuhmm_preload.so");
+        std::fs::copy(preload(), &lib).expect("copy the library");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+        cmd.env("UHMM_PRELOAD", &lib)
+            .args(["run", "--", "true"])
+            .current_dir(&dir);
+        let out = output_within(cmd, 60);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name:?} refused: {stderr}");
+        assert!(
+            stderr.contains("LD_PRELOAD") && stderr.contains("UHMM_PRELOAD"),
+            "says why and what to do: {stderr}"
+        );
+        assert!(!stderr.contains("cannot be preloaded"), "{stderr}");
+    }
+    // A link whose path has a space, to the library's own file: the
+    // file's path goes in LD_PRELOAD, and the library is loaded.
+    let link = dir.join("with space").join("link.so");
+    std::os::unix::fs::symlink(preload(), &link).expect("symlink");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", &link)
+        .args(["run", "--", "cat", "/proc/self/maps"])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let real = std::fs::canonicalize(preload()).expect("the library's path");
+    let maps = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        maps.contains(real.to_str().expect("a UTF-8 path")),
+        "{} is not mapped: {maps}\n{stderr}",
+        real.display()
+    );
+}
+
+/// An `LD_PRELOAD` already in the environment is kept, after uhmm's
+/// library (so that uhmm's `malloc` and `mmap` come first): both are
+/// loaded into the program.
+#[test]
+fn existing_ld_preload_is_kept() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("existing-preload");
+    let other = compile_lib(&dir, "slow_mmap");
+    let ours = std::fs::canonicalize(preload()).expect("the library's path");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
+        .env("LD_PRELOAD", &other)
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "printf '%s\\n' \"$LD_PRELOAD\"; cat /proc/self/maps",
+        ])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ld_preload, maps) = text.split_once('\n').expect("two parts");
+    assert_eq!(
+        ld_preload,
+        format!("{}:{}", ours.display(), other.display()),
+        "{stderr}"
+    );
+    for lib in [&ours, &other] {
+        assert!(
+            maps.contains(lib.to_str().expect("a UTF-8 path")),
+            "{} is not mapped: {maps}",
+            lib.display()
+        );
+    }
+}
+
+/// tests/run/fork_grow.c: a forked child grows (realloc) a malloc block
+/// it inherited, in place, on one thread, while another thread of the
+/// child forks. The grow took the heap lock and then made the child's
+/// `Mm`, whose registration waits for uhmm's fork lock; the forking
+/// thread held that lock (uhmm's prepare hook) and waited for the heap
+/// lock (this library's prepare hook, which runs after uhmm's): the child
+/// hung. tests/run/slow_mmap.c, in `LD_PRELOAD` after uhmm's library,
+/// holds the growing thread inside the library for 300 ms (in the
+/// mapping of the grown part) and the program forks meanwhile, so that
+/// the interleaving happens every run. A hung child is ended by SIGALRM
+/// after 10 s.
+#[test]
+fn fork_while_a_child_grows_a_block() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("fork-grow");
+    let slow = compile_lib(&dir, "slow_mmap");
+    let exe = compile(&dir, "fork_grow");
+    let stats = dir.join("stats.jsonl");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", preload())
+        .env("LD_PRELOAD", &slow)
+        .arg("run")
+        .arg("--stats")
+        .arg(&stats)
+        .args(["--", &exe])
+        .current_dir(&dir);
+    let out = output_within(cmd, 60);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout, "held 1, forked 1, grown in place, data ok\n",
+        "{stderr}"
+    );
+    // The child made its own `Mm` (in the grow) and reported.
+    let lines = std::fs::read_to_string(&stats).unwrap_or_default();
+    assert!(lines.lines().count() >= 2, "{lines}");
+}
+
+/// tests/run/mremap_pieces.c: a managed mapping grown by `mremap` is two
+/// pieces (the mapping and its grown tail), and more after a partial
+/// munmap and an mprotect split; each is grown again. The kernel
+/// registers a grown tail with its mapping, so each tail must be managed
+/// too; a tail was managed only when one piece covered the whole old
+/// range, so after the first growth no tail was (chaos never moved them,
+/// and the library's pieces and uhmm's regions disagreed). The same
+/// output plain and under chaos; every tail managed.
+#[test]
+fn mremap_of_a_mapping_in_several_pieces() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("mremap-pieces");
+    let exe = compile(&dir, "mremap_pieces");
+    let reference = plain(&dir, &[&exe]);
+    assert!(reference.status.success(), "mremap_pieces fails plain");
+    let (out, stats) = under_uhmm(&dir, &["--chaos", CHAOS], &[&exe]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "under chaos: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&reference.stdout),
+        "stderr:\n{stderr}"
+    );
+    assert_eq!(stats.0.len(), 1, "{stats:?}");
+    assert_eq!(stats.sum("tails_managed"), 4, "four growths: {stats:?}");
+    assert_eq!(
+        stats.sum("managed_bytes_peak"),
+        40 << 20,
+        "the whole 40 MiB mapping: {stats:?}"
+    );
+    assert_eq!(
+        stats.sum("managed_bytes_at_exit"),
+        26 << 20,
+        "uhmm manages the 26 MiB left: {stats:?}"
+    );
+    for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+        assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+    }
+}
+
+/// tests/run/rlimit_as.c under a 1 GiB `RLIMIT_AS`, set by the program
+/// after it started and by the shell before (`ulimit -v`): the same
+/// output as plain, and large malloc blocks still managed. The library
+/// reserved 256 GiB of address space for its blocks, which counts
+/// against the limit: a program that lowered its limit could map nothing
+/// more (it aborted in its first allocation after), and one started under
+/// a limit had no reservation, so no block was managed.
+#[test]
+fn low_address_space_limit() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("rlimit-as");
+    let exe = compile(&dir, "rlimit_as");
+    let lowered = [exe.as_str(), "lower"];
+    let ulimit = ["sh", "-c", "ulimit -v 1048576 && exec ./rlimit_as"];
+    for argv in [&lowered[..], &ulimit[..]] {
+        let reference = plain(&dir, argv);
+        assert!(reference.status.success(), "{argv:?} fails plain");
+        let (out, stats) = under_uhmm(&dir, &[], argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{argv:?}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{argv:?}: {stderr}"
+        );
+        assert_eq!(stats.0.len(), 1, "{argv:?}: {stats:?}");
+        assert!(
+            stats.sum("malloc_blocks_managed") > 0,
+            "{argv:?}: {stats:?}"
+        );
+        assert_eq!(stats.sum("manage_failures"), 0, "{argv:?}: {stats:?}");
+    }
+}
+
+/// tests/run/free_rss.c: large blocks allocated, written and freed in a
+/// loop, and large blocks shrunk by realloc, with the program's resident
+/// memory read after each round: at most 32 MiB may stay resident beyond
+/// what it holds. Freed blocks kept for reuse kept their memory (up to
+/// 128 MiB), and a shrunk block all of its old length. Then under chaos
+/// (no bound: the device's memory is the process's too) blocks freed,
+/// discarded and reused by calloc read as zeros. The same output plain.
+#[test]
+fn freed_memory_is_given_back() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("free-rss");
+    let exe = compile(&dir, "free_rss");
+    let reference = plain(&dir, &[&exe]);
+    assert!(
+        reference.status.success(),
+        "free_rss fails plain: {}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    for (opts, argv) in [
+        (&[][..], &[exe.as_str()][..]),
+        (&["--chaos", "200"][..], &[exe.as_str(), "any"][..]),
+    ] {
+        let (out, stats) = under_uhmm(&dir, opts, argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{opts:?}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{opts:?}: {stderr}"
+        );
+        assert!(stats.sum("malloc_blocks_managed") > 0, "{stats:?}");
+        for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+            assert_eq!(stats.sum(key), 0, "{key}: {stats:?}");
+        }
+    }
+}

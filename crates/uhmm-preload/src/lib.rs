@@ -22,13 +22,20 @@
 //!   `mmap`, which no interposition sees. So a block of at least the
 //!   threshold is served here instead: mapped inside a reservation of
 //!   address space this library holds (so that `free` tells its blocks from
-//!   glibc's by one comparison) and managed. Smaller blocks, and every
+//!   glibc's by one comparison) and managed. The reservation counts against
+//!   `RLIMIT_AS`: it is 256 GiB without a limit, a quarter of what the
+//!   limit leaves under one (none if that is less than the threshold).
+//!   Smaller blocks, and every
 //!   block when that fails, are glibc's (`__libc_malloc` and friends). The
 //!   aligned allocators (`memalign`, `posix_memalign`, `aligned_alloc`,
 //!   `valloc`, `pvalloc`) are passed on, not managed. Where another
 //!   malloc follows this library in `LD_PRELOAD` (jemalloc, tcmalloc, an
 //!   ASan runtime), every malloc-family call is passed on to it (said once
 //!   on stderr): only mappings are managed then.
+//! - `setrlimit`, `prlimit` (and their `64` names): passed on; when the
+//!   process lowers its own `RLIMIT_AS`, the part of the reservation the
+//!   new limit cannot afford is given back (freed blocks kept for reuse
+//!   first, then free space off its top).
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
@@ -74,14 +81,21 @@ use uhmm::{PageRange, VirtAddr};
 use uhmm_sim::SimDevice;
 
 const PAGE: usize = 4096;
-/// The address space reserved for large `malloc` blocks (virtual only:
-/// `PROT_NONE`, `MAP_NORESERVE`).
+/// The most address space reserved for large `malloc` blocks (virtual
+/// only: `PROT_NONE`, `MAP_NORESERVE`). It counts against `RLIMIT_AS`,
+/// used or not: under a limit the reservation is a quarter of what the
+/// limit leaves (`reservation_len`), and a lowered limit takes back what
+/// it cannot afford (`fit_reservation`).
 const RESERVATION: usize = 256 << 30;
 
 /// Mappings and blocks of at least this many bytes are managed; `usize::MAX`
 /// until the constructor has read the environment.
 static THRESHOLD: AtomicUsize = AtomicUsize::new(usize::MAX);
 static CHAOS_RATE: AtomicU64 = AtomicU64::new(0); // f64 bits
+/// The reservation: `[RES_START, RES_END)`, empty if there is none.
+/// `RES_END` only ever comes down (`fit_reservation`), before the space
+/// above it is given back, so that an address mapped there later is never
+/// taken for a block of ours.
 static RES_START: AtomicUsize = AtomicUsize::new(0);
 static RES_END: AtomicUsize = AtomicUsize::new(0);
 
@@ -90,6 +104,8 @@ static REAL_MUNMAP: AtomicUsize = AtomicUsize::new(0);
 static REAL_MREMAP: AtomicUsize = AtomicUsize::new(0);
 static REAL_MADVISE: AtomicUsize = AtomicUsize::new(0);
 static REAL_USABLE: AtomicUsize = AtomicUsize::new(0);
+static REAL_SETRLIMIT: AtomicUsize = AtomicUsize::new(0);
+static REAL_PRLIMIT: AtomicUsize = AtomicUsize::new(0);
 
 type MmapFn = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
 type MunmapFn = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
@@ -97,6 +113,9 @@ type MremapFn =
     unsafe extern "C" fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 type MadviseFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
 type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
+type SetrlimitFn = unsafe extern "C" fn(c_int, *const libc::rlimit) -> c_int;
+type PrlimitFn =
+    unsafe extern "C" fn(libc::pid_t, c_int, *const libc::rlimit, *mut libc::rlimit) -> c_int;
 type MallocFn = unsafe extern "C" fn(size_t) -> *mut c_void;
 type CallocFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
 type ReallocFn = unsafe extern "C" fn(*mut c_void, size_t) -> *mut c_void;
@@ -391,6 +410,29 @@ impl Live {
             clipped.push((s.max(start), e.min(end)));
         }
         clipped
+    }
+
+    /// Whether the pieces cover `[start, end)` with no gap (one piece or
+    /// several that meet end to start: a mapping grown by `mremap` is its
+    /// first piece and a piece per grown tail).
+    fn covers(&self, start: usize, end: usize) -> bool {
+        let mut at = start;
+        // The piece holding `start`, then those that follow it.
+        let from = self
+            .pieces
+            .range(..=start)
+            .next_back()
+            .map_or(start, |(&s, _)| s);
+        for (&s, &e) in self.pieces.range(from..end) {
+            if s > at {
+                return false;
+            }
+            at = at.max(e);
+            if at >= end {
+                return true;
+            }
+        }
+        at >= end
     }
 
     fn overlaps(&self, start: usize, end: usize) -> bool {
@@ -824,13 +866,30 @@ struct Heap {
     /// Freed blocks kept mapped (and managed) for the next allocations of
     /// about their size, oldest first, at most `CACHE_BYTES` in all: a
     /// program that allocates and frees large buffers in a loop (`xz`
-    /// does, per block) would otherwise pay a map, a registration, first
-    /// touches and an unmap each time, where glibc reuses its heap.
-    cache: Vec<(usize, usize)>,
+    /// does, per block) would otherwise pay a map, a registration and an
+    /// unmap each time, where glibc reuses its heap. Only the newest
+    /// `CACHE_RESIDENT` bytes of them keep their memory (and save first
+    /// touches too); the others were discarded.
+    cache: Vec<Cached>,
 }
 
-/// The most bytes of freed blocks kept for reuse.
+/// A freed block in the cache.
+#[derive(Clone, Copy)]
+struct Cached {
+    start: usize,
+    len: usize,
+    /// Whether its memory is kept; if not, it was discarded
+    /// (`MADV_DONTNEED`) and reads as zeros.
+    resident: bool,
+}
+
+/// The most bytes of freed blocks kept mapped for reuse (address space:
+/// their memory is discarded beyond `CACHE_RESIDENT`).
 const CACHE_BYTES: usize = 128 << 20;
+
+/// The most bytes of freed blocks whose memory is kept: what a process
+/// that freed all its large blocks still holds of them.
+const CACHE_RESIDENT: usize = 16 << 20;
 
 static HEAP: Mutex<Heap> = Mutex::new(Heap {
     free: BTreeMap::new(),
@@ -843,6 +902,12 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// Holds the heap lock across a fork. Registered in the constructor, so
+/// run after every prepare hook registered later: after uhmm's, which
+/// takes uhmm's fork lock and keeps it until the fork is done. Lock order
+/// is therefore uhmm's fork lock, then the heap lock: nothing may wait for
+/// uhmm's fork lock while holding the heap lock (making a `Proc` does:
+/// `Mm::new` registers under it).
 extern "C" fn fork_prepare() {
     let g = lock(&HEAP);
     let _ = FORK_HELD.try_with(|h| *h.borrow_mut() = Some(g));
@@ -854,7 +919,7 @@ extern "C" fn fork_release() {
 
 fn ours(p: *mut c_void) -> bool {
     let a = p as usize;
-    a >= RES_START.load(Ordering::Relaxed) && a < RES_END.load(Ordering::Relaxed)
+    a >= RES_START.load(Ordering::Acquire) && a < RES_END.load(Ordering::Acquire)
 }
 
 fn round_up(n: usize) -> Option<usize> {
@@ -871,16 +936,19 @@ fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
         let proc = proc()?;
         let len = round_up(n)?;
         let mut heap = lock(&HEAP);
-        if !zeroed
-            && let Some(i) = (0..heap.cache.len())
-                .filter(|&i| (len..=len.saturating_mul(2)).contains(&heap.cache[i].1))
-                .min_by_key(|&i| heap.cache[i].1)
+        // A block freed before, still mapped and managed (in this process,
+        // or a parent's copy: plain memory then); a zeroed one must have
+        // been discarded.
+        if let Some(i) = (0..heap.cache.len())
+            .filter(|&i| {
+                let c = heap.cache[i];
+                (len..=len.saturating_mul(2)).contains(&c.len) && !(zeroed && c.resident)
+            })
+            .min_by_key(|&i| heap.cache[i].len)
         {
-            // A block freed before, still mapped and managed (in this
-            // process, or a parent's copy: plain memory then).
-            let (s, l) = heap.cache.remove(i);
-            heap.blocks.insert(s, l);
-            return Some(s as *mut c_void);
+            let c = heap.cache.remove(i);
+            heap.blocks.insert(c.start, c.len);
+            return Some(c.start as *mut c_void);
         }
         let (&s, &e) = heap.free.iter().find(|&(&s, &e)| e - s >= len)?;
         let p = real_mmap(s as *mut c_void, len, RW, FIXED_ANON, -1, 0);
@@ -900,8 +968,9 @@ fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
     })
 }
 
-/// Gives `[s, s + len)` back to the reservation. Heap locked.
-fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
+/// Gives `[s, s + len)` back to the reservation; whether it could. Heap
+/// locked.
+fn unmap_block(heap: &mut Heap, s: usize, len: usize) -> bool {
     // Mapping the reservation over it unmaps the block (uhmm reads the
     // UNMAP event before this returns).
     let p = real_mmap(
@@ -913,7 +982,7 @@ fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
         0,
     );
     if p != s as *mut c_void {
-        return; // left mapped: a leak, not a fault
+        return false; // left mapped: a leak, not a fault
     }
     if let Some(p) = current_proc() {
         lock(&p.live).remove(s, s + len);
@@ -930,6 +999,15 @@ fn unmap_block(heap: &mut Heap, s: usize, len: usize) {
         end = ne;
     }
     heap.free.insert(start, end);
+    true
+}
+
+/// Gives the memory of `[s, s + len)` back to the system, keeping the
+/// mapping (and its registration): the kernel frees the pages, and uhmm,
+/// which follows the REMOVE event of managed memory, drops its device
+/// pages. Whether it could. Heap locked (the block is no one's).
+fn discard(s: usize, len: usize) -> bool {
+    real_madvise(s as *mut c_void, len, libc::MADV_DONTNEED) == 0
 }
 
 fn big_free(p: *mut c_void) {
@@ -941,15 +1019,64 @@ fn big_free(p: *mut c_void) {
         return;
     };
     if len <= CACHE_BYTES / 4 {
-        let mut cached: usize = heap.cache.iter().map(|&(_, l)| l).sum();
+        let mut cached: usize = heap.cache.iter().map(|c| c.len).sum();
         while cached + len > CACHE_BYTES && !heap.cache.is_empty() {
-            let (s, l) = heap.cache.remove(0);
-            unmap_block(&mut heap, s, l);
-            cached -= l;
+            let c = heap.cache.remove(0);
+            unmap_block(&mut heap, c.start, c.len);
+            cached -= c.len;
         }
-        heap.cache.push((p as usize, len));
+        // The newest keep their memory (the likeliest to be reused next):
+        // older ones are discarded to make room, and a block larger than
+        // all the room is discarded itself.
+        let resident = len <= CACHE_RESIDENT;
+        let mut kept: usize = heap
+            .cache
+            .iter()
+            .filter(|c| c.resident)
+            .map(|c| c.len)
+            .sum();
+        let mut i = 0;
+        while resident && kept + len > CACHE_RESIDENT && i < heap.cache.len() {
+            let c = heap.cache[i];
+            if !c.resident {
+                i += 1;
+            } else if discard(c.start, c.len) {
+                heap.cache[i].resident = false;
+                kept -= c.len;
+                i += 1;
+            } else {
+                heap.cache.remove(i);
+                unmap_block(&mut heap, c.start, c.len);
+                kept -= c.len;
+            }
+        }
+        if resident || discard(p as usize, len) {
+            heap.cache.push(Cached {
+                start: p as usize,
+                len,
+                resident,
+            });
+        } else {
+            unmap_block(&mut heap, p as usize, len);
+        }
     } else {
         unmap_block(&mut heap, p as usize, len);
+    }
+}
+
+/// Shrinks the block at `p` to `len` bytes (page-aligned, less than its
+/// length), giving the rest back to the reservation: its memory goes back
+/// to the system at once, as glibc's `mremap` of a mapped chunk does.
+fn shrink_in_place(p: *mut c_void, len: usize) {
+    // Even inside the library, as `big_free`.
+    let _g = Inside::enter();
+    let s = p as usize;
+    let mut heap = lock(&HEAP);
+    let Some(&old) = heap.blocks.get(&s) else {
+        return;
+    };
+    if len < old && unmap_block(&mut heap, s + len, old - len) {
+        heap.blocks.insert(s, len);
     }
 }
 
@@ -961,6 +1088,14 @@ fn block_len(p: *mut c_void) -> Option<usize> {
 /// free right after it.
 fn grow_in_place(p: *mut c_void, len: usize) -> bool {
     inside(|| {
+        // The process's `Proc` before the heap lock, never under it (as in
+        // `big_alloc`). In a forked child the first grow of an inherited
+        // block makes the child's `Proc`, and `Mm::new` waits for uhmm's
+        // fork lock; a thread forking meanwhile holds that lock (uhmm's
+        // prepare hook) and then waits for the heap lock (`fork_prepare`,
+        // which runs after uhmm's): made under the heap lock, neither
+        // thread went on.
+        let proc = proc();
         let s = p as usize;
         let mut heap = lock(&HEAP);
         let old = *heap.blocks.get(&s)?;
@@ -978,7 +1113,7 @@ fn grow_in_place(p: *mut c_void, len: usize) -> bool {
             heap.free.insert(ge, fe);
         }
         heap.blocks.insert(s, len);
-        if let Some(proc) = proc() {
+        if let Some(proc) = proc {
             let mut live = lock(&proc.live);
             if live.overlaps(s, gs) {
                 proc.manage(&mut live, gs, ge);
@@ -987,6 +1122,170 @@ fn grow_in_place(p: *mut c_void, len: usize) -> bool {
         Some(())
     })
     .is_some()
+}
+
+// ---------------------------------------------------------------------
+// The reservation under RLIMIT_AS.
+
+/// The soft `RLIMIT_AS` in bytes, `None` if there is none.
+fn as_limit() -> Option<usize> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into `r`.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut r) };
+    (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY)
+        .then(|| usize::try_from(r.rlim_cur).unwrap_or(usize::MAX))
+}
+
+/// The address space this process has mapped (`VmSize`, which
+/// `RLIMIT_AS` limits); 0 if it cannot be read.
+fn address_space_in_use() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<usize>().ok())
+        .map_or(0, |pages| pages.saturating_mul(PAGE))
+}
+
+/// The most address space the reservation may hold, `in_use` bytes being
+/// mapped besides it under `limit`: a quarter of what the limit leaves,
+/// so that the program keeps the rest for its own mappings, thread stacks
+/// and glibc's heap (blocks served from the reservation are the
+/// program's too, so little of the quarter is lost to it).
+fn affordable(limit: usize, in_use: usize) -> usize {
+    (limit.saturating_sub(in_use) / 4) & !(PAGE - 1)
+}
+
+/// How much address space to reserve at start: all of `RESERVATION`
+/// without a limit, what `affordable` allows under one, and none where
+/// that is less than a block (`threshold`).
+fn reservation_len(limit: Option<usize>, threshold: usize) -> usize {
+    let Some(limit) = limit else {
+        return RESERVATION;
+    };
+    let len = affordable(limit, address_space_in_use()).min(RESERVATION);
+    if len < threshold { 0 } else { len }
+}
+
+/// After `RLIMIT_AS` was set to `limit`: gives back the reservation's free
+/// space the limit cannot afford (the reserved space counts against the
+/// limit, used or not: a program that lowered its limit below the whole
+/// reservation could map nothing more). Freed blocks kept mapped for
+/// reuse go first; then the free space at the top of the reservation,
+/// where the least is in use (blocks are taken lowest first), comes off
+/// its end. Blocks in use stay where they are.
+fn fit_reservation(limit: usize) {
+    let _ = inside(|| {
+        let mut heap = lock(&HEAP);
+        for c in std::mem::take(&mut heap.cache) {
+            unmap_block(&mut heap, c.start, c.len);
+        }
+        let free: usize = heap.free.iter().map(|(s, e)| e - s).sum();
+        let keep = affordable(limit, address_space_in_use().saturating_sub(free));
+        let end = RES_END.load(Ordering::Acquire);
+        let (&s, &e) = heap.free.iter().next_back()?;
+        if free <= keep || e != end {
+            return None;
+        }
+        let new_end = e - (free - keep).min(e - s);
+        // Lowered before the space goes, so that nothing mapped there
+        // later counts as a block of ours.
+        RES_END.store(new_end, Ordering::Release);
+        if real_munmap(new_end as *mut c_void, e - new_end) != 0 {
+            // Still reserved: as good as free space, if not given back.
+            RES_END.store(end, Ordering::Release);
+            return None;
+        }
+        heap.free.remove(&s);
+        if s < new_end {
+            heap.free.insert(s, new_end);
+        }
+        Some(())
+    });
+}
+
+/// Calls [`fit_reservation`] after a successful change of this process's
+/// `RLIMIT_AS` to `new`.
+fn after_setrlimit(rc: c_int, resource: c_int, new: *const libc::rlimit) {
+    if rc != 0 || resource != libc::RLIMIT_AS as c_int || new.is_null() {
+        return;
+    }
+    // SAFETY: the caller's `rlimit`, which the system call just read.
+    let cur = unsafe { (*new).rlim_cur };
+    if cur != libc::RLIM_INFINITY {
+        fit_reservation(usize::try_from(cur).unwrap_or(usize::MAX));
+    }
+}
+
+/// # Safety
+///
+/// As `setrlimit(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setrlimit(resource: c_int, rlim: *const libc::rlimit) -> c_int {
+    let rc = match REAL_SETRLIMIT.load(Ordering::Acquire) {
+        // SAFETY: before the constructor resolved glibc's, the system call
+        // glibc's makes, with the caller's arguments.
+        0 => unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                resource,
+                rlim,
+                std::ptr::null_mut::<libc::rlimit>(),
+            ) as c_int
+        },
+        // SAFETY: dlsym's answer for "setrlimit", of this type.
+        f => unsafe { std::mem::transmute::<usize, SetrlimitFn>(f)(resource, rlim) },
+    };
+    after_setrlimit(rc, resource, rlim);
+    rc
+}
+
+/// # Safety
+///
+/// As `setrlimit(2)` (glibc's alias of `setrlimit` on 64-bit targets).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setrlimit64(resource: c_int, rlim: *const libc::rlimit) -> c_int {
+    // SAFETY: the caller's contract is setrlimit's.
+    unsafe { setrlimit(resource, rlim) }
+}
+
+/// # Safety
+///
+/// As `prlimit(2)`. Only a change of this process's own limit (pid 0 or
+/// its own) concerns the reservation.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prlimit(
+    pid: libc::pid_t,
+    resource: c_int,
+    new: *const libc::rlimit,
+    old: *mut libc::rlimit,
+) -> c_int {
+    let rc = match REAL_PRLIMIT.load(Ordering::Acquire) {
+        // SAFETY: as in `setrlimit`.
+        0 => unsafe { libc::syscall(libc::SYS_prlimit64, pid, resource, new, old) as c_int },
+        // SAFETY: dlsym's answer for "prlimit", of this type.
+        f => unsafe { std::mem::transmute::<usize, PrlimitFn>(f)(pid, resource, new, old) },
+    };
+    if pid == 0 || pid == getpid() {
+        after_setrlimit(rc, resource, new);
+    }
+    rc
+}
+
+/// # Safety
+///
+/// As `prlimit(2)` (glibc's alias of `prlimit` on 64-bit targets).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prlimit64(
+    pid: libc::pid_t,
+    resource: c_int,
+    new: *const libc::rlimit,
+    old: *mut libc::rlimit,
+) -> c_int {
+    // SAFETY: the caller's contract is prlimit's.
+    unsafe { prlimit(pid, resource, new, old) }
 }
 
 // ---------------------------------------------------------------------
@@ -1000,6 +1299,8 @@ extern "C" fn init() {
         resolve(c"mremap", &REAL_MREMAP);
         resolve(c"madvise", &REAL_MADVISE);
         resolve(c"malloc_usable_size", &REAL_USABLE);
+        resolve(c"setrlimit", &REAL_SETRLIMIT);
+        resolve(c"prlimit", &REAL_PRLIMIT);
         if foreign_malloc() {
             say(
                 "another malloc than glibc's serves this program (LD_PRELOAD): malloc \
@@ -1039,19 +1340,25 @@ extern "C" fn init() {
         }
         // SAFETY: the atfork hooks are plain functions that never unwind.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
-        let res = real_mmap(
-            std::ptr::null_mut(),
-            RESERVATION,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
+        let len = reservation_len(as_limit(), threshold);
+        let res = if len > 0 {
+            real_mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        } else {
+            libc::MAP_FAILED
+        };
+        // Without one, every block is glibc's (`big_alloc` finds no room).
         if res != libc::MAP_FAILED {
             let s = res as usize;
-            lock(&HEAP).free.insert(s, s + RESERVATION);
-            RES_START.store(s, Ordering::Relaxed);
-            RES_END.store(s + RESERVATION, Ordering::Relaxed);
+            lock(&HEAP).free.insert(s, s + len);
+            RES_START.store(s, Ordering::Release);
+            RES_END.store(s + len, Ordering::Release);
         }
         THRESHOLD.store(threshold, Ordering::Release);
     });
@@ -1211,12 +1518,11 @@ pub unsafe extern "C" fn mremap(
         }
         let ns = r as usize;
         let ne = ns + round_up(new_len)?;
-        let whole = live.pieces.get(&os).is_some_and(|&e| e >= oe)
-            || live
-                .pieces
-                .range(..=os)
-                .next_back()
-                .is_some_and(|(_, &e)| e >= oe);
+        // Whether the old range was managed all through: in one piece, or
+        // in several (a mapping grown before is its first piece and a
+        // piece per tail; only one piece counted, so from the second
+        // growth on no tail was managed).
+        let whole = live.covers(os, oe);
         let moved = if flags & libc::MREMAP_DONTUNMAP != 0 {
             // The old range stays, empty; its pieces stay managed.
             live.pieces
@@ -1371,7 +1677,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
             set_errno(libc::ENOMEM);
             return std::ptr::null_mut();
         };
-        if len <= old || grow_in_place(p, len) {
+        if len < old {
+            shrink_in_place(p, len);
+            return p;
+        }
+        if len == old || grow_in_place(p, len) {
             return p;
         }
         // SAFETY: as malloc.
