@@ -373,6 +373,47 @@ fn a_fault_back_whose_install_meets_a_pending_discard_is_not_redone() {
 }
 
 #[test]
+fn a_fault_back_whose_own_page_a_pending_discard_takes_wakes_its_thread() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    // The page being brought back is itself discarded meanwhile: the
+    // service reads that event to install (it refused the install), the
+    // discard wins, and the thread must still be woken (to read zeros, as
+    // after any discard). Found by review: it slept for ever.
+    let at = rig.page(0).get();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let discarder = std::thread::spawn(move || {
+        wait.recv().unwrap();
+        // SAFETY: the test's own managed page; nothing refers to it.
+        unsafe {
+            rustix::mm::madvise(
+                at as *mut std::ffi::c_void,
+                PAGE_SIZE,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        }
+        .unwrap();
+    });
+    *rig.dev.before_commit.lock().unwrap() = Some(Hook(Box::new(move || {
+        go.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    })));
+    let got = load_soon(rig.page(0), 10);
+    discarder.join().unwrap();
+    if got.is_none() {
+        // The rig's drop would wait for the sleeping thread: fail now.
+        // (Straight to stderr: the harness's capture dies with the exit.)
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"FAIL: a thread whose page was discarded during its fault back was never woken\n",
+        );
+        std::process::exit(101);
+    }
+    assert_eq!(got, Some(0), "a discarded page reads zeros");
+    assert_eq!(rig.mm.stats().faults_sigbus, 0);
+}
+
+#[test]
 fn a_device_busy_for_a_while_loses_nothing() {
     let _s = common::serial();
     let Some(rig) = Rig::new(2) else { return };

@@ -351,7 +351,13 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 addr: Some(f.addr),
                 blockable: false,
             };
+            // Events the service reads during the call (to install what
+            // they refused: `Shared::read_events_here`) may take the page
+            // itself away — discarded, unmapped, moved — which leaves it
+            // `Cpu` too, but neither installed nor its thread woken.
+            let batches = shared.batches_read();
             let called = pm.migrate_to_ram(&fault);
+            let events_read = shared.batches_read() != batches;
             if called.is_ok() {
                 pm.faulted_back.fetch_add(1, Ordering::Relaxed);
             }
@@ -365,6 +371,12 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 "CPU fault on device memory served"
             );
             let served = match lock(&shared.regions).states.get(page.start()) {
+                // Served again as the hole it may be (which wakes the
+                // thread: a page installed meanwhile says EEXIST).
+                Stored::Cpu if events_read => {
+                    shared.last_block_end.store(0, Ordering::Relaxed);
+                    return Served::Park;
+                }
                 Stored::Cpu => {
                     shared.stats.faults_device.fetch_add(1, Ordering::Relaxed);
                     shared.window.store(window, Ordering::Relaxed);

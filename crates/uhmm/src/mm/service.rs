@@ -555,6 +555,10 @@ impl Shared {
     /// command right after must wait for that. Never call it on the service
     /// thread.
     pub(crate) fn sync_events(&self) {
+        if on_service_of(self) {
+            // Only the service clears `busy`: it would wait for itself.
+            return;
+        }
         let mut spins = 0u32;
         while self.busy.load(Ordering::Acquire) {
             spins += 1;
@@ -571,6 +575,11 @@ impl Shared {
     /// REMAP event unread) must do before it looks again. The caller must
     /// not hold the regions lock, and must not be the service.
     pub(crate) fn await_events(&self) {
+        if on_service_of(self) {
+            // Only the service reads them: it would wait for itself.
+            self.read_events_here();
+            return;
+        }
         // The caller saw EAGAIN while it held the regions lock, so no batch
         // read events between that answer and the caller letting go of the
         // lock: the next batch to end after `start` was read reads them (the
@@ -591,6 +600,12 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// How many batches of events the service has read so far (a fault
+    /// back compares it across its device call: see `fault::serve`).
+    pub(crate) fn batches_read(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// On `self`'s service thread, in the middle of serving a fault: reads
@@ -1179,9 +1194,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.release_states(std::mem::take(&mut work.gone));
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
-            serve_new(&shared, f, &mut parked);
+            serve_new(&shared, f, &mut pending, &mut parked);
         }
-        settle_deferred(&shared, &mut pending, &mut parked);
         retry_pending(&shared, &mut pending);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
@@ -1191,27 +1205,36 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 if !serve_bounded(&shared, f, &mut attempts) {
                     parked.push((f, attempts));
                 }
+                settle_deferred(&shared, &mut pending, &mut parked);
             }
-            settle_deferred(&shared, &mut pending, &mut parked);
-            shared.parked.store(parked.len(), Ordering::Release);
         }
+        // (Anything else on this thread that read events: settled too.)
+        settle_deferred(&shared, &mut pending, &mut parked);
+        shared.parked.store(parked.len(), Ordering::Release);
     }
 }
 
 /// Serves a fault just read; parks it if it must wait.
-fn serve_new(shared: &Shared, f: PageFault, parked: &mut Vec<(PageFault, fault::Attempts)>) {
+fn serve_new(
+    shared: &Shared,
+    f: PageFault,
+    pending: &mut Vec<NotifierRange>,
+    parked: &mut Vec<(PageFault, fault::Attempts)>,
+) {
     shared.stats.faults.fetch_add(1, Ordering::Relaxed);
     let mut attempts = fault::Attempts::default();
     if !serve_bounded(shared, f, &mut attempts) {
         shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
         parked.push((f, attempts));
     }
+    settle_deferred(shared, pending, parked);
 }
 
-/// Does what the events read while serving faults
-/// ([`Shared::read_events_here`]) left to do, as the loop does for its
-/// own batch: devices are told, dropped states let go, `busy` cleared,
-/// and the faults among them served (which may read more).
+/// Does what the events read while serving a fault
+/// ([`Shared::read_events_here`]) left to do, right after that fault, as
+/// the loop does for its own batch: devices are told, dropped states let
+/// go, `busy` cleared, and the faults among them served (which may read
+/// more).
 fn settle_deferred(
     shared: &Shared,
     pending: &mut Vec<NotifierRange>,
@@ -1233,7 +1256,7 @@ fn settle_deferred(
         shared.release_states(work.gone);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults {
-            serve_new(shared, f, parked);
+            serve_new(shared, f, pending, parked);
         }
     }
 }
