@@ -1214,27 +1214,33 @@ pub(crate) fn run(shared: Arc<Shared>) {
     }
 }
 
-/// Serves a fault just read; parks it if it must wait.
+/// Serves a fault just read, then settles what events its serving read
+/// ([`settle_deferred`]).
 fn serve_new(
     shared: &Shared,
     f: PageFault,
     pending: &mut Vec<NotifierRange>,
     parked: &mut Vec<(PageFault, fault::Attempts)>,
 ) {
+    serve_first(shared, f, parked);
+    settle_deferred(shared, pending, parked);
+}
+
+/// Serves a fault just read; parks it if it must wait.
+fn serve_first(shared: &Shared, f: PageFault, parked: &mut Vec<(PageFault, fault::Attempts)>) {
     shared.stats.faults.fetch_add(1, Ordering::Relaxed);
     let mut attempts = fault::Attempts::default();
     if !serve_bounded(shared, f, &mut attempts) {
         shared.stats.faults_waited.fetch_add(1, Ordering::Relaxed);
         parked.push((f, attempts));
     }
-    settle_deferred(shared, pending, parked);
 }
 
 /// Does what the events read while serving a fault
 /// ([`Shared::read_events_here`]) left to do, right after that fault, as
 /// the loop does for its own batch: devices are told, dropped states let
 /// go, `busy` cleared, and the faults among them served (which may read
-/// more).
+/// more: settled by the next round here, not by recursion).
 fn settle_deferred(
     shared: &Shared,
     pending: &mut Vec<NotifierRange>,
@@ -1256,7 +1262,7 @@ fn settle_deferred(
         shared.release_states(work.gone);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults {
-            serve_new(shared, f, pending, parked);
+            serve_first(shared, f, parked);
         }
     }
 }
