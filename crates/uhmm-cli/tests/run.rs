@@ -1042,3 +1042,93 @@ fn program_with_its_own_userfaultfd() {
         }
     }
 }
+
+/// The notices `uhmm run` gives for a program the dynamic linker runs
+/// without `LD_PRELOAD`.
+fn unmanaged_notices(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains("ignores LD_PRELOAD"))
+        .count()
+}
+
+/// A statically linked program, and setuid copies of a small dynamic one
+/// (tests/run/small.c): the same output as plain. The static one and the
+/// one setuid to another user (`nobody`: the dynamic linker runs it in
+/// secure mode and ignores `LD_PRELOAD`) run unmanaged, and `uhmm run`
+/// says so on stderr exactly once. One setuid to the user running it is
+/// not secure mode: the library is loaded and manages its memory, so no
+/// notice (`uhmm run` said it ran unmanaged, which was false).
+#[test]
+fn static_and_setuid_programs() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("static-setuid");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/run/small.c");
+    let dynamic = compile(&dir, "small");
+    let reference = plain(&dir, &[&dynamic]);
+    assert!(reference.status.success(), "small fails plain");
+
+    let check_unmanaged = |exe: &str, what: &str| {
+        let plain_out = plain(&dir, &[exe]);
+        assert!(plain_out.status.success(), "{what} fails plain");
+        assert_eq!(plain_out.stdout, reference.stdout, "{what}");
+        let (out, stats) = under_uhmm(&dir, &[], &[exe]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {stderr}");
+        assert_eq!(out.stdout, reference.stdout, "{what}: {stderr}");
+        assert_eq!(
+            unmanaged_notices(&stderr),
+            1,
+            "{what}: one notice: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{what}: nothing else: {stderr}");
+        assert!(stats.0.is_empty(), "{what}: nothing managed: {stats:?}");
+    };
+
+    let stat = dir.join("small-static");
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-static", "-o"])
+        .arg(&stat)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    if cc.status.success() {
+        check_unmanaged(stat.to_str().expect("a UTF-8 path"), "static");
+    } else {
+        skip(&format!(
+            "cc -static fails (no static C library?): {}",
+            String::from_utf8_lossy(&cc.stderr)
+        ));
+    }
+
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root {
+        skip("setuid copies need root (to give one to another user)");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let setuid_copy = |name: &str, uid: u32| {
+        let p = dir.join(name);
+        std::fs::copy(&dynamic, &p).expect("copy");
+        std::os::unix::fs::chown(&p, Some(uid), None).expect("chown");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o4755)).expect("chmod");
+        p.to_str().expect("a UTF-8 path").to_owned()
+    };
+    // Setuid to nobody, run by root: secure mode.
+    let nobody = setuid_copy("small-setuid-nobody", 65534);
+    check_unmanaged(&nobody, "setuid nobody");
+    // Setuid to root, run by root: not secure mode, managed.
+    let own = setuid_copy("small-setuid-root", 0);
+    let (out, stats) = under_uhmm(&dir, &[], &[&own]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, reference.stdout, "{stderr}");
+    assert_eq!(unmanaged_notices(&stderr), 0, "no notice: {stderr}");
+    assert_eq!(stats.0.len(), 1, "the library ran: {stats:?}");
+    assert!(stats.sum("malloc_blocks_managed") >= 1, "{stats:?}");
+}
