@@ -131,12 +131,36 @@ fn resolve(program: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// This process's real user and group ids (`/proc/self/status`), if
+/// they can be read.
+fn real_ids() -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let real = |key: &str| -> Option<u32> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some((real("Uid:")?, real("Gid:")?))
+}
+
 /// Why the dynamic linker will ignore `LD_PRELOAD` for this file, if it
-/// will: a static ELF executable (no `PT_INTERP`), or a setuid / setgid one.
+/// will: a static ELF executable (no `PT_INTERP`), or one that runs in
+/// secure mode (`AT_SECURE`): setuid to another user than the real one,
+/// or setgid to another group. A setuid file owned by the user running it
+/// (root running a setuid-root program) changes no id: the library is
+/// loaded then, and nothing is said.
 fn not_preloadable(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    if meta.permissions().mode() & 0o6000 != 0 {
-        return Some("setuid or setgid");
+    let mode = meta.permissions().mode();
+    if mode & 0o6000 != 0 {
+        // (Ids that cannot be read: taken as secure mode.)
+        let (uid, gid) = real_ids().unwrap_or((u32::MAX, u32::MAX));
+        if mode & 0o4000 != 0 && meta.uid() != uid {
+            return Some("setuid to another user");
+        }
+        if mode & 0o2000 != 0 && meta.gid() != gid {
+            return Some("setgid to another group");
+        }
     }
     let bytes = std::fs::read(path).ok()?;
     // An ELF64 little-endian file; anything else (a script) is run by an

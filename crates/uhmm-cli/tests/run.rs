@@ -958,3 +958,177 @@ fn freed_memory_is_given_back() {
         }
     }
 }
+
+/// A skip for `reason` (`SKIPPED` on stderr), or a failure where every
+/// test must run (`UHMM_REQUIRE_ALL=1`, CI), as `have`'s.
+fn skip(reason: &str) {
+    let required = std::env::var("UHMM_REQUIRE_ALL").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let name = std::thread::current().name().unwrap_or("?").to_owned();
+    if required {
+        panic!("{name} cannot run: {reason} (CI must not skip)");
+    }
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED {name}: {reason}\n").as_bytes(),
+    );
+}
+
+/// tests/run/own_uffd.c: a program that opens its own userfaultfd,
+/// registers an 8 MiB mapping and an 8 MiB malloc block for MISSING
+/// faults and serves them from a thread (UFFDIO_COPY), grows the mapping
+/// with mremap, and checks that a block malloc'd after its registered
+/// block was freed is plain memory. Both ranges are large, so uhmm
+/// manages them first, and a range can be registered with one
+/// userfaultfd only: the program's UFFDIO_REGISTER failed with EBUSY.
+/// The library interposes `ioctl` and hands the range over before the
+/// registration (pages on the device come home first: under chaos the
+/// program waits before registering). The same output and exit status
+/// plain, under `uhmm run` and under chaos.
+#[test]
+fn program_with_its_own_userfaultfd() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("own-uffd");
+    let exe = compile(&dir, "own_uffd");
+    let reference = plain(&dir, &[&exe]);
+    let ref_out = String::from_utf8_lossy(&reference.stdout);
+    if ref_out.contains("FAIL userfaultfd") {
+        skip(&format!("no userfaultfd for the program: {ref_out}"));
+        return;
+    }
+    assert!(
+        reference.status.success(),
+        "own_uffd fails plain: {ref_out}"
+    );
+    // Under chaos, 300 ms between each mmap / malloc and its registration:
+    // pages are on the device when the range is handed over.
+    let waiting = [exe.as_str(), "wait"];
+    for (opts, argv) in [
+        (&[][..], &[exe.as_str()][..]),
+        (&["--chaos", CHAOS][..], &waiting[..]),
+    ] {
+        let (out, stats) = under_uhmm(&dir, opts, argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            ref_out,
+            "{opts:?}: stderr:\n{stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            reference.status.code(),
+            "{opts:?}: {stderr}"
+        );
+        assert_eq!(stats.0.len(), 1, "{opts:?}: {stats:?}");
+        // Both were managed first, then handed over.
+        assert!(stats.sum("mappings_managed") >= 1, "{opts:?}: {stats:?}");
+        assert!(
+            stats.sum("malloc_blocks_managed") >= 1,
+            "{opts:?}: {stats:?}"
+        );
+        assert_eq!(stats.sum("ranges_handed_over"), 2, "{opts:?}: {stats:?}");
+        assert_eq!(
+            stats.sum("bytes_handed_over"),
+            16 << 20,
+            "{opts:?}: {stats:?}"
+        );
+        if !opts.is_empty() {
+            assert!(stats.sum("pages_to_device") > 0, "{stats:?}");
+        }
+        for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+            assert_eq!(stats.sum(key), 0, "{key}: {opts:?}: {stats:?}");
+        }
+    }
+}
+
+/// The notices `uhmm run` gives for a program the dynamic linker runs
+/// without `LD_PRELOAD`.
+fn unmanaged_notices(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains("ignores LD_PRELOAD"))
+        .count()
+}
+
+/// A statically linked program, and setuid copies of a small dynamic one
+/// (tests/run/small.c): the same output as plain. The static one and the
+/// one setuid to another user (`nobody`: the dynamic linker runs it in
+/// secure mode and ignores `LD_PRELOAD`) run unmanaged, and `uhmm run`
+/// says so on stderr exactly once. One setuid to the user running it is
+/// not secure mode: the library is loaded and manages its memory, so no
+/// notice (`uhmm run` said it ran unmanaged, which was false).
+#[test]
+fn static_and_setuid_programs() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("static-setuid");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/run/small.c");
+    let dynamic = compile(&dir, "small");
+    let reference = plain(&dir, &[&dynamic]);
+    assert!(reference.status.success(), "small fails plain");
+
+    let check_unmanaged = |exe: &str, what: &str| {
+        let plain_out = plain(&dir, &[exe]);
+        assert!(plain_out.status.success(), "{what} fails plain");
+        assert_eq!(plain_out.stdout, reference.stdout, "{what}");
+        let (out, stats) = under_uhmm(&dir, &[], &[exe]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {stderr}");
+        assert_eq!(out.stdout, reference.stdout, "{what}: {stderr}");
+        assert_eq!(
+            unmanaged_notices(&stderr),
+            1,
+            "{what}: one notice: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{what}: nothing else: {stderr}");
+        assert!(stats.0.is_empty(), "{what}: nothing managed: {stats:?}");
+    };
+
+    let stat = dir.join("small-static");
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-static", "-o"])
+        .arg(&stat)
+        .arg(&src)
+        .output()
+        .expect("run cc");
+    if cc.status.success() {
+        check_unmanaged(stat.to_str().expect("a UTF-8 path"), "static");
+    } else {
+        skip(&format!(
+            "cc -static fails (no static C library?): {}",
+            String::from_utf8_lossy(&cc.stderr)
+        ));
+    }
+
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root {
+        skip("setuid copies need root (to give one to another user)");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let setuid_copy = |name: &str, uid: u32| {
+        let p = dir.join(name);
+        std::fs::copy(&dynamic, &p).expect("copy");
+        std::os::unix::fs::chown(&p, Some(uid), None).expect("chown");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o4755)).expect("chmod");
+        p.to_str().expect("a UTF-8 path").to_owned()
+    };
+    // Setuid to nobody, run by root: secure mode.
+    let nobody = setuid_copy("small-setuid-nobody", 65534);
+    check_unmanaged(&nobody, "setuid nobody");
+    // Setuid to root, run by root: not secure mode, managed.
+    let own = setuid_copy("small-setuid-root", 0);
+    let (out, stats) = under_uhmm(&dir, &[], &[&own]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, reference.stdout, "{stderr}");
+    assert_eq!(unmanaged_notices(&stderr), 0, "no notice: {stderr}");
+    assert_eq!(stats.0.len(), 1, "the library ran: {stats:?}");
+    assert!(stats.sum("malloc_blocks_managed") >= 1, "{stats:?}");
+}
