@@ -556,7 +556,8 @@ fn fork_with_many_device_pages() {
 }
 
 /// A chaos rate below one a second is honoured (it was taken as one), and
-/// the exit does not wait for the next migration.
+/// the exit does not wait for the next migration (10 s away: the bound
+/// leaves a loaded machine 4.5 s to start python).
 #[test]
 fn slow_chaos_rate() {
     if !have("python3") {
@@ -566,7 +567,7 @@ fn slow_chaos_rate() {
     let started = std::time::Instant::now();
     let (out, stats) = under_uhmm(
         &dir,
-        &["--chaos", "0.4"],
+        &["--chaos", "0.1"],
         &[
             "python3",
             "-c",
@@ -583,9 +584,9 @@ fn slow_chaos_rate() {
     assert_eq!(
         stats.sum("chaos_to_device") + stats.sum("chaos_to_system") + stats.sum("chaos_failed"),
         0,
-        "one migration in 2.5 s, none in the first 1.5 s: {stats:?}"
+        "one migration in 10 s, none in the first 1.5 s: {stats:?}"
     );
-    assert!(took.as_secs_f64() < 3.0, "took {took:?}");
+    assert!(took.as_secs_f64() < 6.0, "took {took:?}");
 }
 
 /// Without a userfaultfd that serves kernel-mode faults (an unprivileged
