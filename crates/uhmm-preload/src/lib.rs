@@ -36,18 +36,6 @@
 //!   process lowers its own `RLIMIT_AS`, the part of the reservation the
 //!   new limit cannot afford is given back (freed blocks kept for reuse
 //!   first, then free space off its top).
-//! - `ioctl`: passed on after one comparison, except `UFFDIO_REGISTER`.
-//!   A range can be registered with one userfaultfd only, and uhmm's
-//!   holds every managed range: before a program registers a range with a
-//!   userfaultfd of its own, what uhmm manages there is handed over (its
-//!   pages come home, `Mm::unmanage`), and it is never managed again (a
-//!   later `mremap` of it is not; a malloc block with a part handed over
-//!   is unmapped when freed, not kept for reuse). The handover stands if
-//!   the registration then fails. `UFFDIO_UNREGISTER` is passed on: what
-//!   the program unregisters is plain memory of its own from then on,
-//!   which uhmm had given up (taking it back would need its own
-//!   registration, with the program free to register it again).
-//!   An `ioctl` made by raw system call is not seen.
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
@@ -64,8 +52,10 @@
 //! Nothing here panics into the program or aborts it: every entry point
 //! catches a panic and falls back to the plain call.
 //!
-//! Not covered: static programs and programs setuid to another user (the
-//! dynamic linker ignores `LD_PRELOAD` for them), mappings
+//! Not covered: memory a program registers with its own userfaultfd
+//! (`UFFDIO_REGISTER` of a managed range fails with EBUSY: run such a
+//! program with a threshold above its mappings), static and setuid
+//! programs (the dynamic linker ignores `LD_PRELOAD` for them), mappings
 //! glibc makes internally (thread stacks, malloc arenas), the heap below
 //! the threshold, and `.bss`.
 
@@ -116,7 +106,6 @@ static REAL_MADVISE: AtomicUsize = AtomicUsize::new(0);
 static REAL_USABLE: AtomicUsize = AtomicUsize::new(0);
 static REAL_SETRLIMIT: AtomicUsize = AtomicUsize::new(0);
 static REAL_PRLIMIT: AtomicUsize = AtomicUsize::new(0);
-static REAL_IOCTL: AtomicUsize = AtomicUsize::new(0);
 
 type MmapFn = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
 type MunmapFn = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
@@ -127,7 +116,6 @@ type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
 type SetrlimitFn = unsafe extern "C" fn(c_int, *const libc::rlimit) -> c_int;
 type PrlimitFn =
     unsafe extern "C" fn(libc::pid_t, c_int, *const libc::rlimit, *mut libc::rlimit) -> c_int;
-type IoctlFn = unsafe extern "C" fn(c_int, libc::c_ulong, *mut c_void) -> c_int;
 type MallocFn = unsafe extern "C" fn(size_t) -> *mut c_void;
 type CallocFn = unsafe extern "C" fn(size_t, size_t) -> *mut c_void;
 type ReallocFn = unsafe extern "C" fn(*mut c_void, size_t) -> *mut c_void;
@@ -380,8 +368,6 @@ struct Counters {
     blocks_managed: AtomicU64,
     manage_failures: AtomicU64,
     tails_managed: AtomicU64,
-    ranges_handed_over: AtomicU64,
-    bytes_handed_over: AtomicU64,
     discards: AtomicU64,
     peak_managed: AtomicUsize,
     chaos_to_device: AtomicU64,
@@ -807,8 +793,6 @@ fn report() {
         "mappings_managed": ld(&c.mappings_managed),
         "malloc_blocks_managed": ld(&c.blocks_managed),
         "tails_managed": ld(&c.tails_managed),
-        "ranges_handed_over": ld(&c.ranges_handed_over),
-        "bytes_handed_over": ld(&c.bytes_handed_over),
         "manage_failures": ld(&c.manage_failures),
         "discards": ld(&c.discards),
         "faults": s.faults,
@@ -887,11 +871,6 @@ struct Heap {
     /// `CACHE_RESIDENT` bytes of them keep their memory (and save first
     /// touches too); the others were discarded.
     cache: Vec<Cached>,
-    /// Blocks handed out of which the program registered a part with a
-    /// userfaultfd of its own (`ioctl`): no longer managed, and never
-    /// cached when freed (the registration would come with the block to
-    /// its next user), but unmapped.
-    handed: std::collections::BTreeSet<usize>,
 }
 
 /// A freed block in the cache.
@@ -916,7 +895,6 @@ static HEAP: Mutex<Heap> = Mutex::new(Heap {
     free: BTreeMap::new(),
     blocks: BTreeMap::new(),
     cache: Vec::new(),
-    handed: std::collections::BTreeSet::new(),
 });
 
 thread_local! {
@@ -1040,8 +1018,7 @@ fn big_free(p: *mut c_void) {
     let Some(len) = heap.blocks.remove(&(p as usize)) else {
         return;
     };
-    let handed = heap.handed.remove(&(p as usize));
-    if len <= CACHE_BYTES / 4 && !handed {
+    if len <= CACHE_BYTES / 4 {
         let mut cached: usize = heap.cache.iter().map(|c| c.len).sum();
         while cached + len > CACHE_BYTES && !heap.cache.is_empty() {
             let c = heap.cache.remove(0);
@@ -1145,101 +1122,6 @@ fn grow_in_place(p: *mut c_void, len: usize) -> bool {
         Some(())
     })
     .is_some()
-}
-
-// ---------------------------------------------------------------------
-// The program's own userfaultfd.
-
-/// `UFFDIO_REGISTER`: `_IOWR(0xAA, 0x00, struct uffdio_register)`, a
-/// 32-byte struct (x86_64 and aarch64 encode it alike).
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-
-fn real_ioctl(fd: c_int, request: libc::c_ulong, arg: *mut c_void) -> c_int {
-    match REAL_IOCTL.load(Ordering::Acquire) {
-        // SAFETY: before the constructor resolved glibc's ioctl, the
-        // system call itself, with the caller's arguments.
-        0 => unsafe { libc::syscall(libc::SYS_ioctl, fd, request, arg) as c_int },
-        // SAFETY: dlsym's answer for "ioctl"; the variadic third argument
-        // travels in the same register as this fixed one on this ABI, and
-        // the caller's arguments are passed on unchanged.
-        f => unsafe { std::mem::transmute::<usize, IoctlFn>(f)(fd, request, arg) },
-    }
-}
-
-/// Before the program registers `[start, start + len)` (the range of the
-/// `struct uffdio_register` at `arg`) with a userfaultfd of its own: a
-/// range can be registered with one userfaultfd only, so whatever uhmm
-/// manages there is handed over: it leaves the managed pieces (chaos no
-/// longer picks it, and a later `mremap` of it is not managed), its pages
-/// come home, and uhmm stops managing it (`Mm::unmanage`, which
-/// unregisters it from uhmm's userfaultfd). A malloc block it touches is
-/// marked so that, freed, it is unmapped instead of kept for reuse.
-/// The struct is read with `process_vm_readv`, so a bad pointer is the
-/// kernel's EFAULT to report, not a fault here.
-fn hand_over(arg: *mut c_void) {
-    let _ = inside(|| {
-        let p = current_proc()?;
-        let mut range = [0u64; 2];
-        let local = libc::iovec {
-            iov_base: range.as_mut_ptr().cast(),
-            iov_len: size_of_val(&range),
-        };
-        let remote = libc::iovec {
-            iov_base: arg,
-            iov_len: size_of_val(&range),
-        };
-        // SAFETY: reads 16 bytes of this process at `arg` into `range`
-        // through the kernel (an unreadable address is an error, not a
-        // fault); both iovecs describe 16 bytes.
-        let n = unsafe { libc::process_vm_readv(getpid(), &local, 1, &remote, 1, 0) };
-        if n != size_of_val(&range) as isize {
-            return None;
-        }
-        let start = usize::try_from(range[0]).ok()?;
-        let len = usize::try_from(range[1]).ok()?;
-        let end = start.checked_add(len)?;
-        // (A range the kernel refuses anyway is left alone.)
-        if len == 0 || start % PAGE != 0 || len % PAGE != 0 {
-            return None;
-        }
-        {
-            let mut heap = lock(&HEAP);
-            let hit: Vec<usize> = heap
-                .blocks
-                .range(..end)
-                .filter(|&(&s, &l)| s + l > start)
-                .map(|(&s, _)| s)
-                .collect();
-            heap.handed.extend(hit);
-        }
-        // Out of the pieces first (no new chaos pick), then unmanaged with
-        // no lock of this library held: `unmanage` waits for migrations in
-        // flight, and a fork in progress waits for the heap lock.
-        let in_live = !lock(&p.live).remove(start, end).is_empty();
-        let range = PageRange::from_bounds(VirtAddr::new(start), VirtAddr::new(end)).ok()?;
-        let bytes = p.mm.unmanage(range).ok()?;
-        if bytes > 0 || in_live {
-            p.c.ranges_handed_over.fetch_add(1, Ordering::Relaxed);
-            p.c.bytes_handed_over
-                .fetch_add(bytes as u64, Ordering::Relaxed);
-        }
-        Some(())
-    });
-}
-
-/// # Safety
-///
-/// As `ioctl(2)`. Declared with a fixed third argument: on x86_64 and
-/// aarch64 a variadic call passes it in the same register. Every request
-/// but `UFFDIO_REGISTER` is passed on after one comparison.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn ioctl(fd: c_int, request: libc::c_ulong, arg: *mut c_void) -> c_int {
-    if request == UFFDIO_REGISTER {
-        let saved = errno();
-        hand_over(arg);
-        set_errno(saved);
-    }
-    real_ioctl(fd, request, arg)
 }
 
 // ---------------------------------------------------------------------
@@ -1419,7 +1301,6 @@ extern "C" fn init() {
         resolve(c"malloc_usable_size", &REAL_USABLE);
         resolve(c"setrlimit", &REAL_SETRLIMIT);
         resolve(c"prlimit", &REAL_PRLIMIT);
-        resolve(c"ioctl", &REAL_IOCTL);
         if foreign_malloc() {
             say(
                 "another malloc than glibc's serves this program (LD_PRELOAD): malloc \

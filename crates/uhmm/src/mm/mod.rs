@@ -545,63 +545,6 @@ impl Mm {
         Ok(ManagedRegion::new(self.clone(), range, None))
     }
 
-    /// Stops managing whatever part of `range` is managed, leaving the
-    /// memory mapped, and returns how many bytes that was. Pages on devices
-    /// or held exclusive come home first (a page no device can give back
-    /// is lost: SIGBUS), operations in flight on it end first, devices drop
-    /// their translations of it (an Unmap), and it is unregistered from
-    /// uhmm's userfaultfd: it is plain memory afterwards, which another
-    /// userfaultfd may register. The rest of a region it cuts stays
-    /// managed, as a region of its own. A range [`ManagedRegion`] still
-    /// covers is unmanaged all the same (its drop later finds nothing to
-    /// do there). Unmanaged memory in `range` is left alone; nothing
-    /// managed there is `Ok(0)`.
-    ///
-    /// # Errors
-    ///
-    /// [`MmError::ForkedChild`] in a forked child (nothing is managed
-    /// there).
-    pub fn unmanage(&self, range: PageRange) -> Result<usize, MmError> {
-        self.check_process()?;
-        // Only the managed pieces: unregistering a range of which a part is
-        // registered with another userfaultfd fails as a whole.
-        let (pieces, cut): (Vec<PageRange>, Vec<PageRange>) = {
-            let regions = lock(&self.inner.shared.regions);
-            let hit: Vec<_> = regions
-                .regions()
-                .filter(|r| r.range.overlaps(range))
-                .copied()
-                .collect();
-            let pieces = hit
-                .iter()
-                .filter_map(|r| {
-                    PageRange::from_bounds(
-                        r.range.start().max(range.start()),
-                        r.range.end().min(range.end()),
-                    )
-                    .ok()
-                })
-                .collect();
-            // Regions open now whose rest stays managed: open again after.
-            let cut = hit
-                .iter()
-                .filter(|r| !r.closing && !range.contains_range(r.range))
-                .map(|r| r.range)
-                .collect();
-            (pieces, cut)
-        };
-        let mut bytes = 0;
-        for piece in pieces {
-            self.unregister(piece, false);
-            bytes += piece.len();
-        }
-        let mut regions = lock(&self.inner.shared.regions);
-        for r in cut {
-            regions.reopen(r);
-        }
-        Ok(bytes)
-    }
-
     /// Whether `range` lies entirely inside managed regions. In a forked
     /// child nothing is: the child's copies of the regions are not
     /// registered (the kernel drops the registrations in a fork).
@@ -803,24 +746,10 @@ impl Mm {
         let mut gone = Vec::new();
         {
             let mut regions = lock(&shared.regions);
-            let pieces: Vec<PageRange> = regions
-                .ranges()
-                .filter_map(|r| {
-                    PageRange::from_bounds(r.start().max(range.start()), r.end().min(range.end()))
-                        .ok()
-                })
-                .collect();
             regions.unmapped(range, |_, s| gone.push(s));
             // The range may already be gone (unmapped behind our back);
-            // nothing is left to undo then. Where part of it is registered
-            // with another userfaultfd (unmanaged, `unmanage`, then
-            // registered by the program), the kernel refuses the whole
-            // range: then each managed piece alone.
-            if shared.uffd.unregister(range).is_err() {
-                for piece in pieces {
-                    let _ = shared.uffd.unregister(piece);
-                }
-            }
+            // nothing is left to undo then.
+            let _ = shared.uffd.unregister(range);
         }
         shared.release_states(gone);
         drop(guard);

@@ -160,21 +160,6 @@ impl Regions {
         }
     }
 
-    /// Marks the managed ranges inside `within` open again (the rest of a
-    /// region closed to unmanage a part of it: `Mm::unmanage`).
-    pub(crate) fn reopen(&mut self, within: PageRange) {
-        for (_, r) in self.by_start.range_mut(within.start()..within.end()) {
-            if within.contains_range(r.range) {
-                r.closing = false;
-            }
-        }
-    }
-
-    /// Every managed region.
-    pub(crate) fn regions(&self) -> impl Iterator<Item = &Region> + '_ {
-        self.by_start.values()
-    }
-
     /// Whether `range` lies entirely inside managed ranges.
     pub(crate) fn covers(&self, range: PageRange) -> bool {
         let mut cursor = range.start();
