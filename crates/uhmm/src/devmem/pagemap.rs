@@ -402,6 +402,18 @@ impl Pool {
     /// otherwise (popped from the end: lowest page numbers first).
     fn grow(&mut self, first: u64, pages: usize) {
         let total = first as usize + pages;
+        // Room for every page to come back alone, reserved now (on the
+        // allocating thread): growing the free lists as pages come back
+        // would copy them on the fault service, whose puts they are. In
+        // `uhmm bench`'s stall case the doubling of `free` at 64 Ki pages
+        // kept one fault back on the service for 0.8-0.9 ms.
+        self.free
+            .reserve_exact(total.saturating_sub(self.free.len()));
+        self.free_huge.reserve_exact(
+            total
+                .div_ceil(HUGE_PAGES)
+                .saturating_sub(self.free_huge.len()),
+        );
         self.refs.resize(total, 0);
         self.huge.resize(total.div_ceil(HUGE_PAGES), false);
         self.live.resize(total.div_ceil(HUGE_PAGES), 0);
@@ -996,4 +1008,33 @@ pub(crate) fn runs(pages: &[VirtAddr], max: usize) -> Vec<PageRange> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grown_pool_has_room_for_every_page_to_come_back_alone() {
+        let mut p = Pool::default();
+        for (first, pages) in [(0u64, 1024usize), (1024, 4096), (5120, 100)] {
+            p.grow(first, pages);
+            let total = first as usize + pages;
+            assert!(
+                p.free.capacity() >= total,
+                "free: {} < {total}",
+                p.free.capacity()
+            );
+            assert!(p.free_huge.capacity() >= total.div_ceil(HUGE_PAGES));
+        }
+        // Every page handed out and put back alone: no reallocation.
+        let cap = p.free.capacity();
+        let all: Vec<u64> = p.free_huge.drain(..).collect();
+        for head in all {
+            for k in 0..HUGE_PAGES as u64 {
+                p.push_free(head + k);
+            }
+        }
+        assert_eq!(p.free.capacity(), cap, "the free list grew on the put path");
+    }
 }
