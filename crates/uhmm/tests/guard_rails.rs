@@ -329,15 +329,12 @@ fn failures_that_are_not_in_a_row_lose_nothing() {
     assert_eq!(rig.mm.stats().pages_lost, 0);
 }
 
-#[test]
-fn a_fault_back_whose_install_meets_a_pending_discard_is_not_redone() {
-    let _s = common::serial();
-    let Some(rig) = Rig::new(2) else { return };
-    // Elsewhere in the program: a managed page that another thread
-    // discards while the fault back of page 0 is in the device's hands.
-    let other = rig.mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    other.write_at(0, &[7u8; PAGE_SIZE]).unwrap();
-    let at = other.range().start().get();
+/// Has the device's next fault back, between selecting its pages and
+/// committing them, start a discard of the page at `at` on another thread
+/// and wait there 100 ms: the discard's REMOVE event stays unread while
+/// the service is in the device's hands, so the kernel refuses the
+/// install that follows (EAGAIN). The discarding thread, to be joined.
+fn discard_during_next_fault_back(rig: &Rig, at: usize) -> std::thread::JoinHandle<()> {
     let (go, wait) = std::sync::mpsc::channel::<()>();
     let discarder = std::thread::spawn(move || {
         wait.recv().unwrap();
@@ -352,11 +349,22 @@ fn a_fault_back_whose_install_meets_a_pending_discard_is_not_redone() {
         .unwrap();
     });
     *rig.dev.before_commit.lock().unwrap() = Some(Hook(Box::new(move || {
-        // The discard's REMOVE event stays unread while the service is in
-        // here, so the kernel refuses the install that follows (EAGAIN).
         go.send(()).unwrap();
         std::thread::sleep(Duration::from_millis(100));
     })));
+    discarder
+}
+
+#[test]
+fn a_fault_back_whose_install_meets_a_pending_discard_is_not_redone() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    // Elsewhere in the program: a managed page that another thread
+    // discards while the fault back of page 0 is in the device's hands.
+    let other = rig.mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    other.write_at(0, &[7u8; PAGE_SIZE]).unwrap();
+    let at = other.range().start().get();
+    let discarder = discard_during_next_fault_back(&rig, at);
     let calls = rig.dev.calls.load(Ordering::SeqCst);
     assert_eq!(load_soon(rig.page(0), 10), Some(1), "the fault back hung");
     discarder.join().unwrap();
@@ -381,23 +389,7 @@ fn a_fault_back_whose_own_page_a_pending_discard_takes_wakes_its_thread() {
     // discard wins, and the thread must still be woken (to read zeros, as
     // after any discard). Found by review: it slept for ever.
     let at = rig.page(0).get();
-    let (go, wait) = std::sync::mpsc::channel::<()>();
-    let discarder = std::thread::spawn(move || {
-        wait.recv().unwrap();
-        // SAFETY: the test's own managed page; nothing refers to it.
-        unsafe {
-            rustix::mm::madvise(
-                at as *mut std::ffi::c_void,
-                PAGE_SIZE,
-                rustix::mm::Advice::LinuxDontNeed,
-            )
-        }
-        .unwrap();
-    });
-    *rig.dev.before_commit.lock().unwrap() = Some(Hook(Box::new(move || {
-        go.send(()).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-    })));
+    let discarder = discard_during_next_fault_back(&rig, at);
     let got = load_soon(rig.page(0), 10);
     discarder.join().unwrap();
     if got.is_none() {
