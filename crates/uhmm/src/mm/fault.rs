@@ -244,17 +244,22 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 // handed the migration to another thread, it never will.
                 o.deadlock_reported = true;
                 shared.stats.self_deadlocks.fetch_add(1, Ordering::Relaxed);
-                report = Some(format!(
-                    "uhmm: thread {} touched {}, a page of the migration of {} it set up \
-                     itself, and waits for that migration to end: unless another thread \
-                     finishes it, this is a deadlock. Call pages() and finalize() (or drop \
-                     the MigrateVma) before touching its pages.\n",
-                    o.thread, f.addr, o.range
-                ));
+                report = Some((o.thread, o.range));
             }
             drop(regions);
-            if let Some(text) = report {
-                // Not under the lock, and a closed stderr is no panic.
+            if let Some((thread, range)) = report {
+                // Not under the lock (it reads the thread's name), and a
+                // closed stderr is no panic.
+                let name = std::fs::read_to_string(format!("/proc/self/task/{thread}/comm"))
+                    .map(|n| format!(" ({})", n.trim_end()))
+                    .unwrap_or_default();
+                let text = format!(
+                    "uhmm: thread {thread}{name} touched {}, a page of the migration of \
+                     {range} it set up itself, and waits for that migration to end: unless \
+                     another thread finishes it, this is a deadlock. Call pages() and \
+                     finalize() (or drop the MigrateVma) before touching its pages.\n",
+                    f.addr
+                );
                 let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
             }
             Served::Park
