@@ -162,18 +162,23 @@ fn output_within(mut cmd: Command, secs: u64) -> Output {
     }
 }
 
+/// `uhmm run`'s binary with `lib` as the library to preload, in `dir`.
+fn uhmm_command(lib: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
+    cmd.env("UHMM_PRELOAD", lib).current_dir(dir);
+    cmd
+}
+
 /// Runs `argv` under `uhmm run` with `opts`, in `dir` (at most 120 s).
 fn under_uhmm(dir: &Path, opts: &[&str], argv: &[&str]) -> (Output, Stats) {
     let stats = dir.join(format!("stats-{}.jsonl", std::process::id()));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
-    cmd.env("UHMM_PRELOAD", preload())
-        .arg("run")
+    let mut cmd = uhmm_command(preload(), dir);
+    cmd.arg("run")
         .args(opts)
         .arg("--stats")
         .arg(&stats)
         .arg("--")
-        .args(argv)
-        .current_dir(dir);
+        .args(argv);
     let out = output_within(cmd, 120);
     let text = std::fs::read_to_string(&stats).unwrap_or_default();
     let v = text
@@ -674,12 +679,10 @@ fn another_malloc_in_ld_preload() {
     let exe = compile(&dir, "aligned");
     let reference = plain(&dir, &[&exe]);
     assert!(reference.status.success());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
-    cmd.env("UHMM_PRELOAD", preload())
-        .env("LD_PRELOAD", &asan)
+    let mut cmd = uhmm_command(preload(), &dir);
+    cmd.env("LD_PRELOAD", &asan)
         .env("ASAN_OPTIONS", "detect_leaks=0:verify_asan_link_order=0")
-        .args(["run", "--threshold", "65536", "--", &exe])
-        .current_dir(&dir);
+        .args(["run", "--threshold", "65536", "--", &exe]);
     let out = output_within(cmd, 60);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -728,10 +731,8 @@ fn preload_path_with_space_or_colon() {
         std::fs::create_dir_all(&d).expect("directory");
         let lib = d.join("libuhmm_preload.so");
         std::fs::copy(preload(), &lib).expect("copy the library");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
-        cmd.env("UHMM_PRELOAD", &lib)
-            .args(["run", "--", "true"])
-            .current_dir(&dir);
+        let mut cmd = uhmm_command(&lib, &dir);
+        cmd.args(["run", "--", "true"]);
         let out = output_within(cmd, 60);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name:?} refused: {stderr}");
@@ -745,19 +746,23 @@ fn preload_path_with_space_or_colon() {
     // file's path goes in LD_PRELOAD, and the library is loaded.
     let link = dir.join("with space").join("link.so");
     std::os::unix::fs::symlink(preload(), &link).expect("symlink");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
-    cmd.env("UHMM_PRELOAD", &link)
-        .args(["run", "--", "cat", "/proc/self/maps"])
-        .current_dir(&dir);
+    let mut cmd = uhmm_command(&link, &dir);
+    cmd.args(["run", "--", "cat", "/proc/self/maps"]);
     let out = output_within(cmd, 60);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let real = std::fs::canonicalize(preload()).expect("the library's path");
     let maps = String::from_utf8_lossy(&out.stdout);
+    assert_mapped(&maps, &real, &stderr);
+}
+
+/// Asserts that the library file `lib` is mapped in the process whose
+/// `/proc/self/maps` is `maps` (`stderr`: the run's, for the message).
+fn assert_mapped(maps: &str, lib: &Path, stderr: &str) {
     assert!(
-        maps.contains(real.to_str().expect("a UTF-8 path")),
+        maps.contains(lib.to_str().expect("a UTF-8 path")),
         "{} is not mapped: {maps}\n{stderr}",
-        real.display()
+        lib.display()
     );
 }
 
@@ -772,17 +777,14 @@ fn existing_ld_preload_is_kept() {
     let dir = scratch("existing-preload");
     let other = compile_lib(&dir, "slow_mmap");
     let ours = std::fs::canonicalize(preload()).expect("the library's path");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
-    cmd.env("UHMM_PRELOAD", preload())
-        .env("LD_PRELOAD", &other)
-        .args([
-            "run",
-            "--",
-            "sh",
-            "-c",
-            "printf '%s\\n' \"$LD_PRELOAD\"; cat /proc/self/maps",
-        ])
-        .current_dir(&dir);
+    let mut cmd = uhmm_command(preload(), &dir);
+    cmd.env("LD_PRELOAD", &other).args([
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "printf '%s\\n' \"$LD_PRELOAD\"; cat /proc/self/maps",
+    ]);
     let out = output_within(cmd, 60);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -794,11 +796,7 @@ fn existing_ld_preload_is_kept() {
         "{stderr}"
     );
     for lib in [&ours, &other] {
-        assert!(
-            maps.contains(lib.to_str().expect("a UTF-8 path")),
-            "{} is not mapped: {maps}",
-            lib.display()
-        );
+        assert_mapped(maps, lib, &stderr);
     }
 }
 
@@ -822,14 +820,12 @@ fn fork_while_a_child_grows_a_block() {
     let slow = compile_lib(&dir, "slow_mmap");
     let exe = compile(&dir, "fork_grow");
     let stats = dir.join("stats.jsonl");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uhmm"));
-    cmd.env("UHMM_PRELOAD", preload())
-        .env("LD_PRELOAD", &slow)
+    let mut cmd = uhmm_command(preload(), &dir);
+    cmd.env("LD_PRELOAD", &slow)
         .arg("run")
         .arg("--stats")
         .arg(&stats)
-        .args(["--", &exe])
-        .current_dir(&dir);
+        .args(["--", &exe]);
     let out = output_within(cmd, 60);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
