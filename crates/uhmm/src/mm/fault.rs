@@ -64,6 +64,21 @@ pub(crate) const FAULT_FAILING_FOR: Duration = Duration::from_secs(1);
 /// before the access fails with SIGBUS all the same.
 pub(crate) const FAULT_BUSY_FOR: Duration = Duration::from_secs(10);
 
+/// A fault message the service holds, with the number of the read that
+/// brought it ([`Shared::batches_read`] once that read was counted).
+///
+/// A held message can be stale: its thread is woken by any wake of its
+/// page (a migration putting the page back, a fault block filled for
+/// another fault), and then goes on, while the service still holds the
+/// message and serves it later. Serving a stale fault is harmless (the
+/// page is served as it is now), but what it says about its thread —
+/// that it waits — may no longer be true.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Held {
+    pub(crate) fault: PageFault,
+    pub(crate) read: u64,
+}
+
 /// How a parked fault's device has failed it so far.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Attempts {
@@ -222,7 +237,8 @@ pub(crate) const READ_AHEAD_MAX: usize = 512 << 10;
 /// A zeroed page, the source for write faults on holes.
 pub(crate) static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
-pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
+pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
+    let f = held.fault;
     let Some(page) = f.page() else {
         return Served::Done;
     };
@@ -240,11 +256,27 @@ pub(crate) fn serve(shared: &Shared, f: PageFault) -> Served {
                 && !o.deadlock_reported
             {
                 // Faults carry the thread id: this thread set the
-                // operation up, and waits now for it to end. Unless it
-                // handed the migration to another thread, it never will.
-                o.deadlock_reported = true;
-                shared.stats.self_deadlocks.fetch_add(1, Ordering::Relaxed);
-                report = Some((o.thread, o.range));
+                // operation up. If it waits now for it to end, then unless
+                // it handed the migration to another thread, it never will.
+                // But the message may be stale (see `Held`): the thread
+                // may have been woken before it set the operation up. So
+                // it is first woken here, and the message dropped: a
+                // thread that does wait faults again at once, and that
+                // fault, read after the wake, is reported.
+                match o.probed {
+                    Some(woken) if held.read > woken => {
+                        o.deadlock_reported = true;
+                        shared.stats.self_deadlocks.fetch_add(1, Ordering::Relaxed);
+                        report = Some((o.thread, o.range));
+                    }
+                    probed => {
+                        if probed.is_none() {
+                            o.probed = Some(shared.batches_read());
+                        }
+                        let _ = shared.uffd.wake(page);
+                        return Served::Done;
+                    }
+                }
             }
             drop(regions);
             if let Some((thread, range)) = report {

@@ -43,6 +43,10 @@ pub(crate) struct Op {
     pub(crate) thread: u32,
     /// Whether that self-deadlock has been reported.
     pub(crate) deadlock_reported: bool,
+    /// When the service woke that thread at a fault of it on a page of
+    /// this operation (the service's read count then): only a fault read
+    /// after that wake shows the thread waiting (see `fault::serve`).
+    pub(crate) probed: Option<u64>,
     /// A migration (it passed the fork gate, and leaves it when it ends).
     pub(crate) gated: bool,
     /// Inside `MigrateVma::pages`: it is committing, and must not be
@@ -325,6 +329,7 @@ impl Regions {
                 kept: Vec::new(),
                 thread: super::fork::tid(),
                 deadlock_reported: false,
+                probed: None,
                 gated: false,
                 committing: false,
                 taken: Vec::new(),

@@ -24,6 +24,7 @@
 //! and looks again. Operations therefore check a page's state, change its
 //! page-table entry and record its new state under one lock.
 
+use super::fault::Held;
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::{Region, Regions};
 use super::state::{OpId, Stored};
@@ -35,9 +36,7 @@ use crate::sys::mem::{self, Advice, MemError};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError};
 use crate::sys::procmap::{Vma, VmaKind};
-use crate::sys::uffd::{
-    CopyMode, Features, MoveMode, OpError, PageFault, Progress, RegisterMode, Stop,
-};
+use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Progress, RegisterMode, Stop};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
 use std::os::fd::OwnedFd;
@@ -1126,7 +1125,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();
     let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
-    let mut parked: Vec<(PageFault, fault::Attempts)> = Vec::with_capacity(BATCH);
+    let mut parked: Vec<(Held, fault::Attempts)> = Vec::with_capacity(BATCH);
     DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
         // Wait for events; while invalidations are pending or faults wait,
@@ -1218,16 +1217,16 @@ pub(crate) fn run(shared: Arc<Shared>) {
 /// ([`settle_deferred`]).
 fn serve_new(
     shared: &Shared,
-    f: PageFault,
+    f: Held,
     pending: &mut Vec<NotifierRange>,
-    parked: &mut Vec<(PageFault, fault::Attempts)>,
+    parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     serve_first(shared, f, parked);
     settle_deferred(shared, pending, parked);
 }
 
 /// Serves a fault just read; parks it if it must wait.
-fn serve_first(shared: &Shared, f: PageFault, parked: &mut Vec<(PageFault, fault::Attempts)>) {
+fn serve_first(shared: &Shared, f: Held, parked: &mut Vec<(Held, fault::Attempts)>) {
     shared.stats.faults.fetch_add(1, Ordering::Relaxed);
     let mut attempts = fault::Attempts::default();
     if !serve_bounded(shared, f, &mut attempts) {
@@ -1244,7 +1243,7 @@ fn serve_first(shared: &Shared, f: PageFault, parked: &mut Vec<(PageFault, fault
 fn settle_deferred(
     shared: &Shared,
     pending: &mut Vec<NotifierRange>,
-    parked: &mut Vec<(PageFault, fault::Attempts)>,
+    parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     loop {
         let (read, work) = DEFERRED.with(|d| {
@@ -1272,13 +1271,14 @@ fn settle_deferred(
 /// access with SIGBUS. A panic while serving (a device callback's is
 /// contained before it gets here; this is the last line) counts as a
 /// device failure: the service itself never dies of one.
-fn serve_bounded(shared: &Shared, f: PageFault, attempts: &mut fault::Attempts) -> bool {
+fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bool {
     let served = callback::call(&shared.stats.callback_panics, "fault service", || {
         fault::serve(shared, f)
     })
     .unwrap_or_else(|_| {
         // The state it failed in: whatever the page holds now.
         let seen = f
+            .fault
             .page()
             .map_or(Stored::Cpu, |p| lock(&shared.regions).states.get(p.start()));
         fault::Served::Failed(fault::Failure::Device, seen)
@@ -1294,7 +1294,7 @@ fn serve_bounded(shared: &Shared, f: PageFault, attempts: &mut fault::Attempts) 
                 return false;
             }
             let sigbus = callback::call(&shared.stats.callback_panics, "fault service", || {
-                fault::sigbus(shared, f, seen)
+                fault::sigbus(shared, f.fault, seen)
             });
             match sigbus {
                 Ok(fault::Served::Done) => {
@@ -1317,7 +1317,7 @@ fn serve_bounded(shared: &Shared, f: PageFault, attempts: &mut fault::Attempts) 
 struct Work {
     invalidate: Vec<NotifierRange>,
     gone: Vec<Stored>,
-    faults: Vec<PageFault>,
+    faults: Vec<Held>,
 }
 
 /// Applies one event to the region table (under its lock).
@@ -1331,7 +1331,11 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         }
     };
     match event {
-        Event::PageFault(f) => work.faults.push(f),
+        Event::PageFault(fault) => work.faults.push(Held {
+            fault,
+            // (Counted once the read ends, on this thread only.)
+            read: shared.epoch.load(Ordering::Acquire) + 1,
+        }),
         Event::Remove { range } => {
             if shared.is_own_remove(range) {
                 return;
