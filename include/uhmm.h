@@ -1259,6 +1259,27 @@ int uhmm_mm_manage(const struct uhmm_mm *mm,
                    struct uhmm_region **out);
 
 /**
+ * Stops managing whatever part of the `len` bytes at `addr` (page-aligned)
+ * is managed, leaving the memory mapped with its data, so that a
+ * userfaultfd of the program's own may register it (`Mm::unmanage`:
+ * migrations in flight there end, pages on devices come home, devices get
+ * an unmap invalidation). `*out` (if not NULL) receives how many bytes
+ * that was: 0 if nothing there was managed. The rest of a region it cuts
+ * stays managed; a region handle covering it stays valid, and freeing it
+ * later lets go of what is left.
+ *
+ * Returns 0, `-EINVAL` for a bad range, `-ECHILD` in a forked child.
+ *
+ * # Safety
+ *
+ * `out` is NULL or valid for a write.
+ */
+int uhmm_mm_unmanage(const struct uhmm_mm *mm,
+                     void *addr,
+                     size_t len,
+                     size_t *out);
+
+/**
  * The first byte of the region (NULL for a bad handle, with the message
  * set).
  */

@@ -542,6 +542,39 @@ pub unsafe extern "C" fn uhmm_mm_manage(
     })
 }
 
+/// Stops managing whatever part of the `len` bytes at `addr` (page-aligned)
+/// is managed, leaving the memory mapped with its data, so that a
+/// userfaultfd of the program's own may register it (`Mm::unmanage`:
+/// migrations in flight there end, pages on devices come home, devices get
+/// an unmap invalidation). `*out` (if not NULL) receives how many bytes
+/// that was: 0 if nothing there was managed. The rest of a region it cuts
+/// stays managed; a region handle covering it stays valid, and freeing it
+/// later lets go of what is left.
+///
+/// Returns 0, `-EINVAL` for a bad range, `-ECHILD` in a forked child.
+///
+/// # Safety
+///
+/// `out` is NULL or valid for a write.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn uhmm_mm_unmanage(
+    mm: *const uhmm_mm,
+    addr: *mut c_void,
+    len: usize,
+    out: *mut usize,
+) -> c_int {
+    call(|| {
+        let m = get::<CMm, _>(mm)?;
+        let range = page_range(addr as usize, len)?;
+        let bytes = m.mm.unmanage(range)?;
+        if out.is_null() {
+            return Ok(());
+        }
+        // SAFETY: `out` is not NULL and the caller vouches for it.
+        unsafe { write_out(out, "out", bytes) }
+    })
+}
+
 /// The first byte of the region (NULL for a bad handle, with the message
 /// set).
 #[unsafe(no_mangle)]

@@ -1376,3 +1376,156 @@ fn a_2m_device_page_its_device_cannot_bring_back_whole_comes_back_in_part() {
     region.read_at(9 * PAGE_SIZE, &mut b).unwrap();
     assert_eq!(b[0], 9 ^ 0x5A);
 }
+
+// ---------------------------------------------------------------------
+// Handing a range over (`Mm::unmanage`) while other threads use it.
+
+/// Pages `i..i + n` of `map`.
+fn pages_of(map: &Mapping, i: usize, n: usize) -> uhmm::PageRange {
+    uhmm::PageRange::new(
+        VirtAddr::new(map.range().start().get() + i * PAGE_SIZE),
+        n * PAGE_SIZE,
+    )
+    .unwrap()
+}
+
+#[test]
+fn unmanaged_pages_come_home_from_the_device_first() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(4) else { return };
+    let mid = uhmm::PageRange::new(rig.page(1), 2 * PAGE_SIZE).unwrap();
+    assert_eq!(rig.mm.unmanage(mid).unwrap(), 2 * PAGE_SIZE);
+    assert!(!rig.mm.is_managed(mid));
+    assert_eq!(rig.pm.stats().in_use, 2, "pages 1 and 2 left the device");
+    for i in 1..3 {
+        // SAFETY: the page is the test's, mapped, and no longer managed:
+        // a plain load, which nothing serves.
+        let v = unsafe { std::ptr::read_volatile(rig.page(i).as_ptr::<u8>()) };
+        assert_eq!(v, i as u8 + 1, "page {i} came home without its data");
+    }
+    // The rest stays managed, on the device.
+    assert_eq!(rig.mm.managed_len(), 2 * PAGE_SIZE);
+    assert_eq!(load_soon(rig.page(0), 10), Some(1));
+    assert_eq!(load_soon(rig.page(3), 10), Some(4));
+}
+
+/// `unmanage` waits for a migration in flight on its range, then brings
+/// the pages that migration moved to the device home.
+#[test]
+fn unmanage_waits_for_a_migration_in_flight() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(1) else { return };
+    // The rig's page comes home: its device page is free for the test.
+    assert_eq!(load_soon(rig.page(0), 10), Some(1));
+    let (map, _region) = own_managed(&rig.mm, 4);
+    let mut m = MigrateVma::setup(
+        &rig.mm,
+        pages_of(&map, 1, 1),
+        Select::SYSTEM,
+        rig.pm.owner(),
+    )
+    .unwrap();
+    assert_eq!(m.cpages(), 1);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let all = map.range();
+        let mm = &rig.mm;
+        s.spawn(move || {
+            let _ = done_tx.send(mm.unmanage(all));
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "unmanage did not wait for the migration in flight"
+        );
+        let pfn = rig.pm.alloc(1).unwrap()[0];
+        assert_eq!(m.move_to_device(&[(0, pfn, rig.dev.at(pfn))]).len(), 1);
+        m.pages();
+        m.finalize();
+        let n = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("unmanage ended");
+        assert_eq!(n.unwrap(), 4 * PAGE_SIZE);
+    });
+    assert!(!rig.mm.is_managed(map.range()));
+    assert_eq!(rig.pm.stats().in_use, 0, "the migrated page came home");
+    assert_own_data(&map, 4);
+}
+
+/// A region being dropped stays closed to migrations of its system pages
+/// while a part of it is unmanaged: each caller lifts only its own mark.
+/// (A first design reopened the rest of the regions an unmanage cut: a
+/// migration could then start on a range being unregistered.)
+#[test]
+fn a_region_being_dropped_stays_closed_while_a_part_of_it_is_unmanaged() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(1) else { return };
+    let (map, region) = own_managed(&rig.mm, 8);
+    let owner = rig.pm.owner();
+    // A migration in flight on page 7 holds the drop (for up to a second).
+    let held = MigrateVma::setup(&rig.mm, pages_of(&map, 7, 1), Select::SYSTEM, owner).unwrap();
+    std::thread::scope(|s| {
+        let dropper = s.spawn(move || drop(region));
+        // Closed once a migration of its system pages is refused.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match MigrateVma::setup(&rig.mm, pages_of(&map, 3, 1), Select::SYSTEM, owner) {
+                Err(MigrateError::InvalidRange { .. }) => break,
+                Ok(m) => drop(m),
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the drop never closed the region"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            rig.mm.unmanage(pages_of(&map, 0, 2)).unwrap(),
+            2 * PAGE_SIZE
+        );
+        let again = MigrateVma::setup(&rig.mm, pages_of(&map, 2, 2), Select::SYSTEM, owner);
+        assert!(
+            matches!(again, Err(MigrateError::InvalidRange { .. })),
+            "the unmanage opened a region being dropped to migrations"
+        );
+        drop(held);
+        dropper.join().unwrap();
+    });
+    assert_eq!(rig.mm.managed_len(), PAGE_SIZE, "only the rig's page");
+    assert_own_data(&map, 8);
+}
+
+/// A region managed again inside another one's range (after that part
+/// was unmanaged) is not the other one's to drop.
+#[test]
+fn a_region_managed_again_inside_a_dropped_one_stays_managed() {
+    use uhmm::sys::uffd::{Features, RegisterError, RegisterMode};
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let Some(other) = common::uffd(Features::empty()) else {
+        return;
+    };
+    let (map, region) = own_managed(&mm, 8);
+    let mid = pages_of(&map, 2, 2);
+    assert_eq!(mm.unmanage(mid).unwrap(), 2 * PAGE_SIZE);
+    // SAFETY: no reference points into the mapping, which outlives `again`.
+    let again = unsafe { mm.manage(mid) }.unwrap();
+    drop(region);
+    assert!(
+        mm.is_managed(mid),
+        "the first region's drop took the second"
+    );
+    assert_eq!(mm.managed_len(), 2 * PAGE_SIZE);
+    assert!(
+        matches!(
+            other.register(&map, mid, RegisterMode::MISSING),
+            Err(RegisterError::AlreadyRegistered { .. })
+        ),
+        "the second region was unregistered from uhmm's userfaultfd"
+    );
+    drop(again);
+    other
+        .register(&map, mid, RegisterMode::MISSING)
+        .expect("unregistered with its own drop");
+    assert_own_data(&map, 8);
+}

@@ -317,3 +317,61 @@ fn release_reaches_every_notifier_at_process_exit() {
         "each notifier saw one Release"
     );
 }
+
+/// `Mm::unmanage` of a sub-range: its pages keep their data and leave
+/// uhmm (an Unmap to the notifiers, no longer managed, unregistered, so
+/// another userfaultfd may register it: EBUSY before), the rest of the
+/// region stays managed; dropping the region afterwards unregisters its
+/// rest even though the middle is another userfaultfd's now (the kernel
+/// refuses an unregister across both as a whole). Unmanaging memory that
+/// is not managed does nothing.
+#[test]
+fn unmanage_hands_a_sub_range_over() {
+    use uhmm::sys::mem::Mapping;
+    use uhmm::sys::uffd::RegisterMode;
+    let _serial = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let Some(other) = common::uffd(Features::empty()) else {
+        return;
+    };
+    let map = Mapping::anon(16 * PAGE_SIZE).unwrap();
+    map.write_at(0, &[7; 16 * PAGE_SIZE]).unwrap();
+    // SAFETY: no reference points into the mapping, which outlives the
+    // region (dropped below, before it).
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let rec = Arc::new(Recorder::default());
+    let _sub = mm.insert_notifier(map.range(), rec.clone()).unwrap();
+    let at = |pages: usize| map.range().start().checked_add(pages * PAGE_SIZE).unwrap();
+    let middle = PageRange::new(at(4), 4 * PAGE_SIZE).unwrap();
+    let e = other
+        .register(&map, middle, RegisterMode::MISSING)
+        .unwrap_err();
+    assert!(matches!(e, RegisterError::AlreadyRegistered { .. }), "{e}");
+
+    assert_eq!(mm.unmanage(middle).unwrap(), 4 * PAGE_SIZE);
+    assert_eq!(rec.next(), (NotifyEvent::Unmap, middle));
+    assert!(!mm.is_managed(middle));
+    let head = PageRange::new(map.range().start(), 4 * PAGE_SIZE).unwrap();
+    let tail = PageRange::new(middle.end(), 8 * PAGE_SIZE).unwrap();
+    assert!(mm.is_managed(head) && mm.is_managed(tail));
+    assert_eq!(mm.managed_len(), 12 * PAGE_SIZE);
+    other
+        .register(&map, middle, RegisterMode::MISSING)
+        .expect("the middle is no longer uhmm's");
+    let mut b = [0u8; 4 * PAGE_SIZE];
+    map.read_at(4 * PAGE_SIZE, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 7), "the data stayed");
+    // Nothing managed there: nothing done.
+    assert_eq!(mm.unmanage(middle).unwrap(), 0);
+    assert!(rec.quiet());
+
+    drop(region);
+    assert_eq!(mm.managed_len(), 0);
+    // The head and tail left uhmm's userfaultfd too.
+    other
+        .register(&map, head, RegisterMode::MISSING)
+        .expect("the head is unregistered");
+    other
+        .register(&map, tail, RegisterMode::MISSING)
+        .expect("the tail is unregistered");
+}

@@ -314,6 +314,12 @@ int main(void)
     must(uhmm_mm_manage(mm, own, 4 * PAGE, &managed), "uhmm_mm_manage");
     check(uhmm_region_addr(managed) == own && uhmm_region_len(managed) == 4 * PAGE, "the managed region is the memory");
     check(uhmm_mm_manage(mm, own, 4 * PAGE, &managed) == -EEXIST, "managing it twice is -EEXIST");
+    size_t unmanaged = 0;
+    must(uhmm_mm_unmanage(mm, own + PAGE, 2 * PAGE, &unmanaged), "uhmm_mm_unmanage");
+    check(unmanaged == 2 * PAGE, "unmanage says how much was managed");
+    check(uhmm_mm_unmanage(mm, own + PAGE, 2 * PAGE, NULL) == 0, "unmanaging unmanaged memory does nothing");
+    check(uhmm_mm_unmanage(mm, own + 1, PAGE, NULL) == -EINVAL, "unmanage of an unaligned range is -EINVAL");
+    check(own[PAGE] == 0x5a && own[3 * PAGE - 1] == 0x5a, "the unmanaged memory keeps its data");
     must(uhmm_region_free(managed), "free the managed region");
     check(own[4 * PAGE - 1] == 0x5a, "the memory stays mapped, with its data");
     munmap(own, 4 * PAGE);

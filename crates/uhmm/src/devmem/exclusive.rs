@@ -130,7 +130,7 @@ fn grab(
         let mut regions = lock(&shared.regions);
         match regions.containing(range) {
             Some(r) if r.id != region || !r.armed => return Err(MigrateError::Retry { range }),
-            Some(r) if !r.closing => regions
+            Some(r) if !regions.closing(r.id, range) => regions
                 .begin_op(owner, range)
                 .map_err(|e| MigrateError::Mm(MmError::State(e)))?,
             _ => {

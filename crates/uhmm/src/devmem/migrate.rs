@@ -397,7 +397,7 @@ impl<'a> MigrateVma<'a> {
             let mut regions = lock(&shared.regions);
             let begun = match regions.containing(range) {
                 None => Err(invalid("not inside one managed region")),
-                Some(r) if r.closing && select.contains(Select::SYSTEM) => {
+                Some(r) if select.contains(Select::SYSTEM) && regions.closing(r.id, range) => {
                     Err(invalid("its region is being dropped"))
                 }
                 // Dropped and mapped anew since its mappings were read and

@@ -508,9 +508,9 @@ impl Mm {
             .shared
             .uffd
             .register(&mapping, range, RegisterMode::WP)?;
-        regions.insert(range);
+        let id = regions.insert(range);
         drop(regions);
-        Ok(ManagedRegion::new(self.clone(), range, Some(mapping)))
+        Ok(ManagedRegion::new(self.clone(), range, id, Some(mapping)))
     }
 
     /// Manages a range of a mapping the caller already has.
@@ -540,9 +540,54 @@ impl Mm {
                 .uffd
                 .register_range(range, RegisterMode::WP)
         }?;
-        regions.insert(range);
+        let id = regions.insert(range);
         drop(regions);
-        Ok(ManagedRegion::new(self.clone(), range, None))
+        Ok(ManagedRegion::new(self.clone(), range, id, None))
+    }
+
+    /// Stops managing whatever part of `range` is managed, leaving the
+    /// memory mapped as it is, and returns how many bytes that was: after
+    /// it, that memory is plain memory of the process, which a userfaultfd
+    /// of its own may register (a range can be registered with one
+    /// userfaultfd only, and uhmm's holds every managed range).
+    ///
+    /// In order: no new migration selects its system pages, and no
+    /// exclusive grab starts there; operations in flight on it end (one
+    /// abandoned past a bound is reclaimed); its pages on devices or held
+    /// exclusive come home (one no device can give back is lost: an access
+    /// gets SIGBUS); devices drop their translations of it (an
+    /// [`NotifyEvent::Unmap`]); and its managed pieces are unregistered
+    /// from uhmm's userfaultfd, one by one (never a range of which part is
+    /// registered with another). The rest of a region it cuts stays
+    /// managed. A range a [`ManagedRegion`] covers is unmanaged all the
+    /// same: that region's drop later lets go of what is left of it only.
+    /// Nothing managed in `range` is `Ok(0)`.
+    ///
+    /// ```
+    /// use uhmm::mm::Mm;
+    /// use uhmm::sys::mem::Backing;
+    /// use uhmm::PageRange;
+    ///
+    /// let mm = Mm::new()?;
+    /// let region = mm.alloc(4 * 4096, Backing::AnonPrivate)?;
+    /// region.store::<u64>(4096, 7)?;
+    /// let at = region.range().start().checked_add(4096).ok_or("overflow")?;
+    /// let second = PageRange::new(at, 4096)?;
+    /// assert_eq!(mm.unmanage(second)?, 4096);
+    /// assert!(!mm.is_managed(second));
+    /// assert!(mm.is_managed(PageRange::new(region.range().start(), 4096)?));
+    /// // The data stays; the memory is the process's own now.
+    /// assert_eq!(region.load::<u64>(4096)?, 7);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`MmError::ForkedChild`] in a forked child (nothing is managed
+    /// there).
+    pub fn unmanage(&self, range: PageRange) -> Result<usize, MmError> {
+        self.check_process()?;
+        Ok(self.let_go(range, None, false))
     }
 
     /// Whether `range` lies entirely inside managed regions. In a forked
@@ -680,9 +725,13 @@ impl Mm {
         lock(&self.inner.shared.regions).states.set(addr, state)
     }
 
-    /// Stops managing `range`: devices drop their translations of it
-    /// (an Unmap, since no further change to it will be notified), then it
-    /// is unregistered. `owned`: uhmm mapped it and unmaps it next.
+    /// Stops managing the pieces inside `range` of region `region` (of
+    /// every region there if `None`), and returns their length: devices
+    /// drop their translations of them (an Unmap, since no further change
+    /// to them will be notified), then they are unregistered. `owned`: uhmm
+    /// mapped the range and unmaps it next. (A `ManagedRegion` lets go of
+    /// its own region's pieces only: another region managed inside its
+    /// range since a part of it was unmanaged is not its to drop.)
     ///
     /// A migration or exclusive grab in flight on the range is not acted
     /// on behind its back (DESIGN.md concurrency rule 1). Memory the caller
@@ -701,58 +750,72 @@ impl Mm {
     /// Does nothing in a forked child: the child's copy of the range was
     /// never registered, and the userfaultfd (which would unregister the
     /// parent's range) and the state are the parent's.
-    pub(crate) fn unregister(&self, range: PageRange, owned: bool) {
+    pub(crate) fn let_go(&self, range: PageRange, region: Option<u64>, owned: bool) -> usize {
         if ForkedChild::check_exact(self.inner.shared.pid).is_err() {
-            return;
+            return 0;
         }
         let shared = &self.inner.shared;
-        {
-            // No new migration selects its pages from now on.
+        let (pieces, token) = {
             let mut regions = lock(&shared.regions);
-            let starts: Vec<VirtAddr> = regions
-                .ranges()
-                .filter(|r| r.overlaps(range))
-                .map(PageRange::start)
-                .collect();
-            for s in starts {
-                regions.close(s);
+            let pieces = regions.pieces(range, region);
+            if pieces.is_empty() {
+                return 0;
             }
+            // No new migration selects its pages from now on.
+            let token = regions.close(range, region);
             // Operations in flight end first; a migration that has not
             // within `ABANDONED` (its `MigrateVma` leaked, say) is
             // reclaimed: its pages come home. (Memory about to be unmapped
             // does not wait: its pages are gone with it.)
             let deadline = std::time::Instant::now() + service::ABANDONED;
-            while !owned && regions.ops_in(range) {
+            while !owned && pieces.iter().any(|&p| regions.ops_in(p)) {
                 if std::time::Instant::now() >= deadline {
                     drop(regions);
-                    shared.reclaim_ops(Some(range), None);
+                    for &p in &pieces {
+                        shared.reclaim_ops(Some(p), None);
+                    }
                     regions = lock(&shared.regions);
                 }
                 // (Exclusive grabs left end by themselves.)
                 regions = shared.wait_op_ended(regions, std::time::Duration::from_millis(20));
             }
-        }
+            (pieces, token)
+        };
         if !owned {
-            // Pages on devices or held exclusive come home first: a region
-            // the program keeps mapped must read what it held.
-            shared.bring_home(Some(range), true);
-            // Lost pages stay lost once uhmm lets go (SIGBUS, not zeros).
-            shared.poison_lost(Some(range));
+            for &p in &pieces {
+                // Pages on devices or held exclusive come home first: a
+                // region the program keeps mapped must read what it held.
+                shared.bring_home(Some(p), true);
+                // Lost pages stay lost once uhmm lets go (SIGBUS, not
+                // zeros).
+                shared.poison_lost(Some(p));
+            }
         }
-        // Blockable, so it cannot ask for a retry.
-        let guard = shared
-            .notifiers
-            .invalidate_start(&NotifierRange::new(range, NotifyEvent::Unmap));
-        let mut gone = Vec::new();
-        {
-            let mut regions = lock(&shared.regions);
-            regions.unmapped(range, |_, s| gone.push(s));
-            // The range may already be gone (unmapped behind our back);
-            // nothing is left to undo then.
-            let _ = shared.uffd.unregister(range);
+        let mut bytes = 0;
+        for p in pieces {
+            // Blockable, so it cannot ask for a retry.
+            let guard = shared
+                .notifiers
+                .invalidate_start(&NotifierRange::new(p, NotifyEvent::Unmap));
+            let mut gone = Vec::new();
+            {
+                let mut regions = lock(&shared.regions);
+                // (What is there now: a piece may have been unmapped
+                // meanwhile, behind our back.) Each piece alone: the kernel
+                // refuses to unregister a range of which a part is
+                // registered with another userfaultfd (before Linux 6.17 it
+                // unregistered that part from it).
+                for now in regions.pieces(p, region) {
+                    regions.unmapped(now, |_, s| gone.push(s));
+                    let _ = shared.uffd.unregister(now);
+                    bytes += now.len();
+                }
+            }
+            shared.release_states(gone);
+            drop(guard);
         }
-        shared.release_states(gone);
-        drop(guard);
+        lock(&shared.regions).reopen(token);
+        bytes
     }
 }
 

@@ -43,12 +43,19 @@ use crate::sys::mem::{self, Mapping, MemError, Plain};
 pub struct ManagedRegion {
     mm: Mm,
     range: PageRange,
+    /// Its id in the region table (see `Regions::insert`).
+    id: u64,
     mapping: Option<Mapping>,
 }
 
 impl ManagedRegion {
-    pub(super) fn new(mm: Mm, range: PageRange, mapping: Option<Mapping>) -> Self {
-        Self { mm, range, mapping }
+    pub(super) fn new(mm: Mm, range: PageRange, id: u64, mapping: Option<Mapping>) -> Self {
+        Self {
+            mm,
+            range,
+            id,
+            mapping,
+        }
     }
 
     /// The pages managed.
@@ -178,7 +185,8 @@ impl ManagedRegion {
 
 impl Drop for ManagedRegion {
     fn drop(&mut self) {
-        self.mm.unregister(self.range, self.mapping.is_some());
+        self.mm
+            .let_go(self.range, Some(self.id), self.mapping.is_some());
         // The mapping (if owned) is unmapped after this, by its own drop.
     }
 }

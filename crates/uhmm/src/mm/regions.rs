@@ -19,8 +19,18 @@ pub(crate) struct Region {
     /// Registered for MISSING faults too (device memory or exclusive
     /// access has been used in it).
     pub(crate) armed: bool,
-    /// Being dropped: no new migration selects its system pages.
-    pub(crate) closing: bool,
+}
+
+/// A range being let go of (a region dropped, or a range unmanaged): no
+/// new migration selects its system pages, and no exclusive grab starts
+/// there, until it is gone from the table.
+#[derive(Debug, Clone, Copy)]
+struct Closing {
+    token: u64,
+    range: PageRange,
+    /// Only the pieces of this region (a `ManagedRegion` dropped); every
+    /// region in `range` if `None` (`Mm::unmanage`).
+    region: Option<u64>,
 }
 
 /// An operation in flight on managed pages (a migration, an exclusive grab
@@ -123,6 +133,9 @@ pub(crate) struct Regions {
     next_region: u64,
     /// Pages a discard is about to zap (see [`fence`](Self::fence)).
     fences: Vec<(PageRange, Instant)>,
+    /// Ranges being let go of (see [`close`](Self::close)).
+    closing: Vec<Closing>,
+    next_closing: u64,
 }
 
 /// How long a fence stands at most. The kernel zaps right after the
@@ -157,11 +170,48 @@ impl Regions {
         }
     }
 
-    /// Marks the managed range starting at `start` as being dropped.
-    pub(crate) fn close(&mut self, start: VirtAddr) {
-        if let Some(r) = self.by_start.get_mut(&start) {
-            r.closing = true;
-        }
+    /// Marks the pieces of `region` (of every region if `None`) inside
+    /// `range` as being let go of, until [`reopen`](Self::reopen) with the
+    /// token returned. Each caller lifts only its own mark: two of them
+    /// over the same range (a region dropped while a part of it is
+    /// unmanaged) do not lift each other's.
+    pub(crate) fn close(&mut self, range: PageRange, region: Option<u64>) -> u64 {
+        self.next_closing += 1;
+        self.closing.push(Closing {
+            token: self.next_closing,
+            range,
+            region,
+        });
+        self.next_closing
+    }
+
+    /// Lifts the mark [`close`](Self::close) returned `token` for.
+    pub(crate) fn reopen(&mut self, token: u64) {
+        self.closing.retain(|c| c.token != token);
+    }
+
+    /// Whether `range`, a part of region `region`, is being let go of.
+    pub(crate) fn closing(&self, region: u64, range: PageRange) -> bool {
+        self.closing
+            .iter()
+            .any(|c| c.range.overlaps(range) && c.region.is_none_or(|id| id == region))
+    }
+
+    /// The parts inside `within` of the pieces of `region` (of every
+    /// region if `None`).
+    pub(crate) fn pieces(&self, within: PageRange, region: Option<u64>) -> Vec<PageRange> {
+        self.by_start
+            .range(..within.end())
+            .map(|(_, r)| r)
+            .filter(|r| region.is_none_or(|id| id == r.id))
+            .filter_map(|r| {
+                PageRange::from_bounds(
+                    r.range.start().max(within.start()),
+                    r.range.end().min(within.end()),
+                )
+                .ok()
+            })
+            .collect()
     }
 
     /// Whether `range` lies entirely inside managed ranges.
@@ -180,15 +230,16 @@ impl Regions {
         cursor >= range.end()
     }
 
-    pub(crate) fn insert(&mut self, range: PageRange) {
+    /// Records `range` as a new managed region; returns its id.
+    pub(crate) fn insert(&mut self, range: PageRange) -> u64 {
         self.next_region += 1;
         let region = Region {
             range,
             id: self.next_region,
             armed: false,
-            closing: false,
         };
         self.by_start.insert(range.start(), region);
+        self.next_region
     }
 
     /// `range` as a piece of `of` (split by an unmap, or moved).
