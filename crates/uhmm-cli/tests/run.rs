@@ -1060,3 +1060,73 @@ fn static_and_setuid_programs() {
     assert_eq!(stats.0.len(), 1, "the library ran: {stats:?}");
     assert!(stats.sum("malloc_blocks_managed") >= 1, "{stats:?}");
 }
+
+/// tests/run/own_uffd.c: a program that opens its own userfaultfd,
+/// registers an 8 MiB mapping and an 8 MiB malloc block for MISSING
+/// faults and serves them from a thread (UFFDIO_COPY), grows the mapping
+/// with mremap, and checks that a block malloc'd after its registered
+/// block was freed is plain memory, and so in a forked child that
+/// registers an inherited block. Both ranges are large, so uhmm
+/// manages them first, and a range can be registered with one
+/// userfaultfd only: the program's UFFDIO_REGISTER failed with EBUSY.
+/// The library interposes `ioctl` and hands the range over before the
+/// registration (pages on the device come home first: under chaos the
+/// program waits before registering). The same output and exit status
+/// plain, under `uhmm run` and under chaos.
+#[test]
+fn program_with_its_own_userfaultfd() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("own-uffd");
+    let exe = compile(&dir, "own_uffd");
+    let reference = plain(&dir, &[&exe]);
+    let ref_out = String::from_utf8_lossy(&reference.stdout);
+    if ref_out.contains("FAIL userfaultfd") {
+        skip(&format!("no userfaultfd for the program: {ref_out}"));
+        return;
+    }
+    assert!(
+        reference.status.success(),
+        "own_uffd fails plain: {ref_out}"
+    );
+    // Under chaos, 300 ms between each mmap / malloc and its registration:
+    // pages are on the device when the range is handed over.
+    let waiting = [exe.as_str(), "wait"];
+    for (opts, argv) in [
+        (&[][..], &[exe.as_str()][..]),
+        (&["--chaos", CHAOS][..], &waiting[..]),
+    ] {
+        let (out, stats) = under_uhmm(&dir, opts, argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            ref_out,
+            "{opts:?}: stderr:\n{stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            reference.status.code(),
+            "{opts:?}: {stderr}"
+        );
+        assert_eq!(stats.0.len(), 1, "{opts:?}: {stats:?}");
+        // Both were managed first, then handed over.
+        assert!(stats.sum("mappings_managed") >= 1, "{opts:?}: {stats:?}");
+        assert!(
+            stats.sum("malloc_blocks_managed") >= 1,
+            "{opts:?}: {stats:?}"
+        );
+        assert_eq!(stats.sum("ranges_handed_over"), 2, "{opts:?}: {stats:?}");
+        assert_eq!(
+            stats.sum("bytes_handed_over"),
+            16 << 20,
+            "{opts:?}: {stats:?}"
+        );
+        if !opts.is_empty() {
+            assert!(stats.sum("pages_to_device") > 0, "{stats:?}");
+        }
+        for key in ["pages_lost", "faults_sigbus", "callback_panics"] {
+            assert_eq!(stats.sum(key), 0, "{key}: {opts:?}: {stats:?}");
+        }
+    }
+}

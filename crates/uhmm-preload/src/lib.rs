@@ -36,6 +36,18 @@
 //!   process lowers its own `RLIMIT_AS`, the part of the reservation the
 //!   new limit cannot afford is given back (freed blocks kept for reuse
 //!   first, then free space off its top).
+//! - `ioctl`: passed on after one comparison, except `UFFDIO_REGISTER`.
+//!   A range can be registered with one userfaultfd only, and uhmm's
+//!   holds every managed range: before a program registers a range with a
+//!   userfaultfd of its own, what uhmm manages there is handed over (its
+//!   pages come home, `Mm::unmanage`) and never managed again (chaos no
+//!   longer picks it; a later `mremap` of it is not managed), and a malloc
+//!   block with a part of it registered is unmapped when freed, outside
+//!   the heap lock, not kept for reuse (its next user would get the
+//!   program's registration). The handover stands if the registration
+//!   then fails. `UFFDIO_UNREGISTER` is passed on: what the program
+//!   unregisters is plain memory of its own from then on. An `ioctl` made
+//!   by raw system call is not seen.
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
@@ -52,10 +64,8 @@
 //! Nothing here panics into the program or aborts it: every entry point
 //! catches a panic and falls back to the plain call.
 //!
-//! Not covered: memory a program registers with its own userfaultfd
-//! (`UFFDIO_REGISTER` of a managed range fails with EBUSY: run such a
-//! program with a threshold above its mappings), static and setuid
-//! programs (the dynamic linker ignores `LD_PRELOAD` for them), mappings
+//! Not covered: static programs and programs setuid to another user (the
+//! dynamic linker ignores `LD_PRELOAD` for them), mappings
 //! glibc makes internally (thread stacks, malloc arenas), the heap below
 //! the threshold, and `.bss`.
 
@@ -106,6 +116,7 @@ static REAL_MADVISE: AtomicUsize = AtomicUsize::new(0);
 static REAL_USABLE: AtomicUsize = AtomicUsize::new(0);
 static REAL_SETRLIMIT: AtomicUsize = AtomicUsize::new(0);
 static REAL_PRLIMIT: AtomicUsize = AtomicUsize::new(0);
+static REAL_IOCTL: AtomicUsize = AtomicUsize::new(0);
 
 type MmapFn = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
 type MunmapFn = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
@@ -114,6 +125,7 @@ type MremapFn =
 type MadviseFn = unsafe extern "C" fn(*mut c_void, size_t, c_int) -> c_int;
 type UsableFn = unsafe extern "C" fn(*mut c_void) -> size_t;
 type SetrlimitFn = unsafe extern "C" fn(c_int, *const libc::rlimit) -> c_int;
+type IoctlFn = unsafe extern "C" fn(c_int, libc::c_ulong, *mut c_void) -> c_int;
 type PrlimitFn =
     unsafe extern "C" fn(libc::pid_t, c_int, *const libc::rlimit, *mut libc::rlimit) -> c_int;
 type MallocFn = unsafe extern "C" fn(size_t) -> *mut c_void;
@@ -368,6 +380,8 @@ struct Counters {
     blocks_managed: AtomicU64,
     manage_failures: AtomicU64,
     tails_managed: AtomicU64,
+    ranges_handed_over: AtomicU64,
+    bytes_handed_over: AtomicU64,
     discards: AtomicU64,
     peak_managed: AtomicUsize,
     chaos_to_device: AtomicU64,
@@ -793,6 +807,8 @@ fn report() {
         "mappings_managed": ld(&c.mappings_managed),
         "malloc_blocks_managed": ld(&c.blocks_managed),
         "tails_managed": ld(&c.tails_managed),
+        "ranges_handed_over": ld(&c.ranges_handed_over),
+        "bytes_handed_over": ld(&c.bytes_handed_over),
         "manage_failures": ld(&c.manage_failures),
         "discards": ld(&c.discards),
         "faults": s.faults,
@@ -871,6 +887,13 @@ struct Heap {
     /// `CACHE_RESIDENT` bytes of them keep their memory (and save first
     /// touches too); the others were discarded.
     cache: Vec<Cached>,
+    /// Blocks handed out of which the program registered a part with a
+    /// userfaultfd of its own (`ioctl`): never cached when freed, nor
+    /// shrunk in place, and unmapped outside the heap lock (an unmap of
+    /// memory registered with the program's userfaultfd may wait for the
+    /// program's own thread to read the event, and that thread may be in
+    /// malloc).
+    handed: std::collections::BTreeSet<usize>,
 }
 
 /// A freed block in the cache.
@@ -895,6 +918,7 @@ static HEAP: Mutex<Heap> = Mutex::new(Heap {
     free: BTreeMap::new(),
     blocks: BTreeMap::new(),
     cache: Vec::new(),
+    handed: std::collections::BTreeSet::new(),
 });
 
 thread_local! {
@@ -971,8 +995,17 @@ fn big_alloc(n: usize, zeroed: bool) -> Option<*mut c_void> {
 /// Gives `[s, s + len)` back to the reservation; whether it could. Heap
 /// locked.
 fn unmap_block(heap: &mut Heap, s: usize, len: usize) -> bool {
-    // Mapping the reservation over it unmaps the block (uhmm reads the
-    // UNMAP event before this returns).
+    if !unmap_pages(s, len) {
+        return false;
+    }
+    give_back(heap, s, len);
+    true
+}
+
+/// Maps the reservation over `[s, s + len)`, which unmaps what was there
+/// (uhmm reads the UNMAP event before this returns), and takes it out of
+/// the live pieces. Whether it could.
+fn unmap_pages(s: usize, len: usize) -> bool {
     let p = real_mmap(
         s as *mut c_void,
         len,
@@ -987,6 +1020,11 @@ fn unmap_block(heap: &mut Heap, s: usize, len: usize) -> bool {
     if let Some(p) = current_proc() {
         lock(&p.live).remove(s, s + len);
     }
+    true
+}
+
+/// Returns `[s, s + len)`, unmapped, to the free space.
+fn give_back(heap: &mut Heap, s: usize, len: usize) {
     let (mut start, mut end) = (s, s + len);
     if let Some((&ps, &pe)) = heap.free.range(..start).next_back()
         && pe == start
@@ -999,7 +1037,6 @@ fn unmap_block(heap: &mut Heap, s: usize, len: usize) -> bool {
         end = ne;
     }
     heap.free.insert(start, end);
-    true
 }
 
 /// Gives the memory of `[s, s + len)` back to the system, keeping the
@@ -1018,6 +1055,15 @@ fn big_free(p: *mut c_void) {
     let Some(len) = heap.blocks.remove(&(p as usize)) else {
         return;
     };
+    if heap.handed.remove(&(p as usize)) {
+        // The block's range is neither handed out nor free meanwhile:
+        // nobody else can map it.
+        drop(heap);
+        if unmap_pages(p as usize, len) {
+            give_back(&mut lock(&HEAP), p as usize, len);
+        }
+        return;
+    }
     if len <= CACHE_BYTES / 4 {
         let mut cached: usize = heap.cache.iter().map(|c| c.len).sum();
         while cached + len > CACHE_BYTES && !heap.cache.is_empty() {
@@ -1075,7 +1121,8 @@ fn shrink_in_place(p: *mut c_void, len: usize) {
     let Some(&old) = heap.blocks.get(&s) else {
         return;
     };
-    if len < old && unmap_block(&mut heap, s + len, old - len) {
+    // (A handed-over block keeps its length: see `Heap::handed`.)
+    if len < old && !heap.handed.contains(&s) && unmap_block(&mut heap, s + len, old - len) {
         heap.blocks.insert(s, len);
     }
 }
@@ -1122,6 +1169,104 @@ fn grow_in_place(p: *mut c_void, len: usize) -> bool {
         Some(())
     })
     .is_some()
+}
+
+// ---------------------------------------------------------------------
+// The program's own userfaultfd.
+
+/// `UFFDIO_REGISTER`: `_IOWR(0xAA, 0x00, struct uffdio_register)`, with a
+/// 32-byte struct (x86_64 and aarch64 encode it alike). The kernel reads
+/// the request as 32 bits: so is it compared.
+const UFFDIO_REGISTER: u32 = 0xc020_aa00;
+
+fn real_ioctl(fd: c_int, request: libc::c_ulong, arg: *mut c_void) -> c_int {
+    match REAL_IOCTL.load(Ordering::Acquire) {
+        // SAFETY: before the constructor resolved glibc's ioctl, the
+        // system call itself, with the caller's arguments.
+        0 => unsafe { libc::syscall(libc::SYS_ioctl, fd, request, arg) as c_int },
+        // SAFETY: dlsym's answer for "ioctl"; the variadic third argument
+        // travels in the same register as this fixed one on this ABI, and
+        // the caller's arguments are passed on unchanged.
+        f => unsafe { std::mem::transmute::<usize, IoctlFn>(f)(fd, request, arg) },
+    }
+}
+
+/// The range of the `struct uffdio_register` at `arg`, read through the
+/// kernel (`process_vm_readv`: a bad pointer is the kernel's EFAULT to
+/// report, not a fault here); `None` if unreadable, or a range the kernel
+/// refuses anyway.
+fn register_range(arg: *mut c_void) -> Option<(usize, usize)> {
+    let mut range = [0u64; 2];
+    let local = libc::iovec {
+        iov_base: range.as_mut_ptr().cast(),
+        iov_len: size_of_val(&range),
+    };
+    let remote = libc::iovec {
+        iov_base: arg,
+        iov_len: size_of_val(&range),
+    };
+    // SAFETY: reads 16 bytes of this process at `arg` into `range` through
+    // the kernel (an unreadable address is an error, not a fault); both
+    // iovecs describe 16 bytes.
+    let n = unsafe { libc::process_vm_readv(getpid(), &local, 1, &remote, 1, 0) };
+    if n != size_of_val(&range) as isize {
+        return None;
+    }
+    let start = usize::try_from(range[0]).ok()?;
+    let len = usize::try_from(range[1]).ok()?;
+    let end = start.checked_add(len)?;
+    (len > 0 && start % PAGE == 0 && len % PAGE == 0).then_some((start, end))
+}
+
+/// Before the program registers the range of the `struct uffdio_register`
+/// at `arg` with a userfaultfd of its own: a range can be registered with
+/// one userfaultfd only, so what uhmm manages there is handed over (see
+/// the module docs). Malloc blocks it touches are marked first, in any
+/// process (a forked child's inherited blocks too, which nothing manages
+/// there).
+fn hand_over(arg: *mut c_void) {
+    let _ = inside(|| {
+        let (start, end) = register_range(arg)?;
+        {
+            let mut heap = lock(&HEAP);
+            let hit: Vec<usize> = heap
+                .blocks
+                .range(..end)
+                .filter(|&(&s, &l)| s + l > start)
+                .map(|(&s, _)| s)
+                .collect();
+            heap.handed.extend(hit);
+        }
+        let p = current_proc()?;
+        // Out of the pieces first (chaos picks it no more), then unmanaged
+        // with no lock of this library held: `unmanage` waits for
+        // migrations in flight, and a fork in progress waits for the heap
+        // lock.
+        let in_live = !lock(&p.live).remove(start, end).is_empty();
+        let range = PageRange::from_bounds(VirtAddr::new(start), VirtAddr::new(end)).ok()?;
+        let bytes = p.mm.unmanage(range).ok()?;
+        if bytes > 0 || in_live {
+            p.c.ranges_handed_over.fetch_add(1, Ordering::Relaxed);
+            p.c.bytes_handed_over
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        Some(())
+    });
+}
+
+/// # Safety
+///
+/// As `ioctl(2)`. Declared with a fixed third argument: on x86_64 and
+/// aarch64 a variadic call passes it in the same register. Every request
+/// but `UFFDIO_REGISTER` is passed on after one comparison.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ioctl(fd: c_int, request: libc::c_ulong, arg: *mut c_void) -> c_int {
+    if request as u32 == UFFDIO_REGISTER {
+        let saved = errno();
+        hand_over(arg);
+        set_errno(saved);
+    }
+    real_ioctl(fd, request, arg)
 }
 
 // ---------------------------------------------------------------------
@@ -1301,6 +1446,7 @@ extern "C" fn init() {
         resolve(c"malloc_usable_size", &REAL_USABLE);
         resolve(c"setrlimit", &REAL_SETRLIMIT);
         resolve(c"prlimit", &REAL_PRLIMIT);
+        resolve(c"ioctl", &REAL_IOCTL);
         if foreign_malloc() {
             say(
                 "another malloc than glibc's serves this program (LD_PRELOAD): malloc \
