@@ -762,62 +762,90 @@ impl Mm {
                 return 0;
             }
             // No new migration selects its pages from now on.
-            let token = regions.close(range, region);
-            // Operations in flight end first; a migration that has not
-            // within `ABANDONED` (its `MigrateVma` leaked, say) is
-            // reclaimed: its pages come home. (Memory about to be unmapped
-            // does not wait: its pages are gone with it.)
-            let deadline = std::time::Instant::now() + service::ABANDONED;
-            while !owned && pieces.iter().any(|&p| regions.ops_in(p)) {
-                if std::time::Instant::now() >= deadline {
-                    drop(regions);
-                    for &p in &pieces {
-                        shared.reclaim_ops(Some(p), None);
-                    }
-                    regions = lock(&shared.regions);
-                }
-                // (Exclusive grabs left end by themselves.)
-                regions = shared.wait_op_ended(regions, std::time::Duration::from_millis(20));
-            }
-            (pieces, token)
+            (pieces, regions.close(range, region))
         };
-        if !owned {
-            for &p in &pieces {
-                // Pages on devices or held exclusive come home first: a
-                // region the program keeps mapped must read what it held.
-                shared.bring_home(Some(p), true);
-                // Lost pages stay lost once uhmm lets go (SIGBUS, not
-                // zeros).
-                shared.poison_lost(Some(p));
-            }
-        }
         let mut bytes = 0;
         for p in pieces {
-            // Blockable, so it cannot ask for a retry.
-            let guard = shared
-                .notifiers
-                .invalidate_start(&NotifierRange::new(p, NotifyEvent::Unmap));
-            let mut gone = Vec::new();
-            {
-                let mut regions = lock(&shared.regions);
-                // (What is there now: a piece may have been unmapped
-                // meanwhile, behind our back.) Each piece alone: the kernel
-                // refuses to unregister a range of which a part is
-                // registered with another userfaultfd (before Linux 6.17 it
-                // unregistered that part from it).
-                for now in regions.pieces(p, region) {
-                    regions.unmapped(now, |_, s| gone.push(s));
-                    let _ = shared.uffd.unregister(now);
-                    bytes += now.len();
+            let mut rounds = 0;
+            loop {
+                rounds += 1;
+                if !owned {
+                    self.settle(p);
                 }
+                // Blockable, so it cannot ask for a retry.
+                let guard = shared
+                    .notifiers
+                    .invalidate_start(&NotifierRange::new(p, NotifyEvent::Unmap));
+                let mut gone = Vec::new();
+                let mut regions = lock(&shared.regions);
+                // What is there now: a piece may have been unmapped
+                // meanwhile, behind our back, and another region's pages
+                // (or this region's, from elsewhere) moved in by an mremap
+                // after they were brought home: those come home too, before
+                // any state is dropped, unless they keep coming.
+                let now = regions.pieces(p, region);
+                let unsettled = !owned
+                    && rounds < LET_GO_ROUNDS
+                    && now.iter().any(|&q| {
+                        regions.ops_in(q)
+                            || !regions
+                                .states
+                                .select(Some(q), |s| s != Stored::Cpu)
+                                .is_empty()
+                    });
+                if unsettled {
+                    drop(regions);
+                    drop(guard);
+                    continue;
+                }
+                // Each piece alone: the kernel refuses to unregister a
+                // range of which a part is registered with another
+                // userfaultfd (before Linux 6.17 it unregistered that part
+                // from it).
+                for q in now {
+                    regions.unmapped(q, |_, s| gone.push(s));
+                    let _ = shared.uffd.unregister(q);
+                    bytes += q.len();
+                }
+                drop(regions);
+                shared.release_states(gone);
+                drop(guard);
+                break;
             }
-            shared.release_states(gone);
-            drop(guard);
         }
         lock(&shared.regions).reopen(token);
         bytes
     }
+
+    /// For [`let_go`](Self::let_go) of memory the caller keeps mapped: the
+    /// operations in flight on `piece` end (a migration that has not
+    /// within `ABANDONED`, its `MigrateVma` leaked, say, is reclaimed: its
+    /// pages come home), then its pages on devices or held exclusive come
+    /// home (a region the program keeps mapped must read what it held),
+    /// and lost pages are poisoned (SIGBUS, not zeros, once uhmm lets go).
+    fn settle(&self, piece: PageRange) {
+        let shared = &self.inner.shared;
+        let deadline = std::time::Instant::now() + service::ABANDONED;
+        let mut regions = lock(&shared.regions);
+        while regions.ops_in(piece) {
+            if std::time::Instant::now() >= deadline {
+                drop(regions);
+                shared.reclaim_ops(Some(piece), None);
+                regions = lock(&shared.regions);
+            }
+            // (Exclusive grabs left end by themselves.)
+            regions = shared.wait_op_ended(regions, std::time::Duration::from_millis(20));
+        }
+        drop(regions);
+        shared.bring_home(Some(piece), true);
+        shared.poison_lost(Some(piece));
+    }
 }
+
+/// How many times [`Mm::let_go`] brings a piece's pages home before it lets
+/// go of it anyway: pages moved in again and again by mremaps meanwhile
+/// (a program racing its own unmanage) lose their device state then.
+const LET_GO_ROUNDS: u32 = 16;
 
 impl Drop for Inner {
     fn drop(&mut self) {
