@@ -1130,3 +1130,42 @@ fn program_with_its_own_userfaultfd() {
         }
     }
 }
+
+/// tests/run/sig_register.c: a SIGALRM handler registers a page of a large
+/// block with the program's own userfaultfd (and unregisters it) every
+/// 200 µs, while the main thread allocates small blocks, or only large
+/// ones. The library's hand-over takes locks and allocates: from a handler
+/// that interrupted the allocator or the library it must not (the program
+/// hung: the handler waited for the heap lock or glibc's arena lock that
+/// the interrupted code held). It ends, and each register succeeds or
+/// fails with EBUSY (not handed over) or EINVAL.
+#[test]
+fn userfaultfd_register_from_a_signal_handler() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("sig-register");
+    let exe = compile(&dir, "sig_register");
+    let reference = plain(&dir, &[&exe, "2"]);
+    let ref_out = String::from_utf8_lossy(&reference.stdout);
+    assert!(reference.status.success(), "plain: {ref_out}");
+    for mode in [&[][..], &["big"][..]] {
+        let mut argv = vec![exe.as_str(), "2"];
+        argv.extend_from_slice(mode);
+        let (out, stats) = under_uhmm(&dir, &[], &argv);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{mode:?}: {stdout}\nstderr:\n{stderr}"
+        );
+        let registered: u64 = stdout
+            .split_whitespace()
+            .skip_while(|w| *w != "registered")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{mode:?}: no count in {stdout:?}"));
+        assert!(registered > 0, "{mode:?}: nothing handed over: {stdout}");
+        assert!(stats.sum("mappings_managed") + stats.sum("malloc_blocks_managed") >= 1);
+    }
+}

@@ -47,7 +47,10 @@
 //!   program's registration). The handover stands if the registration
 //!   then fails. `UFFDIO_UNREGISTER` is passed on: what the program
 //!   unregisters is plain memory of its own from then on. An `ioctl` made
-//!   by raw system call is not seen.
+//!   by raw system call is not seen. From a signal handler that
+//!   interrupted the allocator or this library, nothing is handed over
+//!   (the hand-over allocates and takes locks the interrupted code may
+//!   hold): a registration of managed memory then fails with EBUSY.
 //!
 //! Environment (set by `uhmm run`): `UHMM_RUN_THRESHOLD` (bytes, default
 //! 1 MiB), `UHMM_RUN_CHAOS` (migrations per second, default 0: none),
@@ -202,6 +205,7 @@ macro_rules! next_call {
                 // whose C type is `$ty`; the caller's arguments are passed
                 // on unchanged.
                 let $f = unsafe { std::mem::transmute::<usize, $ty>(p) };
+                let _a = InAlloc::enter();
                 $call
             }
         }
@@ -215,6 +219,39 @@ unsafe extern "C" {
     fn __libc_calloc(n: size_t, size: size_t) -> *mut c_void;
     fn __libc_realloc(p: *mut c_void, n: size_t) -> *mut c_void;
     fn __libc_free(p: *mut c_void);
+}
+
+// ---------------------------------------------------------------------
+// Calls into the allocator below.
+
+thread_local! {
+    /// How many calls into the allocator below this library (glibc's, or
+    /// one that follows it in `LD_PRELOAD`) this thread is in. A signal
+    /// handler that interrupts one must not allocate: the interrupted call
+    /// may hold the allocator's lock (see `hand_over`).
+    static IN_ALLOC: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Counts a call into the allocator below while it lives.
+struct InAlloc;
+
+impl InAlloc {
+    fn enter() -> InAlloc {
+        let _ = IN_ALLOC.try_with(|c| c.set(c.get() + 1));
+        InAlloc
+    }
+}
+
+impl Drop for InAlloc {
+    fn drop(&mut self) {
+        let _ = IN_ALLOC.try_with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+/// Whether this thread is in a call into the allocator below (true if
+/// its thread-local storage is gone: assume the worst).
+fn in_alloc() -> bool {
+    IN_ALLOC.try_with(|c| c.get() > 0).unwrap_or(true)
 }
 
 // ---------------------------------------------------------------------
@@ -232,8 +269,10 @@ impl Inside {
     /// `None` if the thread is inside already (or its thread-local storage
     /// is gone): the caller must do the plain call.
     fn enter() -> Option<Inside> {
+        // (`then`, not `then_some`: a guard made and dropped when the thread
+        // is inside already would clear the flag.)
         INSIDE
-            .try_with(|c| (!c.replace(true)).then_some(Inside))
+            .try_with(|c| (!c.replace(true)).then(|| Inside))
             .ok()
             .flatten()
     }
@@ -1128,6 +1167,8 @@ fn shrink_in_place(p: *mut c_void, len: usize) {
 }
 
 fn block_len(p: *mut c_void) -> Option<usize> {
+    // (Inside, as every holder of the heap lock: see `hand_over`.)
+    let _g = Inside::enter();
     lock(&HEAP).blocks.get(&(p as usize)).copied()
 }
 
@@ -1224,7 +1265,16 @@ fn register_range(arg: *mut c_void) -> Option<(usize, usize)> {
 /// the module docs). Malloc blocks it touches are marked first, in any
 /// process (a forked child's inherited blocks too, which nothing manages
 /// there).
+///
+/// Not from a signal handler that interrupted this library or the
+/// allocator below (which may hold a lock the hand-over needs, or that
+/// its allocations need): nothing is handed over then, and a managed
+/// range's registration fails with EBUSY, as it would without this
+/// library's help; the program does not hang.
 fn hand_over(arg: *mut c_void) {
+    if in_alloc() {
+        return;
+    }
     let _ = inside(|| {
         let (start, end) = register_range(arg)?;
         {
@@ -1737,6 +1787,7 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
     {
         return p;
     }
+    let _a = InAlloc::enter();
     // SAFETY: glibc's malloc.
     unsafe { __libc_malloc(n) }
 }
@@ -1758,6 +1809,7 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
     {
         return p; // fresh anonymous memory: zeroed
     }
+    let _a = InAlloc::enter();
     // SAFETY: glibc's calloc (which checks the product itself).
     unsafe { __libc_calloc(n, size) }
 }
@@ -1780,6 +1832,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         big_free(p);
         set_errno(saved);
     } else {
+        let _a = InAlloc::enter();
         // SAFETY: not ours, so glibc's.
         unsafe { __libc_free(p) }
     }
@@ -1846,6 +1899,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
         && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
         && let Some(q) = big_alloc(n, false)
     {
+        let _a = InAlloc::enter();
         // SAFETY: dlsym's answer for "malloc_usable_size", of this type,
         // asked about a live glibc block.
         let old = unsafe { std::mem::transmute::<usize, UsableFn>(usable)(p) };
@@ -1855,6 +1909,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
         unsafe { __libc_free(p) };
         return q;
     }
+    let _a = InAlloc::enter();
     // SAFETY: glibc's block.
     unsafe { __libc_realloc(p, n) }
 }
