@@ -1485,6 +1485,13 @@ impl<'a> MigrateVma<'a> {
     /// installed and the pages to try again once pending events are
     /// applied; the rest could not be installed.
     fn install_all(&self, regions: &mut Regions, idx: &[usize]) -> Installed {
+        // (Within the staging's budget of dirty blocks: the fault service
+        // cannot empty blocks itself.)
+        let fill = !self.blockable
+            && self
+                .shared
+                .staging()
+                .is_ok_and(|st| st.keeps_dirty(self.run.as_ref()));
         let todo: Vec<(usize, VirtAddr, VirtAddr)> = idx
             .iter()
             .filter_map(|&i| Some((i, self.holds(regions, i)?, self.source(i)?)))
@@ -1503,7 +1510,9 @@ impl<'a> MigrateVma<'a> {
                 }
                 n += 1;
             }
-            let copy = todo[k..k + n].iter().any(|&(j, _, _)| self.copy_install[j]);
+            let copy = todo[k..k + n]
+                .iter()
+                .any(|&(j, _, _)| self.copy_install[j] || (fill && self.copy_fill(j)));
             let Ok(r) = PageRange::new(at, n * PAGE_SIZE) else {
                 k += n;
                 continue;
@@ -1535,6 +1544,20 @@ impl<'a> MigrateVma<'a> {
             k += n;
         }
         (done_pages, left, failed)
+    }
+
+    /// Whether page `i` goes home by COPY from its staging slot although
+    /// MOVE could take it: a page the device wrote into staging
+    /// ([`system_dsts`](Self::system_dsts)) on the fault service, while
+    /// staging keeps fewer dirty blocks than it may. The slot
+    /// keeps its page, warm for the next fault back (which then neither
+    /// allocates nor zeroes one: a 2 MiB block that had held 4 KiB pages
+    /// never becomes a THP again, so it is 512 first touches), and no page
+    /// leaves the staging page table (a MOVE flushes the TLB of every CPU
+    /// the process runs on). The kernel's copy costs less than the first
+    /// touches it saves (`uhmm bench`: the copying fault-back cases).
+    fn copy_fill(&self, i: usize) -> bool {
+        self.entries[i].dst == MigrateDst::System
     }
 
     fn commit_to_system(&mut self, idx: &[usize]) {

@@ -353,6 +353,23 @@ impl Staging {
         }
     }
 
+    /// Whether `run` (a run in use), freed with its pages left in it,
+    /// would keep no more dirty blocks than are worth keeping: then a
+    /// migration may leave its pages there (see `MigrateVma::copy_fill`).
+    /// A run that was dirty already costs nothing more.
+    pub(crate) fn keeps_dirty(&self, run: Option<&Run>) -> bool {
+        let Some(run) = run else {
+            return false;
+        };
+        let mut areas = crate::mm::lock_poisoned(&self.areas);
+        let kept = areas.dirty_blocks;
+        let a = areas.area(run.huge);
+        let newly = (run.first..run.first + run.count)
+            .filter(|&i| !a.dirty.get(i).copied().unwrap_or(true))
+            .count();
+        kept + newly <= KEEP_DIRTY
+    }
+
     /// One user less of the block holding page `number`; `dirty`: it may
     /// hold pages.
     pub(crate) fn unhold(&self, number: u64, dirty: bool) {
