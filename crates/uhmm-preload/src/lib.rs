@@ -232,19 +232,30 @@ thread_local! {
     static IN_ALLOC: Cell<u32> = const { Cell::new(0) };
 }
 
+/// Whether this library's constructor has begun, which proves its
+/// thread-local storage usable. Before it, the dynamic linker (or another
+/// library's initializer, such as ASan's `dlsym` calls) may call `malloc`
+/// while this library's thread-local storage cannot be reached yet (an
+/// access jumped to address 0): nothing counts then (no signal handler of
+/// the program runs that early).
+static TLS_READY: AtomicBool = AtomicBool::new(false);
+
 /// Counts a call into the allocator below while it lives.
-struct InAlloc;
+struct InAlloc(bool);
 
 impl InAlloc {
     fn enter() -> InAlloc {
-        let _ = IN_ALLOC.try_with(|c| c.set(c.get() + 1));
-        InAlloc
+        let counted =
+            TLS_READY.load(Ordering::Acquire) && IN_ALLOC.try_with(|c| c.set(c.get() + 1)).is_ok();
+        InAlloc(counted)
     }
 }
 
 impl Drop for InAlloc {
     fn drop(&mut self) {
-        let _ = IN_ALLOC.try_with(|c| c.set(c.get().saturating_sub(1)));
+        if self.0 {
+            let _ = IN_ALLOC.try_with(|c| c.set(c.get().saturating_sub(1)));
+        }
     }
 }
 
@@ -1488,6 +1499,7 @@ pub unsafe extern "C" fn prlimit64(
 
 extern "C" fn init() {
     let Some(_g) = Inside::enter() else { return };
+    TLS_READY.store(true, Ordering::Release);
     let _ = std::panic::catch_unwind(|| {
         resolve(c"mmap", &REAL_MMAP);
         resolve(c"munmap", &REAL_MUNMAP);
