@@ -67,8 +67,18 @@ fn a_migration_dropped_after_moving_to_device_memory_puts_the_data_back() {
 fn an_mremap_of_pages_in_flight_is_followed_by_their_migration() {
     let _s = common::serial();
     let Some(mm) = common::mm() else { return };
-    let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    region.write_at(0, &[0xCD; PAGE_SIZE]).unwrap();
+    // The test's own mapping, not one the region owns: the mremap vacates
+    // its range, which another thread may map meanwhile (the test harness
+    // starts the next tests' threads, whose signal stacks land in such
+    // holes), so nothing may unmap that range again at the end. (A region
+    // from `Mm::alloc` did, on drop: it took a thread's signal stack, and
+    // that thread's exit later unmapped pages of another test's region.)
+    let own = Mapping::builder(4 * PAGE_SIZE).build().unwrap();
+    own.write_at(0, &[0xCD; PAGE_SIZE]).unwrap();
+    let own = own.leak();
+    // SAFETY: the test's own mapping, no reference into it; moved away
+    // below, and the region dropped after its new place is unmapped.
+    let region = unsafe { mm.manage(own) }.unwrap();
     let owner = Owner::unique();
     let _pm = DevicePagemap::new(&mm, owner, Arc::new(Idle), PagemapConfig::default()).unwrap();
     // Where the pages go: a mapping of the test's, replaced by the mremap.
@@ -95,6 +105,7 @@ fn an_mremap_of_pages_in_flight_is_followed_by_their_migration() {
         "the page is back, at its new address"
     );
     common::unmap_part(dest);
+    drop(region);
 }
 
 /// A device whose memory is host RAM registered with the `Mm` (pages come
@@ -288,10 +299,14 @@ fn pages_come_back_from_cpu_visible_device_memory_by_one_copy() {
         n - 1,
         "the fault brought back its page only"
     );
-    // A source the CPU cannot read: that page stays on the device.
-    let hole = Mapping::anon(PAGE_SIZE).unwrap();
+    // A source the CPU cannot read: that page stays on the device. (Kept
+    // mapped, inaccessible: an address unmapped here could be mapped by
+    // another thread meanwhile, readable.)
+    let hole = Mapping::builder(PAGE_SIZE)
+        .prot(uhmm::sys::mem::Prot::empty())
+        .build()
+        .unwrap();
     let unreadable = hole.range().start();
-    drop(hole);
     let page0 = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
     let mut m = MigrateVma::setup(&mm, page0, Select::DEVICE_PRIVATE, owner).unwrap();
     m.copy_from_device(&[(0, unreadable)]);
