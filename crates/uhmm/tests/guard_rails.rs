@@ -523,6 +523,13 @@ fn an_owner_has_one_pagemap() {
     for i in 0..4 {
         assert_eq!(load_soon(rig.page(i), 10), Some(i as u8 + 1));
     }
+    // (A page the sequential read-ahead brought back is read as soon as it
+    // is installed, before the service frees its device page: wait for
+    // that.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rig.pm.stats().in_use != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(rig.pm.stats().in_use, 0);
 }
 
