@@ -1485,9 +1485,12 @@ impl<'a> MigrateVma<'a> {
     /// installed and the pages to try again once pending events are
     /// applied; the rest could not be installed.
     fn install_all(&self, regions: &mut Regions, idx: &[usize]) -> Installed {
-        // (Within the staging's budget of dirty blocks: the fault service
-        // cannot empty blocks itself.)
+        // On the fault service, and within the staging's budget of dirty
+        // blocks (the service cannot empty blocks itself). Staging is looked
+        // at only where a page came through it: a zero-copy fault back does
+        // not touch it.
         let fill = !self.blockable
+            && idx.iter().any(|&i| self.copy_fill(i))
             && self
                 .shared
                 .staging()
@@ -1546,10 +1549,11 @@ impl<'a> MigrateVma<'a> {
         (done_pages, left, failed)
     }
 
-    /// Whether page `i` goes home by COPY from its staging slot although
+    /// Whether page `i` may go home by COPY from its staging slot although
     /// MOVE could take it: a page the device wrote into staging
-    /// ([`system_dsts`](Self::system_dsts)) on the fault service, while
-    /// staging keeps fewer dirty blocks than it may. The slot
+    /// ([`system_dsts`](Self::system_dsts)). It does on the fault service,
+    /// while staging keeps fewer dirty blocks than it may
+    /// ([`install_all`](Self::install_all)). The slot
     /// keeps its page, warm for the next fault back (which then neither
     /// allocates nor zeroes one: a 2 MiB block that had held 4 KiB pages
     /// never becomes a THP again, so it is 512 first touches), and no page

@@ -204,13 +204,7 @@ impl Regions {
             .range(..within.end())
             .map(|(_, r)| r)
             .filter(|r| region.is_none_or(|id| id == r.id))
-            .filter_map(|r| {
-                PageRange::from_bounds(
-                    r.range.start().max(within.start()),
-                    r.range.end().min(within.end()),
-                )
-                .ok()
-            })
+            .filter_map(|r| r.range.intersection(within))
             .collect()
     }
 
