@@ -1204,23 +1204,6 @@ fn user_mode_only_faulting_waits_for_a_live_migration_and_takes_nothing_from_it(
     assert_eq!(region.load::<u8>(0).unwrap(), 7);
 }
 
-/// Brings the device pages of `m` home from host-RAM device memory at
-/// `arena` (page `pfn` at `arena + pfn * PAGE_SIZE`), and commits.
-fn move_back(arena: VirtAddr, mut m: MigrateVma<'_>) {
-    let from: Vec<(usize, VirtAddr)> = m
-        .selected()
-        .filter_map(|(i, _, s)| match s {
-            MigrateSrc::Device(pfn) => {
-                Some((i, VirtAddr::new(arena.get() + pfn.0 as usize * PAGE_SIZE)))
-            }
-            _ => None,
-        })
-        .collect();
-    m.move_from_device(&from);
-    m.pages();
-    m.finalize();
-}
-
 /// Host-RAM device memory that fails every fault back whose range holds
 /// the page at `bad` (none once it is 0), and records how many pages each
 /// call was for.
@@ -1240,7 +1223,7 @@ impl DevicePagemapOps for FailsAround {
         if bad != 0 && m.range().contains(VirtAddr::new(bad)) {
             return Err(FaultError::Device("the bad page cannot be read".into()));
         }
-        move_back(self.arena, m);
+        common::move_back(self.arena, m);
         Ok(())
     }
 }
@@ -1316,7 +1299,7 @@ impl DevicePagemapOps for RefusesBig {
         if n > self.max_pages.load(Ordering::SeqCst) {
             return Err(FaultError::NoMemory);
         }
-        move_back(self.arena, m);
+        common::move_back(self.arena, m);
         Ok(())
     }
 }

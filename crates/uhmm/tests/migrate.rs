@@ -152,17 +152,7 @@ impl DevicePagemapOps for Parking {
     }
 
     fn migrate_to_ram(&self, f: &DeviceFault<'_>) -> Result<(), FaultError> {
-        let mut m = f.migrate()?;
-        let from: Vec<(usize, VirtAddr)> = m
-            .selected()
-            .filter_map(|(i, _, s)| match s {
-                MigrateSrc::Device(pfn) => Some((i, self.at(pfn))),
-                _ => None,
-            })
-            .collect();
-        m.move_from_device(&from);
-        m.pages();
-        m.finalize();
+        common::move_back(self.arena, f.migrate()?);
         Ok(())
     }
 }

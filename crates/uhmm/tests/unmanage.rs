@@ -10,8 +10,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uhmm::devmem::{
-    DeviceFault, DevicePagemap, DevicePagemapOps, FaultError, MigrateSrc, MigrateVma,
-    PagemapConfig, Select,
+    DeviceFault, DevicePagemap, DevicePagemapOps, FaultError, MigrateVma, PagemapConfig, Select,
 };
 use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
 use uhmm::mm::{ManagedRegion, Mm, Owner};
@@ -33,17 +32,7 @@ impl Dev {
 impl DevicePagemapOps for Dev {
     fn page_free(&self, _pfn: DevicePfn) {}
     fn migrate_to_ram(&self, f: &DeviceFault<'_>) -> Result<(), FaultError> {
-        let mut m = f.migrate()?;
-        let from: Vec<(usize, VirtAddr)> = m
-            .selected()
-            .filter_map(|(i, _, s)| match s {
-                MigrateSrc::Device(pfn) => Some((i, self.at(pfn))),
-                _ => None,
-            })
-            .collect();
-        m.move_from_device(&from);
-        m.pages();
-        m.finalize();
+        common::move_back(self.arena, f.migrate()?);
         Ok(())
     }
 }

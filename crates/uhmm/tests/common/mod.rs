@@ -420,3 +420,23 @@ impl uhmm::mm::notifier::NotifierOps for Recorder {
         true
     }
 }
+
+/// Brings the device pages of `m` home from host-RAM device memory at
+/// `arena` (page `pfn` at `arena + pfn * PAGE_SIZE`) with no copy, and
+/// commits: the `migrate_to_ram` of a test device whose memory is
+/// registered with the `Mm`.
+pub fn move_back(arena: uhmm::VirtAddr, mut m: uhmm::devmem::MigrateVma<'_>) {
+    let from: Vec<(usize, uhmm::VirtAddr)> = m
+        .selected()
+        .filter_map(|(i, _, s)| match s {
+            uhmm::devmem::MigrateSrc::Device(pfn) => Some((
+                i,
+                uhmm::VirtAddr::new(arena.get() + pfn.0 as usize * uhmm::PAGE_SIZE),
+            )),
+            _ => None,
+        })
+        .collect();
+    m.move_from_device(&from);
+    m.pages();
+    m.finalize();
+}
