@@ -177,18 +177,23 @@ impl NotifierOps for ParkOn {
     }
 }
 
-/// A fresh private anonymous read-write mapping (at `at` if not 0,
-/// replacing what is there).
+/// A fresh private anonymous read-write mapping: at `at` if not 0,
+/// replacing what is there, else at a free place far below where the
+/// kernel puts new mappings (see `low_map`), so that no mapping of
+/// another thread lands there while a test has unmapped or moved it and
+/// maps it again with `MAP_FIXED`.
 fn raw_map(at: usize, len: usize) -> usize {
-    let fixed = if at != 0 { libc::MAP_FIXED } else { 0 };
-    // SAFETY: maps anonymous memory; with MAP_FIXED only over the test's
-    // own (already unmapped or forgotten) range.
+    if at == 0 {
+        return low_map(len);
+    }
+    // SAFETY: maps anonymous memory over the test's own (already unmapped
+    // or forgotten) range.
     let p = unsafe {
         libc::mmap(
             at as *mut _,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
             -1,
             0,
         )
@@ -342,21 +347,11 @@ fn parked_migration_never_writes_into_a_reallocated_region() {
     for raw in [false, true] {
         let (dev, engine) = parking_device(&mm);
         let old = if raw {
-            // SAFETY: a fresh private anonymous mapping of our own.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
+            // Low (see `low_map`): it is unmapped and mapped again below.
+            let p = raw_map(0, len);
             // SAFETY: no reference points into it; it stays mapped until
             // the raw munmap below, after which the region is forgotten.
-            unsafe { mm.manage(PageRange::new(VirtAddr::new(p as usize), len).unwrap()) }.unwrap()
+            unsafe { mm.manage(PageRange::new(VirtAddr::new(p), len).unwrap()) }.unwrap()
         } else {
             mm.alloc(len, Backing::AnonPrivate).unwrap()
         };
@@ -370,18 +365,8 @@ fn parked_migration_never_writes_into_a_reallocated_region() {
         let new = if raw {
             // SAFETY: our own mapping, unmapped and replaced by fresh memory
             // at the same address.
-            unsafe {
-                libc::munmap(x as *mut _, len);
-                let p = libc::mmap(
-                    x as *mut _,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                );
-                assert_eq!(p as usize, x);
-            }
+            unsafe { libc::munmap(x as *mut _, len) };
+            assert_eq!(raw_map(x, len), x);
             std::mem::forget(old);
             // SAFETY: as above.
             unsafe { mm.manage(PageRange::new(VirtAddr::new(x), len).unwrap()) }.unwrap()
@@ -1294,11 +1279,13 @@ fn fresh_regions_at_the_same_place_racing_migrations_lose_nothing() {
     assert_eq!(mm.stats().pages_lost, 0);
 }
 
-/// Two adjacent places of `len` bytes, read-write anonymous memory then a
-/// `PROT_NONE` placeholder, far below where the kernel puts new mappings
-/// (it hands out the highest free gap first): while a range moves between
-/// them, no other mapping of the process lands in the place just vacated.
-fn low_places(len: usize) -> (usize, usize) {
+/// A fresh private anonymous read-write mapping of `len` bytes far below
+/// where the kernel puts new mappings (it hands out the highest free gap
+/// first): while a test has it unmapped or moved away, no other mapping
+/// of the process (another thread's stack or signal stack, say) lands in
+/// the place just vacated, to be replaced by the test's `MAP_FIXED` or
+/// unmapped by its cleanup.
+fn low_map(len: usize) -> usize {
     for k in 0..64usize {
         let hint = (1usize << 44) + k * (1 << 30);
         // SAFETY: maps fresh anonymous memory where nothing is mapped
@@ -1306,7 +1293,7 @@ fn low_places(len: usize) -> (usize, usize) {
         let p = unsafe {
             libc::mmap(
                 hint as *mut _,
-                2 * len,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                 -1,
@@ -1314,12 +1301,26 @@ fn low_places(len: usize) -> (usize, usize) {
             )
         };
         if p as usize == hint {
-            // SAFETY: our own mapping.
-            unsafe { libc::mprotect((hint + len) as *mut _, len, libc::PROT_NONE) };
-            return (hint, hint + len);
+            return hint;
+        }
+        if p != libc::MAP_FAILED {
+            // An old kernel that took the flag for a hint: not ours to use.
+            // SAFETY: the mapping just made.
+            unsafe { libc::munmap(p, len) };
         }
     }
     panic!("no free place below 2^44 + 64 GiB");
+}
+
+/// Two adjacent places of `len` bytes from `low_map`, read-write
+/// anonymous memory then a `PROT_NONE` placeholder: while a range moves
+/// between them, no other mapping of the process lands in the place just
+/// vacated.
+fn low_places(len: usize) -> (usize, usize) {
+    let a = low_map(2 * len);
+    // SAFETY: our own mapping.
+    unsafe { libc::mprotect((a + len) as *mut _, len, libc::PROT_NONE) };
+    (a, a + len)
 }
 
 /// Moves the `len` bytes at `a` back and forth between `a` and `bb` (a

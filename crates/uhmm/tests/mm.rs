@@ -163,7 +163,11 @@ fn mremap_is_a_remap_of_the_old_range() {
     assert_eq!(rec.next(), (NotifyEvent::Remap, from));
     assert!(mm.is_managed(to), "the managed range moves with mremap");
     assert!(!mm.is_managed(from));
-    std::mem::forget(target); // its pages now belong to the moved region
+    // The region's drop would unmap `from`, vacated by the move, where
+    // another thread may have mapped something since: forgotten. Its pages
+    // are at `to` now, which the target's drop unmaps (uhmm follows).
+    std::mem::forget(region);
+    drop(target);
 }
 
 #[test]
