@@ -917,6 +917,64 @@ fn low_address_space_limit() {
     }
 }
 
+/// tests/run/as_full.c: a program that lowers its `RLIMIT_AS`, fills it
+/// with large and then small malloc blocks until malloc says no, and then
+/// frees and allocates large blocks again. uhmm's own allocations (a new
+/// `Mm`, a new managed block, the chaos thread's lists) come from a pool
+/// of its own, not the program's heap: before it, the first one after the
+/// limit was full aborted the program, every run ("memory allocation of
+/// 96 bytes failed", exit 134). Same output plain and under `uhmm run`,
+/// with and without chaos, at a limit where uhmm manages blocks and at one
+/// too low for uhmm to run at all (it says so and stays out).
+#[test]
+fn a_program_that_fills_its_address_space() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("as-full");
+    let exe = compile(&dir, "as_full");
+    for (limit_mib, size, managed) in [
+        ("300", "1048576", true),
+        ("64", "4194304", true),
+        ("40", "1048576", false),
+    ] {
+        let argv = [exe.as_str(), limit_mib, size];
+        let reference = plain(&dir, &argv);
+        assert!(
+            reference.status.success(),
+            "{argv:?} fails plain: {}",
+            String::from_utf8_lossy(&reference.stderr)
+        );
+        for opts in [&[][..], &["--chaos", "500"][..]] {
+            let (out, stats) = under_uhmm(&dir, opts, &argv);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{opts:?} {argv:?}: {:?} {stderr}",
+                out.status
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&reference.stdout),
+                "{opts:?} {argv:?}: {stderr}"
+            );
+            if managed {
+                assert_eq!(stats.0.len(), 1, "{opts:?} {argv:?}: {stats:?}");
+                assert!(
+                    stats.sum("malloc_blocks_managed") > 0,
+                    "{opts:?} {argv:?}: {stats:?}"
+                );
+                assert_eq!(stats.sum("pages_lost"), 0, "{opts:?} {argv:?}: {stats:?}");
+            } else {
+                assert!(
+                    stderr.contains("left for uhmm's own memory"),
+                    "{opts:?} {argv:?}: uhmm should say why it stays out: {stderr}"
+                );
+            }
+        }
+    }
+}
+
 /// tests/run/free_rss.c: large blocks allocated, written and freed in a
 /// loop, and large blocks shrunk by realloc, with the program's resident
 /// memory read after each round: at most 32 MiB may stay resident beyond

@@ -65,7 +65,11 @@
 //! a different process id and makes a new one. If uhmm cannot start (no
 //! userfaultfd, say) the process runs unmanaged, with one line on stderr.
 //! Nothing here panics into the program or aborts it: every entry point
-//! catches a panic and falls back to the plain call.
+//! catches a panic and falls back to the plain call, and this library's
+//! own allocations come from a pool of address space mapped at load
+//! (`pool`), so that a program that fills its `RLIMIT_AS` does not see one
+//! fail (Rust aborts on that); with little room left in the pool, no more
+//! memory is taken on.
 //!
 //! Not covered: static programs and programs setuid to another user (the
 //! dynamic linker ignores `LD_PRELOAD` for them), mappings
@@ -92,6 +96,8 @@ use uhmm::mm::Mm;
 use uhmm::sys::uffd::AccessPolicy;
 use uhmm::{PageRange, VirtAddr};
 use uhmm_sim::SimDevice;
+
+mod pool;
 
 const PAGE: usize = 4096;
 /// The most address space reserved for large `malloc` blocks (virtual
@@ -429,6 +435,8 @@ struct Counters {
     mappings_managed: AtomicU64,
     blocks_managed: AtomicU64,
     manage_failures: AtomicU64,
+    /// Ranges left unmanaged because the pool had too little room left.
+    manage_skipped_no_room: AtomicU64,
     tails_managed: AtomicU64,
     ranges_handed_over: AtomicU64,
     bytes_handed_over: AtomicU64,
@@ -633,6 +641,13 @@ impl Drop for Making {
 }
 
 fn make(pid: i32) -> Result<Proc, Box<dyn std::error::Error>> {
+    if pool::headroom() < OWN_ROOM {
+        return Err(format!(
+            "{} B left for uhmm's own memory (its pool, sized from RLIMIT_AS)",
+            pool::headroom()
+        )
+        .into());
+    }
     // Under chaos pages leave the CPU page table at any time: a system call
     // on one needs a userfaultfd that serves kernel-mode faults (with a
     // user-mode-only one it fails with EFAULT, and the program with it).
@@ -676,6 +691,21 @@ impl Proc {
         let Ok(range) = PageRange::from_bounds(VirtAddr::new(start), VirtAddr::new(end)) else {
             return false;
         };
+        if pool::headroom() < OWN_ROOM {
+            self.c
+                .manage_skipped_no_room
+                .fetch_add(1, Ordering::Relaxed);
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                say(&format!(
+                    "pid {}: {:#x}..{:#x} left unmanaged: {} B left for uhmm's own memory (RLIMIT_AS) (said once)",
+                    self.pid,
+                    start,
+                    end,
+                    pool::headroom()
+                ));
+            }
+            return false;
+        }
         // SAFETY: `Mm::manage`'s contract. No Rust reference points into the
         // range: it is the program's memory (or a block handed to it), which
         // this library reaches by raw pointers only. "Kept mapped until the
@@ -847,6 +877,7 @@ fn report() {
         .unwrap_or_default();
     let c = &p.c;
     let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let pool = pool::usage();
     let json = serde_json::json!({
         "pid": pid,
         "exe": exe,
@@ -860,6 +891,7 @@ fn report() {
         "ranges_handed_over": ld(&c.ranges_handed_over),
         "bytes_handed_over": ld(&c.bytes_handed_over),
         "manage_failures": ld(&c.manage_failures),
+        "manage_skipped_no_room": ld(&c.manage_skipped_no_room),
         "discards": ld(&c.discards),
         "faults": s.faults,
         "faults_hole": s.faults_hole,
@@ -878,6 +910,9 @@ fn report() {
         "chaos_to_system": ld(&c.chaos_to_system),
         "chaos_pages_moved": ld(&c.chaos_pages_moved),
         "chaos_failed": ld(&c.chaos_failed),
+        "own_pool_bytes": pool.0,
+        "own_pool_peak": pool.1,
+        "own_pool_fallbacks": pool.2,
     });
     let line = format!("{json}\n");
     match STATS.get().and_then(Option::as_ref) {
@@ -1363,6 +1398,25 @@ fn affordable(limit: usize, in_use: usize) -> usize {
     (limit.saturating_sub(in_use) / 4) & !(PAGE - 1)
 }
 
+/// The most address space the pool of this library's own allocations
+/// takes (`pool`; virtual, `MAP_NORESERVE`: memory only as it is used).
+const POOL_MAX: usize = 1 << 30;
+
+/// The least room left in the pool for this library to take on more: a
+/// `Mm`, or another range to manage. uhmm's tables grow with the pages on
+/// the device and in flight; a run of the test programs under chaos used
+/// at most a few hundred KiB.
+const OWN_ROOM: usize = 1 << 20;
+
+/// The pool's size: `POOL_MAX` without a limit, else an eighth of what the
+/// limit leaves (the reservation takes a quarter), at most `POOL_MAX`.
+fn pool_len(limit: Option<usize>, in_use: usize) -> usize {
+    match limit {
+        None => POOL_MAX,
+        Some(limit) => ((limit.saturating_sub(in_use) / 8) & !(PAGE - 1)).min(POOL_MAX),
+    }
+}
+
 /// How much address space to reserve at start: all of `RESERVATION`
 /// without a limit, what `affordable` allows under one, and none where
 /// that is less than a block (`threshold`).
@@ -1372,6 +1426,12 @@ fn reservation_len(limit: Option<usize>, threshold: usize) -> usize {
     };
     let len = affordable(limit, address_space_in_use()).min(RESERVATION);
     if len < threshold { 0 } else { len }
+}
+
+/// The reservation's space that no block holds (freed blocks kept for
+/// reuse count as held).
+fn reservation_free() -> usize {
+    inside(|| Some(lock(&HEAP).free.iter().map(|(s, e)| e - s).sum())).unwrap_or(0)
 }
 
 /// After `RLIMIT_AS` was set to `limit`: gives back the reservation's free
@@ -1420,7 +1480,15 @@ fn after_setrlimit(rc: c_int, resource: c_int, new: *const libc::rlimit) {
     // SAFETY: the caller's `rlimit`, which the system call just read.
     let cur = unsafe { (*new).rlim_cur };
     if cur != libc::RLIM_INFINITY {
-        fit_reservation(usize::try_from(cur).unwrap_or(usize::MAX));
+        let limit = usize::try_from(cur).unwrap_or(usize::MAX);
+        // As at start, an eighth of what the limit leaves (counting the
+        // pool's free space as left), but never what is in use.
+        let free = pool::headroom() + reservation_free();
+        pool::fit(pool_len(
+            Some(limit),
+            address_space_in_use().saturating_sub(free),
+        ));
+        fit_reservation(limit);
     }
 }
 
@@ -1501,6 +1569,20 @@ extern "C" fn init() {
     let Some(_g) = Inside::enter() else { return };
     TLS_READY.store(true, Ordering::Release);
     let _ = std::panic::catch_unwind(|| {
+        // First: what this library allocates from now on comes from the
+        // pool, and its fork handler, registered before the others, runs
+        // after them (prepare handlers run in reverse order).
+        if pool::init(pool_len(as_limit(), address_space_in_use())) {
+            // SAFETY: plain functions that never unwind; the child one is
+            // async-signal-safe (a mutex unlock and a thread-local store).
+            unsafe {
+                libc::pthread_atfork(
+                    Some(pool::fork_prepare),
+                    Some(pool::fork_release),
+                    Some(pool::fork_release),
+                )
+            };
+        }
         resolve(c"mmap", &REAL_MMAP);
         resolve(c"munmap", &REAL_MUNMAP);
         resolve(c"mremap", &REAL_MREMAP);
@@ -1799,9 +1881,24 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
     {
         return p;
     }
-    let _a = InAlloc::enter();
-    // SAFETY: glibc's malloc.
-    unsafe { __libc_malloc(n) }
+    let p = {
+        let _a = InAlloc::enter();
+        // SAFETY: glibc's malloc.
+        unsafe { __libc_malloc(n) }
+    };
+    if p.is_null() && own_call() {
+        return pool::c_alloc(n);
+    }
+    p
+}
+
+/// Whether the calling thread runs this library's code or uhmm's: its
+/// allocations that glibc has no room for are served by the pool
+/// (`pool`), so that a program that filled its address space does not see
+/// the library abort (Rust's reaction to an allocation that fails). Asked
+/// only then: it costs a system call.
+fn own_call() -> bool {
+    INSIDE.try_with(Cell::get).unwrap_or(true) || in_uhmm_hook() || uhmm_thread()
 }
 
 /// # Safety
@@ -1821,9 +1918,23 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
     {
         return p; // fresh anonymous memory: zeroed
     }
-    let _a = InAlloc::enter();
-    // SAFETY: glibc's calloc (which checks the product itself).
-    unsafe { __libc_calloc(n, size) }
+    let p = {
+        let _a = InAlloc::enter();
+        // SAFETY: glibc's calloc (which checks the product itself).
+        unsafe { __libc_calloc(n, size) }
+    };
+    if p.is_null()
+        && let Some(total) = n.checked_mul(size)
+        && own_call()
+    {
+        let q = pool::c_alloc(total);
+        if !q.is_null() {
+            // SAFETY: a block of `total` bytes (the pool reuses memory).
+            unsafe { std::ptr::write_bytes(q.cast::<u8>(), 0, total) };
+        }
+        return q;
+    }
+    p
 }
 
 /// # Safety
@@ -1833,6 +1944,9 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
 pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() {
         return;
+    }
+    if pool::in_pool(p.cast()) {
+        return pool::c_free(p);
     }
     if !ours(p) && foreign_malloc() {
         // SAFETY: the other allocator's free, of its block.
@@ -1874,6 +1988,21 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
     if p.is_null() {
         // SAFETY: as malloc.
         return unsafe { malloc(n) };
+    }
+    if pool::in_pool(p.cast()) {
+        let old = pool::c_size(p);
+        let q = if n == 0 {
+            std::ptr::null_mut()
+        } else {
+            // SAFETY: as malloc (glibc's block, else the pool's).
+            unsafe { malloc(n) }
+        };
+        if n == 0 || !q.is_null() {
+            // SAFETY: `p` holds `old` bytes, `q` at least `n`; two blocks.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
+            pool::c_free(p);
+        }
+        return q;
     }
     if ours(p) {
         if n == 0 {
@@ -1921,9 +2050,31 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
         unsafe { __libc_free(p) };
         return q;
     }
-    let _a = InAlloc::enter();
-    // SAFETY: glibc's block.
-    unsafe { __libc_realloc(p, n) }
+    let q = {
+        let _a = InAlloc::enter();
+        // SAFETY: glibc's block.
+        unsafe { __libc_realloc(p, n) }
+    };
+    if q.is_null()
+        && n > 0
+        && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
+        && own_call()
+    {
+        let q = pool::c_alloc(n);
+        if !q.is_null() {
+            let _a = InAlloc::enter();
+            // SAFETY: dlsym's answer for "malloc_usable_size", of this
+            // type, asked about a live glibc block (a failed realloc keeps
+            // it).
+            let old = unsafe { std::mem::transmute::<usize, UsableFn>(usable)(p) };
+            // SAFETY: `p` holds `old` readable bytes, `q` at least `n`.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
+            // SAFETY: glibc's block, no longer used.
+            unsafe { __libc_free(p) };
+        }
+        return q;
+    }
+    q
 }
 
 /// # Safety
@@ -1952,6 +2103,9 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
     }
     if ours(p) {
         return block_len(p).unwrap_or(0);
+    }
+    if pool::in_pool(p.cast()) {
+        return pool::c_size(p);
     }
     match REAL_USABLE.load(Ordering::Acquire) {
         0 => 0,
