@@ -925,7 +925,10 @@ fn low_address_space_limit() {
 /// limit was full aborted the program, every run ("memory allocation of
 /// 96 bytes failed", exit 134). Same output plain and under `uhmm run`,
 /// with and without chaos, at a limit where uhmm manages blocks and at one
-/// too low for uhmm to run at all (it says so and stays out).
+/// too low for uhmm to run at all (it says so and stays out). Then
+/// tests/run/as_below.c: the limit lowered below what is mapped, after
+/// uhmm manages 64 MiB: the pool, cut for the new limit, keeps room for
+/// what uhmm does for that memory (cut to what it held, it aborted).
 #[test]
 fn a_program_that_fills_its_address_space() {
     if !have("cc") {
@@ -971,6 +974,27 @@ fn a_program_that_fills_its_address_space() {
                     "{opts:?} {argv:?}: uhmm should say why it stays out: {stderr}"
                 );
             }
+        }
+    }
+    let exe = compile(&dir, "as_below");
+    for limit_mib in ["16", "1"] {
+        let argv = [exe.as_str(), limit_mib];
+        let reference = plain(&dir, &argv);
+        assert!(reference.status.success(), "{argv:?} fails plain");
+        for opts in [&[][..], &["--chaos", "500"][..]] {
+            let (out, stats) = under_uhmm(&dir, opts, &argv);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{opts:?} {argv:?}: {:?} {stderr}",
+                out.status
+            );
+            assert_eq!(out.stdout, reference.stdout, "{opts:?} {argv:?}: {stderr}");
+            assert!(
+                stats.sum("malloc_blocks_managed") > 0,
+                "{opts:?} {argv:?}: {stats:?}"
+            );
+            assert_eq!(stats.sum("pages_lost"), 0, "{opts:?} {argv:?}: {stats:?}");
         }
     }
 }

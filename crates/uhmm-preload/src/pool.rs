@@ -31,6 +31,10 @@ use talc::{ErrOnOom, Span, Talc};
 pub(crate) struct Pool {
     lock: UnsafeCell<libc::pthread_mutex_t>,
     heap: UnsafeCell<Talc<ErrOnOom>>,
+    /// The heap's extent as the heap last gave it (`claim`, `truncate`),
+    /// which its later changes need; under `lock` too. The mapping may
+    /// reach a little beyond it, to `end`.
+    span: UnsafeCell<Span>,
     /// `[start, end)`: the pool, empty until [`init`].
     start: AtomicUsize,
     end: AtomicUsize,
@@ -49,6 +53,7 @@ unsafe impl Sync for Pool {}
 static POOL: Pool = Pool {
     lock: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
     heap: UnsafeCell::new(Talc::new(ErrOnOom)),
+    span: UnsafeCell::new(Span::empty()),
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
     used: AtomicUsize::new(0),
@@ -98,6 +103,11 @@ impl Held {
         // live; the `&mut self` borrow keeps this one unique on this thread.
         unsafe { &mut *POOL.heap.get() }
     }
+
+    fn span(&mut self) -> &mut Span {
+        // SAFETY: as for `heap`.
+        unsafe { &mut *POOL.span.get() }
+    }
 }
 
 impl Drop for Held {
@@ -143,7 +153,8 @@ pub(crate) fn init(len: usize) -> bool {
         held.heap()
             .claim(Span::from_base_size(base as *mut u8, len))
     } {
-        Ok(_) => {
+        Ok(span) => {
+            *held.span() = span;
             POOL.start.store(base, Ordering::Release);
             POOL.end.store(base + len, Ordering::Release);
             true
@@ -152,9 +163,15 @@ pub(crate) fn init(len: usize) -> bool {
     }
 }
 
+/// Free space that [`fit`] always leaves above the highest block in use:
+/// what the library goes on allocating for the memory it manages already
+/// (uhmm's tables, the chaos thread, a freed block's bookkeeping) while a
+/// limit below what is mapped leaves glibc nothing.
+const FIT_MARGIN: usize = 1 << 20;
+
 /// Gives back the pool's address space above `keep` bytes (after a lower
-/// `RLIMIT_AS`, which counts it), except what is in use: its top is cut
-/// down to the highest block in use or `keep`, whichever is higher.
+/// `RLIMIT_AS`, which counts it): its top is cut down to `keep`, but never
+/// below [`FIT_MARGIN`] above the highest block in use.
 pub(crate) fn fit(keep: usize) {
     let (start, end) = (
         POOL.start.load(Ordering::Acquire),
@@ -164,25 +181,38 @@ pub(crate) fn fit(keep: usize) {
         return;
     }
     let Some(mut held) = Held::take() else { return };
-    let old = Span::from_base_size(start as *mut u8, end - start);
-    let want = Span::from_base_size(start as *mut u8, keep);
-    // SAFETY: `old` is the heap as claimed (or cut before), and the lock is
-    // held between reading its allocated span and cutting it.
-    let cut = unsafe {
-        let used = held.heap().get_allocated_span(old);
-        held.heap().truncate(old, want.fit_over(used))
+    let old = *held.span();
+    let Some((base, acme)) = old.get_base_acme() else {
+        return;
     };
+    // SAFETY: `old` is the heap's extent as it last gave it, and the lock
+    // is held from here to the cut.
+    let used = unsafe { held.heap().get_allocated_span(old) };
+    let used_top = used
+        .get_base_acme()
+        .map_or(base as usize, |(_, a)| a as usize);
+    let want_top = (start + keep).max(used_top.saturating_add(FIT_MARGIN));
+    if want_top >= acme as usize {
+        return;
+    }
+    // SAFETY: as above; the new extent is inside the old one and holds
+    // every block in use.
+    let cut = unsafe {
+        held.heap()
+            .truncate(old, Span::new(base, want_top as *mut u8).fit_over(used))
+    };
+    *held.span() = cut;
     let new_end = cut
         .get_base_acme()
-        .map_or(start, |(_, acme)| (acme as usize).next_multiple_of(4096));
+        .map_or(start, |(_, a)| (a as usize).next_multiple_of(4096));
     if new_end >= end {
         return;
     }
     // Lowered before the space goes, so that nothing mapped there later
     // counts as the pool's.
-    POOL.end.store(new_end.max(start), Ordering::Release);
-    // SAFETY: the pool's space above its new end, which the heap no longer
-    // holds.
+    POOL.end.store(new_end, Ordering::Release);
+    // SAFETY: the pool's mapping above the heap's new extent, which holds
+    // nothing.
     unsafe { libc::syscall(libc::SYS_munmap, new_end, end - new_end) };
 }
 
