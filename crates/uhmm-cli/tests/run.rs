@@ -882,7 +882,11 @@ fn mremap_of_a_mapping_in_several_pieces() {
 }
 
 /// tests/run/rlimit_as.c under a 1 GiB `RLIMIT_AS`, set by the program
-/// after it started and by the shell before (`ulimit -v`): the same
+/// after it started, by a child of it on its parent's pid (`prlimit`
+/// from outside: before the library followed that, the program's
+/// reservation stayed, and it could allocate nothing more: "small 7",
+/// every block and the mapping "failed"), and by the shell before
+/// (`ulimit -v`): the same
 /// output as plain, and large malloc blocks still managed. The library
 /// reserved 256 GiB of address space for its blocks, which counts
 /// against the limit: a program that lowered its limit could map nothing
@@ -896,8 +900,9 @@ fn low_address_space_limit() {
     let dir = scratch("rlimit-as");
     let exe = compile(&dir, "rlimit_as");
     let lowered = [exe.as_str(), "lower"];
+    let from_outside = [exe.as_str(), "other"];
     let ulimit = ["sh", "-c", "ulimit -v 1048576 && exec ./rlimit_as"];
-    for argv in [&lowered[..], &ulimit[..]] {
+    for argv in [&lowered[..], &from_outside[..], &ulimit[..]] {
         let reference = plain(&dir, argv);
         assert!(reference.status.success(), "{argv:?} fails plain");
         let (out, stats) = under_uhmm(&dir, &[], argv);

@@ -35,7 +35,9 @@
 //! - `setrlimit`, `prlimit` (and their `64` names): passed on; when the
 //!   process lowers its own `RLIMIT_AS`, the part of the reservation the
 //!   new limit cannot afford is given back (freed blocks kept for reuse
-//!   first, then free space off its top).
+//!   first, then free space off its top). A limit lowered from outside
+//!   (`prlimit` by another process) is followed on the next `mmap`, large
+//!   `malloc`, or `malloc` glibc failed (one `getrlimit` each).
 //! - `ioctl`: passed on after one comparison, except `UFFDIO_REGISTER`.
 //!   A range can be registered with one userfaultfd only, and uhmm's
 //!   holds every managed range: before a program registers a range with a
@@ -1455,7 +1457,12 @@ fn reservation_len(limit: Option<usize>, threshold: usize) -> usize {
 /// The reservation's space that no block holds (freed blocks kept for
 /// reuse count as held).
 fn reservation_free() -> usize {
-    inside(|| Some(lock(&HEAP).free.iter().map(|(s, e)| e - s).sum())).unwrap_or(0)
+    inside(|| Some(reservation_free_in())).unwrap_or(0)
+}
+
+/// [`reservation_free`], called inside the library.
+fn reservation_free_in() -> usize {
+    lock(&HEAP).free.iter().map(|(s, e)| e - s).sum()
 }
 
 /// After `RLIMIT_AS` was set to `limit`: gives back the reservation's free
@@ -1467,6 +1474,14 @@ fn reservation_free() -> usize {
 /// its end. Blocks in use stay where they are.
 fn fit_reservation(limit: usize) {
     let _ = inside(|| {
+        fit_reservation_in(limit);
+        Some(())
+    });
+}
+
+/// [`fit_reservation`], called inside the library.
+fn fit_reservation_in(limit: usize) {
+    let _: Option<()> = (|| {
         let mut heap = lock(&HEAP);
         for c in std::mem::take(&mut heap.cache) {
             unmap_block(&mut heap, c.start, c.len);
@@ -1492,7 +1507,7 @@ fn fit_reservation(limit: usize) {
             heap.free.insert(s, new_end);
         }
         Some(())
-    });
+    })();
 }
 
 /// Calls [`fit_reservation`] after a successful change of this process's
@@ -1505,15 +1520,57 @@ fn after_setrlimit(rc: c_int, resource: c_int, new: *const libc::rlimit) {
     let cur = unsafe { (*new).rlim_cur };
     if cur != libc::RLIM_INFINITY {
         let limit = usize::try_from(cur).unwrap_or(usize::MAX);
-        // As at start, an eighth of what the limit leaves (counting the
-        // pool's free space as left), but never what is in use.
-        let free = pool::headroom() + reservation_free();
+        LIMIT_SEEN.store(limit, Ordering::Release);
+        fit_to(limit);
+    }
+}
+
+/// Cuts the pool and the reservation for `RLIMIT_AS` `limit`: each to its
+/// share of what the limit leaves, as at start (the pool an eighth,
+/// counting free space of both as left, but never below what is in use;
+/// then the reservation a quarter).
+fn fit_to(limit: usize) {
+    let free = pool::headroom() + reservation_free();
+    pool::fit(pool_len(
+        Some(limit),
+        address_space_in_use().saturating_sub(free),
+    ));
+    fit_reservation(limit);
+}
+
+/// The soft `RLIMIT_AS` the pool and the reservation were last fitted to
+/// (`usize::MAX`: none).
+static LIMIT_SEEN: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Follows a lower `RLIMIT_AS` set from outside (`prlimit` by another
+/// process, which nothing here sees): asked on the calls that need
+/// address space (`mmap`, a large `malloc`, and a `malloc` glibc failed).
+/// Returns whether it cut anything. Costs a system call.
+fn follow_limit() -> bool {
+    let now = as_limit().unwrap_or(usize::MAX);
+    let seen = LIMIT_SEEN.load(Ordering::Acquire);
+    if now >= seen {
+        if now > seen {
+            // Raised: nothing to give back (what was given stays given).
+            let _ = LIMIT_SEEN.compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire);
+        }
+        return false;
+    }
+    // Inside the library (not on uhmm's threads, nor nested), where the
+    // cuts can run; elsewhere a later call follows it.
+    inside(|| {
+        LIMIT_SEEN
+            .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        let free = pool::headroom() + reservation_free_in();
         pool::fit(pool_len(
-            Some(limit),
+            Some(now),
             address_space_in_use().saturating_sub(free),
         ));
-        fit_reservation(limit);
-    }
+        fit_reservation_in(now);
+        Some(())
+    })
+    .is_some()
 }
 
 /// # Safety
@@ -1596,6 +1653,7 @@ extern "C" fn init() {
         // First: what this library allocates from now on comes from the
         // pool, and its fork handler, registered before the others, runs
         // after them (prepare handlers run in reverse order).
+        LIMIT_SEEN.store(as_limit().unwrap_or(usize::MAX), Ordering::Release);
         if pool::init(pool_len(as_limit(), address_space_in_use())) {
             // SAFETY: plain functions that never unwind; the child one is
             // async-signal-safe (a mutex unlock and a thread-local store).
@@ -1724,6 +1782,9 @@ pub unsafe extern "C" fn mmap(
 ) -> *mut c_void {
     if threshold() == usize::MAX {
         return real_mmap(addr, len, prot, flags, fd, off);
+    }
+    if !in_alloc() {
+        follow_limit();
     }
     let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
     if !eligible(len, prot, flags, fd) {
@@ -1900,16 +1961,22 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
             f(n)
         });
     }
-    if n >= threshold()
-        && let Some(p) = big_alloc(n, false)
-    {
-        return p;
+    if n >= threshold() {
+        follow_limit();
+        if let Some(p) = big_alloc(n, false) {
+            return p;
+        }
     }
-    let p = {
+    let mut p = {
         let _a = InAlloc::enter();
         // SAFETY: glibc's malloc.
         unsafe { __libc_malloc(n) }
     };
+    if p.is_null() && !in_alloc() && follow_limit() {
+        let _a = InAlloc::enter();
+        // SAFETY: glibc's malloc, again, with the address space given back.
+        p = unsafe { __libc_malloc(n) };
+    }
     if p.is_null() && own_call() {
         return pool::c_alloc(n);
     }

@@ -1,6 +1,8 @@
 /* A program under a low RLIMIT_AS: with argument "lower" it lowers the
- * limit itself (to LIMIT_MIB), after it started; without, it runs under
- * the limit it was given (`ulimit -v`). Then it allocates what fits
+ * limit itself (to LIMIT_MIB), after it started; with "other" a child of
+ * it does, with prlimit on its parent's pid (a limit set from outside,
+ * which no call of the program sees); without, it runs under the limit
+ * it was given (`ulimit -v`). Then it allocates what fits
  * comfortably in the limit (malloc blocks, a mapping, a thread, a grown
  * realloc), checks each, and asks for more than the limit (which must
  * fail). The output must be the same plain and under `uhmm run`. */
@@ -12,6 +14,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define MIB (1UL << 20)
 #define LIMIT_MIB 1024UL
@@ -47,6 +51,22 @@ int main(int argc, char **argv) {
         r.rlim_cur = r.rlim_max = LIMIT_MIB * MIB;
         if (setrlimit(RLIMIT_AS, &r)) {
             perror("setrlimit");
+            return 2;
+        }
+    }
+    if (argc > 1 && strcmp(argv[1], "other") == 0) {
+        pid_t parent = getpid(), child = fork();
+        if (child < 0) {
+            perror("fork");
+            return 2;
+        }
+        if (child == 0) {
+            struct rlimit l = {LIMIT_MIB * MIB, LIMIT_MIB * MIB};
+            _exit(prlimit(parent, RLIMIT_AS, &l, NULL) ? 3 : 0);
+        }
+        int st;
+        if (waitpid(child, &st, 0) != child || !WIFEXITED(st) || WEXITSTATUS(st)) {
+            fprintf(stderr, "prlimit from the child failed\n");
             return 2;
         }
     }
