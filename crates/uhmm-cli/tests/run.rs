@@ -947,25 +947,7 @@ fn a_program_that_fills_its_address_space() {
         ("40", "1048576", false),
     ] {
         let argv = [exe.as_str(), limit_mib, size];
-        let reference = plain(&dir, &argv);
-        assert!(
-            reference.status.success(),
-            "{argv:?} fails plain: {}",
-            String::from_utf8_lossy(&reference.stderr)
-        );
-        for opts in [&[][..], &["--chaos", "500"][..]] {
-            let (out, stats) = under_uhmm(&dir, opts, &argv);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                out.status.success(),
-                "{opts:?} {argv:?}: {:?} {stderr}",
-                out.status
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&reference.stdout),
-                "{opts:?} {argv:?}: {stderr}"
-            );
+        for (opts, stats, stderr) in same_with_and_without_chaos(&dir, &argv) {
             if managed {
                 assert_eq!(stats.0.len(), 1, "{opts:?} {argv:?}: {stats:?}");
                 assert!(
@@ -984,17 +966,7 @@ fn a_program_that_fills_its_address_space() {
     let exe = compile(&dir, "as_below");
     for limit_mib in ["16", "1"] {
         let argv = [exe.as_str(), limit_mib];
-        let reference = plain(&dir, &argv);
-        assert!(reference.status.success(), "{argv:?} fails plain");
-        for opts in [&[][..], &["--chaos", "500"][..]] {
-            let (out, stats) = under_uhmm(&dir, opts, &argv);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                out.status.success(),
-                "{opts:?} {argv:?}: {:?} {stderr}",
-                out.status
-            );
-            assert_eq!(out.stdout, reference.stdout, "{opts:?} {argv:?}: {stderr}");
+        for (opts, stats, _) in same_with_and_without_chaos(&dir, &argv) {
             assert!(
                 stats.sum("malloc_blocks_managed") > 0,
                 "{opts:?} {argv:?}: {stats:?}"
@@ -1002,6 +974,38 @@ fn a_program_that_fills_its_address_space() {
             assert_eq!(stats.sum("pages_lost"), 0, "{opts:?} {argv:?}: {stats:?}");
         }
     }
+}
+
+/// Runs `argv` plain, then under `uhmm run` without and with chaos: each
+/// succeeds with the plain run's output. Returns each managed run's
+/// options, stats and stderr.
+fn same_with_and_without_chaos(
+    dir: &Path,
+    argv: &[&str],
+) -> Vec<(&'static [&'static str], Stats, String)> {
+    let reference = plain(dir, argv);
+    assert!(
+        reference.status.success(),
+        "{argv:?} fails plain: {}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+    let mut runs = Vec::new();
+    for opts in [&[][..], &["--chaos", "500"][..]] {
+        let (out, stats) = under_uhmm(dir, opts, argv);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "{opts:?} {argv:?}: {:?} {stderr}",
+            out.status
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{opts:?} {argv:?}: {stderr}"
+        );
+        runs.push((opts, stats, stderr));
+    }
+    runs
 }
 
 /// tests/run/free_rss.c: large blocks allocated, written and freed in a
