@@ -922,6 +922,41 @@ fn low_address_space_limit() {
     }
 }
 
+/// tests/run/limit_outside.c: `RLIMIT_AS` lowered by another process
+/// (a child prlimits its parent), which no call of the program sees.
+/// Each call that needs address space follows it: before, a thread, a
+/// large calloc, realloc or posix_memalign as the first call after it
+/// failed (glibc maps those itself; only mmap and malloc looked), and
+/// while eight threads mapped in a loop, the ones that saw the new limit
+/// while another thread was cutting the reservation failed (in 5 of 6
+/// runs). The same output as plain; the race three times.
+#[test]
+fn a_limit_lowered_from_outside_is_followed() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("limit-outside");
+    let exe = compile(&dir, "limit_outside");
+    for mode in [
+        "thread", "calloc", "realloc", "memalign", "race", "race", "race",
+    ] {
+        let argv = [exe.as_str(), mode];
+        let reference = plain(&dir, &argv);
+        assert_eq!(
+            String::from_utf8_lossy(&reference.stdout),
+            format!("{mode} ok\n"),
+            "plain"
+        );
+        let (out, _) = under_uhmm(&dir, &[], &argv);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&reference.stdout),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// tests/run/as_full.c: a program that lowers its `RLIMIT_AS`, fills it
 /// with large and then small malloc blocks until malloc says no, and then
 /// frees and allocates large blocks again. uhmm's own allocations (a new

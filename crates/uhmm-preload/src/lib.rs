@@ -36,8 +36,10 @@
 //!   process lowers its own `RLIMIT_AS`, the part of the reservation the
 //!   new limit cannot afford is given back (freed blocks kept for reuse
 //!   first, then free space off its top). A limit lowered from outside
-//!   (`prlimit` by another process) is followed on the next `mmap`, large
-//!   `malloc`, or `malloc` glibc failed (one `getrlimit` each).
+//!   (`prlimit` by another process) is followed by each call that needs
+//!   address space (one `getrlimit` each): `mmap`, the malloc family, and
+//!   `pthread_create` (interposed for that alone: glibc maps the stack
+//!   itself), each made again if it failed for want of room.
 //! - `ioctl`: passed on after one comparison, except `UFFDIO_REGISTER`.
 //!   A range can be registered with one userfaultfd only, and uhmm's
 //!   holds every managed range: before a program registers a range with a
@@ -128,6 +130,7 @@ static REAL_USABLE: AtomicUsize = AtomicUsize::new(0);
 static REAL_SETRLIMIT: AtomicUsize = AtomicUsize::new(0);
 static REAL_PRLIMIT: AtomicUsize = AtomicUsize::new(0);
 static REAL_IOCTL: AtomicUsize = AtomicUsize::new(0);
+static REAL_PTHREAD_CREATE: AtomicUsize = AtomicUsize::new(0);
 
 type MmapFn = unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
 type MunmapFn = unsafe extern "C" fn(*mut c_void, size_t) -> c_int;
@@ -1455,13 +1458,8 @@ fn reservation_len(limit: Option<usize>, threshold: usize) -> usize {
 }
 
 /// The reservation's space that no block holds (freed blocks kept for
-/// reuse count as held).
+/// reuse count as held). Call inside the library.
 fn reservation_free() -> usize {
-    inside(|| Some(reservation_free_in())).unwrap_or(0)
-}
-
-/// [`reservation_free`], called inside the library.
-fn reservation_free_in() -> usize {
     lock(&HEAP).free.iter().map(|(s, e)| e - s).sum()
 }
 
@@ -1471,16 +1469,8 @@ fn reservation_free_in() -> usize {
 /// reservation could map nothing more). Freed blocks kept mapped for
 /// reuse go first; then the free space at the top of the reservation,
 /// where the least is in use (blocks are taken lowest first), comes off
-/// its end. Blocks in use stay where they are.
+/// its end. Blocks in use stay where they are. Call inside the library.
 fn fit_reservation(limit: usize) {
-    let _ = inside(|| {
-        fit_reservation_in(limit);
-        Some(())
-    });
-}
-
-/// [`fit_reservation`], called inside the library.
-fn fit_reservation_in(limit: usize) {
     let _: Option<()> = (|| {
         let mut heap = lock(&HEAP);
         for c in std::mem::take(&mut heap.cache) {
@@ -1520,22 +1510,11 @@ fn after_setrlimit(rc: c_int, resource: c_int, new: *const libc::rlimit) {
     let cur = unsafe { (*new).rlim_cur };
     if cur != libc::RLIM_INFINITY {
         let limit = usize::try_from(cur).unwrap_or(usize::MAX);
-        LIMIT_SEEN.store(limit, Ordering::Release);
-        fit_to(limit);
+        let _ = inside(|| {
+            cut_for(limit);
+            Some(())
+        });
     }
-}
-
-/// Cuts the pool and the reservation for `RLIMIT_AS` `limit`: each to its
-/// share of what the limit leaves, as at start (the pool an eighth,
-/// counting free space of both as left, but never below what is in use;
-/// then the reservation a quarter).
-fn fit_to(limit: usize) {
-    let free = pool::headroom() + reservation_free();
-    pool::fit(pool_len(
-        Some(limit),
-        address_space_in_use().saturating_sub(free),
-    ));
-    fit_reservation(limit);
 }
 
 /// The soft `RLIMIT_AS` the pool and the reservation were last fitted to
@@ -1544,8 +1523,9 @@ static LIMIT_SEEN: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Follows a lower `RLIMIT_AS` set from outside (`prlimit` by another
 /// process, which nothing here sees): asked on the calls that need
-/// address space (`mmap`, a large `malloc`, and a `malloc` glibc failed).
-/// Returns whether it cut anything. Costs a system call.
+/// address space (`mmap`, the malloc family, `pthread_create`). Returns
+/// whether the caller should try again: a cut for a lower limit was made,
+/// by this thread or by another one it waited for. Costs a system call.
 fn follow_limit() -> bool {
     let now = as_limit().unwrap_or(usize::MAX);
     let seen = LIMIT_SEEN.load(Ordering::Acquire);
@@ -1559,18 +1539,35 @@ fn follow_limit() -> bool {
     // Inside the library (not on uhmm's threads, nor nested), where the
     // cuts can run; elsewhere a later call follows it.
     inside(|| {
-        LIMIT_SEEN
-            .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
-            .ok()?;
-        let free = pool::headroom() + reservation_free_in();
-        pool::fit(pool_len(
-            Some(now),
-            address_space_in_use().saturating_sub(free),
-        ));
-        fit_reservation_in(now);
+        cut_for(now);
         Some(())
     })
     .is_some()
+}
+
+/// Serializes the cuts for a lower limit; `LIMIT_SEEN` is stored only once
+/// a cut is done, so that a thread that sees the lower limit meanwhile
+/// waits here for the cut in progress (and then tries its call again)
+/// instead of going on while the reservation still takes the room.
+static CUTTING: Mutex<()> = Mutex::new(());
+
+/// Cuts the pool and the reservation for `RLIMIT_AS` `limit` (each to its
+/// share of what the limit leaves, as at start: the pool an eighth,
+/// counting free space of both as left, but never below what is in use;
+/// then the reservation a quarter), unless a cut for it or a lower one was
+/// made while this thread waited. Call inside the library.
+fn cut_for(limit: usize) {
+    let _one = lock(&CUTTING);
+    if LIMIT_SEEN.load(Ordering::Acquire) <= limit {
+        return;
+    }
+    let free = pool::headroom() + reservation_free();
+    pool::fit(pool_len(
+        Some(limit),
+        address_space_in_use().saturating_sub(free),
+    ));
+    fit_reservation(limit);
+    LIMIT_SEEN.store(limit, Ordering::Release);
 }
 
 /// # Safety
@@ -1643,6 +1640,42 @@ pub unsafe extern "C" fn prlimit64(
     unsafe { prlimit(pid, resource, new, old) }
 }
 
+type PthreadCreateFn = unsafe extern "C" fn(
+    *mut libc::pthread_t,
+    *const libc::pthread_attr_t,
+    extern "C" fn(*mut c_void) -> *mut c_void,
+    *mut c_void,
+) -> c_int;
+
+/// # Safety
+///
+/// As `pthread_create(3)`. Passed on; made once more if it failed for want
+/// of address space (EAGAIN: glibc maps the stack itself, which no
+/// interposition sees) while a lower `RLIMIT_AS` set from outside was
+/// followed meanwhile.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: extern "C" fn(*mut c_void) -> *mut c_void,
+    arg: *mut c_void,
+) -> c_int {
+    if REAL_PTHREAD_CREATE.load(Ordering::Acquire) == 0 {
+        resolve(c"pthread_create", &REAL_PTHREAD_CREATE);
+    }
+    let f = REAL_PTHREAD_CREATE.load(Ordering::Acquire);
+    if f == 0 {
+        return libc::EAGAIN;
+    }
+    // SAFETY: dlsym's answer for "pthread_create", of this type.
+    let f = unsafe { std::mem::transmute::<usize, PthreadCreateFn>(f) };
+    retried(
+        // SAFETY: the caller's arguments, passed on.
+        || unsafe { f(thread, attr, start, arg) },
+        |rc| *rc == libc::EAGAIN,
+    )
+}
+
 // ---------------------------------------------------------------------
 // The constructor.
 
@@ -1673,6 +1706,7 @@ extern "C" fn init() {
         resolve(c"setrlimit", &REAL_SETRLIMIT);
         resolve(c"prlimit", &REAL_PRLIMIT);
         resolve(c"ioctl", &REAL_IOCTL);
+        resolve(c"pthread_create", &REAL_PTHREAD_CREATE);
         if foreign_malloc() {
             say(
                 "another malloc than glibc's serves this program (LD_PRELOAD): malloc \
@@ -1786,6 +1820,24 @@ pub unsafe extern "C" fn mmap(
     if !in_alloc() {
         follow_limit();
     }
+    // A limit lowered from outside between that look and the call: the
+    // room it lacked may be free once followed.
+    retried(
+        || map_here(addr, len, prot, flags, fd, off),
+        |&r| r == libc::MAP_FAILED && errno() == libc::ENOMEM,
+    )
+}
+
+/// `mmap`, the program's, once the constructor has run: managed if
+/// eligible.
+fn map_here(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
     let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
     if !eligible(len, prot, flags, fd) {
         if fixed && flags & libc::MAP_FIXED_NOREPLACE == 0 {
@@ -1967,16 +2019,14 @@ pub unsafe extern "C" fn malloc(n: size_t) -> *mut c_void {
             return p;
         }
     }
-    let mut p = {
-        let _a = InAlloc::enter();
-        // SAFETY: glibc's malloc.
-        unsafe { __libc_malloc(n) }
-    };
-    if p.is_null() && !in_alloc() && follow_limit() {
-        let _a = InAlloc::enter();
-        // SAFETY: glibc's malloc, again, with the address space given back.
-        p = unsafe { __libc_malloc(n) };
-    }
+    let p = retried(
+        || {
+            let _a = InAlloc::enter();
+            // SAFETY: glibc's malloc.
+            unsafe { __libc_malloc(n) }
+        },
+        |p| p.is_null(),
+    );
     if p.is_null() && own_call() {
         return pool::c_alloc(n);
     }
@@ -1992,6 +2042,18 @@ fn own_call() -> bool {
     INSIDE.try_with(Cell::get).unwrap_or(true) || in_uhmm_hook() || uhmm_thread()
 }
 
+/// Returns `call()` (a call into the allocator below, or another that
+/// needs address space), made once more if it `failed` and a lower
+/// `RLIMIT_AS` set from outside was just followed (`follow_limit`): the
+/// room it lacked may be free now.
+fn retried<T>(call: impl Fn() -> T, failed: impl Fn(&T) -> bool) -> T {
+    let r = call();
+    if failed(&r) && !in_alloc() && follow_limit() {
+        return call();
+    }
+    r
+}
+
 /// # Safety
 ///
 /// As `calloc(3)`.
@@ -2005,15 +2067,20 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
     }
     if let Some(total) = n.checked_mul(size)
         && total >= threshold()
-        && let Some(p) = big_alloc(total, true)
     {
-        return p; // fresh anonymous memory: zeroed
+        follow_limit();
+        if let Some(p) = big_alloc(total, true) {
+            return p; // fresh anonymous memory: zeroed
+        }
     }
-    let p = {
-        let _a = InAlloc::enter();
-        // SAFETY: glibc's calloc (which checks the product itself).
-        unsafe { __libc_calloc(n, size) }
-    };
+    let p = retried(
+        || {
+            let _a = InAlloc::enter();
+            // SAFETY: glibc's calloc (which checks the product itself).
+            unsafe { __libc_calloc(n, size) }
+        },
+        |p| p.is_null(),
+    );
     if p.is_null()
         && let Some(total) = n.checked_mul(size)
         && own_call()
@@ -2129,6 +2196,9 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
         }
         return q;
     }
+    if n >= threshold() {
+        follow_limit();
+    }
     if n >= threshold()
         && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
         && let Some(q) = big_alloc(n, false)
@@ -2143,11 +2213,14 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
         unsafe { __libc_free(p) };
         return q;
     }
-    let q = {
-        let _a = InAlloc::enter();
-        // SAFETY: glibc's block.
-        unsafe { __libc_realloc(p, n) }
-    };
+    let q = retried(
+        || {
+            let _a = InAlloc::enter();
+            // SAFETY: glibc's block (kept by a failed realloc).
+            unsafe { __libc_realloc(p, n) }
+        },
+        |q| q.is_null() && n > 0,
+    );
     if q.is_null()
         && n > 0
         && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
@@ -2214,12 +2287,17 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n: size_t) -> c_int {
     foreign_malloc();
-    next_call!(
-        NEXT_POSIX_MEMALIGN,
-        PosixMemalignFn,
-        libc::ENOMEM,
-        // SAFETY: the caller's contract is posix_memalign's.
-        |f| unsafe { f(out, align, n) }
+    retried(
+        || {
+            next_call!(
+                NEXT_POSIX_MEMALIGN,
+                PosixMemalignFn,
+                libc::ENOMEM,
+                // SAFETY: the caller's contract is posix_memalign's.
+                |f| unsafe { f(out, align, n) }
+            )
+        },
+        |rc| *rc == libc::ENOMEM,
     )
 }
 
@@ -2229,12 +2307,17 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n:
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
     foreign_malloc();
-    next_call!(
-        NEXT_MEMALIGN,
-        MemalignFn,
-        std::ptr::null_mut(),
-        // SAFETY: the caller's contract is memalign's.
-        |f| unsafe { f(align, n) }
+    retried(
+        || {
+            next_call!(
+                NEXT_MEMALIGN,
+                MemalignFn,
+                std::ptr::null_mut(),
+                // SAFETY: the caller's contract is memalign's.
+                |f| unsafe { f(align, n) }
+            )
+        },
+        |p| p.is_null(),
     )
 }
 
@@ -2244,12 +2327,17 @@ pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void {
     foreign_malloc();
-    next_call!(
-        NEXT_ALIGNED_ALLOC,
-        MemalignFn,
-        std::ptr::null_mut(),
-        // SAFETY: the caller's contract is aligned_alloc's.
-        |f| unsafe { f(align, n) }
+    retried(
+        || {
+            next_call!(
+                NEXT_ALIGNED_ALLOC,
+                MemalignFn,
+                std::ptr::null_mut(),
+                // SAFETY: the caller's contract is aligned_alloc's.
+                |f| unsafe { f(align, n) }
+            )
+        },
+        |p| p.is_null(),
     )
 }
 
@@ -2259,10 +2347,15 @@ pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn valloc(n: size_t) -> *mut c_void {
     foreign_malloc();
-    // SAFETY: the caller's contract is valloc's.
-    next_call!(NEXT_VALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
-        f(n)
-    })
+    retried(
+        || {
+            // SAFETY: the caller's contract is valloc's.
+            next_call!(NEXT_VALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+                f(n)
+            })
+        },
+        |p| p.is_null(),
+    )
 }
 
 /// # Safety
@@ -2271,8 +2364,13 @@ pub unsafe extern "C" fn valloc(n: size_t) -> *mut c_void {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pvalloc(n: size_t) -> *mut c_void {
     foreign_malloc();
-    // SAFETY: the caller's contract is pvalloc's.
-    next_call!(NEXT_PVALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
-        f(n)
-    })
+    retried(
+        || {
+            // SAFETY: the caller's contract is pvalloc's.
+            next_call!(NEXT_PVALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
+                f(n)
+            })
+        },
+        |p| p.is_null(),
+    )
 }

@@ -215,10 +215,14 @@ int main(int argc, char **argv) {
     if (pthread_create(&t, NULL, server, NULL) != 0)
         die("pthread_create");
 
-    /* An anonymous mapping. */
-    char *m = mmap(NULL, LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+    /* An anonymous mapping, with a guard page after it so that the mremap
+     * below cannot grow it in place (whether the space after it is free
+     * depends on the process's layout, which uhmm run changes: grown in
+     * place, it keeps the registration, and the tail's faults reach the
+     * program). */
+    char *m = mmap(NULL, LEN + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
-    if (m == MAP_FAILED)
+    if (m == MAP_FAILED || mprotect(m + LEN, PAGE, PROT_NONE))
         die("mmap");
     usleep(wait);
     bases[0] = (uintptr_t)m;
@@ -235,8 +239,8 @@ int main(int argc, char **argv) {
     do_register(bs, LEN, "malloc block");
     uint64_t sum_block = check(bs, LEN, "malloc block");
 
-    /* The mapping grown (and moved, as a rule: the kernel then drops the
-     * program's registration, which did not ask for remap events): the
+    /* The mapping grown (and moved, past its guard page: the kernel then
+     * drops the program's registration, which did not ask for remap events): the
      * same contents and faults served as in a plain run, and uhmm does
      * not take the memory back. */
     long before = served;
