@@ -755,13 +755,13 @@ fn start_chaos(p: &'static Proc) {
         return;
     }
     p.chaos_done.store(false, Ordering::Release);
-    let spawned = std::thread::Builder::new()
-        .name("uhmm-chaos".into())
-        .spawn(move || {
-            let _g = Inside::enter();
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chaos(p, rate)));
-            p.chaos_done.store(true, Ordering::Release);
-        });
+    // Every signal blocked: a handler of the program's running here, in
+    // the middle of a migration, could wait for that migration.
+    let spawned = uhmm::sys::spawn_quiet("uhmm-chaos", move || {
+        let _g = Inside::enter();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chaos(p, rate)));
+        p.chaos_done.store(true, Ordering::Release);
+    });
     if let Err(e) = spawned {
         p.chaos_done.store(true, Ordering::Release);
         say(&format!("pid {}: no chaos thread: {e}", p.pid));

@@ -379,3 +379,45 @@ fn unmanage_hands_a_sub_range_over() {
         .register(&map, tail, RegisterMode::MISSING)
         .expect("the tail is unregistered");
 }
+
+/// uhmm's threads start with every signal blocked (`sys::spawn_quiet`, as
+/// the fault service is spawned): a program's signal handler must never
+/// run on one, not even before its first instruction of uhmm's. Blocked
+/// by the thread itself at its start, a handler that unmapped managed
+/// memory could run there first, and the unmap waited for the thread it
+/// ran on (a program under `uhmm run` hung, about 1 run in 20).
+#[test]
+fn uhmm_threads_start_with_every_signal_blocked() {
+    fn blocked_mask() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .expect("a SigBlk line");
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    }
+    let before = blocked_mask();
+    let at_start = uhmm::sys::spawn_quiet("uhmm-test", blocked_mask)
+        .unwrap()
+        .join()
+        .unwrap();
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGALRM,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGCHLD,
+        libc::SIGPIPE,
+        libc::SIGIO,
+        libc::SIGSEGV,
+        libc::SIGRTMIN(),
+    ] {
+        assert_ne!(
+            at_start & (1 << (sig - 1)),
+            0,
+            "signal {sig} open at the thread's start (mask {at_start:#x})"
+        );
+    }
+    assert_eq!(blocked_mask(), before, "the caller's mask is not restored");
+}

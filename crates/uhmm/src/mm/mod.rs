@@ -324,9 +324,7 @@ impl Mm {
             Arc::new(Shared::new(uffd, Notifiers::new()).map_err(|e| MmError::Service(e.into()))?);
         fork::track(&shared).map_err(|e| MmError::Service(e.into()))?;
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("uhmm-fault-service".into())
-            .spawn(move || service::run(s))
+        let thread = crate::sys::spawn_quiet("uhmm-fault-service", move || service::run(s))
             .map_err(MmError::Service)?;
         Ok(Mm {
             inner: Arc::new(Inner {

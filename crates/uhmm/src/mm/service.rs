@@ -1119,8 +1119,9 @@ pub(crate) fn on_service_of(shared: &Shared) -> bool {
 }
 
 /// The service loop; returns when [`Shared::stop`] is called.
+/// Spawned by [`crate::sys::spawn_quiet`]: it runs with every signal
+/// blocked.
 pub(crate) fn run(shared: Arc<Shared>) {
-    crate::sys::block_all_signals();
     ON_SERVICE.with(|s| s.set(Arc::as_ptr(&shared) as usize));
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();

@@ -104,17 +104,30 @@ unsafe impl<const OP: Opcode, T> Ioctl for UpdaterRet<'_, OP, T> {
     }
 }
 
-/// Blocks every signal on the calling thread (a fault-service thread: a
-/// signal handler running there could touch managed memory and wait on the
-/// thread itself).
-pub fn block_all_signals() {
-    // SAFETY: `set` is a local sigset_t that sigfillset initialises;
-    // pthread_sigmask(SIG_BLOCK) only changes this thread's mask, and the old
-    // mask is not asked for.
+/// Spawns `f` on a new thread named `name` with every signal blocked from
+/// its first instruction: uhmm's threads (the fault service, a device's
+/// worker) must never run a signal handler of the program's, which could
+/// touch managed memory and wait on the very thread it runs on. A new
+/// thread inherits its creator's mask, so the calling thread's is filled
+/// for the spawn and restored after it; blocking them in the new thread
+/// itself left its first instructions open (a handler that unmapped
+/// managed memory there hung the program).
+pub fn spawn_quiet<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    // SAFETY: `all` and `old` are local sigset_t values, the first filled
+    // by sigfillset; pthread_sigmask changes only this thread's mask and
+    // writes the old one into `old`, which the second call puts back.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        spawned
     }
 }
 
