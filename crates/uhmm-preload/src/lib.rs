@@ -1470,34 +1470,32 @@ fn reservation_free() -> usize {
 /// reuse go first; then the free space at the top of the reservation,
 /// where the least is in use (blocks are taken lowest first), comes off
 /// its end. Blocks in use stay where they are. Call inside the library.
-fn fit_reservation(limit: usize) {
-    let _: Option<()> = (|| {
-        let mut heap = lock(&HEAP);
-        for c in std::mem::take(&mut heap.cache) {
-            unmap_block(&mut heap, c.start, c.len);
-        }
-        let free: usize = heap.free.iter().map(|(s, e)| e - s).sum();
-        let keep = affordable(limit, address_space_in_use().saturating_sub(free));
-        let end = RES_END.load(Ordering::Acquire);
-        let (&s, &e) = heap.free.iter().next_back()?;
-        if free <= keep || e != end {
-            return None;
-        }
-        let new_end = e - (free - keep).min(e - s);
-        // Lowered before the space goes, so that nothing mapped there
-        // later counts as a block of ours.
-        RES_END.store(new_end, Ordering::Release);
-        if real_munmap(new_end as *mut c_void, e - new_end) != 0 {
-            // Still reserved: as good as free space, if not given back.
-            RES_END.store(end, Ordering::Release);
-            return None;
-        }
-        heap.free.remove(&s);
-        if s < new_end {
-            heap.free.insert(s, new_end);
-        }
-        Some(())
-    })();
+fn fit_reservation(limit: usize) -> Option<()> {
+    let mut heap = lock(&HEAP);
+    for c in std::mem::take(&mut heap.cache) {
+        unmap_block(&mut heap, c.start, c.len);
+    }
+    let free: usize = heap.free.iter().map(|(s, e)| e - s).sum();
+    let keep = affordable(limit, address_space_in_use().saturating_sub(free));
+    let end = RES_END.load(Ordering::Acquire);
+    let (&s, &e) = heap.free.iter().next_back()?;
+    if free <= keep || e != end {
+        return None;
+    }
+    let new_end = e - (free - keep).min(e - s);
+    // Lowered before the space goes, so that nothing mapped there
+    // later counts as a block of ours.
+    RES_END.store(new_end, Ordering::Release);
+    if real_munmap(new_end as *mut c_void, e - new_end) != 0 {
+        // Still reserved: as good as free space, if not given back.
+        RES_END.store(end, Ordering::Release);
+        return None;
+    }
+    heap.free.remove(&s);
+    if s < new_end {
+        heap.free.insert(s, new_end);
+    }
+    Some(())
 }
 
 /// Calls [`fit_reservation`] after a successful change of this process's
@@ -1566,7 +1564,7 @@ fn cut_for(limit: usize) {
         Some(limit),
         address_space_in_use().saturating_sub(free),
     ));
-    fit_reservation(limit);
+    let _ = fit_reservation(limit);
     LIMIT_SEEN.store(limit, Ordering::Release);
 }
 
@@ -1686,8 +1684,9 @@ extern "C" fn init() {
         // First: what this library allocates from now on comes from the
         // pool, and its fork handler, registered before the others, runs
         // after them (prepare handlers run in reverse order).
-        LIMIT_SEEN.store(as_limit().unwrap_or(usize::MAX), Ordering::Release);
-        if pool::init(pool_len(as_limit(), address_space_in_use())) {
+        let limit = as_limit();
+        LIMIT_SEEN.store(limit.unwrap_or(usize::MAX), Ordering::Release);
+        if pool::init(pool_len(limit, address_space_in_use())) {
             // SAFETY: plain functions that never unwind; the child one is
             // async-signal-safe (a mutex unlock and a thread-local store).
             unsafe {
@@ -1746,7 +1745,7 @@ extern "C" fn init() {
         }
         // SAFETY: the atfork hooks are plain functions that never unwind.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
-        let len = reservation_len(as_limit(), threshold);
+        let len = reservation_len(limit, threshold);
         let res = if len > 0 {
             real_mmap(
                 std::ptr::null_mut(),
@@ -2198,20 +2197,19 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, n: size_t) -> *mut c_void {
     }
     if n >= threshold() {
         follow_limit();
-    }
-    if n >= threshold()
-        && let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
-        && let Some(q) = big_alloc(n, false)
-    {
-        let _a = InAlloc::enter();
-        // SAFETY: dlsym's answer for "malloc_usable_size", of this type,
-        // asked about a live glibc block.
-        let old = unsafe { std::mem::transmute::<usize, UsableFn>(usable)(p) };
-        // SAFETY: `p` holds `old` readable bytes, `q` at least `n`.
-        unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
-        // SAFETY: glibc's block, no longer used.
-        unsafe { __libc_free(p) };
-        return q;
+        if let usable @ 1.. = REAL_USABLE.load(Ordering::Acquire)
+            && let Some(q) = big_alloc(n, false)
+        {
+            let _a = InAlloc::enter();
+            // SAFETY: dlsym's answer for "malloc_usable_size", of this type,
+            // asked about a live glibc block.
+            let old = unsafe { std::mem::transmute::<usize, UsableFn>(usable)(p) };
+            // SAFETY: `p` holds `old` readable bytes, `q` at least `n`.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, old.min(n)) };
+            // SAFETY: glibc's block, no longer used.
+            unsafe { __libc_free(p) };
+            return q;
+        }
     }
     let q = retried(
         || {
@@ -2280,6 +2278,49 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
     }
 }
 
+/// Passes `(align, n)` on to the allocator function resolved in `slot`
+/// (`memalign`, `aligned_alloc`), made once more if it failed while a
+/// lower limit was followed.
+///
+/// # Safety
+///
+/// `slot` holds a function of `MemalignFn`'s type (or nothing), and the
+/// caller's contract is that function's.
+unsafe fn aligned_next(slot: &AtomicUsize, align: size_t, n: size_t) -> *mut c_void {
+    foreign_malloc();
+    retried(
+        || {
+            next_call!(
+                slot,
+                MemalignFn,
+                std::ptr::null_mut(),
+                // SAFETY: the caller's contract is the function's.
+                |f| unsafe { f(align, n) }
+            )
+        },
+        |p| p.is_null(),
+    )
+}
+
+/// Passes `n` on to the allocator function resolved in `slot` (`valloc`,
+/// `pvalloc`), made once more if it failed while a lower limit was
+/// followed.
+///
+/// # Safety
+///
+/// `slot` holds a function of `MallocFn`'s type (or nothing), and the
+/// caller's contract is that function's.
+unsafe fn sized_next(slot: &AtomicUsize, n: size_t) -> *mut c_void {
+    foreign_malloc();
+    retried(
+        || {
+            // SAFETY: the caller's contract is the function's.
+            next_call!(slot, MallocFn, std::ptr::null_mut(), |f| unsafe { f(n) })
+        },
+        |p| p.is_null(),
+    )
+}
+
 /// # Safety
 ///
 /// As `posix_memalign(3)`. Passed on (glibc's or another allocator's: the
@@ -2306,19 +2347,9 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: size_t, n:
 /// As `memalign(3)` (passed on, as `posix_memalign`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
-    foreign_malloc();
-    retried(
-        || {
-            next_call!(
-                NEXT_MEMALIGN,
-                MemalignFn,
-                std::ptr::null_mut(),
-                // SAFETY: the caller's contract is memalign's.
-                |f| unsafe { f(align, n) }
-            )
-        },
-        |p| p.is_null(),
-    )
+    // SAFETY: `NEXT_MEMALIGN` holds the next `memalign` (of `MemalignFn`'s type);
+    // the caller's contract is memalign's.
+    unsafe { aligned_next(&NEXT_MEMALIGN, align, n) }
 }
 
 /// # Safety
@@ -2326,19 +2357,9 @@ pub unsafe extern "C" fn memalign(align: size_t, n: size_t) -> *mut c_void {
 /// As `aligned_alloc(3)` (passed on, as `posix_memalign`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void {
-    foreign_malloc();
-    retried(
-        || {
-            next_call!(
-                NEXT_ALIGNED_ALLOC,
-                MemalignFn,
-                std::ptr::null_mut(),
-                // SAFETY: the caller's contract is aligned_alloc's.
-                |f| unsafe { f(align, n) }
-            )
-        },
-        |p| p.is_null(),
-    )
+    // SAFETY: `NEXT_ALIGNED_ALLOC` holds the next `aligned_alloc` (of `MemalignFn`'s type);
+    // the caller's contract is aligned_alloc's.
+    unsafe { aligned_next(&NEXT_ALIGNED_ALLOC, align, n) }
 }
 
 /// # Safety
@@ -2346,16 +2367,9 @@ pub unsafe extern "C" fn aligned_alloc(align: size_t, n: size_t) -> *mut c_void 
 /// As `valloc(3)` (passed on, as `posix_memalign`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn valloc(n: size_t) -> *mut c_void {
-    foreign_malloc();
-    retried(
-        || {
-            // SAFETY: the caller's contract is valloc's.
-            next_call!(NEXT_VALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
-                f(n)
-            })
-        },
-        |p| p.is_null(),
-    )
+    // SAFETY: `NEXT_VALLOC` holds the next `valloc` (of `MallocFn`'s type);
+    // the caller's contract is valloc's.
+    unsafe { sized_next(&NEXT_VALLOC, n) }
 }
 
 /// # Safety
@@ -2363,14 +2377,7 @@ pub unsafe extern "C" fn valloc(n: size_t) -> *mut c_void {
 /// As `pvalloc(3)` (passed on, as `posix_memalign`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pvalloc(n: size_t) -> *mut c_void {
-    foreign_malloc();
-    retried(
-        || {
-            // SAFETY: the caller's contract is pvalloc's.
-            next_call!(NEXT_PVALLOC, MallocFn, std::ptr::null_mut(), |f| unsafe {
-                f(n)
-            })
-        },
-        |p| p.is_null(),
-    )
+    // SAFETY: `NEXT_PVALLOC` holds the next `pvalloc` (of `MallocFn`'s type);
+    // the caller's contract is pvalloc's.
+    unsafe { sized_next(&NEXT_PVALLOC, n) }
 }
