@@ -71,6 +71,22 @@ struct Faulty {
     /// Run once by the next `migrate_to_ram`, after its pages are
     /// selected and before they are committed.
     before_commit: Mutex<Option<Hook>>,
+    /// Run once by the next `migrate_to_ram` that brings pages back, after
+    /// it has committed them (their threads are woken) and before it
+    /// returns.
+    after_commit: Mutex<Option<Hook>>,
+    /// Run by every `migrate_to_ram` first, with the faulting address; a
+    /// mode it returns is that call's.
+    on_call: Mutex<Option<CallHook>>,
+}
+
+/// A test's code run first in every `migrate_to_ram`.
+struct CallHook(Box<dyn FnMut(Option<VirtAddr>) -> Option<Mode> + Send>);
+
+impl std::fmt::Debug for CallHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallHook")
+    }
 }
 
 /// A test's code run inside a device callback.
@@ -91,6 +107,8 @@ impl Faulty {
             free_gate: Mutex::new(None),
             calls: AtomicU32::new(0),
             before_commit: Mutex::new(None),
+            after_commit: Mutex::new(None),
+            on_call: Mutex::new(None),
         })
     }
 
@@ -124,7 +142,15 @@ impl DevicePagemapOps for Faulty {
 
     fn migrate_to_ram(&self, f: &DeviceFault<'_>) -> Result<(), FaultError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        let mode = {
+        let told = self
+            .on_call
+            .lock()
+            .unwrap()
+            .as_mut()
+            .and_then(|h| (h.0)(f.addr()));
+        let mode = if let Some(mode) = told {
+            mode
+        } else {
             let mut g = self.fault.lock().unwrap();
             if g.1 == 0 {
                 Mode::Work
@@ -160,6 +186,10 @@ impl DevicePagemapOps for Faulty {
         }
         m.pages();
         m.finalize();
+        let hook = self.after_commit.lock().unwrap().take();
+        if let Some(Hook(hook)) = hook {
+            hook();
+        }
         Ok(())
     }
 }
@@ -211,6 +241,35 @@ impl Rig {
 
     fn page(&self, i: usize) -> VirtAddr {
         VirtAddr::new(self.region.range().start().get() + i * PAGE_SIZE)
+    }
+
+    /// Brings page `i` home from the device (a migration of the
+    /// program's, not a fault).
+    fn home(&self, i: usize) {
+        let range = uhmm::PageRange::new(self.page(i), PAGE_SIZE).unwrap();
+        let mut m =
+            MigrateVma::setup(&self.mm, range, Select::DEVICE_PRIVATE, self.pm.owner()).unwrap();
+        let from: Vec<(usize, VirtAddr)> = m
+            .selected()
+            .filter_map(|(i, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some((i, self.dev.at(pfn))),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(from.len(), 1, "page {i} is on the device");
+        m.move_from_device(&from);
+        m.pages();
+        m.finalize();
+    }
+
+    /// Moves page `i` (the CPU's) into the device's memory again.
+    fn to_device(&self, i: usize) {
+        let range = uhmm::PageRange::new(self.page(i), PAGE_SIZE).unwrap();
+        let mut m = MigrateVma::setup(&self.mm, range, Select::SYSTEM, self.pm.owner()).unwrap();
+        let pfn = self.pm.alloc(1).unwrap()[0];
+        assert_eq!(m.move_to_device(&[(0, pfn, self.dev.at(pfn))]).len(), 1);
+        m.pages();
+        m.finalize();
     }
 }
 
@@ -327,6 +386,107 @@ fn failures_that_are_not_in_a_row_lose_nothing() {
     );
     assert_eq!(rig.mm.stats().faults_sigbus, 0);
     assert_eq!(rig.mm.stats().pages_lost, 0);
+}
+
+#[test]
+fn a_fault_served_already_is_not_served_again() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    // The fault back of page 0 commits, which wakes the reading thread;
+    // before the service looks at the page again, the program moves it
+    // back into the device, which from then on fails every call. The
+    // fault is served: nobody waits for that page. CI saw the service take
+    // the page's state for a device that did not bring it back, call the
+    // device again, and lose the page after 8 failures (an invariants.rs
+    // run: two pages lost where one was read).
+    let (committed, was_committed) = std::sync::mpsc::channel::<()>();
+    let (go, wait_go) = std::sync::mpsc::channel::<()>();
+    *rig.dev.after_commit.lock().unwrap() = Some(Hook(Box::new(move || {
+        committed.send(()).unwrap();
+        let _ = wait_go.recv_timeout(Duration::from_secs(10));
+    })));
+    assert_eq!(
+        load_soon(rig.page(0), 10),
+        Some(1),
+        "the fault back did not wake its thread"
+    );
+    was_committed.recv().unwrap();
+    rig.to_device(0);
+    rig.dev.misbehave(Mode::Fail, u32::MAX);
+    let calls = rig.dev.calls.load(Ordering::SeqCst);
+    go.send(()).unwrap();
+    // Time for the 8 calls and the loss it took before.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rig.dev.calls.load(Ordering::SeqCst),
+        calls,
+        "a fault served already was served again"
+    );
+    let st = rig.mm.stats();
+    assert_eq!((st.faults_sigbus, st.pages_lost), (0, 0), "a page was lost");
+    rig.dev.misbehave(Mode::Work, 0);
+    let got = syscall_read_soon(rig.page(0), 10).expect("the read hung");
+    assert!(matches!(got, Ok(1)), "page 0 reads {got:?}");
+}
+
+#[test]
+fn a_stale_fault_never_fails_its_page() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    // A fault on page 0 waits (its device is busy). While the service is
+    // in the device's hands for another fault (page 1), the program brings
+    // page 0 home itself, which wakes the reading thread, and moves it back
+    // into the device, which now fails every call. The fault the service
+    // still holds is stale: its thread went on, and nobody waits for the
+    // page. Failing it past the bound must not lose the page.
+    let (inside, is_inside) = std::sync::mpsc::channel::<()>();
+    let (go, wait_go) = std::sync::mpsc::channel::<()>();
+    let wait_go = Mutex::new(wait_go);
+    let page1 = rig.page(1);
+    *rig.dev.on_call.lock().unwrap() = Some(CallHook(Box::new(move |at| {
+        if at != Some(page1) {
+            return None;
+        }
+        inside.send(()).unwrap();
+        let _ = wait_go
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10));
+        Some(Mode::Work)
+    })));
+    rig.dev.misbehave(Mode::Busy, u32::MAX);
+    let (p0, p1) = (rig.page(0).get(), page1.get());
+    // SAFETY: pages of the test's region, mapped and readable.
+    let reader0 = std::thread::spawn(move || unsafe { std::ptr::read_volatile(p0 as *const u8) });
+    while rig.dev.calls.load(Ordering::SeqCst) < 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: as above.
+    let reader1 = std::thread::spawn(move || unsafe { std::ptr::read_volatile(p1 as *const u8) });
+    is_inside.recv().unwrap();
+    rig.home(0);
+    assert_eq!(common::join_soon(reader0), 1, "page 0 read wrong");
+    rig.to_device(0);
+    rig.dev.misbehave(Mode::Fail, u32::MAX);
+    let calls = rig.dev.calls.load(Ordering::SeqCst);
+    go.send(()).unwrap();
+    assert_eq!(common::join_soon(reader1), 2, "page 1 read wrong");
+    // The stale fault is failed 8 times; then its page was lost.
+    let t0 = Instant::now();
+    while rig.dev.calls.load(Ordering::SeqCst) < calls + 8 && t0.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let st = rig.mm.stats();
+    assert_eq!(
+        (st.faults_sigbus, st.pages_lost),
+        (0, 0),
+        "a page nobody was reading was lost"
+    );
+    rig.dev.misbehave(Mode::Work, 0);
+    let got = syscall_read_soon(rig.page(0), 10).expect("the read hung");
+    assert!(matches!(got, Ok(1)), "page 0 reads {got:?}");
 }
 
 /// Has the device's next fault back, between selecting its pages and

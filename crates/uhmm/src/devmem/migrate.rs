@@ -1609,6 +1609,15 @@ impl<'a> MigrateVma<'a> {
                 .collect();
             self.shared.put_device_pages(self.owner, &freed);
             let woken: Vec<VirtAddr> = done.iter().map(|&(_, a)| a).collect();
+            let serving = self
+                .shared
+                .serving
+                .load(std::sync::atomic::Ordering::Acquire);
+            if serving != 0 && woken.contains(&VirtAddr::new(serving)) {
+                self.shared
+                    .serving_woken
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             for r in super::pagemap::runs(&woken, usize::MAX >> 1) {
                 let _ = self.shared.uffd.wake(r);
             }

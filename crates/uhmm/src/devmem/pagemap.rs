@@ -41,7 +41,9 @@ pub trait DevicePagemapOps: Send + Sync + fmt::Debug {
     /// failure; a `Retry` or an `Ok` between two failures ends the run),
     /// or after 10 s of `Retry` (or of `Ok` with the faulting page still on
     /// the device), the access fails as the kernel's `VM_FAULT_SIGBUS`
-    /// makes it fail: the faulting page is poisoned, so the thread gets
+    /// makes it fail (once the access is known to wait: its page is
+    /// woken first, and its fault, made again, fails once more): the
+    /// faulting page is poisoned, so the thread gets
     /// SIGBUS (a system call reading it, EFAULT) and so does any later
     /// access; its device page is freed, and
     /// [`MmStats::faults_sigbus`](crate::mm::MmStats::faults_sigbus) counts

@@ -70,9 +70,12 @@ pub(crate) const FAULT_BUSY_FOR: Duration = Duration::from_secs(10);
 /// A held message can be stale: its thread is woken by any wake of its
 /// page (a migration putting the page back, a fault block filled for
 /// another fault), and then goes on, while the service still holds the
-/// message and serves it later. Serving a stale fault is harmless (the
-/// page is served as it is now), but what it says about its thread —
-/// that it waits — may no longer be true.
+/// message and serves it later. Serving a stale fault brings the page back
+/// as it is now, which costs a copy and no data; but what the message says
+/// about its thread — that it waits — may no longer be true, so nothing
+/// that would be wrong without a waiting access (losing the page, a
+/// self-deadlock report) rests on a message alone: the page is woken
+/// first, and only a fault read after that wake counts.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Held {
     pub(crate) fault: PageFault,
@@ -85,6 +88,9 @@ pub(crate) struct Attempts {
     failures: u32,
     failing_since: Option<Instant>,
     busy_since: Option<Instant>,
+    /// The fault was read after its page was woken, once these attempts
+    /// had passed the bounds: an access does wait for the page.
+    confirmed: bool,
 }
 
 impl Attempts {
@@ -94,6 +100,28 @@ impl Attempts {
     pub(crate) fn clear_failures(&mut self) {
         self.failures = 0;
         self.failing_since = None;
+    }
+
+    /// Whether the fault is known to have a waiting access (see
+    /// [`confirm`](Self::confirm)).
+    pub(crate) fn confirmed(&self) -> bool {
+        self.confirmed
+    }
+
+    /// These attempts, carried over to a fault read after the page was
+    /// woken: its access waits.
+    pub(crate) fn confirm(self) -> Self {
+        Attempts {
+            confirmed: true,
+            ..self
+        }
+    }
+
+    /// The page moved on (the fault waited for something else): failures
+    /// start anew, and whether an access waits is known no longer.
+    pub(crate) fn moved_on(&mut self) {
+        self.clear_failures();
+        self.confirmed = false;
     }
 
     /// Records `failure`; true once the fault has failed past the bounds.
@@ -393,7 +421,14 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             // itself away — discarded, unmapped, moved — which leaves it
             // `Cpu` too, but neither installed nor its thread woken.
             let batches = shared.batches_read();
+            shared.serving_woken.store(false, Ordering::Release);
+            shared.serving.store(page.start().get(), Ordering::Release);
             let called = pm.migrate_to_ram(&fault);
+            shared.serving.store(0, Ordering::Release);
+            // Put in place and its thread woken: served, whatever the page
+            // is now (the thread may have moved it back to the device since;
+            // if it touches it again, it faults again).
+            let woken = shared.serving_woken.swap(false, Ordering::AcqRel);
             let events_read = shared.batches_read() != batches;
             if called.is_ok() {
                 pm.faulted_back.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +459,10 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
                         Ordering::Relaxed,
                     );
                     Served::Done
+                }
+                _ if woken => {
+                    shared.last_block_end.store(0, Ordering::Relaxed);
+                    return Served::Done;
                 }
                 // Still on this device: it failed, asked to be called
                 // again, or said it was done without bringing the page back

@@ -116,6 +116,12 @@ pub(crate) struct Shared {
     /// The 2 MiB block whose device page a fault back failed to bring
     /// back whole last (0: none): its next fault takes its own range.
     pub(crate) huge_failed: AtomicUsize,
+    /// The page of the fault the service is bringing back from a device
+    /// now (its address; 0: none)...
+    pub(crate) serving: AtomicUsize,
+    /// ...and whether a migration put it in place and woke its waiters
+    /// since (see `fault::serve`).
+    pub(crate) serving_woken: AtomicBool,
 }
 
 impl Shared {
@@ -145,6 +151,8 @@ impl Shared {
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
             huge_failed: AtomicUsize::new(0),
+            serving: AtomicUsize::new(0),
+            serving_woken: AtomicBool::new(false),
         })
     }
 
@@ -1273,6 +1281,12 @@ fn settle_deferred(
 /// contained before it gets here; this is the last line) counts as a
 /// device failure: the service itself never dies of one.
 fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bool {
+    match since_woken(shared, f) {
+        // Its thread, if it still waited, was woken since: it faults again.
+        Some(None) => return true,
+        Some(Some(confirmed)) => *attempts = confirmed,
+        None => {}
+    }
     let served = callback::call(&shared.stats.callback_panics, "fault service", || {
         fault::serve(shared, f)
     })
@@ -1287,12 +1301,18 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
     match served {
         fault::Served::Done => true,
         fault::Served::Park => {
-            attempts.clear_failures();
+            attempts.moved_on();
             false
         }
         fault::Served::Failed(why, seen) => {
             if !attempts.exhausted(why) {
                 return false;
+            }
+            if !attempts.confirmed() {
+                // The message may be stale (see `Held`): the page is woken
+                // rather than lost, and lost when its access faults again.
+                wake_to_confirm(shared, f, seen, *attempts);
+                return true;
             }
             let sigbus = callback::call(&shared.stats.callback_panics, "fault service", || {
                 fault::sigbus(shared, f.fault, seen)
@@ -1311,6 +1331,84 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
             }
         }
     }
+}
+
+/// A page whose device failed a fault past the bounds, woken instead of
+/// lost: the fault that failed may have been served already (its thread
+/// woken by a migration that put the page back, which went back to the
+/// device since), and a page is lost only for an access that waits for it.
+/// A waiting thread faults again at once; that fault, read after the wake,
+/// is failed with these attempts.
+#[derive(Debug, Clone, Copy)]
+struct Woken {
+    page: VirtAddr,
+    /// Its state when its device failed it.
+    seen: Stored,
+    /// [`Shared::batches_read`] at the wake: a fault read later was made
+    /// after it.
+    read: u64,
+    at: std::time::Instant,
+    attempts: fault::Attempts,
+}
+
+/// The most [`Woken`] pages remembered; the oldest goes first.
+const WOKEN_MAX: usize = 1024;
+
+thread_local! {
+    /// The service thread's [`Woken`] pages, each for at most
+    /// `fault::FAULT_BUSY_FOR` (a thread that faults again does so at
+    /// once).
+    static WOKEN: std::cell::RefCell<Vec<Woken>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Wakes the page of `f`, whose device failed it past the bounds in state
+/// `seen`, and remembers it with its `attempts`.
+fn wake_to_confirm(shared: &Shared, f: Held, seen: Stored, attempts: fault::Attempts) {
+    let Some(page) = f.fault.page() else {
+        return;
+    };
+    WOKEN.with(|w| {
+        let mut w = w.borrow_mut();
+        w.retain(|p| p.page != page.start());
+        if w.len() >= WOKEN_MAX {
+            w.remove(0);
+        }
+        w.push(Woken {
+            page: page.start(),
+            seen,
+            read: shared.batches_read(),
+            at: std::time::Instant::now(),
+            attempts,
+        });
+    });
+    let _ = shared.uffd.wake(page);
+}
+
+/// For a fault on a page woken by [`wake_to_confirm`]: `Some(None)` if it
+/// was read before that wake (stale: its thread, if it waited, was woken
+/// and faults again), `Some(attempts)` to go on with if read after it
+/// while the page is as its device failed it (its access waits), `None`
+/// otherwise (served as any fault).
+fn since_woken(shared: &Shared, f: Held) -> Option<Option<fault::Attempts>> {
+    let page = f.fault.page()?.start();
+    let woken = WOKEN.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.is_empty() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        w.retain(|p| now.duration_since(p.at) < fault::FAULT_BUSY_FOR);
+        let k = w.iter().position(|p| p.page == page)?;
+        if f.read <= w[k].read {
+            return Some(None);
+        }
+        Some(Some(w.swap_remove(k)))
+    })?;
+    let Some(p) = woken else {
+        return Some(None);
+    };
+    // A page that changed since is served afresh.
+    (lock(&shared.regions).states.get(page) == p.seen).then(|| Some(p.attempts.confirm()))
 }
 
 /// What a batch of events leaves to do outside the regions lock.
