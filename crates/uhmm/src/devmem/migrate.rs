@@ -1546,6 +1546,13 @@ impl<'a> MigrateVma<'a> {
             }
             k += n;
         }
+        // The page whose fault the service is serving, put in place: that
+        // fault is served (see `fault::serve`).
+        if let Some((page, installed)) = regions.serving.as_mut()
+            && done_pages.iter().any(|&(_, a)| a == *page)
+        {
+            *installed = true;
+        }
         (done_pages, left, failed)
     }
 
@@ -1609,15 +1616,6 @@ impl<'a> MigrateVma<'a> {
                 .collect();
             self.shared.put_device_pages(self.owner, &freed);
             let woken: Vec<VirtAddr> = done.iter().map(|&(_, a)| a).collect();
-            let serving = self
-                .shared
-                .serving
-                .load(std::sync::atomic::Ordering::Acquire);
-            if serving != 0 && woken.contains(&VirtAddr::new(serving)) {
-                self.shared
-                    .serving_woken
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
             for r in super::pagemap::runs(&woken, usize::MAX >> 1) {
                 let _ = self.shared.uffd.wake(r);
             }

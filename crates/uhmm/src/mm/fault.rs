@@ -88,9 +88,6 @@ pub(crate) struct Attempts {
     failures: u32,
     failing_since: Option<Instant>,
     busy_since: Option<Instant>,
-    /// The fault was read after its page was woken, once these attempts
-    /// had passed the bounds: an access does wait for the page.
-    confirmed: bool,
 }
 
 impl Attempts {
@@ -100,28 +97,6 @@ impl Attempts {
     pub(crate) fn clear_failures(&mut self) {
         self.failures = 0;
         self.failing_since = None;
-    }
-
-    /// Whether the fault is known to have a waiting access (see
-    /// [`confirm`](Self::confirm)).
-    pub(crate) fn confirmed(&self) -> bool {
-        self.confirmed
-    }
-
-    /// These attempts, carried over to a fault read after the page was
-    /// woken: its access waits.
-    pub(crate) fn confirm(self) -> Self {
-        Attempts {
-            confirmed: true,
-            ..self
-        }
-    }
-
-    /// The page moved on (the fault waited for something else): failures
-    /// start anew, and whether an access waits is known no longer.
-    pub(crate) fn moved_on(&mut self) {
-        self.clear_failures();
-        self.confirmed = false;
     }
 
     /// Records `failure`; true once the fault has failed past the bounds.
@@ -421,14 +396,8 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             // itself away — discarded, unmapped, moved — which leaves it
             // `Cpu` too, but neither installed nor its thread woken.
             let batches = shared.batches_read();
-            shared.serving_woken.store(false, Ordering::Release);
-            shared.serving.store(page.start().get(), Ordering::Release);
+            lock(&shared.regions).serving = Some((page.start(), false));
             let called = pm.migrate_to_ram(&fault);
-            shared.serving.store(0, Ordering::Release);
-            // Put in place and its thread woken: served, whatever the page
-            // is now (the thread may have moved it back to the device since;
-            // if it touches it again, it faults again).
-            let woken = shared.serving_woken.swap(false, Ordering::AcqRel);
             let events_read = shared.batches_read() != batches;
             if called.is_ok() {
                 pm.faulted_back.fetch_add(1, Ordering::Relaxed);
@@ -442,7 +411,16 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
                 block_pages = range.npages(),
                 "CPU fault on device memory served"
             );
-            let served = match lock(&shared.regions).states.get(page.start()) {
+            // Put in place meanwhile (by this call or any other install):
+            // served, whatever the page holds now (its thread may have moved
+            // it back to the device since; if it touches it again, it faults
+            // again).
+            let (now, installed) = {
+                let mut regions = lock(&shared.regions);
+                let installed = regions.serving.take().is_some_and(|(_, i)| i);
+                (regions.states.get(page.start()), installed)
+            };
+            let served = match now {
                 // Served again as the hole it may be (which wakes the
                 // thread: a page installed meanwhile says EEXIST).
                 Stored::Cpu if events_read => {
@@ -460,7 +438,7 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
                     );
                     Served::Done
                 }
-                _ if woken => {
+                _ if installed => {
                     shared.last_block_end.store(0, Ordering::Relaxed);
                     return Served::Done;
                 }

@@ -136,6 +136,11 @@ pub(crate) struct Regions {
     /// Ranges being let go of (see [`close`](Self::close)).
     closing: Vec<Closing>,
     next_closing: u64,
+    /// The page whose fault the service is bringing back from its device
+    /// now, and whether an install (any thread's, under this lock) has put
+    /// it in place since: then that fault is served, whatever the page
+    /// holds once the device's call returns (see `fault::serve`).
+    pub(crate) serving: Option<(VirtAddr, bool)>,
 }
 
 /// How long a fence stands at most. The kernel zaps right after the

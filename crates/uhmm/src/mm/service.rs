@@ -116,12 +116,6 @@ pub(crate) struct Shared {
     /// The 2 MiB block whose device page a fault back failed to bring
     /// back whole last (0: none): its next fault takes its own range.
     pub(crate) huge_failed: AtomicUsize,
-    /// The page of the fault the service is bringing back from a device
-    /// now (its address; 0: none)...
-    pub(crate) serving: AtomicUsize,
-    /// ...and whether a migration put it in place and woke its waiters
-    /// since (see `fault::serve`).
-    pub(crate) serving_woken: AtomicBool,
 }
 
 impl Shared {
@@ -151,8 +145,6 @@ impl Shared {
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
             huge_failed: AtomicUsize::new(0),
-            serving: AtomicUsize::new(0),
-            serving_woken: AtomicBool::new(false),
         })
     }
 
@@ -1281,12 +1273,18 @@ fn settle_deferred(
 /// contained before it gets here; this is the last line) counts as a
 /// device failure: the service itself never dies of one.
 fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bool {
-    match since_woken(shared, f) {
-        // Its thread, if it still waited, was woken since: it faults again.
-        Some(None) => return true,
-        Some(Some(confirmed)) => *attempts = confirmed,
-        None => {}
-    }
+    // Whether an access is known to wait for the page: the fault was
+    // read after the wake of a fault that had failed past the bounds, and
+    // carries on its failures. Known for this call only: a fault the
+    // device keeps busy may go stale again while it waits.
+    let confirmed = match since_woken(shared, f) {
+        Some(SinceWoken::Stale) => return true,
+        Some(SinceWoken::Waits(carried)) => {
+            *attempts = carried;
+            true
+        }
+        None => false,
+    };
     let served = callback::call(&shared.stats.callback_panics, "fault service", || {
         fault::serve(shared, f)
     })
@@ -1301,14 +1299,14 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
     match served {
         fault::Served::Done => true,
         fault::Served::Park => {
-            attempts.moved_on();
+            attempts.clear_failures();
             false
         }
         fault::Served::Failed(why, seen) => {
             if !attempts.exhausted(why) {
                 return false;
             }
-            if !attempts.confirmed() {
+            if !confirmed {
                 // The message may be stale (see `Held`): the page is woken
                 // rather than lost, and lost when its access faults again.
                 wake_to_confirm(shared, f, seen, *attempts);
@@ -1347,6 +1345,9 @@ struct Woken {
     /// [`Shared::batches_read`] at the wake: a fault read later was made
     /// after it.
     read: u64,
+    /// The thread that faulted (if the kernel says): only its fault
+    /// carries on the failures.
+    thread: Option<u32>,
     at: std::time::Instant,
     attempts: fault::Attempts,
 }
@@ -1356,7 +1357,7 @@ const WOKEN_MAX: usize = 1024;
 
 thread_local! {
     /// The service thread's [`Woken`] pages, each for at most
-    /// `fault::FAULT_BUSY_FOR` (a thread that faults again does so at
+    /// `fault::FAULT_FAILING_FOR` (a thread that faults again does so at
     /// once).
     static WOKEN: std::cell::RefCell<Vec<Woken>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -1377,6 +1378,7 @@ fn wake_to_confirm(shared: &Shared, f: Held, seen: Stored, attempts: fault::Atte
             page: page.start(),
             seen,
             read: shared.batches_read(),
+            thread: f.fault.thread,
             at: std::time::Instant::now(),
             attempts,
         });
@@ -1384,31 +1386,39 @@ fn wake_to_confirm(shared: &Shared, f: Held, seen: Stored, attempts: fault::Atte
     let _ = shared.uffd.wake(page);
 }
 
-/// For a fault on a page woken by [`wake_to_confirm`]: `Some(None)` if it
-/// was read before that wake (stale: its thread, if it waited, was woken
-/// and faults again), `Some(attempts)` to go on with if read after it
-/// while the page is as its device failed it (its access waits), `None`
-/// otherwise (served as any fault).
-fn since_woken(shared: &Shared, f: Held) -> Option<Option<fault::Attempts>> {
+/// What a fault on a page woken by [`wake_to_confirm`] is.
+enum SinceWoken {
+    /// Read before that wake: stale (its thread, if it waited, was woken
+    /// and faults again).
+    Stale,
+    /// The woken thread's fault again, read after the wake, the page as
+    /// its device failed it: its access waits; these attempts go on.
+    Waits(fault::Attempts),
+}
+
+/// Whether `f` is a fault on a page woken by [`wake_to_confirm`] (`None`:
+/// served as any fault; so is another thread's fault, an access of its
+/// own, and one on a page that changed since).
+fn since_woken(shared: &Shared, f: Held) -> Option<SinceWoken> {
     let page = f.fault.page()?.start();
-    let woken = WOKEN.with(|w| {
+    let p = WOKEN.with(|w| {
         let mut w = w.borrow_mut();
         if w.is_empty() {
             return None;
         }
         let now = std::time::Instant::now();
-        w.retain(|p| now.duration_since(p.at) < fault::FAULT_BUSY_FOR);
+        w.retain(|p| now.duration_since(p.at) < fault::FAULT_FAILING_FOR);
         let k = w.iter().position(|p| p.page == page)?;
         if f.read <= w[k].read {
             return Some(None);
         }
         Some(Some(w.swap_remove(k)))
     })?;
-    let Some(p) = woken else {
-        return Some(None);
+    let Some(p) = p else {
+        return Some(SinceWoken::Stale);
     };
-    // A page that changed since is served afresh.
-    (lock(&shared.regions).states.get(page) == p.seen).then(|| Some(p.attempts.confirm()))
+    (p.thread == f.fault.thread && lock(&shared.regions).states.get(page) == p.seen)
+        .then_some(SinceWoken::Waits(p.attempts))
 }
 
 /// What a batch of events leaves to do outside the regions lock.
