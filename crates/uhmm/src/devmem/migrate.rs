@@ -229,6 +229,9 @@ pub struct MigrateVma<'a> {
     /// Install by COPY (not MOVE): the mapping is not private anonymous
     /// read-write.
     copy_install: Vec<bool>,
+    /// A page went home by COPY from its staging slot
+    /// ([`copy_fill`](Self::copy_fill)): the run still holds pages.
+    filled: std::cell::Cell<bool>,
     blockable: bool,
     committed: bool,
     done: bool,
@@ -456,6 +459,7 @@ impl<'a> MigrateVma<'a> {
             entries: vec![Entry::UNSELECTED; range.npages()],
             run: None,
             copy_install: Vec::with_capacity(range.npages()),
+            filled: std::cell::Cell::new(false),
             blockable,
             committed: false,
             done: false,
@@ -1513,15 +1517,17 @@ impl<'a> MigrateVma<'a> {
                 }
                 n += 1;
             }
-            let copy = todo[k..k + n]
-                .iter()
-                .any(|&(j, _, _)| self.copy_install[j] || (fill && self.copy_fill(j)));
+            let filling = fill && todo[k..k + n].iter().any(|&(j, _, _)| self.copy_fill(j));
+            let copy = filling || todo[k..k + n].iter().any(|&(j, _, _)| self.copy_install[j]);
             let Ok(r) = PageRange::new(at, n * PAGE_SIZE) else {
                 k += n;
                 continue;
             };
             let (done, stop) = self.install(r, from, copy);
             let done = done / PAGE_SIZE;
+            if filling && done > 0 {
+                self.filled.set(true);
+            }
             for &(j, a, _) in &todo[k..k + done] {
                 let _ = regions.states.set(a, Stored::Cpu);
                 let _ = regions.clear_taken(self.op, j);
@@ -1567,6 +1573,8 @@ impl<'a> MigrateVma<'a> {
     /// leaves the staging page table (a MOVE flushes the TLB of every CPU
     /// the process runs on). The kernel's copy costs less than the first
     /// touches it saves (`uhmm bench`: the copying fault-back cases).
+    /// Pages that went home this way stay in their slots: the run is
+    /// known to hold pages without asking the page table.
     fn copy_fill(&self, i: usize) -> bool {
         self.entries[i].dst == MigrateDst::System
     }
@@ -1917,12 +1925,14 @@ impl<'a> MigrateVma<'a> {
             let query = ScanQuery::new()
                 .any_of(Categories::PRESENT | Categories::SWAPPED)
                 .max_pages(1);
-            let dirty = self
-                .shared
-                .pagemap()
-                .ok()
-                .and_then(|pm| pm.scan(staging.slots(&run, span), &query, &mut left).ok())
-                .is_none_or(|_| !left.is_empty());
+            // (Pages copied out of their slots stay there: no scan.)
+            let dirty = self.filled.get()
+                || self
+                    .shared
+                    .pagemap()
+                    .ok()
+                    .and_then(|pm| pm.scan(staging.slots(&run, span), &query, &mut left).ok())
+                    .is_none_or(|_| !left.is_empty());
             staging.free(run, dirty, self.blockable);
         }
         // End the operation and the invalidation, let the fork gate go, and
