@@ -88,6 +88,9 @@ pub(crate) struct Attempts {
     failures: u32,
     failing_since: Option<Instant>,
     busy_since: Option<Instant>,
+    /// The fault was read after its page was woken, once these attempts
+    /// had passed the bounds: an access waits for the page.
+    pub(crate) confirmed: bool,
 }
 
 impl Attempts {

@@ -1273,18 +1273,14 @@ fn settle_deferred(
 /// contained before it gets here; this is the last line) counts as a
 /// device failure: the service itself never dies of one.
 fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bool {
-    // Whether an access is known to wait for the page: the fault was
-    // read after the wake of a fault that had failed past the bounds, and
-    // carries on its failures. Known for this call only: a fault the
-    // device keeps busy may go stale again while it waits.
-    let confirmed = match since_woken(shared, f) {
+    match since_woken(shared, f) {
         Some(SinceWoken::Stale) => return true,
         Some(SinceWoken::Waits(carried)) => {
             *attempts = carried;
-            true
+            attempts.confirmed = true;
         }
-        None => false,
-    };
+        None => {}
+    }
     let served = callback::call(&shared.stats.callback_panics, "fault service", || {
         fault::serve(shared, f)
     })
@@ -1299,14 +1295,16 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
     match served {
         fault::Served::Done => true,
         fault::Served::Park => {
+            // The page moved on: whether an access waits is known no longer.
             attempts.clear_failures();
+            attempts.confirmed = false;
             false
         }
         fault::Served::Failed(why, seen) => {
             if !attempts.exhausted(why) {
                 return false;
             }
-            if !confirmed {
+            if !attempts.confirmed {
                 // The message may be stale (see `Held`): the page is woken
                 // rather than lost, and lost when its access faults again.
                 wake_to_confirm(shared, f, seen, *attempts);
@@ -1357,8 +1355,8 @@ const WOKEN_MAX: usize = 1024;
 
 thread_local! {
     /// The service thread's [`Woken`] pages, each for at most
-    /// `fault::FAULT_FAILING_FOR` (a thread that faults again does so at
-    /// once).
+    /// `fault::FAULT_BUSY_FOR` (a thread that faults again does so at
+    /// once, but the service may be busy for a while before it reads it).
     static WOKEN: std::cell::RefCell<Vec<Woken>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -1407,7 +1405,7 @@ fn since_woken(shared: &Shared, f: Held) -> Option<SinceWoken> {
             return None;
         }
         let now = std::time::Instant::now();
-        w.retain(|p| now.duration_since(p.at) < fault::FAULT_FAILING_FOR);
+        w.retain(|p| now.duration_since(p.at) < fault::FAULT_BUSY_FOR);
         let k = w.iter().position(|p| p.page == page)?;
         if f.read <= w[k].read {
             return Some(None);
