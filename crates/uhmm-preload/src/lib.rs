@@ -2043,11 +2043,16 @@ fn own_call() -> bool {
 
 /// Returns `call()` (a call into the allocator below, or another that
 /// needs address space), made once more if it `failed` and a lower
-/// `RLIMIT_AS` set from outside was just followed (`follow_limit`): the
+/// `RLIMIT_AS` set from outside was followed since it began — just now
+/// (`follow_limit`), or by another thread whose cut ended between the call
+/// and this look (the call failed for want of the room that cut gave
+/// back; CI saw 1 call in a run of `limit_outside.c race` fail so): the
 /// room it lacked may be free now.
 fn retried<T>(call: impl Fn() -> T, failed: impl Fn(&T) -> bool) -> T {
+    let before = LIMIT_SEEN.load(Ordering::Acquire);
     let r = call();
-    if failed(&r) && !in_alloc() && follow_limit() {
+    if failed(&r) && !in_alloc() && (follow_limit() || LIMIT_SEEN.load(Ordering::Acquire) != before)
+    {
         return call();
     }
     r
