@@ -302,6 +302,19 @@ fn syscall_read_soon(addr: VirtAddr, secs: u64) -> Option<Result<u8, uhmm::sys::
     })
 }
 
+/// [`syscall_read_soon`] of each of `addrs`, all at once, each on a
+/// thread of its own.
+fn syscall_reads_soon(
+    addrs: impl IntoIterator<Item = VirtAddr>,
+    secs: u64,
+) -> Vec<Option<Result<u8, uhmm::sys::mem::AccessError>>> {
+    let readers: Vec<_> = addrs
+        .into_iter()
+        .map(|a| std::thread::spawn(move || syscall_read_soon(a, secs)))
+        .collect();
+    readers.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 #[test]
 fn a_migrate_to_ram_that_panics_is_contained_and_the_fault_served_once_it_heals() {
     let _s = common::serial();
@@ -1739,13 +1752,7 @@ fn a_slow_failing_device_ends_every_access() {
         Some(Mode::Fail)
     })));
     let t0 = Instant::now();
-    let hs: Vec<_> = (0..4)
-        .map(|i| {
-            let a = rig.page(i);
-            std::thread::spawn(move || syscall_read_soon(a, 40))
-        })
-        .collect();
-    let got: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let got = syscall_reads_soon((0..4).map(|i| rig.page(i)), 40);
     let took = t0.elapsed();
     let st = rig.mm.stats();
     let calls = rig.dev.calls.load(Ordering::SeqCst);
@@ -1758,23 +1765,18 @@ fn a_slow_failing_device_ends_every_access() {
     );
 }
 
+/// Two threads read one page its device always fails: the woken page's
+/// failures belong to one of them, and both accesses still end (SIGBUS).
 #[test]
 fn two_threads_on_a_failing_page_both_end() {
     let _s = common::serial();
     let Some(rig) = Rig::new(2) else { return };
     rig.dev.misbehave(Mode::Fail, u32::MAX);
     let t0 = Instant::now();
-    let hs: Vec<_> = (0..2)
-        .map(|_| {
-            let a = rig.page(0);
-            std::thread::spawn(move || syscall_read_soon(a, 20))
-        })
-        .collect();
-    let got: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let got = syscall_reads_soon([rig.page(0), rig.page(0)], 20);
     let took = t0.elapsed();
     let calls = rig.dev.calls.load(Ordering::SeqCst);
     rig.dev.misbehave(Mode::Work, 0);
-    eprintln!("REVIEW2 took {took:?} calls {calls}");
     assert!(
         got.iter().all(|g| matches!(g, Some(Err(_)))),
         "after {took:?}: {got:?}; calls {calls}"
