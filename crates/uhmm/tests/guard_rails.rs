@@ -244,8 +244,8 @@ impl Rig {
     }
 
     /// Brings page `i` home from the device (a migration of the
-    /// program's, not a fault).
-    fn home(&self, i: usize) {
+    /// program's, not a fault); the device page it was in.
+    fn home(&self, i: usize) -> DevicePfn {
         let range = uhmm::PageRange::new(self.page(i), PAGE_SIZE).unwrap();
         let mut m =
             MigrateVma::setup(&self.mm, range, Select::DEVICE_PRIVATE, self.pm.owner()).unwrap();
@@ -257,19 +257,29 @@ impl Rig {
             })
             .collect();
         assert_eq!(from.len(), 1, "page {i} is on the device");
+        let pfn = m
+            .selected()
+            .find_map(|(_, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some(pfn),
+                _ => None,
+            })
+            .unwrap();
         m.move_from_device(&from);
         m.pages();
         m.finalize();
+        pfn
     }
 
-    /// Moves page `i` (the CPU's) into the device's memory again.
-    fn to_device(&self, i: usize) {
+    /// Moves page `i` (the CPU's) into the device's memory again; the
+    /// device page it is in now.
+    fn to_device(&self, i: usize) -> DevicePfn {
         let range = uhmm::PageRange::new(self.page(i), PAGE_SIZE).unwrap();
         let mut m = MigrateVma::setup(&self.mm, range, Select::SYSTEM, self.pm.owner()).unwrap();
         let pfn = self.pm.alloc(1).unwrap()[0];
         assert_eq!(m.move_to_device(&[(0, pfn, self.dev.at(pfn))]).len(), 1);
         m.pages();
         m.finalize();
+        pfn
     }
 }
 
@@ -525,6 +535,108 @@ fn an_access_after_a_stale_fault_has_its_own_failure_bound() {
         st.faults_sigbus,
         st.pages_lost
     );
+}
+
+/// A fault known to wait (its thread's fault again, after the wake that
+/// follows a page's failures past the bound) whose page, after the service
+/// has read it and before it serves it, goes home — which wakes that
+/// thread, which goes on — and back into the same device page, whose
+/// device still fails: the fault is stale, and the page is not lost.
+/// Before, the page's state at the wake was compared with its state now,
+/// the same again, and the page was lost at the fault's first call (found
+/// by review: 10 of 10 forced runs).
+///
+/// Forced so: page 1's fault is parked behind page 0's (its device busy);
+/// when page 0 fails past the bound, page 2's fault is made, and page 1's
+/// next call waits until page 0's thread has faulted again, so that the
+/// service reads both faults at once and serves page 2's first, where the
+/// test holds it.
+#[test]
+fn a_refault_that_goes_stale_before_it_is_served_loses_no_page() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(3) else { return };
+    let (page0, page1, page2) = (rig.page(0), rig.page(1), rig.page(2));
+    let (inside, is_inside) = std::sync::mpsc::channel::<()>();
+    let (go, wait_go) = std::sync::mpsc::channel::<()>();
+    let wait_go = Mutex::new(wait_go);
+    let readers = Arc::new(Mutex::new(Vec::new()));
+    let slow1 = Arc::new(AtomicU32::new(0));
+    let let_go1 = Arc::new(AtomicU32::new(0));
+    let (r, s1, g1) = (readers.clone(), slow1.clone(), let_go1.clone());
+    let mut calls0 = 0;
+    *rig.dev.on_call.lock().unwrap() = Some(CallHook(Box::new(move |at| {
+        let read = |p: VirtAddr| {
+            let p = p.get();
+            // SAFETY: a page of the test's region, mapped and readable.
+            let t = std::thread::spawn(move || unsafe { std::ptr::read_volatile(p as *const u8) });
+            r.lock().unwrap().push(t);
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if at == Some(page0) {
+            calls0 += 1;
+            if calls0 == 2 {
+                read(page1);
+            }
+            if calls0 == 8 {
+                read(page2);
+                s1.store(1, Ordering::SeqCst);
+            }
+            Some(Mode::Fail)
+        } else if at == Some(page1) {
+            if s1.swap(0, Ordering::SeqCst) == 1 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(if g1.load(Ordering::SeqCst) == 1 {
+                Mode::Work
+            } else {
+                Mode::Busy
+            })
+        } else {
+            inside.send(()).unwrap();
+            let _ = wait_go
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            Some(Mode::Work)
+        }
+    })));
+    let reader0 = std::thread::spawn(move || syscall_read_soon(page0, 20));
+    is_inside
+        .recv_timeout(Duration::from_secs(10))
+        .expect("page 2's fault was not served");
+    // The service holds page 0's refault, read with page 2's; its thread
+    // waits in it.
+    let was = rig.home(0);
+    let got0 = common::join_soon(reader0);
+    assert!(
+        matches!(got0, Some(Ok(1))),
+        "the install did not end page 0's access: {got0:?}"
+    );
+    assert_eq!(rig.to_device(0), was, "back into the same device page");
+    let calls = rig.dev.calls.load(Ordering::SeqCst);
+    go.send(()).unwrap();
+    // The stale refault is failed 8 times, then woken; before, its page
+    // was lost at the first.
+    let t0 = Instant::now();
+    while rig.dev.calls.load(Ordering::SeqCst) < calls + 8 && t0.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let st = rig.mm.stats();
+    let_go1.store(1, Ordering::SeqCst);
+    for (t, want) in readers.lock().unwrap().drain(..).zip([2, 3]) {
+        assert_eq!(common::join_soon(t), want, "page {} read wrong", want - 1);
+    }
+    assert_eq!(
+        (st.faults_sigbus, st.pages_lost),
+        (0, 0),
+        "a page nobody was reading was lost"
+    );
+    *rig.dev.on_call.lock().unwrap() = None;
+    rig.dev.misbehave(Mode::Work, 0);
+    let got = syscall_read_soon(page0, 10).expect("the read hung");
+    assert!(matches!(got, Ok(1)), "page 0 reads {got:?}");
 }
 
 /// Has the device's next fault back, between selecting its pages and

@@ -20,7 +20,7 @@
 
 use super::notifier::{NotifierRange, NotifyEvent};
 use super::service::{Shared, lock};
-use super::state::Stored;
+use super::state::{Stored, WatchId};
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::devmem::pagemap::{DeviceFault, FaultError};
 use crate::sys::uffd::{ContinueMode, CopyMode, FaultFlags, OpError, PageFault, Progress, Stop};
@@ -89,8 +89,9 @@ pub(crate) struct Attempts {
     failing_since: Option<Instant>,
     busy_since: Option<Instant>,
     /// The fault was read after its page was woken, once these attempts
-    /// had passed the bounds: an access waits for the page.
-    pub(crate) confirmed: bool,
+    /// had passed the bounds: an access waits for the page, as long as
+    /// this watch on it (taken at the wake) reads unchanged.
+    pub(crate) waits: Option<WatchId>,
 }
 
 impl Attempts {

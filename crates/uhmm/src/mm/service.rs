@@ -27,7 +27,7 @@
 use super::fault::Held;
 use super::notifier::{NotifierRange, Notifiers, NotifyEvent};
 use super::regions::{Region, Regions};
-use super::state::{OpId, Stored};
+use super::state::{OpId, Stored, WatchId};
 use super::{ForkedChild, MmError, Owner, callback, fault};
 use crate::addr::{DevicePfn, PageRange, VirtAddr};
 use crate::devmem::pagemap::PagemapInner;
@@ -1275,10 +1275,7 @@ fn settle_deferred(
 fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bool {
     match since_woken(shared, f) {
         Some(SinceWoken::Stale) => return true,
-        Some(SinceWoken::Waits(carried)) => {
-            *attempts = carried;
-            attempts.confirmed = true;
-        }
+        Some(SinceWoken::Waits(carried)) => *attempts = carried,
         None => {}
     }
     let served = callback::call(&shared.stats.callback_panics, "fault service", || {
@@ -1293,20 +1290,30 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
         fault::Served::Failed(fault::Failure::Device, seen)
     });
     match served {
-        fault::Served::Done => true,
+        fault::Served::Done => {
+            unwatch(shared, attempts);
+            true
+        }
         fault::Served::Park => {
             // The page moved on: whether an access waits is known no longer.
             attempts.clear_failures();
-            attempts.confirmed = false;
+            unwatch(shared, attempts);
             false
         }
         fault::Served::Failed(why, seen) => {
             if !attempts.exhausted(why) {
                 return false;
             }
-            if !attempts.confirmed {
+            // Known to wait only while the page has not changed hands since
+            // the wake: it may have gone home (its thread woken by that
+            // install, and gone on) and back to the device meanwhile.
+            let waits = attempts
+                .waits
+                .is_some_and(|w| !lock(&shared.regions).states.changed(w));
+            if !waits {
                 // The message may be stale (see `Held`): the page is woken
                 // rather than lost, and lost when its access faults again.
+                unwatch(shared, attempts);
                 wake_to_confirm(shared, f, seen, *attempts);
                 return true;
             }
@@ -1315,10 +1322,12 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
             });
             match sigbus {
                 Ok(fault::Served::Done) => {
+                    unwatch(shared, attempts);
                     *attempts = fault::Attempts::default();
                     true
                 }
                 Ok(fault::Served::Park) => {
+                    unwatch(shared, attempts);
                     *attempts = fault::Attempts::default();
                     false
                 }
@@ -1326,6 +1335,14 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
                 _ => false,
             }
         }
+    }
+}
+
+/// Ends the watch `attempts` holds on its page, if any: whether an access
+/// waits is known no longer.
+fn unwatch(shared: &Shared, attempts: &mut fault::Attempts) {
+    if let Some(w) = attempts.waits.take() {
+        lock(&shared.regions).states.unwatch(w);
     }
 }
 
@@ -1338,8 +1355,9 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
 #[derive(Debug, Clone, Copy)]
 struct Woken {
     page: VirtAddr,
-    /// Its state when its device failed it.
-    seen: Stored,
+    /// A watch on it since its device failed it: the same access, if it
+    /// faults again, finds it unchanged.
+    watch: WatchId,
     /// [`Shared::batches_read`] at the wake: a fault read later was made
     /// after it.
     read: u64,
@@ -1368,13 +1386,22 @@ fn wake_to_confirm(shared: &Shared, f: Held, seen: Stored, attempts: fault::Atte
     };
     WOKEN.with(|w| {
         let mut w = w.borrow_mut();
-        w.retain(|p| p.page != page.start());
+        let mut regions = lock(&shared.regions);
+        w.retain(|p| {
+            let keep = p.page != page.start();
+            if !keep {
+                regions.states.unwatch(p.watch);
+            }
+            keep
+        });
         if w.len() >= WOKEN_MAX {
-            w.remove(0);
+            regions.states.unwatch(w.remove(0).watch);
         }
+        let watch = regions.states.watch(page.start(), seen);
+        drop(regions);
         w.push(Woken {
             page: page.start(),
-            seen,
+            watch,
             read: shared.batches_read(),
             thread: f.fault.thread,
             at: std::time::Instant::now(),
@@ -1389,8 +1416,9 @@ enum SinceWoken {
     /// Read before that wake: stale (its thread, if it waited, was woken
     /// and faults again).
     Stale,
-    /// The woken thread's fault again, read after the wake, the page as
-    /// its device failed it: its access waits; these attempts go on.
+    /// The woken thread's fault again, read after the wake, its page's
+    /// watch unchanged: its access waits; these attempts (holding the
+    /// watch) go on.
     Waits(fault::Attempts),
 }
 
@@ -1405,7 +1433,13 @@ fn since_woken(shared: &Shared, f: Held) -> Option<SinceWoken> {
             return None;
         }
         let now = std::time::Instant::now();
-        w.retain(|p| now.duration_since(p.at) < fault::FAULT_BUSY_FOR);
+        w.retain(|p| {
+            let keep = now.duration_since(p.at) < fault::FAULT_BUSY_FOR;
+            if !keep {
+                lock(&shared.regions).states.unwatch(p.watch);
+            }
+            keep
+        });
         let k = w.iter().position(|p| p.page == page)?;
         if f.read <= w[k].read {
             return Some(None);
@@ -1415,8 +1449,14 @@ fn since_woken(shared: &Shared, f: Held) -> Option<SinceWoken> {
     let Some(p) = p else {
         return Some(SinceWoken::Stale);
     };
-    (p.thread == f.fault.thread && lock(&shared.regions).states.get(page) == p.seen)
-        .then_some(SinceWoken::Waits(p.attempts))
+    let mut regions = lock(&shared.regions);
+    if p.thread == f.fault.thread && !regions.states.changed(p.watch) {
+        let mut attempts = p.attempts;
+        attempts.waits = Some(p.watch);
+        return Some(SinceWoken::Waits(attempts));
+    }
+    regions.states.unwatch(p.watch);
+    None
 }
 
 /// What a batch of events leaves to do outside the regions lock.

@@ -133,7 +133,28 @@ pub(crate) struct StateTable {
     /// *at once*, not in the address space's lifetime.
     slots: Vec<Option<Slot>>,
     by_owner: std::collections::HashMap<Owner, usize, crate::addr::IdBuildHasher>,
+    /// Pages watched for a change of hands ([`watch`](Self::watch)), oldest
+    /// first.
+    watches: Vec<Watch>,
+    next_watch: u64,
 }
+
+/// A page watched since it was in state `seen`.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    id: WatchId,
+    addr: VirtAddr,
+    seen: Stored,
+    changed: bool,
+}
+
+/// Names one watch of [`StateTable::watch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WatchId(u64);
+
+/// The most watches kept at once; past it the oldest is dropped, and reads
+/// as changed.
+const MAX_WATCHES: usize = 4096;
 
 impl fmt::Debug for StateTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,6 +182,9 @@ impl StateTable {
     /// Records `state` for the page at `addr` and returns the old one.
     pub(crate) fn set(&mut self, addr: VirtAddr, state: Stored) -> Result<Stored, StateError> {
         let entry = self.encode(state)?;
+        if !self.watches.is_empty() {
+            self.note(addr, state);
+        }
         let (chunk, index) = split(addr);
         let old = self.replace(chunk, index, entry);
         let was = self.decode(old);
@@ -196,6 +220,9 @@ impl StateTable {
     /// Forgets the state of every page of `range` (it was unmapped or
     /// discarded), calling `gone` with each page that had one.
     pub(crate) fn clear(&mut self, range: PageRange, mut gone: impl FnMut(VirtAddr, Stored)) {
+        for w in &mut self.watches {
+            w.changed |= range.contains(w.addr);
+        }
         let first = range.start().get() >> CHUNK_SHIFT;
         let last = (range.end().get() - 1) >> CHUNK_SHIFT;
         let keys: Vec<usize> = self.chunks.range(first..=last).map(|(&k, _)| k).collect();
@@ -220,6 +247,51 @@ impl StateTable {
         }
         for old in dropped {
             self.unref(old);
+        }
+    }
+
+    /// Watches the page at `addr`, in state `seen` now, until
+    /// [`unwatch`](Self::unwatch): it reads [`changed`](Self::changed) once
+    /// it has been in a state other than `seen` and `Migrating` (an
+    /// operation that took it out and put it back as it was changed
+    /// nothing, a fault back its device failed, say), or was unmapped,
+    /// discarded or moved away. A page that went home and came back to the
+    /// same device page reads changed: it was `Cpu` in between.
+    pub(crate) fn watch(&mut self, addr: VirtAddr, seen: Stored) -> WatchId {
+        if self.watches.len() >= MAX_WATCHES {
+            self.watches.remove(0);
+        }
+        self.next_watch += 1;
+        let id = WatchId(self.next_watch);
+        self.watches.push(Watch {
+            id,
+            addr,
+            seen,
+            changed: false,
+        });
+        id
+    }
+
+    /// Whether the page of watch `id` changed hands since it was watched
+    /// (true for a watch dropped as too old, or ended).
+    pub(crate) fn changed(&self, id: WatchId) -> bool {
+        self.watches
+            .iter()
+            .find(|w| w.id == id)
+            .is_none_or(|w| w.changed)
+    }
+
+    /// Ends watch `id`.
+    pub(crate) fn unwatch(&mut self, id: WatchId) {
+        self.watches.retain(|w| w.id != id);
+    }
+
+    /// The page at `addr` is in state `now` from now on.
+    fn note(&mut self, addr: VirtAddr, now: Stored) {
+        for w in &mut self.watches {
+            if w.addr == addr && !matches!(now, Stored::Migrating(_)) {
+                w.changed |= now != w.seen;
+            }
         }
     }
 
@@ -549,6 +621,44 @@ mod tests {
         assert_eq!(t.get(page(3)), Stored::Cpu);
         assert_eq!(t.get(page(5003)), Stored::Exclusive(o, 2));
         assert_eq!(t.get(page(5700)), Stored::Device(o, DevicePfn(7)));
+    }
+
+    #[test]
+    fn a_watch_sees_a_page_change_hands_even_back_to_where_it_was() {
+        let mut t = StateTable::default();
+        let o = Owner::unique();
+        let dev = Stored::Device(o, DevicePfn(7));
+        t.set(page(1), dev).unwrap();
+        let w = t.watch(page(1), dev);
+        // Taken out and put back as it was (a fault back its device
+        // failed): unchanged; so are other pages' changes.
+        t.set(page(1), Stored::Migrating(OpId(3))).unwrap();
+        t.set(page(1), dev).unwrap();
+        t.set(page(2), Stored::Cpu).unwrap();
+        assert!(!t.changed(w));
+        // Home and back into the same device page: changed.
+        t.set(page(1), Stored::Cpu).unwrap();
+        t.set(page(1), dev).unwrap();
+        assert!(t.changed(w));
+        t.unwatch(w);
+        assert!(t.changed(w), "an ended watch reads changed");
+        // Another device page, a discard, an mremap: changed.
+        let w = t.watch(page(1), dev);
+        t.set(page(1), Stored::Device(o, DevicePfn(8))).unwrap();
+        assert!(t.changed(w));
+        t.set(page(1), dev).unwrap();
+        let w = t.watch(page(1), dev);
+        t.clear(pages(0, 2), |_, _| {});
+        assert!(t.changed(w));
+        t.set(page(1), dev).unwrap();
+        let w = t.watch(page(1), dev);
+        t.move_range(pages(0, 2), page(10));
+        assert!(t.changed(w));
+        // The oldest watch goes past the bound, and reads changed.
+        let first = t.watch(page(11), dev);
+        let ws: Vec<WatchId> = (0..MAX_WATCHES).map(|_| t.watch(page(11), dev)).collect();
+        assert!(t.changed(first));
+        assert!(ws.iter().all(|&w| !t.changed(w)));
     }
 }
 
