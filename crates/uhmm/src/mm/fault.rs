@@ -126,9 +126,17 @@ impl Attempts {
 /// device that cannot give a page back; a read(2) into it gets EFAULT)
 /// and counted. Devices are told first (a `Clear` invalidation: the device
 /// page is freed), and the thread is woken last. `Park` if the page moved
-/// on meanwhile (to be served afresh), `Failed` if an invalidation callback
-/// could not run now (to be tried again).
-pub(crate) fn sigbus(shared: &Shared, f: PageFault, seen: Stored) -> Served {
+/// on meanwhile (to be served afresh) — also if `watch`, the fault's proof
+/// that its access waits, reads changed at the last look (the page went
+/// home, which woke the thread, and came back while the devices were
+/// told) — `Failed` if an invalidation callback could not run now (to be
+/// tried again).
+pub(crate) fn sigbus(
+    shared: &Shared,
+    f: PageFault,
+    seen: Stored,
+    watch: Option<WatchId>,
+) -> Served {
     let Some(page) = f.page() else {
         return Served::Done;
     };
@@ -140,7 +148,8 @@ pub(crate) fn sigbus(shared: &Shared, f: PageFault, seen: Stored) -> Served {
         return Served::Failed(Failure::Busy, seen);
     };
     let regions = lock(&shared.regions);
-    if regions.states.get(page.start()) != seen {
+    if regions.states.get(page.start()) != seen || watch.is_some_and(|w| regions.states.changed(w))
+    {
         return Served::Park;
     }
     shared.stats.faults_sigbus.fetch_add(1, Ordering::Relaxed);

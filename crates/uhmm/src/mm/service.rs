@@ -1274,7 +1274,10 @@ fn settle_deferred(
 /// device failure: the service itself never dies of one.
 fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bool {
     match since_woken(shared, f) {
-        Some(SinceWoken::Stale) => return true,
+        Some(SinceWoken::Stale) => {
+            unwatch(shared, attempts);
+            return true;
+        }
         Some(SinceWoken::Waits(carried)) => *attempts = carried,
         None => {}
     }
@@ -1318,7 +1321,7 @@ fn serve_bounded(shared: &Shared, f: Held, attempts: &mut fault::Attempts) -> bo
                 return true;
             }
             let sigbus = callback::call(&shared.stats.callback_panics, "fault service", || {
-                fault::sigbus(shared, f.fault, seen)
+                fault::sigbus(shared, f.fault, seen, attempts.waits)
             });
             match sigbus {
                 Ok(fault::Served::Done) => {

@@ -133,27 +133,29 @@ pub(crate) struct StateTable {
     /// *at once*, not in the address space's lifetime.
     slots: Vec<Option<Slot>>,
     by_owner: std::collections::HashMap<Owner, usize, crate::addr::IdBuildHasher>,
-    /// Pages watched for a change of hands ([`watch`](Self::watch)), oldest
-    /// first.
-    watches: Vec<Watch>,
+    /// Pages watched for a change of hands ([`watch`](Self::watch)): for
+    /// each, the state it was watched in and whether it changed since.
+    watches: BTreeMap<WatchId, (Stored, bool)>,
     next_watch: u64,
 }
 
-/// A page watched since it was in state `seen`.
-#[derive(Debug, Clone, Copy)]
-struct Watch {
-    id: WatchId,
+/// Names one watch of [`StateTable::watch`] (ordered by page, then age).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct WatchId {
     addr: VirtAddr,
-    seen: Stored,
-    changed: bool,
+    n: u64,
 }
 
-/// Names one watch of [`StateTable::watch`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct WatchId(u64);
+impl WatchId {
+    /// The ids of every watch on a page of `range`.
+    fn span(range: PageRange) -> std::ops::Range<WatchId> {
+        let at = |addr| WatchId { addr, n: 0 };
+        at(range.start())..at(range.end())
+    }
+}
 
-/// The most watches kept at once; past it the oldest is dropped, and reads
-/// as changed.
+/// The most watches kept at once; past it one is dropped (the lowest
+/// page's), and reads as changed.
 const MAX_WATCHES: usize = 4096;
 
 impl fmt::Debug for StateTable {
@@ -220,8 +222,10 @@ impl StateTable {
     /// Forgets the state of every page of `range` (it was unmapped or
     /// discarded), calling `gone` with each page that had one.
     pub(crate) fn clear(&mut self, range: PageRange, mut gone: impl FnMut(VirtAddr, Stored)) {
-        for w in &mut self.watches {
-            w.changed |= range.contains(w.addr);
+        if !self.watches.is_empty() {
+            for (_, (_, changed)) in self.watches.range_mut(WatchId::span(range)) {
+                *changed = true;
+            }
         }
         let first = range.start().get() >> CHUNK_SHIFT;
         let last = (range.end().get() - 1) >> CHUNK_SHIFT;
@@ -259,39 +263,40 @@ impl StateTable {
     /// same device page reads changed: it was `Cpu` in between.
     pub(crate) fn watch(&mut self, addr: VirtAddr, seen: Stored) -> WatchId {
         if self.watches.len() >= MAX_WATCHES {
-            self.watches.remove(0);
+            self.watches.pop_first();
         }
         self.next_watch += 1;
-        let id = WatchId(self.next_watch);
-        self.watches.push(Watch {
-            id,
+        let id = WatchId {
             addr,
-            seen,
-            changed: false,
-        });
+            n: self.next_watch,
+        };
+        // Changed already if it left `seen` before the watch began.
+        let changed = self.get(addr) != seen;
+        self.watches.insert(id, (seen, changed));
         id
     }
 
     /// Whether the page of watch `id` changed hands since it was watched
-    /// (true for a watch dropped as too old, or ended).
+    /// (true for a watch dropped as too many, or ended).
     pub(crate) fn changed(&self, id: WatchId) -> bool {
-        self.watches
-            .iter()
-            .find(|w| w.id == id)
-            .is_none_or(|w| w.changed)
+        self.watches.get(&id).is_none_or(|&(_, changed)| changed)
     }
 
     /// Ends watch `id`.
     pub(crate) fn unwatch(&mut self, id: WatchId) {
-        self.watches.retain(|w| w.id != id);
+        self.watches.remove(&id);
     }
 
     /// The page at `addr` is in state `now` from now on.
     fn note(&mut self, addr: VirtAddr, now: Stored) {
-        for w in &mut self.watches {
-            if w.addr == addr && !matches!(now, Stored::Migrating(_)) {
-                w.changed |= now != w.seen;
-            }
+        if matches!(now, Stored::Migrating(_)) {
+            return;
+        }
+        let Ok(page) = PageRange::new(addr, 1 << PAGE_SHIFT) else {
+            return;
+        };
+        for (_, (seen, changed)) in self.watches.range_mut(WatchId::span(page)) {
+            *changed |= now != *seen;
         }
     }
 
@@ -640,6 +645,11 @@ mod tests {
         t.set(page(1), Stored::Cpu).unwrap();
         t.set(page(1), dev).unwrap();
         assert!(t.changed(w));
+        // A watch begun after the page left the state it was seen in (and
+        // came back): changed from the start.
+        t.set(page(2), dev).unwrap();
+        let late = t.watch(page(2), Stored::Device(o, DevicePfn(9)));
+        assert!(t.changed(late));
         t.unwatch(w);
         assert!(t.changed(w), "an ended watch reads changed");
         // Another device page, a discard, an mremap: changed.
@@ -654,7 +664,9 @@ mod tests {
         let w = t.watch(page(1), dev);
         t.move_range(pages(0, 2), page(10));
         assert!(t.changed(w));
-        // The oldest watch goes past the bound, and reads changed.
+        // Past the bound a watch is dropped, and reads changed.
+        let mut t = StateTable::default();
+        t.set(page(11), dev).unwrap();
         let first = t.watch(page(11), dev);
         let ws: Vec<WatchId> = (0..MAX_WATCHES).map(|_| t.watch(page(11), dev)).collect();
         assert!(t.changed(first));
