@@ -1458,6 +1458,101 @@ fn exclusive_grabs_of_a_range_moved_back_and_forth_read_its_data() {
     unsafe { libc::munmap(a as *mut _, 2 * LEN) };
 }
 
+/// A region first used by a device (armed: registered for MISSING faults)
+/// while an mremap of it is done in the kernel and its event not yet read:
+/// the region must be armed where it is, not where the table still says.
+/// Before, the mappings were read (none where the table said) and nothing
+/// registered, yet the region was marked armed; once moved, its pages
+/// migrated to a device (or held exclusive) were holes the kernel filled
+/// with zeros, with no fault for uhmm (the race test below lost all 16
+/// pages this way, about one run in a hundred).
+///
+/// Forced: the fault service is held in a device's copy (a fault back)
+/// while the region is moved, so the event stays unread, and the device's
+/// migration is held at a test point between its own look at the region's
+/// mappings and the arming's.
+#[test]
+fn a_region_armed_while_it_is_being_moved_is_armed_where_it_lands() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 4;
+    const LEN: usize = PAGES * PAGE_SIZE;
+    let (a, bb) = low_places(LEN);
+    // SAFETY: our own mapping, no reference into it.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
+    for p in 0..PAGES {
+        wr(a + p * PAGE_SIZE, 0xA0 + p as u64);
+    }
+    // The service, held in a fault back of another region's page.
+    let (parked, engine) = parking_device(&mm);
+    let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let o = other.as_ptr() as usize;
+    wr(o, 0x0E);
+    parked.migrate_to_device(VirtAddr::new(o), 1).unwrap();
+    engine.arm();
+    let toucher = std::thread::spawn(move || rd(o));
+    engine.wait_parked();
+    // A device's first use of the region: its checks pass, and it stops
+    // where it is about to arm it.
+    let dev = Arc::new(SimDevice::new(&mm));
+    let d = dev.clone();
+    let (at_arm, is_at_arm) = std::sync::mpsc::channel::<()>();
+    let (moved, wait_moved) = std::sync::mpsc::channel::<()>();
+    let first = std::thread::spawn(move || {
+        uhmm::testing::on_arm(move || {
+            let _ = at_arm.send(());
+            let _ = wait_moved.recv_timeout(Duration::from_secs(10));
+        });
+        let r = d.migrate_to_device(VirtAddr::new(a), PAGES);
+        uhmm::testing::clear();
+        r
+    });
+    is_at_arm
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the migration never came to arm the region");
+    // The move: done in the kernel, its event unread.
+    let mover = std::thread::spawn(move || {
+        common::remap(
+            PageRange::new(VirtAddr::new(a), LEN).unwrap(),
+            PageRange::new(VirtAddr::new(bb), LEN).unwrap(),
+        );
+    });
+    let t0 = Instant::now();
+    // SAFETY: mincore only looks at the mapping (ENOMEM once it is gone).
+    while unsafe { libc::mincore(a as *mut _, PAGE_SIZE, [0u8; 1].as_mut_ptr()) } == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the mremap never ran"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    moved.send(()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    engine.release();
+    assert_eq!(join_soon(toucher), 0x0E);
+    join_soon(mover);
+    let _ = join_soon(first);
+    // Where it landed: its pages go to the device, and come back on touch.
+    let to_dev = dev.migrate_to_device(VirtAddr::new(bb), PAGES);
+    assert!(
+        matches!(&to_dev, Ok((_, r)) if r.cpages == PAGES as u64),
+        "the moved region cannot migrate: {to_dev:?} (armed where it was, \
+         never registered for MISSING faults where it is)"
+    );
+    let got: Vec<u64> = (0..PAGES).map(|p| rd(bb + p * PAGE_SIZE)).collect();
+    let want: Vec<u64> = (0..PAGES).map(|p| 0xA0 + p as u64).collect();
+    assert_eq!(got, want, "pages read after the move (0: lost to zeros)");
+    assert_eq!(mm.stats().pages_lost, 0);
+    drop(dev);
+    drop(parked);
+    drop(other);
+    // The moved range is still managed; `Mm` goes first.
+    std::mem::forget(region);
+    drop(mm);
+    // SAFETY: both places are ours.
+    unsafe { libc::munmap(a as *mut _, 2 * LEN) };
+}
+
 /// A copy engine that, once armed, parks its next copy until released and
 /// then reads the word at `touch` (a CPU access from inside a migration,
 /// as a copy-on-write break or a driver's own bookkeeping makes).

@@ -291,6 +291,7 @@ impl Shared {
         if region.armed {
             return Ok(());
         }
+        crate::testing::arm();
         let range = region.range;
         // Every mapping of the region (an `Mm::manage` range may span
         // several), each registered in the mode its kind needs.
@@ -324,13 +325,54 @@ impl Shared {
             Some(r) if r.range == range && r.id == region.id => return Ok(()),
             _ => return Err(MmError::NotManaged { range }),
         }
-        for &(piece, mode) in &pieces {
+        // The table may lag the kernel: an mremap or munmap of the range
+        // may be done, its event unread (the service reads it under this
+        // lock). So the mappings are read again here, and the region is
+        // armed only where they still cover it whole: armed over a stale
+        // or partial cover, a part of it would never be registered for
+        // MISSING faults, and a hole there — a page on a device, or held
+        // exclusive — would read as zeros, with no fault for uhmm to serve.
+        let vmas = self.procmap()?.covering(range)?;
+        let covered: usize = vmas
+            .iter()
+            .filter_map(|v| v.range.intersection(range))
+            .map(PageRange::len)
+            .sum();
+        let mut armed = covered == range.len();
+        for v in &vmas {
+            if !armed {
+                break;
+            }
+            let (Some(piece), mode) = (
+                v.range.intersection(range),
+                arm_mode(v, self.uffd.features()),
+            ) else {
+                continue;
+            };
             if mode.contains(RegisterMode::MISSING) {
                 // SAFETY: a managed region already has no references into
                 // it (the contract under which it was registered); the
                 // mode changes only.
-                unsafe { self.uffd.register_range(piece, mode) }?;
+                match unsafe { self.uffd.register_range(piece, mode) } {
+                    Ok(_) => {}
+                    // Unmapped since it was read (the layout is changing).
+                    Err(_)
+                        if self
+                            .procmap()?
+                            .query(piece.start())?
+                            .is_none_or(|m| m.range != v.range) =>
+                    {
+                        armed = false;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
+        }
+        if !armed {
+            // Look again once the pending events are applied.
+            drop(regions);
+            self.await_events();
+            return Err(MmError::NotManaged { range });
         }
         regions.arm(range.start());
         Ok(())
