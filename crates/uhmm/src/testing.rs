@@ -9,10 +9,30 @@
 #[cfg(feature = "test-hooks")]
 use std::cell::RefCell;
 
+/// What a test runs at one point, on this thread.
+#[cfg(feature = "test-hooks")]
+type Point = RefCell<Option<Box<dyn FnMut()>>>;
+
 #[cfg(feature = "test-hooks")]
 thread_local! {
-    static COW_BREAK: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
-    static ARM: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    static COW_BREAK: Point = const { RefCell::new(None) };
+    static ARM: Point = const { RefCell::new(None) };
+}
+
+/// Sets `point` to `f` on this thread (`None`: unsets it).
+#[cfg(feature = "test-hooks")]
+fn set(point: &'static std::thread::LocalKey<Point>, f: Option<Box<dyn FnMut()>>) {
+    point.with(|h| *h.borrow_mut() = f);
+}
+
+/// Runs what this thread set at `point`, if anything.
+#[cfg(feature = "test-hooks")]
+fn pass(point: &'static std::thread::LocalKey<Point>) {
+    point.with(|h| {
+        if let Some(f) = h.borrow_mut().as_mut() {
+            f();
+        }
+    });
 }
 
 /// Calls `f` each time a migration run by this thread is about to make
@@ -21,7 +41,7 @@ thread_local! {
 /// operations. `f` may block: the migration waits with it.
 #[cfg(feature = "test-hooks")]
 pub fn on_cow_break(f: impl FnMut() + 'static) {
-    COW_BREAK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    set(&COW_BREAK, Some(Box::new(f)));
 }
 
 /// Calls `f` each time an operation run by this thread (a migration, an
@@ -30,32 +50,24 @@ pub fn on_cow_break(f: impl FnMut() + 'static) {
 /// arming reads them. `f` may block: the operation waits with it.
 #[cfg(feature = "test-hooks")]
 pub fn on_arm(f: impl FnMut() + 'static) {
-    ARM.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    set(&ARM, Some(Box::new(f)));
 }
 
 /// Removes this thread's test points.
 #[cfg(feature = "test-hooks")]
 pub fn clear() {
-    COW_BREAK.with(|h| *h.borrow_mut() = None);
-    ARM.with(|h| *h.borrow_mut() = None);
+    set(&COW_BREAK, None);
+    set(&ARM, None);
 }
 
 #[inline]
 pub(crate) fn cow_break() {
     #[cfg(feature = "test-hooks")]
-    COW_BREAK.with(|h| {
-        if let Some(f) = h.borrow_mut().as_mut() {
-            f();
-        }
-    });
+    pass(&COW_BREAK);
 }
 
 #[inline]
 pub(crate) fn arm() {
     #[cfg(feature = "test-hooks")]
-    ARM.with(|h| {
-        if let Some(f) = h.borrow_mut().as_mut() {
-            f();
-        }
-    });
+    pass(&ARM);
 }

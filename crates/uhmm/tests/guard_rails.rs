@@ -655,33 +655,6 @@ impl Drop for Unhook<'_> {
     }
 }
 
-/// A notifier that holds the first `Clear` of its range (the service
-/// losing a page: `fault::sigbus` tells the devices first) until the test
-/// says go, having told it.
-#[derive(Debug)]
-struct HoldClear {
-    armed: AtomicU32,
-    inside: Mutex<std::sync::mpsc::Sender<()>>,
-    go: Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl NotifierOps for HoldClear {
-    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
-        sub.set_seq(cur_seq);
-        if r.event == uhmm::mm::notifier::NotifyEvent::Clear
-            && self.armed.swap(0, Ordering::SeqCst) == 1
-        {
-            let _ = self.inside.lock().unwrap().send(());
-            let _ = self
-                .go
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(10));
-        }
-        true
-    }
-}
-
 /// The last look before a page is lost: an access known to wait fails past
 /// the bound, and while the service tells the devices it is losing the
 /// page, the program brings the page home (which ends that access) and
@@ -693,13 +666,8 @@ fn a_page_that_goes_home_and_back_while_it_is_being_lost_is_not_lost() {
     let _s = common::serial();
     let Some(rig) = Rig::new(1) else { return };
     let page0 = rig.page(0);
-    let (inside, is_inside) = std::sync::mpsc::channel::<()>();
-    let (go, wait_go) = std::sync::mpsc::channel::<()>();
-    let hold = Arc::new(HoldClear {
-        armed: AtomicU32::new(1),
-        inside: Mutex::new(inside),
-        go: Mutex::new(wait_go),
-    });
+    // The service losing a page tells the devices first (`Clear`).
+    let (hold, is_inside, go) = common::HoldFirst::new(uhmm::mm::notifier::NotifyEvent::Clear);
     let _n = rig
         .mm
         .insert_notifier(uhmm::PageRange::new(page0, PAGE_SIZE).unwrap(), hold)

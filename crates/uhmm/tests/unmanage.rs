@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use uhmm::devmem::{
     DeviceFault, DevicePagemap, DevicePagemapOps, FaultError, MigrateVma, PagemapConfig, Select,
 };
-use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
+use uhmm::mm::notifier::NotifyEvent;
 use uhmm::mm::{ManagedRegion, Mm, Owner};
 use uhmm::sys::mem::Mapping;
 use uhmm::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
@@ -48,30 +46,6 @@ fn own_managed(mm: &Mm, n: usize, fill: u8) -> (Mapping, ManagedRegion) {
     (map, region)
 }
 
-/// Blocks the first Unmap invalidation (the unmanaging thread's, sent per
-/// piece right before the piece is unregistered) until the test says go.
-#[derive(Debug)]
-struct HoldUnmap {
-    armed: AtomicBool,
-    entered: Mutex<Sender<()>>,
-    go: Mutex<Receiver<()>>,
-}
-
-impl NotifierOps for HoldUnmap {
-    fn invalidate(&self, sub: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
-        if r.event == NotifyEvent::Unmap && self.armed.swap(false, Ordering::SeqCst) {
-            let _ = self.entered.lock().unwrap().send(());
-            let _ = self
-                .go
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(10));
-        }
-        sub.set_seq(cur_seq);
-        true
-    }
-}
-
 /// Region B, whose pages are on the device, is moved (mremap) into range R
 /// while R is being unmanaged, after R's pages were brought home and before
 /// R's pieces are unregistered. B's pages come home too before anything
@@ -101,13 +75,9 @@ fn a_region_moved_into_a_range_being_unmanaged_keeps_its_device_data() {
     m.finalize();
     assert_eq!(pm.stats().in_use, 2, "B is on the device");
 
-    let (entered_tx, entered_rx) = channel();
-    let (go_tx, go_rx) = channel();
-    let hold = Arc::new(HoldUnmap {
-        armed: AtomicBool::new(true),
-        entered: Mutex::new(entered_tx),
-        go: Mutex::new(go_rx),
-    });
+    // The first Unmap invalidation: the unmanaging thread's, sent per
+    // piece right before the piece is unregistered.
+    let (hold, entered_rx, go_tx) = common::HoldFirst::new(NotifyEvent::Unmap);
     let notifier = mm.insert_notifier(map_r.range(), hold.clone()).unwrap();
     let r = map_r.range();
     let dest = VirtAddr::new(r.start().get() + PAGE_SIZE);

@@ -293,27 +293,19 @@ impl Shared {
         }
         crate::testing::arm();
         let range = region.range;
-        // Every mapping of the region (an `Mm::manage` range may span
-        // several), each registered in the mode its kind needs.
-        let vmas = self.procmap()?.covering(range)?;
-        let pieces: Vec<(PageRange, RegisterMode)> = vmas
-            .iter()
-            .filter_map(|v| {
-                Some((
-                    v.range.intersection(range)?,
-                    arm_mode(v, self.uffd.features()),
-                ))
-            })
-            .collect();
         if !self.uffd.access().serves_kernel_faults() {
-            for (v, (piece, mode)) in vmas.iter().zip(&pieces) {
-                if mode.contains(RegisterMode::MISSING)
+            // Every mapping of the region that will be registered for
+            // MISSING faults (an `Mm::manage` range may span several) gets
+            // its holes filled first, unlocked.
+            for v in self.procmap()?.covering(range)? {
+                if let Some(piece) = v.range.intersection(range)
+                    && arm_mode(&v, self.uffd.features()).contains(RegisterMode::MISSING)
                     && v.perms.contains(crate::sys::mem::Prot::READ)
                 {
                     // Best effort: a hole it cannot fill (no memory) stays
                     // one, and a region armed meanwhile by another thread
                     // refuses with EFAULT (its holes may be device pages).
-                    let _ = mem::populate(*piece, false);
+                    let _ = mem::populate(piece, false);
                 }
             }
         }
@@ -325,10 +317,11 @@ impl Shared {
             Some(r) if r.range == range && r.id == region.id => return Ok(()),
             _ => return Err(MmError::NotManaged { range }),
         }
-        // The table may lag the kernel: an mremap or munmap of the range
-        // may be done, its event unread (the service reads it under this
-        // lock). So the mappings are read again here, and the region is
-        // armed only where they still cover it whole: armed over a stale
+        // Every mapping of the region, each registered in the mode its
+        // kind needs. The table may lag the kernel: an mremap or munmap of
+        // the range may be done, its event unread (the service reads it
+        // under this lock). So the mappings are read here, under it, and
+        // the region is armed only where they still cover it whole: armed over a stale
         // or partial cover, a part of it would never be registered for
         // MISSING faults, and a hole there — a page on a device, or held
         // exclusive — would read as zeros, with no fault for uhmm to serve.

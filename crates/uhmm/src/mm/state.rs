@@ -292,7 +292,7 @@ impl StateTable {
         if matches!(now, Stored::Migrating(_)) {
             return;
         }
-        let Ok(page) = PageRange::new(addr, 1 << PAGE_SHIFT) else {
+        let Ok(page) = PageRange::new(addr, crate::PAGE_SIZE) else {
             return;
         };
         for (_, (seen, changed)) in self.watches.range_mut(WatchId::span(page)) {

@@ -440,3 +440,53 @@ pub fn move_back(arena: uhmm::VirtAddr, mut m: uhmm::devmem::MigrateVma<'_>) {
     m.pages();
     m.finalize();
 }
+
+/// A notifier that holds the first invalidation of kind `event` in its
+/// range until the test says go (or 10 s pass), having told the test it
+/// is there: the thread sending it (the fault service, an unmanaging
+/// thread) stops at that point.
+#[derive(Debug)]
+pub struct HoldFirst {
+    event: uhmm::mm::notifier::NotifyEvent,
+    armed: AtomicBool,
+    entered: Mutex<std::sync::mpsc::Sender<()>>,
+    go: Mutex<Receiver<()>>,
+}
+
+impl HoldFirst {
+    /// The notifier, the receiver told when it holds, and the sender that
+    /// lets it go.
+    pub fn new(
+        event: uhmm::mm::notifier::NotifyEvent,
+    ) -> (Arc<HoldFirst>, Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (entered, is_entered) = std::sync::mpsc::channel();
+        let (go, wait_go) = std::sync::mpsc::channel();
+        let hold = Arc::new(HoldFirst {
+            event,
+            armed: AtomicBool::new(true),
+            entered: Mutex::new(entered),
+            go: Mutex::new(wait_go),
+        });
+        (hold, is_entered, go)
+    }
+}
+
+impl uhmm::mm::notifier::NotifierOps for HoldFirst {
+    fn invalidate(
+        &self,
+        sub: &uhmm::mm::notifier::Subscription,
+        r: &uhmm::mm::notifier::NotifierRange,
+        cur_seq: u64,
+    ) -> bool {
+        if r.event == self.event && self.armed.swap(false, Ordering::SeqCst) {
+            let _ = self.entered.lock().unwrap().send(());
+            let _ = self
+                .go
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+        }
+        sub.set_seq(cur_seq);
+        true
+    }
+}
