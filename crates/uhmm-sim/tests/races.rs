@@ -1464,7 +1464,7 @@ fn exclusive_grabs_of_a_range_moved_back_and_forth_read_its_data() {
 /// Before, the mappings were read (none where the table said) and nothing
 /// registered, yet the region was marked armed; once moved, its pages
 /// migrated to a device (or held exclusive) were holes the kernel filled
-/// with zeros, with no fault for uhmm (the race test below lost all 16
+/// with zeros, with no fault for uhmm (the race test above lost all 16
 /// pages this way, about one run in a hundred).
 ///
 /// Forced: the fault service is held in a device's copy (a fault back)
@@ -1473,6 +1473,57 @@ fn exclusive_grabs_of_a_range_moved_back_and_forth_read_its_data() {
 /// mappings and the arming's.
 #[test]
 fn a_region_armed_while_it_is_being_moved_is_armed_where_it_lands() {
+    armed_while_moved(Vacated::Empty);
+}
+
+/// As above, with other memory mapped where the region was before the
+/// arming looks: the mappings there cover the range whole, so they are
+/// armed in the region's place. Before, the region was then marked armed
+/// where it landed, yet registered there for write-protect faults only,
+/// and its pages taken to a device read back as zeros.
+#[test]
+fn a_region_armed_while_other_memory_takes_its_place_is_armed_where_it_lands() {
+    armed_while_moved(Vacated::Mapped);
+}
+
+/// As above, with the move an `MREMAP_DONTUNMAP`, which leaves an empty
+/// mapping where the region was.
+#[test]
+fn a_region_armed_while_it_is_moved_leaving_a_mapping_is_armed_where_it_lands() {
+    armed_while_moved(Vacated::DontUnmap);
+}
+
+/// What is where a region was once it has moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vacated {
+    /// Nothing.
+    Empty,
+    /// Fresh anonymous memory another thread mapped there.
+    Mapped,
+    /// The empty mapping an `MREMAP_DONTUNMAP` leaves.
+    DontUnmap,
+}
+
+/// Whether the mapping at `addr` is readable (from /proc/self/maps).
+fn readable(addr: usize) -> bool {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (Some(span), Some(perms)) = (f.next(), f.next()) else {
+            return false;
+        };
+        let Some((lo, hi)) = span.split_once('-') else {
+            return false;
+        };
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).unwrap(),
+            usize::from_str_radix(hi, 16).unwrap(),
+        );
+        (lo..hi).contains(&addr) && perms.starts_with('r')
+    })
+}
+
+fn armed_while_moved(vacated: Vacated) {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const PAGES: usize = 4;
@@ -1515,39 +1566,79 @@ fn a_region_armed_while_it_is_being_moved_is_armed_where_it_lands() {
     is_at_arm
         .recv_timeout(Duration::from_secs(10))
         .expect("the migration never came to arm the region");
-    // The move: done in the kernel, its event unread.
+    // The move: done in the kernel, its event unread (the mremapping
+    // thread waits until it is read).
     let mover = std::thread::spawn(move || {
-        common::remap(
-            PageRange::new(VirtAddr::new(a), LEN).unwrap(),
-            PageRange::new(VirtAddr::new(bb), LEN).unwrap(),
+        let mut flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        if vacated == Vacated::DontUnmap {
+            flags |= libc::MREMAP_DONTUNMAP;
+        }
+        // SAFETY: our own mappings; the destination is our placeholder.
+        let to = unsafe { libc::mremap(a as *mut _, LEN, LEN, flags, bb as *mut libc::c_void) };
+        assert_eq!(
+            to as usize,
+            bb,
+            "mremap: {}",
+            std::io::Error::last_os_error()
         );
     });
     let t0 = Instant::now();
-    // SAFETY: mincore only looks at the mapping (ENOMEM once it is gone).
-    while unsafe { libc::mincore(a as *mut _, PAGE_SIZE, [0u8; 1].as_mut_ptr()) } == 0 {
+    while !readable(bb) {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "the mremap never ran"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+    if vacated == Vacated::Mapped {
+        // SAFETY: maps fresh memory where the region was (nothing there:
+        // MAP_FIXED_NOREPLACE fails rather than replace).
+        let p = unsafe {
+            libc::mmap(
+                a as *mut _,
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as usize, a, "mmap where the region was");
+    }
     moved.send(()).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     engine.release();
     assert_eq!(join_soon(toucher), 0x0E);
     join_soon(mover);
+    // The first migration either gave up (NotManaged: the region was no
+    // longer where it looked) or followed the pages to where they landed.
     let _ = join_soon(first);
     // Where it landed: its pages go to the device, and come back on touch.
-    let to_dev = dev.migrate_to_device(VirtAddr::new(bb), PAGES);
+    let _ = dev.migrate_range_to_device(VirtAddr::new(bb), PAGES);
+    let (snap, _) = dev.snapshot(VirtAddr::new(bb), PAGES).unwrap();
     assert!(
-        matches!(&to_dev, Ok((_, r)) if r.cpages == PAGES as u64),
-        "the moved region cannot migrate: {to_dev:?} (armed where it was, \
-         never registered for MISSING faults where it is)"
+        snap.iter()
+            .all(|&b| b & uhmm_sim::prot::DEV_PRIVATE_LOCAL != 0),
+        "the moved region's pages are not all on the device: {snap:x?}"
     );
     let got: Vec<u64> = (0..PAGES).map(|p| rd(bb + p * PAGE_SIZE)).collect();
     let want: Vec<u64> = (0..PAGES).map(|p| 0xA0 + p as u64).collect();
-    assert_eq!(got, want, "pages read after the move (0: lost to zeros)");
+    assert_eq!(
+        got, want,
+        "pages read after the move (0: lost to zeros, the region not \
+         registered for MISSING faults where it is)"
+    );
     assert_eq!(mm.stats().pages_lost, 0);
+    if vacated != Vacated::Empty {
+        // The memory left where the region was works as plain memory.
+        for p in 0..PAGES {
+            assert_eq!(rd(a + p * PAGE_SIZE), 0, "fresh memory reads zero");
+            wr(a + p * PAGE_SIZE, 0x5A + p as u64);
+        }
+        for p in 0..PAGES {
+            assert_eq!(rd(a + p * PAGE_SIZE), 0x5A + p as u64);
+        }
+    }
     drop(dev);
     drop(parked);
     drop(other);

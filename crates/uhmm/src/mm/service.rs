@@ -371,6 +371,54 @@ impl Shared {
         Ok(())
     }
 
+    /// Registers `landed`, where an armed region was just moved (the
+    /// service applying its REMAP event, under the regions lock), as
+    /// [`arm_once`](Self::arm_once) would.
+    ///
+    /// The kernel moves a mapping's registration with it, so this changes
+    /// nothing for a region armed before it moved. It closes the window
+    /// arming leaves open: arming reads the mappings under the regions
+    /// lock, but the table may lag the kernel (the move done, its event
+    /// unread), and other memory may cover the place the region left (a
+    /// fresh mapping of another thread, or the empty one an
+    /// `MREMAP_DONTUNMAP` leaves). That memory is then armed in the
+    /// region's place and the region, marked armed, would move here
+    /// registered for write-protect faults only: its pages taken out later
+    /// would be holes the kernel fills with zeros. Arming and this both run
+    /// under the regions lock, and events are applied in order, so every
+    /// region marked armed is registered where it is once its moves are
+    /// applied. (The memory left behind stays registered: its faults are
+    /// served as the kernel would serve them.)
+    ///
+    /// Best effort: a mapping gone from `landed` meanwhile has events of
+    /// its own still unread.
+    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
+    fn arm_landed(&self, landed: PageRange) {
+        let Ok(vmas) = self.procmap().and_then(|p| p.covering(landed)) else {
+            return;
+        };
+        for v in vmas {
+            let (Some(piece), mode) = (
+                v.range.intersection(landed),
+                arm_mode(&v, self.uffd.features()),
+            ) else {
+                continue;
+            };
+            if mode.contains(RegisterMode::MISSING) {
+                // SAFETY: as in `arm_once`: a managed region has no
+                // references into it; the mode changes only.
+                if let Err(_e) = unsafe { self.uffd.register_range(piece, mode) } {
+                    crate::trace::event!(
+                        target: "uhmm::mm",
+                        start = %piece.start(),
+                        error = %_e,
+                        "a moved region not armed where it landed (moved again?)"
+                    );
+                }
+            }
+        }
+    }
+
     /// Faults `range` of managed memory in for reading or writing
     /// (`MADV_POPULATE_*`), as a program's accesses would, blocking. Not on
     /// the service thread.
@@ -1561,6 +1609,11 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
                 regions.moved(old, to, |_, s| work.gone.push(s));
+                if let Ok(landed) = PageRange::new(to, old_len)
+                    && regions.containing(landed).is_some_and(|r| r.armed)
+                {
+                    shared.arm_landed(landed);
+                }
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the
