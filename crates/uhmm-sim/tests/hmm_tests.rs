@@ -1028,6 +1028,46 @@ fn a_2m_device_page_comes_back_whole_on_a_cpu_touch() {
     assert!(holds(&cpu_ints(&region), |i| i));
 }
 
+/// Beyond the kernel tests: with a device that copies into memory of its
+/// own, a THP also goes to a 2 MiB device page and comes back as a THP
+/// (its block filled in a THP in staging and moved into place whole) —
+/// also after 4 KiB pages passed through staging, leaving a block with a
+/// page table, where a THP moved in would be split. Before, the block came
+/// back as 512 pages copied into place one by one, and the THP was lost.
+#[test]
+fn a_thp_on_a_copying_device_comes_back_as_a_thp() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let dev = SimDevice::new(&mm);
+    dev.set_copy_engine(std::sync::Arc::new(
+        uhmm::devmem::copy::CpuCopyEngine::with_threads(1),
+    ));
+    // 4 KiB pages through staging: to the device, and back in one block.
+    let small = mm
+        .alloc_mapping(Mapping::builder(TWOMEG).align(TWOMEG))
+        .unwrap();
+    let map = small.mapping().unwrap();
+    map.advise(map.range(), Advice::NoHugePage).unwrap();
+    fill(&small, |i| i);
+    migrates_holding_indices(&dev, &small, THP_PAGES);
+    assert!(holds(&cpu_ints(&small), |i| i));
+    // The THP, there and back, twice.
+    let region = thp_region(&mm, Prot::READ | Prot::WRITE);
+    fill(&region, |i| i);
+    collapse(&region);
+    assert!(is_thp(start(&region)), "MADV_COLLAPSE made a THP");
+    for round in 0..2 {
+        migrates_holding_indices(&dev, &region, THP_PAGES);
+        assert_eq!(dev.memory_stats().huge_pages, 1, "round {round}");
+        let i = 300 * (PAGE_SIZE / 4);
+        assert_eq!(cpu_int(&region, i), i as i32);
+        assert_eq!(dev.device_pages(), 0, "round {round}: not back whole");
+        assert!(is_thp(start(&region)), "round {round}: not a THP again");
+        assert!(holds(&cpu_ints(&region), |i| i));
+    }
+    assert!(holds(&cpu_ints(&small), |i| i));
+}
+
 /// Beyond the kernel tests: a sequential scan's read-ahead never takes a
 /// 2 MiB device page in part (which would split it): it takes it whole, or
 /// stops before it.

@@ -116,7 +116,7 @@ pub const ALL: &[Case] = &[
     },
     Case {
         name: "seq-read-copying",
-        title: "sequential CPU read of device-resident memory, copying device: 4 KiB blocks vs a bare server, default block vs memcpy",
+        title: "sequential CPU read of device-resident memory, copying device: 4 KiB blocks vs a bare server, default block (4 KiB pages, THP) vs memcpy",
         run: super::faults::seq_read_copying,
     },
     Case {

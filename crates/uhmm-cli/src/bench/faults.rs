@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use uhmm::mm::Mm;
-use uhmm::sys::mem::{Backing, Mapping};
+use uhmm::sys::mem::{Advice, Backing, Mapping};
 use uhmm::sys::uffd::{CopyMode, Event, RegisterMode, Uffd};
 use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
 use uhmm_sim::SimDevice;
@@ -544,6 +544,15 @@ pub fn seq_read_copying(
     let mm = Mm::new()?;
     let region = mm.alloc_mapping(Mapping::builder(len).align(2 << 20))?;
     cpu::touch_pages(region.range());
+    // The same read where the region is backed by THPs: a fault block of a
+    // whole 2 MiB block then comes home as one (a THP moved into place).
+    // Where 4 KiB pages were, the kernel keeps the emptied page table, and
+    // the block comes home as 512 pages.
+    let huge = mm.alloc_mapping(Mapping::builder(len).align(2 << 20))?;
+    huge.mapping()
+        .ok_or("no mapping")?
+        .advise(huge.range(), Advice::HugePage)?;
+    cpu::touch_pages(huge.range());
     let dev = SimDevice::new(&mm);
     dev.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::new()));
     let default_fault_block = mm.fault_block();
@@ -551,6 +560,7 @@ pub fn seq_read_copying(
     let mut small = Vec::new();
     let mut memcpy_rates = Vec::new();
     let mut default_block = Vec::new();
+    let mut thp_block = Vec::new();
     let src = vec![3u8; len];
     let mut dst = vec![1u8; len];
     // One warm-up round, then `reps` measured, each case after its
@@ -570,6 +580,9 @@ pub fn seq_read_copying(
         dev.migrate_range_to_device(region.range().start(), npages)?;
         let (t_default, sum) = time(|| cpu::sum(region.range()));
         std::hint::black_box(sum);
+        dev.migrate_range_to_device(huge.range().start(), npages)?;
+        let (t_thp, sum) = time(|| cpu::sum(huge.range()));
+        std::hint::black_box(sum);
         if dev.device_pages() != 0 {
             return Err("pages stayed on the device after a full CPU read".into());
         }
@@ -578,6 +591,7 @@ pub fn seq_read_copying(
             small.push(rate(Unit::GBps, t_small, len));
             memcpy_rates.push(rate(Unit::GBps, t_raw, len));
             default_block.push(rate(Unit::GBps, t_default, len));
+            thp_block.push(rate(Unit::GBps, t_thp, len));
         }
     }
     let size = super::cases::mib(len);
@@ -598,6 +612,17 @@ pub fn seq_read_copying(
         ),
         unit: Unit::GBps,
         subject: Summary::of(default_block),
+        baseline_name: "memcpy",
+        baseline: Some(Summary::of(memcpy_rates.clone())),
+        target: Target::AtLeast(0.3),
+    });
+    out.rows.push(Row {
+        case: format!(
+            "sequential CPU read of device-resident memory ({size} THP, fault block {} KiB), copying",
+            default_fault_block >> 10
+        ),
+        unit: Unit::GBps,
+        subject: Summary::of(thp_block),
         baseline_name: "memcpy",
         baseline: Some(Summary::of(memcpy_rates)),
         target: Target::AtLeast(0.3),

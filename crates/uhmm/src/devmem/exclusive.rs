@@ -161,7 +161,7 @@ fn grab_in(
         .invalidate_start(&notify)
         .map_err(|_| MigrateError::Retry { range })?;
     let staging = shared.staging()?;
-    let run = staging.alloc(range, super::staging::Want::Empty, true)?;
+    let run = staging.alloc(range, super::staging::Want::Empty, true, false)?;
     let mut count = 0;
     let mut todo: Vec<VirtAddr> = range.pages().collect();
     // Bounded by time, not rounds: a page fenced by a discard (whose zap

@@ -16,6 +16,16 @@
 //! pages were still in it is *dirty* and is emptied (`MADV_DONTNEED`)
 //! before it is used again — never by the fault service, which must not
 //! raise a userfaultfd event it would then wait for itself.
+//!
+//! In the area for whole 2 MiB blocks, a block's shape is tracked too, as
+//! a hint for placing THPs: a *flat* block has no page table under its
+//! PMD (never used, emptied by `MADV_DONTNEED`, which frees the emptied
+//! page table on kernels with `CONFIG_PT_RECLAIM`, or left by a THP that
+//! moved out whole), so a THP moved in stays one and a populate there
+//! makes one; a block that held 4 KiB pages keeps its emptied page table,
+//! and a THP moved into it is split. A dirty block may hold one whole THP.
+//! THP traffic takes flat blocks (or THP blocks, to fill), 4 KiB traffic
+//! the others first. Nothing is wrong where the hint errs: a THP is split.
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::sys::mem::{self, Advice, Mapping, MemError};
@@ -62,6 +72,32 @@ pub(crate) enum Want {
     /// Fill slots and move them out: slots that still hold pages are
     /// welcome (no allocation needed).
     Fill,
+    /// As `Fill`, for one whole 2 MiB device page coming home: a block
+    /// that holds a THP, or a flat one (a populate there makes a THP),
+    /// which then moves into place as one.
+    Huge,
+}
+
+/// What a block holds once a run's user leaves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Left {
+    /// Every slot a hole. `flat`: no page table under its PMD either
+    /// (known: a THP moved out of it whole).
+    Empty {
+        /// No page table left.
+        flat: bool,
+    },
+    /// One whole THP, mapped by its PMD.
+    Thp,
+    /// Pages (or it may).
+    Pages,
+}
+
+impl Left {
+    /// Whether the block holds pages (is dirty).
+    fn dirty(self) -> bool {
+        !matches!(self, Left::Empty { .. })
+    }
 }
 
 #[derive(Debug)]
@@ -69,6 +105,11 @@ struct Area {
     map: Mapping,
     users: Vec<u32>,
     dirty: Vec<bool>,
+    /// The shape of each block at rest (see the module's docs); kept as
+    /// it was at the allocation while the block is in use. Only the area
+    /// for whole blocks uses them.
+    flat: Vec<bool>,
+    thp: Vec<bool>,
     /// Blocks that were free (no users) when pushed, by whether they were
     /// dirty then: the one-block allocations (a 4 KiB fault back, a small
     /// migration) pop from these instead of scanning every block. Entries
@@ -105,6 +146,23 @@ impl Area {
                 }
             }
         }
+    }
+
+    /// The first of `count` adjacent free blocks that `ok` accepts, in
+    /// one pass.
+    fn find_run(&self, count: usize, ok: impl Fn(&Area, usize) -> bool) -> Option<usize> {
+        let mut len = 0;
+        for i in 0..self.users.len() {
+            if self.users[i] == 0 && ok(self, i) {
+                len += 1;
+                if len == count {
+                    return Some(i + 1 - count);
+                }
+            } else {
+                len = 0;
+            }
+        }
+        None
     }
 
     /// A free block, dirty (`dirty`) or clean, off its list; `None` if
@@ -181,6 +239,8 @@ fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
         map,
         users: vec![0; n],
         dirty: vec![false; n],
+        flat: vec![true; n],
+        thp: vec![false; n],
         free_clean: Vec::new(),
         free_dirty: Vec::new(),
     };
@@ -189,6 +249,11 @@ fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
 }
 
 impl Run {
+    /// Whether the run is of whole blocks (the area where THPs go).
+    pub(crate) fn whole_blocks(&self) -> bool {
+        self.huge
+    }
+
     /// The whole address range the run stands for (its blocks).
     pub(crate) fn span(&self) -> PageRange {
         PageRange::new(self.origin, self.count * BLOCK)
@@ -220,12 +285,14 @@ impl Staging {
     }
 
     /// A run for the pages of `range`. `may_clean`: the caller is not the
-    /// fault service, so dirty blocks can be emptied.
+    /// fault service, so dirty blocks can be emptied. `thp`: THPs are to
+    /// move in (`Want::Empty`): flat blocks are wanted.
     pub(crate) fn alloc(
         &self,
         range: PageRange,
         want: Want,
         may_clean: bool,
+        thp: bool,
     ) -> Result<Run, StagingError> {
         let huge = range.start().is_aligned(BLOCK) && range.len() % BLOCK == 0;
         let origin = range.start().align_down(BLOCK);
@@ -250,10 +317,31 @@ impl Staging {
         };
         let (first_pass, second_pass) = match want {
             Want::Empty => ((false, true), (may_clean, true)),
-            Want::Fill => ((true, false), (true, true)),
+            Want::Fill | Want::Huge => ((true, false), (true, true)),
         };
-        let mut found = None;
+        let mut found = if huge {
+            // Whole blocks: by shape first (see the module's docs), each
+            // class in one pass over the flags; the fallback below takes
+            // any block in the state wanted.
+            type Class = fn(&Area, usize) -> bool;
+            let flat: Class = |a, i| !a.dirty[i] && a.flat[i];
+            let thp_block: Class = |a, i| a.dirty[i] && a.thp[i];
+            let clean_table: Class = |a, i| !a.dirty[i] && !a.flat[i];
+            let dirty_pages: Class = |a, i| a.dirty[i] && !a.thp[i];
+            let classes: &[Class] = match want {
+                Want::Empty if thp => &[flat],
+                Want::Empty => &[clean_table],
+                Want::Huge => &[thp_block, flat, dirty_pages, clean_table],
+                Want::Fill => &[dirty_pages, clean_table],
+            };
+            classes.iter().find_map(|&c| a.find_run(count, c))
+        } else {
+            None
+        };
         for (dirty_ok, clean_ok) in [first_pass, second_pass] {
+            if found.is_some() {
+                break;
+            }
             found = if count == 1 {
                 // One block: off the free lists, no scan.
                 let mut pick = None;
@@ -266,9 +354,6 @@ impl Staging {
             } else {
                 (0..=n - count).find(|&s| fits(a, s, dirty_ok, clean_ok))
             };
-            if found.is_some() {
-                break;
-            }
         }
         let first = found.ok_or_else(full)?;
         let mut clean = Vec::new();
@@ -287,6 +372,7 @@ impl Staging {
             origin,
         };
         for i in clean {
+            // (Flat now: nothing depends on it while the run is in use.)
             self.empty(huge, i, 1);
         }
         Ok(run)
@@ -374,43 +460,94 @@ impl Staging {
     /// hold pages.
     pub(crate) fn unhold(&self, number: u64, dirty: bool) {
         let (huge, block) = Self::block_of(number);
-        self.put_blocks(huge, block, 1, dirty, false);
+        self.put_block(huge, block, dirty);
     }
 
     /// The run's users leave. `dirty`: pages may remain in it; `may_clean`:
     /// they may be emptied now (not on the fault service), which happens
     /// when more dirty blocks are kept than are worth keeping.
     pub(crate) fn free(&self, run: Run, dirty: bool, may_clean: bool) {
+        let left = if dirty {
+            Left::Pages
+        } else {
+            Left::Empty { flat: false }
+        };
+        self.free_blocks(run, &vec![left; run.count], may_clean);
+    }
+
+    /// As [`free`](Self::free), with what each block of the run holds now
+    /// (`left[k]` for block `k`; a block past its end holds pages).
+    pub(crate) fn free_blocks(&self, run: Run, left: &[Left], may_clean: bool) {
+        let held = |k: usize| left.get(k).copied().unwrap_or(Left::Pages);
+        let dirty = (0..run.count).any(|k| held(k).dirty());
         let too_many = crate::mm::lock_poisoned(&self.areas).dirty_blocks + run.count > KEEP_DIRTY;
         if dirty && may_clean && too_many {
             self.empty(run.huge, run.first, run.count);
-            self.put_blocks(run.huge, run.first, run.count, false, true);
+            self.put_run(run, |_| Left::Empty { flat: true });
         } else {
-            self.put_blocks(run.huge, run.first, run.count, dirty, true);
+            self.put_run(run, held);
         }
     }
 
-    /// `exact`: the leaving user knows the blocks' whole contents (a run:
-    /// `dirty == false` means they are empty now, if nobody else uses them).
-    fn put_blocks(&self, huge: bool, first: usize, count: usize, dirty: bool, exact: bool) {
+    /// The run's blocks, one user less each, holding what `held` says.
+    fn put_run(&self, run: Run, held: impl Fn(usize) -> Left) {
         let mut guard = crate::mm::lock_poisoned(&self.areas);
         let areas = &mut *guard;
-        let a = areas.area(huge);
+        let a = areas.area(run.huge);
         let (mut newly, mut cleaned) = (0, 0);
-        for i in first..(first + count).min(a.users.len()) {
+        for (k, i) in (run.first..(run.first + run.count).min(a.users.len())).enumerate() {
             a.users[i] = a.users[i].saturating_sub(1);
+            let left = held(k);
+            let dirty = left.dirty();
             if dirty && !a.dirty[i] {
                 a.dirty[i] = true;
                 newly += 1;
-            } else if !dirty && exact && a.users[i] == 0 && a.dirty[i] {
+            } else if !dirty && a.users[i] == 0 && a.dirty[i] {
                 a.dirty[i] = false;
                 cleaned += 1;
             }
             if a.users[i] == 0 {
+                a.flat[i] = left == Left::Empty { flat: true };
+                a.thp[i] = left == Left::Thp;
                 a.push_free(i);
+            } else {
+                // Shared with pages held exclusive: shape unknown.
+                a.flat[i] = false;
+                a.thp[i] = false;
             }
         }
         areas.dirty_blocks = areas.dirty_blocks + newly - cleaned.min(areas.dirty_blocks + newly);
+    }
+
+    /// Whether block `k` of `run` was flat or held one THP when the run
+    /// was taken.
+    pub(crate) fn was_thp_shaped(&self, run: &Run, k: usize) -> bool {
+        let mut areas = crate::mm::lock_poisoned(&self.areas);
+        let a = areas.area(run.huge);
+        let i = run.first + k;
+        run.huge && (a.flat.get(i) == Some(&true) || a.thp.get(i) == Some(&true))
+    }
+
+    /// One user less of block `block`; `dirty`: it may hold pages.
+    fn put_block(&self, huge: bool, block: usize, dirty: bool) {
+        let mut guard = crate::mm::lock_poisoned(&self.areas);
+        let areas = &mut *guard;
+        let a = areas.area(huge);
+        let Some(users) = a.users.get_mut(block) else {
+            return;
+        };
+        *users = users.saturating_sub(1);
+        let free = *users == 0;
+        // Pages held one by one went in and out: its shape is unknown.
+        a.flat[block] = false;
+        a.thp[block] = false;
+        if dirty && !a.dirty[block] {
+            a.dirty[block] = true;
+            areas.dirty_blocks += 1;
+        }
+        if free {
+            areas.area(huge).push_free(block);
+        }
     }
 
     #[allow(unsafe_code)] // named place: uhmm's own staging area
@@ -495,7 +632,7 @@ mod tests {
     fn one_block_runs_come_off_the_free_lists_in_the_state_wanted() {
         let Some(st) = staging() else { return };
         let runs: Vec<Run> = (0..64)
-            .map(|b| st.alloc(page(b), Want::Empty, true).unwrap())
+            .map(|b| st.alloc(page(b), Want::Empty, true, false).unwrap())
             .collect();
         let mut blocks: Vec<usize> = runs.iter().map(|r| r.first).collect();
         blocks.sort_unstable();
@@ -507,13 +644,13 @@ mod tests {
         }
         let dirty: Vec<usize> = runs.iter().step_by(2).map(|r| r.first).collect();
         // Fill prefers blocks that still hold pages; Empty clean ones.
-        let f = st.alloc(page(0), Want::Fill, false).unwrap();
+        let f = st.alloc(page(0), Want::Fill, false, false).unwrap();
         assert!(
             dirty.contains(&f.first),
             "Fill took clean block {}",
             f.first
         );
-        let e = st.alloc(page(1), Want::Empty, false).unwrap();
+        let e = st.alloc(page(1), Want::Empty, false, false).unwrap();
         assert!(
             !dirty.contains(&e.first),
             "Empty took dirty block {}",
@@ -523,10 +660,10 @@ mod tests {
         // Multi-block runs (scanned) and one-block runs never share.
         // (Not block-aligned: the small area, as the one-block runs.)
         let big = PageRange::new(VirtAddr::new((1 << 40) + PAGE_SIZE), 2 * BLOCK).unwrap();
-        let m = st.alloc(big, Want::Empty, true).unwrap();
+        let m = st.alloc(big, Want::Empty, true, false).unwrap();
         assert!(!m.huge && m.count == 3);
         let singles: Vec<Run> = (0..200)
-            .map(|b| st.alloc(page(b), Want::Fill, true).unwrap())
+            .map(|b| st.alloc(page(b), Want::Fill, true, false).unwrap())
             .collect();
         for r in &singles {
             assert!(
@@ -543,19 +680,72 @@ mod tests {
     }
 
     #[test]
+    fn whole_blocks_go_where_their_shape_fits() {
+        let Some(st) = staging() else { return };
+        let block = |b: usize| PageRange::new(VirtAddr::new((1 << 40) + b * BLOCK), BLOCK).unwrap();
+        // Never used, every block is flat: the first four (the fallback
+        // takes the lowest).
+        let runs: Vec<Run> = (0..4)
+            .map(|b| st.alloc(block(b), Want::Empty, true, false).unwrap())
+            .collect();
+        assert!(runs.iter().all(|r| r.whole_blocks()));
+        let ids: Vec<usize> = runs.iter().map(|r| r.first).collect();
+        assert_eq!(ids, [0, 1, 2, 3]);
+        // 4 KiB pages went through block 0 (a page table left), a THP
+        // stayed in 1, a THP went through 2 whole, 4 KiB pages stayed in 3.
+        st.free_blocks(runs[0], &[Left::Empty { flat: false }], true);
+        st.free_blocks(runs[1], &[Left::Thp], false);
+        st.free_blocks(runs[2], &[Left::Empty { flat: true }], true);
+        st.free_blocks(runs[3], &[Left::Pages], false);
+        // A THP moving in takes a flat block, not the lowest clean one.
+        let t = st.alloc(block(9), Want::Empty, true, true).unwrap();
+        assert_eq!(t.first, 2, "a THP moved into a block with a page table");
+        st.free_blocks(t, &[Left::Empty { flat: false }], true);
+        let t0 = st.alloc(block(9), Want::Empty, true, false).unwrap();
+        st.free_blocks(t0, &[Left::Empty { flat: true }], true);
+        assert_eq!(t0.first, 0);
+        // Block 0 is flat now, 2 is not: 4 KiB pages moving in take 2,
+        // keeping the flat block for THPs.
+        let e = st.alloc(block(9), Want::Empty, true, false).unwrap();
+        assert_eq!(e.first, 2, "4 KiB pages moved into a flat block");
+        // 4 KiB device pages coming home fill the block holding 4 KiB
+        // pages, not the THP's (a THP moved into a page table splits).
+        let f = st.alloc(block(9), Want::Fill, false, false).unwrap();
+        assert_eq!(f.first, 3, "4 KiB pages filled into a THP");
+        // A 2 MiB device page coming home fills the THP's block...
+        let h = st.alloc(block(9), Want::Huge, false, false).unwrap();
+        assert_eq!(h.first, 1, "a THP came home through a block without one");
+        // ...and the next one a flat block.
+        let h2 = st.alloc(block(9), Want::Huge, false, false).unwrap();
+        assert_eq!(
+            h2.first, 0,
+            "a THP came home through a block with a page table"
+        );
+        // Pages held one by one leave a block's shape unknown: not flat.
+        st.free_blocks(h2, &[Left::Empty { flat: true }], true);
+        st.hold(st.page_number(st.slot(&h2, block(9).start())));
+        st.unhold(st.page_number(st.slot(&h2, block(9).start())), false);
+        let t2 = st.alloc(block(9), Want::Empty, true, true).unwrap();
+        assert_ne!(
+            t2.first, h2.first,
+            "a THP moved into a block of unknown shape"
+        );
+    }
+
+    #[test]
     fn a_dirty_block_is_not_taken_for_moving_in_where_it_cannot_be_emptied() {
         let Some(st) = staging() else { return };
         let n = AREA / BLOCK;
         // Every small block in use, one freed dirty.
         let runs: Vec<Run> = (0..n)
-            .map(|b| st.alloc(page(b), Want::Empty, true).unwrap())
+            .map(|b| st.alloc(page(b), Want::Empty, true, false).unwrap())
             .collect();
         st.free(runs[7], true, false);
         assert!(matches!(
-            st.alloc(page(0), Want::Empty, false),
+            st.alloc(page(0), Want::Empty, false, false),
             Err(StagingError::Full { .. })
         ));
-        let r = st.alloc(page(0), Want::Empty, true).unwrap();
+        let r = st.alloc(page(0), Want::Empty, true, false).unwrap();
         assert_eq!(r.first, runs[7].first);
     }
 }
