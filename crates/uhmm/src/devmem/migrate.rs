@@ -232,7 +232,7 @@ pub struct MigrateVma<'a> {
     /// A page went home by COPY from its staging slot
     /// ([`copy_fill`](Self::copy_fill)): the run still holds pages.
     filled: std::cell::Cell<bool>,
-    /// Its run was taken to bring a 2 MiB device page home as one THP
+    /// Its run was taken to bring 2 MiB device pages home as THPs
     /// (`Want::Huge`).
     thp_home: bool,
     /// Its run was taken for THPs to move in (`Staging::alloc`'s `thp`).
@@ -1118,7 +1118,7 @@ impl<'a> MigrateVma<'a> {
         let run = match self.run {
             Some(r) => r,
             None => {
-                let want = if self.one_huge_device_page() {
+                let want = if self.whole_huge_device_pages() {
                     Want::Huge
                 } else {
                     Want::Fill
@@ -1318,12 +1318,14 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
-    /// Whether the migration brings exactly one whole 2 MiB device page
-    /// home (a THP that went to the device as one): its slots had best be
-    /// one THP, which then moves into place whole (`holds_pmd`).
-    fn one_huge_device_page(&self) -> bool {
+    /// Whether the migration brings whole 2 MiB device pages home, one
+    /// for each 2 MiB block of its range (THPs that went to the device as
+    /// one): its slots had best be THPs, which then move into place whole
+    /// (`holds_pmd`).
+    fn whole_huge_device_pages(&self) -> bool {
         let huge_pages = super::pagemap::HUGE_PAGES;
-        if self.entries.len() != huge_pages
+        if self.entries.is_empty()
+            || self.entries.len() % huge_pages != 0
             || !self.range.start().is_aligned(huge_pages * PAGE_SIZE)
         {
             return false;
@@ -1331,28 +1333,29 @@ impl<'a> MigrateVma<'a> {
         let Some(pm) = self.pagemap.upgrade() else {
             return false;
         };
-        let MigrateSrc::Device(head) = self.entries[0].src else {
-            return false;
-        };
-        pm.is_huge(head)
-            && self.entries.iter().enumerate().all(|(k, e)| {
-                e.migrate
-                    && e.how == How::Device
-                    && e.src == MigrateSrc::Device(DevicePfn(head.0 + k as u64))
-            })
+        self.entries.chunks(huge_pages).all(|block| {
+            let MigrateSrc::Device(head) = block[0].src else {
+                return false;
+            };
+            pm.is_huge(head)
+                && block.iter().enumerate().all(|(k, e)| {
+                    e.migrate
+                        && e.how == How::Device
+                        && e.src == MigrateSrc::Device(DevicePfn(head.0 + k as u64))
+                })
+        })
     }
 
-    /// Whether a THP maps a part of the range (one look at the page
-    /// table).
+    /// Whether a THP maps the range's first page (one look at one page
+    /// table entry: a hint for where its pages go in staging).
     fn holds_thp(&self) -> bool {
         let mut thp = Vec::new();
-        let query = ScanQuery::new()
-            .require(Categories::PRESENT | Categories::HUGE)
-            .max_pages(1);
-        self.shared
-            .pagemap()
-            .is_ok_and(|pm| pm.scan(self.range, &query, &mut thp).is_ok())
-            && !thp.is_empty()
+        let query = ScanQuery::new().require(Categories::PRESENT | Categories::HUGE);
+        PageRange::new(self.range.start(), PAGE_SIZE).is_ok_and(|first| {
+            self.shared
+                .pagemap()
+                .is_ok_and(|pm| pm.scan(first, &query, &mut thp).is_ok())
+        }) && !thp.is_empty()
     }
 
     /// Commits: pages with a dst migrate. Afterwards

@@ -72,9 +72,9 @@ pub(crate) enum Want {
     /// Fill slots and move them out: slots that still hold pages are
     /// welcome (no allocation needed).
     Fill,
-    /// As `Fill`, for one whole 2 MiB device page coming home: a block
-    /// that holds a THP, or a flat one (a populate there makes a THP),
-    /// which then moves into place as one.
+    /// As `Fill`, for whole 2 MiB device pages coming home, one for each
+    /// block: blocks that hold a THP, or flat ones (a populate there makes
+    /// a THP), which then move into place as one each.
     Huge,
 }
 
@@ -110,6 +110,8 @@ struct Area {
     /// for whole blocks uses them.
     flat: Vec<bool>,
     thp: Vec<bool>,
+    /// Blocks from here on were never handed out (free, clean, flat).
+    used: usize,
     /// Blocks that were free (no users) when pushed, by whether they were
     /// dirty then: the one-block allocations (a 4 KiB fault back, a small
     /// migration) pop from these instead of scanning every block. Entries
@@ -149,10 +151,10 @@ impl Area {
     }
 
     /// The first of `count` adjacent free blocks that `ok` accepts, in
-    /// one pass.
+    /// one pass over the blocks ever handed out (and `count` more).
     fn find_run(&self, count: usize, ok: impl Fn(&Area, usize) -> bool) -> Option<usize> {
         let mut len = 0;
-        for i in 0..self.users.len() {
+        for i in 0..self.users.len().min(self.used + count) {
             if self.users[i] == 0 && ok(self, i) {
                 len += 1;
                 if len == count {
@@ -241,6 +243,7 @@ fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
         dirty: vec![false; n],
         flat: vec![true; n],
         thp: vec![false; n],
+        used: 0,
         free_clean: Vec::new(),
         free_dirty: Vec::new(),
     };
@@ -357,6 +360,7 @@ impl Staging {
         }
         let first = found.ok_or_else(full)?;
         let mut clean = Vec::new();
+        a.used = a.used.max(first + count);
         for i in first..first + count {
             a.users[i] = 1;
             if want == Want::Empty && std::mem::take(&mut a.dirty[i]) {
