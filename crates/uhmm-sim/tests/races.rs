@@ -1469,28 +1469,38 @@ fn exclusive_grabs_of_a_range_moved_back_and_forth_read_its_data() {
 ///
 /// Forced: the fault service is held in a device's copy (a fault back)
 /// while the region is moved, so the event stays unread, and the device's
-/// migration is held at a test point between its own look at the region's
-/// mappings and the arming's.
+/// migration is held at a test point inside the arming, after it found no
+/// layout change pending and before it reads the region's mappings.
 #[test]
 fn a_region_armed_while_it_is_being_moved_is_armed_where_it_lands() {
-    armed_while_moved(Vacated::Empty);
+    armed_while_moved(Vacated::Empty, false);
 }
 
 /// As above, with other memory mapped where the region was before the
 /// arming looks: the mappings there cover the range whole, so they are
 /// armed in the region's place. Before, the region was then marked armed
 /// where it landed, yet registered there for write-protect faults only,
-/// and its pages taken to a device read back as zeros.
+/// and its pages taken to a device read back as zeros. Now the arming
+/// sees the move pending after it registered, and looks again.
 #[test]
 fn a_region_armed_while_other_memory_takes_its_place_is_armed_where_it_lands() {
-    armed_while_moved(Vacated::Mapped);
+    armed_while_moved(Vacated::Mapped, false);
+}
+
+/// As above, in user-mode-only mode, where arming first faults the
+/// region's holes in (a system call's access to a hole registered for
+/// MISSING faults would fail with EFAULT): they must be the holes of the
+/// region where it landed, not of the memory that took its place.
+#[test]
+fn a_region_armed_in_user_mode_only_mode_while_moved_has_no_holes_where_it_lands() {
+    armed_while_moved(Vacated::Mapped, true);
 }
 
 /// As above, with the move an `MREMAP_DONTUNMAP`, which leaves an empty
 /// mapping where the region was.
 #[test]
 fn a_region_armed_while_it_is_moved_leaving_a_mapping_is_armed_where_it_lands() {
-    armed_while_moved(Vacated::DontUnmap);
+    armed_while_moved(Vacated::DontUnmap, false);
 }
 
 /// What is where a region was once it has moved.
@@ -1523,11 +1533,24 @@ fn readable(addr: usize) -> bool {
     })
 }
 
-fn armed_while_moved(vacated: Vacated) {
+/// `user_mode_only`: with a userfaultfd that serves user-mode faults only;
+/// the region then has pages never touched, and a system call writes into
+/// one once the region is armed where it landed.
+fn armed_while_moved(vacated: Vacated, user_mode_only: bool) {
     let _s = serial();
-    let Some(mm) = common::mm() else { return };
+    let mm = if user_mode_only {
+        use uhmm::sys::uffd::{Access, AccessPolicy};
+        match Mm::with_access(AccessPolicy::Only(Access::UserModeOnly)) {
+            Ok(mm) => mm,
+            Err(e) => return common::skip(&format!("no user-mode-only userfaultfd: {e}")),
+        }
+    } else {
+        let Some(mm) = common::mm() else { return };
+        mm
+    };
+    // Written and migrated: the first `PAGES`; never touched: as many more.
     const PAGES: usize = 4;
-    const LEN: usize = PAGES * PAGE_SIZE;
+    const LEN: usize = 2 * PAGES * PAGE_SIZE;
     let (a, bb) = low_places(LEN);
     // SAFETY: our own mapping, no reference into it.
     let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
@@ -1629,6 +1652,24 @@ fn armed_while_moved(vacated: Vacated) {
          registered for MISSING faults where it is)"
     );
     assert_eq!(mm.stats().pages_lost, 0);
+    if user_mode_only {
+        // A system call's write into a page of the region never touched.
+        let buf = (bb + (PAGES + 1) * PAGE_SIZE) as *mut libc::c_void;
+        // SAFETY: /dev/zero is read into a page of our own region.
+        let n = unsafe {
+            let fd = libc::open(c"/dev/zero".as_ptr(), libc::O_RDONLY);
+            let n = libc::read(fd, buf, PAGE_SIZE);
+            libc::close(fd);
+            n
+        };
+        assert_eq!(
+            n,
+            PAGE_SIZE as isize,
+            "read(2) into a page of the region never touched: {} (a hole \
+             registered for MISSING faults)",
+            std::io::Error::last_os_error()
+        );
+    }
     if vacated != Vacated::Empty {
         // The memory left where the region was works as plain memory.
         for p in 0..PAGES {

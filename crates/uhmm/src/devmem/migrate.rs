@@ -2017,11 +2017,16 @@ impl<'a> MigrateVma<'a> {
             .any_of(Categories::PRESENT | Categories::SWAPPED)
             .report(Categories::PRESENT | Categories::SWAPPED | Categories::HUGE);
         let blocks = run.span().len() / BLOCK;
-        if !self
-            .shared
-            .pagemap()
-            .is_ok_and(|pm| pm.scan(slots, &query, &mut found).is_ok())
-        {
+        let scanned = self.shared.pagemap().is_ok_and(|pm| {
+            pm.scan(slots, &query, &mut found).is_ok() || {
+                // The `/proc/self/pagemap` fallback cannot tell THPs: every
+                // page left counts as a 4 KiB one.
+                found.clear();
+                let plain = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+                pm.scan(slots, &plain, &mut found).is_ok()
+            }
+        });
+        if !scanned {
             return vec![Left::Pages; blocks];
         }
         // Pages present in each block, and how many of them in THPs.

@@ -78,6 +78,19 @@ pub(crate) enum Want {
     Huge,
 }
 
+/// A whole block's state, as the allocation prefers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Clean, no page table.
+    Flat,
+    /// Dirty, one whole THP.
+    HoldsThp,
+    /// Clean, with a page table.
+    CleanTable,
+    /// Dirty, 4 KiB pages.
+    DirtyPages,
+}
+
 /// What a block holds once a run's user leaves it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Left {
@@ -112,6 +125,10 @@ struct Area {
     thp: Vec<bool>,
     /// Blocks from here on were never handed out (free, clean, flat).
     used: usize,
+    /// A free block below `used` may be flat / hold a THP (false once a
+    /// pass found none, until one is freed so).
+    maybe_flat: bool,
+    maybe_thp: bool,
     /// Blocks that were free (no users) when pushed, by whether they were
     /// dirty then: the one-block allocations (a 4 KiB fault back, a small
     /// migration) pop from these instead of scanning every block. Entries
@@ -148,6 +165,34 @@ impl Area {
                 }
             }
         }
+    }
+
+    /// The first of `count` adjacent free blocks of shape `shape`. Flat
+    /// and THP blocks are rare once every block has been used: a pass
+    /// that found none is not made again until one is freed.
+    fn find_shape(&mut self, count: usize, shape: Shape) -> Option<usize> {
+        let seen = |a: &Area| match shape {
+            Shape::Flat => a.used < a.users.len() || a.maybe_flat,
+            Shape::HoldsThp => a.maybe_thp,
+            Shape::CleanTable | Shape::DirtyPages => true,
+        };
+        if !seen(self) {
+            return None;
+        }
+        let found = self.find_run(count, |a, i| match shape {
+            Shape::Flat => !a.dirty[i] && a.flat[i],
+            Shape::HoldsThp => a.dirty[i] && a.thp[i],
+            Shape::CleanTable => !a.dirty[i] && !a.flat[i],
+            Shape::DirtyPages => a.dirty[i] && !a.thp[i],
+        });
+        if found.is_none() && count == 1 {
+            match shape {
+                Shape::Flat => self.maybe_flat = false,
+                Shape::HoldsThp => self.maybe_thp = false,
+                Shape::CleanTable | Shape::DirtyPages => {}
+            }
+        }
+        found
     }
 
     /// The first of `count` adjacent free blocks that `ok` accepts, in
@@ -244,6 +289,8 @@ fn area(uffd: &Uffd, advice: Advice) -> Result<Area, StagingError> {
         flat: vec![true; n],
         thp: vec![false; n],
         used: 0,
+        maybe_flat: false,
+        maybe_thp: false,
         free_clean: Vec::new(),
         free_dirty: Vec::new(),
     };
@@ -324,20 +371,16 @@ impl Staging {
         };
         let mut found = if huge {
             // Whole blocks: by shape first (see the module's docs), each
-            // class in one pass over the flags; the fallback below takes
+            // shape in one pass over the flags; the fallback below takes
             // any block in the state wanted.
-            type Class = fn(&Area, usize) -> bool;
-            let flat: Class = |a, i| !a.dirty[i] && a.flat[i];
-            let thp_block: Class = |a, i| a.dirty[i] && a.thp[i];
-            let clean_table: Class = |a, i| !a.dirty[i] && !a.flat[i];
-            let dirty_pages: Class = |a, i| a.dirty[i] && !a.thp[i];
-            let classes: &[Class] = match want {
-                Want::Empty if thp => &[flat],
-                Want::Empty => &[clean_table],
-                Want::Huge => &[thp_block, flat, dirty_pages, clean_table],
-                Want::Fill => &[dirty_pages, clean_table],
+            use Shape::*;
+            let shapes: &[Shape] = match want {
+                Want::Empty if thp => &[Flat],
+                Want::Empty => &[CleanTable],
+                Want::Huge => &[HoldsThp, Flat, DirtyPages, CleanTable],
+                Want::Fill => &[DirtyPages, CleanTable],
             };
-            classes.iter().find_map(|&c| a.find_run(count, c))
+            shapes.iter().find_map(|&shape| a.find_shape(count, shape))
         } else {
             None
         };
@@ -513,6 +556,8 @@ impl Staging {
             if a.users[i] == 0 {
                 a.flat[i] = left == Left::Empty { flat: true };
                 a.thp[i] = left == Left::Thp;
+                a.maybe_flat |= a.flat[i];
+                a.maybe_thp |= a.thp[i];
                 a.push_free(i);
             } else {
                 // Shared with pages held exclusive: shape unknown.
@@ -751,5 +796,166 @@ mod tests {
         ));
         let r = st.alloc(page(0), Want::Empty, true, false).unwrap();
         assert_eq!(r.first, runs[7].first);
+    }
+
+    /// Random allocations, frees (with what each block holds), holds and
+    /// unholds against a model of what the blocks hold: a block holding
+    /// pages is never handed out for moving pages in (every slot a hole),
+    /// never free and clean; `dirty_blocks` counts the dirty flags; every
+    /// free block is on the list of its state; nothing at or past `used`
+    /// was handed out. The shape hints (flat, THP) may err; these may not.
+    #[test]
+    #[allow(clippy::needless_range_loop)] // several tables indexed alike
+    fn block_bookkeeping_holds_under_random_use() {
+        let Some(st) = staging() else { return };
+        let mut seed: u64 = 0x1234_5678_9abc_def1;
+        let mut rnd = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        use std::collections::HashMap;
+        let mut stale: HashMap<(bool, usize), bool> = HashMap::new();
+        let mut held: HashMap<(bool, usize), Vec<u64>> = HashMap::new();
+        let mut live: Vec<Run> = Vec::new();
+        let mut holds_out: Vec<(u64, bool, usize)> = Vec::new();
+        for step in 0..4000 {
+            match rnd(5) {
+                0 | 1 if live.len() < 40 => {
+                    let huge = rnd(2) == 0;
+                    let blocks = 1 + rnd(3) as usize;
+                    let b = rnd(64) as usize;
+                    let range = if huge {
+                        PageRange::new(VirtAddr::new((1 << 40) + b * BLOCK), blocks * BLOCK)
+                            .unwrap()
+                    } else {
+                        PageRange::new(
+                            VirtAddr::new((1 << 40) + b * BLOCK + PAGE_SIZE),
+                            (blocks - 1) * BLOCK + PAGE_SIZE,
+                        )
+                        .unwrap()
+                    };
+                    let want = [Want::Empty, Want::Fill, Want::Huge][rnd(3) as usize];
+                    let may_clean = rnd(2) == 0;
+                    let thp = rnd(2) == 0;
+                    let before: Vec<bool> = {
+                        let mut g = st.areas.lock().unwrap();
+                        g.area(huge).dirty.clone()
+                    };
+                    let Ok(run) = st.alloc(range, want, may_clean, thp) else {
+                        continue;
+                    };
+                    let g = st.areas.lock().unwrap();
+                    let a = if huge { &g.huge } else { &g.small };
+                    for i in run.first..run.first + run.count {
+                        assert_eq!(
+                            a.users[i], 1,
+                            "step {step}: block {i} handed out while in use"
+                        );
+                        if want == Want::Empty {
+                            if *stale.get(&(huge, i)).unwrap_or(&false) {
+                                assert!(
+                                    before[i],
+                                    "step {step}: block {huge} {i} holding pages handed out clean for Empty"
+                                );
+                            }
+                            assert!(!a.dirty[i]);
+                        }
+                    }
+                    drop(g);
+                    if want == Want::Empty {
+                        for i in run.first..run.first + run.count {
+                            stale.insert((huge, i), false);
+                        }
+                    } else {
+                        // filled: pages in it
+                        for i in run.first..run.first + run.count {
+                            stale.insert((huge, i), true);
+                        }
+                    }
+                    live.push(run);
+                }
+                2 if !live.is_empty() => {
+                    let run = live.swap_remove(rnd(live.len() as u64) as usize);
+                    let left: Vec<Left> = (0..run.count)
+                        .map(|_| {
+                            [
+                                Left::Empty { flat: true },
+                                Left::Empty { flat: false },
+                                Left::Thp,
+                                Left::Pages,
+                            ][rnd(4) as usize]
+                        })
+                        .collect();
+                    let may_clean = rnd(2) == 0;
+                    let emptied = may_clean
+                        && left.iter().any(|l| l.dirty())
+                        && st.areas.lock().unwrap().dirty_blocks + run.count > KEEP_DIRTY;
+                    for (k, l) in left.iter().enumerate() {
+                        stale.insert((run.huge, run.first + k), l.dirty() && !emptied);
+                    }
+                    st.free_blocks(run, &left, may_clean);
+                }
+                3 if !live.is_empty() => {
+                    let run = live[rnd(live.len() as u64) as usize];
+                    let k = rnd(run.count as u64) as usize;
+                    let slot = VirtAddr::new(
+                        st.start(run.huge).get()
+                            + (run.first + k) * BLOCK
+                            + PAGE_SIZE * rnd(512) as usize,
+                    );
+                    let n = st.page_number(slot);
+                    st.hold(n);
+                    held.entry((run.huge, run.first + k)).or_default().push(n);
+                    holds_out.push((n, run.huge, run.first + k));
+                }
+                4 if !holds_out.is_empty() => {
+                    let (n, huge, b) = holds_out.swap_remove(rnd(holds_out.len() as u64) as usize);
+                    st.unhold(n, true);
+                    stale.insert((huge, b), true);
+                    let v = held.get_mut(&(huge, b)).unwrap();
+                    let j = v.iter().position(|&x| x == n).unwrap();
+                    v.swap_remove(j);
+                }
+                _ => {}
+            }
+            // Invariants.
+            let g = st.areas.lock().unwrap();
+            let mut dirty_count = 0;
+            for (huge, a) in [(true, &g.huge), (false, &g.small)] {
+                let on_clean: std::collections::HashSet<usize> =
+                    a.free_clean.iter().copied().collect();
+                let on_dirty: std::collections::HashSet<usize> =
+                    a.free_dirty.iter().copied().collect();
+                for i in 0..a.users.len() {
+                    if a.dirty[i] {
+                        dirty_count += 1;
+                    }
+                    let h = held.get(&(huge, i)).map_or(0, |v| v.len());
+                    if a.users[i] == 0 {
+                        assert_eq!(h, 0);
+                        if *stale.get(&(huge, i)).unwrap_or(&false) {
+                            assert!(
+                                a.dirty[i],
+                                "step {step}: free block {huge} {i} holds pages but is clean"
+                            );
+                        }
+                        let list = if a.dirty[i] { &on_dirty } else { &on_clean };
+                        assert!(
+                            list.contains(&i),
+                            "step {step}: free block {huge} {i} on no list"
+                        );
+                    }
+                    if i >= a.used {
+                        assert!(
+                            a.users[i] == 0 && !a.dirty[i],
+                            "step {step}: block {i} past used"
+                        );
+                    }
+                }
+            }
+            assert_eq!(g.dirty_blocks, dirty_count, "step {step}: dirty_blocks");
+        }
     }
 }

@@ -291,7 +291,6 @@ impl Shared {
         if region.armed {
             return Ok(());
         }
-        crate::testing::arm();
         let range = region.range;
         if !self.uffd.access().serves_kernel_faults() {
             // Every mapping of the region that will be registered for
@@ -310,13 +309,31 @@ impl Shared {
             }
         }
         // Under the regions lock: the range is still the managed region
-        // it was (not unmapped and replaced by other memory meanwhile).
-        let mut regions = lock(&self.regions);
-        match regions.containing(range) {
-            Some(r) if r.range == range && r.id == region.id && !r.armed => {}
-            Some(r) if r.range == range && r.id == region.id => return Ok(()),
-            _ => return Err(MmError::NotManaged { range }),
-        }
+        // it was (not unmapped and replaced by other memory meanwhile), and
+        // no layout change is pending, or the table may lag the kernel
+        // (see below). A process that changes its layout all the time
+        // leaves moments with none pending: they are waited for, a while.
+        // (This look first, so that memory which replaced the region is
+        // seldom registered; the look after the registration is the one
+        // that counts.)
+        let patience = std::time::Instant::now() + ARM_PATIENCE;
+        let mut regions = loop {
+            let regions = lock(&self.regions);
+            match regions.containing(range) {
+                Some(r) if r.range == range && r.id == region.id && !r.armed => {}
+                Some(r) if r.range == range && r.id == region.id => return Ok(()),
+                _ => return Err(MmError::NotManaged { range }),
+            }
+            if !self.uffd.layout_changing() {
+                break regions;
+            }
+            drop(regions);
+            self.await_events();
+            if std::time::Instant::now() >= patience {
+                return Err(MmError::NotManaged { range });
+            }
+        };
+        crate::testing::arm();
         // Every mapping of the region, each registered in the mode its
         // kind needs. The table may lag the kernel: an mremap or munmap of
         // the range may be done, its event unread (the service reads it
@@ -361,7 +378,17 @@ impl Shared {
                 }
             }
         }
-        if !armed {
+        // Coverage does not prove the mappings are the region's own: other
+        // memory mapped where it was (or the empty mapping an
+        // `MREMAP_DONTUNMAP` leaves) covers it whole, and would be armed in
+        // its stead. But any change of the layout begun before this look
+        // is still pending here: its event cannot be read while this
+        // thread holds the lock, and the kernel counts the change as
+        // pending from before it makes it until its event is read. So if
+        // none is pending now, the mappings read above were the region's
+        // own, and a change begun from now on carries the registration
+        // with the region.
+        if !armed || self.uffd.layout_changing() {
             // Look again once the pending events are applied.
             drop(regions);
             self.await_events();
@@ -369,54 +396,6 @@ impl Shared {
         }
         regions.arm(range.start());
         Ok(())
-    }
-
-    /// Registers `landed`, where an armed region was just moved (the
-    /// service applying its REMAP event, under the regions lock), as
-    /// [`arm_once`](Self::arm_once) would.
-    ///
-    /// The kernel moves a mapping's registration with it, so this changes
-    /// nothing for a region armed before it moved. It closes the window
-    /// arming leaves open: arming reads the mappings under the regions
-    /// lock, but the table may lag the kernel (the move done, its event
-    /// unread), and other memory may cover the place the region left (a
-    /// fresh mapping of another thread, or the empty one an
-    /// `MREMAP_DONTUNMAP` leaves). That memory is then armed in the
-    /// region's place and the region, marked armed, would move here
-    /// registered for write-protect faults only: its pages taken out later
-    /// would be holes the kernel fills with zeros. Arming and this both run
-    /// under the regions lock, and events are applied in order, so every
-    /// region marked armed is registered where it is once its moves are
-    /// applied. (The memory left behind stays registered: its faults are
-    /// served as the kernel would serve them.)
-    ///
-    /// Best effort: a mapping gone from `landed` meanwhile has events of
-    /// its own still unread.
-    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
-    fn arm_landed(&self, landed: PageRange) {
-        let Ok(vmas) = self.procmap().and_then(|p| p.covering(landed)) else {
-            return;
-        };
-        for v in vmas {
-            let (Some(piece), mode) = (
-                v.range.intersection(landed),
-                arm_mode(&v, self.uffd.features()),
-            ) else {
-                continue;
-            };
-            if mode.contains(RegisterMode::MISSING) {
-                // SAFETY: as in `arm_once`: a managed region has no
-                // references into it; the mode changes only.
-                if let Err(_e) = unsafe { self.uffd.register_range(piece, mode) } {
-                    crate::trace::event!(
-                        target: "uhmm::mm",
-                        start = %piece.start(),
-                        error = %_e,
-                        "a moved region not armed where it landed (moved again?)"
-                    );
-                }
-            }
-        }
     }
 
     /// Faults `range` of managed memory in for reading or writing
@@ -1148,6 +1127,11 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     Ok(cell.get_or_init(|| opened))
 }
 
+/// How long arming a region waits for a moment with no layout change
+/// pending (`Shared::arm_once`) before it says the region is not managed
+/// (its callers then look again).
+const ARM_PATIENCE: Duration = Duration::from_millis(100);
+
 /// How long a region drop, a fork or a device removal waits for a
 /// migration in flight before it takes the migration to be abandoned (a
 /// `MigrateVma` leaked, or held by a thread that is stuck) and reclaims its
@@ -1609,11 +1593,6 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
                 regions.moved(old, to, |_, s| work.gone.push(s));
-                if let Ok(landed) = PageRange::new(to, old_len)
-                    && regions.containing(landed).is_some_and(|r| r.armed)
-                {
-                    shared.arm_landed(landed);
-                }
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the

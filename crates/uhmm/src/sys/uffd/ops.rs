@@ -305,6 +305,27 @@ impl Uffd {
         progress(Op::Copy, dst, src, res, arg.copy)
     }
 
+    /// Whether a change of the address space's layout is pending: an
+    /// UNMAP, REMAP, REMOVE or FORK event queued and not yet read (the
+    /// kernel's `mmap_changing`, raised before the change is made and
+    /// lowered once its event is read). Every resolving ioctl answers
+    /// EAGAIN then; this asks with a `UFFDIO_COPY` of no bytes, which the
+    /// kernel checks for a pending change before anything else and then
+    /// refuses (EINVAL): it touches nothing. `false` where it cannot tell.
+    pub fn layout_changing(&self) -> bool {
+        let mut arg = uapi::uffdio_copy {
+            dst: 0,
+            src: 0,
+            len: 0,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; a length of 0
+        // is refused before any page is looked at (`validate_range`).
+        let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_COPY }, _>(self.as_fd(), &mut arg) };
+        matches!(res, Err(rustix::io::Errno::AGAIN))
+    }
+
     /// `UFFDIO_ZEROPAGE`: maps the shared zero page into the holes of
     /// `range`. Use it for read faults only: a later write costs a second
     /// fault (COPY from a zeroed buffer is cheaper for write faults).
