@@ -22,7 +22,7 @@ use uhmm::mm::notifier::{NotifierOps, NotifierRange, NotifyEvent, Subscription};
 use uhmm::mm::{Mm, PageState};
 use uhmm::sys::mem::{Advice, Backing, Prot};
 use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
-use uhmm_sim::{SimDevice, prot};
+use uhmm_sim::{SimDevice, SimError, prot};
 
 /// How long each soak-shaped test runs.
 fn soak() -> Duration {
@@ -2095,4 +2095,106 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
     assert_eq!(rd(b + PAGE_SIZE), 0xD1);
     assert_eq!(rd(b + 3 * PAGE_SIZE), 0, "discarded");
     drop(region);
+}
+
+/// Arming waits for a moment with no layout change pending in the whole
+/// address space: regions first used by a device while another managed
+/// region is moved back and forth without a break (each move an event the
+/// fault service reads) are still armed, within a bound.
+///
+/// KNOWN FAILURE (found with this test in session 25; the code at the
+/// session's start fails it the same way, so it is not the arming): in
+/// about half the runs the program dies of SIGBUS (`BUS_ADRERR`, not a
+/// page uhmm gave up: that is `BUS_MCEERR_AR`) at a CPU read of a page of
+/// a region just migrated in part. It needs both the moves and the
+/// migrations: neither alone fails in 16,000 rounds. The runs that pass
+/// show what the test is for: 64 regions armed, the slowest first
+/// migration 10–116 ms, with 40,000–77,000 moves meanwhile (the
+/// arming of session 25's start instead failed with `NotManaged` within
+/// 0.2 s). Cause not found yet; ignored until it is, run it with
+/// `--ignored`.
+#[test]
+#[ignore = "known failure under investigation: SIGBUS under constant mremap (see its docs)"]
+fn regions_are_armed_while_another_keeps_moving() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const PAGES: usize = 16;
+    const LEN: usize = PAGES * PAGE_SIZE;
+    const ROUNDS: usize = 64;
+    let (a, bb) = low_places(LEN);
+    // SAFETY: our own mapping, no reference into it.
+    let moving = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut at, mut moves) = (a, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let to = if at == a { bb } else { a };
+                common::remap(
+                    PageRange::new(VirtAddr::new(at), LEN).unwrap(),
+                    PageRange::new(VirtAddr::new(to), LEN).unwrap(),
+                );
+                // A placeholder where the range was (the next move's
+                // destination).
+                // SAFETY: the place just vacated, ours.
+                let p = unsafe {
+                    libc::mmap(
+                        at as *mut _,
+                        LEN,
+                        libc::PROT_NONE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                assert_eq!(p as usize, at);
+                at = to;
+                moves += 1;
+            }
+            (at, moves)
+        })
+    };
+    let dev = SimDevice::new(&mm);
+    let regions: Vec<_> = (0..ROUNDS)
+        .map(|_| mm.alloc(LEN, Backing::AnonPrivate).unwrap())
+        .collect();
+    let (mut slowest, mut whole) = (Duration::ZERO, 0);
+    for (k, region) in regions.iter().enumerate() {
+        let f = region.as_ptr() as usize;
+        for p in 0..PAGES {
+            wr(f + p * PAGE_SIZE, 0xC0 + p as u64);
+        }
+        let t = Instant::now();
+        // Pages may stay behind (a move of a page out of the process is
+        // refused while any layout change is pending, and retried a bounded
+        // number of times: NotMigrated); the region must be armed.
+        let r = dev.migrate_to_device(VirtAddr::new(f), PAGES);
+        slowest = slowest.max(t.elapsed());
+        match r {
+            Ok((_, res)) if res.cpages == PAGES as u64 => whole += 1,
+            Err(SimError::NotMigrated { .. }) => {}
+            r => panic!("round {k}: a region was not armed while another kept moving: {r:?}"),
+        }
+        for p in 0..PAGES {
+            assert_eq!(rd(f + p * PAGE_SIZE), 0xC0 + p as u64, "round {k}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (at, moves) = join_soon(mover);
+    eprintln!(
+        "{ROUNDS} regions armed ({whole} migrated whole), slowest {slowest:?}, {moves} moves"
+    );
+    assert!(moves > 100, "only {moves} moves");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a first migration took {slowest:?} while another region kept moving"
+    );
+    assert_eq!(mm.stats().pages_lost, 0);
+    drop(regions);
+    drop(dev);
+    std::mem::forget(moving);
+    drop(mm);
+    // SAFETY: both places are ours.
+    unsafe { libc::munmap(a.min(at) as *mut _, 2 * LEN) };
 }

@@ -46,10 +46,9 @@ pub fn on_cow_break(f: impl FnMut() + 'static) {
 
 /// Calls `f` each time an operation run by this thread (a migration, an
 /// exclusive grab) is about to arm a region for its first device use:
-/// under the regions lock, after the arming found no layout change
-/// pending and before it reads the region's mappings. `f` may block: the
-/// operation waits with it, holding the lock (the fault service does not
-/// read events meanwhile).
+/// under the regions lock, before it reads the region's mappings. `f` may
+/// block: the operation waits with it, holding the lock (the fault
+/// service does not read events meanwhile).
 #[cfg(feature = "test-hooks")]
 pub fn on_arm(f: impl FnMut() + 'static) {
     set(&ARM, Some(Box::new(f)));

@@ -19,6 +19,9 @@ pub(crate) struct Region {
     /// Registered for MISSING faults too (device memory or exclusive
     /// access has been used in it).
     pub(crate) armed: bool,
+    /// How often it was moved (mremap events applied): a region moved away
+    /// and back is at the same range, but not the same as before.
+    pub(crate) moves: u32,
 }
 
 /// A range being let go of (a region dropped, or a range unmanaged): no
@@ -236,6 +239,7 @@ impl Regions {
             range,
             id: self.next_region,
             armed: false,
+            moves: 0,
         };
         self.by_start.insert(range.start(), region);
         self.next_region
@@ -302,7 +306,11 @@ impl Regions {
         self.unfence(old);
         self.remove_ranges(old);
         if let Some(was) = was {
-            self.insert_as(new, was);
+            let moved = Region {
+                moves: was.moves.wrapping_add(1),
+                ..was
+            };
+            self.insert_as(new, moved);
         }
         for op in self.ops.values_mut() {
             if op.touches(old) {

@@ -309,39 +309,23 @@ impl Shared {
             }
         }
         // Under the regions lock: the range is still the managed region
-        // it was (not unmapped and replaced by other memory meanwhile), and
-        // no layout change is pending, or the table may lag the kernel
-        // (see below). A process that changes its layout all the time
-        // leaves moments with none pending: they are waited for, a while.
-        // (This look first, so that memory which replaced the region is
-        // seldom registered; the look after the registration is the one
-        // that counts.)
-        let patience = std::time::Instant::now() + ARM_PATIENCE;
-        let mut regions = loop {
-            let regions = lock(&self.regions);
-            match regions.containing(range) {
-                Some(r) if r.range == range && r.id == region.id && !r.armed => {}
-                Some(r) if r.range == range && r.id == region.id => return Ok(()),
-                _ => return Err(MmError::NotManaged { range }),
-            }
-            if !self.uffd.layout_changing() {
-                break regions;
-            }
-            drop(regions);
-            self.await_events();
-            if std::time::Instant::now() >= patience {
-                return Err(MmError::NotManaged { range });
-            }
+        // it was (not unmapped and replaced by other memory meanwhile).
+        let mut regions = lock(&self.regions);
+        let seen = match regions.containing(range) {
+            Some(r) if r.range == range && r.id == region.id && !r.armed => r,
+            Some(r) if r.range == range && r.id == region.id => return Ok(()),
+            _ => return Err(MmError::NotManaged { range }),
         };
         crate::testing::arm();
         // Every mapping of the region, each registered in the mode its
         // kind needs. The table may lag the kernel: an mremap or munmap of
         // the range may be done, its event unread (the service reads it
         // under this lock). So the mappings are read here, under it, and
-        // the region is armed only where they still cover it whole: armed over a stale
-        // or partial cover, a part of it would never be registered for
-        // MISSING faults, and a hole there — a page on a device, or held
-        // exclusive — would read as zeros, with no fault for uhmm to serve.
+        // the region is armed only where they still cover it whole: armed
+        // over a stale or partial cover, a part of it would never be
+        // registered for MISSING faults, and a hole there — a page on a
+        // device, or held exclusive — would read as zeros, with no fault
+        // for uhmm to serve.
         let vmas = self.procmap()?.covering(range)?;
         let covered: usize = vmas
             .iter()
@@ -378,21 +362,52 @@ impl Shared {
                 }
             }
         }
-        // Coverage does not prove the mappings are the region's own: other
-        // memory mapped where it was (or the empty mapping an
-        // `MREMAP_DONTUNMAP` leaves) covers it whole, and would be armed in
-        // its stead. But any change of the layout begun before this look
-        // is still pending here: its event cannot be read while this
-        // thread holds the lock, and the kernel counts the change as
-        // pending from before it makes it until its event is read. So if
-        // none is pending now, the mappings read above were the region's
-        // own, and a change begun from now on carries the registration
-        // with the region.
-        if !armed || self.uffd.layout_changing() {
+        if !armed {
             // Look again once the pending events are applied.
             drop(regions);
             self.await_events();
             return Err(MmError::NotManaged { range });
+        }
+        // Coverage does not prove the mappings are the region's own: other
+        // memory mapped where it was (or the empty mapping an
+        // `MREMAP_DONTUNMAP` leaves) covers it whole, and was just
+        // registered in its stead if the region moved before the mappings
+        // were read, its event unread. The kernel counts a layout change as
+        // pending from before it makes it until its event is read
+        // (`Uffd::layout_changing`). So once a moment comes with none
+        // pending, every change begun before the registration has been
+        // read, and applied by the time this thread holds the lock again:
+        // if the region is still where it was, not moved since, the
+        // mappings registered were its own (and a change begun after the
+        // registration carries it with the region). No event is read while
+        // this thread holds the lock, so with none pending now, that
+        // moment is now; otherwise it is waited for without the lock (a
+        // process whose threads keep changing the layout leaves short
+        // moments with none pending, often enough).
+        if self.uffd.layout_changing() {
+            drop(regions);
+            let patience = std::time::Instant::now() + ARM_PATIENCE;
+            let mut looks = 0u32;
+            while self.uffd.layout_changing() {
+                if std::time::Instant::now() >= patience {
+                    return Err(MmError::NotManaged { range });
+                }
+                looks += 1;
+                if looks % 64 == 0 {
+                    std::thread::sleep(Duration::from_micros(20));
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            regions = lock(&self.regions);
+            match regions.containing(range) {
+                Some(r) if r == seen => {}
+                // Armed meanwhile by another thread, where it is.
+                Some(r) if r.range == range && r.id == region.id && r.moves == seen.moves => {
+                    return Ok(());
+                }
+                _ => return Err(MmError::NotManaged { range }),
+            }
         }
         regions.arm(range.start());
         Ok(())
@@ -1129,8 +1144,8 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
 
 /// How long arming a region waits for a moment with no layout change
 /// pending (`Shared::arm_once`) before it says the region is not managed
-/// (its callers then look again).
-const ARM_PATIENCE: Duration = Duration::from_millis(100);
+/// (its callers then look again, and register again).
+const ARM_PATIENCE: Duration = Duration::from_millis(20);
 
 /// How long a region drop, a fork or a device removal waits for a
 /// migration in flight before it takes the migration to be abandoned (a
