@@ -2104,13 +2104,14 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
 ///
 /// KNOWN FAILURE (found with this test in session 25; the code at the
 /// session's start fails it the same way, so it is not the arming): in
-/// about half the runs the program dies of SIGBUS (`BUS_ADRERR`, not a
-/// page uhmm gave up: that is `BUS_MCEERR_AR`) at a CPU read of a page of
-/// a region just migrated in part. It needs both the moves and the
-/// migrations: neither alone fails in 16,000 rounds. The runs that pass
-/// show what the test is for: 64 regions armed, the slowest first
-/// migration 10–116 ms, with 40,000–77,000 moves meanwhile (the
-/// arming of session 25's start instead failed with `NotManaged` within
+/// most runs (7 of about 11) the program dies of SIGBUS (`BUS_ADRERR`,
+/// not a page uhmm gave up: that is `BUS_MCEERR_AR`) at a CPU read of a
+/// page of a region just migrated in part. It needs both the moves and
+/// the migrations: neither alone fails in 16,000 rounds. The runs that
+/// pass show what the test is for: every region armed, the slowest first
+/// migration 10–116 ms, with 31,000–77,000 moves meanwhile (a first
+/// version of the session's arming, which wanted no change pending
+/// across its whole registration, failed with `NotManaged` within
 /// 0.2 s). Cause not found yet; ignored until it is, run it with
 /// `--ignored`.
 #[test]
