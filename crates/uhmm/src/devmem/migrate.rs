@@ -1349,13 +1349,24 @@ impl<'a> MigrateVma<'a> {
     /// Whether a THP maps the range's first page (one look at one page
     /// table entry: a hint for where its pages go in staging).
     fn holds_thp(&self) -> bool {
+        PageRange::new(self.range.start(), PAGE_SIZE).is_ok_and(|first| self.thp_bytes(first) > 0)
+    }
+
+    /// The bytes of `range` that THPs map, as the page table says (0 where
+    /// it cannot be read, or cannot tell THPs).
+    fn thp_bytes(&self, range: PageRange) -> usize {
         let mut thp = Vec::new();
-        let query = ScanQuery::new().require(Categories::PRESENT | Categories::HUGE);
-        PageRange::new(self.range.start(), PAGE_SIZE).is_ok_and(|first| {
-            self.shared
-                .pagemap()
-                .is_ok_and(|pm| pm.scan(first, &query, &mut thp).is_ok())
-        }) && !thp.is_empty()
+        let query = ScanQuery::new()
+            .require(Categories::PRESENT | Categories::HUGE)
+            .report(Categories::PRESENT | Categories::HUGE);
+        match self
+            .shared
+            .pagemap()
+            .map(|pm| pm.scan(range, &query, &mut thp))
+        {
+            Ok(Ok(_)) => thp.iter().map(|r| r.range.len()).sum(),
+            _ => 0,
+        }
     }
 
     /// Commits: pages with a dst migrate. Afterwards
@@ -2058,14 +2069,7 @@ impl<'a> MigrateVma<'a> {
     /// Whether the range is mapped by whole THPs now (a THP that came home
     /// moved in as one, its PMD).
     fn landed_whole(&self) -> bool {
-        let mut thp = Vec::new();
-        let query = ScanQuery::new()
-            .require(Categories::PRESENT | Categories::HUGE)
-            .report(Categories::PRESENT | Categories::HUGE);
-        self.shared
-            .pagemap()
-            .is_ok_and(|pm| pm.scan(self.range, &query, &mut thp).is_ok())
-            && thp.iter().map(|r| r.range.len()).sum::<usize>() == self.range.len()
+        self.thp_bytes(self.range) == self.range.len()
     }
 
     fn indices_all(&self, pick: impl Fn(&Entry) -> bool) -> Vec<usize> {
@@ -2089,9 +2093,8 @@ impl<'a> MigrateVma<'a> {
 /// A page slot keeps its offset within its 2 MiB block, so the source is
 /// aligned as the destination is.
 fn holds_pmd(at: VirtAddr, n: usize) -> bool {
-    const PMD: usize = super::staging::BLOCK;
-    let first = at.get().next_multiple_of(PMD);
-    first + PMD <= at.get() + n * PAGE_SIZE
+    let first = at.get().next_multiple_of(BLOCK);
+    first + BLOCK <= at.get() + n * PAGE_SIZE
 }
 
 impl Drop for MigrateVma<'_> {
