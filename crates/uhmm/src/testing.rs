@@ -54,6 +54,34 @@ pub fn on_arm(f: impl FnMut() + 'static) {
     set(&ARM, Some(Box::new(f)));
 }
 
+/// Cuts the bounds on waits that end with pages lost, in every `Mm` of
+/// the process, until called again with `None`: how long a device may
+/// keep a fault back waiting (normally 10 s) before the access fails with
+/// SIGBUS, and how long a put-back may be refused with no layout change
+/// pending (normally 10 s) before its pages are lost. A test that holds
+/// an operation for a second shows what the bounds apply to.
+#[cfg(feature = "test-hooks")]
+pub fn set_loss_bound(bound: Option<std::time::Duration>) {
+    let nanos = bound.map_or(0, |d| d.as_nanos().clamp(1, u64::MAX as u128) as u64);
+    LOSS_BOUND.store(nanos, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg(feature = "test-hooks")]
+static LOSS_BOUND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `bound`, or what [`set_loss_bound`] set instead.
+#[inline]
+pub(crate) fn loss_bound(bound: std::time::Duration) -> std::time::Duration {
+    #[cfg(feature = "test-hooks")]
+    {
+        let nanos = LOSS_BOUND.load(std::sync::atomic::Ordering::Relaxed);
+        if nanos != 0 {
+            return std::time::Duration::from_nanos(nanos);
+        }
+    }
+    bound
+}
+
 /// Removes this thread's test points.
 #[cfg(feature = "test-hooks")]
 pub fn clear() {

@@ -32,7 +32,7 @@ use super::staging::{BLOCK, Left, Run, Staging, StagingError, Want};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{NotifierRange, NotifyEvent};
 use crate::mm::regions::{Regions, Taken};
-use crate::mm::service::{NoEntry, Shared};
+use crate::mm::service::{LayoutWait, NoEntry, Shared};
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
@@ -272,51 +272,54 @@ type Installed = (Vec<(usize, VirtAddr)>, Vec<usize>, Vec<(usize, VirtAddr)>);
 
 /// How often a migration waits for the service to apply pending events
 /// and tries again before it leaves the pages concerned where they are.
-const LAYOUT_RETRIES: usize = 1000;
+const LAYOUT_RETRIES: u32 = 1000;
 
-/// How long a migration keeps trying to put back pages that a pending
-/// layout change refused (EAGAIN) before it gives them up as lost. The
-/// refusal lasts until the thread whose discard, unmap or mremap raised it
-/// runs again after the service read its event: on a loaded machine that
-/// can take many service rounds (1,000 rounds were seen to pass, and the
-/// pages were lost), so the bound is a time, not a count.
+/// How long a migration keeps trying to put back pages whose install is
+/// refused while the kernel says no layout change is pending (a refusal
+/// nothing explains) before it gives them up as lost. A refusal by a
+/// pending change is waited out however long changes follow each other:
+/// the data is intact, and an install gets in between two changes (see
+/// `LayoutWait`). (The refusal lasts until the thread whose discard,
+/// unmap or mremap raised it runs again after the service read its event:
+/// on a loaded machine that can take many service rounds, so the bound is
+/// a time, not a count. It once applied to every refusal, and an mremap
+/// loop in another thread made put-backs lose their pages.)
 const PUT_BACK_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Waits between put-back attempts: for the service to apply pending
-/// events, then, after the first rounds, also a pause that lets the thread
-/// whose event it was run.
+/// Waits between put-back attempts ([`Shared::layout_wait`]), with the
+/// bound of [`PUT_BACK_PATIENCE`] on refusals that no pending layout
+/// change explains.
 struct Patience {
     deadline: Instant,
-    rounds: u32,
+    wait: LayoutWait,
 }
 
 impl Patience {
     fn new() -> Self {
         Self {
-            deadline: Instant::now() + PUT_BACK_PATIENCE,
-            rounds: 0,
+            deadline: Instant::now() + crate::testing::loss_bound(PUT_BACK_PATIENCE),
+            wait: LayoutWait::default(),
         }
     }
 
-    /// Waits for the next attempt; false once the time is up.
+    /// Waits for the next attempt; false once refusals have gone on for
+    /// the time allowed with no layout change pending whenever asked.
     fn wait(&mut self, shared: &Shared) -> bool {
-        if Instant::now() >= self.deadline {
+        let now = Instant::now();
+        if shared.uffd.layout_changing() {
+            self.deadline = now + crate::testing::loss_bound(PUT_BACK_PATIENCE);
+        } else if now >= self.deadline {
             return false;
         }
-        shared.await_events();
-        self.rounds += 1;
-        if self.rounds > 100 {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        shared.layout_wait(&mut self.wait);
         true
     }
 }
 
-/// The first pause of the fault service between two installs of a fault
-/// back that pending layout changes refused (doubling each time)...
-const SERVICE_PAUSE: Duration = Duration::from_micros(10);
-/// ...up to this one; then the fault is served again on a later turn.
-const SERVICE_PAUSE_MAX: Duration = Duration::from_micros(320);
+/// How long the fault service tries again to install a fault back that
+/// pending layout changes refused, before it serves the fault again on a
+/// later turn (other faults wait meanwhile).
+const SERVICE_LAYOUT_FOR: Duration = Duration::from_millis(1);
 
 /// How often a setup looks again at a region that was dropped and mapped
 /// anew while it read its mappings, before it gives up (`Retry`).
@@ -566,7 +569,8 @@ impl<'a> MigrateVma<'a> {
         let mut todo = movable_idx;
         let mut busy = Vec::new();
         let mut cow_broken = false;
-        for _ in 0..LAYOUT_RETRIES {
+        let mut wait = LayoutWait::default();
+        while wait.reads() < LAYOUT_RETRIES {
             let mut left = Vec::new();
             {
                 let mut regions = lock(&self.shared.regions);
@@ -606,7 +610,7 @@ impl<'a> MigrateVma<'a> {
             }
             // The kernel said EAGAIN: an unmap, discard or mremap is under
             // way. Let the service apply it, then look again.
-            self.shared.await_events();
+            self.shared.layout_wait(&mut wait);
             todo = left;
         }
         lock(&self.shared.regions).unkeep(self.op);
@@ -1224,7 +1228,8 @@ impl<'a> MigrateVma<'a> {
             // puts pages back from where the operation's record says they
             // are, which this changes.
             let mut moved = 0;
-            for _ in 0..LAYOUT_RETRIES {
+            let mut wait = LayoutWait::default();
+            while wait.reads() < LAYOUT_RETRIES {
                 let (Some(rest), Some(from)) = (
                     dst.tail_from(VirtAddr::new(dst.start().get() + moved * PAGE_SIZE)),
                     first.checked_add(moved * PAGE_SIZE),
@@ -1260,7 +1265,9 @@ impl<'a> MigrateVma<'a> {
                     // The page is in device memory (`MOVE_QUIRK`), or its
                     // slot is a hole: nothing is left in staging to copy.
                     Some(Stop::NoEntry) if noentry_moved => moved += 1,
-                    Some(Stop::LayoutChanging) if self.blockable => self.shared.await_events(),
+                    Some(Stop::LayoutChanging) if self.blockable => {
+                        self.shared.layout_wait(&mut wait)
+                    }
                     _ => break,
                 }
             }
@@ -1652,8 +1659,9 @@ impl<'a> MigrateVma<'a> {
     fn commit_to_system(&mut self, idx: &[usize]) {
         let mut todo = idx.to_vec();
         let here = crate::mm::service::on_service_of(self.shared);
-        let mut pause = SERVICE_PAUSE;
-        for _ in 0..LAYOUT_RETRIES {
+        let started = Instant::now();
+        let mut wait = LayoutWait::default();
+        while wait.reads() < LAYOUT_RETRIES {
             let (done, left, failed) = {
                 let mut regions = lock(&self.shared.regions);
                 let held: Vec<usize> = todo
@@ -1700,26 +1708,20 @@ impl<'a> MigrateVma<'a> {
             if left.is_empty() {
                 return;
             }
-            if !self.blockable && here && pause <= SERVICE_PAUSE_MAX {
-                // The fault service cannot wait for itself to read the
-                // events that refused the install: it reads them here, and
-                // gives the threads they release a moment to run (the
-                // kernel refuses until each one has, not only until its
-                // event is read). Its data copied already, the fault back
-                // is not redone from the start on a later turn.
-                self.shared.read_events_here();
-                std::thread::sleep(pause);
-                pause *= 2;
-                todo = left;
-                continue;
-            }
-            if !self.blockable {
+            let may_wait = self.blockable || (here && started.elapsed() < SERVICE_LAYOUT_FOR);
+            if !may_wait {
+                // Tried again on a later turn of the service (see
+                // `fault::serve`: not a failure of the device).
                 for i in left {
                     self.not_migrated(i, PageOutcome::Busy);
                 }
                 return;
             }
-            self.shared.await_events();
+            // The fault service reads the events that refused the install
+            // itself, and tries again in the window the threads they
+            // release leave (see `LayoutWait`): its data copied already,
+            // the fault back is not redone from the start on a later turn.
+            self.shared.layout_wait(&mut wait);
             todo = left;
         }
         for &i in &todo {
@@ -1963,7 +1965,7 @@ impl<'a> MigrateVma<'a> {
             }
         }
         if !todo.is_empty() {
-            // Refused for longer than any layout change takes: what is
+            // Refused for long with no layout change pending: what is
             // still out is lost rather than left waiting.
             let mut regions = lock(&self.shared.regions);
             for &i in &todo {

@@ -48,6 +48,14 @@ pub(crate) enum Failure {
     Busy,
     /// It failed, or panicked.
     Device,
+    /// The page stayed on it while the kernel said a layout change was
+    /// pending (a discard, unmap or mremap whose thread has not run again
+    /// since its event was read), which refuses every install. Not the
+    /// device's doing, and not bounded: the data is intact, and an install
+    /// gets in between two changes however closely they follow each other
+    /// (`uhmm::mm::service::LayoutWait`). Bounding it lost pages: another
+    /// thread's mremap loop kept a fault back refused for 10 s.
+    Layout,
 }
 
 /// Failed calls in a row of a device's `migrate_to_ram` for one fault
@@ -110,7 +118,12 @@ impl Attempts {
             Failure::Busy => {
                 self.clear_failures();
                 let since = *self.busy_since.get_or_insert(now);
-                now.duration_since(since) >= FAULT_BUSY_FOR
+                now.duration_since(since) >= crate::testing::loss_bound(FAULT_BUSY_FOR)
+            }
+            Failure::Layout => {
+                self.clear_failures();
+                self.busy_since = None;
+                false
             }
             Failure::Device => {
                 self.failures += 1;
@@ -475,6 +488,11 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
                             | FaultError::NoMemory
                             | FaultError::ForkedChild(_),
                         ) => Failure::Device,
+                        // The install refused, most likely: the data waits
+                        // for its window (see `LayoutWait`).
+                        Err(FaultError::Retry) | Ok(()) if shared.uffd.layout_changing() => {
+                            Failure::Layout
+                        }
                         Err(FaultError::Retry) | Ok(()) => Failure::Busy,
                     };
                     return Served::Failed(why, s);
@@ -529,7 +547,45 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
 
 /// Fills a hole the CPU touched, as the kernel would have without uhmm.
 fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> Served {
-    let res: Result<Progress, OpError> = if flags.contains(FaultFlags::MINOR) {
+    let mut res = fill_hole_once(shared, page, flags);
+    // Refused while a layout change is pending: most often one whose event
+    // the service read just before, its thread not yet run again (see
+    // `LayoutWait`). Tried again at once for a while, which catches the
+    // window that thread leaves before its next change. No event is read
+    // meanwhile, so what the table says of the page holds as it did for
+    // the first try: a try that is let in finds every change begun read.
+    let until = Instant::now() + HOLE_SPIN;
+    while matches!(res, Ok(p) if p.stop == Some(Stop::LayoutChanging)) && Instant::now() < until {
+        std::hint::spin_loop();
+        res = fill_hole_once(shared, page, flags);
+    }
+    match res {
+        Ok(p) => match p.stop {
+            None => Served::Done,
+            // The layout is changing: read those events first.
+            Some(Stop::LayoutChanging) => Served::Park,
+            Some(_) => {
+                let _ = shared.uffd.wake(page);
+                Served::Done
+            }
+        },
+        Err(_) => {
+            let _ = shared.uffd.wake(page);
+            Served::Done
+        }
+    }
+}
+
+/// How long [`fill_hole`] tries again at once after a refusal.
+const HOLE_SPIN: Duration = Duration::from_micros(100);
+
+/// One try of [`fill_hole`].
+fn fill_hole_once(
+    shared: &Shared,
+    page: PageRange,
+    flags: FaultFlags,
+) -> Result<Progress, OpError> {
+    if flags.contains(FaultFlags::MINOR) {
         shared.uffd.continue_range(page, ContinueMode::empty())
     } else if flags.contains(FaultFlags::WRITE) {
         shared.uffd.copy(
@@ -546,21 +602,6 @@ fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> Served {
                 CopyMode::empty(),
             ),
             r => r,
-        }
-    };
-    match res {
-        Ok(p) => match p.stop {
-            None => Served::Done,
-            // The layout is changing: read those events first.
-            Some(Stop::LayoutChanging) => Served::Park,
-            Some(_) => {
-                let _ = shared.uffd.wake(page);
-                Served::Done
-            }
-        },
-        Err(_) => {
-            let _ = shared.uffd.wake(page);
-            Served::Done
         }
     }
 }

@@ -678,6 +678,34 @@ impl Shared {
         }
     }
 
+    /// Waits before the next try of a resolve ioctl that pending layout
+    /// changes refused (EAGAIN), paced by `wait` (see [`LayoutWait`]). The
+    /// caller must not hold the regions lock.
+    pub(crate) fn layout_wait(&self, wait: &mut LayoutWait) {
+        wait.tries += 1;
+        if on_service_of(self) {
+            // Reading is what lets a changing thread go on; here it is a
+            // system call that finds nothing, most of the time.
+            self.read_events_here();
+            wait.reads += 1;
+            if wait.tries % LAYOUT_PAUSE_EVERY == 0 {
+                std::thread::sleep(Duration::from_micros(1));
+            }
+            return;
+        }
+        if wait.read_at.is_some_and(|t| t.elapsed() < LAYOUT_WINDOW) {
+            if wait.tries % LAYOUT_PAUSE_EVERY == 0 {
+                std::thread::sleep(Duration::from_micros(1));
+            } else {
+                std::hint::spin_loop();
+            }
+            return;
+        }
+        self.await_events();
+        wait.reads += 1;
+        wait.read_at = Some(std::time::Instant::now());
+    }
+
     /// How many batches of events the service has read so far (a fault
     /// back compares it across its device call: see `fault::serve`).
     pub(crate) fn batches_read(&self) -> u64 {
@@ -1141,6 +1169,38 @@ fn open_once<T, E>(cell: &OnceLock<T>, open: impl FnOnce() -> Result<T, E>) -> R
     let opened = open()?;
     Ok(cell.get_or_init(|| opened))
 }
+
+/// Paces the tries of a resolve ioctl (a MOVE, a COPY) that pending
+/// layout changes refuse with EAGAIN ([`Shared::layout_wait`]). The kernel
+/// refuses from before a discard, unmap or mremap until the thread that
+/// made it has run again after its event was read; a thread that changes
+/// the layout again at once (an mremap in a loop) leaves a window of a few
+/// microseconds between two changes, which opens 15-60 µs after the read
+/// (the wake-up of a thread on another CPU). So the tries follow the read
+/// at once, without sleeping through the window, and now and then after a
+/// short pause: a changing thread on this very CPU runs then, and the
+/// wake-up that ends the pause may land in its window. A refusal never
+/// counts as a failure: the data is intact, and waits for its window.
+#[derive(Debug, Default)]
+pub(crate) struct LayoutWait {
+    /// When events were last read for this wait (off the service).
+    read_at: Option<std::time::Instant>,
+    tries: u32,
+    reads: u32,
+}
+
+impl LayoutWait {
+    /// How many times pending events were read (or awaited) so far.
+    pub(crate) fn reads(&self) -> u32 {
+        self.reads
+    }
+}
+
+/// How long after the service read pending events a thread other than
+/// the service tries again at once, before it waits for the next read.
+const LAYOUT_WINDOW: Duration = Duration::from_micros(200);
+/// Every this many tries, a short pause instead of trying at once.
+const LAYOUT_PAUSE_EVERY: u32 = 16;
 
 /// How long arming a region waits for a moment with no layout change
 /// pending (`Shared::arm_once`) before it says the region is not managed
