@@ -1955,3 +1955,44 @@ fn two_threads_on_a_failing_page_both_end() {
         "after {took:?}: {got:?}; calls {calls}"
     );
 }
+
+/// A device that keeps asking to be called again for ever while another
+/// thread of the program discards memory in a loop (an allocator giving
+/// pages back) still fails the access once the busy bound (10 s) is past.
+/// A first version of the unbounded wait for installs refused by layout
+/// changes took any fault back that ended while a change was pending for
+/// such a refusal, which here is nearly every one: the access waited for
+/// ever (found by review).
+#[test]
+fn a_device_that_stays_busy_under_discards_still_ends_the_access() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(2) else { return };
+    rig.dev.misbehave(Mode::Busy, u32::MAX);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p1 = rig.page(1).get();
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: a page of the test's own managed region.
+                unsafe { libc::madvise(p1 as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
+                n += 1;
+            }
+            n
+        })
+    };
+    let t0 = Instant::now();
+    let got = syscall_read_soon(rig.page(0), 30);
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let n = churn.join().unwrap();
+    rig.dev.misbehave(Mode::Work, 0);
+    let got = got.expect("the access waited 30 s on a device that stays busy");
+    assert!(
+        got.is_err(),
+        "read {got:?} from a page its device never gave back"
+    );
+    assert!(n > 100, "only {n} discards");
+    eprintln!("failed after {took:?}, {n} discards meanwhile");
+}

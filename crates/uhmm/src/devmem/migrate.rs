@@ -1612,7 +1612,12 @@ impl<'a> MigrateVma<'a> {
             let rest = todo[k + done..k + n].iter().map(|&(j, a, _)| (j, a));
             match stop {
                 None => {}
-                Some(Stop::LayoutChanging) => left.extend(rest.map(|(j, _)| j)),
+                Some(Stop::LayoutChanging) => {
+                    if let Some(s) = regions.serving.as_mut() {
+                        s.refused = true;
+                    }
+                    left.extend(rest.map(|(j, _)| j));
+                }
                 // Someone else resolved the page meanwhile (it is present):
                 // what is there is newer than what waited here.
                 Some(Stop::Exists) => {
@@ -1630,10 +1635,10 @@ impl<'a> MigrateVma<'a> {
         }
         // The page whose fault the service is serving, put in place: that
         // fault is served (see `fault::serve`).
-        if let Some((page, installed)) = regions.serving.as_mut()
-            && done_pages.iter().any(|&(_, a)| a == *page)
+        if let Some(s) = regions.serving.as_mut()
+            && done_pages.iter().any(|&(_, a)| a == s.page)
         {
-            *installed = true;
+            s.installed = true;
         }
         (done_pages, left, failed)
     }

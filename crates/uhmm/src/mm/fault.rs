@@ -48,13 +48,15 @@ pub(crate) enum Failure {
     Busy,
     /// It failed, or panicked.
     Device,
-    /// The page stayed on it while the kernel said a layout change was
-    /// pending (a discard, unmap or mremap whose thread has not run again
-    /// since its event was read), which refuses every install. Not the
+    /// The page stayed on it because the kernel refused its install for a
+    /// pending layout change (EAGAIN: a discard, unmap or mremap whose
+    /// thread has not run again since its event was read). Not the
     /// device's doing, and not bounded: the data is intact, and an install
-    /// gets in between two changes however closely they follow each other
-    /// (`uhmm::mm::service::LayoutWait`). Bounding it lost pages: another
-    /// thread's mremap loop kept a fault back refused for 10 s.
+    /// gets in between two changes (`uhmm::mm::service::LayoutWait`).
+    /// Bounding it lost pages: another thread's mremap loop kept a fault
+    /// back refused for 10 s. Only a refusal seen in the call counts: a
+    /// device that keeps asking to be called again while another thread
+    /// discards in a loop is still bounded.
     Layout,
 }
 
@@ -422,7 +424,7 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             // itself away — discarded, unmapped, moved — which leaves it
             // `Cpu` too, but neither installed nor its thread woken.
             let batches = shared.batches_read();
-            lock(&shared.regions).serving = Some((page.start(), false));
+            lock(&shared.regions).serving = Some(super::regions::Serving::new(page.start()));
             let called = pm.migrate_to_ram(&fault);
             let events_read = shared.batches_read() != batches;
             if called.is_ok() {
@@ -441,10 +443,12 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             // served, whatever the page holds now (its thread may have moved
             // it back to the device since; if it touches it again, it faults
             // again).
-            let (now, installed) = {
+            let (now, installed, refused) = {
                 let mut regions = lock(&shared.regions);
-                let installed = regions.serving.take().is_some_and(|(_, i)| i);
-                (regions.states.get(page.start()), installed)
+                let serving = regions.serving.take();
+                let installed = serving.is_some_and(|s| s.installed);
+                let refused = serving.is_some_and(|s| s.refused);
+                (regions.states.get(page.start()), installed, refused)
             };
             let served = match now {
                 // Served again as the hole it may be (which wakes the
@@ -488,11 +492,9 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
                             | FaultError::NoMemory
                             | FaultError::ForkedChild(_),
                         ) => Failure::Device,
-                        // The install refused, most likely: the data waits
-                        // for its window (see `LayoutWait`).
-                        Err(FaultError::Retry) | Ok(()) if shared.uffd.layout_changing() => {
-                            Failure::Layout
-                        }
+                        // An install of it refused: the data waits for its
+                        // window (see `LayoutWait`).
+                        Err(FaultError::Retry) | Ok(()) if refused => Failure::Layout,
                         Err(FaultError::Retry) | Ok(()) => Failure::Busy,
                     };
                     return Served::Failed(why, s);
@@ -547,45 +549,7 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
 
 /// Fills a hole the CPU touched, as the kernel would have without uhmm.
 fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> Served {
-    let mut res = fill_hole_once(shared, page, flags);
-    // Refused while a layout change is pending: most often one whose event
-    // the service read just before, its thread not yet run again (see
-    // `LayoutWait`). Tried again at once for a while, which catches the
-    // window that thread leaves before its next change. No event is read
-    // meanwhile, so what the table says of the page holds as it did for
-    // the first try: a try that is let in finds every change begun read.
-    let until = Instant::now() + HOLE_SPIN;
-    while matches!(res, Ok(p) if p.stop == Some(Stop::LayoutChanging)) && Instant::now() < until {
-        std::hint::spin_loop();
-        res = fill_hole_once(shared, page, flags);
-    }
-    match res {
-        Ok(p) => match p.stop {
-            None => Served::Done,
-            // The layout is changing: read those events first.
-            Some(Stop::LayoutChanging) => Served::Park,
-            Some(_) => {
-                let _ = shared.uffd.wake(page);
-                Served::Done
-            }
-        },
-        Err(_) => {
-            let _ = shared.uffd.wake(page);
-            Served::Done
-        }
-    }
-}
-
-/// How long [`fill_hole`] tries again at once after a refusal.
-const HOLE_SPIN: Duration = Duration::from_micros(100);
-
-/// One try of [`fill_hole`].
-fn fill_hole_once(
-    shared: &Shared,
-    page: PageRange,
-    flags: FaultFlags,
-) -> Result<Progress, OpError> {
-    if flags.contains(FaultFlags::MINOR) {
+    let res: Result<Progress, OpError> = if flags.contains(FaultFlags::MINOR) {
         shared.uffd.continue_range(page, ContinueMode::empty())
     } else if flags.contains(FaultFlags::WRITE) {
         shared.uffd.copy(
@@ -602,6 +566,21 @@ fn fill_hole_once(
                 CopyMode::empty(),
             ),
             r => r,
+        }
+    };
+    match res {
+        Ok(p) => match p.stop {
+            None => Served::Done,
+            // The layout is changing: read those events first.
+            Some(Stop::LayoutChanging) => Served::Park,
+            Some(_) => {
+                let _ = shared.uffd.wake(page);
+                Served::Done
+            }
+        },
+        Err(_) => {
+            let _ = shared.uffd.wake(page);
+            Served::Done
         }
     }
 }

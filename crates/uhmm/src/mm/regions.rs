@@ -139,11 +139,32 @@ pub(crate) struct Regions {
     /// Ranges being let go of (see [`close`](Self::close)).
     closing: Vec<Closing>,
     next_closing: u64,
-    /// The page whose fault the service is bringing back from its device
-    /// now, and whether an install (any thread's, under this lock) has put
-    /// it in place since: then that fault is served, whatever the page
-    /// holds once the device's call returns (see `fault::serve`).
-    pub(crate) serving: Option<(VirtAddr, bool)>,
+    /// The fault the service is bringing back from its device now (see
+    /// `fault::serve`).
+    pub(crate) serving: Option<Serving>,
+}
+
+/// The page whose fault the service is bringing back from its device, and
+/// what installs (any thread's, under the regions lock) did meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Serving {
+    pub(crate) page: VirtAddr,
+    /// One put it in place: the fault is served, whatever the page holds
+    /// once the device's call returns.
+    pub(crate) installed: bool,
+    /// One was refused by a pending layout change (EAGAIN): a page still
+    /// on the device then is not the device's failure.
+    pub(crate) refused: bool,
+}
+
+impl Serving {
+    pub(crate) fn new(page: VirtAddr) -> Self {
+        Self {
+            page,
+            installed: false,
+            refused: false,
+        }
+    }
 }
 
 /// How long a fence stands at most. The kernel zaps right after the
