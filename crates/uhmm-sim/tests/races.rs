@@ -2243,6 +2243,96 @@ fn a_fault_back_waits_out_a_layout_change_past_the_device_bound() {
     drop(region);
 }
 
+/// Unmanaging a region brings home a page a device holds exclusive
+/// however long pending layout changes refuse its way back: the thread
+/// whose discard raised the refusal is kept off its CPU (a real-time
+/// spinner holds it) for about a second after the service read its event.
+/// Before, the revoke tried again right after each read of events, before
+/// the changing thread had run, gave up after 1,000 and the page was lost
+/// (poisoned). `uhmm stress` with forks and a writer in an mremap loop lost
+/// exclusive pages that way at a fork (`bring_home`), and where the poison
+/// was refused too, forked children read zeros.
+#[test]
+fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let Some((cpus, ours, theirs)) = two_cpus() else {
+        common::skip("needs two CPUs");
+        return;
+    };
+    const LEN: usize = 4 * PAGE_SIZE;
+    let b = low_map(LEN);
+    let range = PageRange::new(VirtAddr::new(b), LEN).unwrap();
+    // SAFETY: our own mapping, no reference into it.
+    let managed = unsafe { mm.manage(range) }.unwrap();
+    for i in 0..4 {
+        wr(b + i * PAGE_SIZE, 0xF0 + i as u64);
+    }
+    pin(0, ours);
+    for t in threads_named("uhmm-fault-serv") {
+        pin(t, ours);
+    }
+    let dev = SimDevice::new(&mm);
+    dev.exclusive(VirtAddr::new(b), 1).unwrap();
+    // A fault back of another region's page holds the service, so that
+    // the discard's event stays unread while the spinner starts (not one
+    // of this region: the unmanage would wait for it to end).
+    let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let o = other.as_ptr() as usize;
+    wr(o, 0xF9);
+    let (holder, held) = parking_device(&mm);
+    holder.migrate_range_to_device(VirtAddr::new(o), 1).unwrap();
+    held.arm();
+    let toucher = std::thread::spawn(move || {
+        pin(0, ours);
+        read_word(o)
+    });
+    held.wait_parked();
+    let discard = discard_pending(theirs, b + 3 * PAGE_SIZE);
+    let (stop, hog) = rt_hog(theirs);
+    held.release();
+    let t = Instant::now();
+    let mm2 = mm.clone();
+    let let_go = within(30, "the unmanage", move || mm2.unmanage(range));
+    let took = t.elapsed();
+    assert_eq!(
+        within(10, "the fault back", move || toucher.join().unwrap()),
+        Some(0xF9)
+    );
+    stop.store(true, Ordering::SeqCst);
+    let realtime = hog.join().unwrap();
+    assert_eq!(
+        within(10, "the discard", move || discard.join().unwrap()),
+        0
+    );
+    // SAFETY: restores the set read at the start.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpus) };
+    if !realtime {
+        common::skip("SCHED_FIFO not permitted: the discarding thread could not be held off");
+        return;
+    }
+    assert_eq!(let_go.unwrap(), LEN, "unmanaged");
+    assert_eq!(
+        read_word(b),
+        Some(0xF0),
+        "the exclusive page after the unmanage ({took:?}; None: poisoned)"
+    );
+    assert_eq!(mm.stats().pages_lost, 0, "pages were lost");
+    assert!(
+        took > Duration::from_millis(300),
+        "the unmanage took {took:?} only: nothing was refused for long, the test shows nothing"
+    );
+    eprintln!("the unmanage took {took:?}");
+    assert_eq!(read_word(b + PAGE_SIZE), Some(0xF1));
+    assert_eq!(read_word(b + 3 * PAGE_SIZE), Some(0), "discarded");
+    std::mem::forget(managed);
+    drop(other);
+    drop(holder);
+    drop(dev);
+    // SAFETY: our own mapping, let go of.
+    unsafe { libc::munmap(b as *mut _, LEN) };
+}
+
 /// Arming waits for a moment with no layout change pending in the whole
 /// address space: regions first used by a device while another managed
 /// region is moved back and forth without a break (each move an event the

@@ -297,7 +297,8 @@ pub(crate) fn revoke(
         return Err(());
     };
     let slot = staging.page_at(hold);
-    for _ in 0..1000 {
+    let mut wait = crate::mm::service::LayoutWait::default();
+    while wait.reads() < 1000 {
         {
             let mut regions = lock(&shared.regions);
             if regions.states.get(page.start()) != Stored::Exclusive(owner, hold) {
@@ -349,7 +350,9 @@ pub(crate) fn revoke(
         if !blockable {
             return Err(());
         }
-        shared.await_events();
+        // Refused while the layout changes: tried again in the window the
+        // changing thread leaves (see `LayoutWait`).
+        shared.layout_wait(&mut wait);
     }
     Err(())
 }
