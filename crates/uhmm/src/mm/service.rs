@@ -1017,7 +1017,13 @@ impl Shared {
             let held_left = left
                 .iter()
                 .any(|&(_, s)| matches!(s, Stored::Exclusive(..)));
-            if !held_left || !revoked || rounds >= BRING_HOME_ROUNDS {
+            // A page whose way home a pending layout change refused is
+            // never lost for it (the data is intact: `LayoutWait`): rounds
+            // go on while one is pending. Before, a fork under an mremap
+            // loop lost exclusive pages here (their revoke gave up).
+            let refused = lose && !left.is_empty() && self.uffd.layout_changing();
+            let again = (held_left && revoked && rounds < BRING_HOME_ROUNDS) || refused;
+            if !again {
                 break (regions, left);
             }
         };
@@ -1044,7 +1050,10 @@ impl Shared {
     /// unmanaged range, a forked child), where a hole would read zeros.
     /// Not on the service thread.
     pub(crate) fn poison_lost(&self, within: Option<PageRange>) {
-        for _ in 0..100 {
+        let mut wait = LayoutWait::default();
+        // (A refusal lasts only while the layout changes; the bound is for
+        // a kernel that says EAGAIN for another reason.)
+        while wait.reads() < 100_000 {
             let mut regions = lock(&self.regions);
             let lost = regions.states.select(within, |s| s == Stored::Lost);
             if lost.is_empty() {
@@ -1066,7 +1075,7 @@ impl Shared {
             if !refused {
                 return;
             }
-            self.await_events();
+            self.layout_wait(&mut wait);
         }
     }
 
