@@ -1996,3 +1996,61 @@ fn a_device_that_stays_busy_under_discards_still_ends_the_access() {
     assert!(n > 100, "only {n} discards");
     eprintln!("failed after {took:?}, {n} discards meanwhile");
 }
+
+/// The same with the refusals on other pages: a device that keeps asking
+/// to be called again for page 0 while another thread's migrations of
+/// page 2 are refused by a third thread's discards in a loop still fails
+/// the access after the busy bound. A refusal counted for the fault back
+/// served at the time whatever its page, and here one comes during nearly
+/// every call for page 0: the access waited for ever (found by review).
+#[test]
+fn a_busy_device_is_bounded_while_other_pages_are_refused() {
+    let _s = common::serial();
+    let Some(rig) = Rig::new(4) else { return };
+    let rig = Arc::new(rig);
+    let page0 = rig.page(0);
+    *rig.dev.on_call.lock().unwrap() = Some(CallHook(Box::new(move |at| {
+        // Long enough for the other thread's installs to meet the discards.
+        (at == Some(page0)).then(|| {
+            std::thread::sleep(Duration::from_millis(2));
+            Mode::Busy
+        })
+    })));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p3 = rig.page(3).get();
+    let discards = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: a page of the test's own managed region.
+                unsafe { libc::madvise(p3 as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
+            }
+        })
+    };
+    let mover = {
+        let (stop, rig) = (stop.clone(), rig.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                rig.home(2);
+                rig.to_device(2);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let t0 = Instant::now();
+    let got = syscall_read_soon(page0, 30);
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    discards.join().unwrap();
+    let rounds = mover.join().unwrap();
+    *rig.dev.on_call.lock().unwrap() = None;
+    let got = got.expect("the access waited 30 s on a device that stays busy");
+    assert!(
+        got.is_err(),
+        "read {got:?} from a page its device never gave back"
+    );
+    assert!(rounds > 10, "only {rounds} migrations of page 2");
+    eprintln!("failed after {took:?}, {rounds} migrations of page 2 meanwhile");
+}

@@ -1613,10 +1613,15 @@ impl<'a> MigrateVma<'a> {
             match stop {
                 None => {}
                 Some(Stop::LayoutChanging) => {
-                    if let Some(s) = regions.serving.as_mut() {
+                    // (Only a refusal of the very page the service serves
+                    // explains why it stays: others are any thread's.)
+                    let rest: Vec<(usize, VirtAddr)> = rest.collect();
+                    if let Some(s) = regions.serving.as_mut()
+                        && rest.iter().any(|&(_, a)| a == s.page)
+                    {
                         s.refused = true;
                     }
-                    left.extend(rest.map(|(j, _)| j));
+                    left.extend(rest.iter().map(|&(j, _)| j));
                 }
                 // Someone else resolved the page meanwhile (it is present):
                 // what is there is newer than what waited here.
