@@ -1669,7 +1669,8 @@ impl<'a> MigrateVma<'a> {
     fn commit_to_system(&mut self, idx: &[usize]) {
         let mut todo = idx.to_vec();
         let here = crate::mm::service::on_service_of(self.shared);
-        let started = Instant::now();
+        // When the first install was refused (none is, most of the time).
+        let mut refused_at: Option<Instant> = None;
         let mut wait = LayoutWait::default();
         while wait.reads() < LAYOUT_RETRIES {
             let (done, left, failed) = {
@@ -1718,7 +1719,8 @@ impl<'a> MigrateVma<'a> {
             if left.is_empty() {
                 return;
             }
-            let may_wait = self.blockable || (here && started.elapsed() < SERVICE_LAYOUT_FOR);
+            let since = refused_at.get_or_insert_with(Instant::now).elapsed();
+            let may_wait = self.blockable || (here && since < SERVICE_LAYOUT_FOR);
             if !may_wait {
                 // Tried again on a later turn of the service (see
                 // `fault::serve`: not a failure of the device).
