@@ -2065,6 +2065,67 @@ fn discard_pending(cpu: usize, addr: usize) -> JoinHandle<i32> {
     }
 }
 
+/// Two CPUs (`two_cpus`), with this thread and the fault service pinned
+/// to the first (`ours`), the second (`theirs`) left for a thread to be
+/// held off; `None` (the test skipped) with one CPU only.
+fn ours_and_theirs() -> Option<(libc::cpu_set_t, usize, usize)> {
+    let Some((cpus, ours, theirs)) = two_cpus() else {
+        common::skip("needs two CPUs");
+        return None;
+    };
+    pin(0, ours);
+    for t in threads_named("uhmm-fault-serv") {
+        pin(t, ours);
+    }
+    Some((cpus, ours, theirs))
+}
+
+/// A discard of a managed page pending on CPU `theirs`, whose thread a
+/// real-time spinner then holds off that CPU: once the service has read
+/// the discard's event, the kernel refuses every install for about a
+/// second (until the thread runs again). The caller holds the service
+/// until this returns, so that the event stays unread while the spinner
+/// starts.
+struct HeldDiscard {
+    /// The CPUs the test thread had before `ours_and_theirs`.
+    cpus: libc::cpu_set_t,
+    stop: Arc<AtomicBool>,
+    hog: JoinHandle<bool>,
+    discard: JoinHandle<i32>,
+}
+
+impl HeldDiscard {
+    fn start(cpus: libc::cpu_set_t, theirs: usize, addr: usize) -> Self {
+        let discard = discard_pending(theirs, addr);
+        let (stop, hog) = rt_hog(theirs);
+        Self {
+            cpus,
+            stop,
+            hog,
+            discard,
+        }
+    }
+
+    /// Ends the spinner, checks that the discard succeeded and gives this
+    /// thread its CPUs back; false (the test skipped) if the spinner could
+    /// not be made real-time, which holds nothing off.
+    fn end(self) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        let realtime = self.hog.join().unwrap();
+        let discard = self.discard;
+        assert_eq!(
+            within(10, "the discard", move || discard.join().unwrap()),
+            0
+        );
+        // SAFETY: restores the set read at the start.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.cpus) };
+        if !realtime {
+            common::skip("SCHED_FIFO not permitted: the discarding thread could not be held off");
+        }
+        realtime
+    }
+}
+
 /// The threads of this process named `name` (as /proc shows it).
 fn threads_named(name: &str) -> Vec<i32> {
     std::fs::read_dir("/proc/self/task")
@@ -2098,14 +2159,9 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
     }
     // Everything of ours on one CPU (`ours`); the discarding thread and
     // the spinner on another (`theirs`).
-    let Some((cpus, ours, theirs)) = two_cpus() else {
-        common::skip("needs two CPUs");
+    let Some((cpus, ours, theirs)) = ours_and_theirs() else {
         return;
     };
-    pin(0, ours);
-    for t in threads_named("uhmm-fault-serv") {
-        pin(t, ours);
-    }
     // The service held in a fault-back (page 2 on a parked device), so
     // that the discard's event stays unread while the spinner starts.
     let (holder, held) = parking_device(&mm);
@@ -2129,10 +2185,9 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
         read_word(b + 2 * PAGE_SIZE)
     });
     held.wait_parked();
-    // The discard of page 3, on CPU 1: its event waits for the service.
-    let discard = discard_pending(theirs, b + 3 * PAGE_SIZE);
-    // The spinner: real-time on CPU 1 for up to two seconds.
-    let (stop, hog) = rt_hog(theirs);
+    // The discard of page 3, on CPU 1, its event waiting for the service;
+    // the spinner there.
+    let hold = HeldDiscard::start(cpus, theirs, b + 3 * PAGE_SIZE);
     let bound = LossBound::cut(Duration::from_millis(100));
     // The failed migration puts its pages back while the discard's event
     // is pending. Once released, the service reads that event, and the
@@ -2147,17 +2202,8 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
         Some(0xD2)
     );
     let moved = within(30, "the failed migration", move || mig.join().unwrap());
-    stop.store(true, Ordering::SeqCst);
-    let realtime = hog.join().unwrap();
     drop(bound);
-    assert_eq!(
-        within(10, "the discard", move || discard.join().unwrap()),
-        0
-    );
-    // SAFETY: restores the set read at the start.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpus) };
-    if !realtime {
-        common::skip("SCHED_FIFO not permitted: the discarding thread could not be held off");
+    if !hold.end() {
         return;
     }
     assert_eq!(moved.unwrap(), 0, "the copy failed: nothing migrates");
@@ -2181,19 +2227,14 @@ fn a_put_back_waits_out_a_discard_whose_thread_cannot_run() {
 fn a_fault_back_waits_out_a_layout_change_past_the_device_bound() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
-    let Some((cpus, ours, theirs)) = two_cpus() else {
-        common::skip("needs two CPUs");
-        return;
-    };
     let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
     let b = region.as_ptr() as usize;
     for i in 0..4 {
         wr(b + i * PAGE_SIZE, 0xE0 + i as u64);
     }
-    pin(0, ours);
-    for t in threads_named("uhmm-fault-serv") {
-        pin(t, ours);
-    }
+    let Some((cpus, ours, theirs)) = ours_and_theirs() else {
+        return;
+    };
     // Page 2 on a device whose copy engine parks: its fault back holds the
     // service, so that the discard's event stays unread while the spinner
     // starts.
@@ -2208,23 +2249,14 @@ fn a_fault_back_waits_out_a_layout_change_past_the_device_bound() {
         (read_word(b + 2 * PAGE_SIZE), t.elapsed())
     });
     held.wait_parked();
-    let discard = discard_pending(theirs, b + 3 * PAGE_SIZE);
-    let (stop, hog) = rt_hog(theirs);
+    let hold = HeldDiscard::start(cpus, theirs, b + 3 * PAGE_SIZE);
     // Once released, the service installs the page, which the discard
     // refuses until its thread runs again: about a second.
     held.release();
     let (word, took) = within(30, "the fault back", move || reader.join().unwrap());
-    stop.store(true, Ordering::SeqCst);
-    let realtime = hog.join().unwrap();
-    assert_eq!(
-        within(10, "the discard", move || discard.join().unwrap()),
-        0
-    );
+    let realtime = hold.end();
     drop(bound);
-    // SAFETY: restores the set read at the start.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpus) };
     if !realtime {
-        common::skip("SCHED_FIFO not permitted: the discarding thread could not be held off");
         return;
     }
     assert_eq!(
@@ -2256,8 +2288,7 @@ fn a_fault_back_waits_out_a_layout_change_past_the_device_bound() {
 fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
-    let Some((cpus, ours, theirs)) = two_cpus() else {
-        common::skip("needs two CPUs");
+    let Some((cpus, ours, theirs)) = ours_and_theirs() else {
         return;
     };
     const LEN: usize = 4 * PAGE_SIZE;
@@ -2267,10 +2298,6 @@ fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
     let managed = unsafe { mm.manage(range) }.unwrap();
     for i in 0..4 {
         wr(b + i * PAGE_SIZE, 0xF0 + i as u64);
-    }
-    pin(0, ours);
-    for t in threads_named("uhmm-fault-serv") {
-        pin(t, ours);
     }
     let dev = SimDevice::new(&mm);
     dev.exclusive(VirtAddr::new(b), 1).unwrap();
@@ -2288,8 +2315,7 @@ fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
         read_word(o)
     });
     held.wait_parked();
-    let discard = discard_pending(theirs, b + 3 * PAGE_SIZE);
-    let (stop, hog) = rt_hog(theirs);
+    let hold = HeldDiscard::start(cpus, theirs, b + 3 * PAGE_SIZE);
     held.release();
     let t = Instant::now();
     let mm2 = mm.clone();
@@ -2299,16 +2325,7 @@ fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
         within(10, "the fault back", move || toucher.join().unwrap()),
         Some(0xF9)
     );
-    stop.store(true, Ordering::SeqCst);
-    let realtime = hog.join().unwrap();
-    assert_eq!(
-        within(10, "the discard", move || discard.join().unwrap()),
-        0
-    );
-    // SAFETY: restores the set read at the start.
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &cpus) };
-    if !realtime {
-        common::skip("SCHED_FIFO not permitted: the discarding thread could not be held off");
+    if !hold.end() {
         return;
     }
     assert_eq!(let_go.unwrap(), LEN, "unmanaged");

@@ -1970,18 +1970,7 @@ fn a_device_that_stays_busy_under_discards_still_ends_the_access() {
     rig.dev.misbehave(Mode::Busy, u32::MAX);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let p1 = rig.page(1).get();
-    let churn = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                // SAFETY: a page of the test's own managed region.
-                unsafe { libc::madvise(p1 as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
-                n += 1;
-            }
-            n
-        })
-    };
+    let churn = discard_loop(p1, stop.clone());
     let t0 = Instant::now();
     let got = syscall_read_soon(rig.page(0), 30);
     let took = t0.elapsed();
@@ -2018,15 +2007,7 @@ fn a_busy_device_is_bounded_while_other_pages_are_refused() {
     })));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let p3 = rig.page(3).get();
-    let discards = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                // SAFETY: a page of the test's own managed region.
-                unsafe { libc::madvise(p3 as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
-            }
-        })
-    };
+    let discards = discard_loop(p3, stop.clone());
     let mover = {
         let (stop, rig) = (stop.clone(), rig.clone());
         std::thread::spawn(move || {
@@ -2041,7 +2022,7 @@ fn a_busy_device_is_bounded_while_other_pages_are_refused() {
     let got = syscall_read_soon(page0, 30);
     let took = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
-    discards.join().unwrap();
+    let discarded = discards.join().unwrap();
     let rounds = mover.join().unwrap();
     *rig.dev.on_call.lock().unwrap() = None;
     let got = got.expect("the access waited 30 s on a device that stays busy");
@@ -2050,6 +2031,7 @@ fn a_busy_device_is_bounded_while_other_pages_are_refused() {
         "read {got:?} from a page its device never gave back"
     );
     assert!(rounds > 10, "only {rounds} migrations of page 2");
+    assert!(discarded > 100, "only {discarded} discards");
     eprintln!("failed after {took:?}, {rounds} migrations of page 2 meanwhile");
 }
 
@@ -2087,4 +2069,22 @@ fn page2_round_trip(rig: &Rig) -> bool {
         }
     }
     home && back
+}
+
+/// A thread that discards the managed page at `addr` in a loop (each
+/// discard an event the fault service reads, and a layout change pending
+/// until its thread runs again) until `stop`; it ends with the count.
+fn discard_loop(
+    addr: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: a page of the test's own managed region.
+            unsafe { libc::madvise(addr as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
+            n += 1;
+        }
+        n
+    })
 }
