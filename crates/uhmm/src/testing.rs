@@ -17,6 +17,7 @@ type Point = RefCell<Option<Box<dyn FnMut()>>>;
 thread_local! {
     static COW_BREAK: Point = const { RefCell::new(None) };
     static ARM: Point = const { RefCell::new(None) };
+    static BRING_HOME_ROUND: Point = const { RefCell::new(None) };
 }
 
 /// Sets `point` to `f` on this thread (`None`: unsets it).
@@ -54,11 +55,23 @@ pub fn on_arm(f: impl FnMut() + 'static) {
     set(&ARM, Some(Box::new(f)));
 }
 
+/// Calls `f` each time this thread, bringing pages home before uhmm lets
+/// go of them (an unmanage, a fork), has tried every page once in a round
+/// and is about to look at what is left: after the devices' evictions and
+/// the exclusive revokes, before it decides whether to lose what stayed
+/// out. `f` may block: no uhmm lock is held.
+#[cfg(feature = "test-hooks")]
+pub fn on_bring_home_round(f: impl FnMut() + 'static) {
+    set(&BRING_HOME_ROUND, Some(Box::new(f)));
+}
+
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
 /// the process, until called again with `None`: how long a device may
 /// keep a fault back waiting (normally 10 s) before the access fails with
 /// SIGBUS, and how long a put-back may be refused with no layout change
-/// pending (normally 10 s) before its pages are lost. A test that holds
+/// pending (normally 10 s) before its pages are lost, and how long an
+/// eviction may find the device failing (normally 10 s) before it gives up
+/// (a dropped device then loses what is left). A test that holds
 /// an operation for a second shows what the bounds apply to.
 #[cfg(feature = "test-hooks")]
 pub fn set_loss_bound(bound: Option<std::time::Duration>) {
@@ -87,6 +100,7 @@ pub(crate) fn loss_bound(bound: std::time::Duration) -> std::time::Duration {
 pub fn clear() {
     set(&COW_BREAK, None);
     set(&ARM, None);
+    set(&BRING_HOME_ROUND, None);
 }
 
 #[inline]
@@ -99,4 +113,10 @@ pub(crate) fn cow_break() {
 pub(crate) fn arm() {
     #[cfg(feature = "test-hooks")]
     pass(&ARM);
+}
+
+#[inline]
+pub(crate) fn bring_home_round() {
+    #[cfg(feature = "test-hooks")]
+    pass(&BRING_HOME_ROUND);
 }

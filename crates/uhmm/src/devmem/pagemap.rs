@@ -906,7 +906,9 @@ pub(crate) fn evict(
 ) -> Result<(), FaultError> {
     let owner = pm.owner;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(10);
+    let bound = crate::testing::loss_bound(EVICT_FOR);
+    let mut deadline = started + bound;
+    let mut refusals = shared.refusals();
     loop {
         let (runs, in_flight) = {
             let regions = lock(&shared.regions);
@@ -939,9 +941,9 @@ pub(crate) fn evict(
                 shared.reclaim_ops(within, Some(owner));
             }
             if Instant::now() > deadline {
-                return Err(FaultError::Device(
-                    "device pages are still migrating after 10 s".into(),
-                ));
+                return Err(FaultError::Device(format!(
+                    "device pages are still migrating after {bound:?}"
+                )));
             }
             std::thread::sleep(Duration::from_micros(200));
             continue;
@@ -959,16 +961,26 @@ pub(crate) fn evict(
                 last = Err(e);
             }
         }
-        if Instant::now() > deadline {
-            return last.and(Err(FaultError::Device(
-                "device pages could not be brought back within 10 s".into(),
-            )));
+        // Pages a layout change refused are not the device's failure: their
+        // data is intact, and the bound starts again after each refusal.
+        let now = Instant::now();
+        if shared.refusals() != refusals {
+            refusals = shared.refusals();
+            deadline = now + bound;
+        }
+        if now > deadline {
+            return last.and(Err(FaultError::Device(format!(
+                "device pages could not be brought back within {bound:?}"
+            ))));
         }
         if last.is_err() {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
+
+/// How long an eviction may find the device failing before it gives up.
+const EVICT_FOR: Duration = Duration::from_secs(10);
 
 /// `pages` (sorted) as runs of at most [`EVICT_RUN`](super::migrate::EVICT_RUN)
 /// bytes, each inside one managed region.

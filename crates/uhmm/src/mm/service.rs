@@ -116,6 +116,9 @@ pub(crate) struct Shared {
     /// The 2 MiB block whose device page a fault back failed to bring
     /// back whole last (0: none): its next fault takes its own range.
     pub(crate) huge_failed: AtomicUsize,
+    /// MOVEs whose source a layout change took from under them (see
+    /// `move_noentry`), for [`refusals`](Self::refusals).
+    moved_away: AtomicU64,
 }
 
 impl Shared {
@@ -145,6 +148,7 @@ impl Shared {
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
             huge_failed: AtomicUsize::new(0),
+            moved_away: AtomicU64::new(0),
         })
     }
 
@@ -564,8 +568,17 @@ impl Shared {
         } else if self.is_hole(src) {
             NoEntry::Hole
         } else {
+            self.moved_away.fetch_add(1, Ordering::Relaxed);
             NoEntry::LayoutChanging
         }
+    }
+
+    /// How many installs and take-outs layout changes have refused so far,
+    /// by any thread. Compared across a piece of work, it says whether
+    /// pages that stayed out were refused (their data is intact: never
+    /// lost for that) rather than failed by their device.
+    pub(crate) fn refusals(&self) -> u64 {
+        self.uffd.layout_refusals() + self.moved_away.load(Ordering::Relaxed)
     }
 
     /// `UFFDIO_MOVE` of pages between managed memory, staging and device
@@ -992,6 +1005,7 @@ impl Shared {
         let mut rounds = 0;
         let (mut regions, left) = loop {
             rounds += 1;
+            let refusals = self.refusals();
             for pm in self.all_pagemaps() {
                 // (No reclaim here: a migration in flight is waited for.)
                 let _ = crate::devmem::pagemap::evict(self, &pm, within, true, false);
@@ -1009,6 +1023,7 @@ impl Shared {
                         crate::devmem::exclusive::revoke(self, page, owner, hold, true).is_ok();
                 }
             }
+            crate::testing::bring_home_round();
             let regions = lock(&self.regions);
             let left = regions.states.select(within, |s| {
                 matches!(s, Stored::Device(..) | Stored::Exclusive(..))
@@ -1017,11 +1032,13 @@ impl Shared {
             let held_left = left
                 .iter()
                 .any(|&(_, s)| matches!(s, Stored::Exclusive(..)));
-            // A page whose way home a pending layout change refused is
-            // never lost for it (the data is intact: `LayoutWait`): rounds
-            // go on while one is pending. Before, a fork under an mremap
-            // loop lost exclusive pages here (their revoke gave up).
-            let refused = lose && !left.is_empty() && self.uffd.layout_changing();
+            // A page whose way home a layout change refused is never lost
+            // for it (the data is intact: `LayoutWait`): rounds go on while
+            // refusals come. Before, a fork under an mremap loop lost
+            // exclusive pages here (their revoke gave up); and a look at
+            // whether a change was pending at this moment lost pages
+            // refused all round when it fell between two changes.
+            let refused = lose && !left.is_empty() && self.refusals() != refusals;
             let again = (held_left && revoked && rounds < BRING_HOME_ROUNDS) || refused;
             if !again {
                 break (regions, left);

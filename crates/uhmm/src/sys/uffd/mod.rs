@@ -40,6 +40,7 @@ use rustix::io::Errno;
 use rustix::mm::UserfaultfdFlags;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use event::{Event, FaultFlags, PageFault};
@@ -397,6 +398,7 @@ impl UffdBuilder {
             supported,
             ioctls,
             access,
+            refused: AtomicU64::new(0),
         })
     }
 }
@@ -500,6 +502,9 @@ pub struct Uffd {
     supported: Features,
     ioctls: Ioctls,
     access: Access,
+    /// Resolve ioctls a pending layout change refused (see
+    /// [`layout_refusals`](Self::layout_refusals)).
+    refused: AtomicU64,
 }
 
 impl Uffd {
@@ -654,6 +659,7 @@ impl Uffd {
             supported: self.supported,
             ioctls: self.ioctls,
             access: self.access,
+            refused: AtomicU64::new(0),
         }
     }
 }

@@ -22,6 +22,7 @@ use linux_raw_sys::general as uapi;
 use rustix::io::Errno;
 use std::fmt;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 
 /// How far a resolve ioctl got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,7 +303,7 @@ impl Uffd {
         // holes of a registered `dst`, into which registration's contract
         // (`Uffd::register`) guarantees no reference points.
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_COPY }, _>(self.as_fd(), &mut arg) };
-        progress(Op::Copy, dst, src, res, arg.copy)
+        self.counted(progress(Op::Copy, dst, src, res, arg.copy))
     }
 
     /// Whether a change of the address space's layout is pending: an
@@ -338,7 +339,13 @@ impl Uffd {
         // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`; it fills
         // holes of a registered range (no reference there, see `copy`).
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_ZEROPAGE }, _>(self.as_fd(), &mut arg) };
-        progress(Op::ZeroPage, range, range.start(), res, arg.zeropage)
+        self.counted(progress(
+            Op::ZeroPage,
+            range,
+            range.start(),
+            res,
+            arg.zeropage,
+        ))
     }
 
     /// `UFFDIO_MOVE`: moves the pages at `src` (`dst.len()` bytes) to the
@@ -370,7 +377,7 @@ impl Uffd {
         // SAFETY: UFFDIO_MOVE takes a `struct uffdio_move`; the caller
         // guarantees that no reference points into the source.
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_MOVE }, _>(self.as_fd(), &mut arg) };
-        progress(Op::Move, dst, src, res, arg.move_)
+        self.counted(progress(Op::Move, dst, src, res, arg.move_))
     }
 
     /// `UFFDIO_CONTINUE`: maps the page-cache pages already present behind
@@ -388,7 +395,13 @@ impl Uffd {
         // SAFETY: UFFDIO_CONTINUE takes a `struct uffdio_continue`; it maps
         // existing page-cache pages into holes of a registered range.
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_CONTINUE }, _>(self.as_fd(), &mut arg) };
-        progress(Op::Continue, range, range.start(), res, arg.mapped)
+        self.counted(progress(
+            Op::Continue,
+            range,
+            range.start(),
+            res,
+            arg.mapped,
+        ))
     }
 
     /// `UFFDIO_POISON`: marks the holes of `range` so that any later access
@@ -404,7 +417,7 @@ impl Uffd {
         // SAFETY: UFFDIO_POISON takes a `struct uffdio_poison`; it marks
         // holes of a registered range (no reference there, see `copy`).
         let res = unsafe { ioctl::update::<{ ioctl::UFFDIO_POISON }, _>(self.as_fd(), &mut arg) };
-        progress(Op::Poison, range, range.start(), res, arg.updated)
+        self.counted(progress(Op::Poison, range, range.start(), res, arg.updated))
     }
 
     /// `UFFDIO_WRITEPROTECT`: write-protects (`protect`) or un-protects the
@@ -442,7 +455,30 @@ impl Uffd {
             // page still protected faults again).
             let _ = self.wake(range);
         }
-        progress(Op::WriteProtect, range, range.start(), res, 0)
+        self.counted(progress(Op::WriteProtect, range, range.start(), res, 0))
+    }
+
+    /// How many resolve ioctls on this context a pending layout change has
+    /// refused so far ([`Stop::LayoutChanging`]). Read before and after a
+    /// piece of work, it says whether a change refused anything in it: the
+    /// data of a refused page is intact, waiting for its window.
+    pub fn layout_refusals(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// `res`, counted in [`layout_refusals`](Self::layout_refusals) if a
+    /// layout change refused it.
+    fn counted(&self, res: Result<Progress, OpError>) -> Result<Progress, OpError> {
+        if matches!(
+            res,
+            Ok(Progress {
+                stop: Some(Stop::LayoutChanging),
+                ..
+            })
+        ) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        res
     }
 
     /// `UFFDIO_WAKE`: wakes the threads waiting on a fault in `range`, which
