@@ -92,47 +92,59 @@ impl Drop for BareServer {
     }
 }
 
-/// What a thread spent over a stretch: CPU time and system calls (`None`
-/// where a reading failed: reported as not measured, never as zero).
+/// What a thread spent over a stretch: CPU time (`None` where a reading
+/// failed: reported as not measured, never as zero).
 struct Meter {
     clock: cpu::ThreadClock,
-    calls: Option<cpu::SyscallCounter>,
-    start: (Option<u64>, Option<u64>),
+    start: Option<u64>,
 }
 
 impl Meter {
-    fn open(tid: i32) -> Result<(Meter, Option<String>), Box<dyn Error>> {
+    fn open(tid: i32) -> Result<Meter, Box<dyn Error>> {
         let clock = cpu::ThreadClock::open(tid)?;
-        let (calls, why) = match cpu::SyscallCounter::open(tid) {
-            Ok(c) => (Some(c), None),
-            Err(e) => (None, Some(e)),
-        };
-        let mut m = Meter {
-            clock,
-            calls,
-            start: (None, None),
-        };
+        let mut m = Meter { clock, start: None };
         m.restart();
-        Ok((m, why))
+        Ok(m)
     }
 
     fn restart(&mut self) {
-        self.start = (
-            self.clock.read().map(|c| c.0),
-            self.calls.as_ref().and_then(|c| c.read()),
-        );
+        self.start = self.clock.read().map(|c| c.0);
     }
 
-    /// (CPU ns, system calls) per `n` faults since the start; NaN (shown
-    /// as not measured) for what could not be read.
-    fn per(&self, n: usize) -> (f64, f64) {
-        let per = |start: Option<u64>, now: Option<u64>| match (start, now) {
-            (Some(s), Some(e)) if e >= s => (e - s) as f64 / n as f64,
-            _ => f64::NAN,
-        };
-        let cpu_ns = per(self.start.0, self.clock.read().map(|c| c.0));
-        let calls = per(self.start.1, self.calls.as_ref().and_then(|c| c.read()));
-        (cpu_ns, calls)
+    /// CPU ns per `n` faults since the start; NaN (shown as not measured)
+    /// if it could not be read.
+    fn per(&self, n: usize) -> f64 {
+        per(self.start, self.clock.read().map(|c| c.0), n)
+    }
+}
+
+/// `(end - start) / n`, or NaN where a reading is missing.
+fn per(start: Option<u64>, end: Option<u64>, n: usize) -> f64 {
+    match (start, end) {
+        (Some(s), Some(e)) if e >= s => (e - s) as f64 / n as f64,
+        _ => f64::NAN,
+    }
+}
+
+/// The system calls a thread makes over a stretch. Counting attaches a
+/// tracepoint to the thread, which makes each of its system calls cost
+/// more: it is open only for a pass of its own, never while latency or
+/// CPU time is measured (where it would charge a design with more system
+/// calls for the tracing).
+struct Calls {
+    counter: cpu::SyscallCounter,
+    start: Option<u64>,
+}
+
+impl Calls {
+    fn open(tid: i32) -> Result<Calls, String> {
+        let counter = cpu::SyscallCounter::open(tid)?;
+        let start = counter.read();
+        Ok(Calls { counter, start })
+    }
+
+    fn per(&self, n: usize) -> f64 {
+        per(self.start, self.counter.read(), n)
     }
 }
 
@@ -192,10 +204,12 @@ struct Subject {
     mm: Mm,
     region: uhmm::mm::ManagedRegion,
     dev: SimDevice,
+    /// Its fault service thread.
+    tid: i32,
     meter: Meter,
 }
 
-fn subject(n: usize, kind: Kind) -> Result<(Subject, Option<String>), Box<dyn Error>> {
+fn subject(n: usize, kind: Kind) -> Result<Subject, Box<dyn Error>> {
     let before = cpu::threads_named("uhmm-fault");
     let mm = Mm::new()?;
     let tid = service_tid(&before)?;
@@ -208,16 +222,14 @@ fn subject(n: usize, kind: Kind) -> Result<(Subject, Option<String>), Box<dyn Er
         dev.set_cpu_visible_memory(kind == Kind::Mapped);
     }
     dev.migrate_range_to_device(region.range().start(), n)?;
-    let (meter, why) = Meter::open(tid)?;
-    Ok((
-        Subject {
-            mm,
-            region,
-            dev,
-            meter,
-        },
-        why,
-    ))
+    let meter = Meter::open(tid)?;
+    Ok(Subject {
+        mm,
+        region,
+        dev,
+        tid,
+        meter,
+    })
 }
 
 /// A random permutation of `0..n` (xorshift; the same every run) in
@@ -339,53 +351,60 @@ fn measure_fault_back(
     if !cpu::pin_to(server_cpu) {
         return Err(format!("cannot pin a thread to vCPU {server_cpu}").into());
     }
+    // Pages for the pass that counts system calls, then a warm-up page and
+    // `n` for latency and CPU time.
+    let counted = (n / 4).clamp(1, 1000);
+    let total = counted + 1 + n;
     let mut subjects = Vec::new();
-    let mut why = None;
     for kind in Kind::ALL {
-        let (sub, w) = subject(n + 1, kind)?;
-        why = why.or(w);
-        subjects.push(sub);
+        subjects.push(subject(total, kind)?);
     }
-    let bare = BareServer::start((n + 1) * PAGE_SIZE)?;
-    let (mut bare_meter, _) = Meter::open(bare.tid)?;
+    let bare = BareServer::start(total * PAGE_SIZE)?;
+    let mut bare_meter = Meter::open(bare.tid)?;
     if !cpu::pin_to(toucher_cpu) {
         return Err(format!("cannot pin a thread to vCPU {toucher_cpu}").into());
     }
-    let mut lat: Vec<Vec<f64>> = vec![Vec::with_capacity(n); subjects.len()];
-    let mut bare_lat = Vec::with_capacity(n);
-    // The first page of the order is the warm-up, then the rest.
-    let order = shuffled(n + 1);
-    for (k, &i) in order.iter().enumerate() {
-        let a = page(bare.map.range(), i)?;
-        let (t_bare, v) = time(|| cpu::read_byte(a));
-        if v != BARE_BYTE {
-            return Err("a page the bare server served read the wrong byte".into());
-        }
-        let mut took = Vec::with_capacity(subjects.len());
-        for sub in &subjects {
-            let b = page(sub.region.range(), i)?;
-            let (t, w) = time(|| cpu::read_byte(b));
-            if w != 1 {
-                return Err("a faulted page read the wrong byte".into());
+    let order = shuffled(total);
+    // System calls, in a pass of their own (see `Calls`).
+    let mut why = None;
+    let mut calls: Vec<Option<Calls>> = Vec::new();
+    for tid in std::iter::once(bare.tid).chain(subjects.iter().map(|s| s.tid)) {
+        match Calls::open(tid) {
+            Ok(c) => calls.push(Some(c)),
+            Err(e) => {
+                why = Some(e);
+                calls.push(None);
             }
-            took.push(t);
-        }
-        if k == 0 {
-            bare_meter.restart();
-            for sub in &mut subjects {
-                sub.meter.restart();
-            }
-            continue;
-        }
-        bare_lat.push(t_bare.as_nanos() as f64);
-        for (l, t) in lat.iter_mut().zip(took) {
-            l.push(t.as_nanos() as f64);
         }
     }
-    // The last fault's serving thread may still be finishing it.
+    for &i in &order[..counted] {
+        touch_round(&bare, &subjects, i)?;
+    }
+    // (The last fault's serving thread may still be finishing it.)
+    std::thread::sleep(Duration::from_millis(5));
+    let per_fault: Vec<f64> = calls
+        .iter()
+        .map(|c| c.as_ref().map_or(f64::NAN, |c| c.per(counted)))
+        .collect();
+    drop(calls);
+    // Latency and CPU time: the first page is the warm-up.
+    let mut lat: Vec<Vec<f64>> = vec![Vec::with_capacity(n); subjects.len()];
+    let mut bare_lat = Vec::with_capacity(n);
+    touch_round(&bare, &subjects, order[counted])?;
+    bare_meter.restart();
+    for sub in &mut subjects {
+        sub.meter.restart();
+    }
+    for &i in &order[counted + 1..] {
+        let (t_bare, took) = touch_round(&bare, &subjects, i)?;
+        bare_lat.push(t_bare);
+        for (l, t) in lat.iter_mut().zip(took) {
+            l.push(t);
+        }
+    }
     std::thread::sleep(Duration::from_millis(5));
     for sub in &subjects {
-        if sub.dev.device_pages() != 0 || sub.mm.stats().faults_device < n as u64 {
+        if sub.dev.device_pages() != 0 || sub.mm.stats().faults_device < total as u64 {
             return Err("a touched page did not come back through a fault".into());
         }
     }
@@ -393,14 +412,39 @@ fn measure_fault_back(
         kinds: lat
             .into_iter()
             .zip(&subjects)
-            .map(|(l, sub)| (l, sub.meter.per(n)))
+            .zip(&per_fault[1..])
+            .map(|((l, sub), &calls)| (l, (sub.meter.per(n), calls)))
             .collect(),
         bare: bare_lat,
-        bare_use: bare_meter.per(n),
+        bare_use: (bare_meter.per(n), per_fault[0]),
         no_syscalls: why,
     };
     bare.finish()?;
     Ok(m)
+}
+
+/// One touch of page `i` served by the bare server and one served by each
+/// subject: (bare ns, subjects' ns).
+fn touch_round(
+    bare: &BareServer,
+    subjects: &[Subject],
+    i: usize,
+) -> Result<(f64, Vec<f64>), Box<dyn Error>> {
+    let a = page(bare.map.range(), i)?;
+    let (t_bare, v) = time(|| cpu::read_byte(a));
+    if v != BARE_BYTE {
+        return Err("a page the bare server served read the wrong byte".into());
+    }
+    let mut took = Vec::with_capacity(subjects.len());
+    for sub in subjects {
+        let b = page(sub.region.range(), i)?;
+        let (t, w) = time(|| cpu::read_byte(b));
+        if w != 1 {
+            return Err("a faulted page read the wrong byte".into());
+        }
+        took.push(t.as_nanos() as f64);
+    }
+    Ok((t_bare.as_nanos() as f64, took))
 }
 
 /// A random 4 KiB fault back over the whole large region, every fault
@@ -410,7 +454,7 @@ fn measure_fault_back(
 pub fn stalls(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     let n = s.big / PAGE_SIZE;
     p.note(&format!("{n} random 4 KiB faults"));
-    let (sub, _) = subject(n, Kind::ZeroCopy)?;
+    let sub = subject(n, Kind::ZeroCopy)?;
     let me = cpu::ThreadClock::open(cpu::gettid())?;
     let order = shuffled(n);
     let mut stalls = Vec::new();
