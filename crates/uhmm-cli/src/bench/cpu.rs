@@ -18,6 +18,27 @@ pub fn touch_pages(range: PageRange) {
     }
 }
 
+/// Writes `v` into the first byte of every page of `range`.
+pub fn mark_pages(range: PageRange, v: u8) {
+    let base = range.start().as_mut_ptr::<u8>();
+    for i in 0..range.npages() {
+        // SAFETY: as in `touch_pages`.
+        unsafe { base.add(i * PAGE_SIZE).write_volatile(v) };
+    }
+}
+
+/// `UFFDIO_MOVE` of one page from `src` to the hole `dst`, not waking the
+/// faulting thread (the bare moving server's answer, as uhmm's).
+pub fn move_page(
+    uffd: &uhmm::sys::uffd::Uffd,
+    dst: PageRange,
+    src: uhmm::VirtAddr,
+) -> Result<uhmm::sys::uffd::Progress, uhmm::sys::uffd::OpError> {
+    // SAFETY: `src` is a page of the bare server's own source mapping,
+    // which nothing refers into.
+    unsafe { uffd.move_pages(dst, src, uhmm::sys::uffd::MoveMode::DONTWAKE) }
+}
+
 /// Reads every 8-byte word of `range` and returns their wrapping sum.
 pub fn sum(range: PageRange) -> u64 {
     let base = range.start().as_ptr::<u64>();

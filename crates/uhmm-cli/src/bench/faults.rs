@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use uhmm::mm::Mm;
 use uhmm::sys::mem::{Advice, Backing, Mapping};
-use uhmm::sys::uffd::{CopyMode, Event, RegisterMode, Uffd};
+use uhmm::sys::uffd::{CopyMode, Event, Features, RegisterMode, Uffd};
 use uhmm::{PAGE_SIZE, PageRange, VirtAddr};
 use uhmm_sim::SimDevice;
 
@@ -20,9 +20,21 @@ type CaseResult = Result<(), Box<dyn Error>>;
 /// The byte every page the bare server serves holds.
 const BARE_BYTE: u8 = 7;
 
+/// How a bare server answers a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// `UFFDIO_COPY` of a page from one hot buffer (waking).
+    Copy,
+    /// `UFFDIO_MOVE` of the page at the same offset of a populated source
+    /// mapping, then `UFFDIO_WAKE`: the kernel calls a zero-copy fault
+    /// back makes, and nothing of uhmm's.
+    Move,
+}
+
 /// A bare userfaultfd server: one thread answering MISSING faults on a
-/// mapping of its own with `UFFDIO_COPY` of a page — the kernel interface
-/// uhmm's fault back builds on, with nothing else (the baseline).
+/// mapping of its own with `UFFDIO_COPY` of a page (or a move: [`Answer`])
+/// — the kernel interface uhmm's fault back builds on, with nothing else
+/// (the baseline).
 pub struct BareServer {
     pub map: Mapping,
     stop: Arc<AtomicBool>,
@@ -33,9 +45,36 @@ pub struct BareServer {
 
 impl BareServer {
     pub fn start(len: usize) -> Result<BareServer, Box<dyn Error>> {
+        Self::answering(len, Answer::Copy, PAGE_SIZE)
+    }
+
+    /// A server that answers as `answer` says, `block` bytes per fault
+    /// (the aligned block around it; a power of two, for copies).
+    pub fn answering(
+        len: usize,
+        answer: Answer,
+        block: usize,
+    ) -> Result<BareServer, Box<dyn Error>> {
         let map = Mapping::anon(len)?;
-        let uffd = Uffd::builder().open()?;
+        let features = match answer {
+            Answer::Copy => Features::empty(),
+            Answer::Move => Features::MOVE,
+        };
+        let uffd = Uffd::builder().features(features).open()?;
         uffd.register(&map, map.range(), RegisterMode::MISSING)?;
+        // The pages to move in: populated, and registered (MOVE takes
+        // pages only between ranges of one userfaultfd).
+        let source = match answer {
+            Answer::Copy => None,
+            Answer::Move => {
+                let s = Mapping::anon(len)?;
+                s.advise(s.range(), Advice::NoHugePage)?;
+                cpu::mark_pages(s.range(), BARE_BYTE);
+                uffd.register(&s, s.range(), RegisterMode::WP)?;
+                Some(s)
+            }
+        };
+        let base = map.range().start();
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -43,7 +82,7 @@ impl BareServer {
             .name("bare-uffd-server".into())
             .spawn(move || {
                 let _ = tx.send(cpu::gettid());
-                let src = vec![BARE_BYTE; PAGE_SIZE];
+                let src = vec![BARE_BYTE; block];
                 let mut events = Vec::with_capacity(64);
                 while !st.load(Ordering::Relaxed) {
                     if !uffd.wait(Some(Duration::from_millis(20))).unwrap_or(false) {
@@ -53,14 +92,29 @@ impl BareServer {
                         continue;
                     }
                     for e in events.drain(..) {
-                        if let Event::PageFault(f) = e
-                            && let Some(page) = f.page()
-                        {
-                            let _ = uffd.copy(
-                                page,
-                                VirtAddr::from_ptr(src.as_ptr()),
-                                CopyMode::empty(),
-                            );
+                        let Event::PageFault(f) = e else { continue };
+                        let Some(page) = f.page() else { continue };
+                        match &source {
+                            None => {
+                                let start = page.start().align_down(block).max(base);
+                                let end = (start.get() + block).min(base.get() + len);
+                                let from = VirtAddr::from_ptr(src.as_ptr());
+                                let whole = PageRange::from_bounds(start, VirtAddr::new(end))
+                                    .ok()
+                                    .and_then(|r| uffd.copy(r, from, CopyMode::empty()).ok());
+                                if !whole.is_some_and(|p| p.is_complete()) {
+                                    // Part of the block was there already:
+                                    // the faulting page alone, and a wake.
+                                    let _ = uffd.copy(page, from, CopyMode::empty());
+                                    let _ = uffd.wake(page);
+                                }
+                            }
+                            Some(s) => {
+                                let at =
+                                    s.range().start().get() + (page.start().get() - base.get());
+                                let _ = cpu::move_page(&uffd, page, VirtAddr::new(at));
+                                let _ = uffd.wake(page);
+                            }
                         }
                     }
                 }
@@ -300,33 +354,63 @@ pub fn fault_back(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) 
                 samples_ns: m.kinds[0].0.clone(),
             });
         }
-        let bare = Summary::of(m.bare);
+        let [copying, moving] = m.bare;
+        let (bare, moving) = (Summary::of(copying), Summary::of(moving));
+        let [bare_use, moving_use] = m.bare_use;
         for (kind, (lat, (cpu_ns, calls))) in Kind::ALL.into_iter().zip(m.kinds) {
+            let zero_copy = kind == Kind::ZeroCopy;
             let (target, kind) = (kind.target(), kind.name());
+            let touch = Summary::of(lat);
             out.rows.push(Row {
                 case: format!(
                     "CPU touch of a device-resident 4 KiB page, random, {kind}, {placement}"
                 ),
                 unit: Unit::NsPerPage,
-                subject: Summary::of(lat),
+                subject: touch,
                 baseline_name: "bare MISSING + UFFDIO_COPY",
                 baseline: Some(bare),
                 target: Target::AtMost(target),
             });
+            if zero_copy {
+                // The same against the kernel calls it is made of: what
+                // uhmm itself adds.
+                out.rows.push(Row {
+                    case: format!(
+                        "CPU touch of a device-resident 4 KiB page, random, {kind}, {placement}, against its kernel calls"
+                    ),
+                    unit: Unit::NsPerPage,
+                    subject: touch,
+                    baseline_name: "bare MISSING + MOVE, WAKE",
+                    baseline: Some(moving),
+                    target: Target::None,
+                });
+            }
             out.rows.push(Row {
                 case: format!("fault-service CPU per 4 KiB fault, {kind}, {placement}"),
                 unit: Unit::NsPerPage,
                 subject: Summary::single(cpu_ns),
                 baseline_name: "bare server's CPU per fault",
-                baseline: Some(Summary::single(m.bare_use.0)),
+                baseline: Some(Summary::single(bare_use.0)),
                 target: Target::AtMost(1.2),
             });
+            if zero_copy {
+                out.rows.push(Row {
+                    case: format!(
+                        "fault-service CPU per 4 KiB fault, {kind}, {placement}, against its kernel calls"
+                    ),
+                    unit: Unit::NsPerPage,
+                    subject: Summary::single(cpu_ns),
+                    baseline_name: "bare MOVE, WAKE server's CPU",
+                    baseline: Some(Summary::single(moving_use.0)),
+                    target: Target::None,
+                });
+            }
             out.rows.push(Row {
                 case: format!("system calls per 4 KiB fault (serving thread), {kind}, {placement}"),
                 unit: Unit::PerFault,
                 subject: Summary::single(calls),
                 baseline_name: "bare server's per fault",
-                baseline: Some(Summary::single(m.bare_use.1)),
+                baseline: Some(Summary::single(bare_use.1)),
                 target: Target::None,
             });
         }
@@ -338,8 +422,10 @@ struct FaultBack {
     /// Per kind (in `Kind::ALL` order): latencies in ns, and (CPU ns,
     /// system calls) per fault of its serving thread.
     kinds: Vec<(Vec<f64>, (f64, f64))>,
-    bare: Vec<f64>,
-    bare_use: (f64, f64),
+    /// The bare copying server's latencies, and the bare moving one's.
+    bare: [Vec<f64>; 2],
+    /// (CPU ns, system calls) per fault of each bare server.
+    bare_use: [(f64, f64); 2],
     no_syscalls: Option<String>,
 }
 
@@ -360,7 +446,9 @@ fn measure_fault_back(
         subjects.push(subject(total, kind)?);
     }
     let bare = BareServer::start(total * PAGE_SIZE)?;
-    let mut bare_meter = Meter::open(bare.tid)?;
+    let moving = BareServer::answering(total * PAGE_SIZE, Answer::Move, PAGE_SIZE)?;
+    let bares = [&bare, &moving];
+    let mut bare_meters = [Meter::open(bare.tid)?, Meter::open(moving.tid)?];
     if !cpu::pin_to(toucher_cpu) {
         return Err(format!("cannot pin a thread to vCPU {toucher_cpu}").into());
     }
@@ -368,7 +456,11 @@ fn measure_fault_back(
     // System calls, in a pass of their own (see `Calls`).
     let mut why = None;
     let mut calls: Vec<Option<Calls>> = Vec::new();
-    for tid in std::iter::once(bare.tid).chain(subjects.iter().map(|s| s.tid)) {
+    for tid in bares
+        .iter()
+        .map(|b| b.tid)
+        .chain(subjects.iter().map(|s| s.tid))
+    {
         match Calls::open(tid) {
             Ok(c) => calls.push(Some(c)),
             Err(e) => {
@@ -378,7 +470,7 @@ fn measure_fault_back(
         }
     }
     for &i in &order[..counted] {
-        touch_round(&bare, &subjects, i)?;
+        touch_round(&bares, &subjects, i)?;
     }
     // (The last fault's serving thread may still be finishing it.)
     std::thread::sleep(Duration::from_millis(5));
@@ -389,15 +481,19 @@ fn measure_fault_back(
     drop(calls);
     // Latency and CPU time: the first page is the warm-up.
     let mut lat: Vec<Vec<f64>> = vec![Vec::with_capacity(n); subjects.len()];
-    let mut bare_lat = Vec::with_capacity(n);
-    touch_round(&bare, &subjects, order[counted])?;
-    bare_meter.restart();
+    let mut bare_lat = [Vec::with_capacity(n), Vec::with_capacity(n)];
+    touch_round(&bares, &subjects, order[counted])?;
+    for m in &mut bare_meters {
+        m.restart();
+    }
     for sub in &mut subjects {
         sub.meter.restart();
     }
     for &i in &order[counted + 1..] {
-        let (t_bare, took) = touch_round(&bare, &subjects, i)?;
-        bare_lat.push(t_bare);
+        let (t_bare, took) = touch_round(&bares, &subjects, i)?;
+        for (l, t) in bare_lat.iter_mut().zip(t_bare) {
+            l.push(t);
+        }
         for (l, t) in lat.iter_mut().zip(took) {
             l.push(t);
         }
@@ -412,28 +508,36 @@ fn measure_fault_back(
         kinds: lat
             .into_iter()
             .zip(&subjects)
-            .zip(&per_fault[1..])
+            .zip(&per_fault[2..])
             .map(|((l, sub), &calls)| (l, (sub.meter.per(n), calls)))
             .collect(),
         bare: bare_lat,
-        bare_use: (bare_meter.per(n), per_fault[0]),
+        bare_use: [
+            (bare_meters[0].per(n), per_fault[0]),
+            (bare_meters[1].per(n), per_fault[1]),
+        ],
         no_syscalls: why,
     };
     bare.finish()?;
+    moving.finish()?;
     Ok(m)
 }
 
-/// One touch of page `i` served by the bare server and one served by each
-/// subject: (bare ns, subjects' ns).
+/// One touch of page `i` served by each bare server and one served by
+/// each subject: (bare servers' ns, subjects' ns).
 fn touch_round(
-    bare: &BareServer,
+    bares: &[&BareServer],
     subjects: &[Subject],
     i: usize,
-) -> Result<(f64, Vec<f64>), Box<dyn Error>> {
-    let a = page(bare.map.range(), i)?;
-    let (t_bare, v) = time(|| cpu::read_byte(a));
-    if v != BARE_BYTE {
-        return Err("a page the bare server served read the wrong byte".into());
+) -> Result<(Vec<f64>, Vec<f64>), Box<dyn Error>> {
+    let mut t_bare = Vec::with_capacity(bares.len());
+    for bare in bares {
+        let a = page(bare.map.range(), i)?;
+        let (t, v) = time(|| cpu::read_byte(a));
+        if v != BARE_BYTE {
+            return Err("a page a bare server served read the wrong byte".into());
+        }
+        t_bare.push(t.as_nanos() as f64);
     }
     let mut took = Vec::with_capacity(subjects.len());
     for sub in subjects {
@@ -444,7 +548,7 @@ fn touch_round(
         }
         took.push(t.as_nanos() as f64);
     }
-    Ok((t_bare.as_nanos() as f64, took))
+    Ok((t_bare, took))
 }
 
 /// A random 4 KiB fault back over the whole large region, every fault
@@ -601,6 +705,7 @@ pub fn seq_read_copying(
     dev.set_copy_engine(Arc::new(uhmm::devmem::copy::CpuCopyEngine::new()));
     let default_fault_block = mm.fault_block();
     let mut bare_rates = Vec::new();
+    let mut bare_block_rates = Vec::new();
     let mut small = Vec::new();
     let mut memcpy_rates = Vec::new();
     let mut default_block = Vec::new();
@@ -613,6 +718,10 @@ pub fn seq_read_copying(
         p.note(&format!("round {round} of {reps}"));
         let bare = BareServer::start(len)?;
         let (t_bare, sum) = time(|| cpu::sum(bare.map.range()));
+        std::hint::black_box(sum);
+        bare.finish()?;
+        let bare = BareServer::answering(len, Answer::Copy, default_fault_block)?;
+        let (t_bare_block, sum) = time(|| cpu::sum(bare.map.range()));
         std::hint::black_box(sum);
         bare.finish()?;
         mm.set_fault_block(PAGE_SIZE)?;
@@ -632,6 +741,7 @@ pub fn seq_read_copying(
         }
         if round > 0 {
             bare_rates.push(rate(Unit::GBps, t_bare, len));
+            bare_block_rates.push(rate(Unit::GBps, t_bare_block, len));
             small.push(rate(Unit::GBps, t_small, len));
             memcpy_rates.push(rate(Unit::GBps, t_raw, len));
             default_block.push(rate(Unit::GBps, t_default, len));
@@ -655,10 +765,24 @@ pub fn seq_read_copying(
             default_fault_block >> 10
         ),
         unit: Unit::GBps,
-        subject: Summary::of(default_block),
+        subject: Summary::of(default_block.clone()),
         baseline_name: "memcpy",
         baseline: Some(Summary::of(memcpy_rates.clone())),
         target: Target::AtLeast(0.3),
+    });
+    // The same read against the fastest kernel call that can bring a
+    // block of 4 KiB pages home: one `UFFDIO_COPY` of the block from a hot
+    // buffer per fault (no device, no engine copy).
+    out.rows.push(Row {
+        case: format!(
+            "sequential CPU read of device-resident memory ({size}, fault block {} KiB), copying, against its kernel ceiling",
+            default_fault_block >> 10
+        ),
+        unit: Unit::GBps,
+        subject: Summary::of(default_block),
+        baseline_name: "bare server, one COPY per block",
+        baseline: Some(Summary::of(bare_block_rates)),
+        target: Target::None,
     });
     out.rows.push(Row {
         case: format!(
