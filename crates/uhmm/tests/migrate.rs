@@ -63,6 +63,60 @@ fn a_migration_dropped_after_moving_to_device_memory_puts_the_data_back() {
     assert_eq!(pm.stats().in_use, 0, "its device page is free again");
 }
 
+/// The setup says what each page is: a page with data is `System`, a
+/// hole and a zero-page mapping are `Zero` (nothing to copy). When every
+/// page the scan before the move saw was present and no zero page, the
+/// setup skips its look at the staging slots afterwards; any hole or zero
+/// page among them, and it looks.
+#[test]
+fn setup_selects_holes_and_zero_pages_as_zero_and_data_as_system() {
+    let _s = common::serial();
+    let Some(mm) = common::mm() else { return };
+    let owner = Owner::unique();
+    let _pm = DevicePagemap::new(&mm, owner, Arc::new(Idle), PagemapConfig::default()).unwrap();
+    let srcs =
+        |m: &MigrateVma<'_>| -> Vec<MigrateSrc> { m.selected().map(|(_, _, s)| s).collect() };
+    // Every page written: all data.
+    let full = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    for i in 0..4 {
+        full.write_at(i * PAGE_SIZE, &[0xC0 + i as u8; 8]).unwrap();
+    }
+    let m = MigrateVma::setup(&mm, full.range(), Select::SYSTEM, owner).unwrap();
+    assert_eq!(srcs(&m), [MigrateSrc::System; 4]);
+    drop(m);
+    for i in 0..4 {
+        assert_eq!(
+            read_soon(full.range().start().checked_add(i * PAGE_SIZE).unwrap()),
+            Some(0xC0 + i as u8)
+        );
+    }
+    // Data, the zero page (a read of a page never written), a hole, data.
+    let mixed = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    mixed.write_at(0, &[0xD0; 8]).unwrap();
+    mixed.write_at(3 * PAGE_SIZE, &[0xD3; 8]).unwrap();
+    let at = |i: usize| mixed.range().start().checked_add(i * PAGE_SIZE).unwrap();
+    assert_eq!(
+        read_soon(at(1)),
+        Some(0),
+        "a page never written reads zeros"
+    );
+    let m = MigrateVma::setup(&mm, mixed.range(), Select::SYSTEM, owner).unwrap();
+    assert_eq!(
+        srcs(&m),
+        [
+            MigrateSrc::System,
+            MigrateSrc::Zero,
+            MigrateSrc::Zero,
+            MigrateSrc::System
+        ]
+    );
+    drop(m);
+    assert_eq!(read_soon(at(0)), Some(0xD0));
+    assert_eq!(read_soon(at(1)), Some(0));
+    assert_eq!(read_soon(at(2)), Some(0));
+    assert_eq!(read_soon(at(3)), Some(0xD3));
+}
+
 #[test]
 fn an_mremap_of_pages_in_flight_is_followed_by_their_migration() {
     let _s = common::serial();
