@@ -497,6 +497,8 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
             "size", "THP", "to device ms", "GB/s", "to system ms", "GB/s"
         ),
     ];
+    p.note("one 4 KiB page (the fixed cost)");
+    rows.extend(fixed_cost(&mm, &dev, s.latency_samples)?);
     for thp in [true, false] {
         let mut to_dev = Vec::new();
         let mut to_sys = Vec::new();
@@ -581,6 +583,63 @@ fn migrate_sizes(s: &Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
         series,
     });
     Ok(())
+}
+
+/// The fixed cost of a migration: one 4 KiB page to `dev` and back,
+/// `reps` rounds after a warm-up, against the kernel calls a zero-copy
+/// device's migration of a page is made of (out of the process into
+/// staging and on into device memory; one move back).
+fn fixed_cost(mm: &Mm, dev: &SimDevice, reps: usize) -> Result<Vec<Row>, Box<dyn Error>> {
+    use uhmm::sys::uffd::{Features, RegisterMode, Uffd};
+    let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate)?;
+    cpu::touch_pages(region.range());
+    let at = region.range().start();
+    let uffd = Uffd::builder().features(Features::MOVE).open()?;
+    let maps = [
+        Mapping::anon(PAGE_SIZE)?,
+        Mapping::anon(PAGE_SIZE)?,
+        Mapping::anon(PAGE_SIZE)?,
+    ];
+    for m in &maps {
+        uffd.register(m, m.range(), RegisterMode::WP)?;
+    }
+    cpu::touch_pages(maps[0].range());
+    let [a, b, c] = [0, 1, 2].map(|i| maps[i].range());
+    let moved = |dst: PageRange, src: PageRange| -> Result<(), Box<dyn Error>> {
+        match cpu::move_page(&uffd, dst, src.start()) {
+            Ok(p) if p.is_complete() => Ok(()),
+            Ok(p) => Err(format!("a bare UFFDIO_MOVE stopped: {:?}", p.stop).into()),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let ns = |d: std::time::Duration| d.as_nanos() as f64;
+    let [raw_there, raw_back, there, back] = rounds(reps, |_| {
+        let (t_raw_there, r) = time(|| moved(b, a).and_then(|()| moved(c, b)));
+        r?;
+        let (t_raw_back, r) = time(|| moved(a, c));
+        r?;
+        let (t_there, r) = time(|| dev.migrate_range_to_device(at, 1));
+        if r? != 1 {
+            return Err("the page did not migrate to the device".into());
+        }
+        let (t_back, r) = time(|| dev.migrate_to_system(at, 1));
+        if r?.cpages != 1 {
+            return Err("the page did not migrate back".into());
+        }
+        Ok([ns(t_raw_there), ns(t_raw_back), ns(t_there), ns(t_back)])
+    })?;
+    let row = |dir: &str, subject: Vec<f64>, baseline_name, baseline: Vec<f64>| Row {
+        case: format!("migrate one 4 KiB page {dir} (a migration's fixed cost)"),
+        unit: Unit::NsPerPage,
+        subject: Summary::of(subject),
+        baseline_name,
+        baseline: Some(Summary::of(baseline)),
+        target: Target::None,
+    };
+    Ok(vec![
+        row("to device", there, "its kernel calls: 2 MOVEs", raw_there),
+        row("to system", back, "its kernel call: 1 MOVE", raw_back),
+    ])
 }
 
 /// memcpy, migration to `dev` and back of a fresh `size`-byte region (THP
