@@ -1943,7 +1943,9 @@ impl<'a> MigrateVma<'a> {
         // a page discarded or unmapped meanwhile stays gone.
         let mut todo: Vec<usize> = self.indices_all(|e| !e.migrate && e.src != MigrateSrc::None);
         let mut freed = Vec::new();
-        let mut patience = Patience::new();
+        // (Made at the first refusal: most migrations put nothing back, or
+        // put it back at once, and need no clock.)
+        let mut patience: Option<Patience> = None;
         loop {
             if todo.is_empty() {
                 break;
@@ -2004,7 +2006,10 @@ impl<'a> MigrateVma<'a> {
                 let _ = self.shared.uffd.wake(r);
             }
             todo = left;
-            if todo.is_empty() || !self.blockable || !patience.wait(self.shared) {
+            if todo.is_empty()
+                || !self.blockable
+                || !patience.get_or_insert_with(Patience::new).wait(self.shared)
+            {
                 break;
             }
         }
