@@ -1856,7 +1856,10 @@ impl<'a> MigrateVma<'a> {
                 // No mapping at the destination for a single page: one is
                 // being moved or unmapped (its event is not applied yet).
                 // Look again once it is: the page follows, or is gone.
-                Some(Stop::NoEntry) => return (done, Some(Stop::LayoutChanging)),
+                Some(Stop::NoEntry) => {
+                    crate::sys::uffd::ops::note_refusal_here();
+                    return (done, Some(Stop::LayoutChanging));
+                }
                 Some(stop) => return (done, Some(stop)),
             }
         }

@@ -837,7 +837,9 @@ impl DevicePagemap {
     /// # Errors
     ///
     /// [`FaultError`] if the device keeps failing to give pages back for
-    /// ten seconds; the pages not brought back stay on the device.
+    /// ten seconds (pending layout changes that refuse its pages' way home
+    /// on this thread are waited out, and do not count); the pages not
+    /// brought back stay on the device.
     /// [`FaultError::ForkedChild`] in a forked child.
     pub fn evict_all(&self) -> Result<(), FaultError> {
         self.mm.check_process()?;
@@ -908,7 +910,7 @@ pub(crate) fn evict(
     let started = Instant::now();
     let bound = crate::testing::loss_bound(EVICT_FOR);
     let mut deadline = started + bound;
-    let mut refusals = shared.refusals();
+    let mut refusals = crate::sys::uffd::refusals_here();
     loop {
         let (runs, in_flight) = {
             let regions = lock(&shared.regions);
@@ -962,10 +964,14 @@ pub(crate) fn evict(
             }
         }
         // Pages a layout change refused are not the device's failure: their
-        // data is intact, and the bound starts again after each refusal.
+        // data is intact, and the bound starts again after each refusal of
+        // this thread's own work (a device that gives pages back on
+        // another thread is bounded as before; other threads' refusals
+        // never keep a failing device's eviction going).
         let now = Instant::now();
-        if shared.refusals() != refusals {
-            refusals = shared.refusals();
+        let seen = crate::sys::uffd::refusals_here();
+        if seen != refusals {
+            refusals = seen;
             deadline = now + bound;
         }
         if now > deadline {

@@ -116,9 +116,6 @@ pub(crate) struct Shared {
     /// The 2 MiB block whose device page a fault back failed to bring
     /// back whole last (0: none): its next fault takes its own range.
     pub(crate) huge_failed: AtomicUsize,
-    /// MOVEs whose source a layout change took from under them (see
-    /// `move_noentry`), for [`refusals`](Self::refusals).
-    moved_away: AtomicU64,
 }
 
 impl Shared {
@@ -148,7 +145,6 @@ impl Shared {
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
             huge_failed: AtomicUsize::new(0),
-            moved_away: AtomicU64::new(0),
         })
     }
 
@@ -563,22 +559,20 @@ impl Shared {
     /// checked before any EAGAIN: the page table there shows nothing
     /// either). The page table and the mappings tell them apart.
     pub(crate) fn move_noentry(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> NoEntry {
-        if self.page_present(dst) == Some(true) {
+        let present = self.page_present(dst);
+        if present == Some(true) {
             NoEntry::Moved
         } else if self.is_hole(src) {
             NoEntry::Hole
         } else {
-            self.moved_away.fetch_add(1, Ordering::Relaxed);
+            if present.is_some() {
+                // (Only where the page table could be read: a kernel
+                // without pagemap must not make every ENOENT a refusal
+                // that keeps an eviction going.)
+                crate::sys::uffd::ops::note_refusal_here();
+            }
             NoEntry::LayoutChanging
         }
-    }
-
-    /// How many installs and take-outs layout changes have refused so far,
-    /// by any thread. Compared across a piece of work, it says whether
-    /// pages that stayed out were refused (their data is intact: never
-    /// lost for that) rather than failed by their device.
-    pub(crate) fn refusals(&self) -> u64 {
-        self.uffd.layout_refusals() + self.moved_away.load(Ordering::Relaxed)
     }
 
     /// `UFFDIO_MOVE` of pages between managed memory, staging and device
@@ -1005,7 +999,7 @@ impl Shared {
         let mut rounds = 0;
         let (mut regions, left) = loop {
             rounds += 1;
-            let refusals = self.refusals();
+            let refusals = crate::sys::uffd::refusals_here();
             for pm in self.all_pagemaps() {
                 // (No reclaim here: a migration in flight is waited for.)
                 let _ = crate::devmem::pagemap::evict(self, &pm, within, true, false);
@@ -1034,11 +1028,13 @@ impl Shared {
                 .any(|&(_, s)| matches!(s, Stored::Exclusive(..)));
             // A page whose way home a layout change refused is never lost
             // for it (the data is intact: `LayoutWait`): rounds go on while
-            // refusals come. Before, a fork under an mremap loop lost
-            // exclusive pages here (their revoke gave up); and a look at
-            // whether a change was pending at this moment lost pages
-            // refused all round when it fell between two changes.
-            let refused = lose && !left.is_empty() && self.refusals() != refusals;
+            // this thread's own work meets refusals (other threads' do not
+            // count: a failing device is not waited on for them). Before,
+            // a fork under an mremap loop lost exclusive pages here (their
+            // revoke gave up); and a look at whether a change was pending
+            // at this moment lost pages refused all round when it fell
+            // between two changes.
+            let refused = lose && !left.is_empty() && crate::sys::uffd::refusals_here() != refusals;
             let again = (held_left && revoked && rounds < BRING_HOME_ROUNDS) || refused;
             if !again {
                 break (regions, left);

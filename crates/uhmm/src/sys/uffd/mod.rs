@@ -40,11 +40,10 @@ use rustix::io::Errno;
 use rustix::mm::UserfaultfdFlags;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use event::{Event, FaultFlags, PageFault};
-pub use ops::{ContinueMode, CopyMode, MoveMode, Op, OpError, Progress, Stop};
+pub use ops::{ContinueMode, CopyMode, MoveMode, Op, OpError, Progress, Stop, refusals_here};
 
 bitflags! {
     /// `UFFD_FEATURE_*`: what a userfaultfd context can do, negotiated once
@@ -398,7 +397,6 @@ impl UffdBuilder {
             supported,
             ioctls,
             access,
-            refused: AtomicU64::new(0),
         })
     }
 }
@@ -502,9 +500,6 @@ pub struct Uffd {
     supported: Features,
     ioctls: Ioctls,
     access: Access,
-    /// Resolve ioctls a pending layout change refused (see
-    /// [`layout_refusals`](Self::layout_refusals)).
-    refused: AtomicU64,
 }
 
 impl Uffd {
@@ -659,7 +654,6 @@ impl Uffd {
             supported: self.supported,
             ioctls: self.ioctls,
             access: self.access,
-            refused: AtomicU64::new(0),
         }
     }
 }

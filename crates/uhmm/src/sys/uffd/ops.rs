@@ -20,9 +20,9 @@ use crate::addr::{PageRange, VirtAddr};
 use bitflags::bitflags;
 use linux_raw_sys::general as uapi;
 use rustix::io::Errno;
+use std::cell::Cell;
 use std::fmt;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
 
 /// How far a resolve ioctl got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +88,27 @@ impl Stop {
             _ => return None,
         })
     }
+}
+
+thread_local! {
+    /// Refusals met by this thread (see [`refusals_here`]).
+    static REFUSED_HERE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many resolve ioctls the calling thread has had refused by a pending
+/// layout change so far ([`Stop::LayoutChanging`], on any userfaultfd),
+/// with the refusals uhmm inferred on it from other answers. Read before
+/// and after a piece of work the thread does itself, it says whether a
+/// change refused anything in that work (whose data is then intact,
+/// waiting for its window) — and nothing of what other threads meet.
+pub fn refusals_here() -> u64 {
+    REFUSED_HERE.with(Cell::get)
+}
+
+/// Counts a refusal by a layout change in [`refusals_here`] that uhmm
+/// inferred from another answer (an ENOENT while a mapping moves).
+pub(crate) fn note_refusal_here() {
+    REFUSED_HERE.with(|c| c.set(c.get() + 1));
 }
 
 /// A resolve ioctl, for error messages.
@@ -458,16 +479,7 @@ impl Uffd {
         self.counted(progress(Op::WriteProtect, range, range.start(), res, 0))
     }
 
-    /// How many resolve ioctls on this context a pending layout change has
-    /// refused so far ([`Stop::LayoutChanging`]). Read before and after a
-    /// piece of work, it says whether a change refused anything in it: the
-    /// data of a refused page is intact, waiting for its window.
-    pub fn layout_refusals(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-
-    /// `res`, counted in [`layout_refusals`](Self::layout_refusals) if a
-    /// layout change refused it.
+    /// `res`, counted in [`refusals_here`] if a layout change refused it.
     fn counted(&self, res: Result<Progress, OpError>) -> Result<Progress, OpError> {
         if matches!(
             res,
@@ -476,7 +488,7 @@ impl Uffd {
                 ..
             })
         ) {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            note_refusal_here();
         }
         res
     }
