@@ -2088,6 +2088,102 @@ fn ours_and_theirs() -> Option<(libc::cpu_set_t, usize, usize)> {
     Some((cpus, ours, theirs))
 }
 
+/// Page 0 of a managed 4-page region at a low address (word 0 of page
+/// `i`: `first + i`) held exclusive by a device, and a discard of its page
+/// 3 pending for about a second after the service read its event (its
+/// thread held off its CPU by a real-time spinner). A fault back of
+/// another region's page holds the service while the spinner starts, so
+/// that the event stays unread until then (not a page of this region: an
+/// unmanage would wait for it to end). The region is left to the test to
+/// unmanage; dropping this lets go of everything and unmaps the region.
+struct HeldExclusive {
+    b: usize,
+    range: PageRange,
+    toucher: Option<JoinHandle<Option<u64>>>,
+    hold: Option<Arc<HeldDiscard>>,
+    // (Dropped in this order, as the tests did: the region's record, the
+    // other region, the devices, and the `Mm` last.)
+    managed: Option<uhmm::mm::ManagedRegion>,
+    _other: uhmm::mm::ManagedRegion,
+    _holder: Arc<SimDevice>,
+    _dev: SimDevice,
+    mm: Mm,
+}
+
+/// The word of the other region's page the held fault back reads.
+const HELD_WORD: u64 = 0x9F;
+
+impl HeldExclusive {
+    /// `None` (the test skips) without two CPUs or a userfaultfd.
+    fn start(first: u64) -> Option<Self> {
+        let mm = common::mm()?;
+        let (cpus, ours, theirs) = ours_and_theirs()?;
+        const LEN: usize = 4 * PAGE_SIZE;
+        let b = low_map(LEN);
+        let range = PageRange::new(VirtAddr::new(b), LEN).unwrap();
+        // SAFETY: our own mapping, no reference into it.
+        let managed = unsafe { mm.manage(range) }.unwrap();
+        for i in 0..4 {
+            wr(b + i * PAGE_SIZE, first + i as u64);
+        }
+        let dev = SimDevice::new(&mm);
+        dev.exclusive(VirtAddr::new(b), 1).unwrap();
+        let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let o = other.as_ptr() as usize;
+        wr(o, HELD_WORD);
+        let (holder, held) = parking_device(&mm);
+        holder.migrate_range_to_device(VirtAddr::new(o), 1).unwrap();
+        held.arm();
+        let toucher = std::thread::spawn(move || {
+            pin(0, ours);
+            read_word(o)
+        });
+        held.wait_parked();
+        let hold = Arc::new(HeldDiscard::start(cpus, theirs, b + 3 * PAGE_SIZE));
+        held.release();
+        Some(Self {
+            b,
+            range,
+            toucher: Some(toucher),
+            hold: Some(hold),
+            managed: Some(managed),
+            _other: other,
+            _holder: holder,
+            _dev: dev,
+            mm,
+        })
+    }
+
+    /// The discard, for a test point to end early.
+    fn hold(&self) -> Arc<HeldDiscard> {
+        self.hold.clone().expect("not ended")
+    }
+
+    /// Checks that the held fault back read its page, then ends the
+    /// discard (see `HeldDiscard::end`): false if the test is to skip.
+    fn end(&mut self) -> bool {
+        let toucher = self.toucher.take().expect("ended once");
+        assert_eq!(
+            within(10, "the fault back", move || toucher.join().unwrap()),
+            Some(HELD_WORD)
+        );
+        let hold = self.hold.take().expect("ended once");
+        Arc::try_unwrap(hold)
+            .ok()
+            .expect("a test point still holds the discard")
+            .end()
+    }
+}
+
+impl Drop for HeldExclusive {
+    fn drop(&mut self) {
+        // Unmanaged by the test (or to be taken down with the mapping).
+        std::mem::forget(self.managed.take());
+        // SAFETY: our own mapping, let go of; nothing refers into it.
+        unsafe { libc::munmap(self.b as *mut _, self.range.len()) };
+    }
+}
+
 /// A discard of a managed page pending on CPU `theirs`, whose thread a
 /// real-time spinner then holds off that CPU: once the service has read
 /// the discard's event, the kernel refuses every install for about a
@@ -2173,37 +2269,12 @@ fn threads_named(name: &str) -> Vec<i32> {
 #[test]
 fn unmanage_keeps_a_refused_exclusive_page_when_the_change_ends_before_the_look() {
     let _s = serial();
-    let Some(mm) = common::mm() else { return };
-    let Some((cpus, ours, theirs)) = ours_and_theirs() else {
+    let Some(mut h) = HeldExclusive::start(0xA0) else {
         return;
     };
-    const LEN: usize = 4 * PAGE_SIZE;
-    let b = low_map(LEN);
-    let range = PageRange::new(VirtAddr::new(b), LEN).unwrap();
-    // SAFETY: our own mapping, no reference into it.
-    let managed = unsafe { mm.manage(range) }.unwrap();
-    for i in 0..4 {
-        wr(b + i * PAGE_SIZE, 0xA0 + i as u64);
-    }
-    let dev = SimDevice::new(&mm);
-    dev.exclusive(VirtAddr::new(b), 1).unwrap();
-    // The service held in a fault back of another region's page while the
-    // spinner starts, as in the test above.
-    let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    let o = other.as_ptr() as usize;
-    wr(o, 0xA9);
-    let (holder, held) = parking_device(&mm);
-    holder.migrate_range_to_device(VirtAddr::new(o), 1).unwrap();
-    held.arm();
-    let toucher = std::thread::spawn(move || {
-        pin(0, ours);
-        read_word(o)
-    });
-    held.wait_parked();
-    let hold = Arc::new(HeldDiscard::start(cpus, theirs, b + 3 * PAGE_SIZE));
-    held.release();
+    let (b, range) = (h.b, h.range);
     let t = Instant::now();
-    let (mm2, hold2) = (mm.clone(), hold.clone());
+    let (mm2, hold2) = (h.mm.clone(), h.hold());
     // Whether the discard was still pending when the first round ended
     // (else the revoke was not refused to the end, and the test shows
     // nothing).
@@ -2222,15 +2293,10 @@ fn unmanage_keeps_a_refused_exclusive_page_when_the_change_ends_before_the_look(
         r
     });
     let took = t.elapsed();
-    assert_eq!(
-        within(10, "the fault back", move || toucher.join().unwrap()),
-        Some(0xA9)
-    );
-    let hold = Arc::try_unwrap(hold).ok().expect("the test point is gone");
-    if !hold.end() {
+    if !h.end() {
         return;
     }
-    assert_eq!(let_go.unwrap(), LEN, "unmanaged");
+    assert_eq!(let_go.unwrap(), range.len(), "unmanaged");
     assert!(
         pending_at_look.load(Ordering::SeqCst),
         "the first round ended after the discard ({took:?}): nothing was refused to its end, the test shows nothing"
@@ -2241,17 +2307,13 @@ fn unmanage_keeps_a_refused_exclusive_page_when_the_change_ends_before_the_look(
         "the exclusive page after the unmanage ({took:?}, {} rounds; None: poisoned)",
         looks.load(Ordering::SeqCst)
     );
-    assert_eq!(mm.stats().pages_lost, 0, "pages were lost");
+    assert_eq!(h.mm.stats().pages_lost, 0, "pages were lost");
     eprintln!(
         "the unmanage took {took:?}, {} rounds",
         looks.load(Ordering::SeqCst)
     );
     assert_eq!(read_word(b + PAGE_SIZE), Some(0xA1));
     assert_eq!(read_word(b + 3 * PAGE_SIZE), Some(0), "discarded");
-    std::mem::forget(managed);
-    drop(other);
-    drop(holder);
-    drop(dev);
 }
 
 /// Dropping a device never loses a page whose way home a layout change
@@ -2564,54 +2626,24 @@ fn a_fault_back_waits_out_a_layout_change_past_the_device_bound() {
 #[test]
 fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
     let _s = serial();
-    let Some(mm) = common::mm() else { return };
-    let Some((cpus, ours, theirs)) = ours_and_theirs() else {
+    let Some(mut h) = HeldExclusive::start(0xF0) else {
         return;
     };
-    const LEN: usize = 4 * PAGE_SIZE;
-    let b = low_map(LEN);
-    let range = PageRange::new(VirtAddr::new(b), LEN).unwrap();
-    // SAFETY: our own mapping, no reference into it.
-    let managed = unsafe { mm.manage(range) }.unwrap();
-    for i in 0..4 {
-        wr(b + i * PAGE_SIZE, 0xF0 + i as u64);
-    }
-    let dev = SimDevice::new(&mm);
-    dev.exclusive(VirtAddr::new(b), 1).unwrap();
-    // A fault back of another region's page holds the service, so that
-    // the discard's event stays unread while the spinner starts (not one
-    // of this region: the unmanage would wait for it to end).
-    let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    let o = other.as_ptr() as usize;
-    wr(o, 0xF9);
-    let (holder, held) = parking_device(&mm);
-    holder.migrate_range_to_device(VirtAddr::new(o), 1).unwrap();
-    held.arm();
-    let toucher = std::thread::spawn(move || {
-        pin(0, ours);
-        read_word(o)
-    });
-    held.wait_parked();
-    let hold = HeldDiscard::start(cpus, theirs, b + 3 * PAGE_SIZE);
-    held.release();
+    let (b, range) = (h.b, h.range);
     let t = Instant::now();
-    let mm2 = mm.clone();
+    let mm2 = h.mm.clone();
     let let_go = within(30, "the unmanage", move || mm2.unmanage(range));
     let took = t.elapsed();
-    assert_eq!(
-        within(10, "the fault back", move || toucher.join().unwrap()),
-        Some(0xF9)
-    );
-    if !hold.end() {
+    if !h.end() {
         return;
     }
-    assert_eq!(let_go.unwrap(), LEN, "unmanaged");
+    assert_eq!(let_go.unwrap(), range.len(), "unmanaged");
     assert_eq!(
         read_word(b),
         Some(0xF0),
         "the exclusive page after the unmanage ({took:?}; None: poisoned)"
     );
-    assert_eq!(mm.stats().pages_lost, 0, "pages were lost");
+    assert_eq!(h.mm.stats().pages_lost, 0, "pages were lost");
     assert!(
         took > Duration::from_millis(300),
         "the unmanage took {took:?} only: nothing was refused for long, the test shows nothing"
@@ -2619,12 +2651,6 @@ fn unmanage_brings_an_exclusive_page_home_past_a_long_layout_change() {
     eprintln!("the unmanage took {took:?}");
     assert_eq!(read_word(b + PAGE_SIZE), Some(0xF1));
     assert_eq!(read_word(b + 3 * PAGE_SIZE), Some(0), "discarded");
-    std::mem::forget(managed);
-    drop(other);
-    drop(holder);
-    drop(dev);
-    // SAFETY: our own mapping, let go of.
-    unsafe { libc::munmap(b as *mut _, LEN) };
 }
 
 /// Arming waits for a moment with no layout change pending in the whole

@@ -116,6 +116,17 @@ impl Faulty {
         VirtAddr::new(self.arena.get() + pfn.0 as usize * PAGE_SIZE)
     }
 
+    /// The selected device pages of `m`, each with where it lies in this
+    /// device's memory (for `move_from_device`).
+    fn sources(&self, m: &MigrateVma<'_>) -> Vec<(usize, VirtAddr)> {
+        m.selected()
+            .filter_map(|(i, _, s)| match s {
+                MigrateSrc::Device(pfn) => Some((i, self.at(pfn))),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn gate_frees(&self, gate: Arc<FreeGate>) {
         *self.free_gate.lock().unwrap() = Some(gate);
     }
@@ -172,13 +183,7 @@ impl DevicePagemapOps for Faulty {
             Mode::FailOrBusy => return Err(FaultError::Retry),
         }
         let mut m = f.migrate()?;
-        let from: Vec<(usize, VirtAddr)> = m
-            .selected()
-            .filter_map(|(i, _, s)| match s {
-                MigrateSrc::Device(pfn) => Some((i, self.at(pfn))),
-                _ => None,
-            })
-            .collect();
+        let from = self.sources(&m);
         m.move_from_device(&from);
         let hook = self.before_commit.lock().unwrap().take();
         if let Some(Hook(hook)) = hook {
@@ -249,13 +254,7 @@ impl Rig {
         let range = uhmm::PageRange::new(self.page(i), PAGE_SIZE).unwrap();
         let mut m =
             MigrateVma::setup(&self.mm, range, Select::DEVICE_PRIVATE, self.pm.owner()).unwrap();
-        let from: Vec<(usize, VirtAddr)> = m
-            .selected()
-            .filter_map(|(i, _, s)| match s {
-                MigrateSrc::Device(pfn) => Some((i, self.dev.at(pfn))),
-                _ => None,
-            })
-            .collect();
+        let from = self.dev.sources(&m);
         assert_eq!(from.len(), 1, "page {i} is on the device");
         let pfn = m
             .selected()
@@ -2051,13 +2050,7 @@ fn page2_round_trip(rig: &Rig) -> bool {
     let owner = rig.pm.owner();
     let mut home = false;
     if let Ok(mut m) = MigrateVma::setup(&rig.mm, range, Select::DEVICE_PRIVATE, owner) {
-        let from: Vec<(usize, VirtAddr)> = m
-            .selected()
-            .filter_map(|(i, _, s)| match s {
-                MigrateSrc::Device(pfn) => Some((i, rig.dev.at(pfn))),
-                _ => None,
-            })
-            .collect();
+        let from = rig.dev.sources(&m);
         home = !from.is_empty();
         m.move_from_device(&from);
         m.pages();
