@@ -2049,25 +2049,38 @@ fn read_word(addr: usize) -> Option<u64> {
 /// managed region, so that the discard raises an event the fault service
 /// must read), and returns once it waits in the kernel for that read.
 fn discard_pending(cpu: usize, addr: usize) -> JoinHandle<i32> {
-    let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
-    let t = tid.clone();
-    let discard = std::thread::spawn(move || {
+    change_pending("discard", move || {
         pin(0, cpu);
-        // SAFETY: gettid has no preconditions.
-        t.store(unsafe { libc::gettid() }, Ordering::SeqCst);
         // SAFETY: discards a page of the test's own managed region.
         unsafe { libc::madvise(addr as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) }
+    })
+}
+
+/// Starts a thread that makes a layout change of managed memory (`change`,
+/// which raises an event the fault service must read), and returns once
+/// the thread waits in the kernel for that read: the change is made, its
+/// event not read yet.
+fn change_pending<T: Send + 'static>(
+    what: &'static str,
+    change: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let t = tid.clone();
+    let changer = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        t.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+        change()
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let id = tid.load(Ordering::SeqCst);
         let wchan = std::fs::read_to_string(format!("/proc/self/task/{id}/wchan"));
         if id != 0 && wchan.is_ok_and(|w| w.contains("userfaultfd_event_wait")) {
-            return discard;
+            return changer;
         }
         assert!(
-            Instant::now() < deadline,
-            "the discard never waited for its event to be read"
+            Instant::now() < deadline && !changer.is_finished(),
+            "the {what} never waited for its event to be read"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -2314,6 +2327,76 @@ fn unmanage_keeps_a_refused_exclusive_page_when_the_change_ends_before_the_look(
     );
     assert_eq!(read_word(b + PAGE_SIZE), Some(0xA1));
     assert_eq!(read_word(b + 3 * PAGE_SIZE), Some(0), "discarded");
+}
+
+/// Taking an exclusive page back never loses it for a mapping that moved
+/// after the look at the states. The region is made read-only, so that
+/// the page is copied back (`UFFDIO_MOVE` refuses a read-only mapping);
+/// a test point before the copy moves the mapping with an mremap whose
+/// event stays unread while the revoke holds the regions lock. A review
+/// feared the copy's ENOENT there (no mapping at the old address), which
+/// the revoke takes for a lost page; the kernel answers EAGAIN until the
+/// event is read (a refusal: tried again once it is applied), and the
+/// page is found at its new address with its data.
+#[test]
+fn an_exclusive_page_copied_back_is_kept_when_its_mapping_moves_before_the_copy() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 2 * PAGE_SIZE;
+    let (b, to) = (low_map(LEN), low_map(LEN));
+    let range = PageRange::new(VirtAddr::new(b), LEN).unwrap();
+    // SAFETY: our own mapping, no reference into it.
+    let managed = unsafe { mm.manage(range) }.unwrap();
+    wr(b, 0xC0);
+    wr(b + PAGE_SIZE, 0xC1);
+    let dev = SimDevice::new(&mm);
+    dev.exclusive(VirtAddr::new(b), 1).unwrap();
+    assert!(mm.exclusive_page(VirtAddr::new(b), dev.owner()).is_some());
+    // SAFETY: our own mapping, read-only from now on.
+    assert_eq!(unsafe { libc::mprotect(b as *mut _, LEN, libc::PROT_READ) }, 0);
+    let mm2 = mm.clone();
+    let (let_go, copies, moved) = within(30, "the unmanage", move || {
+        let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let copies = std::rc::Rc::new(std::cell::Cell::new(0));
+        let (mover2, copies2) = (mover.clone(), copies.clone());
+        uhmm::testing::on_revoke_copy(move || {
+            copies2.set(copies2.get() + 1);
+            if mover2.borrow().is_none() {
+                *mover2.borrow_mut() = Some(change_pending("mremap", move || {
+                    // SAFETY: moves the test's own mapping over its own
+                    // reservation at `to`; nothing refers into either.
+                    let p = unsafe {
+                        libc::mremap(
+                            b as *mut _,
+                            LEN,
+                            LEN,
+                            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                            to as *mut libc::c_void,
+                        )
+                    };
+                    p as usize
+                }));
+            }
+        });
+        let r = mm2.unmanage(range);
+        uhmm::testing::clear();
+        let mover = mover.borrow_mut().take();
+        (r, copies.get(), mover.map(|m| m.join().unwrap()))
+    });
+    assert_eq!(moved, Some(to), "the mremap (None: the page was never copied back)");
+    eprintln!("unmanage: {let_go:?}, {copies} copies tried");
+    assert_eq!(
+        read_word(to),
+        Some(0xC0),
+        "the exclusive page at its new address (None: poisoned)"
+    );
+    assert_eq!(read_word(to + PAGE_SIZE), Some(0xC1));
+    assert_eq!(mm.stats().pages_lost, 0, "pages were lost");
+    // Unmanaged where it is now, then unmapped.
+    std::mem::forget(managed);
+    let _ = mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap());
+    // SAFETY: our own mapping, let go of; nothing refers into it.
+    unsafe { libc::munmap(to as *mut _, LEN) };
 }
 
 /// Dropping a device never loses a page whose way home a layout change

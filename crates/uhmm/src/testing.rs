@@ -18,6 +18,7 @@ thread_local! {
     static COW_BREAK: Point = const { RefCell::new(None) };
     static ARM: Point = const { RefCell::new(None) };
     static BRING_HOME_ROUND: Point = const { RefCell::new(None) };
+    static REVOKE_COPY: Point = const { RefCell::new(None) };
 }
 
 /// Sets `point` to `f` on this thread (`None`: unsets it).
@@ -65,6 +66,16 @@ pub fn on_bring_home_round(f: impl FnMut() + 'static) {
     set(&BRING_HOME_ROUND, Some(Box::new(f)));
 }
 
+/// Calls `f` each time this thread, taking an exclusive page back for the
+/// CPU, is about to copy it into place because the mapping refused the
+/// move (made read-only since, say): under the regions lock, after the
+/// move. `f` may block: the revoke waits with it, holding the lock (the
+/// fault service does not read events meanwhile).
+#[cfg(feature = "test-hooks")]
+pub fn on_revoke_copy(f: impl FnMut() + 'static) {
+    set(&REVOKE_COPY, Some(Box::new(f)));
+}
+
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
 /// the process, until called again with `None`: how long a device may
 /// keep a fault back waiting (normally 10 s) before the access fails with
@@ -101,6 +112,7 @@ pub fn clear() {
     set(&COW_BREAK, None);
     set(&ARM, None);
     set(&BRING_HOME_ROUND, None);
+    set(&REVOKE_COPY, None);
 }
 
 #[inline]
@@ -119,4 +131,10 @@ pub(crate) fn arm() {
 pub(crate) fn bring_home_round() {
     #[cfg(feature = "test-hooks")]
     pass(&BRING_HOME_ROUND);
+}
+
+#[inline]
+pub(crate) fn revoke_copy() {
+    #[cfg(feature = "test-hooks")]
+    pass(&REVOKE_COPY);
 }

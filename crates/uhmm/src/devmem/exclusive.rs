@@ -325,6 +325,10 @@ pub(crate) fn revoke(
                 if shared.page_present(slot) == Some(false) {
                     return Back::Done;
                 }
+                // (A mapping that moved or went away since the look at
+                // the states: the kernel refuses the copy with EAGAIN
+                // until its event is read, which waits for this lock.)
+                crate::testing::revoke_copy();
                 match shared.uffd.copy(page, slot, CopyMode::DONTWAKE) {
                     Ok(p) => Back::of(p.stop),
                     Err(_) => Back::Lost,
