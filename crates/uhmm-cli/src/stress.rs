@@ -427,6 +427,62 @@ struct PageCell {
     last_write: AtomicU8,
     /// The kind (index + 1) of the last operation that targeted it; 0: none.
     last_move: AtomicU8,
+    /// The last operations that targeted it, their starts and ends (see
+    /// [`Step`]), in a ring; `hist_next` counts the entries written.
+    hist: [AtomicU64; HISTORY],
+    hist_next: AtomicUsize,
+}
+
+/// Steps of a page's history kept for a mismatch report.
+const HISTORY: usize = 12;
+
+/// One step of a page's history, packed in a word: the kind (index + 1)
+/// in bits 0-7, what it did in bits 8-15, microseconds since the start
+/// above.
+#[derive(Debug, Clone, Copy)]
+struct Step(u64);
+
+impl Step {
+    /// Bits of `what`.
+    const TO_SYSTEM: u8 = 1;
+    const COPY_FAILS: u8 = 2;
+    const ALLOC_FAILS: u8 = 4;
+    const END: u8 = 0x40;
+    const ERR: u8 = 0x80;
+
+    fn new(kind: Kind, what: u8, us: u64) -> Step {
+        Step(kind.index() as u64 + 1 | u64::from(what) << 8 | us << 16)
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = ((self.0 & 0xff) as usize)
+            .checked_sub(1)
+            .and_then(Kind::from_index)
+            .map_or("?", Kind::name);
+        let what = (self.0 >> 8) as u8;
+        write!(f, "{:.6} s {kind}", (self.0 >> 16) as f64 / 1e6)?;
+        if matches!(kind, "migrate" | "faults" | "devices") {
+            let dir = if what & Step::TO_SYSTEM != 0 {
+                " to system"
+            } else {
+                " to device"
+            };
+            f.write_str(dir)?;
+        }
+        if what & Step::COPY_FAILS != 0 {
+            f.write_str(", a copy fails")?;
+        }
+        if what & Step::ALLOC_FAILS != 0 {
+            f.write_str(", an allocation fails")?;
+        }
+        f.write_str(match (what & Step::END != 0, what & Step::ERR != 0) {
+            (false, _) => ": begins",
+            (true, false) => ": ends",
+            (true, true) => ": ends with an error",
+        })
+    }
 }
 
 impl PageCell {
@@ -647,6 +703,8 @@ struct Mismatch {
     last_move: Option<Kind>,
     /// `Mm::page_state` of the page right after the read.
     state: String,
+    /// The operations that targeted the page last, oldest first.
+    history: Vec<Step>,
 }
 
 /// Why the run fails.
@@ -679,7 +737,14 @@ impl fmt::Display for Failure {
                     m.last_write.map_or("-", Kind::name),
                     m.last_move.map_or("-", Kind::name),
                     m.state,
-                )
+                )?;
+                if !m.history.is_empty() {
+                    f.write_str("; its last operations:")?;
+                    for step in &m.history {
+                        write!(f, "\n      {step}")?;
+                    }
+                }
+                Ok(())
             }
             Failure::Event { at_s, thread, what } => write!(f, "[{at_s:.1} s] {thread}: {what}"),
         }
@@ -897,6 +962,7 @@ impl World {
             diff,
             last_write: Kind::from_index(cell.last_write.load(Ordering::Relaxed) as usize),
             last_move: last_move.checked_sub(1).and_then(Kind::from_index),
+            history: cell.history(),
             state: match self.mm.page_state(VirtAddr::new(addr)) {
                 Ok(st) => format!("{st:?}"),
                 Err(e) => format!("({e})"),
@@ -980,10 +1046,26 @@ impl World {
     /// Notes that `kind` is about to target these pages (for mismatch
     /// reports).
     fn mark(&self, t: &Target, kind: Kind) {
+        self.mark_what(t, kind, 0);
+    }
+
+    /// [`mark`](Self::mark), with what it is about to do (`Step`'s bits).
+    fn mark_what(&self, t: &Target, kind: Kind, what: u8) {
+        let step = Step::new(kind, what, self.t0.elapsed().as_micros() as u64);
         for tp in &t.pages {
-            self.cell(tp.slot, tp.page)
-                .last_move
+            let cell = self.cell(tp.slot, tp.page);
+            cell.last_move
                 .store(kind.index() as u8 + 1, Ordering::Relaxed);
+            cell.note(step);
+        }
+    }
+
+    /// Notes that `kind`, begun with `what`, is done with these pages.
+    fn unmark<T, E>(&self, t: &Target, kind: Kind, what: u8, r: &Result<T, E>) {
+        let what = what | Step::END | if r.is_err() { Step::ERR } else { 0 };
+        let step = Step::new(kind, what, self.t0.elapsed().as_micros() as u64);
+        for tp in &t.pages {
+            self.cell(tp.slot, tp.page).note(step);
         }
     }
 }
@@ -1802,6 +1884,19 @@ impl fmt::Debug for Writer<'_> {
 }
 
 impl PageCell {
+    fn note(&self, step: Step) {
+        let k = self.hist_next.fetch_add(1, Ordering::Relaxed);
+        self.hist[k % HISTORY].store(step.0, Ordering::Relaxed);
+    }
+
+    /// The steps noted last, oldest first.
+    fn history(&self) -> Vec<Step> {
+        let n = self.hist_next.load(Ordering::Relaxed);
+        (n.saturating_sub(HISTORY)..n)
+            .map(|k| Step(self.hist[k % HISTORY].load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// The owner replaced the page while its region's layout number was
     /// odd (that covers the change; the page's own sequence stays).
     fn end_whole(&self, v: u64, kind: Kind) {
@@ -1880,9 +1975,10 @@ impl<'w> Operator<'w> {
         let Some(t) = self.w.pick_target(&mut self.rng, 32, true) else {
             return;
         };
-        self.w.mark(&t, Kind::Migrate);
         let back = self.rng.one_in(3);
         let release = self.rng.one_in(500);
+        let what = if back { Step::TO_SYSTEM } else { 0 };
+        self.w.mark_what(&t, Kind::Migrate, what);
         self.w.with_device(d, |dev| {
             let r = if back {
                 dev.migrate_to_system(t.addr, t.pages.len()).map(|_| ())
@@ -1890,6 +1986,7 @@ impl<'w> Operator<'w> {
                 dev.migrate_range_to_device(t.addr, t.pages.len())
                     .map(|_| ())
             };
+            self.w.unmark(&t, Kind::Migrate, what, &r);
             if let Err(e) = r {
                 self.error(&e);
             }
@@ -1910,7 +2007,14 @@ impl<'w> Operator<'w> {
         let bracket = Bracket::open(self.w, &t);
         self.w
             .with_device(d, |dev| match dev.exclusive(t.addr, t.pages.len()) {
+                r @ Err(_) => {
+                    self.w.unmark(&t, Kind::Exclusive, 0, &r);
+                    if let Err(e) = r {
+                        self.error(&e);
+                    }
+                }
                 Ok((data, _)) => {
+                    self.w.unmark(&t, Kind::Exclusive, 0, &Ok::<(), ()>(()));
                     let n = bracket.compare(
                         self.w,
                         self.me,
@@ -1923,7 +2027,6 @@ impl<'w> Operator<'w> {
                         self.error(&e);
                     }
                 }
-                Err(e) => self.error(&e),
             });
     }
 
@@ -1957,13 +2060,20 @@ impl<'w> Operator<'w> {
                 continue;
             };
             self.w.mark(&t, Kind::Devices);
-            match dev.migrate_range_to_device(t.addr, t.pages.len()) {
+            let r = dev.migrate_range_to_device(t.addr, t.pages.len());
+            self.w.unmark(&t, Kind::Devices, 0, &r);
+            match r {
                 Ok(_) => taken.push(t),
                 Err(e) => self.error(&e),
             }
         }
         std::thread::sleep(Duration::from_micros(self.rng.below(2000) as u64));
         drop(dev);
+        for t in &taken {
+            // (Its drop: the pages' way home.)
+            self.w
+                .unmark(t, Kind::Devices, Step::TO_SYSTEM, &Ok::<(), ()>(()));
+        }
         for t in &taken {
             for a in PageRange::new(t.addr, t.pages.len() * PAGE_SIZE)
                 .into_iter()
@@ -1996,7 +2106,10 @@ impl<'w> Operator<'w> {
         let Some(t) = self.w.pick_target(&mut self.rng, 32, true) else {
             return;
         };
-        self.w.mark(&t, Kind::Faults);
+        let step = if back { Step::TO_SYSTEM } else { 0 }
+            | if what != 1 { Step::COPY_FAILS } else { 0 }
+            | if what != 0 { Step::ALLOC_FAILS } else { 0 };
+        self.w.mark_what(&t, Kind::Faults, step);
         self.w.with_device(*d, |dev| {
             if what != 1 {
                 engine.fail_after(after);
@@ -2010,6 +2123,7 @@ impl<'w> Operator<'w> {
                 dev.migrate_range_to_device(t.addr, t.pages.len())
                     .map(|_| ())
             };
+            self.w.unmark(&t, Kind::Faults, step, &r);
             if let Err(e) = r {
                 self.error(&e);
             }
