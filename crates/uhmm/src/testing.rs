@@ -19,7 +19,12 @@ thread_local! {
     static ARM: Point = const { RefCell::new(None) };
     static BRING_HOME_ROUND: Point = const { RefCell::new(None) };
     static REVOKE_COPY: Point = const { RefCell::new(None) };
+    static MOVE_OUT: RefCell<Option<Answer>> = const { RefCell::new(None) };
 }
+
+/// What a test does with the kernel's answer to a move.
+#[cfg(feature = "test-hooks")]
+type Answer = Box<dyn FnMut(&mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>)>;
 
 /// Sets `point` to `f` on this thread (`None`: unsets it).
 #[cfg(feature = "test-hooks")]
@@ -76,6 +81,19 @@ pub fn on_revoke_copy(f: impl FnMut() + 'static) {
     set(&REVOKE_COPY, Some(Box::new(f)));
 }
 
+/// Calls `f` with the kernel's answer to each move of pages out of managed
+/// memory into staging (a migration's, an exclusive grab's) that this
+/// thread makes, before uhmm reads it; `f` may change it into an answer
+/// the kernel gives at times but a test cannot make it give at will (on
+/// Linux 6.18, EAGAIN with nothing counted for a page it did move: see
+/// `MOVE_QUIRK` in `devmem::migrate`).
+#[cfg(feature = "test-hooks")]
+pub fn on_move_out(
+    f: impl FnMut(&mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>) + 'static,
+) {
+    MOVE_OUT.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+}
+
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
 /// the process, until called again with `None`: how long a device may
 /// keep a fault back waiting (normally 10 s) before the access fails with
@@ -113,6 +131,7 @@ pub fn clear() {
     set(&ARM, None);
     set(&BRING_HOME_ROUND, None);
     set(&REVOKE_COPY, None);
+    MOVE_OUT.with(|h| *h.borrow_mut() = None);
 }
 
 #[inline]
@@ -137,4 +156,16 @@ pub(crate) fn bring_home_round() {
 pub(crate) fn revoke_copy() {
     #[cfg(feature = "test-hooks")]
     pass(&REVOKE_COPY);
+}
+
+#[inline]
+pub(crate) fn move_out_answer(
+    _answer: &mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>,
+) {
+    #[cfg(feature = "test-hooks")]
+    MOVE_OUT.with(|h| {
+        if let Some(f) = h.borrow_mut().as_mut() {
+            f(_answer);
+        }
+    });
 }

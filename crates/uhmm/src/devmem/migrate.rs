@@ -260,9 +260,14 @@ pub struct MigrateVma<'a> {
 /// therefore never moves with `ALLOW_SRC_HOLES` (holes are found with a
 /// page-table scan first), and moves of present pages out of managed
 /// memory into empty staging slots (`Shared::move_out_pages`) count a page
-/// at which the move stopped as moved when its source is a hole of a
-/// mapping and its destination holds a page. (The entry that changes is
-/// the source's: moves from staging or device memory do not meet it.)
+/// at which the move stopped as moved when its source holds no page and
+/// its destination holds one. The call may also end with EAGAIN and
+/// nothing counted after moving the page (seen under `uhmm stress`, with
+/// another thread's mremap loop raising the layout-change count): taken
+/// at its word, the page stayed in its slot, the next look found a hole
+/// at its address and left it, and the next access read zeros; so every
+/// stop is checked, whatever it says. (The entry that changes is the
+/// source's: moves from staging or device memory do not meet it.)
 const _MOVE_QUIRK: () = ();
 
 /// What [`MigrateVma::install_all`] did: the pages installed (index,
