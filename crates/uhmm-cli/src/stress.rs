@@ -451,7 +451,7 @@ impl Step {
     const ERR: u8 = 0x80;
 
     fn new(kind: Kind, what: u8, us: u64) -> Step {
-        Step(kind.index() as u64 + 1 | u64::from(what) << 8 | us << 16)
+        Step((kind.index() as u64 + 1) | (u64::from(what) << 8) | (us << 16))
     }
 }
 
@@ -3536,5 +3536,40 @@ mod raw {
                 self.push(&[digits[(v >> (i * 4)) & 0xf]]);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_history_step_reads_back_as_it_was_noted() {
+        let cell = PageCell::default();
+        assert!(cell.history().is_empty());
+        let what = Step::TO_SYSTEM | Step::COPY_FAILS;
+        cell.note(Step::new(Kind::Faults, what, 1_500_000));
+        cell.note(Step::new(
+            Kind::Faults,
+            what | Step::END | Step::ERR,
+            1_502_000,
+        ));
+        let steps: Vec<String> = cell.history().iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            steps,
+            [
+                "1.500000 s faults to system, a copy fails: begins",
+                "1.502000 s faults to system, a copy fails: ends with an error",
+            ]
+        );
+        // The ring keeps the last HISTORY steps, oldest first.
+        for k in 0..HISTORY as u64 + 3 {
+            cell.note(Step::new(Kind::Mirror, Step::END, k));
+        }
+        let h = cell.history();
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[0].0 >> 16, 3);
+        assert_eq!(h[HISTORY - 1].0 >> 16, HISTORY as u64 + 2);
+        assert_eq!(h[0].to_string(), "0.000003 s mirror: ends");
     }
 }

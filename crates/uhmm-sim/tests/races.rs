@@ -2403,10 +2403,8 @@ fn an_exclusive_page_copied_back_is_kept_when_its_mapping_moves_before_the_copy(
     dev.exclusive(VirtAddr::new(b), 1).unwrap();
     assert!(mm.exclusive_page(VirtAddr::new(b), dev.owner()).is_some());
     // SAFETY: our own mapping, read-only from now on.
-    assert_eq!(
-        unsafe { libc::mprotect(b as *mut _, LEN, libc::PROT_READ) },
-        0
-    );
+    let protected = unsafe { libc::mprotect(b as *mut _, LEN, libc::PROT_READ) };
+    assert_eq!(protected, 0);
     let mm2 = mm.clone();
     let (let_go, copies, moved) = within(30, "the unmanage", move || {
         let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
