@@ -2356,7 +2356,7 @@ fn a_page_moved_out_although_the_kernel_said_eagain_migrates_with_its_data() {
         }
         let answered = std::rc::Rc::new(std::cell::Cell::new(false));
         let a = answered.clone();
-        uhmm::testing::on_move_out(move |res| {
+        uhmm::testing::on_move(move |res| {
             if !a.get() && matches!(res, Ok(p) if p.done > 0) {
                 *res = Ok(Progress {
                     done: 0,
@@ -2376,6 +2376,208 @@ fn a_page_moved_out_although_the_kernel_said_eagain_migrates_with_its_data() {
         assert_eq!(rd(b), 0xD0, "the page's data (copying: {copying})");
         assert_eq!(rd(b + PAGE_SIZE), 0xD1);
         assert_eq!(mm.stats().pages_lost, 0);
+    }
+}
+
+/// As above, with the page's mapping moved away by another thread's
+/// mremap right after the move (its event unread while the migration
+/// holds the regions lock): the source is then no hole of a mapping but
+/// no mapping at all. The page is still counted as moved, follows the
+/// mapping, and migrates with its data. (With the check before the fix,
+/// which wanted a hole of a mapping there, it was left in its slot and
+/// read zeros.)
+#[test]
+fn a_page_moved_out_before_an_mremap_took_its_mapping_away_migrates_with_its_data() {
+    use uhmm::sys::uffd::{Progress, Stop};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 2 * PAGE_SIZE;
+    let (b, to) = (low_map(LEN), low_map(LEN));
+    // SAFETY: our own mapping, no reference into it.
+    let managed = unsafe { mm.manage(PageRange::new(VirtAddr::new(b), LEN).unwrap()) }.unwrap();
+    wr(b, 0xE0);
+    wr(b + PAGE_SIZE, 0xE1);
+    let dev = SimDevice::new(&mm);
+    let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let m2 = mover.clone();
+    uhmm::testing::on_move(move |res| {
+        if m2.borrow().is_none() && matches!(res, Ok(p) if p.done > 0) {
+            *m2.borrow_mut() = Some(change_pending("mremap", move || {
+                // SAFETY: moves our own mapping over our own place `to`.
+                unsafe {
+                    libc::mremap(
+                        b as *mut _,
+                        LEN,
+                        LEN,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        to as *mut libc::c_void,
+                    ) as usize
+                }
+            }));
+            *res = Ok(Progress {
+                done: 0,
+                stop: Some(Stop::LayoutChanging),
+            });
+        }
+    });
+    let n = dev.migrate_range_to_device(VirtAddr::new(b), 1);
+    uhmm::testing::clear();
+    let moved = mover.borrow_mut().take().map(|t| t.join().unwrap());
+    assert_eq!(moved, Some(to), "the mremap during the migration");
+    assert_eq!(n.unwrap(), 1, "migrated");
+    assert!(
+        matches!(mm.page_state(VirtAddr::new(to)), Ok(PageState::Device { owner, .. }) if owner == dev.owner()),
+        "on the device, at the page's new address"
+    );
+    assert_eq!(read_word(to), Some(0xE0), "the page's data");
+    assert_eq!(read_word(to + PAGE_SIZE), Some(0xE1));
+    assert_eq!(mm.stats().pages_lost, 0);
+    std::mem::forget(managed);
+    let _ = mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap());
+    // SAFETY: our own mapping, let go of; nothing refers into it.
+    unsafe { libc::munmap(to as *mut _, LEN) };
+}
+
+/// A page the kernel moves on from staging into device memory but answers
+/// EEXIST for, counting nothing (`MOVE_QUIRK`: the destination is looked
+/// at first on the retry, and holds the page by then), migrates with its
+/// data. The test point turns the answer to the second move that moved a
+/// page (the first takes it out of the process, the second is the
+/// device's) into that one. Before, only ENOENT was looked into there: the
+/// page was reported not moved, and the device copied its staging slot,
+/// a hole by then, over the device page that held the data (found by
+/// review).
+#[test]
+fn a_page_moved_into_device_memory_although_the_kernel_said_eexist_keeps_its_data() {
+    use uhmm::sys::uffd::{Progress, Stop};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    wr(b, 0xF0);
+    wr(b + PAGE_SIZE, 0xF1);
+    let dev = SimDevice::new(&mm);
+    let moves = std::rc::Rc::new(std::cell::Cell::new(0));
+    let m2 = moves.clone();
+    uhmm::testing::on_move(move |res| {
+        if matches!(res, Ok(p) if p.done > 0) {
+            m2.set(m2.get() + 1);
+            if m2.get() == 2 {
+                *res = Ok(Progress {
+                    done: 0,
+                    stop: Some(Stop::Exists),
+                });
+            }
+        }
+    });
+    let n = dev.migrate_range_to_device(VirtAddr::new(b), 1);
+    uhmm::testing::clear();
+    assert!(moves.get() >= 2, "no move into device memory to answer");
+    assert_eq!(n.unwrap(), 1, "migrated");
+    let on_dev = dev
+        .read(VirtAddr::new(b), 1)
+        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()));
+    assert_eq!(on_dev.ok(), Some(0xF0), "the device reads the page's data");
+    assert_eq!(rd(b), 0xF0, "the page's data, back");
+    assert_eq!(rd(b + PAGE_SIZE), 0xF1);
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
+/// A staging slot an exclusive grab left holding a page is never handed
+/// to a migration as empty. The grab's first page is unmapped while the
+/// grab runs (its hold goes, its page stays in the slot); the next
+/// migration's page sits at the same offset of its block, and an mremap
+/// takes its mapping away while the migration's move is answered. The
+/// move stops (the slot is full), the source holds no page: before, the
+/// grab freed its run clean, the migration got that block for moving
+/// pages in, and counted the stale page as its own (found by review): the
+/// device read the unmapped page's data for the page the mremap moved.
+#[test]
+fn a_slot_an_exclusive_grab_left_full_is_not_taken_for_a_moved_page() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const BLK: usize = 2 << 20;
+    // The grab: two pages across a block boundary of its run.
+    let g = low_map(2 * BLK);
+    let grange = PageRange::new(VirtAddr::new(g), 2 * BLK).unwrap();
+    // SAFETY: our own mapping, no reference into it.
+    let gm = unsafe { mm.manage(grange) }.unwrap();
+    let p1 = g + BLK - PAGE_SIZE;
+    wr(p1, 0xA1);
+    wr(p1 + PAGE_SIZE, 0xA2);
+    let dev = SimDevice::new(&mm);
+    let unmapper = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let u2 = unmapper.clone();
+    uhmm::testing::on_move(move |_| {
+        if u2.borrow().is_none() {
+            *u2.borrow_mut() = Some(change_pending("munmap", move || {
+                // SAFETY: our own mapping: its first grabbed page (moved
+                // into its slot by now).
+                unsafe { libc::munmap(p1 as *mut _, PAGE_SIZE) }
+            }));
+        }
+    });
+    let grabbed = mm.make_device_exclusive(
+        PageRange::new(VirtAddr::new(p1), 2 * PAGE_SIZE).unwrap(),
+        dev.owner(),
+    );
+    uhmm::testing::clear();
+    let unmapped = unmapper.borrow_mut().take().map(|t| t.join().unwrap());
+    assert_eq!(unmapped, Some(0), "the munmap during the grab");
+    eprintln!("grabbed {grabbed:?}");
+    // The migration: its page at the same offset of its block.
+    let (qb, to) = (low_map(BLK), low_map(BLK));
+    // SAFETY: as above.
+    let qm = unsafe { mm.manage(PageRange::new(VirtAddr::new(qb), BLK).unwrap()) }.unwrap();
+    let q = qb + BLK - PAGE_SIZE;
+    wr(q, 0x51);
+    let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let m2 = mover.clone();
+    uhmm::testing::on_move(move |_| {
+        if m2.borrow().is_none() {
+            *m2.borrow_mut() = Some(change_pending("mremap", move || {
+                // SAFETY: moves our own mapping over our own place `to`.
+                unsafe {
+                    libc::mremap(
+                        qb as *mut _,
+                        BLK,
+                        BLK,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        to as *mut libc::c_void,
+                    ) as usize
+                }
+            }));
+        }
+    });
+    let migrated = dev.migrate_range_to_device(VirtAddr::new(q), 1);
+    uhmm::testing::clear();
+    let moved = mover.borrow_mut().take().map(|t| t.join().unwrap());
+    assert_eq!(moved, Some(to), "the mremap during the migration");
+    let nq = to + BLK - PAGE_SIZE;
+    let on_dev = dev
+        .read(VirtAddr::new(nq), 1)
+        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()));
+    eprintln!("migrated {migrated:?}, the device reads {on_dev:x?}");
+    assert_ne!(
+        on_dev.as_ref().ok(),
+        Some(&0xA1),
+        "the device reads the unmapped page's stale slot for the moved page"
+    );
+    assert_eq!(read_word(nq), Some(0x51), "the moved page");
+    assert_eq!(
+        read_word(p1 + PAGE_SIZE),
+        Some(0xA2),
+        "the grab's other page"
+    );
+    // Unmanaged where they are now, then unmapped.
+    std::mem::forget((gm, qm));
+    for r in [
+        PageRange::new(VirtAddr::new(g), 2 * BLK).unwrap(),
+        PageRange::new(VirtAddr::new(to), BLK).unwrap(),
+    ] {
+        let _ = mm.unmanage(r);
+        // SAFETY: our own mappings, let go of; nothing refers into them.
+        unsafe { libc::munmap(r.start().get() as *mut _, r.len()) };
     }
 }
 

@@ -19,7 +19,7 @@ thread_local! {
     static ARM: Point = const { RefCell::new(None) };
     static BRING_HOME_ROUND: Point = const { RefCell::new(None) };
     static REVOKE_COPY: Point = const { RefCell::new(None) };
-    static MOVE_OUT: RefCell<Option<Answer>> = const { RefCell::new(None) };
+    static MOVE: RefCell<Option<Answer>> = const { RefCell::new(None) };
 }
 
 /// What a test does with the kernel's answer to a move.
@@ -81,17 +81,20 @@ pub fn on_revoke_copy(f: impl FnMut() + 'static) {
     set(&REVOKE_COPY, Some(Box::new(f)));
 }
 
-/// Calls `f` with the kernel's answer to each move of pages out of managed
-/// memory into staging (a migration's, an exclusive grab's) that this
-/// thread makes, before uhmm reads it; `f` may change it into an answer
-/// the kernel gives at times but a test cannot make it give at will (on
-/// Linux 6.18, EAGAIN with nothing counted for a page it did move: see
-/// `MOVE_QUIRK` in `devmem::migrate`).
+/// Calls `f` with the kernel's answer to each move of pages uhmm makes on
+/// this thread (a migration taking pages out of managed memory into
+/// staging and on into device memory, an exclusive grab, a put-back),
+/// before uhmm reads it; `f` may change it into an answer the kernel gives
+/// at times but a test cannot make it give at will (on Linux 6.18, EAGAIN
+/// with nothing counted for a page it did move: see `MOVE_QUIRK` in
+/// `devmem::migrate`). It may run under the regions lock: `f` must not
+/// wait for a layout change to end (a munmap or mremap it starts on
+/// another thread stays pending until the lock is let go).
 #[cfg(feature = "test-hooks")]
-pub fn on_move_out(
+pub fn on_move(
     f: impl FnMut(&mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>) + 'static,
 ) {
-    MOVE_OUT.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    MOVE.with(|h| *h.borrow_mut() = Some(Box::new(f)));
 }
 
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
@@ -131,7 +134,7 @@ pub fn clear() {
     set(&ARM, None);
     set(&BRING_HOME_ROUND, None);
     set(&REVOKE_COPY, None);
-    MOVE_OUT.with(|h| *h.borrow_mut() = None);
+    MOVE.with(|h| *h.borrow_mut() = None);
 }
 
 #[inline]
@@ -159,11 +162,11 @@ pub(crate) fn revoke_copy() {
 }
 
 #[inline]
-pub(crate) fn move_out_answer(
+pub(crate) fn move_answer(
     _answer: &mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>,
 ) {
     #[cfg(feature = "test-hooks")]
-    MOVE_OUT.with(|h| {
+    MOVE.with(|h| {
         if let Some(f) = h.borrow_mut().as_mut() {
             f(_answer);
         }

@@ -15,6 +15,7 @@ use crate::mm::service::{NoEntry, Shared};
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::Prot;
+use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::VmaKind;
 use crate::sys::uffd::{CopyMode, MoveMode, OpError, Progress, Stop};
 
@@ -255,7 +256,25 @@ fn grab_in(
         }
         todo = left;
     }
-    staging.free(run, false, true);
+    // What the slots hold, as the page table says: a page whose hold an
+    // unmap or discard dropped between the rounds stays in its slot, and
+    // a run freed clean would hand that block out for moving pages in
+    // (`Want::Empty`), where a move's answer is checked against what the
+    // slot holds (`Shared::move_out_pages`). Never emptied here: the
+    // blocks may hold other pages held exclusive.
+    let mut found = Vec::new();
+    let query = ScanQuery::new()
+        .any_of(Categories::PRESENT | Categories::SWAPPED)
+        .max_pages(1);
+    let dirty = shared
+        .pagemap()
+        .ok()
+        .and_then(|pm| {
+            pm.scan(staging.slots(&run, run.span()), &query, &mut found)
+                .ok()
+        })
+        .is_none_or(|_| !found.is_empty());
+    staging.free(run, dirty, false);
     Ok(count)
 }
 

@@ -266,8 +266,12 @@ pub struct MigrateVma<'a> {
 /// another thread's mremap loop raising the layout-change count): taken
 /// at its word, the page stayed in its slot, the next look found a hole
 /// at its address and left it, and the next access read zeros; so every
-/// stop is checked, whatever it says. (The entry that changes is the
-/// source's: moves from staging or device memory do not meet it.)
+/// stop is checked, whatever it says. Moves on from staging into device
+/// memory (`move_to_device`) are checked the same way (taken at its word
+/// there, EEXIST had the device copy the emptied slot over the page). This
+/// rests on the destination having been empty: a run taken for moving
+/// pages in has only holes in its slots (`Staging::alloc`; an exclusive
+/// grab frees its run by what the page table shows, as a migration does).
 const _MOVE_QUIRK: () = ();
 
 /// What [`MigrateVma::install_all`] did: the pages installed (index,
@@ -1254,22 +1258,28 @@ impl<'a> MigrateVma<'a> {
                     regions.record_taken(self.op, i + moved + j, Taken::At(at));
                 }
                 moved += done / PAGE_SIZE;
-                let noentry_moved = stop == Some(Stop::NoEntry)
-                    && self.shared.move_noentry(
-                        VirtAddr::new(to.get() + moved * PAGE_SIZE),
-                        staging.slot(&run, VirtAddr::new(first.get() + moved * PAGE_SIZE)),
-                    ) != NoEntry::LayoutChanging;
-                if noentry_moved {
-                    let at = VirtAddr::new(to.get() + moved * PAGE_SIZE);
+                // Where it stopped: the page may be in device memory all
+                // the same (`MOVE_QUIRK`), or its slot a hole.
+                let (at, slot) = (
+                    VirtAddr::new(to.get() + moved * PAGE_SIZE),
+                    staging.slot(&run, VirtAddr::new(first.get() + moved * PAGE_SIZE)),
+                );
+                let moved_anyway = match stop {
+                    None | Some(Stop::Partial) => false,
+                    Some(Stop::NoEntry) => {
+                        self.shared.move_noentry(at, slot) != NoEntry::LayoutChanging
+                    }
+                    Some(_) => self.shared.moved_anyway(at, slot),
+                };
+                if moved_anyway {
                     regions.record_taken(self.op, i + moved, Taken::At(at));
                 }
                 drop(regions);
                 match stop {
                     None => break,
                     Some(Stop::Partial) => {}
-                    // The page is in device memory (`MOVE_QUIRK`), or its
-                    // slot is a hole: nothing is left in staging to copy.
-                    Some(Stop::NoEntry) if noentry_moved => moved += 1,
+                    // Nothing is left in staging to copy.
+                    Some(_) if moved_anyway => moved += 1,
                     Some(Stop::LayoutChanging) if self.blockable => {
                         self.shared.layout_wait(&mut wait)
                     }

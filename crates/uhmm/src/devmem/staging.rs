@@ -420,7 +420,13 @@ impl Staging {
         };
         for i in clean {
             // (Flat now: nothing depends on it while the run is in use.)
-            self.empty(huge, i, 1);
+            if let Err(e) = self.empty(huge, i, 1) {
+                // Pages may be left in a slot the caller would take for
+                // empty (a move's answer is checked against what its slot
+                // holds): the run goes back as it was.
+                self.put_run(run, |_| Left::Pages);
+                return Err(e.into());
+            }
         }
         Ok(run)
     }
@@ -528,8 +534,7 @@ impl Staging {
         let held = |k: usize| left.get(k).copied().unwrap_or(Left::Pages);
         let dirty = (0..run.count).any(|k| held(k).dirty());
         let too_many = crate::mm::lock_poisoned(&self.areas).dirty_blocks + run.count > KEEP_DIRTY;
-        if dirty && may_clean && too_many {
-            self.empty(run.huge, run.first, run.count);
+        if dirty && may_clean && too_many && self.empty(run.huge, run.first, run.count).is_ok() {
             self.put_run(run, |_| Left::Empty { flat: true });
         } else {
             self.put_run(run, held);
@@ -599,16 +604,17 @@ impl Staging {
         }
     }
 
+    /// Drops the pages of `count` blocks from block `first`. An error
+    /// (never seen: a discard of uhmm's own mapping) may leave pages.
     #[allow(unsafe_code)] // named place: uhmm's own staging area
-    fn empty(&self, huge: bool, first: usize, count: usize) {
+    fn empty(&self, huge: bool, first: usize, count: usize) -> Result<(), MemError> {
         let start = VirtAddr::new(self.start(huge).get() + first * BLOCK);
-        if let Ok(r) = PageRange::new(start, count * BLOCK) {
-            // SAFETY: the staging area is uhmm's own mapping and no
-            // reference into these blocks exists (they have no users).
-            // Failure leaves pages behind, which MOVE into the slot then
-            // reports as EEXIST; the migration does not take those pages.
-            let _ = unsafe { mem::madvise(r, Advice::DontNeed) };
-        }
+        let r = PageRange::new(start, count * BLOCK)
+            .unwrap_or_else(|_| unreachable!("blocks of the area are a valid range"));
+        // SAFETY: the staging area is uhmm's own mapping and no reference
+        // into these blocks exists (they have no users but the caller,
+        // which has no slice over them).
+        unsafe { mem::madvise(r, Advice::DontNeed) }
     }
 
     /// The page at `slot` as bytes.

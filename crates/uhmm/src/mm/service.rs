@@ -587,7 +587,18 @@ impl Shared {
         // SAFETY: both ends are managed memory (no references into it, by
         // the contract of managed regions) or staging slots held by the
         // caller, who has no slice over them alive while it moves pages.
-        unsafe { self.uffd.move_pages(dst, src, mode) }
+        let mut res = unsafe { self.uffd.move_pages(dst, src, mode) };
+        crate::testing::move_answer(&mut res);
+        res
+    }
+
+    /// Whether a move of the page at `src` to `dst` that stopped there
+    /// (whatever it said) moved it all the same (`migrate::MOVE_QUIRK`):
+    /// `dst` holds a page and `src` none. Only for a `dst` that was empty
+    /// and that no one else fills (a staging slot or device page the
+    /// caller holds).
+    pub(crate) fn moved_anyway(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> bool {
+        self.page_present(dst) == Some(true) && self.page_present(src) == Some(false)
     }
 
     /// [`move_pages`](Self::move_pages) of pages out of managed memory
@@ -595,17 +606,17 @@ impl Shared {
     /// regions lock, its count corrected for `migrate::MOVE_QUIRK`: a move
     /// that stopped (whatever it said: EEXIST, ENOENT, EAGAIN, an error) at
     /// a page whose destination holds a page now while its source holds
-    /// none moved that page and did not count it. (The slot was empty and
-    /// is this caller's, so only this call can have filled it; the source
-    /// may be a hole, or unmapped by an mremap the kernel made since.)
+    /// none moved that page and did not count it. (The slot was empty —
+    /// a run taken for moving pages in has only holes — and is this
+    /// caller's, so only this call can have filled it; the source may be a
+    /// hole, or unmapped by an mremap the kernel made since.)
     pub(crate) fn move_out_pages(
         &self,
         dst: PageRange,
         src: crate::VirtAddr,
         mode: MoveMode,
     ) -> Result<Progress, OpError> {
-        let mut res = self.move_pages(dst, src, mode);
-        crate::testing::move_out_answer(&mut res);
+        let res = self.move_pages(dst, src, mode);
         let done = match &res {
             Ok(p) if p.stop.is_none() => return res,
             Ok(p) => p.done,
@@ -614,8 +625,7 @@ impl Shared {
         };
         if done < dst.len()
             && let (Some(to), Some(from)) = (dst.start().checked_add(done), src.checked_add(done))
-            && self.page_present(to) == Some(true)
-            && self.page_present(from) == Some(false)
+            && self.moved_anyway(to, from)
         {
             let done = done + crate::PAGE_SIZE;
             return Ok(Progress {
