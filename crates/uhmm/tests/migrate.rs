@@ -64,10 +64,10 @@ fn a_migration_dropped_after_moving_to_device_memory_puts_the_data_back() {
 }
 
 /// The setup says what each page is: a page with data is `System`, a
-/// hole and a zero-page mapping are `Zero` (nothing to copy), as the scan
-/// of the staging slots after the move finds them. (A version that skipped
-/// that scan when the scan before the move saw only data was taken back:
-/// see DESIGN.md, the migration's scans.)
+/// hole and a zero-page mapping are `Zero` (nothing to copy). When every
+/// page the scan before the move saw was present and no zero page, the
+/// setup skips its look at the staging slots afterwards; any hole or zero
+/// page among them, and it looks.
 #[test]
 fn setup_selects_holes_and_zero_pages_as_zero_and_data_as_system() {
     let _s = common::serial();

@@ -237,6 +237,10 @@ pub struct MigrateVma<'a> {
     thp_home: bool,
     /// Its run was taken for THPs to move in (`Staging::alloc`'s `thp`).
     thp_src: bool,
+    /// Every page taken out so far was moved whole from a present page
+    /// the scan before the move saw as no zero page: every slot holds
+    /// data, and `classify` has nothing to look for.
+    all_data: bool,
     blockable: bool,
     committed: bool,
     done: bool,
@@ -479,6 +483,7 @@ impl<'a> MigrateVma<'a> {
             filled: std::cell::Cell::new(false),
             thp_home: false,
             thp_src: false,
+            all_data: true,
             blockable,
             committed: false,
             done: false,
@@ -623,6 +628,11 @@ impl<'a> MigrateVma<'a> {
             todo = left;
         }
         lock(&self.shared.regions).unkeep(self.op);
+        if self.all_data {
+            // (A present page that is no zero page stays one under the
+            // lock or leaves the page table, which the move then says.)
+            return Ok(());
+        }
         self.classify()
     }
 
@@ -649,9 +659,14 @@ impl<'a> MigrateVma<'a> {
             // Only pages with something in the page table are moved; a
             // hole is taken as it is (a CPU access to it waits from now
             // on, as it would for a page in flight).
-            let (present, huge) = self.present(group);
+            let (present, huge, zero) = self.present(group);
             for (&(i, _), &h) in group.iter().zip(&huge) {
                 self.entries[i].huge = h;
+            }
+            // Holes, zero pages, or a scan that could not tell zero pages:
+            // `classify` looks at what the slots hold.
+            if !present.iter().all(|&p| p) || zero.iter().any(|&z| z) {
+                self.all_data = false;
             }
             let mut k = 0;
             let mut single = false;
@@ -707,6 +722,7 @@ impl<'a> MigrateVma<'a> {
                 }
                 if regions.zap_pending(at) {
                     // A discard is about to zap it: let that happen first.
+                    self.all_data = false;
                     left.push(group[k].0);
                     k += 1;
                     continue;
@@ -741,6 +757,9 @@ impl<'a> MigrateVma<'a> {
                 }
                 k += done / PAGE_SIZE;
                 single = false;
+                if !matches!(stop, None | Some(Stop::Partial | Stop::LayoutChanging)) {
+                    self.all_data = false;
+                }
                 match stop {
                     None | Some(Stop::Partial) => {}
                     Some(Stop::LayoutChanging) => {
@@ -774,39 +793,53 @@ impl<'a> MigrateVma<'a> {
     }
 
     /// Which of the pages of `group` (contiguous at both ends) have
-    /// something in the page table (all of them if it cannot be read).
-    /// And which are mapped by a PMD (a THP).
-    fn present(&self, group: &[(usize, VirtAddr)]) -> (Vec<bool>, Vec<bool>) {
-        let all = (vec![true; group.len()], vec![false; group.len()]);
+    /// something in the page table (all of them if it cannot be read),
+    /// which are mapped by a PMD (a THP), and which are zero pages (all of
+    /// them where the scan cannot tell).
+    fn present(&self, group: &[(usize, VirtAddr)]) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
+        let all = (
+            vec![true; group.len()],
+            vec![false; group.len()],
+            vec![true; group.len()],
+        );
         let Ok(range) = PageRange::new(group[0].1, group.len() * PAGE_SIZE) else {
             return all;
         };
         let mut found = Vec::new();
         let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
         // (Only PAGEMAP_SCAN tells HUGE: without it, no page is taken for
-        // a THP's.)
+        // a THP's, and zero pages are not looked for.)
+        let mut tells_zero = true;
         let scanned = self.shared.pagemap().ok().and_then(|pm| {
-            pm.scan(range, &query.report(Categories::HUGE), &mut found)
-                .or_else(|_| {
-                    found.clear();
-                    pm.scan(range, &query, &mut found)
-                })
-                .ok()
+            pm.scan(
+                range,
+                &query.report(Categories::HUGE | Categories::PFNZERO),
+                &mut found,
+            )
+            .or_else(|_| {
+                found.clear();
+                tells_zero = false;
+                pm.scan(range, &query, &mut found)
+            })
+            .ok()
         });
         if scanned.is_none() {
             return all;
         }
         let mut present = vec![false; group.len()];
         let mut huge = vec![false; group.len()];
+        let mut zero = vec![!tells_zero; group.len()];
         for r in found {
             let h = r.categories.contains(Categories::HUGE);
+            let z = r.categories.contains(Categories::PFNZERO);
             for a in r.range.pages() {
                 let k = (a.get() - range.start().get()) / PAGE_SIZE;
                 present[k] = true;
                 huge[k] = h;
+                zero[k] |= z;
             }
         }
-        (present, huge)
+        (present, huge, zero)
     }
 
     /// Page `(i, at)` is out of the CPU page table: it is this migration's
@@ -840,6 +873,7 @@ impl<'a> MigrateVma<'a> {
     /// discard waits until its event is read, which needs this lock); a
     /// page unmapped meanwhile fails the read cleanly and is not selected.
     fn copy_out(&mut self, regions: &mut Regions, staging: &Staging, run: &Run, idx: &[usize]) {
+        self.all_data = false;
         let mut todo: Vec<(usize, VirtAddr)> = idx
             .iter()
             .filter_map(|&i| Some((i, self.takeable(regions, i)?)))
