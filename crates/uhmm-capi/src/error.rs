@@ -124,7 +124,7 @@ impl Errno for StagingError {
     fn errno(&self) -> c_int {
         match self {
             StagingError::Full { .. } => libc::ENOSPC,
-            StagingError::Map(e) => e.errno(),
+            StagingError::Map(e) | StagingError::Empty(e) => e.errno(),
             _ => libc::EIO,
         }
     }

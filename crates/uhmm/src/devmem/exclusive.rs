@@ -9,6 +9,7 @@
 //! wrote, comes back.
 
 use super::migrate::{MigrateError, SETUP_ATTEMPTS};
+use super::staging::{BLOCK, Left};
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{NotifierRange, NotifyEvent};
 use crate::mm::service::{NoEntry, Shared};
@@ -260,21 +261,29 @@ fn grab_in(
     // unmap or discard dropped between the rounds stays in its slot, and
     // a run freed clean would hand that block out for moving pages in
     // (`Want::Empty`), where a move's answer is checked against what the
-    // slot holds (`Shared::move_out_pages`). Never emptied here: the
-    // blocks may hold other pages held exclusive.
+    // slot holds (`Shared::move_out_pages`). Block by block, so that a
+    // block with nothing left stays clean. Never emptied here: the blocks
+    // may hold other pages held exclusive.
+    let slots = staging.slots(&run, run.span());
     let mut found = Vec::new();
-    let query = ScanQuery::new()
-        .any_of(Categories::PRESENT | Categories::SWAPPED)
-        .max_pages(1);
-    let dirty = shared
+    let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+    let left = match shared
         .pagemap()
-        .ok()
-        .and_then(|pm| {
-            pm.scan(staging.slots(&run, run.span()), &query, &mut found)
-                .ok()
-        })
-        .is_none_or(|_| !found.is_empty());
-    staging.free(run, dirty, false);
+        .map(|pm| pm.scan(slots, &query, &mut found))
+    {
+        Ok(Ok(_)) => {
+            let mut left = vec![Left::Empty { flat: false }; slots.len() / BLOCK];
+            for page in found.iter().flat_map(|r| r.range.pages()) {
+                if let Some(l) = left.get_mut((page.get() - slots.start().get()) / BLOCK) {
+                    *l = Left::Pages;
+                }
+            }
+            left
+        }
+        // (Cannot be looked at: every block may hold pages.)
+        _ => vec![Left::Pages; slots.len() / BLOCK],
+    };
+    staging.free_blocks(run, &left, false);
     Ok(count)
 }
 

@@ -52,6 +52,9 @@ pub enum StagingError {
     /// The area could not be registered with the userfaultfd.
     #[error("cannot register the staging area: {0}")]
     Register(#[from] RegisterError),
+    /// Blocks that held pages could not be emptied for reuse.
+    #[error("cannot empty staging blocks for reuse: {0}")]
+    Empty(MemError),
     /// Not enough free staging for the range at once.
     #[error(
         "{range} needs {needed} MiB of staging at once, more than is free; migrate it in smaller parts"
@@ -425,7 +428,7 @@ impl Staging {
                 // empty (a move's answer is checked against what its slot
                 // holds): the run goes back as it was.
                 self.put_run(run, |_| Left::Pages);
-                return Err(e.into());
+                return Err(StagingError::Empty(e));
             }
         }
         Ok(run)
