@@ -2086,6 +2086,33 @@ fn change_pending<T: Send + 'static>(
     }
 }
 
+/// Starts a thread that moves the test's mapping of `len` bytes at `from`
+/// over its own place `to` (`MREMAP_FIXED`), and returns once the kernel
+/// has moved it and its event waits to be read (see `change_pending`).
+fn mremap_pending(from: usize, len: usize, to: usize) -> JoinHandle<usize> {
+    change_pending("mremap", move || {
+        // SAFETY: moves the test's own mapping over its own place `to`;
+        // nothing refers into either.
+        unsafe {
+            libc::mremap(
+                from as *mut _,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                to as *mut libc::c_void,
+            ) as usize
+        }
+    })
+}
+
+/// Unmanages the test's `len` bytes at `at` (where an mremap put its
+/// managed region) and unmaps them.
+fn let_go_and_unmap(mm: &Mm, at: usize, len: usize) {
+    let _ = mm.unmanage(PageRange::new(VirtAddr::new(at), len).unwrap());
+    // SAFETY: the test's own mapping, let go of; nothing refers into it.
+    unsafe { libc::munmap(at as *mut _, len) };
+}
+
 /// Two CPUs (`two_cpus`), with this thread and the fault service pinned
 /// to the first (`ours`), the second (`theirs`) left for a thread to be
 /// held off; `None` (the test skipped) with one CPU only.
@@ -2402,18 +2429,7 @@ fn a_page_moved_out_before_an_mremap_took_its_mapping_away_migrates_with_its_dat
     let m2 = mover.clone();
     uhmm::testing::on_move(move |res| {
         if m2.borrow().is_none() && matches!(res, Ok(p) if p.done > 0) {
-            *m2.borrow_mut() = Some(change_pending("mremap", move || {
-                // SAFETY: moves our own mapping over our own place `to`.
-                unsafe {
-                    libc::mremap(
-                        b as *mut _,
-                        LEN,
-                        LEN,
-                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                        to as *mut libc::c_void,
-                    ) as usize
-                }
-            }));
+            *m2.borrow_mut() = Some(mremap_pending(b, LEN, to));
             *res = Ok(Progress {
                 done: 0,
                 stop: Some(Stop::LayoutChanging),
@@ -2433,9 +2449,7 @@ fn a_page_moved_out_before_an_mremap_took_its_mapping_away_migrates_with_its_dat
     assert_eq!(read_word(to + PAGE_SIZE), Some(0xE1));
     assert_eq!(mm.stats().pages_lost, 0);
     std::mem::forget(managed);
-    let _ = mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap());
-    // SAFETY: our own mapping, let go of; nothing refers into it.
-    unsafe { libc::munmap(to as *mut _, LEN) };
+    let_go_and_unmap(&mm, to, LEN);
 }
 
 /// A page the kernel moves on from staging into device memory but answers
@@ -2535,18 +2549,7 @@ fn a_slot_an_exclusive_grab_left_full_is_not_taken_for_a_moved_page() {
     let m2 = mover.clone();
     uhmm::testing::on_move(move |_| {
         if m2.borrow().is_none() {
-            *m2.borrow_mut() = Some(change_pending("mremap", move || {
-                // SAFETY: moves our own mapping over our own place `to`.
-                unsafe {
-                    libc::mremap(
-                        qb as *mut _,
-                        BLK,
-                        BLK,
-                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                        to as *mut libc::c_void,
-                    ) as usize
-                }
-            }));
+            *m2.borrow_mut() = Some(mremap_pending(qb, BLK, to));
         }
     });
     let migrated = dev.migrate_range_to_device(VirtAddr::new(q), 1);
@@ -2571,14 +2574,8 @@ fn a_slot_an_exclusive_grab_left_full_is_not_taken_for_a_moved_page() {
     );
     // Unmanaged where they are now, then unmapped.
     std::mem::forget((gm, qm));
-    for r in [
-        PageRange::new(VirtAddr::new(g), 2 * BLK).unwrap(),
-        PageRange::new(VirtAddr::new(to), BLK).unwrap(),
-    ] {
-        let _ = mm.unmanage(r);
-        // SAFETY: our own mappings, let go of; nothing refers into them.
-        unsafe { libc::munmap(r.start().get() as *mut _, r.len()) };
-    }
+    let_go_and_unmap(&mm, g, 2 * BLK);
+    let_go_and_unmap(&mm, to, BLK);
 }
 
 /// Taking an exclusive page back never loses it for a mapping that moved
@@ -2615,20 +2612,7 @@ fn an_exclusive_page_copied_back_is_kept_when_its_mapping_moves_before_the_copy(
         uhmm::testing::on_revoke_copy(move || {
             copies2.set(copies2.get() + 1);
             if mover2.borrow().is_none() {
-                *mover2.borrow_mut() = Some(change_pending("mremap", move || {
-                    // SAFETY: moves the test's own mapping over its own
-                    // reservation at `to`; nothing refers into either.
-                    let p = unsafe {
-                        libc::mremap(
-                            b as *mut _,
-                            LEN,
-                            LEN,
-                            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                            to as *mut libc::c_void,
-                        )
-                    };
-                    p as usize
-                }));
+                *mover2.borrow_mut() = Some(mremap_pending(b, LEN, to));
             }
         });
         let r = mm2.unmanage(range);
@@ -2651,9 +2635,7 @@ fn an_exclusive_page_copied_back_is_kept_when_its_mapping_moves_before_the_copy(
     assert_eq!(mm.stats().pages_lost, 0, "pages were lost");
     // Unmanaged where it is now, then unmapped.
     std::mem::forget(managed);
-    let _ = mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap());
-    // SAFETY: our own mapping, let go of; nothing refers into it.
-    unsafe { libc::munmap(to as *mut _, LEN) };
+    let_go_and_unmap(&mm, to, LEN);
 }
 
 /// Dropping a device never loses a page whose way home a layout change
