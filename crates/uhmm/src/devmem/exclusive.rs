@@ -16,7 +16,6 @@ use crate::mm::service::{NoEntry, Shared};
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::Prot;
-use crate::sys::pagemap::{Categories, ScanQuery};
 use crate::sys::procmap::VmaKind;
 use crate::sys::uffd::{CopyMode, MoveMode, OpError, Progress, Stop};
 
@@ -264,24 +263,16 @@ fn grab_in(
     // slot holds (`Shared::move_out_pages`). Block by block, so that a
     // block with nothing left stays clean. Never emptied here: the blocks
     // may hold other pages held exclusive.
-    let slots = staging.slots(&run, run.span());
-    let mut found = Vec::new();
-    let query = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
-    let left = match shared
-        .pagemap()
-        .map(|pm| pm.scan(slots, &query, &mut found))
-    {
-        Ok(Ok(_)) => {
-            let mut left = vec![Left::Empty { flat: false }; slots.len() / BLOCK];
-            for page in found.iter().flat_map(|r| r.range.pages()) {
-                if let Some(l) = left.get_mut((page.get() - slots.start().get()) / BLOCK) {
-                    *l = Left::Pages;
-                }
-            }
-            left
-        }
+    let left: Vec<Left> = match shared.pagemap().ok().and_then(|pm| staging.held(pm, &run)) {
+        Some(held) => held
+            .iter()
+            .map(|&(pages, _)| match pages {
+                0 => Left::Empty { flat: false },
+                _ => Left::Pages,
+            })
+            .collect(),
         // (Cannot be looked at: every block may hold pages.)
-        _ => vec![Left::Pages; slots.len() / BLOCK],
+        None => vec![Left::Pages; run.span().len() / BLOCK],
     };
     staging.free_blocks(run, &left, false);
     Ok(count)

@@ -2093,37 +2093,14 @@ impl<'a> MigrateVma<'a> {
     /// and then whether it is flat (see `staging`): known only where a THP
     /// came home whole out of a block that was flat or held one.
     fn blocks_left(&self, staging: &Staging, run: &Run) -> Vec<Left> {
-        let slots = staging.slots(run, run.span());
-        let mut found = Vec::new();
-        let query = ScanQuery::new()
-            .any_of(Categories::PRESENT | Categories::SWAPPED)
-            .report(Categories::PRESENT | Categories::SWAPPED | Categories::HUGE);
-        let blocks = run.span().len() / BLOCK;
-        let scanned = self.shared.pagemap().is_ok_and(|pm| {
-            pm.scan(slots, &query, &mut found).is_ok() || {
-                // The `/proc/self/pagemap` fallback cannot tell THPs: every
-                // page left counts as a 4 KiB one.
-                found.clear();
-                let plain = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
-                pm.scan(slots, &plain, &mut found).is_ok()
-            }
-        });
-        if !scanned {
-            return vec![Left::Pages; blocks];
-        }
-        // Pages present in each block, and how many of them in THPs.
-        let mut held = vec![(0usize, 0usize); blocks];
-        for r in &found {
-            for page in r.range.pages() {
-                let k = (page.get() - slots.start().get()) / BLOCK;
-                if let Some(h) = held.get_mut(k) {
-                    h.0 += 1;
-                    if r.categories.contains(Categories::HUGE) {
-                        h.1 += 1;
-                    }
-                }
-            }
-        }
+        let held = self
+            .shared
+            .pagemap()
+            .ok()
+            .and_then(|pm| staging.held(pm, run));
+        let Some(held) = held else {
+            return vec![Left::Pages; run.span().len() / BLOCK];
+        };
         let home_whole = self.thp_home && self.landed_whole();
         held.iter()
             .enumerate()

@@ -29,6 +29,7 @@
 
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::sys::mem::{self, Advice, Mapping, MemError};
+use crate::sys::pagemap::{Categories, Pagemap, ScanQuery};
 use crate::sys::uffd::{RegisterError, RegisterMode, Uffd};
 use std::sync::Mutex;
 
@@ -574,6 +575,33 @@ impl Staging {
             }
         }
         areas.dirty_blocks = areas.dirty_blocks + newly - cleaned.min(areas.dirty_blocks + newly);
+    }
+
+    /// What each block of `run` holds now, as the page table says: its
+    /// pages, and how many of them in THPs (none where only the
+    /// `/proc/self/pagemap` fallback answers, which cannot tell THPs);
+    /// `None` if the page table cannot be read.
+    pub(crate) fn held(&self, pm: &Pagemap, run: &Run) -> Option<Vec<(usize, usize)>> {
+        let slots = self.slots(run, run.span());
+        let mut found = Vec::new();
+        let plain = ScanQuery::new().any_of(Categories::PRESENT | Categories::SWAPPED);
+        let query = plain.report(Categories::PRESENT | Categories::SWAPPED | Categories::HUGE);
+        if pm.scan(slots, &query, &mut found).is_err() {
+            found.clear();
+            pm.scan(slots, &plain, &mut found).ok()?;
+        }
+        let mut held = vec![(0usize, 0usize); run.count];
+        for r in &found {
+            for page in r.range.pages() {
+                if let Some(h) = held.get_mut((page.get() - slots.start().get()) / BLOCK) {
+                    h.0 += 1;
+                    if r.categories.contains(Categories::HUGE) {
+                        h.1 += 1;
+                    }
+                }
+            }
+        }
+        Some(held)
     }
 
     /// Whether block `k` of `run` was flat or held one THP when the run
