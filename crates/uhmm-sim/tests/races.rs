@@ -2638,6 +2638,75 @@ fn an_exclusive_page_copied_back_is_kept_when_its_mapping_moves_before_the_copy(
     let_go_and_unmap(&mm, to, LEN);
 }
 
+/// An exclusive page the kernel moves back into place but answers EAGAIN
+/// for, counting nothing (`MOVE_QUIRK`), is the CPU's from then on, also
+/// when an mremap moves its mapping before the answer is looked into. A
+/// test point turns the answer to the revoke's move into that one, and
+/// starts the mremap (its event unread while the revoke holds the regions
+/// lock). Before, the revoke took the page for one still in its slot and
+/// tried again once the mremap's event was applied; the state had moved
+/// with the mapping, so the revoke found nothing to do at the old address
+/// and left the page recorded exclusive at the new one, in place with its
+/// slot empty: a CPU store there reached no device, and the device's next
+/// grab would count the page as held and write into the empty slot.
+#[test]
+fn an_exclusive_page_moved_back_although_the_kernel_said_eagain_is_the_cpus() {
+    use uhmm::sys::uffd::{Progress, Stop};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 2 * PAGE_SIZE;
+    let (b, to) = (low_map(LEN), low_map(LEN));
+    let range = PageRange::new(VirtAddr::new(b), LEN).unwrap();
+    // SAFETY: our own mapping, no reference into it.
+    let managed = unsafe { mm.manage(range) }.unwrap();
+    wr(b, 0xA0);
+    wr(b + PAGE_SIZE, 0xA1);
+    let dev = SimDevice::new(&mm);
+    dev.exclusive(VirtAddr::new(b), 1).unwrap();
+    let mm2 = mm.clone();
+    let (let_go, moved) = within(30, "the unmanage", move || {
+        let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let m2 = mover.clone();
+        uhmm::testing::on_move(move |res| {
+            if m2.borrow().is_none() && matches!(res, Ok(p) if p.done > 0) {
+                *m2.borrow_mut() = Some(mremap_pending(b, LEN, to));
+                *res = Ok(Progress {
+                    done: 0,
+                    stop: Some(Stop::LayoutChanging),
+                });
+            }
+        });
+        let r = mm2.unmanage(range);
+        uhmm::testing::clear();
+        let mover = mover.borrow_mut().take();
+        (r, mover.map(|m| m.join().unwrap()))
+    });
+    assert_eq!(
+        moved,
+        Some(to),
+        "the mremap (None: no move put the page back)"
+    );
+    eprintln!("unmanage: {let_go:?}");
+    // The unmanage and the service's reading of the mremap's event race
+    // once the revoke is done: the region is let go of (plain memory at
+    // its new address: what this run shows), or still managed there and
+    // the CPU's.
+    let state = mm.page_state(VirtAddr::new(to));
+    assert!(
+        matches!(
+            state,
+            Ok(PageState::System) | Err(uhmm::mm::MmError::NotManaged { .. })
+        ),
+        "the page at its new address: {state:?}"
+    );
+    assert_eq!(read_word(to), Some(0xA0), "the page's data");
+    assert_eq!(read_word(to + PAGE_SIZE), Some(0xA1));
+    assert_eq!(mm.stats().pages_lost, 0);
+    // Unmanaged where it is now, then unmapped.
+    std::mem::forget(managed);
+    let_go_and_unmap(&mm, to, LEN);
+}
+
 /// Dropping a device never loses a page whose way home a layout change
 /// refused: the eviction is refused for about a second (the discarding
 /// thread held off its CPU) with the loss bounds cut to 100 ms. Before,
