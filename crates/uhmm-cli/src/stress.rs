@@ -109,6 +109,11 @@ pub struct Args {
     #[arg(long, default_value_t = 20, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     watchdog: u64,
+    /// Keep uhmm's flight recorder on (`uhmm::record`: its last kernel
+    /// calls, events, scans and page states, by address) and print what it
+    /// holds for the page of the first wrong read. Costs some speed.
+    #[arg(long)]
+    record: bool,
 }
 
 /// `u64` words per page.
@@ -133,6 +138,42 @@ const MREMAP_WINDOWS: [usize; 4] = [
     0x2200_0000_0000,
     0x2300_0000_0000,
 ];
+/// Flight-recorder records printed with a wrong read (`--record`).
+const RECORDS_SHOWN: usize = 80;
+
+/// The last `max` records that touch `page` or a page its data passed
+/// through (the other end of a move, copy or remap that touched it: its
+/// staging slot, device memory, or its place before an mremap), oldest
+/// first.
+fn related_records(page: PageRange, max: usize) -> Vec<uhmm::record::Record> {
+    let direct = uhmm::record::records_for(page);
+    let mut others: Vec<PageRange> = direct
+        .iter()
+        .filter(|r| r.has_src())
+        .filter_map(|r| {
+            // The page's counterpart at the other end of the record.
+            let (here, there) = if page.start().get().wrapping_sub(r.dst) < r.len {
+                (r.dst, r.src)
+            } else {
+                (r.src, r.dst)
+            };
+            let at = there.checked_add(page.start().get().checked_sub(here)?)?;
+            PageRange::new(VirtAddr::new(at), PAGE_SIZE).ok()
+        })
+        .filter(|p| *p != page)
+        .collect();
+    others.sort_unstable_by_key(|p| p.start());
+    others.dedup();
+    let mut all = direct;
+    for p in others {
+        all.extend(uhmm::record::records_for(p));
+    }
+    all.sort_unstable_by_key(|r| r.seq);
+    all.dedup_by_key(|r| r.seq);
+    let skip = all.len().saturating_sub(max);
+    all.split_off(skip)
+}
+
 /// Failures kept in full (all are counted).
 const KEEP_FAILURES: usize = 64;
 /// Pages per device read in a phase check.
@@ -292,6 +333,8 @@ struct Config {
     json: Option<PathBuf>,
     /// What a CPU fault on a device page brings back (chosen by the seed).
     fault_block: usize,
+    /// Whether the flight recorder is on.
+    record: bool,
 }
 
 impl Config {
@@ -337,6 +380,7 @@ impl Config {
             watchdog: Duration::from_secs(args.watchdog),
             json: args.json.clone(),
             fault_block: [PAGE_SIZE, 64 << 10, 2 << 20][(seed % 3) as usize],
+            record: args.record,
         })
     }
 
@@ -705,6 +749,9 @@ struct Mismatch {
     state: String,
     /// The operations that targeted the page last, oldest first.
     history: Vec<Step>,
+    /// What the flight recorder holds for the page (`--record`; the first
+    /// wrong read only), oldest first.
+    recorded: Vec<uhmm::record::Record>,
 }
 
 /// Why the run fails.
@@ -742,6 +789,16 @@ impl fmt::Display for Failure {
                     f.write_str("; its last operations:")?;
                     for step in &m.history {
                         write!(f, "\n      {step}")?;
+                    }
+                }
+                if !m.recorded.is_empty() {
+                    write!(
+                        f,
+                        "\n    the flight recorder's last {} records of the page and of the places its data went through (times since the run began):",
+                        m.recorded.len()
+                    )?;
+                    for r in &m.recorded {
+                        write!(f, "\n      {r}")?;
                     }
                 }
                 Ok(())
@@ -963,11 +1020,25 @@ impl World {
             last_write: Kind::from_index(cell.last_write.load(Ordering::Relaxed) as usize),
             last_move: last_move.checked_sub(1).and_then(Kind::from_index),
             history: cell.history(),
+            recorded: self.recorded(addr),
             state: match self.mm.page_state(VirtAddr::new(addr)) {
                 Ok(st) => format!("{st:?}"),
                 Err(e) => format!("({e})"),
             },
         })));
+    }
+
+    /// What the flight recorder holds for the page at `addr`, if it is on:
+    /// it is switched off first, so that the records of the first wrong
+    /// read are kept (later ones get none).
+    fn recorded(&self, addr: usize) -> Vec<uhmm::record::Record> {
+        if !self.cfg.record || !uhmm::record::recording() {
+            return Vec::new();
+        }
+        uhmm::record::set_recording(false);
+        PageRange::new(VirtAddr::new(addr), PAGE_SIZE)
+            .map(|page| related_records(page, RECORDS_SHOWN))
+            .unwrap_or_default()
     }
 
     /// Checks page `p` of region `slot` (plain loads) against `counter`;
@@ -1254,6 +1325,8 @@ impl World {
         let mut threads = vec![ThreadInfo::new("main".into())];
         threads.extend((0..cfg.threads).map(|i| ThreadInfo::new(format!("uhmm-w{i}"))));
         threads.extend(op_kinds(&cfg).map(|k| ThreadInfo::new(format!("uhmm-{}", k.name()))));
+        // The recorder's clock starts with the run's.
+        uhmm::record::set_recording(cfg.record);
         let world = World {
             t0: Instant::now(),
             mm,
@@ -1335,6 +1408,11 @@ impl World {
             .map(|k| k.name())
             .collect();
         eprintln!("  kinds: {}", kinds.join(", "));
+        if c.record {
+            eprintln!(
+                "  flight recorder on: the first wrong read prints its last {RECORDS_SHOWN} records"
+            );
+        }
     }
 }
 
@@ -3542,6 +3620,33 @@ mod raw {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wrong read's records take in the places the page's data went
+    /// through: a page migrated to a device and back shows its move on
+    /// from its staging slot into device memory, a record that does not
+    /// name the page itself.
+    #[test]
+    fn the_records_of_a_page_follow_it_through_its_staging_slot() {
+        let mm = Mm::new().expect("userfaultfd (uhmm stress needs it)");
+        let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let page = region.range();
+        let dev = SimDevice::new(&mm);
+        uhmm::record::set_recording(true);
+        let moved = dev.migrate_range_to_device(page.start(), 1);
+        let back = dev.migrate_to_system(page.start(), 1);
+        uhmm::record::set_recording(false);
+        assert_eq!(moved.unwrap(), 1);
+        assert_eq!(back.unwrap().cpages, 1);
+        let seen = related_records(page, RECORDS_SHOWN);
+        let text: Vec<String> = seen.iter().map(ToString::to_string).collect();
+        assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(
+            seen.iter().any(|r| !r.touches(page)),
+            "nothing beyond the page itself:\n{}",
+            text.join("\n")
+        );
+        assert!(related_records(page, 3).len() <= 3);
+    }
 
     #[test]
     fn a_history_step_reads_back_as_it_was_noted() {

@@ -48,6 +48,7 @@
 pub mod addr;
 pub mod devmem;
 pub mod mm;
+pub mod record;
 pub mod sys;
 #[doc(hidden)]
 pub mod testing;

@@ -184,6 +184,9 @@ impl StateTable {
     /// Records `state` for the page at `addr` and returns the old one.
     pub(crate) fn set(&mut self, addr: VirtAddr, state: Stored) -> Result<Stored, StateError> {
         let entry = self.encode(state)?;
+        if crate::record::recording() {
+            recorded(addr, state);
+        }
         if !self.watches.is_empty() {
             self.note(addr, state);
         }
@@ -468,6 +471,26 @@ impl StateTable {
     fn decode(&self, entry: u64) -> Stored {
         decode(&self.slots, entry)
     }
+}
+
+/// Notes `addr`'s new state in the flight recorder (`crate::record`).
+fn recorded(addr: VirtAddr, state: Stored) {
+    use crate::record::{What, kind, note};
+    let (k, value) = match state {
+        Stored::Cpu => (kind::CPU, 0),
+        Stored::Migrating(op) => (kind::MIGRATING, op.0),
+        Stored::Device(_, pfn) => (kind::DEVICE, pfn.0),
+        Stored::Exclusive(_, hold) => (kind::EXCLUSIVE, hold),
+        Stored::Lost => (kind::LOST, 0),
+    };
+    note(
+        What::State,
+        addr.get(),
+        k,
+        crate::PAGE_SIZE,
+        0,
+        value as i64,
+    );
 }
 
 const KIND_MASK: u64 = (1 << KIND_BITS) - 1;

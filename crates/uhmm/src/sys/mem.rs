@@ -670,14 +670,24 @@ impl Drop for Mapping {
 pub unsafe fn madvise(range: PageRange, advice: Advice) -> Result<(), MemError> {
     // SAFETY: the caller guarantees that no reference is invalidated; the
     // kernel validates the range.
-    unsafe {
+    let res = unsafe {
         rustix::mm::madvise(
             range.start().as_mut_ptr::<c_void>(),
             range.len(),
             advice.raw(),
         )
+    };
+    if matches!(advice, Advice::DontNeed | Advice::Remove) {
+        crate::record::note(
+            crate::record::What::Discard,
+            range.start().get(),
+            0,
+            range.len(),
+            res.err().map_or(0, |e| e.raw_os_error() as u16),
+            0,
+        );
     }
-    .map_err(|errno| MemError::Advise {
+    res.map_err(|errno| MemError::Advise {
         range,
         advice,
         errno,

@@ -176,6 +176,35 @@ pub struct PageRegion {
     pub categories: Categories,
 }
 
+/// Notes a scan of `range` and (up to 16 of) the regions it found in the
+/// flight recorder (`crate::record`).
+fn recorded(range: PageRange, res: &Result<ScanSummary, PagemapError>, found: &[PageRegion]) {
+    use crate::record::{What, note};
+    let (errno, pages) = match res {
+        Ok(s) => (0, s.pages as i64),
+        Err(PagemapError::Scan { errno, .. }) => (errno.raw_os_error() as u16, 0),
+        Err(_) => (u16::MAX, 0),
+    };
+    note(
+        What::Scan,
+        range.start().get(),
+        0,
+        range.len(),
+        errno,
+        pages,
+    );
+    for r in found.iter().take(16) {
+        note(
+            What::Found,
+            r.range.start().get(),
+            r.categories.bits() as usize,
+            r.range.len(),
+            0,
+            0,
+        );
+    }
+}
+
 /// Where a scan stopped and how much it found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScanSummary {
@@ -307,10 +336,15 @@ impl Pagemap {
         if query.report.is_empty() {
             return Err(PagemapError::EmptyReport);
         }
-        match self.backend {
+        let first = out.len();
+        let res = match self.backend {
             PagemapBackend::Scan => self.scan_ioctl(range, query, out),
             PagemapBackend::ProcPagemap => self.scan_entries(range, query, out),
+        };
+        if crate::record::recording() {
+            recorded(range, &res, out.get(first..).unwrap_or_default());
         }
+        res
     }
 
     /// Appends the raw 64-bit `/proc/self/pagemap` entry of every page of

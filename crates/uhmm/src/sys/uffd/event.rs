@@ -151,6 +151,27 @@ fn decode(msg: &[u8], thread_id: bool, on_fork: impl FnOnce(OwnedFd) -> Event) -
     }
 }
 
+/// Notes `event` in the flight recorder (`crate::record`).
+fn recorded(event: &Event) {
+    use crate::record::{What, note};
+    match *event {
+        Event::PageFault(f) => note(
+            What::Fault,
+            f.addr.get(),
+            f.flags.bits() as usize,
+            crate::PAGE_SIZE,
+            0,
+            f.thread.map_or(0, i64::from),
+        ),
+        Event::Remap { from, to, old_len } => {
+            note(What::Remap, to.get(), from.get(), old_len, 0, 0)
+        }
+        Event::Remove { range } => note(What::Remove, range.start().get(), 0, range.len(), 0, 0),
+        Event::Unmap { range } => note(What::Unmap, range.start().get(), 0, range.len(), 0, 0),
+        Event::Fork { .. } | Event::Unknown { .. } => {}
+    }
+}
+
 /// One non-blocking read of up to [`BATCH`] messages, decoded into `out`.
 pub(super) fn read_batch(uffd: &Uffd, out: &mut Vec<Event>) -> Result<usize, EventError> {
     let mut buf = [0u8; BATCH * MSG_SIZE];
@@ -165,9 +186,11 @@ pub(super) fn read_batch(uffd: &Uffd, out: &mut Vec<Event>) -> Result<usize, Eve
     let count = msgs.len();
     let thread_id = uffd.features().contains(super::Features::THREAD_ID);
     out.extend(msgs.map(|m| {
-        decode(m, thread_id, |fd| Event::Fork {
+        let event = decode(m, thread_id, |fd| Event::Fork {
             child: uffd.child_of_fork(fd),
-        })
+        });
+        recorded(&event);
+        event
     }));
     Ok(count)
 }

@@ -130,6 +130,21 @@ pub enum Op {
     Wake,
 }
 
+impl Op {
+    fn recorded(self) -> crate::record::What {
+        use crate::record::What;
+        match self {
+            Op::Copy => What::Copy,
+            Op::ZeroPage => What::ZeroPage,
+            Op::Move => What::Move,
+            Op::Continue => What::Continue,
+            Op::Poison => What::Poison,
+            Op::WriteProtect => What::WriteProtect,
+            Op::Wake => What::Wake,
+        }
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -268,6 +283,14 @@ fn progress(
     res: rustix::io::Result<()>,
     out: i64,
 ) -> Result<Progress, OpError> {
+    crate::record::note(
+        op.recorded(),
+        range.start().get(),
+        src.get(),
+        range.len(),
+        res.err().map_or(0, |e| e.raw_os_error() as u16),
+        out,
+    );
     let Err(errno) = res else {
         return Ok(Progress {
             done: range.len(),
