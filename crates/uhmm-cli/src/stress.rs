@@ -174,6 +174,21 @@ fn related_records(page: PageRange, max: usize) -> Vec<uhmm::record::Record> {
     all.split_off(skip)
 }
 
+/// The names of the threads `tids` of this process, in order (`?` for one
+/// that is gone).
+fn thread_names(tids: impl Iterator<Item = u32>) -> Vec<(u32, String)> {
+    let mut tids: Vec<u32> = tids.collect();
+    tids.sort_unstable();
+    tids.dedup();
+    tids.into_iter()
+        .map(|t| {
+            let name = std::fs::read_to_string(format!("/proc/self/task/{t}/comm"))
+                .map_or_else(|_| "?".to_string(), |n| n.trim().to_string());
+            (t, name)
+        })
+        .collect()
+}
+
 /// Failures kept in full (all are counted).
 const KEEP_FAILURES: usize = 64;
 /// Pages per device read in a phase check.
@@ -752,6 +767,8 @@ struct Mismatch {
     /// What the flight recorder holds for the page (`--record`; the first
     /// wrong read only), oldest first.
     recorded: Vec<uhmm::record::Record>,
+    /// The names of the threads in `recorded`, as the read found them.
+    recorded_threads: Vec<(u32, String)>,
 }
 
 /// Why the run fails.
@@ -799,6 +816,10 @@ impl fmt::Display for Failure {
                     )?;
                     for r in &m.recorded {
                         write!(f, "\n      {r}")?;
+                    }
+                    f.write_str("\n    threads:")?;
+                    for (tid, name) in &m.recorded_threads {
+                        write!(f, " {tid} {name};")?;
                     }
                 }
                 Ok(())
@@ -1005,6 +1026,8 @@ impl World {
         }
         let cell = self.cell(slot, p);
         let last_move = cell.last_move.load(Ordering::Relaxed) as usize;
+        let recorded = self.recorded(addr);
+        let recorded_threads = thread_names(recorded.iter().map(|r| r.thread));
         self.fail(Failure::Mismatch(Box::new(Mismatch {
             at_s: self.now_s(),
             check,
@@ -1020,7 +1043,8 @@ impl World {
             last_write: Kind::from_index(cell.last_write.load(Ordering::Relaxed) as usize),
             last_move: last_move.checked_sub(1).and_then(Kind::from_index),
             history: cell.history(),
-            recorded: self.recorded(addr),
+            recorded,
+            recorded_threads,
             state: match self.mm.page_state(VirtAddr::new(addr)) {
                 Ok(st) => format!("{st:?}"),
                 Err(e) => format!("({e})"),
@@ -3646,6 +3670,10 @@ mod tests {
             text.join("\n")
         );
         assert!(related_records(page, 3).len() <= 3);
+        // This thread made the moves, and lives.
+        let names = thread_names(seen.iter().map(|r| r.thread));
+        assert!(names.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(names.iter().any(|(_, n)| n != "?"), "{names:?}");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::time::Instant;
 
 /// How many records the ring keeps (the oldest are overwritten).
-pub const CAPACITY: usize = 1 << 16;
+pub const CAPACITY: usize = 1 << 18;
 
 /// What a record is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -237,6 +237,11 @@ fn grab_in(
                             count += 1;
                         } else {
                             // Cannot be recorded: put it straight back.
+                            // (Not reached: the operation reserved the
+                            // owner's name in the state table, and a slot
+                            // number is far below the largest a state
+                            // holds. Were it reached, a move answered
+                            // EAGAIN would leave the page in its slot.)
                             let _ = shared.move_pages(page, slot.start(), MoveMode::empty());
                         }
                     }
