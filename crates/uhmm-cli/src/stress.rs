@@ -141,37 +141,57 @@ const MREMAP_WINDOWS: [usize; 4] = [
 /// Flight-recorder records printed with a wrong read (`--record`).
 const RECORDS_SHOWN: usize = 80;
 
-/// The last `max` records that touch `page` or a page its data passed
-/// through (the other end of a move, copy or remap that touched it: its
-/// staging slot, device memory, or its place before an mremap), oldest
-/// first.
+/// The last `max` records of `page` and of the places its data passed
+/// through (the other end of a move, copy or remap of the page: its
+/// staging slot, device memory, its place before an mremap), oldest first.
+/// A place's records are taken only for the time it held the page's data
+/// (after the record that moved the data there, before the one that moved
+/// it back), since staging slots and device pages hold other pages' data
+/// at other times; and the page's own records come first, whatever the
+/// places hold.
 fn related_records(page: PageRange, max: usize) -> Vec<uhmm::record::Record> {
-    let direct = uhmm::record::records_for(page);
-    let mut others: Vec<PageRange> = direct
-        .iter()
-        .filter(|r| r.has_src())
-        .filter_map(|r| {
-            // The page's counterpart at the other end of the record.
-            let (here, there) = if page.start().get().wrapping_sub(r.dst) < r.len {
-                (r.dst, r.src)
-            } else {
-                (r.src, r.dst)
-            };
-            let at = there.checked_add(page.start().get().checked_sub(here)?)?;
-            PageRange::new(VirtAddr::new(at), PAGE_SIZE).ok()
-        })
-        .filter(|p| *p != page)
-        .collect();
-    others.sort_unstable_by_key(|p| p.start());
-    others.dedup();
-    let mut all = direct;
-    for p in others {
-        all.extend(uhmm::record::records_for(p));
+    use uhmm::record::Record;
+    let mut own = uhmm::record::records_for(page);
+    own = own.split_off(own.len().saturating_sub(max));
+    let moves: Vec<&Record> = own.iter().filter(|r| r.has_src()).collect();
+    let mut related: Vec<Record> = Vec::new();
+    for (k, r) in moves.iter().enumerate() {
+        let into = page.start().get().wrapping_sub(r.src) < r.len;
+        let (here, there) = if into { (r.src, r.dst) } else { (r.dst, r.src) };
+        let Some(at) = page
+            .start()
+            .get()
+            .checked_sub(here)
+            .and_then(|off| there.checked_add(off))
+        else {
+            continue;
+        };
+        let Ok(place) = PageRange::new(VirtAddr::new(at), PAGE_SIZE) else {
+            continue;
+        };
+        if place == page {
+            continue;
+        }
+        // The data went there (`into`) at `r` until the page's next move,
+        // or came from there at `r` since its move before.
+        let (from, to) = if into {
+            (r.seq, moves.get(k + 1).map_or(u64::MAX, |n| n.seq))
+        } else {
+            (k.checked_sub(1).map_or(0, |p| moves[p].seq), r.seq)
+        };
+        related.extend(
+            uhmm::record::records_for(place)
+                .into_iter()
+                .filter(|x| x.seq > from && x.seq < to && !x.touches(page)),
+        );
     }
+    related.sort_unstable_by_key(|r| r.seq);
+    related.dedup_by_key(|r| r.seq);
+    let room = max - own.len();
+    let mut all = related.split_off(related.len().saturating_sub(room));
+    all.extend(own);
     all.sort_unstable_by_key(|r| r.seq);
-    all.dedup_by_key(|r| r.seq);
-    let skip = all.len().saturating_sub(max);
-    all.split_off(skip)
+    all
 }
 
 /// The names of the threads `tids` of this process, in order (`?` for one
@@ -3648,28 +3668,51 @@ mod tests {
     /// A wrong read's records take in the places the page's data went
     /// through: a page migrated to a device and back shows its move on
     /// from its staging slot into device memory, a record that does not
-    /// name the page itself.
+    /// name the page itself. And they keep all of the page's own: a page
+    /// 2 MiB further on, which shares its staging slot and may share its
+    /// device page, going back and forth 60 times after it does not push
+    /// them out (found by review: it did).
     #[test]
     fn the_records_of_a_page_follow_it_through_its_staging_slot() {
         let mm = Mm::new().expect("userfaultfd (uhmm stress needs it)");
-        let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-        let page = region.range();
+        let region = mm
+            .alloc((2 << 20) + PAGE_SIZE, Backing::AnonPrivate)
+            .unwrap();
+        let page = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
+        let other = VirtAddr::new(page.start().get() + (2 << 20));
         let dev = SimDevice::new(&mm);
         uhmm::record::set_recording(true);
         let moved = dev.migrate_range_to_device(page.start(), 1);
         let back = dev.migrate_to_system(page.start(), 1);
+        let mut others = 0;
+        for _ in 0..60 {
+            others += dev.migrate_range_to_device(other, 1).unwrap_or(0);
+            let _ = dev.migrate_to_system(other, 1);
+        }
         uhmm::record::set_recording(false);
         assert_eq!(moved.unwrap(), 1);
         assert_eq!(back.unwrap().cpages, 1);
+        assert_eq!(others, 60);
+        let own = uhmm::record::records_for(page);
         let seen = related_records(page, RECORDS_SHOWN);
         let text: Vec<String> = seen.iter().map(ToString::to_string).collect();
         assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(
+            own.iter().all(|r| seen.contains(r)),
+            "not every record of the page itself is kept:\n{}",
+            text.join("\n")
+        );
         assert!(
             seen.iter().any(|r| !r.touches(page)),
             "nothing beyond the page itself:\n{}",
             text.join("\n")
         );
-        assert!(related_records(page, 3).len() <= 3);
+        assert!(
+            seen.iter().all(|r| r.seq <= own.last().unwrap().seq),
+            "records of the other page's later trips:\n{}",
+            text.join("\n")
+        );
+        assert_eq!(related_records(page, 3).len(), 3);
         // This thread made the moves, and lives.
         let names = thread_names(seen.iter().map(|r| r.thread));
         assert!(names.windows(2).all(|w| w[0].0 < w[1].0));

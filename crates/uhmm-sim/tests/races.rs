@@ -2707,6 +2707,84 @@ fn an_exclusive_page_moved_back_although_the_kernel_said_eagain_is_the_cpus() {
     let_go_and_unmap(&mm, to, LEN);
 }
 
+/// A page a fault back moves into place but the kernel answers EAGAIN
+/// for, counting nothing (`MOVE_QUIRK`), is the CPU's from then on, also
+/// when every later try would be refused for longer than the fault
+/// service retries (another thread's mremap loop keeping a layout change
+/// pending). A test point of every thread (the service's too) gives that
+/// answer to the first move into the page and refuses every later one for
+/// 300 ms. Before, the service gave up after its retries and recorded the
+/// page on the device again, its data in place and its device memory
+/// empty: the device read zeros, and its write there was dropped when the
+/// page next came home (the move found the page in place, taken for newer
+/// data). Found by review.
+#[test]
+fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
+    use uhmm::sys::uffd::{Progress, Stop};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    wr(b, 0xA0);
+    wr(b + PAGE_SIZE, 0xA1);
+    let dev = SimDevice::new(&mm);
+    assert_eq!(dev.migrate_range_to_device(VirtAddr::new(b), 1).unwrap(), 1);
+    let refused_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let r2 = refused_until.clone();
+    uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
+        if dst.start().get() != b {
+            return;
+        }
+        let mut until = r2.lock().unwrap();
+        let refuse = match *until {
+            None if matches!(res, Ok(p) if p.done > 0) => {
+                *until = Some(Instant::now() + Duration::from_millis(300));
+                true
+            }
+            Some(t) => Instant::now() < t,
+            None => false,
+        };
+        if refuse {
+            *res = Ok(Progress {
+                done: 0,
+                stop: Some(Stop::LayoutChanging),
+            });
+        }
+    })));
+    let reader = std::thread::spawn(move || rd(b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused_until.lock().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the fault back never moved the page"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Past the service's retries, while later moves are still refused.
+    std::thread::sleep(Duration::from_millis(50));
+    let during = mm.page_state(VirtAddr::new(b));
+    let dev_read = dev
+        .read(VirtAddr::new(b), 1)
+        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()));
+    let mut page = vec![0u8; PAGE_SIZE];
+    page[..8].copy_from_slice(&0xB0u64.to_ne_bytes());
+    let dev_write = dev.write(VirtAddr::new(b), &page).map(|_| ());
+    let seen = within(10, "the CPU read", move || reader.join().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    uhmm::testing::on_move_anywhere(None);
+    assert_eq!(seen, 0xA0, "the CPU's read of the page");
+    assert_eq!(
+        during.unwrap(),
+        PageState::System,
+        "the page, in place, while moves to it are refused"
+    );
+    assert_eq!(dev_read.ok(), Some(0xA0), "the device's read");
+    dev_write.unwrap();
+    assert_eq!(rd(b), 0xB0, "the device's write, read by the CPU");
+    assert_eq!(rd(b + PAGE_SIZE), 0xA1);
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
 /// Dropping a device never loses a page whose way home a layout change
 /// refused: the eviction is refused for about a second (the discarding
 /// thread held off its CPU) with the loss bounds cut to 100 ms. Before,

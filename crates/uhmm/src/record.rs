@@ -2,8 +2,9 @@
 //! kernel, heard from it, or recorded about a page, each with its
 //! addresses and the kernel's answer, for finding a race after the fact.
 //!
-//! It is off unless switched on ([`set_recording`]), and then costs a
-//! clock read and a few atomic stores per record; off, one relaxed load.
+//! It is off unless switched on ([`set_recording`], which also makes the
+//! ring: about 14 MiB), and then costs a clock read and a few atomic
+//! operations per record; off, one relaxed load.
 //! Nothing is allocated on the way in (the fault service records too, and
 //! must not allocate: see [`Uffd::read_events`](crate::sys::uffd::Uffd::read_events)).
 //! What is recorded:
@@ -14,7 +15,7 @@
 //! - every userfaultfd message read (faults, remaps, removes, unmaps);
 //! - every page-table scan (`PAGEMAP_SCAN`) and what it found;
 //! - every discard uhmm makes (`MADV_DONTNEED` / `MADV_REMOVE`);
-//! - every page state uhmm records.
+//! - every page state uhmm records or forgets.
 //!
 //! [`records_for`] gives those touching a range, oldest first. `uhmm stress
 //! --record` prints them for a page whose data is wrong.
@@ -33,7 +34,6 @@
 //! ```
 
 use crate::addr::PageRange;
-use std::cell::Cell;
 use std::fmt;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
@@ -76,7 +76,7 @@ pub enum What {
     /// A discard uhmm made of `dst` (`MADV_DONTNEED` or `MADV_REMOVE`).
     Discard,
     /// A page state uhmm recorded for `dst` (`src`: its kind, `count`: its
-    /// operation, device page or staging slot).
+    /// operation, device page or staging slot), or forgot.
     State,
 }
 
@@ -239,6 +239,9 @@ pub(crate) mod kind {
     pub const DEVICE: usize = 2;
     pub const EXCLUSIVE: usize = 3;
     pub const LOST: usize = 4;
+    /// Forgotten: its page was unmapped or discarded, or its state moved
+    /// with an mremap (recorded again where it went).
+    pub const CLEARED: usize = 5;
 }
 
 fn state_name(kind: usize, value: i64) -> String {
@@ -248,12 +251,15 @@ fn state_name(kind: usize, value: i64) -> String {
         kind::DEVICE => format!("Device(pfn {value:#x})"),
         kind::EXCLUSIVE => format!("Exclusive(slot {value:#x})"),
         kind::LOST => "Lost".into(),
+        kind::CLEARED => "cleared (unmapped, discarded, or moved by an mremap)".into(),
         k => format!("kind {k}"),
     }
 }
 
-/// A slot of the ring: `seq` is 0 while empty, [`WRITING`] while being
-/// written, else the record's sequence number (a seqlock of one writer).
+/// A slot of the ring: `seq` is 0 while empty, [`WRITING`] while a writer
+/// holds it, else the sequence number of the record it holds (a seqlock:
+/// a writer claims the slot before writing it, so one writes at a time).
+#[derive(Default)]
 struct Slot {
     seq: AtomicU64,
     nanos: AtomicU64,
@@ -267,31 +273,20 @@ struct Slot {
 
 const WRITING: u64 = u64::MAX;
 
-#[allow(clippy::declare_interior_mutable_const)] // only to build `RING`
-const EMPTY: Slot = Slot {
-    seq: AtomicU64::new(0),
-    nanos: AtomicU64::new(0),
-    head: AtomicU64::new(0),
-    dst: AtomicU64::new(0),
-    src: AtomicU64::new(0),
-    len: AtomicU64::new(0),
-    count: AtomicU64::new(0),
-};
-
-// Zero-initialized: the kernel backs it only where records are written.
-static RING: [Slot; CAPACITY] = [EMPTY; CAPACITY];
+/// Made when recording is first switched on (about 14 MiB), never on the
+/// recording path.
+static RING: OnceLock<Box<[Slot]>> = OnceLock::new();
 static NEXT: AtomicU64 = AtomicU64::new(0);
 static ON: AtomicBool = AtomicBool::new(false);
 static START: OnceLock<Instant> = OnceLock::new();
-
-thread_local! {
-    static TID: Cell<u32> = const { Cell::new(0) };
-}
 
 /// Switches recording on or off (for the whole process). Records made
 /// before stay until overwritten.
 pub fn set_recording(on: bool) {
     START.get_or_init(Instant::now);
+    if on {
+        RING.get_or_init(|| (0..CAPACITY).map(|_| Slot::default()).collect());
+    }
     ON.store(on, Ordering::Relaxed);
 }
 
@@ -311,17 +306,17 @@ pub(crate) fn note(what: What, dst: usize, src: usize, len: usize, errno: u16, c
 
 #[cold]
 fn write(what: What, dst: usize, src: usize, len: usize, errno: u16, count: i64) {
-    let nanos =
-        u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX);
-    let thread = TID.with(|t| {
-        if t.get() == 0 {
-            t.set(rustix::thread::gettid().as_raw_nonzero().get() as u32);
-        }
-        t.get()
-    });
+    let Some(ring) = RING.get() else {
+        return;
+    };
+    let start = START.get_or_init(Instant::now);
+    let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let thread = crate::mm::thread_id();
     let seq = NEXT.fetch_add(1, Ordering::Relaxed) + 1;
-    let slot = &RING[(seq as usize) % CAPACITY];
-    slot.seq.store(WRITING, Ordering::Relaxed);
+    let slot = &ring[(seq % CAPACITY as u64) as usize];
+    if !claim(slot, seq) {
+        return;
+    }
     fence(Ordering::Release);
     slot.nanos.store(nanos, Ordering::Relaxed);
     slot.head.store(
@@ -333,6 +328,25 @@ fn write(what: What, dst: usize, src: usize, len: usize, errno: u16, count: i64)
     slot.len.store(len as u64, Ordering::Relaxed);
     slot.count.store(count as u64, Ordering::Relaxed);
     slot.seq.store(seq, Ordering::Release);
+}
+
+/// Claims `slot` for record `seq`: from an older record or none, or not at
+/// all (`false`) where a writer a lap away (preempted for a whole lap)
+/// holds it, or has written a newer record there.
+fn claim(slot: &Slot, seq: u64) -> bool {
+    let mut held = slot.seq.load(Ordering::Relaxed);
+    loop {
+        if held == WRITING || held >= seq {
+            return false;
+        }
+        match slot
+            .seq
+            .compare_exchange_weak(held, WRITING, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => return true,
+            Err(now) => held = now,
+        }
+    }
 }
 
 /// The record in `slot`, unless it is empty or being written.
@@ -366,9 +380,13 @@ fn read(slot: &Slot) -> Option<Record> {
 
 /// The records kept that touch `range` (at either end of a move, copy or
 /// remap), oldest first. A record overwritten while this reads is left
-/// out.
+/// out, and so is one whose writer found its slot held by a writer a
+/// whole lap away.
 pub fn records_for(range: PageRange) -> Vec<Record> {
-    let mut out: Vec<Record> = RING
+    let Some(ring) = RING.get() else {
+        return Vec::new();
+    };
+    let mut out: Vec<Record> = ring
         .iter()
         .filter_map(read)
         .filter(|r| r.touches(range))
@@ -390,6 +408,26 @@ mod tests {
 
     fn page(a: usize) -> PageRange {
         PageRange::new(VirtAddr::new(a), PAGE_SIZE).unwrap()
+    }
+
+    /// One writer at a time in a slot: a writer a lap ahead of one that
+    /// still holds the slot, or behind one that wrote it, drops its record
+    /// rather than mix its fields with the other's; a reader skips a slot
+    /// being written.
+    #[test]
+    fn a_slot_is_written_by_one_writer_at_a_time() {
+        let slot = Slot::default();
+        let lap = CAPACITY as u64;
+        assert!(claim(&slot, 5), "an empty slot");
+        assert!(read(&slot).is_none(), "read while being written");
+        assert!(!claim(&slot, 5 + lap), "held by the writer a lap behind");
+        slot.seq.store(5, Ordering::Release);
+        assert!(!claim(&slot, 5), "its own record again");
+        assert!(claim(&slot, 5 + lap), "the record a lap older");
+        slot.seq.store(5 + 2 * lap, Ordering::Release);
+        assert!(!claim(&slot, 5 + lap), "a newer record there");
+        slot.head.store(What::Wake.code(), Ordering::Relaxed);
+        assert_eq!(read(&slot).map(|r| r.seq), Some(5 + 2 * lap));
     }
 
     // One test: the recorder is process-wide, and tests run in parallel.

@@ -97,6 +97,24 @@ pub fn on_move(
     MOVE.with(|h| *h.borrow_mut() = Some(Box::new(f)));
 }
 
+/// A move-answer test point of every thread: see [`on_move_anywhere`].
+#[cfg(feature = "test-hooks")]
+pub type AnyMove = Box<
+    dyn FnMut(crate::PageRange, &mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>)
+        + Send,
+>;
+
+#[cfg(feature = "test-hooks")]
+static ANY_MOVE: std::sync::Mutex<Option<AnyMove>> = std::sync::Mutex::new(None);
+
+/// As [`on_move`], for the moves of every thread (the fault service's
+/// too), with each move's destination; `None` ends it. It runs under a
+/// lock of its own, so one test in a process uses it at a time.
+#[cfg(feature = "test-hooks")]
+pub fn on_move_anywhere(f: Option<AnyMove>) {
+    *ANY_MOVE.lock().unwrap_or_else(|e| e.into_inner()) = f;
+}
+
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
 /// the process, until called again with `None`: how long a device may
 /// keep a fault back waiting (normally 10 s) before the access fails with
@@ -163,12 +181,18 @@ pub(crate) fn revoke_copy() {
 
 #[inline]
 pub(crate) fn move_answer(
+    _dst: crate::PageRange,
     _answer: &mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>,
 ) {
     #[cfg(feature = "test-hooks")]
-    MOVE.with(|h| {
-        if let Some(f) = h.borrow_mut().as_mut() {
-            f(_answer);
+    {
+        MOVE.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f(_answer);
+            }
+        });
+        if let Some(f) = ANY_MOVE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            f(_dst, _answer);
         }
-    });
+    }
 }

@@ -361,14 +361,16 @@ pub(crate) fn revoke(
             // An empty slot is a page that left it, whatever the kernel
             // answered (`migrate::MOVE_QUIRK`: a move may put the page in
             // place and answer EAGAIN, counting nothing, when another
-            // thread's mremap or munmap is raised meanwhile). The page is
-            // the CPU's now, at `page` or wherever that mremap takes its
-            // mapping, which carries the state set here along. Trying
-            // again instead would find the state gone from `page` once the
-            // mremap is applied, and leave the page recorded exclusive at
-            // its new address with nothing in its slot. (Only this lock's
-            // holders move pages in or out of a held slot; a copy leaves
-            // it full.)
+            // thread's mremap or munmap is raised meanwhile), or a hole
+            // the grab took (a discard raced it), which reads zeros
+            // either way. The page is the CPU's now, at `page` or wherever
+            // that mremap takes its mapping, which carries the state set
+            // here along. Trying again instead would find the state gone
+            // from `page` once the mremap is applied, and leave the page
+            // recorded exclusive at its new address with nothing in its
+            // slot. (Only this lock's holders move pages in or out of a
+            // held slot, which is never emptied or handed out while held;
+            // a copy leaves it full; a swapped page counts as present.)
             let back = match back {
                 Back::Later | Back::Lost if shared.page_present(slot) == Some(false) => Back::Done,
                 back => back,

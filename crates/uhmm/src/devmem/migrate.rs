@@ -1837,6 +1837,22 @@ impl<'a> MigrateVma<'a> {
             match stop {
                 None => limit = r.len(),
                 Some(Stop::Partial) => {}
+                // MOVE: the page at the stop may be in place all the same
+                // (`MOVE_QUIRK`: EAGAIN or EEXIST with nothing counted).
+                // Its source is this migration's (a staging slot or a
+                // device page): empty there and full here, it moved.
+                // Taken for a refusal, the fault service gave up after
+                // its retries and recorded the page on the device again,
+                // its data in place and its device memory empty.
+                Some(Stop::LayoutChanging | Stop::Exists)
+                    if !copy
+                        && self.shared.moved_anyway(
+                            VirtAddr::new(r.start().get() + done),
+                            VirtAddr::new(from.get() + done),
+                        ) =>
+                {
+                    done += PAGE_SIZE;
+                }
                 // A page of the source shared (after a fork that uhmm did
                 // not see) or pinned: MOVE refuses it for good; copy it.
                 Some(Stop::Busy) => {

@@ -36,6 +36,7 @@ pub(crate) mod regions;
 pub(crate) mod service;
 pub mod state;
 
+pub(crate) use fork::tid as thread_id;
 pub(crate) use service::lock as lock_poisoned;
 
 pub use region::ManagedRegion;

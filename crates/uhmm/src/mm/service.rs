@@ -588,7 +588,7 @@ impl Shared {
         // the contract of managed regions) or staging slots held by the
         // caller, who has no slice over them alive while it moves pages.
         let mut res = unsafe { self.uffd.move_pages(dst, src, mode) };
-        crate::testing::move_answer(&mut res);
+        crate::testing::move_answer(dst, &mut res);
         res
     }
 

@@ -245,6 +245,16 @@ impl StateTable {
                 }
                 let old = std::mem::take(entry);
                 chunk.used -= 1;
+                if crate::record::recording() {
+                    crate::record::note(
+                        crate::record::What::State,
+                        addr.get(),
+                        crate::record::kind::CLEARED,
+                        crate::PAGE_SIZE,
+                        0,
+                        0,
+                    );
+                }
                 gone(addr, decode(&self.slots, old));
                 dropped.push(old);
             }
