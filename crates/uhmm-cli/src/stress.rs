@@ -142,48 +142,86 @@ const MREMAP_WINDOWS: [usize; 4] = [
 const RECORDS_SHOWN: usize = 80;
 
 /// The last `max` records of `page` and of the places its data passed
-/// through (the other end of a move, copy or remap of the page: its
-/// staging slot, device memory, its place before an mremap), oldest first.
-/// A place's records are taken only for the time it held the page's data
-/// (after the record that moved the data there, before the one that moved
-/// it back), since staging slots and device pages hold other pages' data
-/// at other times; and the page's own records come first, whatever the
-/// places hold.
+/// through (its staging slot, device memory, its place before an mremap,
+/// and on from there), oldest first. A place's records are taken only for
+/// the time it held the page's data: from the move that brought the data
+/// there to the first move that took it on (whose destination is followed
+/// in turn), since staging slots and device pages hold other pages' data
+/// at other times. A place whose data came from nowhere recorded (a
+/// buffer: the zero page, an engine's) adds nothing. The page's own
+/// records are kept first, whatever the places hold.
 fn related_records(page: PageRange, max: usize) -> Vec<uhmm::record::Record> {
     use uhmm::record::Record;
+    /// Where `page`'s data is at the other end of move `r` (`Some(true)`
+    /// with the destination if it went out of `page`, `Some(false)` with
+    /// the source if it came in), if `r` moved `page`'s bytes.
+    fn other_end(r: &Record, page: PageRange) -> Option<(bool, PageRange)> {
+        let a = page.start().get();
+        let (out, off) = if a.wrapping_sub(r.src) < r.len {
+            (true, a - r.src)
+        } else if a.wrapping_sub(r.dst) < r.len {
+            (false, a - r.dst)
+        } else {
+            return None;
+        };
+        let there = if out { r.dst } else { r.src }.checked_add(off)?;
+        let place = PageRange::new(VirtAddr::new(there), PAGE_SIZE).ok()?;
+        (place != page).then_some((out, place))
+    }
+    let moved = |r: &Record| r.has_src() && (r.errno == 0 || r.count > 0);
     let mut own = uhmm::record::records_for(page);
     own = own.split_off(own.len().saturating_sub(max));
-    let moves: Vec<&Record> = own.iter().filter(|r| r.has_src()).collect();
+    let own_moves: Vec<&Record> = own.iter().filter(|r| r.has_src()).collect();
+    // (place, window start, window end, forward): forward, the data went
+    // into the place at the start; backward, it came out at the end.
+    let mut work: Vec<(PageRange, u64, u64, bool, usize)> = Vec::new();
+    for (k, r) in own_moves.iter().enumerate() {
+        let Some((out, place)) = other_end(r, page) else {
+            continue;
+        };
+        if out {
+            let end = own_moves.get(k + 1).map_or(u64::MAX, |n| n.seq);
+            work.push((place, r.seq, end, true, 0));
+        } else {
+            let start = k.checked_sub(1).map_or(0, |p| own_moves[p].seq);
+            work.push((place, start, r.seq, false, 0));
+        }
+    }
+    let mut seen_places = std::collections::HashSet::new();
     let mut related: Vec<Record> = Vec::new();
-    for (k, r) in moves.iter().enumerate() {
-        let into = page.start().get().wrapping_sub(r.src) < r.len;
-        let (here, there) = if into { (r.src, r.dst) } else { (r.dst, r.src) };
-        let Some(at) = page
-            .start()
-            .get()
-            .checked_sub(here)
-            .and_then(|off| there.checked_add(off))
-        else {
-            continue;
-        };
-        let Ok(place) = PageRange::new(VirtAddr::new(at), PAGE_SIZE) else {
-            continue;
-        };
-        if place == page {
+    while let Some((place, start, end, forward, depth)) = work.pop() {
+        if depth > 8 || !seen_places.insert((place, start, end)) {
             continue;
         }
-        // The data went there (`into`) at `r` until the page's next move,
-        // or came from there at `r` since its move before.
-        let (from, to) = if into {
-            (r.seq, moves.get(k + 1).map_or(u64::MAX, |n| n.seq))
+        let recs: Vec<Record> = uhmm::record::records_for(place)
+            .into_iter()
+            .filter(|x| x.seq > start && x.seq < end && !x.touches(page))
+            .collect();
+        if forward {
+            // Until the first move that took the data on.
+            let left = recs
+                .iter()
+                .find(|x| moved(x) && other_end(x, place).is_some_and(|(out, _)| out));
+            let until = left.map_or(end, |x| x.seq);
+            if let Some((_, next)) = left.and_then(|x| other_end(x, place)) {
+                work.push((next, until, end, true, depth + 1));
+            }
+            related.extend(recs.into_iter().filter(|x| x.seq <= until));
         } else {
-            (k.checked_sub(1).map_or(0, |p| moves[p].seq), r.seq)
-        };
-        related.extend(
-            uhmm::record::records_for(place)
-                .into_iter()
-                .filter(|x| x.seq > from && x.seq < to && !x.touches(page)),
-        );
+            // Since the last move that brought the data; none: a buffer.
+            let Some(came) = recs
+                .iter()
+                .rev()
+                .find(|x| moved(x) && other_end(x, place).is_some_and(|(out, _)| !out))
+            else {
+                continue;
+            };
+            let since = came.seq;
+            if let Some((_, prev)) = other_end(came, place) {
+                work.push((prev, start, since, false, depth + 1));
+            }
+            related.extend(recs.into_iter().filter(|x| x.seq >= since));
+        }
     }
     related.sort_unstable_by_key(|r| r.seq);
     related.dedup_by_key(|r| r.seq);
@@ -3674,18 +3712,26 @@ mod tests {
     /// them out (found by review: it did).
     #[test]
     fn the_records_of_a_page_follow_it_through_its_staging_slot() {
+        use uhmm::record::What;
         let mm = Mm::new().expect("userfaultfd (uhmm stress needs it)");
         let region = mm
             .alloc((2 << 20) + PAGE_SIZE, Backing::AnonPrivate)
             .unwrap();
         let page = PageRange::new(region.range().start(), PAGE_SIZE).unwrap();
         let other = VirtAddr::new(page.start().get() + (2 << 20));
+        region.write_at(0, &[0xA5; PAGE_SIZE]).unwrap();
+        region.write_at(2 << 20, &[0x5A; PAGE_SIZE]).unwrap();
         let dev = SimDevice::new(&mm);
         uhmm::record::set_recording(true);
         let moved = dev.migrate_range_to_device(page.start(), 1);
-        let back = dev.migrate_to_system(page.start(), 1);
+        // While the page is on the device, and after it is back.
         let mut others = 0;
-        for _ in 0..60 {
+        for _ in 0..30 {
+            others += dev.migrate_range_to_device(other, 1).unwrap_or(0);
+            let _ = dev.migrate_to_system(other, 1);
+        }
+        let back = dev.migrate_to_system(page.start(), 1);
+        for _ in 0..30 {
             others += dev.migrate_range_to_device(other, 1).unwrap_or(0);
             let _ = dev.migrate_to_system(other, 1);
         }
@@ -3702,9 +3748,33 @@ mod tests {
             "not every record of the page itself is kept:\n{}",
             text.join("\n")
         );
+        // The page's data moving on from its staging slot into device
+        // memory (named by neither end of the page's own records), and
+        // coming back from there.
+        let out = own
+            .iter()
+            .find(|r| r.what == What::Move && r.src == page.start().get())
+            .expect("the page's move out");
+        let home = own
+            .iter()
+            .find(|r| r.what == What::Move && r.dst == page.start().get())
+            .expect("the page's move home");
         assert!(
-            seen.iter().any(|r| !r.touches(page)),
-            "nothing beyond the page itself:\n{}",
+            seen.iter().any(|r| r.what == What::Move
+                && r.src == out.dst
+                && r.dst == home.src
+                && r.seq > out.seq
+                && r.seq < home.seq),
+            "no move from the staging slot {:#x} into device memory {:#x}:\n{}",
+            out.dst,
+            home.src,
+            text.join("\n")
+        );
+        // Nothing of the other page's trips while the page was on the
+        // device except what touched its places while they held its data.
+        assert!(
+            seen.iter().filter(|r| !r.touches(page)).count() < 20,
+            "the other page's trips flood the records:\n{}",
             text.join("\n")
         );
         assert!(

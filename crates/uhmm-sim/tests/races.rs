@@ -2713,11 +2713,12 @@ fn an_exclusive_page_moved_back_although_the_kernel_said_eagain_is_the_cpus() {
 /// service retries (another thread's mremap loop keeping a layout change
 /// pending). A test point of every thread (the service's too) gives that
 /// answer to the first move into the page and refuses every later one for
-/// 300 ms. Before, the service gave up after its retries and recorded the
-/// page on the device again, its data in place and its device memory
-/// empty: the device read zeros, and its write there was dropped when the
-/// page next came home (the move found the page in place, taken for newer
-/// data). Found by review.
+/// 300 ms. Before, the service gave up after its retries and took the
+/// page for one still on the device (Migrating while it retried, then
+/// Device again), its data in place and its device memory empty: the
+/// device read zeros, and its write there was dropped when the page next
+/// came home (the move found the page in place, taken for newer data).
+/// Found by review.
 #[test]
 fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
     use uhmm::sys::uffd::{Progress, Stop};
@@ -2729,6 +2730,15 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
     wr(b + PAGE_SIZE, 0xA1);
     let dev = SimDevice::new(&mm);
     assert_eq!(dev.migrate_range_to_device(VirtAddr::new(b), 1).unwrap(), 1);
+    // Ended however the test ends: a later test's region may take the
+    // same address.
+    struct EndTestPoint;
+    impl Drop for EndTestPoint {
+        fn drop(&mut self) {
+            uhmm::testing::on_move_anywhere(None);
+        }
+    }
+    let _end = EndTestPoint;
     let refused_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let r2 = refused_until.clone();
     uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
@@ -2771,7 +2781,7 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
     let dev_write = dev.write(VirtAddr::new(b), &page).map(|_| ());
     let seen = within(10, "the CPU read", move || reader.join().unwrap());
     std::thread::sleep(Duration::from_millis(300));
-    uhmm::testing::on_move_anywhere(None);
+    drop(_end);
     assert_eq!(seen, 0xA0, "the CPU's read of the page");
     assert_eq!(
         during.unwrap(),

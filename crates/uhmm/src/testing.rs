@@ -108,8 +108,10 @@ pub type AnyMove = Box<
 static ANY_MOVE: std::sync::Mutex<Option<AnyMove>> = std::sync::Mutex::new(None);
 
 /// As [`on_move`], for the moves of every thread (the fault service's
-/// too), with each move's destination; `None` ends it. It runs under a
-/// lock of its own, so one test in a process uses it at a time.
+/// too), with each move's destination; `None` ends it, and a second call
+/// replaces the first (one test of a process at a time may use it). It
+/// runs under a lock of its own, after the regions lock where uhmm holds
+/// that: `f` must not take uhmm's locks (no `Mm` calls).
 #[cfg(feature = "test-hooks")]
 pub fn on_move_anywhere(f: Option<AnyMove>) {
     *ANY_MOVE.lock().unwrap_or_else(|e| e.into_inner()) = f;
