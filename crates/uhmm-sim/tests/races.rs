@@ -2105,6 +2105,32 @@ fn mremap_pending(from: usize, len: usize, to: usize) -> JoinHandle<usize> {
     })
 }
 
+/// Has this thread's first move that moves a page start an mremap of the
+/// test's `len` bytes at `from` over `to` (pending: see `mremap_pending`)
+/// and answer EAGAIN with nothing counted, as Linux 6.18 does at times for
+/// a page it moved (`MOVE_QUIRK`). Returns where the mremap's thread will
+/// be, once started.
+#[allow(clippy::type_complexity)] // the test point's own shape
+fn eagain_after_a_move_then_mremap(
+    from: usize,
+    len: usize,
+    to: usize,
+) -> std::rc::Rc<std::cell::RefCell<Option<JoinHandle<usize>>>> {
+    use uhmm::sys::uffd::{Progress, Stop};
+    let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let m2 = mover.clone();
+    uhmm::testing::on_move(move |res| {
+        if m2.borrow().is_none() && matches!(res, Ok(p) if p.done > 0) {
+            *m2.borrow_mut() = Some(mremap_pending(from, len, to));
+            *res = Ok(Progress {
+                done: 0,
+                stop: Some(Stop::LayoutChanging),
+            });
+        }
+    });
+    mover
+}
+
 /// Unmanages the test's `len` bytes at `at` (where an mremap put its
 /// managed region) and unmaps them.
 fn let_go_and_unmap(mm: &Mm, at: usize, len: usize) {
@@ -2415,7 +2441,6 @@ fn a_page_moved_out_although_the_kernel_said_eagain_migrates_with_its_data() {
 /// read zeros.)
 #[test]
 fn a_page_moved_out_before_an_mremap_took_its_mapping_away_migrates_with_its_data() {
-    use uhmm::sys::uffd::{Progress, Stop};
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const LEN: usize = 2 * PAGE_SIZE;
@@ -2425,17 +2450,7 @@ fn a_page_moved_out_before_an_mremap_took_its_mapping_away_migrates_with_its_dat
     wr(b, 0xE0);
     wr(b + PAGE_SIZE, 0xE1);
     let dev = SimDevice::new(&mm);
-    let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
-    let m2 = mover.clone();
-    uhmm::testing::on_move(move |res| {
-        if m2.borrow().is_none() && matches!(res, Ok(p) if p.done > 0) {
-            *m2.borrow_mut() = Some(mremap_pending(b, LEN, to));
-            *res = Ok(Progress {
-                done: 0,
-                stop: Some(Stop::LayoutChanging),
-            });
-        }
-    });
+    let mover = eagain_after_a_move_then_mremap(b, LEN, to);
     let n = dev.migrate_range_to_device(VirtAddr::new(b), 1);
     uhmm::testing::clear();
     let moved = mover.borrow_mut().take().map(|t| t.join().unwrap());
@@ -2651,7 +2666,6 @@ fn an_exclusive_page_copied_back_is_kept_when_its_mapping_moves_before_the_copy(
 /// grab would count the page as held and write into the empty slot.
 #[test]
 fn an_exclusive_page_moved_back_although_the_kernel_said_eagain_is_the_cpus() {
-    use uhmm::sys::uffd::{Progress, Stop};
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const LEN: usize = 2 * PAGE_SIZE;
@@ -2665,17 +2679,7 @@ fn an_exclusive_page_moved_back_although_the_kernel_said_eagain_is_the_cpus() {
     dev.exclusive(VirtAddr::new(b), 1).unwrap();
     let mm2 = mm.clone();
     let (let_go, moved) = within(30, "the unmanage", move || {
-        let mover = std::rc::Rc::new(std::cell::RefCell::new(None));
-        let m2 = mover.clone();
-        uhmm::testing::on_move(move |res| {
-            if m2.borrow().is_none() && matches!(res, Ok(p) if p.done > 0) {
-                *m2.borrow_mut() = Some(mremap_pending(b, LEN, to));
-                *res = Ok(Progress {
-                    done: 0,
-                    stop: Some(Stop::LayoutChanging),
-                });
-            }
-        });
+        let mover = eagain_after_a_move_then_mremap(b, LEN, to);
         let r = mm2.unmanage(range);
         uhmm::testing::clear();
         let mover = mover.borrow_mut().take();
