@@ -2799,6 +2799,63 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
     assert_eq!(mm.stats().pages_lost, 0);
 }
 
+/// A page a migration home moves into place but the kernel answers with
+/// an error for (here ENOMEM) is the CPU's all the same: whatever a move
+/// between places uhmm holds answers, a page gone from its source and in
+/// place at its destination moved (`Shared::move_held`, the one corrected
+/// move every such move goes through). Before, the install took the error
+/// at its word: the migration counted nothing, and the page stayed
+/// recorded on the device with its data in place and its device memory
+/// empty, so the device read zeros and its writes were lost. (No later
+/// fault repairs it: the CPU's accesses find the page present.)
+#[test]
+fn a_page_migrated_home_although_the_kernel_said_enomem_is_the_cpus() {
+    use uhmm::sys::uffd::{Op, OpError};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = region.as_ptr() as usize;
+    wr(b, 0xA0);
+    wr(b + PAGE_SIZE, 0xA1);
+    let dev = SimDevice::new(&mm);
+    assert_eq!(dev.migrate_range_to_device(VirtAddr::new(b), 2).unwrap(), 2);
+    struct EndTestPoint;
+    impl Drop for EndTestPoint {
+        fn drop(&mut self) {
+            uhmm::testing::on_move_anywhere(None);
+        }
+    }
+    let _end = EndTestPoint;
+    let answered = Arc::new(AtomicBool::new(false));
+    let a2 = answered.clone();
+    uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
+        if dst.start().get() == b
+            && matches!(res, Ok(p) if p.done > 0)
+            && !a2.swap(true, Ordering::SeqCst)
+        {
+            *res = Err(OpError::NoMemory {
+                op: Op::Move,
+                range: dst,
+            });
+        }
+    })));
+    let moved = dev.migrate_to_system(VirtAddr::new(b), 2);
+    drop(_end);
+    assert!(answered.load(Ordering::SeqCst), "no move into the page");
+    assert_eq!(moved.unwrap().cpages, 2, "pages migrated home");
+    assert_eq!(mm.page_state(VirtAddr::new(b)).unwrap(), PageState::System);
+    let dev_read = dev
+        .read(VirtAddr::new(b), 1)
+        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()));
+    assert_eq!(dev_read.ok(), Some(0xA0), "the device's read");
+    let mut page = vec![0u8; PAGE_SIZE];
+    page[..8].copy_from_slice(&0xB0u64.to_ne_bytes());
+    dev.write(VirtAddr::new(b), &page).unwrap();
+    assert_eq!(rd(b), 0xB0, "the device's write, read by the CPU");
+    assert_eq!(rd(b + PAGE_SIZE), 0xA1);
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
 /// Dropping a device never loses a page whose way home a layout change
 /// refused: the eviction is refused for about a second (the discarding
 /// thread held off its CPU) with the loss bounds cut to 100 ms. Before,

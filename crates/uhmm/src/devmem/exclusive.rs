@@ -12,7 +12,7 @@ use super::migrate::{MigrateError, SETUP_ATTEMPTS};
 use super::staging::{BLOCK, Left};
 use crate::addr::{PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{NotifierRange, NotifyEvent};
-use crate::mm::service::{NoEntry, Shared};
+use crate::mm::service::Shared;
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::Prot;
@@ -209,20 +209,12 @@ fn grab_in(
                 };
                 // Never with ALLOW_SRC_HOLES (see `migrate::MOVE_QUIRK`):
                 // ENOENT is a hole at the source, moved or not.
-                let res = shared.move_out_pages(slot, page.start(), MoveMode::DONTWAKE);
-                let res = match res {
-                    Ok(p) if p.stop == Some(Stop::NoEntry) => {
-                        match shared.move_noentry(slot.start(), page.start()) {
-                            NoEntry::LayoutChanging => Ok(Progress {
-                                done: 0,
-                                stop: Some(Stop::LayoutChanging),
-                            }),
-                            _ => Ok(Progress {
-                                done: PAGE_SIZE,
-                                stop: None,
-                            }),
-                        }
-                    }
+                let res = match shared.move_held(slot, page.start(), MoveMode::DONTWAKE) {
+                    // A hole (discarded since the look): taken as it is.
+                    Ok(p) if p.stop == Some(Stop::NoEntry) => Ok(Progress {
+                        done: PAGE_SIZE,
+                        stop: None,
+                    }),
                     res => res,
                 };
                 match res {
@@ -242,7 +234,7 @@ fn grab_in(
                             // number is far below the largest a state
                             // holds. Were it reached, a move answered
                             // EAGAIN would leave the page in its slot.)
-                            let _ = shared.move_pages(page, slot.start(), MoveMode::empty());
+                            let _ = shared.move_held(page, slot.start(), MoveMode::empty());
                         }
                     }
                     Ok(p) if p.stop == Some(Stop::LayoutChanging) => left.push(addr),
@@ -265,7 +257,7 @@ fn grab_in(
     // unmap or discard dropped between the rounds stays in its slot, and
     // a run freed clean would hand that block out for moving pages in
     // (`Want::Empty`), where a move's answer is checked against what the
-    // slot holds (`Shared::move_out_pages`). Block by block, so that a
+    // slot holds (`Shared::move_held`). Block by block, so that a
     // block with nothing left stays clean. Never emptied here: the blocks
     // may hold other pages held exclusive.
     let left: Vec<Left> = match shared.pagemap().ok().and_then(|pm| staging.held(pm, &run)) {
@@ -333,15 +325,11 @@ pub(crate) fn revoke(
             // the mapping does not take MOVE any more (made read-only
             // since) or the page is shared or pinned. A slot the page was
             // discarded from is a hole: nothing to put back.
-            let moved = match shared.move_pages(page, slot, MoveMode::DONTWAKE) {
+            let moved = match shared.move_held(page, slot, MoveMode::DONTWAKE) {
                 Err(OpError::Invalid { .. }) => None,
                 Ok(p) if p.stop == Some(Stop::Busy) => None,
-                Ok(p) if p.stop == Some(Stop::NoEntry) => {
-                    Some(match shared.move_noentry(page.start(), slot) {
-                        NoEntry::LayoutChanging => Back::Later,
-                        _ => Back::Done,
-                    })
-                }
+                // A hole in the slot (the page was discarded from it).
+                Ok(p) if p.stop == Some(Stop::NoEntry) => Some(Back::Done),
                 Ok(p) => Some(Back::of(p.stop)),
                 Err(_) => Some(Back::Lost),
             };

@@ -32,7 +32,7 @@ use super::staging::{BLOCK, Left, Run, Staging, StagingError, Want};
 use crate::addr::{DevicePfn, PAGE_SIZE, PageRange, VirtAddr};
 use crate::mm::notifier::{NotifierRange, NotifyEvent};
 use crate::mm::regions::{Regions, Taken};
-use crate::mm::service::{LayoutWait, NoEntry, Shared};
+use crate::mm::service::{LayoutWait, Shared};
 use crate::mm::state::{OpId, Stored};
 use crate::mm::{Mm, MmError, Owner, lock_poisoned as lock};
 use crate::sys::mem::{self, Prot};
@@ -262,20 +262,19 @@ pub struct MigrateVma<'a> {
 /// its word, EEXIST left the page in staging and its address a hole that
 /// the next touch filled with zeros (`uhmm stress`, 1 run in 2). uhmm
 /// therefore never moves with `ALLOW_SRC_HOLES` (holes are found with a
-/// page-table scan first), and moves of present pages out of managed
-/// memory into empty staging slots (`Shared::move_out_pages`) count a page
-/// at which the move stopped as moved when its source holds no page and
-/// its destination holds one. The call may also end with EAGAIN and
-/// nothing counted after moving the page (seen under `uhmm stress`, with
-/// another thread's mremap loop raising the layout-change count): taken
-/// at its word, the page stayed in its slot, the next look found a hole
-/// at its address and left it, and the next access read zeros; so every
-/// stop is checked, whatever it says. Moves on from staging into device
-/// memory (`move_to_device`) are checked the same way (taken at its word
-/// there, EEXIST had the device copy the emptied slot over the page). This
-/// rests on the destination having been empty: a run taken for moving
-/// pages in has only holes in its slots (`Staging::alloc`; an exclusive
-/// grab frees its run by what the page table shows, as a migration does).
+/// page-table scan first), and every move it makes (`Shared::move_held`)
+/// counts a page at which the move stopped as moved when its source holds
+/// no page and its destination holds one. The call may also end with
+/// EAGAIN and nothing counted after moving the page (seen under `uhmm
+/// stress`, with another thread's mremap loop raising the layout-change
+/// count): taken at its word, the page stayed in its slot, the next look
+/// found a hole at its address and left it, and the next access read
+/// zeros; so every stop is checked, whatever it says, an error too. This
+/// rests on the destination having been empty and fillable only by that
+/// call: a run taken for moving pages in has only holes in its slots
+/// (`Staging::alloc`; an exclusive grab frees its run by what the page
+/// table shows, as a migration does), and a page on its way home is a
+/// hole every access to which waits for the migration.
 const _MOVE_QUIRK: () = ();
 
 /// What [`MigrateVma::install_all`] did: the pages installed (index,
@@ -686,21 +685,12 @@ impl<'a> MigrateVma<'a> {
                     ) else {
                         break;
                     };
-                    let res = self.shared.move_pages(
+                    let res = self.shared.move_held(
                         staging.slots(run, dst),
                         src.start(),
                         MoveMode::DONTWAKE,
                     );
-                    let mut stop = progress(&res, PAGE_SIZE).1;
-                    if stop == Some(Stop::NoEntry)
-                        && self
-                            .shared
-                            .move_noentry(staging.slot(run, self.addr(i)), at)
-                            == NoEntry::LayoutChanging
-                    {
-                        stop = Some(Stop::LayoutChanging);
-                    }
-                    match stop {
+                    match progress(&res, PAGE_SIZE).1 {
                         // Still a hole, or (moved after all) no longer one.
                         None | Some(Stop::NoEntry) => {
                             for &page in &group[k..k + holes] {
@@ -745,11 +735,9 @@ impl<'a> MigrateVma<'a> {
                     break;
                 };
                 // Never with ALLOW_SRC_HOLES: see `MOVE_QUIRK`.
-                let res = self.shared.move_out_pages(
-                    staging.slots(run, dst),
-                    src.start(),
-                    MoveMode::DONTWAKE,
-                );
+                let res =
+                    self.shared
+                        .move_held(staging.slots(run, dst), src.start(), MoveMode::DONTWAKE);
                 let (done, stop) = progress(&res, dst.len());
                 for &page in &group[k..k + done / PAGE_SIZE] {
                     // The page has left the page table: now it is ours.
@@ -770,15 +758,8 @@ impl<'a> MigrateVma<'a> {
                         busy.push(group[k].0);
                         k += 1;
                     }
-                    // The kernel moved the page and said otherwise
-                    // (`MOVE_QUIRK`), or it is a hole now: out of the page
-                    // table either way. Or the mapping is changing.
+                    // A hole now (discarded since the scan): taken as it is.
                     Some(Stop::NoEntry) => {
-                        let slot = staging.slot(run, self.addr(group[k].0));
-                        if self.shared.move_noentry(slot, group[k].1) == NoEntry::LayoutChanging {
-                            left.extend(group[k..].iter().map(|&(j, _)| j));
-                            break;
-                        }
                         self.mark_taken(regions, group[k], How::Moved);
                         k += 1;
                     }
@@ -1283,37 +1264,25 @@ impl<'a> MigrateVma<'a> {
                 if regions.op(self.op).is_none() {
                     break;
                 }
-                let res =
-                    self.shared
-                        .move_pages(rest, staging.slot(&run, from), MoveMode::DONTWAKE);
+                let res = self
+                    .shared
+                    .move_held(rest, staging.slot(&run, from), MoveMode::DONTWAKE);
                 let (done, stop) = progress(&res, rest.len());
                 for j in 0..done / PAGE_SIZE {
                     let at = VirtAddr::new(rest.start().get() + j * PAGE_SIZE);
                     regions.record_taken(self.op, i + moved + j, Taken::At(at));
                 }
                 moved += done / PAGE_SIZE;
-                // Where it stopped: the page may be in device memory all
-                // the same (`MOVE_QUIRK`), or its slot a hole.
-                let (at, slot) = (
-                    VirtAddr::new(to.get() + moved * PAGE_SIZE),
-                    staging.slot(&run, VirtAddr::new(first.get() + moved * PAGE_SIZE)),
-                );
-                let moved_anyway = match stop {
-                    None | Some(Stop::Partial) => false,
-                    Some(Stop::NoEntry) => {
-                        self.shared.move_noentry(at, slot) != NoEntry::LayoutChanging
-                    }
-                    Some(_) => self.shared.moved_anyway(at, slot),
-                };
-                if moved_anyway {
+                // A hole in its slot: nothing is left in staging to copy.
+                if stop == Some(Stop::NoEntry) {
+                    let at = VirtAddr::new(to.get() + moved * PAGE_SIZE);
                     regions.record_taken(self.op, i + moved, Taken::At(at));
+                    moved += 1;
                 }
                 drop(regions);
                 match stop {
                     None => break,
-                    Some(Stop::Partial) => {}
-                    // Nothing is left in staging to copy.
-                    Some(_) if moved_anyway => moved += 1,
+                    Some(Stop::Partial | Stop::NoEntry) => {}
                     Some(Stop::LayoutChanging) if self.blockable => {
                         self.shared.layout_wait(&mut wait)
                     }
@@ -1818,7 +1787,7 @@ impl<'a> MigrateVma<'a> {
                 self.shared.uffd.copy(part, src, CopyMode::DONTWAKE)
             } else {
                 // Never with ALLOW_SRC_HOLES: see `MOVE_QUIRK`.
-                self.shared.move_pages(part, src, MoveMode::DONTWAKE)
+                self.shared.move_held(part, src, MoveMode::DONTWAKE)
             };
             let (did, stop) = match res {
                 Ok(p) if p.is_complete() => (len, None),
@@ -1837,22 +1806,6 @@ impl<'a> MigrateVma<'a> {
             match stop {
                 None => limit = r.len(),
                 Some(Stop::Partial) => {}
-                // MOVE: the page at the stop may be in place all the same
-                // (`MOVE_QUIRK`: EAGAIN or EEXIST with nothing counted).
-                // Its source is this migration's (a staging slot or a
-                // device page): empty there and full here, it moved.
-                // Taken for a refusal, the fault service gave up after
-                // its retries and recorded the page on the device again,
-                // its data in place and its device memory empty.
-                Some(Stop::LayoutChanging | Stop::Exists)
-                    if !copy
-                        && self.shared.moved_anyway(
-                            VirtAddr::new(r.start().get() + done),
-                            VirtAddr::new(from.get() + done),
-                        ) =>
-                {
-                    done += PAGE_SIZE;
-                }
                 // A page of the source shared (after a fork that uhmm did
                 // not see) or pinned: MOVE refuses it for good; copy it.
                 Some(Stop::Busy) => {
@@ -1871,16 +1824,8 @@ impl<'a> MigrateVma<'a> {
                     }
                 }
                 // MOVE: a hole at the source (a device page never
-                // written), or a page the kernel moved and said otherwise
-                // (`MOVE_QUIRK`): the destination reads as it should.
-                Some(Stop::NoEntry) if !copy => {
-                    let at = VirtAddr::new(r.start().get() + done);
-                    let from_page = VirtAddr::new(from.get() + done);
-                    match self.shared.move_noentry(at, from_page) {
-                        NoEntry::Moved | NoEntry::Hole => done += PAGE_SIZE,
-                        NoEntry::LayoutChanging => return (done, Some(Stop::LayoutChanging)),
-                    }
-                }
+                // written): the destination reads as it should.
+                Some(Stop::NoEntry) if !copy => done += PAGE_SIZE,
                 // COPY: the run may cross into another mapping (a partial
                 // mprotect or madvise split it): one mapping at a time.
                 Some(Stop::NoEntry) if len > PAGE_SIZE => {

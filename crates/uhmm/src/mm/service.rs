@@ -558,7 +558,7 @@ impl Shared {
     /// it could not find at either end (an mremap or munmap under way,
     /// checked before any EAGAIN: the page table there shows nothing
     /// either). The page table and the mappings tell them apart.
-    pub(crate) fn move_noentry(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> NoEntry {
+    fn move_noentry(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> NoEntry {
         let present = self.page_present(dst);
         if present == Some(true) {
             NoEntry::Moved
@@ -575,10 +575,10 @@ impl Shared {
         }
     }
 
-    /// `UFFDIO_MOVE` of pages between managed memory, staging and device
-    /// memory.
+    /// The raw `UFFDIO_MOVE`, its answer as the kernel gave it (after the
+    /// test point): only [`move_held`](Self::move_held) calls it.
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
-    pub(crate) fn move_pages(
+    fn move_raw(
         &self,
         dst: PageRange,
         src: crate::VirtAddr,
@@ -597,40 +597,61 @@ impl Shared {
     /// `dst` holds a page and `src` none. Only for a `dst` that was empty
     /// and that no one else fills (a staging slot or device page the
     /// caller holds).
-    pub(crate) fn moved_anyway(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> bool {
+    fn moved_anyway(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> bool {
         self.page_present(dst) == Some(true) && self.page_present(src) == Some(false)
     }
 
-    /// [`move_pages`](Self::move_pages) of pages out of managed memory
-    /// that were in the page table, into empty staging slots, under the
-    /// regions lock, its count corrected for `migrate::MOVE_QUIRK`: a move
-    /// that stopped (whatever it said: EEXIST, ENOENT, EAGAIN, an error) at
-    /// a page whose destination holds a page now while its source holds
-    /// none moved that page and did not count it. (The slot was empty —
-    /// a run taken for moving pages in has only holes — and is this
-    /// caller's, so only this call can have filled it; the source may be a
-    /// hole, or unmapped by an mremap the kernel made since.)
-    pub(crate) fn move_out_pages(
+    /// `UFFDIO_MOVE` of pages between managed memory, staging slots and
+    /// device memory, under the regions lock, answered by what the page
+    /// tables show rather than by what the kernel said: every move uhmm
+    /// makes goes through it. The destination is empty and only this call
+    /// can fill it (a staging slot or device page the caller holds, or a
+    /// managed page whose every access waits for the caller), so:
+    ///
+    /// - a move that stopped (whatever it said: EEXIST, ENOENT, EAGAIN,
+    ///   an error) at a page whose destination holds a page now while its
+    ///   source holds none moved that page, and counts it
+    ///   (`migrate::MOVE_QUIRK`; the source may also have been unmapped by
+    ///   an mremap the kernel made since);
+    /// - a stop with ENOENT ([`Stop::NoEntry`]) is kept only for a hole at
+    ///   the source; where the page table and mappings cannot tell it from
+    ///   a mapping being moved or unmapped, it becomes
+    ///   [`Stop::LayoutChanging`] (look again once pending events are
+    ///   applied).
+    ///
+    /// The other answers stand: EEXIST (the destination was filled by
+    /// someone else after all), EBUSY (a shared or pinned page), EINVAL (a
+    /// mapping MOVE does not take) and other errors.
+    pub(crate) fn move_held(
         &self,
         dst: PageRange,
         src: crate::VirtAddr,
         mode: MoveMode,
     ) -> Result<Progress, OpError> {
-        let res = self.move_pages(dst, src, mode);
-        let done = match &res {
-            Ok(p) if p.stop.is_none() => return res,
-            Ok(p) => p.done,
+        let res = self.move_raw(dst, src, mode);
+        let (done, stop) = match &res {
+            Ok(p) if matches!(p.stop, None | Some(Stop::Partial)) => return res,
+            Ok(p) => (p.done, p.stop),
             // (An error is the answer only when nothing was counted.)
-            Err(_) => 0,
+            Err(_) => (0, None),
         };
-        if done < dst.len()
-            && let (Some(to), Some(from)) = (dst.start().checked_add(done), src.checked_add(done))
-            && self.moved_anyway(to, from)
-        {
+        let (Some(to), Some(from)) = (dst.start().checked_add(done), src.checked_add(done)) else {
+            return res;
+        };
+        if done >= dst.len() {
+            return res;
+        }
+        if self.moved_anyway(to, from) {
             let done = done + crate::PAGE_SIZE;
             return Ok(Progress {
                 done,
                 stop: (done < dst.len()).then_some(Stop::Partial),
+            });
+        }
+        if stop == Some(Stop::NoEntry) && self.move_noentry(to, from) == NoEntry::LayoutChanging {
+            return Ok(Progress {
+                done,
+                stop: Some(Stop::LayoutChanging),
             });
         }
         res
@@ -933,7 +954,7 @@ impl Shared {
     /// `Some(false)` when it cannot be put there at all.
     fn put_back(&self, page: PageRange, from: VirtAddr) -> Option<bool> {
         let copy = || self.uffd.copy(page, from, CopyMode::DONTWAKE);
-        let res = match self.move_pages(page, from, MoveMode::DONTWAKE) {
+        let res = match self.move_held(page, from, MoveMode::DONTWAKE) {
             Err(OpError::Invalid { .. }) => copy(),
             Ok(p) if p.stop == Some(Stop::Busy) => copy(),
             r => r,
@@ -943,6 +964,8 @@ impl Shared {
             Ok(p) => match p.stop {
                 Some(Stop::LayoutChanging) => None,
                 Some(Stop::Exists) => Some(true),
+                // A hole at the source (a device page never written); for
+                // a copy, possibly no mapping at the destination.
                 Some(Stop::NoEntry) => match self.move_noentry(page.start(), from) {
                     NoEntry::LayoutChanging => None,
                     NoEntry::Moved | NoEntry::Hole => Some(true),
@@ -1175,7 +1198,7 @@ impl Drop for Shared {
 
 /// What an ENOENT from a move was (see [`Shared::move_noentry`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NoEntry {
+enum NoEntry {
     /// The page is at the destination.
     Moved,
     /// There was nothing to move: the destination stays a hole.
@@ -1850,7 +1873,7 @@ mod tests {
         let page = |i: usize| page_of(&region, i);
         let mv = || {
             shared
-                .move_out_pages(page(1), page(0).start(), MoveMode::DONTWAKE)
+                .move_held(page(1), page(0).start(), MoveMode::DONTWAKE)
                 .unwrap()
         };
 
@@ -1873,7 +1896,7 @@ mod tests {
         // the kernel did not count leaves. Counted as done.
         region.write_at(PAGE_SIZE, &[9]).unwrap();
         let raw = shared
-            .move_pages(page(1), page(0).start(), MoveMode::DONTWAKE)
+            .move_raw(page(1), page(0).start(), MoveMode::DONTWAKE)
             .unwrap();
         assert_eq!((raw.done, raw.stop), (0, Some(Stop::Exists)));
         let p = mv();
