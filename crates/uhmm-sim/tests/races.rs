@@ -2856,6 +2856,59 @@ fn a_page_migrated_home_although_the_kernel_said_enomem_is_the_cpus() {
     assert_eq!(mm.stats().pages_lost, 0);
 }
 
+/// A page that a reclaim (of a migration its caller leaked, when its
+/// region is dropped) puts back in place but the kernel answers with an
+/// error for is back, not lost: the put-back's move is the one corrected
+/// move too. Before, the error was taken at its word and the page counted
+/// lost (its poison refused, as the page was in place: the data stayed,
+/// but `pages_lost` and the trace said otherwise). Found by review.
+#[test]
+fn a_page_put_back_by_a_reclaim_although_the_kernel_said_enomem_is_not_lost() {
+    use uhmm::devmem::{MigrateVma, Select};
+    use uhmm::sys::mem::Mapping;
+    use uhmm::sys::uffd::{Op, OpError};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let map = Mapping::builder(2 * PAGE_SIZE).build().unwrap();
+    map.write_at(0, &[0xA0; PAGE_SIZE]).unwrap();
+    map.write_at(PAGE_SIZE, &[0xA1; PAGE_SIZE]).unwrap();
+    let b = map.range().start().get();
+    // SAFETY: no reference points into the mapping, which outlives the
+    // region.
+    let region = unsafe { mm.manage(map.range()) }.unwrap();
+    let dev = SimDevice::new(&mm);
+    std::mem::forget(MigrateVma::setup(&mm, map.range(), Select::SYSTEM, dev.owner()).unwrap());
+    struct EndTestPoint;
+    impl Drop for EndTestPoint {
+        fn drop(&mut self) {
+            uhmm::testing::on_move_anywhere(None);
+        }
+    }
+    let _end = EndTestPoint;
+    let answered = Arc::new(AtomicBool::new(false));
+    let a2 = answered.clone();
+    uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
+        if dst.start().get() == b
+            && matches!(res, Ok(p) if p.done > 0)
+            && !a2.swap(true, Ordering::SeqCst)
+        {
+            *res = Err(OpError::NoMemory {
+                op: Op::Move,
+                range: dst,
+            });
+        }
+    })));
+    let lost_before = mm.stats().pages_lost;
+    within(30, "the region drop", move || drop(region));
+    drop(_end);
+    assert!(answered.load(Ordering::SeqCst), "no move put the page back");
+    let mut d = vec![0u8; 2 * PAGE_SIZE];
+    map.read_at(0, &mut d).unwrap();
+    assert!(d[..PAGE_SIZE].iter().all(|&x| x == 0xA0), "page 0's data");
+    assert!(d[PAGE_SIZE..].iter().all(|&x| x == 0xA1), "page 1's data");
+    assert_eq!(mm.stats().pages_lost, lost_before, "pages counted lost");
+}
+
 /// Dropping a device never loses a page whose way home a layout change
 /// refused: the eviction is refused for about a second (the discarding
 /// thread held off its CPU) with the loss bounds cut to 100 ms. Before,

@@ -207,10 +207,10 @@ fn grab_in(
                 ) else {
                     continue;
                 };
-                // Never with ALLOW_SRC_HOLES (see `migrate::MOVE_QUIRK`):
-                // ENOENT is a hole at the source, moved or not.
+                // Never with ALLOW_SRC_HOLES (see `migrate::MOVE_QUIRK`).
                 let res = match shared.move_held(slot, page.start(), MoveMode::DONTWAKE) {
-                    // A hole (discarded since the look): taken as it is.
+                    // Nothing to move: a hole (discarded since the look),
+                    // taken as it is.
                     Ok(p) if p.stop == Some(Stop::NoEntry) => Ok(Progress {
                         done: PAGE_SIZE,
                         stop: None,
@@ -328,7 +328,8 @@ pub(crate) fn revoke(
             let moved = match shared.move_held(page, slot, MoveMode::DONTWAKE) {
                 Err(OpError::Invalid { .. }) => None,
                 Ok(p) if p.stop == Some(Stop::Busy) => None,
-                // A hole in the slot (the page was discarded from it).
+                // Nothing to move: a hole in the slot (the page was
+                // discarded from it), or a page in place already.
                 Ok(p) if p.stop == Some(Stop::NoEntry) => Some(Back::Done),
                 Ok(p) => Some(Back::of(p.stop)),
                 Err(_) => Some(Back::Lost),

@@ -269,12 +269,14 @@ pub struct MigrateVma<'a> {
 /// stress`, with another thread's mremap loop raising the layout-change
 /// count): taken at its word, the page stayed in its slot, the next look
 /// found a hole at its address and left it, and the next access read
-/// zeros; so every stop is checked, whatever it says, an error too. This
-/// rests on the destination having been empty and fillable only by that
-/// call: a run taken for moving pages in has only holes in its slots
-/// (`Staging::alloc`; an exclusive grab frees its run by what the page
-/// table shows, as a migration does), and a page on its way home is a
-/// hole every access to which waits for the migration.
+/// zeros; so every stop is checked, whatever it says: an error, and an
+/// EAGAIN after pages it did count, too. This rests on the destination
+/// having been empty: a run taken for moving pages in has only holes in
+/// its slots (`Staging::alloc`; an exclusive grab frees its run by what
+/// the page table shows, as a migration does), and a page on its way home
+/// is a hole every access to which waits for the migration. A destination
+/// that something else filled meanwhile is counted too, but only where the
+/// source is empty: nothing is left behind.
 const _MOVE_QUIRK: () = ();
 
 /// What [`MigrateVma::install_all`] did: the pages installed (index,
@@ -758,7 +760,8 @@ impl<'a> MigrateVma<'a> {
                         busy.push(group[k].0);
                         k += 1;
                     }
-                    // A hole now (discarded since the scan): taken as it is.
+                    // Nothing to move: a hole now (discarded since the
+                    // scan), taken as it is.
                     Some(Stop::NoEntry) => {
                         self.mark_taken(regions, group[k], How::Moved);
                         k += 1;

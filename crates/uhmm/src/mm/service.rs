@@ -595,8 +595,7 @@ impl Shared {
     /// Whether a move of the page at `src` to `dst` that stopped there
     /// (whatever it said) moved it all the same (`migrate::MOVE_QUIRK`):
     /// `dst` holds a page and `src` none. Only for a `dst` that was empty
-    /// and that no one else fills (a staging slot or device page the
-    /// caller holds).
+    /// (see [`move_held`](Self::move_held)).
     fn moved_anyway(&self, dst: crate::VirtAddr, src: crate::VirtAddr) -> bool {
         self.page_present(dst) == Some(true) && self.page_present(src) == Some(false)
     }
@@ -604,24 +603,33 @@ impl Shared {
     /// `UFFDIO_MOVE` of pages between managed memory, staging slots and
     /// device memory, under the regions lock, answered by what the page
     /// tables show rather than by what the kernel said: every move uhmm
-    /// makes goes through it. The destination is empty and only this call
-    /// can fill it (a staging slot or device page the caller holds, or a
-    /// managed page whose every access waits for the caller), so:
+    /// makes goes through it (`migrate::MOVE_QUIRK`).
+    ///
+    /// The destination was empty when the caller chose it: a staging slot
+    /// or device page the caller holds, which only this call can fill, or
+    /// a managed page every access to which waits for the caller, which
+    /// only an install can fill (this one, or another thread's racing it).
+    /// So:
     ///
     /// - a move that stopped (whatever it said: EEXIST, ENOENT, EAGAIN,
-    ///   an error) at a page whose destination holds a page now while its
-    ///   source holds none moved that page, and counts it
-    ///   (`migrate::MOVE_QUIRK`; the source may also have been unmapped by
-    ///   an mremap the kernel made since);
-    /// - a stop with ENOENT ([`Stop::NoEntry`]) is kept only for a hole at
-    ///   the source; where the page table and mappings cannot tell it from
-    ///   a mapping being moved or unmapped, it becomes
+    ///   EAGAIN after pages it counted, an error) at a page whose
+    ///   destination holds a page now while its source holds none counts
+    ///   that page as moved. Either this call moved it, or someone else
+    ///   filled the destination and the source was a hole already (a page
+    ///   never written, or discarded: zeros), so that nothing is left
+    ///   behind either way. (The source may also have been unmapped by an
+    ///   mremap the kernel made since.)
+    /// - an ENOENT ([`Stop::NoEntry`]) is kept where there is nothing to
+    ///   move: a hole at the source, or a destination that holds a page.
+    ///   Where the page table and the mappings cannot tell it from a
+    ///   mapping being moved or unmapped, it becomes
     ///   [`Stop::LayoutChanging`] (look again once pending events are
     ///   applied).
     ///
-    /// The other answers stand: EEXIST (the destination was filled by
-    /// someone else after all), EBUSY (a shared or pinned page), EINVAL (a
-    /// mapping MOVE does not take) and other errors.
+    /// The other answers stand: EEXIST with the source still full (an
+    /// install of another thread's was first: what it put there is at
+    /// least as new), EBUSY (a shared or pinned page), EINVAL (a mapping
+    /// MOVE does not take) and other errors.
     pub(crate) fn move_held(
         &self,
         dst: PageRange,
@@ -630,7 +638,9 @@ impl Shared {
     ) -> Result<Progress, OpError> {
         let res = self.move_raw(dst, src, mode);
         let (done, stop) = match &res {
-            Ok(p) if matches!(p.stop, None | Some(Stop::Partial)) => return res,
+            Ok(p) if p.stop.is_none() => return res,
+            // (A Partial stop too: after pages it counted, the kernel
+            // answers any stop with EAGAIN and the count.)
             Ok(p) => (p.done, p.stop),
             // (An error is the answer only when nothing was counted.)
             Err(_) => (0, None),
@@ -1904,6 +1914,41 @@ mod tests {
         let mut b = [0u8];
         region.read_at(PAGE_SIZE, &mut b).unwrap();
         assert_eq!(b, [9]);
+    }
+
+    /// The same after pages the move did count: the kernel then answers
+    /// EAGAIN with the count (`Stop::Partial`), and the page at the stop,
+    /// moved but not counted, is counted all the same. (Found by review:
+    /// a Partial stop went unchecked, and `move_to_device` lets go of the
+    /// regions lock before it moves again, a window in which the page
+    /// read as still in its slot.)
+    #[test]
+    fn a_partial_move_is_counted_by_what_the_page_table_shows() {
+        let mm = Mm::new().unwrap();
+        let region = mm.alloc(4 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let shared = mm.shared();
+        let page = |i: usize| page_of(&region, i);
+        let two = |i: usize| crate::PageRange::new(page(i).start(), 2 * PAGE_SIZE).unwrap();
+        // Page 0 to move; page 1 a hole whose page is at page 3 already,
+        // as a move the kernel did not count leaves it.
+        region.write_at(0, &[5]).unwrap();
+        region.write_at(3 * PAGE_SIZE, &[6]).unwrap();
+        let raw = shared
+            .move_raw(two(2), page(0).start(), MoveMode::DONTWAKE)
+            .unwrap();
+        assert_eq!((raw.done, raw.stop), (PAGE_SIZE, Some(Stop::Partial)));
+        // Put back as it was, and moved again through the corrected move.
+        let back = shared
+            .move_raw(page(0), page(2).start(), MoveMode::DONTWAKE)
+            .unwrap();
+        assert!(back.is_complete());
+        let p = shared
+            .move_held(two(2), page(0).start(), MoveMode::DONTWAKE)
+            .unwrap();
+        assert_eq!((p.done, p.stop), (2 * PAGE_SIZE, None));
+        let mut b = [0u8];
+        region.read_at(2 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b, [5]);
     }
 
     /// A page lost while a layout change is pending (UFFDIO_POISON says
