@@ -177,6 +177,21 @@ impl NotifierOps for ParkOn {
     }
 }
 
+/// A device callback that blocks the fault service: once armed, parks the
+/// first invalidation of kind `.0`, blockable or not (the service's own are
+/// not), until released.
+#[derive(Debug)]
+struct ParkService(NotifyEvent, ParkingEngine);
+
+impl NotifierOps for ParkService {
+    fn invalidate(&self, _s: &Subscription, r: &NotifierRange, _cur_seq: u64) -> bool {
+        if r.event == self.0 {
+            self.1.park_if_armed();
+        }
+        true
+    }
+}
+
 /// A fresh private anonymous read-write mapping: at `at` if not 0,
 /// replacing what is there, else at a free place far below where the
 /// kernel puts new mappings (see `low_map`), so that no mapping of
@@ -2907,6 +2922,96 @@ fn a_page_put_back_by_a_reclaim_although_the_kernel_said_enomem_is_not_lost() {
     assert!(d[..PAGE_SIZE].iter().all(|&x| x == 0xA0), "page 0's data");
     assert!(d[PAGE_SIZE..].iter().all(|&x| x == 0xA1), "page 1's data");
     assert_eq!(mm.stats().pages_lost, lost_before, "pages counted lost");
+}
+
+/// Whether any part of `[at, at + len)` is registered with a userfaultfd
+/// for MISSING faults (`um` in its mappings' `VmFlags`).
+fn registered_missing(at: usize, len: usize) -> bool {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            inside = a < at + len && at < b;
+        } else if inside
+            && let Some(flags) = line.strip_prefix("VmFlags:")
+            && flags.split_whitespace().any(|f| f == "um")
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// A region let go of (`Mm::unmanage`) after the kernel moved its mapping
+/// (mremap) but before the fault service applied the move's event leaves
+/// nothing registered with uhmm's userfaultfd at the new address: the
+/// registration went with the mapping, and nothing there is managed any
+/// more. The service is held in a device callback (for a discard of
+/// another region) while the mremap waits for its event to be read and
+/// the unmanage runs. Before, the new place stayed registered for MISSING
+/// faults, every first touch of its pages a round trip through the fault
+/// service, until the process unmapped it (seen while writing
+/// `an_exclusive_page_moved_back_although_the_kernel_said_eagain_is_the_cpus`).
+#[test]
+fn a_region_let_go_of_while_its_mremap_is_pending_is_not_left_registered() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 4 * PAGE_SIZE;
+    // The region to move: at `a`, with its place `to` held (PROT_NONE).
+    let (a, to) = low_places(LEN);
+    // SAFETY: our own mapping, no reference into it.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
+    for i in 0..LEN / PAGE_SIZE {
+        wr(a + i * PAGE_SIZE, 0xA0 + i as u64);
+    }
+    // Armed (as a migration would arm it): registered for MISSING faults.
+    let dev = SimDevice::new(&mm);
+    assert_eq!(dev.migrate_range_to_device(VirtAddr::new(a), 1).unwrap(), 1);
+    assert_eq!(rd(a), 0xA0);
+    assert!(registered_missing(a, LEN), "the region was never armed");
+    // Another region, whose discard holds the service in a callback.
+    let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let o = other.as_ptr() as usize;
+    wr(o, 1);
+    let park = Arc::new(ParkService(NotifyEvent::Clear, ParkingEngine::default()));
+    let _sub = mm.insert_notifier(other.range(), park.clone()).unwrap();
+    park.1.arm();
+    // SAFETY: discards the test's own page.
+    let discard = std::thread::spawn(move || unsafe {
+        libc::madvise(o as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+    });
+    park.1.wait_parked();
+    let mover = mremap_pending(a, LEN, to);
+    std::mem::forget(region);
+    let unmanaged = within(10, "the unmanage", {
+        let mm = mm.clone();
+        move || mm.unmanage(PageRange::new(VirtAddr::new(a), LEN).unwrap())
+    });
+    park.1.release();
+    assert_eq!(join_soon(mover), to);
+    assert_eq!(join_soon(discard), 0);
+    assert_eq!(unmanaged.unwrap(), LEN, "bytes let go of");
+    // (The service applies the move's event once it has read it.)
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut left = registered_missing(to, LEN);
+    while left && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        left = registered_missing(to, LEN);
+    }
+    let data: Vec<u64> = (0..LEN / PAGE_SIZE)
+        .map(|i| rd(to + i * PAGE_SIZE))
+        .collect();
+    // SAFETY: the test's own mapping, let go of.
+    unsafe { libc::munmap(to as *mut _, LEN) };
+    assert!(
+        !left,
+        "the moved mapping is still registered with uhmm's userfaultfd"
+    );
+    assert_eq!(data, vec![0xA0, 0xA1, 0xA2, 0xA3], "the region's data");
+    assert_eq!(mm.stats().pages_lost, 0);
 }
 
 /// Dropping a device never loses a page whose way home a layout change

@@ -167,6 +167,36 @@ impl Shared {
         *dm = kept;
     }
 
+    /// The parts of `moved`, a mapping registered with the userfaultfd that
+    /// an mremap moved (its event being applied now), that uhmm registered
+    /// and has let go of since: not managed (`Mm::unmanage` or a region's
+    /// drop let go of them after the kernel moved the mapping and before
+    /// this event was applied, and unregistered nothing, the mapping being
+    /// gone from there), and neither staging nor device memory. Their
+    /// registration went with the mapping: its new place is to be
+    /// unregistered, or every first touch there would be a round trip
+    /// through the fault service for memory nobody manages.
+    fn let_go_of(&self, regions: &Regions, moved: PageRange) -> Vec<PageRange> {
+        let mut kept: Vec<PageRange> = regions.pieces(moved, None);
+        if let Some(staging) = self.staging.get() {
+            kept.extend(staging.ranges().filter_map(|r| r.intersection(moved)));
+        }
+        kept.extend(
+            lock(&self.device_memory)
+                .iter()
+                .filter_map(|r| r.intersection(moved)),
+        );
+        kept.sort_by_key(|r| r.start());
+        let mut gaps = Vec::new();
+        let mut cursor = moved.start();
+        for r in kept {
+            gaps.extend(PageRange::from_bounds(cursor, r.start()).ok());
+            cursor = cursor.max(r.end());
+        }
+        gaps.extend(PageRange::from_bounds(cursor, moved.end()).ok());
+        gaps
+    }
+
     /// Records device memory registered with the userfaultfd, to be
     /// unregistered at teardown if it is still mapped then.
     pub(crate) fn add_device_memory(&self, range: PageRange) {
@@ -1738,9 +1768,18 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         Event::Remap { from, to, old_len } => {
             if let Ok(old) = PageRange::new(from, old_len) {
                 invalidate(regions, old, NotifyEvent::Remap);
+                let stale = shared.let_go_of(regions, old);
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
                 regions.moved(old, to, |_, s| work.gone.push(s));
+                for part in stale {
+                    let moved = to
+                        .checked_add(part.start().get() - old.start().get())
+                        .and_then(|at| PageRange::new(at, part.len()).ok());
+                    if let Some(moved) = moved {
+                        let _ = shared.uffd.unregister(moved);
+                    }
+                }
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the
