@@ -2979,18 +2979,27 @@ fn a_region_let_go_of_while_its_mremap_is_pending_is_not_left_registered() {
     let park = Arc::new(ParkService(NotifyEvent::Clear, ParkingEngine::default()));
     let _sub = mm.insert_notifier(other.range(), park.clone()).unwrap();
     park.1.arm();
+    // The service goes on however the test ends.
+    struct Release(Arc<ParkService>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.1.release();
+        }
+    }
+    let release = Release(park.clone());
     // SAFETY: discards the test's own page.
     let discard = std::thread::spawn(move || unsafe {
         libc::madvise(o as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
     });
     park.1.wait_parked();
     let mover = mremap_pending(a, LEN, to);
-    std::mem::forget(region);
     let unmanaged = within(10, "the unmanage", {
         let mm = mm.clone();
         move || mm.unmanage(PageRange::new(VirtAddr::new(a), LEN).unwrap())
     });
-    park.1.release();
+    drop(release);
+    // (Nothing of it is managed any more: its drop lets go of nothing.)
+    drop(region);
     assert_eq!(join_soon(mover), to);
     assert_eq!(join_soon(discard), 0);
     assert_eq!(unmanaged.unwrap(), LEN, "bytes let go of");

@@ -174,26 +174,32 @@ impl Shared {
     /// this event was applied, and unregistered nothing, the mapping being
     /// gone from there), and neither staging nor device memory. Their
     /// registration went with the mapping: its new place is to be
-    /// unregistered, or every first touch there would be a round trip
-    /// through the fault service for memory nobody manages.
+    /// unregistered (see [`own_memory_gaps`](Self::own_memory_gaps)), or
+    /// every first touch there would be a round trip through the fault
+    /// service for memory nobody manages.
     fn let_go_of(&self, regions: &Regions, moved: PageRange) -> Vec<PageRange> {
-        let mut kept: Vec<PageRange> = regions.pieces(moved, None);
+        self.own_memory_gaps(moved, regions.pieces(moved, None))
+    }
+
+    /// The parts of `range` outside `kept` and outside uhmm's staging and
+    /// device memory.
+    fn own_memory_gaps(&self, range: PageRange, mut kept: Vec<PageRange>) -> Vec<PageRange> {
         if let Some(staging) = self.staging.get() {
-            kept.extend(staging.ranges().filter_map(|r| r.intersection(moved)));
+            kept.extend(staging.ranges().filter_map(|r| r.intersection(range)));
         }
         kept.extend(
             lock(&self.device_memory)
                 .iter()
-                .filter_map(|r| r.intersection(moved)),
+                .filter_map(|r| r.intersection(range)),
         );
         kept.sort_by_key(|r| r.start());
         let mut gaps = Vec::new();
-        let mut cursor = moved.start();
+        let mut cursor = range.start();
         for r in kept {
             gaps.extend(PageRange::from_bounds(cursor, r.start()).ok());
             cursor = cursor.max(r.end());
         }
-        gaps.extend(PageRange::from_bounds(cursor, moved.end()).ok());
+        gaps.extend(PageRange::from_bounds(cursor, range.end()).ok());
         gaps
     }
 
@@ -1773,11 +1779,16 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
                 // follow them (`Op::follow`).
                 regions.moved(old, to, |_, s| work.gone.push(s));
                 for part in stale {
-                    let moved = to
+                    let Some(moved) = to
                         .checked_add(part.start().get() - old.start().get())
-                        .and_then(|at| PageRange::new(at, part.len()).ok());
-                    if let Some(moved) = moved {
-                        let _ = shared.uffd.unregister(moved);
+                        .and_then(|at| PageRange::new(at, part.len()).ok())
+                    else {
+                        continue;
+                    };
+                    // (Staging or device memory may have been mapped there
+                    // since, if a later unmap, still unread, freed it.)
+                    for gap in shared.own_memory_gaps(moved, Vec::new()) {
+                        let _ = shared.uffd.unregister(gap);
                     }
                 }
             }
