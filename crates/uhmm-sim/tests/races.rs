@@ -2146,6 +2146,50 @@ fn eagain_after_a_move_then_mremap(
     mover
 }
 
+/// Ends the test point of every thread (`on_move_anywhere`) when dropped,
+/// however the test ends: a later test's region may take the same address.
+struct EndMoveAnywhere;
+
+impl Drop for EndMoveAnywhere {
+    fn drop(&mut self) {
+        uhmm::testing::on_move_anywhere(None);
+    }
+}
+
+/// Has the first move (of any thread) that moves a page into `b` answer
+/// ENOMEM instead; says, once it has, that it did.
+fn enomem_for_the_first_move_into(b: usize) -> Arc<AtomicBool> {
+    use uhmm::sys::uffd::{Op, OpError};
+    let answered = Arc::new(AtomicBool::new(false));
+    let a2 = answered.clone();
+    uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
+        if dst.start().get() == b
+            && matches!(res, Ok(p) if p.done > 0)
+            && !a2.swap(true, Ordering::SeqCst)
+        {
+            *res = Err(OpError::NoMemory {
+                op: Op::Move,
+                range: dst,
+            });
+        }
+    })));
+    answered
+}
+
+/// The first word of the page at `at`, read through the device.
+fn device_word(dev: &SimDevice, at: usize) -> Option<u64> {
+    dev.read(VirtAddr::new(at), 1)
+        .ok()
+        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()))
+}
+
+/// Writes the page at `at` through the device: `word`, then zeros.
+fn device_writes_word(dev: &SimDevice, at: usize, word: u64) -> Result<(), SimError> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    page[..8].copy_from_slice(&word.to_ne_bytes());
+    dev.write(VirtAddr::new(at), &page).map(|_| ())
+}
+
 /// Unmanages the test's `len` bytes at `at` (where an mremap put its
 /// managed region) and unmaps them.
 fn let_go_and_unmap(mm: &Mm, at: usize, len: usize) {
@@ -2749,15 +2793,7 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
     wr(b + PAGE_SIZE, 0xA1);
     let dev = SimDevice::new(&mm);
     assert_eq!(dev.migrate_range_to_device(VirtAddr::new(b), 1).unwrap(), 1);
-    // Ended however the test ends: a later test's region may take the
-    // same address.
-    struct EndTestPoint;
-    impl Drop for EndTestPoint {
-        fn drop(&mut self) {
-            uhmm::testing::on_move_anywhere(None);
-        }
-    }
-    let _end = EndTestPoint;
+    let _end = EndMoveAnywhere;
     let refused_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let r2 = refused_until.clone();
     uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
@@ -2792,12 +2828,8 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
     // Past the service's retries, while later moves are still refused.
     std::thread::sleep(Duration::from_millis(50));
     let during = mm.page_state(VirtAddr::new(b));
-    let dev_read = dev
-        .read(VirtAddr::new(b), 1)
-        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()));
-    let mut page = vec![0u8; PAGE_SIZE];
-    page[..8].copy_from_slice(&0xB0u64.to_ne_bytes());
-    let dev_write = dev.write(VirtAddr::new(b), &page).map(|_| ());
+    let dev_read = device_word(&dev, b);
+    let dev_write = device_writes_word(&dev, b, 0xB0);
     let seen = within(10, "the CPU read", move || reader.join().unwrap());
     std::thread::sleep(Duration::from_millis(300));
     drop(_end);
@@ -2807,7 +2839,7 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
         PageState::System,
         "the page, in place, while moves to it are refused"
     );
-    assert_eq!(dev_read.ok(), Some(0xA0), "the device's read");
+    assert_eq!(dev_read, Some(0xA0), "the device's read");
     dev_write.unwrap();
     assert_eq!(rd(b), 0xB0, "the device's write, read by the CPU");
     assert_eq!(rd(b + PAGE_SIZE), 0xA1);
@@ -2825,7 +2857,6 @@ fn a_page_faulted_back_although_the_kernel_said_eagain_is_the_cpus() {
 /// fault repairs it: the CPU's accesses find the page present.)
 #[test]
 fn a_page_migrated_home_although_the_kernel_said_enomem_is_the_cpus() {
-    use uhmm::sys::uffd::{Op, OpError};
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     let region = mm.alloc(2 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
@@ -2834,38 +2865,15 @@ fn a_page_migrated_home_although_the_kernel_said_enomem_is_the_cpus() {
     wr(b + PAGE_SIZE, 0xA1);
     let dev = SimDevice::new(&mm);
     assert_eq!(dev.migrate_range_to_device(VirtAddr::new(b), 2).unwrap(), 2);
-    struct EndTestPoint;
-    impl Drop for EndTestPoint {
-        fn drop(&mut self) {
-            uhmm::testing::on_move_anywhere(None);
-        }
-    }
-    let _end = EndTestPoint;
-    let answered = Arc::new(AtomicBool::new(false));
-    let a2 = answered.clone();
-    uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
-        if dst.start().get() == b
-            && matches!(res, Ok(p) if p.done > 0)
-            && !a2.swap(true, Ordering::SeqCst)
-        {
-            *res = Err(OpError::NoMemory {
-                op: Op::Move,
-                range: dst,
-            });
-        }
-    })));
+    let _end = EndMoveAnywhere;
+    let answered = enomem_for_the_first_move_into(b);
     let moved = dev.migrate_to_system(VirtAddr::new(b), 2);
     drop(_end);
     assert!(answered.load(Ordering::SeqCst), "no move into the page");
     assert_eq!(moved.unwrap().cpages, 2, "pages migrated home");
     assert_eq!(mm.page_state(VirtAddr::new(b)).unwrap(), PageState::System);
-    let dev_read = dev
-        .read(VirtAddr::new(b), 1)
-        .map(|(d, _)| u64::from_ne_bytes(d[..8].try_into().unwrap()));
-    assert_eq!(dev_read.ok(), Some(0xA0), "the device's read");
-    let mut page = vec![0u8; PAGE_SIZE];
-    page[..8].copy_from_slice(&0xB0u64.to_ne_bytes());
-    dev.write(VirtAddr::new(b), &page).unwrap();
+    assert_eq!(device_word(&dev, b), Some(0xA0), "the device's read");
+    device_writes_word(&dev, b, 0xB0).unwrap();
     assert_eq!(rd(b), 0xB0, "the device's write, read by the CPU");
     assert_eq!(rd(b + PAGE_SIZE), 0xA1);
     assert_eq!(mm.stats().pages_lost, 0);
@@ -2881,7 +2889,6 @@ fn a_page_migrated_home_although_the_kernel_said_enomem_is_the_cpus() {
 fn a_page_put_back_by_a_reclaim_although_the_kernel_said_enomem_is_not_lost() {
     use uhmm::devmem::{MigrateVma, Select};
     use uhmm::sys::mem::Mapping;
-    use uhmm::sys::uffd::{Op, OpError};
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     let map = Mapping::builder(2 * PAGE_SIZE).build().unwrap();
@@ -2893,26 +2900,8 @@ fn a_page_put_back_by_a_reclaim_although_the_kernel_said_enomem_is_not_lost() {
     let region = unsafe { mm.manage(map.range()) }.unwrap();
     let dev = SimDevice::new(&mm);
     std::mem::forget(MigrateVma::setup(&mm, map.range(), Select::SYSTEM, dev.owner()).unwrap());
-    struct EndTestPoint;
-    impl Drop for EndTestPoint {
-        fn drop(&mut self) {
-            uhmm::testing::on_move_anywhere(None);
-        }
-    }
-    let _end = EndTestPoint;
-    let answered = Arc::new(AtomicBool::new(false));
-    let a2 = answered.clone();
-    uhmm::testing::on_move_anywhere(Some(Box::new(move |dst, res| {
-        if dst.start().get() == b
-            && matches!(res, Ok(p) if p.done > 0)
-            && !a2.swap(true, Ordering::SeqCst)
-        {
-            *res = Err(OpError::NoMemory {
-                op: Op::Move,
-                range: dst,
-            });
-        }
-    })));
+    let _end = EndMoveAnywhere;
+    let answered = enomem_for_the_first_move_into(b);
     let lost_before = mm.stats().pages_lost;
     within(30, "the region drop", move || drop(region));
     drop(_end);
