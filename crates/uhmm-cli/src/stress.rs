@@ -199,27 +199,24 @@ fn related_records(page: PageRange, max: usize) -> Vec<uhmm::record::Record> {
             .collect();
         if forward {
             // Until the first move that took the data on.
-            let left = recs
-                .iter()
-                .find(|x| moved(x) && other_end(x, place).is_some_and(|(out, _)| out));
-            let until = left.map_or(end, |x| x.seq);
-            if let Some((_, next)) = left.and_then(|x| other_end(x, place)) {
+            let left = recs.iter().find_map(|x| match other_end(x, place) {
+                Some((true, next)) if moved(x) => Some((x.seq, next)),
+                _ => None,
+            });
+            let until = left.map_or(end, |(seq, _)| seq);
+            if let Some((_, next)) = left {
                 work.push((next, until, end, true, depth + 1));
             }
             related.extend(recs.into_iter().filter(|x| x.seq <= until));
         } else {
             // Since the last move that brought the data; none: a buffer.
-            let Some(came) = recs
-                .iter()
-                .rev()
-                .find(|x| moved(x) && other_end(x, place).is_some_and(|(out, _)| !out))
-            else {
+            let Some((since, prev)) = recs.iter().rev().find_map(|x| match other_end(x, place) {
+                Some((false, prev)) if moved(x) => Some((x.seq, prev)),
+                _ => None,
+            }) else {
                 continue;
             };
-            let since = came.seq;
-            if let Some((_, prev)) = other_end(came, place) {
-                work.push((prev, start, since, false, depth + 1));
-            }
+            work.push((prev, start, since, false, depth + 1));
             related.extend(recs.into_iter().filter(|x| x.seq >= since));
         }
     }

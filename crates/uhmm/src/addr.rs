@@ -277,6 +277,19 @@ impl PageRange {
         (start < end).then_some(PageRange { start, end })
     }
 
+    /// The parts of `self` outside `covered` (ranges in address order),
+    /// in address order.
+    pub(crate) fn outside(self, covered: impl IntoIterator<Item = PageRange>) -> Vec<PageRange> {
+        let mut gaps = Vec::new();
+        let mut cursor = self.start;
+        for r in covered {
+            gaps.extend(PageRange::from_bounds(cursor, r.start.min(self.end)).ok());
+            cursor = cursor.max(r.end);
+        }
+        gaps.extend(PageRange::from_bounds(cursor, self.end).ok());
+        gaps
+    }
+
     /// The sub-range that starts `offset` bytes in and is `len` bytes long,
     /// or `None` if it is not a valid page range inside `self`.
     pub fn subrange(self, offset: usize, len: usize) -> Option<PageRange> {
@@ -354,6 +367,21 @@ mod tests {
     use super::*;
 
     const A: VirtAddr = VirtAddr::new(0x7f00_0000_0000);
+
+    #[test]
+    fn the_parts_outside_covered_ranges() {
+        let pages = |i: usize, n: usize| {
+            PageRange::new(A.checked_add(i * PAGE_SIZE).unwrap(), n * PAGE_SIZE).unwrap()
+        };
+        let r = pages(0, 10);
+        assert_eq!(r.outside([]), vec![r]);
+        assert_eq!(r.outside([r]), vec![]);
+        // Overlapping and touching covers, one at each end.
+        assert_eq!(
+            r.outside([pages(0, 2), pages(3, 2), pages(4, 2), pages(9, 1)]),
+            vec![pages(2, 1), pages(6, 3)]
+        );
+    }
 
     #[test]
     fn page_range_validates() {

@@ -193,14 +193,7 @@ impl Shared {
                 .filter_map(|r| r.intersection(range)),
         );
         kept.sort_by_key(|r| r.start());
-        let mut gaps = Vec::new();
-        let mut cursor = range.start();
-        for r in kept {
-            gaps.extend(PageRange::from_bounds(cursor, r.start()).ok());
-            cursor = cursor.max(r.end());
-        }
-        gaps.extend(PageRange::from_bounds(cursor, range.end()).ok());
-        gaps
+        range.outside(kept)
     }
 
     /// Records device memory registered with the userfaultfd, to be
@@ -512,34 +505,26 @@ impl Shared {
         if pm.scan(range, &query, &mut present).is_err() {
             return;
         }
-        let mut cursor = range.start();
-        let ends = present
-            .iter()
-            .map(|r| (r.range.start(), r.range.end()))
-            .chain(std::iter::once((range.end(), range.end())));
-        for (start, end) in ends {
-            if let Ok(hole) = PageRange::from_bounds(cursor, start) {
-                for page in hole.pages() {
-                    let Ok(p) = PageRange::new(page, crate::PAGE_SIZE) else {
-                        continue;
+        for hole in range.outside(present.iter().map(|r| r.range)) {
+            for page in hole.pages() {
+                let Ok(p) = PageRange::new(page, crate::PAGE_SIZE) else {
+                    continue;
+                };
+                if regions.states.get(page) == Stored::Cpu {
+                    // A hole: any discard of it in progress is done.
+                    regions.unfence(p);
+                    // Refused where the layout is changing (the caller
+                    // tries again) or where it is not a hole any more.
+                    let _ = match self.uffd.zeropage(p, true) {
+                        Err(OpError::Invalid { .. }) => self.uffd.copy(
+                            p,
+                            crate::VirtAddr::from_ptr(fault::ZERO_PAGE.as_ptr()),
+                            crate::sys::uffd::CopyMode::empty(),
+                        ),
+                        r => r,
                     };
-                    if regions.states.get(page) == Stored::Cpu {
-                        // A hole: any discard of it in progress is done.
-                        regions.unfence(p);
-                        // Refused where the layout is changing (the caller
-                        // tries again) or where it is not a hole any more.
-                        let _ = match self.uffd.zeropage(p, true) {
-                            Err(OpError::Invalid { .. }) => self.uffd.copy(
-                                p,
-                                crate::VirtAddr::from_ptr(fault::ZERO_PAGE.as_ptr()),
-                                crate::sys::uffd::CopyMode::empty(),
-                            ),
-                            r => r,
-                        };
-                    }
                 }
             }
-            cursor = cursor.max(end);
         }
     }
 
