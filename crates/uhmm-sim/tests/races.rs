@@ -2934,6 +2934,90 @@ fn registered_missing(at: usize, len: usize) -> bool {
     false
 }
 
+/// Waits up to 2 s for `[at, at + len)` to be registered for MISSING
+/// faults (`want`) or not; whether it is, in the end.
+fn registered_missing_soon(at: usize, len: usize, want: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut is = registered_missing(at, len);
+    while is != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        is = registered_missing(at, len);
+    }
+    is
+}
+
+/// The fault service held in a device callback: a discard of a page of a
+/// region of its own, whose invalidation parks until the guard is
+/// released (or dropped, however the test ends). Meanwhile layout changes
+/// wait in the kernel for their events to be read.
+struct HeldService {
+    park: Arc<ParkService>,
+    discard: Option<JoinHandle<i32>>,
+    _sub: uhmm::mm::notifier::IntervalNotifier,
+    _other: uhmm::mm::ManagedRegion,
+}
+
+impl HeldService {
+    fn hold(mm: &Mm) -> HeldService {
+        let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+        let o = other.as_ptr() as usize;
+        wr(o, 1);
+        let park = Arc::new(ParkService(NotifyEvent::Clear, ParkingEngine::default()));
+        let sub = mm.insert_notifier(other.range(), park.clone()).unwrap();
+        park.1.arm();
+        // SAFETY: discards the test's own page.
+        let discard = std::thread::spawn(move || unsafe {
+            libc::madvise(o as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+        });
+        park.1.wait_parked();
+        HeldService {
+            park,
+            discard: Some(discard),
+            _sub: sub,
+            _other: other,
+        }
+    }
+
+    /// Lets the service go on; the discard's result.
+    fn release(mut self) -> i32 {
+        self.park.1.release();
+        join_soon(self.discard.take().unwrap())
+    }
+}
+
+impl Drop for HeldService {
+    fn drop(&mut self) {
+        self.park.1.release();
+    }
+}
+
+/// A managed region of `len` bytes at `at` whose page `i` holds word
+/// `first + i`, armed (registered for MISSING faults, as a migration arms
+/// it) and with its first page on `dev`'s memory if `on_device`.
+fn armed_region(
+    mm: &Mm,
+    dev: &SimDevice,
+    at: usize,
+    len: usize,
+    first: u64,
+    on_device: bool,
+) -> uhmm::mm::ManagedRegion {
+    // SAFETY: the test's own mapping, no reference into it.
+    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(at), len).unwrap()) }.unwrap();
+    for i in 0..len / PAGE_SIZE {
+        wr(at + i * PAGE_SIZE, first + i as u64);
+    }
+    assert_eq!(
+        dev.migrate_range_to_device(VirtAddr::new(at), 1).unwrap(),
+        1
+    );
+    if !on_device {
+        assert_eq!(rd(at), first);
+    }
+    assert!(registered_missing(at, len), "the region was never armed");
+    region
+}
+
 /// A region let go of (`Mm::unmanage`) after the kernel moved its mapping
 /// (mremap) but before the fault service applied the move's event leaves
 /// nothing registered with uhmm's userfaultfd at the new address: the
@@ -2951,54 +3035,21 @@ fn a_region_let_go_of_while_its_mremap_is_pending_is_not_left_registered() {
     const LEN: usize = 4 * PAGE_SIZE;
     // The region to move: at `a`, with its place `to` held (PROT_NONE).
     let (a, to) = low_places(LEN);
-    // SAFETY: our own mapping, no reference into it.
-    let region = unsafe { mm.manage(PageRange::new(VirtAddr::new(a), LEN).unwrap()) }.unwrap();
-    for i in 0..LEN / PAGE_SIZE {
-        wr(a + i * PAGE_SIZE, 0xA0 + i as u64);
-    }
-    // Armed (as a migration would arm it): registered for MISSING faults.
     let dev = SimDevice::new(&mm);
-    assert_eq!(dev.migrate_range_to_device(VirtAddr::new(a), 1).unwrap(), 1);
-    assert_eq!(rd(a), 0xA0);
-    assert!(registered_missing(a, LEN), "the region was never armed");
-    // Another region, whose discard holds the service in a callback.
-    let other = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    let o = other.as_ptr() as usize;
-    wr(o, 1);
-    let park = Arc::new(ParkService(NotifyEvent::Clear, ParkingEngine::default()));
-    let _sub = mm.insert_notifier(other.range(), park.clone()).unwrap();
-    park.1.arm();
-    // The service goes on however the test ends.
-    struct Release(Arc<ParkService>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.1.release();
-        }
-    }
-    let release = Release(park.clone());
-    // SAFETY: discards the test's own page.
-    let discard = std::thread::spawn(move || unsafe {
-        libc::madvise(o as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
-    });
-    park.1.wait_parked();
+    let region = armed_region(&mm, &dev, a, LEN, 0xA0, false);
+    let held = HeldService::hold(&mm);
     let mover = mremap_pending(a, LEN, to);
     let unmanaged = within(10, "the unmanage", {
         let mm = mm.clone();
         move || mm.unmanage(PageRange::new(VirtAddr::new(a), LEN).unwrap())
     });
-    drop(release);
+    assert_eq!(held.release(), 0);
     // (Nothing of it is managed any more: its drop lets go of nothing.)
     drop(region);
     assert_eq!(join_soon(mover), to);
-    assert_eq!(join_soon(discard), 0);
     assert_eq!(unmanaged.unwrap(), LEN, "bytes let go of");
     // (The service applies the move's event once it has read it.)
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut left = registered_missing(to, LEN);
-    while left && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-        left = registered_missing(to, LEN);
-    }
+    let left = registered_missing_soon(to, LEN, false);
     let data: Vec<u64> = (0..LEN / PAGE_SIZE)
         .map(|i| rd(to + i * PAGE_SIZE))
         .collect();
@@ -3009,6 +3060,186 @@ fn a_region_let_go_of_while_its_mremap_is_pending_is_not_left_registered() {
         "the moved mapping is still registered with uhmm's userfaultfd"
     );
     assert_eq!(data, vec![0xA0, 0xA1, 0xA2, 0xA3], "the region's data");
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
+/// The same let-go, then another managed region moved over the first
+/// one's new place (`MREMAP_FIXED`) before the service read either move:
+/// the second region's registration is not taken for the first one's.
+/// Before, the service unregistered the first region's new place as it
+/// applied its move, with the second region already there (its move
+/// still unread): the second region's page on the device then read zeros
+/// at its new place, with no fault for uhmm to serve. Found by reading
+/// the let-go fix again.
+#[test]
+fn a_managed_region_moved_over_a_let_go_one_keeps_its_registration() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 4 * PAGE_SIZE;
+    let (a, to) = low_places(LEN);
+    let c = low_map(LEN);
+    let dev = SimDevice::new(&mm);
+    let first = armed_region(&mm, &dev, a, LEN, 0xA0, false);
+    // The second region's first page is on the device: a hole in the page
+    // table, which only the registration brings back.
+    let second = armed_region(&mm, &dev, c, LEN, 0xC0, true);
+    let held = HeldService::hold(&mm);
+    let first_mover = mremap_pending(a, LEN, to);
+    let unmanaged = within(10, "the unmanage", {
+        let mm = mm.clone();
+        move || mm.unmanage(PageRange::new(VirtAddr::new(a), LEN).unwrap())
+    });
+    assert_eq!(unmanaged.unwrap(), LEN, "bytes let go of");
+    let second_mover = mremap_pending(c, LEN, to);
+    assert_eq!(held.release(), 0);
+    assert_eq!(join_soon(first_mover), to);
+    assert_eq!(join_soon(second_mover), to);
+    drop(first);
+    // (Checked before the clean-up: the device's drop, say, cannot bring
+    // its page home into a mapping that lost its registration, and would
+    // keep trying. A failure leaves the device and the regions be.)
+    if !registered_missing_soon(to, LEN, true) {
+        std::mem::forget((dev, second, mm));
+        panic!("the second region lost its registration");
+    }
+    let data = within(10, "the reads", move || {
+        (0..LEN / PAGE_SIZE)
+            .map(|i| rd(to + i * PAGE_SIZE))
+            .collect::<Vec<u64>>()
+    });
+    assert_eq!(
+        data,
+        vec![0xC0, 0xC1, 0xC2, 0xC3],
+        "the second region's data"
+    );
+    // (The second region's handle names its old place: let go here.)
+    drop(second);
+    mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap())
+        .unwrap();
+    // SAFETY: the test's own mapping, let go of.
+    unsafe { libc::munmap(to as *mut _, LEN) };
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
+/// A region dropped while another managed region's move over its place
+/// (`MREMAP_FIXED`) waits for its event: the drop's unregister, made on
+/// the table's word, takes the other region's registration, and the
+/// service registers it again when it applies the move. Before, the other
+/// region stayed unregistered: its page on the device read zeros.
+#[test]
+fn a_region_dropped_under_a_pending_move_over_it_leaves_the_mover_registered() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 4 * PAGE_SIZE;
+    let a = low_map(LEN);
+    let c = low_map(LEN);
+    let dev = SimDevice::new(&mm);
+    let dropped = armed_region(&mm, &dev, a, LEN, 0xA0, false);
+    let mover = armed_region(&mm, &dev, c, LEN, 0xC0, true);
+    let held = HeldService::hold(&mm);
+    let moving = mremap_pending(c, LEN, a);
+    within(10, "the region drop", move || drop(dropped));
+    assert_eq!(held.release(), 0);
+    assert_eq!(join_soon(moving), a);
+    // (Checked before the clean-up, as above.)
+    if !registered_missing_soon(a, LEN, true) {
+        std::mem::forget((dev, mover, mm));
+        panic!("the moved region lost its registration");
+    }
+    let data = within(10, "the reads", move || {
+        (0..LEN / PAGE_SIZE)
+            .map(|i| rd(a + i * PAGE_SIZE))
+            .collect::<Vec<u64>>()
+    });
+    assert_eq!(
+        data,
+        vec![0xC0, 0xC1, 0xC2, 0xC3],
+        "the moved region's data"
+    );
+    drop(mover);
+    mm.unmanage(PageRange::new(VirtAddr::new(a), LEN).unwrap())
+        .unwrap();
+    // SAFETY: the test's own mapping, let go of.
+    unsafe { libc::munmap(a as *mut _, LEN) };
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
+/// A managed mapping grown in place by mremap: the kernel registers the
+/// new tail with it (one mapping), and tells no one. The tail is not
+/// managed; its first touch is served as the kernel would, and its
+/// registration goes. Before, it stayed: every first touch of a page
+/// there was a round trip through the fault service. Found by review.
+#[test]
+fn the_tail_of_a_managed_mapping_grown_in_place_is_let_go_of() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 2 * PAGE_SIZE;
+    let at = low_map(2 * LEN);
+    // SAFETY: the test's own mapping: room to grow into.
+    unsafe { libc::munmap((at + LEN) as *mut _, LEN) };
+    let dev = SimDevice::new(&mm);
+    let region = armed_region(&mm, &dev, at, LEN, 0xA0, true);
+    // SAFETY: grows the test's own mapping in place (no MAYMOVE).
+    let grown = unsafe { libc::mremap(at as *mut _, LEN, 2 * LEN, 0) } as usize;
+    assert_eq!(grown, at, "grown in place");
+    assert!(registered_missing(at + LEN, LEN), "the tail is registered");
+    let tail = rd(at + LEN);
+    let left = registered_missing_soon(at + LEN, LEN, false);
+    let kept = registered_missing(at, LEN);
+    let data = [rd(at), rd(at + PAGE_SIZE)];
+    drop(region);
+    // SAFETY: the test's own mapping, let go of.
+    unsafe { libc::munmap(at as *mut _, 2 * LEN) };
+    assert_eq!(tail, 0, "the tail's first page");
+    assert!(
+        !left,
+        "the tail is still registered with uhmm's userfaultfd"
+    );
+    assert!(kept, "the region lost its registration");
+    assert_eq!(data, [0xA0, 0xA1], "the region's data");
+}
+
+/// A managed mapping moved with `MREMAP_DONTUNMAP`: the region goes with
+/// the pages, and the empty mapping left behind keeps the registration
+/// (the kernel's choice: its faults go to the userfaultfd). Nothing
+/// manages it; its first touch is served as the kernel would, and its
+/// registration goes. Before, it stayed. Found by review.
+#[test]
+fn the_place_an_mremap_dontunmap_leaves_is_let_go_of() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 2 * PAGE_SIZE;
+    let (a, to) = low_places(LEN);
+    let dev = SimDevice::new(&mm);
+    let region = armed_region(&mm, &dev, a, LEN, 0xA0, true);
+    // SAFETY: moves the test's own mapping over its own placeholder.
+    let moved = unsafe {
+        libc::mremap(
+            a as *mut _,
+            LEN,
+            LEN,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+            to as *mut libc::c_void,
+        )
+    } as usize;
+    assert_eq!(moved, to);
+    assert!(registered_missing(a, LEN), "the old place is registered");
+    let old = rd(a);
+    let left = registered_missing_soon(a, LEN, false);
+    let kept = registered_missing_soon(to, LEN, true);
+    let data = [rd(to), rd(to + PAGE_SIZE)];
+    drop(region);
+    mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap())
+        .unwrap();
+    // SAFETY: the test's own mappings, let go of.
+    unsafe { libc::munmap(a as *mut _, 2 * LEN) };
+    assert_eq!(old, 0, "the old place's first page");
+    assert!(
+        !left,
+        "the old place is still registered with uhmm's userfaultfd"
+    );
+    assert!(kept, "the moved region lost its registration");
+    assert_eq!(data, [0xA0, 0xA1], "the region's data");
     assert_eq!(mm.stats().pages_lost, 0);
 }
 

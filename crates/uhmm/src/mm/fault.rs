@@ -356,6 +356,11 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
         // the kernel would, never left to retry for ever).
         Stored::Cpu => {
             shared.stats.faults_hole.fetch_add(1, Ordering::Relaxed);
+            if region.is_none() {
+                // Registered here, and nothing manages it: its
+                // registration is to go.
+                shared.note_stale(&mut regions, page.start());
+            }
             // A hole: any discard of it in progress is done.
             regions.unfence(page);
             let served = fill_hole(shared, page, f.flags);

@@ -766,6 +766,7 @@ impl Mm {
         let mut bytes = 0;
         for p in pieces {
             let mut rounds = 0;
+            let mut waited = false;
             loop {
                 rounds += 1;
                 if !owned {
@@ -797,13 +798,24 @@ impl Mm {
                     drop(guard);
                     continue;
                 }
+                // A pending layout change may have moved memory in or out
+                // of the piece, which the table shows once its event is
+                // applied: waited for (briefly; not by a fault service,
+                // which would wait for itself), then looked at again.
+                if !waited && !service::on_service() && shared.uffd.layout_changing() {
+                    waited = true;
+                    drop(regions);
+                    drop(guard);
+                    shared.await_layout_settled(service::LET_GO_PATIENCE);
+                    continue;
+                }
                 // Each piece alone: the kernel refuses to unregister a
                 // range of which a part is registered with another
                 // userfaultfd (before Linux 6.17 it unregistered that part
                 // from it).
                 for q in now {
                     regions.unmapped(q, |_, s| gone.push(s));
-                    let _ = shared.uffd.unregister(q);
+                    shared.unregister_checked(&mut regions, q);
                     bytes += q.len();
                 }
                 drop(regions);

@@ -142,6 +142,16 @@ pub(crate) struct Regions {
     /// The fault the service is bringing back from its device now (see
     /// `fault::serve`).
     pub(crate) serving: Option<Serving>,
+    /// Pages of mappings registered with the userfaultfd that no region
+    /// manages (any more), with when each was found: their registrations
+    /// are to go (`Shared::unregister_stale`). Kept in step with the events
+    /// as the regions are: an unmap takes a page out, an mremap moves it.
+    stale: Vec<(VirtAddr, Instant)>,
+    /// Ranges unregistered while a layout change was pending or under way
+    /// (`Shared::unregister_checked`): one may have moved a managed
+    /// mapping there first, which is registered again when its event is
+    /// applied.
+    pub(crate) suspects: Vec<PageRange>,
 }
 
 /// The page whose fault the service is bringing back from its device, and
@@ -275,6 +285,7 @@ impl Regions {
     /// The stored states of its pages are handed to `gone`; a page some
     /// operation had in flight is no longer its own.
     pub(crate) fn unmapped(&mut self, gone: PageRange, states: impl FnMut(VirtAddr, Stored)) {
+        self.stale.retain(|&(a, _)| !gone.contains(a));
         self.states.clear(gone, states);
         self.unfence(gone);
         self.remove_ranges(gone);
@@ -324,6 +335,11 @@ impl Regions {
         // Whatever was at the destination was replaced.
         self.unmapped(new, &mut gone);
         self.states.move_range(old, to);
+        for (a, _) in &mut self.stale {
+            if old.contains(*a) {
+                *a = VirtAddr::new(a.get() - old.start().get() + to.get());
+            }
+        }
         self.unfence(old);
         self.remove_ranges(old);
         if let Some(was) = was {
@@ -382,6 +398,29 @@ impl Regions {
             }
         }
         self.fences = kept;
+    }
+
+    /// Records that the page at `addr` lies in a mapping registered with
+    /// the userfaultfd that no region manages (see [`Regions::stale`]).
+    pub(crate) fn add_stale(&mut self, addr: VirtAddr) {
+        if !self.stale.iter().any(|&(a, _)| a == addr) {
+            self.stale.push((addr, Instant::now()));
+        }
+    }
+
+    /// Whether stale registrations wait to be unregistered.
+    pub(crate) fn has_stale(&self) -> bool {
+        !self.stale.is_empty()
+    }
+
+    /// Takes the pages of stale registrations found less than `ttl` ago.
+    pub(crate) fn take_stale(&mut self, ttl: Duration) -> Vec<VirtAddr> {
+        let now = Instant::now();
+        self.stale
+            .drain(..)
+            .filter(|&(_, t)| now.duration_since(t) < ttl)
+            .map(|(a, _)| a)
+            .collect()
     }
 
     /// Every managed range.

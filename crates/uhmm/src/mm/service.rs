@@ -116,6 +116,10 @@ pub(crate) struct Shared {
     /// The 2 MiB block whose device page a fault back failed to bring
     /// back whole last (0: none): its next fault takes its own range.
     pub(crate) huge_failed: AtomicUsize,
+    /// Whether stale registrations wait to be unregistered (set with
+    /// `Regions::add_stale`, under the regions lock; see
+    /// [`unregister_stale`](Self::unregister_stale)).
+    stale: AtomicBool,
 }
 
 impl Shared {
@@ -145,6 +149,7 @@ impl Shared {
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
             huge_failed: AtomicUsize::new(0),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -173,12 +178,134 @@ impl Shared {
     /// drop let go of them after the kernel moved the mapping and before
     /// this event was applied, and unregistered nothing, the mapping being
     /// gone from there), and neither staging nor device memory. Their
-    /// registration went with the mapping: its new place is to be
-    /// unregistered (see [`own_memory_gaps`](Self::own_memory_gaps)), or
-    /// every first touch there would be a round trip through the fault
-    /// service for memory nobody manages.
+    /// registration went with the mapping: its new place is stale
+    /// ([`unregister_stale`](Self::unregister_stale)), or every first touch
+    /// there would be a round trip through the fault service for memory
+    /// nobody manages.
     fn let_go_of(&self, regions: &Regions, moved: PageRange) -> Vec<PageRange> {
         self.own_memory_gaps(moved, regions.pieces(moved, None))
+    }
+
+    /// Records the page at `addr`, in a mapping registered with the
+    /// userfaultfd, as managed by no region: see
+    /// [`unregister_stale`](Self::unregister_stale).
+    pub(crate) fn note_stale(&self, regions: &mut Regions, addr: crate::VirtAddr) {
+        regions.add_stale(addr);
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// Unregisters the mappings registered with the userfaultfd that no
+    /// region manages (`Regions::stale`): a mapping a region was let go of
+    /// while its mremap was pending took its registration along, an mremap
+    /// that grows a managed mapping in place registers its new tail with
+    /// it (no event tells of that), and `MREMAP_DONTUNMAP` leaves the old
+    /// place registered and empty. Their faults reach the service; each is
+    /// served as the kernel would, and marks its page (`fault::serve`).
+    ///
+    /// Only at a moment no layout change is pending: then every event of a
+    /// change to memory registered here has been read, and applied (the
+    /// caller holds the regions lock), so each marked page is still in the
+    /// mapping that was marked (an unmap takes its mark out, an mremap
+    /// moves it), and the mapping is registered here, wholly (one mapping,
+    /// one registration). What of it is not managed, nor staging or device
+    /// memory, is unregistered ([`unregister_checked`](Self::unregister_checked)).
+    /// Returns whether marks are left for later (a change pending); a mark
+    /// older than [`STALE_TTL`] is dropped (its next fault marks it again).
+    pub(crate) fn unregister_stale(&self, regions: &mut Regions) -> bool {
+        if !regions.has_stale() {
+            return false;
+        }
+        if self.uffd.layout_changing() {
+            return true;
+        }
+        let Ok(procmap) = self.procmap() else {
+            regions.take_stale(Duration::ZERO);
+            return false;
+        };
+        let mut done: Vec<PageRange> = Vec::new();
+        for addr in regions.take_stale(STALE_TTL) {
+            if done.iter().any(|r| r.contains(addr)) {
+                continue;
+            }
+            let Ok(Some(vma)) = procmap.query(addr) else {
+                continue;
+            };
+            done.push(vma.range);
+            let kept = regions.pieces(vma.range, None);
+            for gap in self.own_memory_gaps(vma.range, kept) {
+                self.unregister_checked(regions, gap);
+            }
+        }
+        false
+    }
+
+    /// Unregisters `range`, which the caller found managed by no region
+    /// (it holds the regions lock since it looked). The table may lag the
+    /// kernel by the events not yet read: a pending mremap may have moved
+    /// a managed mapping into `range` already, and the unregister then
+    /// takes that mapping's registration. The kernel counts a layout
+    /// change as pending from before it makes it until its event is read
+    /// (`Uffd::layout_changing`), and only the service reads: so if none
+    /// is pending before the unregister or after it, none could have moved
+    /// anything there. Otherwise `range` is a suspect: the service
+    /// registers again what an mremap moved into a suspect, when it
+    /// applies its event ([`register_again`](Self::register_again)).
+    pub(crate) fn unregister_checked(&self, regions: &mut Regions, range: PageRange) {
+        let before = self.uffd.layout_changing();
+        let _ = self.uffd.unregister(range);
+        if before || self.uffd.layout_changing() {
+            regions.suspects.push(range);
+        }
+    }
+
+    /// Registers the managed parts of `range` again, in the mode their
+    /// regions have (`arm_mode` where armed, else write-protect only):
+    /// an mremap moved them into a suspect range (see
+    /// [`unregister_checked`](Self::unregister_checked)), whose unregister
+    /// may have taken their registration.
+    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
+    fn register_again(&self, regions: &Regions, range: PageRange) {
+        let Ok(procmap) = self.procmap() else { return };
+        for piece in regions.pieces(range, None) {
+            let armed = regions.containing(piece).is_some_and(|r| r.armed);
+            let Ok(vmas) = procmap.covering(piece) else {
+                continue;
+            };
+            for v in vmas {
+                let Some(part) = v.range.intersection(piece) else {
+                    continue;
+                };
+                let mode = if armed {
+                    arm_mode(&v, self.uffd.features())
+                } else {
+                    RegisterMode::WP
+                };
+                // SAFETY: a managed region has no references into it (the
+                // contract it was registered under); it is registered as
+                // it was.
+                let _ = unsafe { self.uffd.register_range(part, mode) };
+            }
+        }
+    }
+
+    /// Waits, up to `patience`, for a moment when no layout change is
+    /// pending (see [`unregister_checked`](Self::unregister_checked));
+    /// whether one came. The caller holds nothing the service takes.
+    pub(crate) fn await_layout_settled(&self, patience: Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        let mut looks = 0u32;
+        while self.uffd.layout_changing() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            looks += 1;
+            if looks % 64 == 0 {
+                std::thread::sleep(Duration::from_micros(20));
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        true
     }
 
     /// The parts of `range` outside `kept` and outside uhmm's staging and
@@ -415,18 +542,8 @@ impl Shared {
         // moments with none pending, often enough).
         if self.uffd.layout_changing() {
             drop(regions);
-            let patience = std::time::Instant::now() + ARM_PATIENCE;
-            let mut looks = 0u32;
-            while self.uffd.layout_changing() {
-                if std::time::Instant::now() >= patience {
-                    return Err(MmError::NotManaged { range });
-                }
-                looks += 1;
-                if looks % 64 == 0 {
-                    std::thread::sleep(Duration::from_micros(20));
-                } else {
-                    std::thread::yield_now();
-                }
+            if !self.await_layout_settled(ARM_PATIENCE) {
+                return Err(MmError::NotManaged { range });
             }
             regions = lock(&self.regions);
             match regions.containing(range) {
@@ -1301,6 +1418,15 @@ const LAYOUT_PAUSE_EVERY: u32 = 16;
 /// (its callers then look again, and register again).
 const ARM_PATIENCE: Duration = Duration::from_millis(20);
 
+/// How long a let-go of managed memory waits for pending layout changes
+/// to be read before it unregisters (see `Mm::let_go`).
+pub(crate) const LET_GO_PATIENCE: Duration = ARM_PATIENCE;
+
+/// How long a page of a stale registration waits for a moment with no
+/// layout change pending (see `Shared::unregister_stale`) before it is
+/// forgotten.
+const STALE_TTL: Duration = Duration::from_secs(1);
+
 /// How long a region drop, a fork or a device removal waits for a
 /// migration in flight before it takes the migration to be abandoned (a
 /// `MigrateVma` leaked, or held by a thread that is stuck) and reclaims its
@@ -1367,10 +1493,12 @@ pub(crate) fn run(shared: Arc<Shared>) {
     loop {
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
-        let timeout = (!pending.is_empty() || !parked.is_empty()).then_some(Timespec {
-            tv_sec: 0,
-            tv_nsec: Duration::from_micros(200).as_nanos() as i64,
-        });
+        let timeout =
+            (!pending.is_empty() || !parked.is_empty() || shared.stale.load(Ordering::Relaxed))
+                .then_some(Timespec {
+                    tv_sec: 0,
+                    tv_nsec: Duration::from_micros(200).as_nanos() as i64,
+                });
         let mut fds = [
             PollFd::new(&shared.uffd, PollFlags::IN),
             PollFd::new(&shared.wake, PollFlags::IN),
@@ -1411,6 +1539,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
             for event in events.drain(..) {
                 apply(&shared, &mut regions, event, &mut work);
             }
+            // With no change pending, every change that may have hit a
+            // suspect range has been applied (`unregister_checked`).
+            if !regions.suspects.is_empty() && !shared.uffd.layout_changing() {
+                regions.suspects.clear();
+            }
         }
         shared.epoch.fetch_add(1, Ordering::AcqRel);
         // Devices are told, and let go of what the dropped states held,
@@ -1447,6 +1580,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
         // (Anything else on this thread that read events: settled too.)
         settle_deferred(&shared, &mut pending, &mut parked);
         shared.parked.store(parked.len(), Ordering::Release);
+        if shared.stale.load(Ordering::Relaxed) {
+            let mut regions = lock(&shared.regions);
+            let left = shared.unregister_stale(&mut regions);
+            shared.stale.store(left, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1763,18 +1901,18 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
                 regions.moved(old, to, |_, s| work.gone.push(s));
+                // Unregistered once the events read with this one are
+                // applied too, and no layout change is pending (a later
+                // one may have put managed memory there).
                 for part in stale {
-                    let Some(moved) = to
-                        .checked_add(part.start().get() - old.start().get())
-                        .and_then(|at| PageRange::new(at, part.len()).ok())
-                    else {
-                        continue;
-                    };
-                    // (Staging or device memory may have been mapped there
-                    // since, if a later unmap, still unread, freed it.)
-                    for gap in shared.own_memory_gaps(moved, Vec::new()) {
-                        let _ = shared.uffd.unregister(gap);
+                    if let Some(at) = to.checked_add(part.start().get() - old.start().get()) {
+                        shared.note_stale(regions, at);
                     }
+                }
+                if let Ok(new) = PageRange::new(to, old_len)
+                    && regions.suspects.iter().any(|s| s.overlaps(new))
+                {
+                    shared.register_again(regions, new);
                 }
             }
         }
