@@ -36,7 +36,9 @@ use crate::sys::mem::{self, Advice, MemError};
 use crate::sys::pagemap::{Categories, Pagemap, PagemapError, ScanQuery};
 use crate::sys::procmap::{Procmap, ProcmapError};
 use crate::sys::procmap::{Vma, VmaKind};
-use crate::sys::uffd::{CopyMode, Features, MoveMode, OpError, Progress, RegisterMode, Stop};
+use crate::sys::uffd::{
+    CopyMode, Features, MoveMode, OpError, Progress, RegisterError, RegisterMode, Stop,
+};
 use crate::sys::uffd::{Event, Uffd, event::BATCH};
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec, poll};
 use std::os::fd::OwnedFd;
@@ -250,8 +252,21 @@ impl Shared {
     /// anything there. Otherwise `range` is a suspect: the service
     /// registers again what an mremap moved into a suspect, when it
     /// applies its event ([`register_again`](Self::register_again)).
+    ///
+    /// Memory registered with another userfaultfd (mapped there since, by
+    /// a change applied already) is left alone: before Linux 6.17 an
+    /// unregister took it from that one. A register in write-protect mode
+    /// first tells: the kernel refuses it for such memory (and only a
+    /// mode changes for the rest, until the unregister).
+    #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
     pub(crate) fn unregister_checked(&self, regions: &mut Regions, range: PageRange) {
         let before = self.uffd.layout_changing();
+        // SAFETY: write-protect mode alone puts nothing into any page, and
+        // the unregister below undoes it.
+        let probe = unsafe { self.uffd.register_range(range, RegisterMode::WP) };
+        if let Err(RegisterError::AlreadyRegistered { .. }) = probe {
+            return;
+        }
         let _ = self.uffd.unregister(range);
         if before || self.uffd.layout_changing() {
             regions.suspects.push(range);
