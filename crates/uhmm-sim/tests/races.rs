@@ -3063,6 +3063,42 @@ fn a_region_let_go_of_while_its_mremap_is_pending_is_not_left_registered() {
     assert_eq!(mm.stats().pages_lost, 0);
 }
 
+/// Checks that `region`, an `armed_region` of 4 pages from `first` with
+/// its first page on `dev`, moved to `at`, is registered and reads its
+/// data there; then lets it go and unmaps it. Checked before the clean-up:
+/// the device's drop, say, cannot bring its page home into a mapping that
+/// lost its registration, and would keep trying; a failure leaves the
+/// device and the regions be.
+fn moved_region_kept(
+    mm: Mm,
+    dev: SimDevice,
+    region: uhmm::mm::ManagedRegion,
+    at: usize,
+    first: u64,
+) {
+    const LEN: usize = 4 * PAGE_SIZE;
+    if !registered_missing_soon(at, LEN, true) {
+        std::mem::forget((dev, region, mm));
+        panic!("the moved region lost its registration");
+    }
+    let data = within(10, "the reads", move || {
+        (0..LEN / PAGE_SIZE)
+            .map(|i| rd(at + i * PAGE_SIZE))
+            .collect::<Vec<u64>>()
+    });
+    let want: Vec<u64> = (0..LEN as u64 / PAGE_SIZE as u64)
+        .map(|i| first + i)
+        .collect();
+    assert_eq!(data, want, "the moved region's data");
+    // (Its handle names its old place: let go here.)
+    drop(region);
+    mm.unmanage(PageRange::new(VirtAddr::new(at), LEN).unwrap())
+        .unwrap();
+    // SAFETY: the test's own mapping, let go of.
+    unsafe { libc::munmap(at as *mut _, LEN) };
+    assert_eq!(mm.stats().pages_lost, 0);
+}
+
 /// The same let-go, then another managed region moved over the first
 /// one's new place (`MREMAP_FIXED`) before the service read either move:
 /// the second region's registration is not taken for the first one's.
@@ -3095,30 +3131,7 @@ fn a_managed_region_moved_over_a_let_go_one_keeps_its_registration() {
     assert_eq!(join_soon(first_mover), to);
     assert_eq!(join_soon(second_mover), to);
     drop(first);
-    // (Checked before the clean-up: the device's drop, say, cannot bring
-    // its page home into a mapping that lost its registration, and would
-    // keep trying. A failure leaves the device and the regions be.)
-    if !registered_missing_soon(to, LEN, true) {
-        std::mem::forget((dev, second, mm));
-        panic!("the second region lost its registration");
-    }
-    let data = within(10, "the reads", move || {
-        (0..LEN / PAGE_SIZE)
-            .map(|i| rd(to + i * PAGE_SIZE))
-            .collect::<Vec<u64>>()
-    });
-    assert_eq!(
-        data,
-        vec![0xC0, 0xC1, 0xC2, 0xC3],
-        "the second region's data"
-    );
-    // (The second region's handle names its old place: let go here.)
-    drop(second);
-    mm.unmanage(PageRange::new(VirtAddr::new(to), LEN).unwrap())
-        .unwrap();
-    // SAFETY: the test's own mapping, let go of.
-    unsafe { libc::munmap(to as *mut _, LEN) };
-    assert_eq!(mm.stats().pages_lost, 0);
+    moved_region_kept(mm, dev, second, to, 0xC0);
 }
 
 /// A region dropped while another managed region's move over its place
@@ -3141,27 +3154,7 @@ fn a_region_dropped_under_a_pending_move_over_it_leaves_the_mover_registered() {
     within(10, "the region drop", move || drop(dropped));
     assert_eq!(held.release(), 0);
     assert_eq!(join_soon(moving), a);
-    // (Checked before the clean-up, as above.)
-    if !registered_missing_soon(a, LEN, true) {
-        std::mem::forget((dev, mover, mm));
-        panic!("the moved region lost its registration");
-    }
-    let data = within(10, "the reads", move || {
-        (0..LEN / PAGE_SIZE)
-            .map(|i| rd(a + i * PAGE_SIZE))
-            .collect::<Vec<u64>>()
-    });
-    assert_eq!(
-        data,
-        vec![0xC0, 0xC1, 0xC2, 0xC3],
-        "the moved region's data"
-    );
-    drop(mover);
-    mm.unmanage(PageRange::new(VirtAddr::new(a), LEN).unwrap())
-        .unwrap();
-    // SAFETY: the test's own mapping, let go of.
-    unsafe { libc::munmap(a as *mut _, LEN) };
-    assert_eq!(mm.stats().pages_lost, 0);
+    moved_region_kept(mm, dev, mover, a, 0xC0);
 }
 
 /// A managed mapping grown in place by mremap: the kernel registers the
