@@ -2934,14 +2934,28 @@ fn registered_missing(at: usize, len: usize) -> bool {
     false
 }
 
+/// Whether every page of `[at, at + len)` lies in a mapping registered
+/// with a userfaultfd for MISSING faults.
+fn registered_missing_all(at: usize, len: usize) -> bool {
+    (0..len / PAGE_SIZE).all(|i| registered_missing(at + i * PAGE_SIZE, PAGE_SIZE))
+}
+
 /// Waits up to 2 s for `[at, at + len)` to be registered for MISSING
-/// faults (`want`) or not; whether it is, in the end.
+/// faults, every page of it (`want`), or no page of it (`!want`); whether
+/// it is so (`want`) or not, in the end.
 fn registered_missing_soon(at: usize, len: usize, want: bool) -> bool {
+    let look = || {
+        if want {
+            registered_missing_all(at, len)
+        } else {
+            registered_missing(at, len)
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(2);
-    let mut is = registered_missing(at, len);
+    let mut is = look();
     while is != want && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
-        is = registered_missing(at, len);
+        is = look();
     }
     is
 }
@@ -2993,7 +3007,7 @@ impl Drop for HeldService {
 
 /// A managed region of `len` bytes at `at` whose page `i` holds word
 /// `first + i`, armed (registered for MISSING faults, as a migration arms
-/// it) and with its first page on `dev`'s memory if `on_device`.
+/// it) and with all its pages on `dev`'s memory if `on_device`.
 fn armed_region(
     mm: &Mm,
     dev: &SimDevice,
@@ -3007,14 +3021,19 @@ fn armed_region(
     for i in 0..len / PAGE_SIZE {
         wr(at + i * PAGE_SIZE, first + i as u64);
     }
+    let pages = if on_device { len / PAGE_SIZE } else { 1 };
     assert_eq!(
-        dev.migrate_range_to_device(VirtAddr::new(at), 1).unwrap(),
-        1
+        dev.migrate_range_to_device(VirtAddr::new(at), pages)
+            .unwrap(),
+        pages as u64
     );
     if !on_device {
         assert_eq!(rd(at), first);
     }
-    assert!(registered_missing(at, len), "the region was never armed");
+    assert!(
+        registered_missing_all(at, len),
+        "the region was never armed"
+    );
     region
 }
 
@@ -3063,8 +3082,8 @@ fn a_region_let_go_of_while_its_mremap_is_pending_is_not_left_registered() {
     assert_eq!(mm.stats().pages_lost, 0);
 }
 
-/// Checks that `region`, an `armed_region` of 4 pages from `first` with
-/// its first page on `dev`, moved to `at`, is registered and reads its
+/// Checks that `region`, an `armed_region` of 4 pages from `first` on
+/// `dev`, moved to `at`, is registered and reads its
 /// data there; then lets it go and unmaps it. Checked before the clean-up:
 /// the device's drop, say, cannot bring its page home into a mapping that
 /// lost its registration, and would keep trying; a failure leaves the
@@ -3152,9 +3171,149 @@ fn a_region_dropped_under_a_pending_move_over_it_leaves_the_mover_registered() {
     let held = HeldService::hold(&mm);
     let moving = mremap_pending(c, LEN, a);
     within(10, "the region drop", move || drop(dropped));
+    // (The drop ran while the move's event was unread.)
+    assert!(!moving.is_finished(), "the move was not pending");
     assert_eq!(held.release(), 0);
     assert_eq!(join_soon(moving), a);
     moved_region_kept(mm, dev, mover, a, 0xC0);
+}
+
+/// A region dropped while no layout change is pending, and another
+/// managed region moved over its place (`MREMAP_FIXED`) in the moment
+/// between the drop's look for a pending change and its unregister (a
+/// test point starts the move there and waits until it waits for its
+/// event). The unregister took the mover's registration;
+/// the drop registers what is mapped there again at once. Without that
+/// (the unregister taken to be safe), the mover's pages read zeros at
+/// its new place.
+#[test]
+fn a_region_moved_over_one_being_dropped_during_its_unregister_keeps_its_registration() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 4 * PAGE_SIZE;
+    let a = low_map(LEN);
+    let c = low_map(LEN);
+    let dev = SimDevice::new(&mm);
+    let dropped = armed_region(&mm, &dev, a, LEN, 0xA0, false);
+    let mover = armed_region(&mm, &dev, c, LEN, 0xC0, true);
+    let moving = within(10, "the region drop", move || {
+        let moving = std::rc::Rc::new(std::cell::RefCell::new(None));
+        let m = moving.clone();
+        uhmm::testing::on_unregister(move || {
+            if m.borrow().is_none() {
+                *m.borrow_mut() = Some(mremap_pending(c, LEN, a));
+            }
+        });
+        drop(dropped);
+        uhmm::testing::clear();
+        moving.take()
+    });
+    let moving = moving.expect("the drop unregistered nothing");
+    assert_eq!(join_soon(moving), a);
+    moved_region_kept(mm, dev, mover, a, 0xC0);
+}
+
+/// Unsets the events-read test point however the test ends.
+struct EndEventsRead;
+
+impl Drop for EndEventsRead {
+    fn drop(&mut self) {
+        uhmm::testing::on_events_read(None);
+    }
+}
+
+/// The same drop, the move over its place made with `MREMAP_DONTUNMAP`
+/// (no unmap of the source holds its thread once the move's event is
+/// read), and the moved region moved on at once: before the service
+/// applies the first move's event (a test point holds it there until the
+/// second move is done, or waits for its own event). Before, the drop's
+/// unregister took the mover's registration and the service registered
+/// again where the mover had been, too late: the second move, of an
+/// unregistered mapping, sent no event, the table kept the region where
+/// it was no more, and its pages read zeros at its new place. Found by
+/// review.
+#[test]
+fn a_region_dropped_under_a_pending_move_moved_on_at_once_keeps_the_mover_registered() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    const LEN: usize = 4 * PAGE_SIZE;
+    let a = low_map(LEN);
+    let c = low_map(LEN);
+    let b = low_map(LEN);
+    let dev = SimDevice::new(&mm);
+    let dropped = armed_region(&mm, &dev, a, LEN, 0xA0, false);
+    let mover = armed_region(&mm, &dev, c, LEN, 0xC0, true);
+    let held = HeldService::hold(&mm);
+    let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let first_done = Arc::new(AtomicBool::new(false));
+    let moving = change_pending("mremap", {
+        let (tid, first_done) = (tid.clone(), first_done.clone());
+        move || {
+            // SAFETY: gettid has no preconditions; the mremaps move the
+            // test's own mappings over its own places.
+            unsafe {
+                tid.store(libc::gettid(), Ordering::SeqCst);
+                let first = libc::mremap(
+                    c as *mut _,
+                    LEN,
+                    LEN,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                    a as *mut libc::c_void,
+                ) as usize;
+                first_done.store(true, Ordering::SeqCst);
+                let second = libc::mremap(
+                    a as *mut _,
+                    LEN,
+                    LEN,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    b as *mut libc::c_void,
+                ) as usize;
+                (first, second)
+            }
+        }
+    });
+    within(10, "the region drop", move || drop(dropped));
+    assert!(!moving.is_finished(), "the move was not pending");
+    // The batch with the first move's event, once read: applied only once
+    // the mover's thread has made its second move, or waits for its event
+    // (2 s at most).
+    let _end = EndEventsRead;
+    let held_back = Arc::new(AtomicBool::new(false));
+    uhmm::testing::on_events_read(Some(Box::new({
+        let held_back = held_back.clone();
+        move |events| {
+            let first = events.iter().any(
+                |e| matches!(e, uhmm::sys::uffd::Event::Remap { from, .. } if from.get() == c),
+            );
+            if !first {
+                return;
+            }
+            held_back.store(true, Ordering::SeqCst);
+            let id = tid.load(Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                let done = std::fs::read_to_string(format!("/proc/self/task/{id}/wchan"))
+                    .map_or(true, |w| {
+                        first_done.load(Ordering::SeqCst) && w.contains("userfaultfd_event_wait")
+                    });
+                let gone = std::fs::metadata(format!("/proc/self/task/{id}")).is_err();
+                if done || gone {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })));
+    assert_eq!(held.release(), 0);
+    assert_eq!(join_soon(moving), (a, b));
+    uhmm::testing::on_events_read(None);
+    assert!(held_back.load(Ordering::SeqCst), "the test point never ran");
+    moved_region_kept(mm, dev, mover, b, 0xC0);
+    // SAFETY: the test's own mappings (the places the moves left).
+    unsafe {
+        libc::munmap(a as *mut _, LEN);
+        libc::munmap(c as *mut _, LEN);
+    }
 }
 
 /// A managed mapping grown in place by mremap: the kernel registers the
@@ -3178,7 +3337,7 @@ fn the_tail_of_a_managed_mapping_grown_in_place_is_let_go_of() {
     assert!(registered_missing(at + LEN, LEN), "the tail is registered");
     let tail = rd(at + LEN);
     let left = registered_missing_soon(at + LEN, LEN, false);
-    let kept = registered_missing(at, LEN);
+    let kept = registered_missing_all(at, LEN);
     let data = [rd(at), rd(at + PAGE_SIZE)];
     drop(region);
     // SAFETY: the test's own mapping, let go of.

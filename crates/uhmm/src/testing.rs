@@ -19,6 +19,7 @@ thread_local! {
     static ARM: Point = const { RefCell::new(None) };
     static BRING_HOME_ROUND: Point = const { RefCell::new(None) };
     static REVOKE_COPY: Point = const { RefCell::new(None) };
+    static UNREGISTER: Point = const { RefCell::new(None) };
     static MOVE: RefCell<Option<Answer>> = const { RefCell::new(None) };
 }
 
@@ -81,6 +82,16 @@ pub fn on_revoke_copy(f: impl FnMut() + 'static) {
     set(&REVOKE_COPY, Some(Box::new(f)));
 }
 
+/// Calls `f` each time this thread, letting go of memory no region
+/// manages (a region's drop, an unmanage), is about to unregister a range,
+/// having seen no layout change pending: under the regions lock (the fault
+/// service does not read events meanwhile). `f` may start such a change
+/// on another thread and wait until it waits for its event.
+#[cfg(feature = "test-hooks")]
+pub fn on_unregister(f: impl FnMut() + 'static) {
+    set(&UNREGISTER, Some(Box::new(f)));
+}
+
 /// Calls `f` with the kernel's answer to each move of pages uhmm makes on
 /// this thread (a migration taking pages out of managed memory into
 /// staging and on into device memory, an exclusive grab, a put-back),
@@ -115,6 +126,25 @@ static ANY_MOVE: std::sync::Mutex<Option<AnyMove>> = std::sync::Mutex::new(None)
 #[cfg(feature = "test-hooks")]
 pub fn on_move_anywhere(f: Option<AnyMove>) {
     *ANY_MOVE.lock().unwrap_or_else(|e| e.into_inner()) = f;
+}
+
+/// An events-read test point: see [`on_events_read`].
+#[cfg(feature = "test-hooks")]
+pub type EventsRead = Box<dyn FnMut(&[crate::sys::uffd::Event]) + Send>;
+
+#[cfg(feature = "test-hooks")]
+static EVENTS_READ: std::sync::Mutex<Option<EventsRead>> = std::sync::Mutex::new(None);
+
+/// Calls `f` with each batch of events a fault service reads (any `Mm`'s),
+/// after the read and before they are applied to its table: the threads
+/// whose changes they report are released already, and may change the
+/// layout again before the table shows the first change. `None` ends it;
+/// one test of a process at a time may use it. It runs on the service
+/// thread under the regions lock: `f` may wait, bounded, for another
+/// thread (no event is read meanwhile), but must not take uhmm's locks.
+#[cfg(feature = "test-hooks")]
+pub fn on_events_read(f: Option<EventsRead>) {
+    *EVENTS_READ.lock().unwrap_or_else(|e| e.into_inner()) = f;
 }
 
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
@@ -154,6 +184,7 @@ pub fn clear() {
     set(&ARM, None);
     set(&BRING_HOME_ROUND, None);
     set(&REVOKE_COPY, None);
+    set(&UNREGISTER, None);
     MOVE.with(|h| *h.borrow_mut() = None);
 }
 
@@ -182,6 +213,12 @@ pub(crate) fn revoke_copy() {
 }
 
 #[inline]
+pub(crate) fn unregister() {
+    #[cfg(feature = "test-hooks")]
+    pass(&UNREGISTER);
+}
+
+#[inline]
 pub(crate) fn move_answer(
     _dst: crate::PageRange,
     _answer: &mut Result<crate::sys::uffd::Progress, crate::sys::uffd::OpError>,
@@ -196,5 +233,18 @@ pub(crate) fn move_answer(
         if let Some(f) = ANY_MOVE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             f(_dst, _answer);
         }
+    }
+}
+
+#[inline]
+pub(crate) fn events_read(_events: &[crate::sys::uffd::Event]) {
+    #[cfg(feature = "test-hooks")]
+    if !_events.is_empty()
+        && let Some(f) = EVENTS_READ
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+    {
+        f(_events);
     }
 }

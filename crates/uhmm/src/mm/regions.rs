@@ -142,16 +142,12 @@ pub(crate) struct Regions {
     /// The fault the service is bringing back from its device now (see
     /// `fault::serve`).
     pub(crate) serving: Option<Serving>,
-    /// Pages of mappings registered with the userfaultfd that no region
-    /// manages (any more), with when each was found: their registrations
-    /// are to go (`Shared::unregister_stale`). Kept in step with the events
-    /// as the regions are: an unmap takes a page out, an mremap moves it.
-    stale: Vec<(VirtAddr, Instant)>,
-    /// Ranges unregistered while a layout change was pending or under way
-    /// (`Shared::unregister_checked`): one may have moved a managed
-    /// mapping there first, which is registered again when its event is
-    /// applied.
-    pub(crate) suspects: Vec<PageRange>,
+    /// Parts of mappings registered with the userfaultfd that no region
+    /// manages (any more): their registrations are to go, at a moment no
+    /// layout change is pending (`Shared::unregister_stale`). Kept in step
+    /// with the events as the regions are: an unmap takes a part out, an
+    /// mremap moves it.
+    stale: Vec<PageRange>,
 }
 
 /// The page whose fault the service is bringing back from its device, and
@@ -182,6 +178,10 @@ impl Serving {
 /// pages are seen gone, and this bound only retires the fences of pages the
 /// CPU filled again without a fault reaching uhmm (a region not yet armed).
 pub(crate) const FENCE_TTL: Duration = Duration::from_secs(1);
+
+/// How many parts of stale registrations wait at most (see
+/// [`Regions::add_stale`]).
+pub(crate) const MAX_STALE: usize = 1024;
 
 impl Regions {
     /// The managed range that overlaps `range`, if any.
@@ -285,7 +285,12 @@ impl Regions {
     /// The stored states of its pages are handed to `gone`; a page some
     /// operation had in flight is no longer its own.
     pub(crate) fn unmapped(&mut self, gone: PageRange, states: impl FnMut(VirtAddr, Stored)) {
-        self.stale.retain(|&(a, _)| !gone.contains(a));
+        if self.stale.iter().any(|s| s.overlaps(gone)) {
+            self.stale = std::mem::take(&mut self.stale)
+                .into_iter()
+                .flat_map(|s| s.outside([gone]))
+                .collect();
+        }
         self.states.clear(gone, states);
         self.unfence(gone);
         self.remove_ranges(gone);
@@ -335,10 +340,18 @@ impl Regions {
         // Whatever was at the destination was replaced.
         self.unmapped(new, &mut gone);
         self.states.move_range(old, to);
-        for (a, _) in &mut self.stale {
-            if old.contains(*a) {
-                *a = VirtAddr::new(a.get() - old.start().get() + to.get());
+        if self.stale.iter().any(|s| s.overlaps(old)) {
+            let mut kept = Vec::with_capacity(self.stale.len() + 1);
+            for s in std::mem::take(&mut self.stale) {
+                if let Some(part) = s.intersection(old)
+                    && let Some(at) = to.checked_add(part.start().get() - old.start().get())
+                    && let Ok(moved) = PageRange::new(at, part.len())
+                {
+                    kept.push(moved);
+                }
+                kept.extend(s.outside([old]));
             }
+            self.stale = kept;
         }
         self.unfence(old);
         self.remove_ranges(old);
@@ -400,12 +413,18 @@ impl Regions {
         self.fences = kept;
     }
 
-    /// Records that the page at `addr` lies in a mapping registered with
-    /// the userfaultfd that no region manages (see [`Regions::stale`]).
-    pub(crate) fn add_stale(&mut self, addr: VirtAddr) {
-        if !self.stale.iter().any(|&(a, _)| a == addr) {
-            self.stale.push((addr, Instant::now()));
+    /// Records `range` as part of a mapping registered with the
+    /// userfaultfd that no region manages (see [`Regions::stale`]); false
+    /// if [`MAX_STALE`] parts wait already (a fault marks its page again).
+    pub(crate) fn add_stale(&mut self, range: PageRange) -> bool {
+        if self.stale.iter().any(|s| s.contains_range(range)) {
+            return true;
         }
+        if self.stale.len() >= MAX_STALE {
+            return false;
+        }
+        self.stale.push(range);
+        true
     }
 
     /// Whether stale registrations wait to be unregistered.
@@ -413,16 +432,12 @@ impl Regions {
         !self.stale.is_empty()
     }
 
-    /// Takes the pages of stale registrations found less than `ttl` ago.
-    pub(crate) fn take_stale(&mut self, ttl: Duration) -> Vec<VirtAddr> {
-        let now = Instant::now();
-        self.stale
-            .drain(..)
-            .filter(|&(_, t)| now.duration_since(t) < ttl)
-            .map(|(a, _)| a)
-            .collect()
+    /// Takes the parts of stale registrations.
+    pub(crate) fn take_stale(&mut self) -> Vec<PageRange> {
+        std::mem::take(&mut self.stale)
     }
 
+    /// Every managed range.
     /// Every managed range.
     pub(crate) fn ranges(&self) -> impl Iterator<Item = PageRange> + '_ {
         self.by_start.values().map(|r| r.range)

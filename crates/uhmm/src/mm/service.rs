@@ -174,45 +174,32 @@ impl Shared {
         *dm = kept;
     }
 
-    /// The parts of `moved`, a mapping registered with the userfaultfd that
-    /// an mremap moved (its event being applied now), that uhmm registered
-    /// and has let go of since: not managed (`Mm::unmanage` or a region's
-    /// drop let go of them after the kernel moved the mapping and before
-    /// this event was applied, and unregistered nothing, the mapping being
-    /// gone from there), and neither staging nor device memory. Their
-    /// registration went with the mapping: its new place is stale
-    /// ([`unregister_stale`](Self::unregister_stale)), or every first touch
-    /// there would be a round trip through the fault service for memory
-    /// nobody manages.
-    fn let_go_of(&self, regions: &Regions, moved: PageRange) -> Vec<PageRange> {
-        self.own_memory_gaps(moved, regions.pieces(moved, None))
-    }
-
-    /// Records the page at `addr`, in a mapping registered with the
-    /// userfaultfd, as managed by no region: see
-    /// [`unregister_stale`](Self::unregister_stale).
-    pub(crate) fn note_stale(&self, regions: &mut Regions, addr: crate::VirtAddr) {
-        regions.add_stale(addr);
-        self.stale.store(true, Ordering::Relaxed);
+    /// Records `range`, registered with the userfaultfd, as managed by no
+    /// region: see [`unregister_stale`](Self::unregister_stale). The
+    /// caller holds the regions lock.
+    pub(crate) fn note_stale(&self, regions: &mut Regions, range: PageRange) {
+        if regions.add_stale(range) {
+            self.stale.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Unregisters the mappings registered with the userfaultfd that no
     /// region manages (`Regions::stale`): a mapping a region was let go of
-    /// while its mremap was pending took its registration along, an mremap
-    /// that grows a managed mapping in place registers its new tail with
-    /// it (no event tells of that), and `MREMAP_DONTUNMAP` leaves the old
-    /// place registered and empty. Their faults reach the service; each is
-    /// served as the kernel would, and marks its page (`fault::serve`).
+    /// while a layout change was pending (see
+    /// [`unregister_checked`](Self::unregister_checked)), the tail of a
+    /// managed mapping grown in place by mremap (the kernel registers it
+    /// with the mapping and sends no event), the empty place
+    /// `MREMAP_DONTUNMAP` leaves registered. A MISSING fault on such memory
+    /// is served as the kernel would, and marks its page (`fault::serve`).
     ///
     /// Only at a moment no layout change is pending: then every event of a
     /// change to memory registered here has been read, and applied (the
-    /// caller holds the regions lock), so each marked page is still in the
+    /// caller holds the regions lock), so each marked part is still in the
     /// mapping that was marked (an unmap takes its mark out, an mremap
-    /// moves it), and the mapping is registered here, wholly (one mapping,
-    /// one registration). What of it is not managed, nor staging or device
-    /// memory, is unregistered ([`unregister_checked`](Self::unregister_checked)).
-    /// Returns whether marks are left for later (a change pending); a mark
-    /// older than [`STALE_TTL`] is dropped (its next fault marks it again).
+    /// moves it), and that mapping is registered here — wholly, as mappings
+    /// registered with different userfaultfds never merge. What of it is
+    /// neither managed nor staging or device memory is unregistered.
+    /// Returns whether marks are left for later (a change pending).
     pub(crate) fn unregister_stale(&self, regions: &mut Regions) -> bool {
         if !regions.has_stale() {
             return false;
@@ -221,84 +208,98 @@ impl Shared {
             return true;
         }
         let Ok(procmap) = self.procmap() else {
-            regions.take_stale(Duration::ZERO);
+            regions.take_stale();
             return false;
         };
         let mut done: Vec<PageRange> = Vec::new();
-        for addr in regions.take_stale(STALE_TTL) {
-            if done.iter().any(|r| r.contains(addr)) {
-                continue;
-            }
-            let Ok(Some(vma)) = procmap.query(addr) else {
+        for part in regions.take_stale() {
+            let Ok(vmas) = procmap.covering(part) else {
                 continue;
             };
-            done.push(vma.range);
-            let kept = regions.pieces(vma.range, None);
-            for gap in self.own_memory_gaps(vma.range, kept) {
-                self.unregister_checked(regions, gap);
+            for vma in vmas {
+                if done.contains(&vma.range) {
+                    continue;
+                }
+                done.push(vma.range);
+                let kept = regions.pieces(vma.range, None);
+                for gap in self.own_memory_gaps(vma.range, kept) {
+                    self.unregister_checked(regions, gap);
+                }
             }
         }
-        false
+        // (A change that began meanwhile left marks for the next moment.)
+        regions.has_stale()
     }
 
     /// Unregisters `range`, which the caller found managed by no region
-    /// (it holds the regions lock since it looked). The table may lag the
-    /// kernel by the events not yet read: a pending mremap may have moved
-    /// a managed mapping into `range` already, and the unregister then
-    /// takes that mapping's registration. The kernel counts a layout
-    /// change as pending from before it makes it until its event is read
-    /// (`Uffd::layout_changing`), and only the service reads: so if none
-    /// is pending before the unregister or after it, none could have moved
-    /// anything there. Otherwise `range` is a suspect: the service
-    /// registers again what an mremap moved into a suspect, when it
-    /// applies its event ([`register_again`](Self::register_again)).
+    /// (it holds the regions lock since it looked) — or leaves it stale,
+    /// for a moment when that is safe
+    /// ([`unregister_stale`](Self::unregister_stale)).
+    ///
+    /// The table lags the kernel by the events not yet read: a pending
+    /// mremap may have moved a managed mapping into `range` already, and
+    /// an unregister would take that mapping's registration (its pages on
+    /// a device would then read zeros, with no fault). The kernel counts a
+    /// change as pending from inside the mmap-lock section that makes it
+    /// until its event is read (`Uffd::layout_changing`); an unregister
+    /// takes the same lock, and only the service reads events, which it
+    /// does under the regions lock. So:
+    /// - a change pending before: nothing is unregistered, `range` is left
+    ///   stale (an mremap moves the mark with what it moves, an unmap or a
+    ///   managed mapping moved in takes it out);
+    /// - none before, but one after: it began during the unregister, and
+    ///   its thread waits for its event, which cannot be read while the
+    ///   caller holds the lock. What is mapped in `range` now is registered
+    ///   again at once, as an armed region's mapping is, and left stale.
+    ///   (Only a touch by another thread in the microseconds between the
+    ///   two, of a hole the change moved there, misses its fault.)
     ///
     /// Memory registered with another userfaultfd (mapped there since, by
     /// a change applied already) is left alone: before Linux 6.17 an
     /// unregister took it from that one. A register in write-protect mode
     /// first tells: the kernel refuses it for such memory (and only a
-    /// mode changes for the rest, until the unregister).
+    /// mode changes for the rest, until the unregister). Another `Mm`'s
+    /// mremap into `range` between the two is not seen (its changes count
+    /// on its own userfaultfd): on kernels before 6.17 that needs two
+    /// `Mm`s moving memory over each other's.
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
     pub(crate) fn unregister_checked(&self, regions: &mut Regions, range: PageRange) {
-        let before = self.uffd.layout_changing();
+        if self.uffd.layout_changing() {
+            self.note_stale(regions, range);
+            return;
+        }
         // SAFETY: write-protect mode alone puts nothing into any page, and
         // the unregister below undoes it.
         let probe = unsafe { self.uffd.register_range(range, RegisterMode::WP) };
         if let Err(RegisterError::AlreadyRegistered { .. }) = probe {
             return;
         }
+        crate::testing::unregister();
         let _ = self.uffd.unregister(range);
-        if before || self.uffd.layout_changing() {
-            regions.suspects.push(range);
+        if self.uffd.layout_changing() {
+            self.register_mapped(range);
+            self.note_stale(regions, range);
         }
     }
 
-    /// Registers the managed parts of `range` again, in the mode their
-    /// regions have (`arm_mode` where armed, else write-protect only):
-    /// an mremap moved them into a suspect range (see
-    /// [`unregister_checked`](Self::unregister_checked)), whose unregister
-    /// may have taken their registration.
+    /// Registers whatever is mapped in `range` again, each mapping in the
+    /// mode an armed region's has (`arm_mode`): an unregister may have
+    /// taken it from a managed mapping moved there (see
+    /// [`unregister_checked`](Self::unregister_checked)).
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
-    fn register_again(&self, regions: &Regions, range: PageRange) {
-        let Ok(procmap) = self.procmap() else { return };
-        for piece in regions.pieces(range, None) {
-            let armed = regions.containing(piece).is_some_and(|r| r.armed);
-            let Ok(vmas) = procmap.covering(piece) else {
-                continue;
-            };
-            for v in vmas {
-                let Some(part) = v.range.intersection(piece) else {
-                    continue;
+    fn register_mapped(&self, range: PageRange) {
+        let Ok(vmas) = self.procmap().and_then(|p| p.covering(range)) else {
+            return;
+        };
+        for v in vmas {
+            if let Some(part) = v.range.intersection(range) {
+                // SAFETY: registered a moment ago (the unregister just
+                // made was of memory registered here); a managed region
+                // has no references into it (its registration's contract).
+                let _ = unsafe {
+                    self.uffd
+                        .register_range(part, arm_mode(&v, self.uffd.features()))
                 };
-                let mode = if armed {
-                    arm_mode(&v, self.uffd.features())
-                } else {
-                    RegisterMode::WP
-                };
-                // SAFETY: a managed region has no references into it (the
-                // contract it was registered under); it is registered as
-                // it was.
-                let _ = unsafe { self.uffd.register_range(part, mode) };
             }
         }
     }
@@ -544,8 +545,9 @@ impl Shared {
         // `MREMAP_DONTUNMAP` leaves) covers it whole, and was just
         // registered in its stead if the region moved before the mappings
         // were read, its event unread. The kernel counts a layout change as
-        // pending from before it makes it until its event is read
-        // (`Uffd::layout_changing`). So once a moment comes with none
+        // pending from inside the mmap-lock section that makes it until its
+        // event is read (`Uffd::layout_changing`), and a registration takes
+        // that lock too. So once a moment comes with none
         // pending, every change begun before the registration has been
         // read, and applied by the time this thread holds the lock again:
         // if the region is still where it was, not moved since, the
@@ -945,6 +947,7 @@ impl Shared {
                 self.stats
                     .events
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
+                crate::testing::events_read(events);
                 for event in events.drain(..) {
                     apply(self, &mut regions, event, work);
                 }
@@ -1437,11 +1440,6 @@ const ARM_PATIENCE: Duration = Duration::from_millis(20);
 /// to be read before it unregisters (see `Mm::let_go`).
 pub(crate) const LET_GO_PATIENCE: Duration = ARM_PATIENCE;
 
-/// How long a page of a stale registration waits for a moment with no
-/// layout change pending (see `Shared::unregister_stale`) before it is
-/// forgotten.
-const STALE_TTL: Duration = Duration::from_secs(1);
-
 /// How long a region drop, a fork or a device removal waits for a
 /// migration in flight before it takes the migration to be abandoned (a
 /// `MigrateVma` leaked, or held by a thread that is stuck) and reclaims its
@@ -1551,13 +1549,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 .stats
                 .events
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
+            crate::testing::events_read(&events);
             for event in events.drain(..) {
                 apply(&shared, &mut regions, event, &mut work);
-            }
-            // With no change pending, every change that may have hit a
-            // suspect range has been applied (`unregister_checked`).
-            if !regions.suspects.is_empty() && !shared.uffd.layout_changing() {
-                regions.suspects.clear();
             }
         }
         shared.epoch.fetch_add(1, Ordering::AcqRel);
@@ -1912,23 +1906,9 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         Event::Remap { from, to, old_len } => {
             if let Ok(old) = PageRange::new(from, old_len) {
                 invalidate(regions, old, NotifyEvent::Remap);
-                let stale = shared.let_go_of(regions, old);
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
                 regions.moved(old, to, |_, s| work.gone.push(s));
-                // Unregistered once the events read with this one are
-                // applied too, and no layout change is pending (a later
-                // one may have put managed memory there).
-                for part in stale {
-                    if let Some(at) = to.checked_add(part.start().get() - old.start().get()) {
-                        shared.note_stale(regions, at);
-                    }
-                }
-                if let Ok(new) = PageRange::new(to, old_len)
-                    && regions.suspects.iter().any(|s| s.overlaps(new))
-                {
-                    shared.register_again(regions, new);
-                }
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the

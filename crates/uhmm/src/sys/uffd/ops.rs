@@ -352,8 +352,9 @@ impl Uffd {
 
     /// Whether a change of the address space's layout is pending: an
     /// UNMAP, REMAP, REMOVE or FORK event queued and not yet read (the
-    /// kernel's `mmap_changing`, raised before the change is made and
-    /// lowered once its event is read). Every resolving ioctl answers
+    /// kernel's `mmap_changing`, raised under the same `mmap_lock` hold
+    /// that makes the change (for an mremap, right after it moves the page
+    /// tables) and lowered once its event is read). Every resolving ioctl answers
     /// EAGAIN then; this asks with a `UFFDIO_COPY` of no bytes, which the
     /// kernel checks for a pending change before anything else and then
     /// refuses (EINVAL): it touches nothing. `false` where it cannot tell.
