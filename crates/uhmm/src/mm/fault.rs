@@ -359,7 +359,7 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             if region.is_none() {
                 // Registered here, and nothing manages it: its
                 // registration is to go.
-                shared.note_stale(&mut regions, page);
+                shared.note_stale(&mut regions, page, true);
             }
             // A hole: any discard of it in progress is done.
             regions.unfence(page);

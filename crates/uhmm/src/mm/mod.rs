@@ -557,7 +557,12 @@ impl Mm {
     /// gets SIGBUS); devices drop their translations of it (an
     /// [`NotifyEvent::Unmap`]); and its managed pieces are unregistered
     /// from uhmm's userfaultfd, one by one (never a range of which part is
-    /// registered with another). The rest of a region it cuts stays
+    /// registered with another). While a layout change of the process is
+    /// pending (its event not yet read by the fault service) for longer
+    /// than it waits (20 ms), an unregister could take the registration of
+    /// managed memory the change moved there: the fault service then
+    /// unregisters the piece at the next moment with none pending, shortly
+    /// after this returns. The rest of a region it cuts stays
     /// managed. A range a [`ManagedRegion`] covers is unmanaged all the
     /// same: that region's drop later lets go of what is left of it only.
     /// Nothing managed in `range` is `Ok(0)`.
@@ -764,9 +769,10 @@ impl Mm {
             (pieces, regions.close(range, region))
         };
         let mut bytes = 0;
+        // (Once per call: a drop of many pieces waits 20 ms at most.)
+        let mut waited = false;
         for p in pieces {
             let mut rounds = 0;
-            let mut waited = false;
             loop {
                 rounds += 1;
                 if !owned {

@@ -414,13 +414,20 @@ impl Regions {
     }
 
     /// Records `range` as part of a mapping registered with the
-    /// userfaultfd that no region manages (see [`Regions::stale`]); false
-    /// if [`MAX_STALE`] parts wait already (a fault marks its page again).
-    pub(crate) fn add_stale(&mut self, range: PageRange) -> bool {
-        if self.stale.iter().any(|s| s.contains_range(range)) {
+    /// userfaultfd that no region manages (see [`Regions::stale`]), joined
+    /// to a part it overlaps or touches. A fault's mark (`capped`) is
+    /// dropped if [`MAX_STALE`] parts wait already (the next fault there
+    /// marks its page again); a let-go's never is. Whether it is recorded.
+    pub(crate) fn add_stale(&mut self, range: PageRange, capped: bool) -> bool {
+        let touches = |s: &PageRange| s.start() <= range.end() && range.start() <= s.end();
+        if let Some(s) = self.stale.iter_mut().find(|s| touches(s)) {
+            let (start, end) = (s.start().min(range.start()), s.end().max(range.end()));
+            if let Ok(joined) = PageRange::from_bounds(start, end) {
+                *s = joined;
+            }
             return true;
         }
-        if self.stale.len() >= MAX_STALE {
+        if capped && self.stale.len() >= MAX_STALE {
             return false;
         }
         self.stale.push(range);
@@ -578,6 +585,37 @@ mod tests {
 
     fn r(first: usize, n: usize) -> PageRange {
         PageRange::new(VirtAddr::new(0x100_0000 + first * PAGE_SIZE), n * PAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn stale_marks_join_follow_moves_and_go_with_unmaps() {
+        let mut t = Regions::default();
+        assert!(t.add_stale(r(0, 1), true));
+        // Touching and overlapping parts join.
+        assert!(t.add_stale(r(1, 1), true));
+        assert!(t.add_stale(r(1, 2), true));
+        assert!(t.add_stale(r(10, 2), true));
+        let mut marks = t.stale.clone();
+        marks.sort_by_key(|m| m.start());
+        assert_eq!(marks, [r(0, 3), r(10, 2)]);
+        // An mremap moves the part inside its source, and replaces what
+        // was at its destination.
+        t.moved(r(1, 1), r(10, 1).start(), |_, _| {});
+        let mut marks = t.stale.clone();
+        marks.sort_by_key(|m| m.start());
+        assert_eq!(marks, [r(0, 1), r(2, 1), r(10, 1), r(11, 1)]);
+        // An unmap takes its part out.
+        t.unmapped(r(10, 2), |_, _| {});
+        let mut marks = t.take_stale();
+        marks.sort_by_key(|m| m.start());
+        assert_eq!(marks, [r(0, 1), r(2, 1)]);
+        assert!(!t.has_stale());
+        // Faults' marks are capped, a let-go's are not.
+        for i in 0..MAX_STALE {
+            assert!(t.add_stale(r(2 * i, 1), true));
+        }
+        assert!(!t.add_stale(r(2 * MAX_STALE, 1), true));
+        assert!(t.add_stale(r(2 * MAX_STALE, 1), false));
     }
 
     #[test]

@@ -177,8 +177,9 @@ impl Shared {
     /// Records `range`, registered with the userfaultfd, as managed by no
     /// region: see [`unregister_stale`](Self::unregister_stale). The
     /// caller holds the regions lock.
-    pub(crate) fn note_stale(&self, regions: &mut Regions, range: PageRange) {
-        if regions.add_stale(range) {
+    /// A fault's mark (`capped`) may be dropped (see `Regions::add_stale`).
+    pub(crate) fn note_stale(&self, regions: &mut Regions, range: PageRange, capped: bool) {
+        if regions.add_stale(range, capped) {
             self.stale.store(true, Ordering::Relaxed);
         }
     }
@@ -213,6 +214,9 @@ impl Shared {
         };
         let mut done: Vec<PageRange> = Vec::new();
         for part in regions.take_stale() {
+            if done.iter().any(|d| d.contains_range(part)) {
+                continue;
+            }
             let Ok(vmas) = procmap.covering(part) else {
                 continue;
             };
@@ -251,25 +255,30 @@ impl Shared {
     ///   its thread waits for its event, which cannot be read while the
     ///   caller holds the lock. What is mapped in `range` now is registered
     ///   again at once, as an armed region's mapping is, and left stale.
-    ///   (Only a touch by another thread in the microseconds between the
-    ///   two, of a hole the change moved there, misses its fault.)
+    ///   Left: in the microseconds between the two, another thread's touch
+    ///   of a hole the change moved there misses its fault, and another
+    ///   thread's mremap of it moves it on unregistered, with no event (the
+    ///   table then keeps the region where it was); in user-mode-only mode
+    ///   memory registered again here that is not armed (a region not yet
+    ///   armed, the program's own) fails system calls on its holes with
+    ///   EFAULT until it is let go of or armed.
     ///
     /// Memory registered with another userfaultfd (mapped there since, by
     /// a change applied already) is left alone: before Linux 6.17 an
     /// unregister took it from that one. A register in write-protect mode
-    /// first tells: the kernel refuses it for such memory (and only a
-    /// mode changes for the rest, until the unregister). Another `Mm`'s
+    /// first tells: the kernel refuses it for such memory. Another `Mm`'s
     /// mremap into `range` between the two is not seen (its changes count
     /// on its own userfaultfd): on kernels before 6.17 that needs two
     /// `Mm`s moving memory over each other's.
     #[allow(unsafe_code)] // named place: uhmm's own changes to managed memory
     pub(crate) fn unregister_checked(&self, regions: &mut Regions, range: PageRange) {
         if self.uffd.layout_changing() {
-            self.note_stale(regions, range);
+            self.note_stale(regions, range, false);
             return;
         }
-        // SAFETY: write-protect mode alone puts nothing into any page, and
-        // the unregister below undoes it.
+        // SAFETY: write-protect mode alone puts nothing into any page (the
+        // kernel leaves a registration here that has it already as it is),
+        // and the unregister below undoes it.
         let probe = unsafe { self.uffd.register_range(range, RegisterMode::WP) };
         if let Err(RegisterError::AlreadyRegistered { .. }) = probe {
             return;
@@ -278,7 +287,7 @@ impl Shared {
         let _ = self.uffd.unregister(range);
         if self.uffd.layout_changing() {
             self.register_mapped(range);
-            self.note_stale(regions, range);
+            self.note_stale(regions, range, false);
         }
     }
 
@@ -293,9 +302,11 @@ impl Shared {
         };
         for v in vmas {
             if let Some(part) = v.range.intersection(range) {
-                // SAFETY: registered a moment ago (the unregister just
-                // made was of memory registered here); a managed region
-                // has no references into it (its registration's contract).
+                // SAFETY: what the change moved here is either a managed
+                // region (no references into it: its registration's
+                // contract) or memory no region manages, left stale (the
+                // next quiet moment unregisters it); registration fills no
+                // page by itself.
                 let _ = unsafe {
                     self.uffd
                         .register_range(part, arm_mode(&v, self.uffd.features()))
