@@ -445,7 +445,6 @@ impl Regions {
     }
 
     /// Every managed range.
-    /// Every managed range.
     pub(crate) fn ranges(&self) -> impl Iterator<Item = PageRange> + '_ {
         self.by_start.values().map(|r| r.range)
     }

@@ -176,8 +176,8 @@ impl Shared {
 
     /// Records `range`, registered with the userfaultfd, as managed by no
     /// region: see [`unregister_stale`](Self::unregister_stale). The
-    /// caller holds the regions lock.
-    /// A fault's mark (`capped`) may be dropped (see `Regions::add_stale`).
+    /// caller holds the regions lock. A fault's mark (`capped`) may be
+    /// dropped (see `Regions::add_stale`).
     pub(crate) fn note_stale(&self, regions: &mut Regions, range: PageRange, capped: bool) {
         if regions.add_stale(range, capped) {
             self.stale.store(true, Ordering::Relaxed);
