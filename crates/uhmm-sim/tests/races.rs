@@ -3153,21 +3153,38 @@ fn a_managed_region_moved_over_a_let_go_one_keeps_its_registration() {
     moved_region_kept(mm, dev, second, to, 0xC0);
 }
 
+/// For the drop tests below: a device, a region to drop (4 pages at `a`,
+/// armed, on the CPU) and a region to move over it (4 pages at `c`, on
+/// the device), each with its address.
+#[allow(clippy::type_complexity)] // two (address, region) pairs
+fn dropped_and_mover(
+    mm: &Mm,
+) -> (
+    SimDevice,
+    (usize, uhmm::mm::ManagedRegion),
+    (usize, uhmm::mm::ManagedRegion),
+) {
+    const LEN: usize = 4 * PAGE_SIZE;
+    let (a, c) = (low_map(LEN), low_map(LEN));
+    let dev = SimDevice::new(mm);
+    let dropped = armed_region(mm, &dev, a, LEN, 0xA0, false);
+    let mover = armed_region(mm, &dev, c, LEN, 0xC0, true);
+    (dev, (a, dropped), (c, mover))
+}
+
 /// A region dropped while another managed region's move over its place
-/// (`MREMAP_FIXED`) waits for its event: the drop's unregister, made on
-/// the table's word, takes the other region's registration, and the
-/// service registers it again when it applies the move. Before, the other
-/// region stayed unregistered: its page on the device read zeros.
+/// (`MREMAP_FIXED`) waits for its event: the drop finds a layout change
+/// pending and unregisters nothing (it waits up to 20 ms, the service
+/// being held, then leaves its range stale, a mark the unmap of its
+/// mapping takes out). Before, its unregister, made on the table's word,
+/// took the other region's registration: its pages on the device read
+/// zeros at their new place.
 #[test]
 fn a_region_dropped_under_a_pending_move_over_it_leaves_the_mover_registered() {
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const LEN: usize = 4 * PAGE_SIZE;
-    let a = low_map(LEN);
-    let c = low_map(LEN);
-    let dev = SimDevice::new(&mm);
-    let dropped = armed_region(&mm, &dev, a, LEN, 0xA0, false);
-    let mover = armed_region(&mm, &dev, c, LEN, 0xC0, true);
+    let (dev, (a, dropped), (c, mover)) = dropped_and_mover(&mm);
     let held = HeldService::hold(&mm);
     let moving = mremap_pending(c, LEN, a);
     within(10, "the region drop", move || drop(dropped));
@@ -3191,11 +3208,7 @@ fn a_region_moved_over_one_being_dropped_during_its_unregister_keeps_its_registr
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const LEN: usize = 4 * PAGE_SIZE;
-    let a = low_map(LEN);
-    let c = low_map(LEN);
-    let dev = SimDevice::new(&mm);
-    let dropped = armed_region(&mm, &dev, a, LEN, 0xA0, false);
-    let mover = armed_region(&mm, &dev, c, LEN, 0xC0, true);
+    let (dev, (a, dropped), (c, mover)) = dropped_and_mover(&mm);
     let moving = within(10, "the region drop", move || {
         let moving = std::rc::Rc::new(std::cell::RefCell::new(None));
         let m = moving.clone();
@@ -3237,12 +3250,8 @@ fn a_region_dropped_under_a_pending_move_moved_on_at_once_keeps_the_mover_regist
     let _s = serial();
     let Some(mm) = common::mm() else { return };
     const LEN: usize = 4 * PAGE_SIZE;
-    let a = low_map(LEN);
-    let c = low_map(LEN);
+    let (dev, (a, dropped), (c, mover)) = dropped_and_mover(&mm);
     let b = low_map(LEN);
-    let dev = SimDevice::new(&mm);
-    let dropped = armed_region(&mm, &dev, a, LEN, 0xA0, false);
-    let mover = armed_region(&mm, &dev, c, LEN, 0xC0, true);
     let held = HeldService::hold(&mm);
     let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let first_done = Arc::new(AtomicBool::new(false));
