@@ -325,9 +325,9 @@ fn page(range: PageRange, i: usize) -> Result<VirtAddr, Box<dyn Error>> {
     Ok(range.page(i).ok_or("page out of range")?.start())
 }
 
-/// Per placement, in random page order, interleaved page by page: a touch
-/// served by uhmm for each [`Kind`] of device, and one served by the bare
-/// server. Latency, serving-thread CPU and system calls per fault.
+/// Per placement, in random page order, in turns of [`TURN`] pages: touches
+/// served by uhmm for each [`Kind`] of device, and by the bare servers.
+/// Latency, serving-thread CPU and system calls per fault.
 pub fn fault_back(s: &super::cases::Sizes, p: &mut Progress, out: &mut Results) -> CaseResult {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut placements = vec![("same vCPU", 0, 0)];
@@ -469,9 +469,17 @@ fn measure_fault_back(
             }
         }
     }
-    for &i in &order[..counted] {
-        touch_round(&bares, &subjects, i)?;
-    }
+    let (mut bare_lat, mut lat): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (
+        vec![Vec::with_capacity(n); bares.len()],
+        vec![Vec::with_capacity(n); subjects.len()],
+    );
+    touch_turns(
+        &bares,
+        &subjects,
+        &order[..counted],
+        &mut bare_lat,
+        &mut lat,
+    )?;
     // (The last fault's serving thread may still be finishing it.)
     std::thread::sleep(Duration::from_millis(5));
     let per_fault: Vec<f64> = calls
@@ -480,24 +488,30 @@ fn measure_fault_back(
         .collect();
     drop(calls);
     // Latency and CPU time: the first page is the warm-up.
-    let mut lat: Vec<Vec<f64>> = vec![Vec::with_capacity(n); subjects.len()];
-    let mut bare_lat = [Vec::with_capacity(n), Vec::with_capacity(n)];
-    touch_round(&bares, &subjects, order[counted])?;
+    touch_turns(
+        &bares,
+        &subjects,
+        &order[counted..=counted],
+        &mut bare_lat,
+        &mut lat,
+    )?;
+    bare_lat
+        .iter_mut()
+        .chain(lat.iter_mut())
+        .for_each(Vec::clear);
     for m in &mut bare_meters {
         m.restart();
     }
     for sub in &mut subjects {
         sub.meter.restart();
     }
-    for &i in &order[counted + 1..] {
-        let (t_bare, took) = touch_round(&bares, &subjects, i)?;
-        for (l, t) in bare_lat.iter_mut().zip(t_bare) {
-            l.push(t);
-        }
-        for (l, t) in lat.iter_mut().zip(took) {
-            l.push(t);
-        }
-    }
+    touch_turns(
+        &bares,
+        &subjects,
+        &order[counted + 1..],
+        &mut bare_lat,
+        &mut lat,
+    )?;
     std::thread::sleep(Duration::from_millis(5));
     for sub in &subjects {
         if sub.dev.device_pages() != 0 || sub.mm.stats().faults_device < total as u64 {
@@ -511,7 +525,9 @@ fn measure_fault_back(
             .zip(&per_fault[2..])
             .map(|((l, sub), &calls)| (l, (sub.meter.per(n), calls)))
             .collect(),
-        bare: bare_lat,
+        bare: bare_lat
+            .try_into()
+            .map_err(|_| "a latency list per bare server")?,
         bare_use: [
             (bare_meters[0].per(n), per_fault[0]),
             (bare_meters[1].per(n), per_fault[1]),
@@ -523,32 +539,49 @@ fn measure_fault_back(
     Ok(m)
 }
 
-/// One touch of page `i` served by each bare server and one served by
-/// each subject: (bare servers' ns, subjects' ns).
-fn touch_round(
+/// How many faults a server takes in a row before the next one's turn.
+/// Page by page, each fault would run after four other servers' and find
+/// the caches and TLB filled with their data: every path, the bare ones
+/// included, took about twice its time in a loop of its own (`uhmm bench`,
+/// 2026-12-03), and the path with more data (uhmm's) more so. A turn of 32
+/// faults (under a millisecond) lets each path run warm, as a program's
+/// faults do, and still alternates often enough that a change in the
+/// host's speed reaches every path alike.
+const TURN: usize = 32;
+
+/// Touches of `pages` in turns of [`TURN`]: each bare server takes a turn
+/// with the same pages of its own, then each subject. Each touch's ns is
+/// added to its server's list (bare servers', then subjects').
+fn touch_turns(
     bares: &[&BareServer],
     subjects: &[Subject],
-    i: usize,
-) -> Result<(Vec<f64>, Vec<f64>), Box<dyn Error>> {
-    let mut t_bare = Vec::with_capacity(bares.len());
-    for bare in bares {
-        let a = page(bare.map.range(), i)?;
-        let (t, v) = time(|| cpu::read_byte(a));
-        if v != BARE_BYTE {
-            return Err("a page a bare server served read the wrong byte".into());
+    pages: &[usize],
+    bare_ns: &mut [Vec<f64>],
+    took_ns: &mut [Vec<f64>],
+) -> CaseResult {
+    for turn in pages.chunks(TURN) {
+        for (bare, ns) in bares.iter().zip(bare_ns.iter_mut()) {
+            for &i in turn {
+                let a = page(bare.map.range(), i)?;
+                let (t, v) = time(|| cpu::read_byte(a));
+                if v != BARE_BYTE {
+                    return Err("a page a bare server served read the wrong byte".into());
+                }
+                ns.push(t.as_nanos() as f64);
+            }
         }
-        t_bare.push(t.as_nanos() as f64);
-    }
-    let mut took = Vec::with_capacity(subjects.len());
-    for sub in subjects {
-        let b = page(sub.region.range(), i)?;
-        let (t, w) = time(|| cpu::read_byte(b));
-        if w != 1 {
-            return Err("a faulted page read the wrong byte".into());
+        for (sub, ns) in subjects.iter().zip(took_ns.iter_mut()) {
+            for &i in turn {
+                let b = page(sub.region.range(), i)?;
+                let (t, w) = time(|| cpu::read_byte(b));
+                if w != 1 {
+                    return Err("a faulted page read the wrong byte".into());
+                }
+                ns.push(t.as_nanos() as f64);
+            }
         }
-        took.push(t.as_nanos() as f64);
     }
-    Ok((t_bare, took))
+    Ok(())
 }
 
 /// A random 4 KiB fault back over the whole large region, every fault
