@@ -3864,3 +3864,172 @@ fn keep_moving(
         (at, moves)
     })
 }
+
+/// The kernel tells uhmm of an mremap only after it moved the page, so for
+/// a while a device's translation of the page names an address that no
+/// longer holds it, and the program may map other memory there at once.
+/// A device write in that while must wait for the move to reach its
+/// notifier, and then find the page gone from that address: before, it
+/// wrote into the program's other memory (found by an adversarial review).
+#[test]
+fn a_device_never_writes_memory_mapped_where_a_page_it_mirrors_was_moved_from() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    let dev = Arc::new(SimDevice::new(&mm));
+    let (a, b) = low_places(PAGE_SIZE);
+    let page = PageRange::new(VirtAddr::new(a), PAGE_SIZE).unwrap();
+    // SAFETY: the test's own mapping, no reference into it.
+    let region = unsafe { mm.manage(page) }.unwrap();
+    wr(a, 1);
+    // The device mirrors the page writable.
+    dev.write(VirtAddr::new(a), &[0x11u8; PAGE_SIZE]).unwrap();
+    let held = HeldService::hold(&mm);
+    let mover = mremap_pending(a, PAGE_SIZE, b);
+    // The old place is free: other memory of the program lands there.
+    raw_map(a, PAGE_SIZE);
+    wr(a, 0xfeed);
+    assert!(!mm.layout_settled(), "the move reached the notifiers early");
+    let d = dev.clone();
+    let writer = std::thread::spawn(move || d.write(VirtAddr::new(a), &[0x55u8; PAGE_SIZE]));
+    std::thread::sleep(Duration::from_millis(100));
+    let meanwhile = rd(a);
+    assert_eq!(held.release(), 0);
+    let wrote = join_soon(writer);
+    assert_eq!(join_soon(mover), b);
+    let after = rd(a);
+    let moved = rd(b);
+    drop(region);
+    assert_eq!(
+        (meanwhile, after),
+        (0xfeed, 0xfeed),
+        "the device wrote into memory it never mirrored ({wrote:?})"
+    );
+    assert!(
+        matches!(wrote, Err(SimError::NotManaged { .. })),
+        "the old place is not managed any more: {wrote:?}"
+    );
+    assert_eq!(moved, 0x1111_1111_1111_1111, "the moved page lost its data");
+}
+
+/// A device as the software device is: its table under a lock, taken (or
+/// tried, for a non-blockable invalidation) by its notifier callback; here
+/// the table is just the lock.
+#[derive(Debug)]
+struct LockDevice {
+    owner: uhmm::mm::Owner,
+    table: Mutex<()>,
+    refused: AtomicUsize,
+}
+
+impl NotifierOps for LockDevice {
+    fn invalidate(&self, s: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
+        let _g = if r.blockable {
+            self.table.lock().unwrap()
+        } else {
+            match self.table.try_lock() {
+                Ok(g) => g,
+                Err(_) => {
+                    self.refused.fetch_add(1, Ordering::SeqCst);
+                    return false;
+                }
+            }
+        };
+        if !(r.event == NotifyEvent::Exclusive && r.owner == Some(self.owner)) {
+            s.set_seq(cur_seq);
+        }
+        true
+    }
+}
+
+/// A copy engine that copies, then (once armed) parks until released: a
+/// migration held after its copy into staging, before its commit.
+#[derive(Debug, Default)]
+struct CopyThenPark(ParkingEngine);
+
+impl CopyEngine for CopyThenPark {
+    fn copy(&self, jobs: &mut [CopyJob<'_>]) -> Result<(), CopyError> {
+        let r = CpuCopyEngine::with_threads(1).copy(jobs);
+        self.0.park_if_armed();
+        r
+    }
+}
+
+/// `Mm::exclusive_page` gives a device the staging slot of a page it holds
+/// exclusive "until the page's next invalidation". A discard of the page
+/// whose invalidation the device refuses (it is using the slot: its lock
+/// is taken) must leave the slot the device's until the invalidation
+/// runs. Before, the slot went back to staging at once; another device's
+/// migration home filled it with its page, and the first device's write,
+/// still inside its access, landed in that page, which the migration then
+/// put in place (found by an adversarial review).
+#[test]
+fn a_staging_slot_stays_its_holders_until_a_refused_invalidation_of_it_runs() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    // Device 2: its pages come home through a copy engine (staging slots
+    // filled, then put in place).
+    let dev2 = Arc::new(SimDevice::new(&mm));
+    let engine = Arc::new(CopyThenPark::default());
+    dev2.set_copy_engine(engine.clone());
+    let b = low_map(PAGE_SIZE);
+    let pb = PageRange::new(VirtAddr::new(b), PAGE_SIZE).unwrap();
+    // SAFETY: the test's own mapping, no reference into it.
+    let _rb = unsafe { mm.manage(pb) }.unwrap();
+    wr(b, 0xbbbb);
+    assert_eq!(
+        dev2.migrate_range_to_device(VirtAddr::new(b), 1).unwrap(),
+        1
+    );
+    // Device 1 holds page `a` exclusive (at the offset in its 2 MiB block
+    // that `b` has in its: both map to the same staging slot offset).
+    let a = low_map(PAGE_SIZE);
+    let pa = PageRange::new(VirtAddr::new(a), PAGE_SIZE).unwrap();
+    // SAFETY: as above.
+    let _ra = unsafe { mm.manage(pa) }.unwrap();
+    wr(a, 0xaaaa);
+    let owner1 = uhmm::mm::Owner::unique();
+    let dev1 = Arc::new(LockDevice {
+        owner: owner1,
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub1 = mm.insert_notifier(pa, dev1.clone()).unwrap();
+    assert_eq!(mm.make_device_exclusive(pa, owner1).unwrap(), 1);
+    // Device 1 starts an access: under its lock, where the page is.
+    let access = dev1.table.lock().unwrap();
+    let slot = mm.exclusive_page(VirtAddr::new(a), owner1).unwrap();
+    // The program discards the page meanwhile; device 1 refuses the
+    // invalidation (its lock is taken).
+    // SAFETY: discards the test's own page.
+    let discard = std::thread::spawn(move || unsafe {
+        libc::madvise(a as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+    });
+    assert_eq!(join_soon(discard), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mm.exclusive_page(VirtAddr::new(a), owner1).is_some()
+        || dev1.refused.load(Ordering::SeqCst) == 0
+    {
+        assert!(Instant::now() < deadline, "the discard was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Device 2 brings its page home; its migration parks after filling a
+    // staging slot.
+    engine.0.arm();
+    let d2 = dev2.clone();
+    let back = std::thread::spawn(move || d2.migrate_to_system(VirtAddr::new(b), 1));
+    engine.0.wait_parked();
+    // Device 1's access goes on: it writes the page it was told of.
+    // SAFETY: the staging slot (uhmm's memory); no Rust reference points
+    // into it.
+    let wrote = unsafe { uhmm::sys::mem::write_process(slot, &0x5555u64.to_ne_bytes()) };
+    drop(access);
+    engine.0.release();
+    let res = join_soon(back);
+    let got = rd(b);
+    let refused = dev1.refused.load(Ordering::SeqCst);
+    assert!(wrote.is_ok() && res.is_ok(), "{wrote:?}, {res:?}");
+    assert_eq!(
+        got, 0xbbbb,
+        "device 2's page took device 1's stale write ({refused} refusals)"
+    );
+}

@@ -106,6 +106,9 @@ pub(crate) struct Shared {
     /// Set while the service reads and handles a batch of events (see
     /// `sync_events`).
     busy: AtomicBool,
+    /// Set while an invalidation a device refused waits to be delivered
+    /// again (see `Undelivered`): set before `busy` is cleared.
+    undelivered: AtomicBool,
     /// Batches of events read and applied so far (see `await_events`).
     epoch: AtomicU64,
     /// Where the block the last device fault brought back ended (to see a
@@ -147,6 +150,7 @@ impl Shared {
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
+            undelivered: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
@@ -868,6 +872,19 @@ impl Shared {
         }
     }
 
+    /// Whether every change the kernel has made to the layout of memory
+    /// registered here has reached the interval notifiers: no event is
+    /// unread ([`Uffd::layout_changing`]), none read is still being handled
+    /// (`busy`), and no device still has to run an invalidation it refused
+    /// (`undelivered`). Looked at in that order, each flag raised before
+    /// the one before it is lowered, so a change made before the call is
+    /// never missed. See [`Mm::layout_settled`](super::Mm::layout_settled).
+    pub(crate) fn layout_settled(&self) -> bool {
+        !self.uffd.layout_changing()
+            && !self.busy.load(Ordering::SeqCst)
+            && !self.undelivered.load(Ordering::SeqCst)
+    }
+
     /// Waits until the service has read and applied the events pending
     /// now: what a resolve ioctl that answered EAGAIN (an UNMAP, REMOVE or
     /// REMAP event unread) must do before it looks again. The caller must
@@ -1511,18 +1528,19 @@ pub(crate) fn run(shared: Arc<Shared>) {
     ON_SERVICE.with(|s| s.set(Arc::as_ptr(&shared) as usize));
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();
-    let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
+    let mut pending = Undelivered::default();
     let mut parked: Vec<(Held, fault::Attempts)> = Vec::with_capacity(BATCH);
     DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
-        let timeout =
-            (!pending.is_empty() || !parked.is_empty() || shared.stale.load(Ordering::Relaxed))
-                .then_some(Timespec {
-                    tv_sec: 0,
-                    tv_nsec: Duration::from_micros(200).as_nanos() as i64,
-                });
+        let timeout = (!pending.ranges.is_empty()
+            || !parked.is_empty()
+            || shared.stale.load(Ordering::Relaxed))
+        .then_some(Timespec {
+            tv_sec: 0,
+            tv_nsec: Duration::from_micros(200).as_nanos() as i64,
+        });
         let mut fds = [
             PollFd::new(&shared.uffd, PollFlags::IN),
             PollFd::new(&shared.wake, PollFlags::IN),
@@ -1534,6 +1552,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
             std::thread::sleep(Duration::from_millis(1));
         }
         if shared.stop.load(Ordering::Acquire) {
+            // (Teardown: what waited for a device lets go now, as before.)
+            shared.release_states(std::mem::take(&mut pending.held));
             return;
         }
         if fds[1].revents().contains(PollFlags::IN) {
@@ -1568,24 +1588,16 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.epoch.fetch_add(1, Ordering::AcqRel);
         // Devices are told, and let go of what the dropped states held,
         // outside the lock (their callbacks may look at the address space).
-        for r in work.invalidate.drain(..) {
-            crate::trace::event!(
-                target: "uhmm::invalidate",
-                event = ?r.event,
-                start = %r.range.start(),
-                pages = r.range.npages(),
-                "invalidation from a userfaultfd event"
-            );
-            if shared.notifiers.invalidate(&r).is_err() {
-                pending.push(r);
-            }
-        }
-        shared.release_states(std::mem::take(&mut work.gone));
-        shared.busy.store(false, Ordering::Release);
+        pending.deliver(
+            &shared,
+            work.invalidate.drain(..),
+            std::mem::take(&mut work.gone),
+        );
+        shared.busy.store(false, Ordering::SeqCst);
         for f in work.faults.drain(..) {
             serve_new(&shared, f, &mut pending, &mut parked);
         }
-        retry_pending(&shared, &mut pending);
+        pending.retry(&shared);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
             // Served again against the state each page has *now*.
@@ -1613,7 +1625,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 fn serve_new(
     shared: &Shared,
     f: Held,
-    pending: &mut Vec<NotifierRange>,
+    pending: &mut Undelivered,
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     serve_first(shared, f, parked);
@@ -1637,7 +1649,7 @@ fn serve_first(shared: &Shared, f: Held, parked: &mut Vec<(Held, fault::Attempts
 /// more: settled by the next round here, not by recursion).
 fn settle_deferred(
     shared: &Shared,
-    pending: &mut Vec<NotifierRange>,
+    pending: &mut Undelivered,
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     loop {
@@ -1648,13 +1660,8 @@ fn settle_deferred(
         if !read {
             return;
         }
-        for r in work.invalidate {
-            if shared.notifiers.invalidate(&r).is_err() {
-                pending.push(r);
-            }
-        }
-        shared.release_states(work.gone);
-        shared.busy.store(false, Ordering::Release);
+        pending.deliver(shared, work.invalidate, work.gone);
+        shared.busy.store(false, Ordering::SeqCst);
         for f in work.faults {
             serve_first(shared, f, parked);
         }
@@ -1929,12 +1936,62 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
     }
 }
 
-fn retry_pending(shared: &Shared, pending: &mut Vec<NotifierRange>) {
-    if pending.is_empty() {
-        return;
+/// Invalidations a device refused (it could not run them without
+/// blocking: its update lock was taken), to deliver again, and what the
+/// states they dropped held. A device page or an exclusive page's staging
+/// slot stays the process's until every device has run every such
+/// invalidation: a device that refused one may be using its translation
+/// right now (that is why its lock was taken), and memory handed out again
+/// meanwhile would take its stale writes. The kernel, likewise, frees what
+/// a translation names only after the invalidation ran.
+#[derive(Debug, Default)]
+struct Undelivered {
+    ranges: Vec<NotifierRange>,
+    held: Vec<Stored>,
+}
+
+impl Undelivered {
+    /// Tells the devices of `ranges`, then lets go of `gone` (and of what
+    /// waited before) unless an invalidation is still undelivered.
+    fn deliver(
+        &mut self,
+        shared: &Shared,
+        ranges: impl IntoIterator<Item = NotifierRange>,
+        gone: Vec<Stored>,
+    ) {
+        for r in ranges {
+            crate::trace::event!(
+                target: "uhmm::invalidate",
+                event = ?r.event,
+                start = %r.range.start(),
+                pages = r.range.npages(),
+                "invalidation from a userfaultfd event"
+            );
+            if shared.notifiers.invalidate(&r).is_err() {
+                self.ranges.push(r);
+            }
+        }
+        self.held.extend(gone);
+        self.settle(shared);
     }
-    shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-    pending.retain(|r| shared.notifiers.invalidate(r).is_err());
+
+    /// Delivers the refused invalidations again.
+    fn retry(&mut self, shared: &Shared) {
+        if !self.ranges.is_empty() {
+            shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.ranges
+                .retain(|r| shared.notifiers.invalidate(r).is_err());
+        }
+        self.settle(shared);
+    }
+
+    fn settle(&mut self, shared: &Shared) {
+        let waiting = !self.ranges.is_empty();
+        shared.undelivered.store(waiting, Ordering::SeqCst);
+        if !waiting && !self.held.is_empty() {
+            shared.release_states(std::mem::take(&mut self.held));
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
