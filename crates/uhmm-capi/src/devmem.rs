@@ -4,9 +4,12 @@
 //! (`uhmm_devmem`).
 
 use crate::error::{Errno, Error, call, call_value, write_out};
-use crate::handle::{Ctx, Kind, callback, forget, get, owner_from, owner_number, register, take};
+use crate::handle::{
+    Ctx, Frame, Kind, callback, forget, get, in_frame, owner_from, owner_number, register, take,
+    with_frame,
+};
 use crate::mm::{CMm, page_range, uhmm_mm};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -142,12 +145,14 @@ struct FaultCtx<'f, 'a> {
     migrations: RefCell<Vec<(usize, Arc<CMigrate>)>>,
 }
 
+/// The last migration error a uhmm call gave inside a `migrate_to_ram`
+/// callback: its errno, and what it means for the fault.
+type Passed = RefCell<Option<(c_int, FaultError)>>;
+
 thread_local! {
-    /// The fault handles whose callback runs on this thread.
-    static ACTIVE_FAULTS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
-    /// The last migration error a uhmm call gave inside `migrate_to_ram`
-    /// on this thread: its errno, and what it means for the fault.
-    static PASSED: RefCell<Option<(c_int, FaultError)>> = const { RefCell::new(None) };
+    /// The fault handles whose callback runs on this thread, each with
+    /// what its calls passed.
+    static ACTIVE_FAULTS: Cell<*const Frame<Passed>> = const { Cell::new(std::ptr::null()) };
 }
 
 /// A migration error for C. Inside `migrate_to_ram` its meaning for the
@@ -157,10 +162,9 @@ thread_local! {
 /// `From<MigrateError> for FaultError` makes it.
 fn migrate_error(e: MigrateError) -> Error {
     let err = Error::new(e.errno(), e.to_string());
-    if ACTIVE_FAULTS.with(|s| !s.borrow().is_empty()) {
-        let meaning = FaultError::from(e);
-        PASSED.with(|p| *p.borrow_mut() = Some((err.errno, meaning)));
-    }
+    in_frame(&ACTIVE_FAULTS, None, |f| {
+        *f.data.borrow_mut() = Some((err.errno, FaultError::from(e)));
+    });
     err
 }
 
@@ -183,16 +187,12 @@ impl DevicePagemapOps for COps {
             migrations: RefCell::new(Vec::new()),
         };
         let key = &fc as *const FaultCtx<'_, '_> as usize;
-        PASSED.with(|p| p.borrow_mut().take());
-        ACTIVE_FAULTS.with(|s| s.borrow_mut().push(key));
-        // SAFETY: a C function pointer of this signature given in the ops;
-        // the fault handle is `fc`, alive until after the call.
-        let rc = callback(|| unsafe { (self.migrate_to_ram)(self.ctx.0, key as *mut uhmm_fault) });
-        ACTIVE_FAULTS.with(|s| {
-            let mut s = s.borrow_mut();
-            if let Some(i) = s.iter().rposition(|&k| k == key) {
-                s.remove(i);
-            }
+        let (rc, passed) = with_frame(&ACTIVE_FAULTS, key, RefCell::new(None), |frame| {
+            // SAFETY: a C function pointer of this signature given in the
+            // ops; the fault handle is `fc`, alive until after the call.
+            let rc =
+                callback(|| unsafe { (self.migrate_to_ram)(self.ctx.0, key as *mut uhmm_fault) });
+            (rc, frame.data.take())
         });
         // A migration the callback left open borrows the fault: end it now.
         for (h, m) in fc.migrations.take() {
@@ -203,7 +203,6 @@ impl DevicePagemapOps for COps {
                 st.finalize();
             }
         }
-        let passed = PASSED.with(|p| p.borrow_mut().take());
         match rc {
             0 => Ok(()),
             // The error a uhmm call gave it, returned as it was.
@@ -438,7 +437,7 @@ fn with_fault<R>(
         return Err(Error::null("fault"));
     }
     let key = h as usize;
-    if !ACTIVE_FAULTS.with(|s| s.borrow().contains(&key)) {
+    if in_frame(&ACTIVE_FAULTS, Some(key), |_| ()).is_none() {
         return Err(Error::inval(
             "not the fault of a migrate_to_ram callback running on this thread",
         ));

@@ -1,8 +1,8 @@
 //! Errors: negative errno values, a thread-local message, and the guard
 //! that keeps panics inside.
 
-use std::cell::RefCell;
-use std::ffi::{CString, c_char, c_int};
+use std::cell::{Cell, RefCell};
+use std::ffi::{CStr, CString, c_char, c_int};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use uhmm::devmem::{DevmemError, FaultError, MigrateError, StagingError};
@@ -167,17 +167,27 @@ impl Errno for FaultError {
 
 thread_local! {
     static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
+    /// Whether the last call failed. Unlike `LAST_ERROR` (which has a
+    /// destructor) it can be read while the thread's thread-locals are
+    /// being destroyed: uhmm is called then from atexit handlers and
+    /// `pthread_key` destructors, and must neither panic nor lie.
+    static LAST_FAILED: Cell<bool> = const { Cell::new(false) };
 }
+
+/// `uhmm_last_error` after a failed call whose message could not be kept.
+const UNKEPT: &CStr = c"uhmm: the call failed (its message cannot be kept while the thread exits)";
 
 fn set_error(msg: &str) {
     // A message with a NUL in it is cut there.
     let msg = msg.split('\0').next().unwrap_or_default();
     let c = CString::new(msg).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = Some(c));
+    LAST_FAILED.with(|f| f.set(true));
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = Some(c));
 }
 
 fn clear_error() {
-    LAST_ERROR.with(|e| *e.borrow_mut() = None);
+    LAST_FAILED.with(|f| f.set(false));
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = None);
 }
 
 /// The message of the failed uhmm call made last on the calling thread,
@@ -188,10 +198,14 @@ fn clear_error() {
 /// thread; never NULL.
 #[unsafe(no_mangle)]
 pub extern "C" fn uhmm_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| match &*e.borrow() {
-        Some(c) => c.as_ptr(),
-        None => c"".as_ptr(),
-    })
+    if !LAST_FAILED.with(Cell::get) {
+        return c"".as_ptr();
+    }
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ref().map(|c| c.as_ptr()))
+        .ok()
+        .flatten()
+        .unwrap_or(UNKEPT.as_ptr())
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

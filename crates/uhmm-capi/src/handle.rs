@@ -9,6 +9,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::thread::LocalKey;
 use uhmm::mm::Owner;
 
 type Table = HashMap<usize, Arc<dyn Any + Send + Sync>>;
@@ -87,6 +88,76 @@ pub(crate) fn forget(h: usize) {
 
 thread_local! {
     static CALLBACK_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// A callback running on the calling thread, in a chain of them kept on
+/// that thread's stack: a thread-local points at the innermost, each frame
+/// at the one it runs inside. (Not a list in a thread-local: that would
+/// have a destructor, and uhmm is called while the thread's thread-locals
+/// are being destroyed — from an atexit handler, a `pthread_key`
+/// destructor, a notifier's callback at exit — where such a thread-local
+/// can no longer be read. A pointer in a `Cell` has no destructor and can
+/// always be read.)
+pub(crate) struct Frame<T> {
+    key: usize,
+    /// What the callback's calls leave for it.
+    pub(crate) data: T,
+    outer: *const Frame<T>,
+}
+
+/// A chain of [`Frame`]s: the thread-local holding the innermost.
+pub(crate) type Chain<T> = LocalKey<Cell<*const Frame<T>>>;
+
+/// Runs `f` with a frame for the callback `key` (holding `data`) innermost
+/// on `chain`, and takes it off when `f` returns (or unwinds).
+pub(crate) fn with_frame<T: 'static, R>(
+    chain: &'static Chain<T>,
+    key: usize,
+    data: T,
+    f: impl FnOnce(&Frame<T>) -> R,
+) -> R {
+    struct Pop<T: 'static> {
+        chain: &'static Chain<T>,
+        outer: *const Frame<T>,
+    }
+    impl<T: 'static> Drop for Pop<T> {
+        fn drop(&mut self) {
+            self.chain.with(|c| c.set(self.outer));
+        }
+    }
+    let frame = Frame {
+        key,
+        data,
+        outer: chain.with(Cell::get),
+    };
+    chain.with(|c| c.set(&frame));
+    // (Dropped before `frame`: the chain never points at a frame gone.)
+    let _pop = Pop {
+        chain,
+        outer: frame.outer,
+    };
+    f(&frame)
+}
+
+/// `f` of the frame of the callback `key` on `chain` (the innermost if
+/// `key` is `None`); `None` if no such callback runs on this thread.
+pub(crate) fn in_frame<T: 'static, R>(
+    chain: &'static Chain<T>,
+    key: Option<usize>,
+    f: impl FnOnce(&Frame<T>) -> R,
+) -> Option<R> {
+    let mut at = chain.with(Cell::get);
+    while !at.is_null() {
+        // SAFETY: every frame on the chain lives on this thread's stack in
+        // a `with_frame` call that is still running: it takes its frame
+        // off before its frame goes (`Pop`, also when unwinding).
+        let frame = unsafe { &*at };
+        if key.is_none_or(|k| k == frame.key) {
+            return Some(f(frame));
+        }
+        at = frame.outer;
+    }
+    None
 }
 
 /// Whether the calling thread is inside a uhmm callback into C.

@@ -2,9 +2,11 @@
 //! `HmmPfn` encoding or the driver's own.
 
 use crate::error::{Error, call, write_out};
-use crate::handle::{Ctx, Kind, callback, get, owner_number, owner_opt, register, take};
+use crate::handle::{
+    Ctx, Frame, Kind, callback, get, in_frame, owner_number, owner_opt, register, take, with_frame,
+};
 use crate::mm::{CMm, event_code, page_range, uhmm_mm};
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::sync::Arc;
@@ -131,7 +133,7 @@ pub type uhmm_invalidate_fn = Option<
 
 thread_local! {
     /// The subscriptions whose callback runs on this thread.
-    static ACTIVE_SUBS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    static ACTIVE_SUBS: Cell<*const Frame<()>> = const { Cell::new(std::ptr::null()) };
 }
 
 struct COps {
@@ -161,20 +163,15 @@ impl NotifierOps for COps {
             owner: r.owner.map_or(0, owner_number),
         };
         let key = sub as *const Subscription as usize;
-        ACTIVE_SUBS.with(|s| s.borrow_mut().push(key));
-        let done = callback(|| {
-            // SAFETY: a C function pointer given to uhmm_notifier_insert
-            // with this signature; `range` and the subscription outlive the
-            // call, and the context is the caller's.
-            unsafe {
-                (self.invalidate)(self.ctx.0, key as *const uhmm_subscription, &range, cur_seq)
-            }
-        });
-        ACTIVE_SUBS.with(|s| {
-            let mut s = s.borrow_mut();
-            if let Some(i) = s.iter().rposition(|&k| k == key) {
-                s.remove(i);
-            }
+        let done = with_frame(&ACTIVE_SUBS, key, (), |_| {
+            callback(|| {
+                // SAFETY: a C function pointer given to uhmm_notifier_insert
+                // with this signature; `range` and the subscription outlive
+                // the call, and the context is the caller's.
+                unsafe {
+                    (self.invalidate)(self.ctx.0, key as *const uhmm_subscription, &range, cur_seq)
+                }
+            })
         });
         if !done && r.blockable {
             if !self.warned.swap(true, Ordering::Relaxed) {
@@ -252,7 +249,7 @@ pub extern "C" fn uhmm_subscription_set_seq(sub: *const uhmm_subscription, cur_s
             return Err(Error::null("sub"));
         }
         let key = sub as usize;
-        if !ACTIVE_SUBS.with(|s| s.borrow().contains(&key)) {
+        if in_frame(&ACTIVE_SUBS, Some(key), |_| ()).is_none() {
             return Err(Error::inval(
                 "not the subscription of an invalidate callback running on this thread",
             ));

@@ -233,6 +233,33 @@ fn api_paths() {
     assert!(text.contains("paths: all"), "{text}");
 }
 
+/// uhmm calls from an atexit handler, a pthread_key destructor and a
+/// notifier's callback at exit (`UHMM_EVENT_RELEASE`), where the calling
+/// thread's thread-locals are being destroyed, answer as at any other
+/// time (they used to abort the process).
+#[test]
+fn calls_during_thread_and_process_teardown() {
+    let exe = compile("crates/uhmm-capi/tests/c/teardown.c", Link::Static, "test");
+    for mode in ["atexit", "key", "release"] {
+        let out = Command::new(&exe).arg(mode).output().expect("run teardown");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "teardown {mode} exited with {:?}:\n{text}",
+            out.status
+        );
+        let ok = match mode {
+            "release" => "teardown: release ok".to_string(),
+            m => format!("teardown: {m} ok"),
+        };
+        assert!(text.contains(&ok), "teardown {mode}:\n{text}");
+    }
+}
+
 /// The C snippet of README's "Using uhmm from C and C++" compiles, links
 /// and runs.
 #[test]
