@@ -1257,6 +1257,31 @@ fn program_with_its_own_userfaultfd() {
     }
 }
 
+/// tests/run/profiler.c, under `--chaos`: a profiler's SIGALRM handler
+/// writes untouched pages of a managed block every 50 µs while the program
+/// maps and unmaps large buffers (each managed on its thread, under uhmm's
+/// lock; under chaos the handler's pages may be on the device). Before,
+/// a handler that interrupted the program inside uhmm waited for the fault
+/// service, which waited for that lock: the program hung every time (found
+/// by an adversarial review). The library now blocks asynchronous signals
+/// while it works on a program's thread.
+#[test]
+fn a_signal_handler_touching_managed_memory_while_the_program_maps() {
+    if !have("cc") {
+        return;
+    }
+    let dir = scratch("profiler");
+    let exe = compile(&dir, "profiler");
+    let reference = plain(&dir, &[&exe]);
+    assert!(reference.status.success(), "plain: {reference:?}");
+    let (out, stats) = under_uhmm(&dir, &["--chaos", CHAOS], &[&exe]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout, "done: samples taken\n", "stderr:\n{stderr}");
+    assert!(stats.sum("mappings_managed") + stats.sum("malloc_blocks_managed") >= 1);
+}
+
 /// tests/run/sig_register.c: a SIGALRM handler registers a page of a large
 /// block with the program's own userfaultfd (and unregisters it) every
 /// 200 µs, while the main thread allocates small blocks, or only large

@@ -357,6 +357,11 @@ fn inside<T>(f: impl FnOnce() -> Option<T>) -> Option<T> {
     if in_uhmm_hook() || uhmm_thread() {
         return None;
     }
+    // uhmm takes its locks on this (the program's) thread here: a signal
+    // handler that ran meanwhile and touched managed memory needing the
+    // fault service would wait for a service waiting for those locks.
+    // Signals wait until the call is done.
+    let _signals = uhmm::sys::AsyncSignalsBlocked::new();
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
         .ok()
         .flatten()

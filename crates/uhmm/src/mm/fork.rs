@@ -47,6 +47,13 @@ pub(crate) fn pid() -> rustix::process::Pid {
 }
 
 thread_local! {
+    /// The forking thread's signal mask from before `prepare` blocked the
+    /// asynchronous signals: put back after the fork, in both processes.
+    static SIGNAL_MASK: std::cell::Cell<Option<libc::sigset_t>> =
+        const { std::cell::Cell::new(None) };
+}
+
+thread_local! {
     /// This thread's id, once asked (0 before): reset by the child hook,
     /// the one thread of a forked child having a new id.
     static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
@@ -130,6 +137,12 @@ fn live() -> Vec<Arc<Shared>> {
 /// a device cannot give back is lost (SIGBUS on access, in parent and child
 /// alike) rather than copied as a hole that would read as zeros.
 extern "C" fn prepare() {
+    // Pages come home below under the regions lock, on this (the program's)
+    // thread: a signal handler touching one of them there would wait for
+    // the fault service, which waits for that lock. Signals wait until the
+    // fork is done (the mask comes back in both processes).
+    let old = crate::sys::block_async_signals();
+    SIGNAL_MASK.with(|m| m.set(Some(old)));
     hooks_lock();
     for shared in live() {
         shared.gate.close();
@@ -156,6 +169,9 @@ extern "C" fn after_parent() {
         shared.gate.open();
     }
     hooks_unlock();
+    if let Some(old) = SIGNAL_MASK.with(|m| m.take()) {
+        crate::sys::restore_signal_mask(&old);
+    }
 }
 
 /// Runs in the child after the fork: only async-signal-safe work (a
@@ -168,6 +184,9 @@ extern "C" fn after_child() {
     PID.store(exact_pid().as_raw_nonzero().get(), Ordering::Relaxed);
     TID.with(|t| t.set(0));
     hooks_unlock();
+    if let Some(old) = SIGNAL_MASK.with(|m| m.take()) {
+        crate::sys::restore_signal_mask(&old);
+    }
 }
 
 /// Runs at process exit: every notifier of every `Mm` still alive gets

@@ -131,6 +131,88 @@ where
     }
 }
 
+/// The signals a program may handle asynchronously: all but the
+/// synchronous faults (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`,
+/// `SIGSYS`), which the kernel delivers even when blocked, by killing the
+/// process.
+fn async_signals() -> libc::sigset_t {
+    // SAFETY: a local sigset_t, filled by sigfillset, then emptied of a
+    // few valid signal numbers.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+            libc::SIGSYS,
+        ] {
+            libc::sigdelset(&mut set, sig);
+        }
+        set
+    }
+}
+
+/// Blocks the asynchronous signals (see `async_signals`) on the calling
+/// thread; returns the mask it had, for [`restore_signal_mask`].
+///
+/// uhmm holds its locks on the caller's thread in places the program does
+/// not see (the fork hook brings device pages home under them). A signal
+/// handler that ran there and touched managed memory needing the fault
+/// service would wait for a service that waits for those locks: a
+/// deadlock. Signals wait instead, and are handled when the mask comes
+/// back.
+pub fn block_async_signals() -> libc::sigset_t {
+    let set = async_signals();
+    // SAFETY: `set` and `old` are local sigset_t values; pthread_sigmask
+    // changes only this thread's mask and writes the old one into `old`.
+    unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    }
+}
+
+/// Puts back a mask [`block_async_signals`] returned (async-signal-safe:
+/// one system call).
+pub fn restore_signal_mask(old: &libc::sigset_t) {
+    // SAFETY: `old` is a sigset_t pthread_sigmask wrote; it changes only
+    // this thread's mask.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
+    }
+}
+
+/// The asynchronous signals blocked on the calling thread while alive
+/// ([`block_async_signals`]); the mask before comes back when dropped.
+#[derive(Debug)]
+pub struct AsyncSignalsBlocked {
+    old: libc::sigset_t,
+}
+
+impl AsyncSignalsBlocked {
+    /// Blocks them now.
+    pub fn new() -> Self {
+        Self {
+            old: block_async_signals(),
+        }
+    }
+}
+
+impl Default for AsyncSignalsBlocked {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AsyncSignalsBlocked {
+    fn drop(&mut self) {
+        restore_signal_mask(&self.old);
+    }
+}
+
 /// Runs `prepare` in the forking thread before every `fork()` of the
 /// process, and `parent` / `child` after it in the parent and the child
 /// (glibc's `pthread_atfork` hooks; prepare runs before glibc takes its
