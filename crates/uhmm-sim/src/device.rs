@@ -22,13 +22,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 /// invalidation to have hit the range since the one before).
 const MAX_ROUNDS: u64 = 1000;
 
-/// The most pages one access reaches after a look at
-/// [`Mm::layout_settled`](uhmm::mm::Mm::layout_settled): 2 MiB, a copy of
-/// a few hundred microseconds, the window in which a layout change made
-/// after the look goes unseen (each look costs a system call: smaller
-/// runs would cost reads and writes of large ranges a few percent).
-const SETTLED_RUN: usize = 512;
-
 /// What a command did, with dmirror's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CmdResult {
@@ -480,22 +473,22 @@ impl SimDevice {
         self.transfer(range, true, |page, offset, len| {
             // SAFETY: `page` lies in managed memory: the device holds a
             // translation for it, made by a fault that found the range
-            // managed under the table lock held here; a region stops
+            // managed under the table lock held here, and a region stops
             // being managed only by an invalidation, which needs this lock
-            // to remove the translation; and `transfer` found every layout
-            // change the kernel made (which it reports after the fact)
-            // delivered to the notifiers right before this access
-            // (`Mm::layout_settled`, at most `SETTLED_RUN` pages ago).
-            // Managed memory has no Rust references into it (the contract
-            // of `Mm::alloc`'s regions and of `Mm::manage`), so writing it
-            // breaks none. (Left: an munmap or mremap by another thread in
-            // the microseconds between that look and this write, with
-            // other memory mapped at once at the place it left; DESIGN.md.)
-            // A page in device memory is written in the device's arena,
-            // and a page held exclusive in its staging slot: no references
-            // point into either, the translation (checked under this lock)
-            // says the page is still there, and neither is handed out
-            // again before this device's invalidation ran.
+            // to remove the translation. Managed memory has no Rust
+            // references into it (the contract of `Mm::alloc`'s regions
+            // and of `Mm::manage`), so writing it breaks none. (A raw
+            // munmap of managed memory, which uhmm learns of only after
+            // the fact, is outside those contracts. So is, for now, an
+            // mremap of a managed mapping while the device accesses it:
+            // until the move's event reaches the notifier, memory another
+            // thread maps at the old place is written here. An open hole:
+            // DESIGN.md, "Devices that misbehave".) A page in device
+            // memory is written in the device's arena, and a page held
+            // exclusive in its staging slot: no references point into
+            // either, the translation (checked under this lock) says the
+            // page is still there, and neither is handed out again before
+            // this device's invalidation ran.
             unsafe { mem::write_process(page, &data[offset..offset + len]) }
         })
     }
@@ -594,16 +587,11 @@ impl SimDevice {
         // fault round said the page is fine is a real error, not a race.
         let mut failed_at = None;
         loop {
-            let mut unsettled = false;
             {
                 let mut table = self.mirror.lock();
                 self.check_released()?;
                 while cursor < range.end() {
-                    let upto = range
-                        .end()
-                        .get()
-                        .min(cursor.get() + SETTLED_RUN * PAGE_SIZE);
-                    let run = table.run(cursor, VirtAddr::new(upto), need);
+                    let run = table.run(cursor, range.end(), need);
                     if run == 0 {
                         break;
                     }
@@ -632,17 +620,6 @@ impl SimDevice {
                             table.set(cursor, 0);
                             break;
                         }
-                        // And only while every layout change the kernel
-                        // made has reached the notifiers: uhmm hears of an
-                        // munmap or mremap after the fact, and memory the
-                        // program maps at the old place meanwhile is not
-                        // the page this translation names. Unlocked, the
-                        // notifiers catch up (this lock may be what an
-                        // invalidation waits for).
-                        if !self.mm.layout_settled() {
-                            unsettled = true;
-                            break;
-                        }
                     }
                     let offset = cursor.get() - range.start().get();
                     let (done, failed) = match copy(at, offset, run * PAGE_SIZE) {
@@ -669,15 +646,6 @@ impl SimDevice {
             if cursor >= range.end() {
                 bump(&self.mirror.counters.pages_copied, res.cpages);
                 return Ok(res);
-            }
-            if unsettled {
-                if !self.await_layout_settled(Instant::now() + BUSY_TIMEOUT) {
-                    return Err(SimError::Busy {
-                        range,
-                        rounds: res.faults,
-                    });
-                }
-                continue;
             }
             let rest = PageRange::from_bounds(cursor, range.end())?;
             if res.faults >= MAX_ROUNDS {
@@ -810,25 +778,6 @@ impl SimDevice {
             }
             return use_entries(&mut table, &r.pfns);
         }
-    }
-
-    /// Waits, holding no lock, until every layout change of managed memory
-    /// has reached the notifiers ([`uhmm::mm::Mm::layout_settled`]), up to
-    /// `deadline`; whether it did.
-    fn await_layout_settled(&self, deadline: Instant) -> bool {
-        let mut looks = 0u32;
-        while !self.mm.layout_settled() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            looks += 1;
-            if looks % 64 == 0 {
-                std::thread::sleep(Duration::from_micros(50));
-            } else {
-                std::thread::yield_now();
-            }
-        }
-        true
     }
 
     /// dmirror_mkentry: an entry in the snapshot byte encoding.

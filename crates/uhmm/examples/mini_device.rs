@@ -183,13 +183,7 @@ impl MiniDevice {
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let mut buf = vec![0u8; PAGE_SIZE];
         match table.get(&addr)? {
-            // Through the virtual address only while every munmap and
-            // mremap has reached the notifier (the kernel tells uhmm after
-            // the fact; until then the address may hold other memory).
-            Entry::System { .. } if self.mm.layout_settled() => {
-                read_process(addr, &mut buf).ok()?
-            }
-            Entry::System { .. } => return None,
+            Entry::System { .. } => read_process(addr, &mut buf).ok()?,
             Entry::Device(pfn) => {
                 let memory = self.inner.memory.lock().unwrap_or_else(|e| e.into_inner());
                 buf.copy_from_slice(&memory[pfn.0 as usize]);

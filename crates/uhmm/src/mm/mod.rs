@@ -601,36 +601,6 @@ impl Mm {
         !self.inherited() && lock(&self.inner.shared.regions).covers(range)
     }
 
-    /// Whether every change the kernel has made to the layout of managed
-    /// memory (munmap, mremap, `MADV_DONTNEED`, fork) has reached the
-    /// interval notifiers: no such change waits for the fault service, and
-    /// no device still has to run an invalidation it refused.
-    ///
-    /// The kernel tells uhmm of these changes only after making them, so
-    /// for a moment a device's translation of a page may name an address
-    /// that no longer holds it: after an mremap, another thread may map
-    /// other memory at the old place at once. A device that reaches system
-    /// memory through virtual addresses (as an SVA device, or the software
-    /// device) checks this under its update lock right before an access,
-    /// and while it is `false` drops the lock and waits: it never writes
-    /// memory that is not the page it mirrors. A change made after the
-    /// check (microseconds before the access) is not seen; keep accesses
-    /// short. A device that holds device memory or staging slots need not
-    /// ask for those: they are not handed out again before its
-    /// invalidation ran.
-    ///
-    /// ```
-    /// use uhmm::mm::Mm;
-    ///
-    /// let mm = Mm::new()?;
-    /// // Nothing changes the layout of managed memory here.
-    /// assert!(mm.layout_settled());
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn layout_settled(&self) -> bool {
-        self.inherited() || self.inner.shared.layout_settled()
-    }
-
     /// The total length of the managed regions (0 in a forked child).
     pub fn managed_len(&self) -> usize {
         if self.inherited() {

@@ -106,9 +106,6 @@ pub(crate) struct Shared {
     /// Set while the service reads and handles a batch of events (see
     /// `sync_events`).
     busy: AtomicBool,
-    /// Set while an invalidation a device refused waits to be delivered
-    /// again (see `Undelivered`): set before `busy` is cleared.
-    undelivered: AtomicBool,
     /// Batches of events read and applied so far (see `await_events`).
     epoch: AtomicU64,
     /// Where the block the last device fault brought back ended (to see a
@@ -150,7 +147,6 @@ impl Shared {
             fault_block: AtomicUsize::new(DEFAULT_FAULT_BLOCK),
             parked: AtomicUsize::new(0),
             busy: AtomicBool::new(false),
-            undelivered: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             last_block_end: AtomicUsize::new(0),
             window: AtomicUsize::new(0),
@@ -872,19 +868,6 @@ impl Shared {
         }
     }
 
-    /// Whether every change the kernel has made to the layout of memory
-    /// registered here has reached the interval notifiers: no event is
-    /// unread ([`Uffd::layout_changing`]), none read is still being handled
-    /// (`busy`), and no device still has to run an invalidation it refused
-    /// (`undelivered`). Looked at in that order, each flag raised before
-    /// the one before it is lowered, so a change made before the call is
-    /// never missed. See [`Mm::layout_settled`](super::Mm::layout_settled).
-    pub(crate) fn layout_settled(&self) -> bool {
-        !self.uffd.layout_changing()
-            && !self.busy.load(Ordering::SeqCst)
-            && !self.undelivered.load(Ordering::SeqCst)
-    }
-
     /// Waits until the service has read and applied the events pending
     /// now: what a resolve ioctl that answered EAGAIN (an UNMAP, REMOVE or
     /// REMAP event unread) must do before it looks again. The caller must
@@ -1553,7 +1536,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
         if shared.stop.load(Ordering::Acquire) {
             // (Teardown: what waited for a device lets go now, as before.)
-            shared.release_states(std::mem::take(&mut pending.held));
+            pending.release(&shared);
             return;
         }
         if fds[1].revents().contains(PollFlags::IN) {
@@ -1593,7 +1576,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
             work.invalidate.drain(..),
             std::mem::take(&mut work.gone),
         );
-        shared.busy.store(false, Ordering::SeqCst);
+        shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
             serve_new(&shared, f, &mut pending, &mut parked);
         }
@@ -1661,7 +1644,7 @@ fn settle_deferred(
             return;
         }
         pending.deliver(shared, work.invalidate, work.gone);
-        shared.busy.store(false, Ordering::SeqCst);
+        shared.busy.store(false, Ordering::Release);
         for f in work.faults {
             serve_first(shared, f, parked);
         }
@@ -1947,7 +1930,17 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
 #[derive(Debug, Default)]
 struct Undelivered {
     ranges: Vec<NotifierRange>,
-    held: Vec<Stored>,
+    held: Vec<Kept>,
+}
+
+/// What a dropped state held, kept for a refused invalidation: a device
+/// page with the pagemap it is a page of (one dropped meanwhile took its
+/// pages with it, and its owner may have a new pagemap by then, whose page
+/// of that number is another page), or a staging hold.
+#[derive(Debug)]
+enum Kept {
+    Device(Weak<PagemapInner>, DevicePfn),
+    Other(Stored),
 }
 
 impl Undelivered {
@@ -1971,7 +1964,21 @@ impl Undelivered {
                 self.ranges.push(r);
             }
         }
-        self.held.extend(gone);
+        if self.ranges.is_empty() && self.held.is_empty() {
+            shared.release_states(gone);
+            return;
+        }
+        self.held.extend(gone.into_iter().map(|s| {
+            match s {
+                Stored::Device(owner, pfn) => Kept::Device(
+                    shared
+                        .device_pagemap(owner)
+                        .map_or_else(Weak::new, |pm| Arc::downgrade(&pm)),
+                    pfn,
+                ),
+                s => Kept::Other(s),
+            }
+        }));
         self.settle(shared);
     }
 
@@ -1985,12 +1992,27 @@ impl Undelivered {
         self.settle(shared);
     }
 
+    /// Lets go of what is kept once no invalidation is left to deliver.
     fn settle(&mut self, shared: &Shared) {
-        let waiting = !self.ranges.is_empty();
-        shared.undelivered.store(waiting, Ordering::SeqCst);
-        if !waiting && !self.held.is_empty() {
-            shared.release_states(std::mem::take(&mut self.held));
+        if self.ranges.is_empty() {
+            self.release(shared);
         }
+    }
+
+    /// Lets go of what is kept, now.
+    fn release(&mut self, shared: &Shared) {
+        let mut others = Vec::new();
+        for k in self.held.drain(..) {
+            match k {
+                Kept::Device(pm, pfn) => {
+                    if let Some(pm) = pm.upgrade() {
+                        pm.put_many(&[pfn]);
+                    }
+                }
+                Kept::Other(s) => others.push(s),
+            }
+        }
+        shared.release_states(others);
     }
 }
 
