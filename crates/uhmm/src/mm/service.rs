@@ -1511,19 +1511,18 @@ pub(crate) fn run(shared: Arc<Shared>) {
     ON_SERVICE.with(|s| s.set(Arc::as_ptr(&shared) as usize));
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();
-    let mut pending = Undelivered::default();
+    let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
     let mut parked: Vec<(Held, fault::Attempts)> = Vec::with_capacity(BATCH);
     DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
-        let timeout = (!pending.ranges.is_empty()
-            || !parked.is_empty()
-            || shared.stale.load(Ordering::Relaxed))
-        .then_some(Timespec {
-            tv_sec: 0,
-            tv_nsec: Duration::from_micros(200).as_nanos() as i64,
-        });
+        let timeout =
+            (!pending.is_empty() || !parked.is_empty() || shared.stale.load(Ordering::Relaxed))
+                .then_some(Timespec {
+                    tv_sec: 0,
+                    tv_nsec: Duration::from_micros(200).as_nanos() as i64,
+                });
         let mut fds = [
             PollFd::new(&shared.uffd, PollFlags::IN),
             PollFd::new(&shared.wake, PollFlags::IN),
@@ -1535,8 +1534,6 @@ pub(crate) fn run(shared: Arc<Shared>) {
             std::thread::sleep(Duration::from_millis(1));
         }
         if shared.stop.load(Ordering::Acquire) {
-            // (Teardown: what waited for a device lets go now, as before.)
-            pending.release(&shared);
             return;
         }
         if fds[1].revents().contains(PollFlags::IN) {
@@ -1571,16 +1568,24 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.epoch.fetch_add(1, Ordering::AcqRel);
         // Devices are told, and let go of what the dropped states held,
         // outside the lock (their callbacks may look at the address space).
-        pending.deliver(
-            &shared,
-            work.invalidate.drain(..),
-            std::mem::take(&mut work.gone),
-        );
+        for r in work.invalidate.drain(..) {
+            crate::trace::event!(
+                target: "uhmm::invalidate",
+                event = ?r.event,
+                start = %r.range.start(),
+                pages = r.range.npages(),
+                "invalidation from a userfaultfd event"
+            );
+            if shared.notifiers.invalidate(&r).is_err() {
+                pending.push(r);
+            }
+        }
+        shared.release_states(std::mem::take(&mut work.gone));
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
             serve_new(&shared, f, &mut pending, &mut parked);
         }
-        pending.retry(&shared);
+        retry_pending(&shared, &mut pending);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
             // Served again against the state each page has *now*.
@@ -1608,7 +1613,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 fn serve_new(
     shared: &Shared,
     f: Held,
-    pending: &mut Undelivered,
+    pending: &mut Vec<NotifierRange>,
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     serve_first(shared, f, parked);
@@ -1632,7 +1637,7 @@ fn serve_first(shared: &Shared, f: Held, parked: &mut Vec<(Held, fault::Attempts
 /// more: settled by the next round here, not by recursion).
 fn settle_deferred(
     shared: &Shared,
-    pending: &mut Undelivered,
+    pending: &mut Vec<NotifierRange>,
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     loop {
@@ -1643,7 +1648,12 @@ fn settle_deferred(
         if !read {
             return;
         }
-        pending.deliver(shared, work.invalidate, work.gone);
+        for r in work.invalidate {
+            if shared.notifiers.invalidate(&r).is_err() {
+                pending.push(r);
+            }
+        }
+        shared.release_states(work.gone);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults {
             serve_first(shared, f, parked);
@@ -1919,101 +1929,12 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
     }
 }
 
-/// Invalidations a device refused (it could not run them without
-/// blocking: its update lock was taken), to deliver again, and what the
-/// states they dropped held. A device page or an exclusive page's staging
-/// slot stays the process's until every device has run every such
-/// invalidation: a device that refused one may be using its translation
-/// right now (that is why its lock was taken), and memory handed out again
-/// meanwhile would take its stale writes. The kernel, likewise, frees what
-/// a translation names only after the invalidation ran.
-#[derive(Debug, Default)]
-struct Undelivered {
-    ranges: Vec<NotifierRange>,
-    held: Vec<Kept>,
-}
-
-/// What a dropped state held, kept for a refused invalidation: a device
-/// page with the pagemap it is a page of (one dropped meanwhile took its
-/// pages with it, and its owner may have a new pagemap by then, whose page
-/// of that number is another page), or a staging hold.
-#[derive(Debug)]
-enum Kept {
-    Device(Weak<PagemapInner>, DevicePfn),
-    Other(Stored),
-}
-
-impl Undelivered {
-    /// Tells the devices of `ranges`, then lets go of `gone` (and of what
-    /// waited before) unless an invalidation is still undelivered.
-    fn deliver(
-        &mut self,
-        shared: &Shared,
-        ranges: impl IntoIterator<Item = NotifierRange>,
-        gone: Vec<Stored>,
-    ) {
-        for r in ranges {
-            crate::trace::event!(
-                target: "uhmm::invalidate",
-                event = ?r.event,
-                start = %r.range.start(),
-                pages = r.range.npages(),
-                "invalidation from a userfaultfd event"
-            );
-            if shared.notifiers.invalidate(&r).is_err() {
-                self.ranges.push(r);
-            }
-        }
-        if self.ranges.is_empty() && self.held.is_empty() {
-            shared.release_states(gone);
-            return;
-        }
-        self.held.extend(gone.into_iter().map(|s| {
-            match s {
-                Stored::Device(owner, pfn) => Kept::Device(
-                    shared
-                        .device_pagemap(owner)
-                        .map_or_else(Weak::new, |pm| Arc::downgrade(&pm)),
-                    pfn,
-                ),
-                s => Kept::Other(s),
-            }
-        }));
-        self.settle(shared);
+fn retry_pending(shared: &Shared, pending: &mut Vec<NotifierRange>) {
+    if pending.is_empty() {
+        return;
     }
-
-    /// Delivers the refused invalidations again.
-    fn retry(&mut self, shared: &Shared) {
-        if !self.ranges.is_empty() {
-            shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-            self.ranges
-                .retain(|r| shared.notifiers.invalidate(r).is_err());
-        }
-        self.settle(shared);
-    }
-
-    /// Lets go of what is kept once no invalidation is left to deliver.
-    fn settle(&mut self, shared: &Shared) {
-        if self.ranges.is_empty() {
-            self.release(shared);
-        }
-    }
-
-    /// Lets go of what is kept, now.
-    fn release(&mut self, shared: &Shared) {
-        let mut others = Vec::new();
-        for k in self.held.drain(..) {
-            match k {
-                Kept::Device(pm, pfn) => {
-                    if let Some(pm) = pm.upgrade() {
-                        pm.put_many(&[pfn]);
-                    }
-                }
-                Kept::Other(s) => others.push(s),
-            }
-        }
-        shared.release_states(others);
-    }
+    shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+    pending.retain(|r| shared.notifiers.invalidate(r).is_err());
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
