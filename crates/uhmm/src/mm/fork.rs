@@ -47,13 +47,6 @@ pub(crate) fn pid() -> rustix::process::Pid {
 }
 
 thread_local! {
-    /// The forking thread's signal mask from before `prepare` blocked the
-    /// asynchronous signals: put back after the fork, in both processes.
-    static SIGNAL_MASK: std::cell::Cell<Option<libc::sigset_t>> =
-        const { std::cell::Cell::new(None) };
-}
-
-thread_local! {
     /// This thread's id, once asked (0 before): reset by the child hook,
     /// the one thread of a forked child having a new id.
     static TID: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
@@ -139,10 +132,11 @@ fn live() -> Vec<Arc<Shared>> {
 extern "C" fn prepare() {
     // Pages come home below under the regions lock, on this (the program's)
     // thread: a signal handler touching one of them there would wait for
-    // the fault service, which waits for that lock. Signals wait until the
-    // fork is done (the mask comes back in both processes).
-    let old = crate::sys::block_async_signals();
-    SIGNAL_MASK.with(|m| m.set(Some(old)));
+    // the fault service, which waits for that lock. Signals wait until this
+    // hook is done. (Not until after the fork: glibc runs the program's own
+    // parent and child hooks before uhmm's, and a mask they set would be
+    // undone.)
+    let _signals = crate::sys::AsyncSignalsBlocked::new();
     hooks_lock();
     for shared in live() {
         shared.gate.close();
@@ -169,9 +163,6 @@ extern "C" fn after_parent() {
         shared.gate.open();
     }
     hooks_unlock();
-    if let Some(old) = SIGNAL_MASK.with(|m| m.take()) {
-        crate::sys::restore_signal_mask(&old);
-    }
 }
 
 /// Runs in the child after the fork: only async-signal-safe work (a
@@ -184,9 +175,6 @@ extern "C" fn after_child() {
     PID.store(exact_pid().as_raw_nonzero().get(), Ordering::Relaxed);
     TID.with(|t| t.set(0));
     hooks_unlock();
-    if let Some(old) = SIGNAL_MASK.with(|m| m.take()) {
-        crate::sys::restore_signal_mask(&old);
-    }
 }
 
 /// Runs at process exit: every notifier of every `Mm` still alive gets
