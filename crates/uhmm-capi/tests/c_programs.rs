@@ -140,9 +140,11 @@ fn compile(src: &str, link: Link, test: &str) -> PathBuf {
     exe
 }
 
-/// Runs `exe` with `env`, killed after a minute (a hang fails the test).
-fn run(exe: &Path, env: &[(&str, &str)]) -> Output {
+/// Runs `exe` with `args` and `env`, killed after a minute (a hang fails
+/// the test).
+fn run(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(exe)
+        .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -169,7 +171,12 @@ fn run(exe: &Path, env: &[(&str, &str)]) -> Output {
 }
 
 fn assert_passes(exe: &Path) -> String {
-    let out = run(exe, &[]);
+    assert_passes_with(exe, &[])
+}
+
+/// Runs `exe` with `args`; its output, which it must exit 0 with.
+fn assert_passes_with(exe: &Path, args: &[&str]) -> String {
+    let out = run(exe, args, &[]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -177,7 +184,7 @@ fn assert_passes(exe: &Path) -> String {
     );
     assert!(
         out.status.success(),
-        "{} exited with {:?}:\n{text}",
+        "{} {args:?} exited with {:?}:\n{text}",
         exe.display(),
         out.status
     );
@@ -203,7 +210,7 @@ fn mini_device_example_shared() {
 #[test]
 fn mini_device_example_fails_on_corrupt_data() {
     let exe = compile("examples/c/mini_device.c", Link::Static, "corrupt");
-    let out = run(&exe, &[("MINI_DEVICE_CORRUPT", "1")]);
+    let out = run(&exe, &[], &[("MINI_DEVICE_CORRUPT", "1")]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
@@ -241,21 +248,8 @@ fn api_paths() {
 fn calls_during_thread_and_process_teardown() {
     let exe = compile("crates/uhmm-capi/tests/c/teardown.c", Link::Static, "test");
     for mode in ["atexit", "key", "release"] {
-        let out = Command::new(&exe).arg(mode).output().expect("run teardown");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "teardown {mode} exited with {:?}:\n{text}",
-            out.status
-        );
-        let ok = match mode {
-            "release" => "teardown: release ok".to_string(),
-            m => format!("teardown: {m} ok"),
-        };
+        let text = assert_passes_with(&exe, &[mode]);
+        let ok = format!("teardown: {mode} ok");
         assert!(text.contains(&ok), "teardown {mode}:\n{text}");
     }
 }
