@@ -1,5 +1,5 @@
 //! uhmm's fork preparation blocks the asynchronous signals while it works
-//! (see `sys::block_async_signals`) and puts the mask back when it ends,
+//! (see `sys::AsyncSignalsBlocked`) and puts the mask back when it ends,
 //! before the fork: a mask change the program's own atfork handlers make
 //! after the fork survives.
 //! (A test binary of its own: it registers atfork handlers for the whole

@@ -156,15 +156,8 @@ fn async_signals() -> libc::sigset_t {
 }
 
 /// Blocks the asynchronous signals (see `async_signals`) on the calling
-/// thread; returns the mask it had, for [`restore_signal_mask`].
-///
-/// uhmm holds its locks on the caller's thread in places the program does
-/// not see (the fork hook brings device pages home under them). A signal
-/// handler that ran there and touched managed memory needing the fault
-/// service would wait for a service that waits for those locks: a
-/// deadlock. Signals wait instead, and are handled when the mask comes
-/// back.
-pub fn block_async_signals() -> libc::sigset_t {
+/// thread; returns the mask it had, for `restore_signal_mask`.
+fn block_async_signals() -> libc::sigset_t {
     let set = async_signals();
     // SAFETY: `set` and `old` are local sigset_t values; pthread_sigmask
     // changes only this thread's mask and writes the old one into `old`.
@@ -175,9 +168,8 @@ pub fn block_async_signals() -> libc::sigset_t {
     }
 }
 
-/// Puts back a mask [`block_async_signals`] returned (async-signal-safe:
-/// one system call).
-pub fn restore_signal_mask(old: &libc::sigset_t) {
+/// Puts back a mask `block_async_signals` returned.
+fn restore_signal_mask(old: &libc::sigset_t) {
     // SAFETY: `old` is a sigset_t pthread_sigmask wrote; it changes only
     // this thread's mask.
     unsafe {
@@ -185,8 +177,15 @@ pub fn restore_signal_mask(old: &libc::sigset_t) {
     }
 }
 
-/// The asynchronous signals blocked on the calling thread while alive
-/// ([`block_async_signals`]); the mask before comes back when dropped.
+/// The asynchronous signals (all but the synchronous faults) blocked on
+/// the calling thread while alive; the mask before comes back when dropped.
+///
+/// uhmm holds its locks on the caller's thread in places the program does
+/// not see (the fork hook brings device pages home under them). A signal
+/// handler that ran there and touched managed memory needing the fault
+/// service would wait for a service that waits for those locks: a
+/// deadlock. Signals wait instead, and are handled when the mask comes
+/// back.
 #[derive(Debug)]
 pub struct AsyncSignalsBlocked {
     old: libc::sigset_t,
