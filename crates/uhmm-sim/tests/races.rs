@@ -437,6 +437,103 @@ fn parked_migration_loses_a_page_discarded_under_it() {
     }
 }
 
+/// repro_dontneed_migrate_deadlock's stale read, forced. A discard fences
+/// the pages that are present when its event is read (the zap comes once
+/// the discarding thread runs again). A fault the service parked on one of
+/// them earlier (the page was in flight then, and came home since) and
+/// serves again after that read is stale — the page is present — and must
+/// not lift the fence: a migration that took the page out before the zap
+/// reached it would keep the discarded data on the device.
+#[test]
+fn a_stale_fault_leaves_a_discards_fence_standing() {
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    // Pages the zap goes through before P's: a while for a device to try
+    // to take P meanwhile.
+    const BEFORE: usize = (256 << 20) / PAGE_SIZE;
+    let len = (BEFORE + 1) * PAGE_SIZE;
+    mm.set_fault_block(PAGE_SIZE).unwrap();
+    let (dev, engine) = parking_device(&mm);
+    let region = mm.alloc(len, Backing::AnonPrivate).unwrap();
+    let map = region.mapping().unwrap();
+    // 4 KiB pages: a zap one PTE at a time.
+    map.advise(map.range(), Advice::NoHugePage).unwrap();
+    let b = region.as_ptr() as usize;
+    // SAFETY: inside the region; no reference points into it.
+    unsafe { std::ptr::write_bytes(b as *mut u8, 1, len) };
+    let p = b + BEFORE * PAGE_SIZE;
+    wr(p, 0x5A5A);
+    assert_eq!(dev.migrate_range_to_device(VirtAddr::new(p), 1).unwrap(), 1);
+    // P's migration home, held with P in flight; a reader of P waits for
+    // it (its fault parked on the service).
+    engine.arm();
+    let d = dev.clone();
+    let home = std::thread::spawn(move || d.migrate_to_system(VirtAddr::new(p), 1));
+    engine.wait_parked();
+    let waited = mm.stats().faults_waited;
+    let reader = std::thread::spawn(move || rd(p));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mm.stats().faults_waited == waited {
+        assert!(Instant::now() < deadline, "the reader's fault never waited");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The service held before its next round, P comes home and its reader
+    // goes on: the parked fault is stale now.
+    let service = Arc::new(ParkingEngine::default());
+    service.arm();
+    let s = service.clone();
+    uhmm::testing::on_service_round(Some(Box::new(move || {
+        s.park_if_armed();
+    })));
+    service.wait_parked();
+    engine.release();
+    assert_eq!(join_soon(home).unwrap().cpages, 1);
+    assert_eq!(join_soon(reader), 0x5A5A);
+    // The whole region is discarded, P last: its event waits unread.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let discarder = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        // SAFETY: the region is ours; no reference points into it.
+        let rc = unsafe { libc::madvise(b as *mut _, len, libc::MADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    });
+    let wchan = format!("/proc/self/task/{}/wchan", tid_rx.recv().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&wchan)
+        .unwrap()
+        .contains("userfaultfd_event_wait_completion")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the discard never raised its event"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A device tries to take P until the discard has returned, while the
+    // service reads the event, serves the stale fault, and the zap runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d, halt) = (dev.clone(), stop.clone());
+    let taker = std::thread::spawn(move || {
+        let mut tries = 0u64;
+        while !halt.load(Ordering::Relaxed) {
+            let _ = d.migrate_range_to_device(VirtAddr::new(p), 1);
+            tries += 1;
+        }
+        tries
+    });
+    service.release();
+    join_soon(discarder);
+    stop.store(true, Ordering::Relaxed);
+    let tries = join_soon(taker);
+    uhmm::testing::on_service_round(None);
+    assert_eq!(
+        rd(p),
+        0,
+        "the discarded page came back with its old data ({tries} tries to take it)"
+    );
+}
+
 /// A migration parked while its region is moved (raw mremap): it follows
 /// its pages, which come back at the new address, and none is left in
 /// flight.

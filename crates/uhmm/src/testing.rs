@@ -147,6 +147,25 @@ pub fn on_events_read(f: Option<EventsRead>) {
     *EVENTS_READ.lock().unwrap_or_else(|e| e.into_inner()) = f;
 }
 
+/// A service-round test point: see [`on_service_round`].
+#[cfg(feature = "test-hooks")]
+pub type ServiceRound = Box<dyn FnMut() + Send>;
+
+#[cfg(feature = "test-hooks")]
+static SERVICE_ROUND: std::sync::Mutex<Option<ServiceRound>> = std::sync::Mutex::new(None);
+
+/// Calls `f` on every fault service (any `Mm`'s) at the start of each of
+/// its rounds, before it waits for events, with no lock of uhmm's held:
+/// `f` may park the service until the test has set up what its next round
+/// reads (a fault the service parked is served again once a round, after
+/// the round's events). `None` ends it, once `f` has returned; one test of
+/// a process at a time may use it. `f` runs under a lock of its own and
+/// must not take uhmm's locks.
+#[cfg(feature = "test-hooks")]
+pub fn on_service_round(f: Option<ServiceRound>) {
+    *SERVICE_ROUND.lock().unwrap_or_else(|e| e.into_inner()) = f;
+}
+
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
 /// the process, until called again with `None`: how long a device may
 /// keep a fault back waiting (normally 10 s) before the access fails with
@@ -246,5 +265,17 @@ pub(crate) fn events_read(_events: &[crate::sys::uffd::Event]) {
             .as_mut()
     {
         f(_events);
+    }
+}
+
+#[inline]
+pub(crate) fn service_round() {
+    #[cfg(feature = "test-hooks")]
+    if let Some(f) = SERVICE_ROUND
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        f();
     }
 }

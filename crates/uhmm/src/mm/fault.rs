@@ -340,7 +340,7 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             // hole it is for the CPU (which wakes the thread).
             _ => {
                 let _ = regions.states.set(page.start(), Stored::Cpu);
-                let served = fill_hole(shared, page, f.flags);
+                let (served, _) = fill_hole(shared, page, f.flags);
                 drop(regions);
                 served
             }
@@ -361,9 +361,14 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
                 // registration is to go.
                 shared.note_stale(&mut regions, page, true);
             }
-            // A hole: any discard of it in progress is done.
-            regions.unfence(page);
-            let served = fill_hole(shared, page, f.flags);
+            let (served, filled) = fill_hole(shared, page, f.flags);
+            if filled {
+                // It was a hole: any discard of it in progress is done. (A
+                // page found present instead means a stale fault, parked
+                // while the page was in flight, say: a discard whose zap
+                // is still to come may have fenced it.)
+                regions.unfence(page);
+            }
             drop(regions);
             served
         }
@@ -552,8 +557,9 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
     }
 }
 
-/// Fills a hole the CPU touched, as the kernel would have without uhmm.
-fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> Served {
+/// Fills a hole the CPU touched, as the kernel would have without uhmm;
+/// also says whether it filled one (the page may be present already).
+fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> (Served, bool) {
     let res: Result<Progress, OpError> = if flags.contains(FaultFlags::MINOR) {
         shared.uffd.continue_range(page, ContinueMode::empty())
     } else if flags.contains(FaultFlags::WRITE) {
@@ -575,17 +581,17 @@ fn fill_hole(shared: &Shared, page: PageRange, flags: FaultFlags) -> Served {
     };
     match res {
         Ok(p) => match p.stop {
-            None => Served::Done,
+            None => (Served::Done, true),
             // The layout is changing: read those events first.
-            Some(Stop::LayoutChanging) => Served::Park,
+            Some(Stop::LayoutChanging) => (Served::Park, false),
             Some(_) => {
                 let _ = shared.uffd.wake(page);
-                Served::Done
+                (Served::Done, false)
             }
         },
         Err(_) => {
             let _ = shared.uffd.wake(page);
-            Served::Done
+            (Served::Done, false)
         }
     }
 }

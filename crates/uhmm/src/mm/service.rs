@@ -1515,6 +1515,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut parked: Vec<(Held, fault::Attempts)> = Vec::with_capacity(BATCH);
     DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
+        crate::testing::service_round();
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
         let timeout =
