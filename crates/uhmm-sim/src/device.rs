@@ -486,10 +486,9 @@ impl SimDevice {
             // DESIGN.md, "Devices that misbehave".) A page in device
             // memory is written in the device's arena, and a page held
             // exclusive in its staging slot: no references point into
-            // either, and the translation (checked under this lock) says
-            // the page is still there. (Open: after a discard whose
-            // invalidation this device refused, both are handed out again
-            // at once; DESIGN.md, "Devices that misbehave".)
+            // either, the translation (checked under this lock) says the
+            // page is still there, and neither is handed out again before
+            // this device's invalidation ran.
             unsafe { mem::write_process(page, &data[offset..offset + len]) }
         })
     }

@@ -3961,3 +3961,301 @@ fn keep_moving(
         (at, moves)
     })
 }
+
+/// A device as the software device is: its table under a lock, taken (or
+/// tried, for a non-blockable invalidation) by its notifier callback; here
+/// the table is just the lock.
+#[derive(Debug)]
+struct LockDevice {
+    owner: uhmm::mm::Owner,
+    table: Mutex<()>,
+    refused: AtomicUsize,
+}
+
+impl NotifierOps for LockDevice {
+    fn invalidate(&self, s: &Subscription, r: &NotifierRange, cur_seq: u64) -> bool {
+        let _g = if r.blockable {
+            self.table.lock().unwrap()
+        } else {
+            match self.table.try_lock() {
+                Ok(g) => g,
+                Err(_) => {
+                    self.refused.fetch_add(1, Ordering::SeqCst);
+                    return false;
+                }
+            }
+        };
+        if !(r.event == NotifyEvent::Exclusive && r.owner == Some(self.owner)) {
+            s.set_seq(cur_seq);
+        }
+        true
+    }
+}
+
+/// A copy engine that copies, then (once armed) parks until released: a
+/// migration held after its copy into staging, before its commit.
+#[derive(Debug, Default)]
+struct CopyThenPark(ParkingEngine);
+
+impl CopyEngine for CopyThenPark {
+    fn copy(&self, jobs: &mut [CopyJob<'_>]) -> Result<(), CopyError> {
+        let r = CpuCopyEngine::with_threads(1).copy(jobs);
+        self.0.park_if_armed();
+        r
+    }
+}
+
+/// `Mm::exclusive_page` gives a device the staging slot of a page it holds
+/// exclusive "until the page's next invalidation". A discard of the page
+/// whose invalidation the device refuses (it is using the slot: its lock
+/// is taken) must leave the slot the device's until the invalidation
+/// runs. Before, the slot went back to staging at once; another device's
+/// migration home filled it with its page, and the first device's write,
+/// still inside its access, landed in that page, which the migration then
+/// put in place (found by an adversarial review).
+#[test]
+fn a_staging_slot_stays_its_holders_until_a_refused_invalidation_of_it_runs() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    // Device 2: its pages come home through a copy engine (staging slots
+    // filled, then put in place).
+    let dev2 = Arc::new(SimDevice::new(&mm));
+    let engine = Arc::new(CopyThenPark::default());
+    dev2.set_copy_engine(engine.clone());
+    let b = low_map(PAGE_SIZE);
+    let pb = PageRange::new(VirtAddr::new(b), PAGE_SIZE).unwrap();
+    // SAFETY: the test's own mapping, no reference into it.
+    let _rb = unsafe { mm.manage(pb) }.unwrap();
+    wr(b, 0xbbbb);
+    assert_eq!(
+        dev2.migrate_range_to_device(VirtAddr::new(b), 1).unwrap(),
+        1
+    );
+    // Device 1 holds page `a` exclusive (at the offset in its 2 MiB block
+    // that `b` has in its: both map to the same staging slot offset).
+    let a = low_map(PAGE_SIZE);
+    let pa = PageRange::new(VirtAddr::new(a), PAGE_SIZE).unwrap();
+    // SAFETY: as above.
+    let _ra = unsafe { mm.manage(pa) }.unwrap();
+    wr(a, 0xaaaa);
+    let owner1 = uhmm::mm::Owner::unique();
+    let dev1 = Arc::new(LockDevice {
+        owner: owner1,
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub1 = mm.insert_notifier(pa, dev1.clone()).unwrap();
+    assert_eq!(mm.make_device_exclusive(pa, owner1).unwrap(), 1);
+    // Device 1 starts an access: under its lock, where the page is.
+    let access = dev1.table.lock().unwrap();
+    let slot = mm.exclusive_page(VirtAddr::new(a), owner1).unwrap();
+    // The program discards the page meanwhile; device 1 refuses the
+    // invalidation (its lock is taken).
+    // SAFETY: discards the test's own page.
+    let discard = std::thread::spawn(move || unsafe {
+        libc::madvise(a as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+    });
+    assert_eq!(join_soon(discard), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mm.exclusive_page(VirtAddr::new(a), owner1).is_some()
+        || dev1.refused.load(Ordering::SeqCst) == 0
+    {
+        assert!(Instant::now() < deadline, "the discard was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Device 2 brings its page home; its migration parks after filling a
+    // staging slot.
+    engine.0.arm();
+    let d2 = dev2.clone();
+    let back = std::thread::spawn(move || d2.migrate_to_system(VirtAddr::new(b), 1));
+    engine.0.wait_parked();
+    // Device 1's access goes on: it writes the page it was told of.
+    // SAFETY: the staging slot (uhmm's memory); no Rust reference points
+    // into it.
+    let wrote = unsafe { uhmm::sys::mem::write_process(slot, &0x5555u64.to_ne_bytes()) };
+    drop(access);
+    engine.0.release();
+    let res = join_soon(back);
+    let got = rd(b);
+    let refused = dev1.refused.load(Ordering::SeqCst);
+    assert!(wrote.is_ok() && res.is_ok(), "{wrote:?}, {res:?}");
+    assert_eq!(
+        got, 0xbbbb,
+        "device 2's page took device 1's stale write ({refused} refusals)"
+    );
+}
+
+/// A device's pagemap that counts the pages it frees.
+#[derive(Debug, Default)]
+struct FreeCounting {
+    freed: Mutex<Vec<u64>>,
+}
+
+impl uhmm::devmem::DevicePagemapOps for FreeCounting {
+    fn page_free(&self, pfn: uhmm::DevicePfn) {
+        self.freed.lock().unwrap().push(pfn.0);
+    }
+    fn migrate_to_ram(
+        &self,
+        _: &uhmm::devmem::DeviceFault<'_>,
+    ) -> Result<(), uhmm::devmem::FaultError> {
+        Err(uhmm::devmem::FaultError::Retry)
+    }
+    fn add_chunk(&self, _: uhmm::DevicePfn, _: usize) -> Result<(), uhmm::devmem::DevmemError> {
+        Ok(())
+    }
+}
+
+/// Migrates the page at `at` to a page of `pm`; that page.
+fn one_page_to(
+    mm: &Mm,
+    pm: &uhmm::devmem::DevicePagemap,
+    owner: uhmm::mm::Owner,
+    at: usize,
+) -> uhmm::DevicePfn {
+    let range = PageRange::new(VirtAddr::new(at), PAGE_SIZE).unwrap();
+    let mut m =
+        uhmm::devmem::MigrateVma::setup(mm, range, uhmm::devmem::Select::SYSTEM, owner).unwrap();
+    let picked: Vec<usize> = m.selected().map(|(i, _, _)| i).collect();
+    assert_eq!(picked.len(), 1);
+    let pfns = pm.alloc(1).unwrap();
+    m.set_device_dst(picked[0], pfns[0]).unwrap();
+    m.pages();
+    assert_eq!(m.migrated_count(), 1);
+    m.finalize();
+    pfns[0]
+}
+
+/// A device page kept for a refused invalidation (see the test above) is a
+/// page of the pagemap it was taken from. If that pagemap is dropped and
+/// its owner makes another meanwhile, the page the new one hands out under
+/// the same number is another page, which the kept one must not free
+/// (found by the review of the fix above: the new pagemap freed a page a
+/// managed page still held, and handed it out twice).
+#[test]
+fn a_kept_device_page_never_frees_a_page_of_its_owners_next_pagemap() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    let owner = uhmm::mm::Owner::unique();
+    let cfg = PagemapConfig {
+        chunk_pages: 16,
+        max_chunks: 1,
+    };
+    let ops1 = Arc::new(FreeCounting::default());
+    let pm1 = uhmm::devmem::DevicePagemap::new(&mm, owner, ops1, cfg).unwrap();
+    let ra = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let a = ra.as_ptr() as usize;
+    wr(a, 0xaa);
+    one_page_to(&mm, &pm1, owner, a);
+    // Another device mirrors `a` and is in the middle of an access: it
+    // refuses the discard's invalidation.
+    let other = Arc::new(LockDevice {
+        owner: uhmm::mm::Owner::unique(),
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub = mm.insert_notifier(ra.range(), other.clone()).unwrap();
+    let access = other.table.lock().unwrap();
+    // SAFETY: discards the test's own page.
+    let discard = std::thread::spawn(move || unsafe {
+        libc::madvise(a as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+    });
+    assert_eq!(join_soon(discard), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other.refused.load(Ordering::SeqCst) == 0
+        || matches!(
+            mm.page_state(VirtAddr::new(a)).unwrap(),
+            PageState::Device { .. }
+        )
+    {
+        assert!(Instant::now() < deadline, "the discard was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The device's memory goes, and its owner makes new memory.
+    drop(pm1);
+    let ops2 = Arc::new(FreeCounting::default());
+    let pm2 = uhmm::devmem::DevicePagemap::new(&mm, owner, ops2.clone(), cfg).unwrap();
+    let rb = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = rb.as_ptr() as usize;
+    wr(b, 0xbb);
+    let pb = one_page_to(&mm, &pm2, owner, b);
+    // The access ends; the refused invalidation runs; what it kept goes.
+    drop(access);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mm.stats().invalidation_retries == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let freed = ops2.freed.lock().unwrap().clone();
+    let in_use = pm2.stats().in_use;
+    assert_eq!(
+        mm.page_state(VirtAddr::new(b)).unwrap(),
+        PageState::Device { owner, pfn: pb }
+    );
+    assert!(
+        freed.is_empty() && in_use == 1,
+        "the new pagemap freed a page b still holds: freed {freed:?}, {in_use} in use"
+    );
+}
+
+/// What a refused invalidation keeps is only what lies in its range: a
+/// device busy with one region holds no other region's freed device pages
+/// (found by review of the first version, which kept every freed page of
+/// every device until the refusal ran).
+#[test]
+fn a_refused_invalidation_keeps_nothing_outside_its_range() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    let owner = uhmm::mm::Owner::unique();
+    let cfg = PagemapConfig {
+        chunk_pages: 16,
+        max_chunks: 1,
+    };
+    let ops = Arc::new(FreeCounting::default());
+    let pm = uhmm::devmem::DevicePagemap::new(&mm, owner, ops.clone(), cfg).unwrap();
+    let rb = mm.alloc(16 * PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let b = rb.as_ptr() as usize;
+    for i in 0..16 {
+        wr(b + i * PAGE_SIZE, 0xbb);
+        one_page_to(&mm, &pm, owner, b + i * PAGE_SIZE);
+    }
+    assert_eq!(pm.stats().in_use, 16);
+    // Another device, mirroring another region, is in an access: it
+    // refuses the invalidation of a discard there.
+    let ra = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let a = ra.as_ptr() as usize;
+    wr(a, 0xaa);
+    let other = Arc::new(LockDevice {
+        owner: uhmm::mm::Owner::unique(),
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub = mm.insert_notifier(ra.range(), other.clone()).unwrap();
+    let access = other.table.lock().unwrap();
+    // SAFETY: discards the test's own page.
+    let discard = std::thread::spawn(move || unsafe {
+        libc::madvise(a as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+    });
+    assert_eq!(join_soon(discard), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other.refused.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the discard was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The program discards all of b, which that device does not mirror:
+    // b's device pages are freed while the refusal stands.
+    // SAFETY: discards the test's own pages.
+    let rc = unsafe { libc::madvise(b as *mut _, 16 * PAGE_SIZE, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pm.stats().in_use > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let in_use = pm.stats().in_use;
+    drop(access);
+    assert_eq!(
+        in_use, 0,
+        "b's device pages stay held by a refusal of another region's invalidation"
+    );
+    assert_eq!(ops.freed.lock().unwrap().len(), 16);
+}

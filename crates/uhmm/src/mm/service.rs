@@ -1511,19 +1511,20 @@ pub(crate) fn run(shared: Arc<Shared>) {
     ON_SERVICE.with(|s| s.set(Arc::as_ptr(&shared) as usize));
     let mut events: Vec<Event> = Vec::with_capacity(BATCH);
     let mut work = Work::default();
-    let mut pending: Vec<NotifierRange> = Vec::with_capacity(BATCH);
+    let mut pending = Undelivered::default();
     let mut parked: Vec<(Held, fault::Attempts)> = Vec::with_capacity(BATCH);
     DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
         crate::testing::service_round();
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
-        let timeout =
-            (!pending.is_empty() || !parked.is_empty() || shared.stale.load(Ordering::Relaxed))
-                .then_some(Timespec {
-                    tv_sec: 0,
-                    tv_nsec: Duration::from_micros(200).as_nanos() as i64,
-                });
+        let timeout = (!pending.ranges.is_empty()
+            || !parked.is_empty()
+            || shared.stale.load(Ordering::Relaxed))
+        .then_some(Timespec {
+            tv_sec: 0,
+            tv_nsec: Duration::from_micros(200).as_nanos() as i64,
+        });
         let mut fds = [
             PollFd::new(&shared.uffd, PollFlags::IN),
             PollFd::new(&shared.wake, PollFlags::IN),
@@ -1535,6 +1536,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
             std::thread::sleep(Duration::from_millis(1));
         }
         if shared.stop.load(Ordering::Acquire) {
+            // (Teardown: what waited for a device goes now.)
+            pending.release(&shared);
             return;
         }
         if fds[1].revents().contains(PollFlags::IN) {
@@ -1569,24 +1572,16 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.epoch.fetch_add(1, Ordering::AcqRel);
         // Devices are told, and let go of what the dropped states held,
         // outside the lock (their callbacks may look at the address space).
-        for r in work.invalidate.drain(..) {
-            crate::trace::event!(
-                target: "uhmm::invalidate",
-                event = ?r.event,
-                start = %r.range.start(),
-                pages = r.range.npages(),
-                "invalidation from a userfaultfd event"
-            );
-            if shared.notifiers.invalidate(&r).is_err() {
-                pending.push(r);
-            }
-        }
-        shared.release_states(std::mem::take(&mut work.gone));
+        pending.deliver(
+            &shared,
+            work.invalidate.drain(..),
+            std::mem::take(&mut work.gone),
+        );
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
             serve_new(&shared, f, &mut pending, &mut parked);
         }
-        retry_pending(&shared, &mut pending);
+        pending.retry(&shared);
         shared.parked.store(parked.len(), Ordering::Release);
         if !parked.is_empty() {
             // Served again against the state each page has *now*.
@@ -1614,7 +1609,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
 fn serve_new(
     shared: &Shared,
     f: Held,
-    pending: &mut Vec<NotifierRange>,
+    pending: &mut Undelivered,
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     serve_first(shared, f, parked);
@@ -1638,7 +1633,7 @@ fn serve_first(shared: &Shared, f: Held, parked: &mut Vec<(Held, fault::Attempts
 /// more: settled by the next round here, not by recursion).
 fn settle_deferred(
     shared: &Shared,
-    pending: &mut Vec<NotifierRange>,
+    pending: &mut Undelivered,
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     loop {
@@ -1649,12 +1644,7 @@ fn settle_deferred(
         if !read {
             return;
         }
-        for r in work.invalidate {
-            if shared.notifiers.invalidate(&r).is_err() {
-                pending.push(r);
-            }
-        }
-        shared.release_states(work.gone);
+        pending.deliver(shared, work.invalidate, work.gone);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults {
             serve_first(shared, f, parked);
@@ -1861,7 +1851,8 @@ fn since_woken(shared: &Shared, f: Held) -> Option<SinceWoken> {
 #[derive(Debug, Default)]
 struct Work {
     invalidate: Vec<NotifierRange>,
-    gone: Vec<Stored>,
+    /// What the states the events dropped held, with their pages.
+    gone: Vec<(VirtAddr, Stored)>,
     faults: Vec<Held>,
 }
 
@@ -1893,7 +1884,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
             for (addr, st) in regions.states.entries(range) {
                 let _ = regions.states.set(addr, Stored::Cpu);
                 if !matches!(st, Stored::Migrating(_)) {
-                    work.gone.push(st);
+                    work.gone.push((addr, st));
                 }
             }
             // The zap comes once this event is read: its present pages are
@@ -1912,7 +1903,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         }
         Event::Unmap { range } => {
             invalidate(regions, range, NotifyEvent::Unmap);
-            regions.unmapped(range, |_, s| work.gone.push(s));
+            regions.unmapped(range, |a, s| work.gone.push((a, s)));
             shared.device_memory_unmapped(range);
         }
         Event::Remap { from, to, old_len } => {
@@ -1920,7 +1911,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
                 invalidate(regions, old, NotifyEvent::Remap);
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
-                regions.moved(old, to, |_, s| work.gone.push(s));
+                regions.moved(old, to, |a, s| work.gone.push((a, s)));
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the
@@ -1930,12 +1921,119 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
     }
 }
 
-fn retry_pending(shared: &Shared, pending: &mut Vec<NotifierRange>) {
-    if pending.is_empty() {
-        return;
+/// Invalidations a device refused (it could not run them without
+/// blocking: its update lock was taken), to deliver again, and what the
+/// states of their pages held. A device page or an exclusive page's staging
+/// slot of a page inside a refused range stays the process's until every
+/// device has run that invalidation: a device that refused it may be using
+/// its translation right now (that is why its lock was taken), and memory
+/// handed out again meanwhile would take its stale writes. The kernel,
+/// likewise, frees what a translation names only after the invalidation
+/// ran. What lies outside every refused range goes at once.
+#[derive(Debug, Default)]
+struct Undelivered {
+    ranges: Vec<NotifierRange>,
+    held: Vec<(VirtAddr, Kept)>,
+}
+
+/// What a dropped state held, kept for a refused invalidation: a device
+/// page with the pagemap it is a page of (one dropped meanwhile took its
+/// pages with it, and its owner may have a new pagemap by then, whose page
+/// of that number is another page), or a staging hold.
+#[derive(Debug)]
+enum Kept {
+    Device(Weak<PagemapInner>, DevicePfn),
+    Other(Stored),
+}
+
+impl Undelivered {
+    /// Tells the devices of `ranges`, then lets go of what `gone` held,
+    /// but for the pages a refused invalidation covers.
+    fn deliver(
+        &mut self,
+        shared: &Shared,
+        ranges: impl IntoIterator<Item = NotifierRange>,
+        gone: Vec<(VirtAddr, Stored)>,
+    ) {
+        for r in ranges {
+            crate::trace::event!(
+                target: "uhmm::invalidate",
+                event = ?r.event,
+                start = %r.range.start(),
+                pages = r.range.npages(),
+                "invalidation from a userfaultfd event"
+            );
+            if shared.notifiers.invalidate(&r).is_err() {
+                self.ranges.push(r);
+            }
+        }
+        if self.ranges.is_empty() {
+            shared.release_states(gone.into_iter().map(|(_, s)| s).collect());
+            return;
+        }
+        let mut free = Vec::new();
+        for (at, s) in gone {
+            if !self.refused(at) {
+                free.push(s);
+                continue;
+            }
+            let kept = match s {
+                Stored::Device(owner, pfn) => Kept::Device(
+                    shared
+                        .device_pagemap(owner)
+                        .map_or_else(Weak::new, |pm| Arc::downgrade(&pm)),
+                    pfn,
+                ),
+                s => Kept::Other(s),
+            };
+            self.held.push((at, kept));
+        }
+        shared.release_states(free);
     }
-    shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-    pending.retain(|r| shared.notifiers.invalidate(r).is_err());
+
+    /// Whether a refused invalidation covers page `at`.
+    fn refused(&self, at: VirtAddr) -> bool {
+        self.ranges.iter().any(|r| r.range.contains(at))
+    }
+
+    /// Delivers the refused invalidations again, and lets go of what is
+    /// no longer covered by one.
+    fn retry(&mut self, shared: &Shared) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.ranges
+            .retain(|r| shared.notifiers.invalidate(r).is_err());
+        if self.held.is_empty() {
+            return;
+        }
+        let (keep, free): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|&(at, _)| self.refused(at));
+        self.held = keep;
+        Self::put(shared, free.into_iter().map(|(_, k)| k));
+    }
+
+    /// Lets go of everything kept, now.
+    fn release(&mut self, shared: &Shared) {
+        Self::put(shared, self.held.drain(..).map(|(_, k)| k));
+    }
+
+    fn put(shared: &Shared, kept: impl Iterator<Item = Kept>) {
+        let mut others = Vec::new();
+        for k in kept {
+            match k {
+                Kept::Device(pm, pfn) => {
+                    if let Some(pm) = pm.upgrade() {
+                        pm.put_many(&[pfn]);
+                    }
+                }
+                Kept::Other(s) => others.push(s),
+            }
+        }
+        shared.release_states(others);
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
