@@ -1339,6 +1339,10 @@ int uhmm_subscription_set_seq(const struct uhmm_subscription *sub,
  * notifier runs, then `*seq` receives the sequence to give
  * [`uhmm_range_fault`] and [`uhmm_notifier_read_retry`].
  *
+ * Returns 0, `-EINVAL` for a bad argument, `-EDEADLK` from this
+ * notifier's own invalidate callback (it would wait for that callback to
+ * return, for ever).
+ *
  * # Safety
  *
  * `seq` is NULL or valid for a write.

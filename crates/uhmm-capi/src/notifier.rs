@@ -269,6 +269,10 @@ pub extern "C" fn uhmm_subscription_set_seq(sub: *const uhmm_subscription, cur_s
 /// notifier runs, then `*seq` receives the sequence to give
 /// [`uhmm_range_fault`] and [`uhmm_notifier_read_retry`].
 ///
+/// Returns 0, `-EINVAL` for a bad argument, `-EDEADLK` from this
+/// notifier's own invalidate callback (it would wait for that callback to
+/// return, for ever).
+///
 /// # Safety
 ///
 /// `seq` is NULL or valid for a write.
@@ -278,7 +282,16 @@ pub unsafe extern "C" fn uhmm_notifier_read_begin(n: *const uhmm_notifier, seq: 
         if seq.is_null() {
             return Err(Error::null("seq"));
         }
-        let s = get::<CNotifier, _>(n)?.notifier.read_begin();
+        let cn = get::<CNotifier, _>(n)?;
+        let own = cn.notifier.subscription() as *const Subscription as usize;
+        if in_frame(&ACTIVE_SUBS, Some(own), |_| ()).is_some() {
+            return Err(Error::new(
+                libc::EDEADLK,
+                "uhmm_notifier_read_begin in the notifier's own invalidate callback would wait \
+                 for that callback to return",
+            ));
+        }
+        let s = cn.notifier.read_begin();
         // SAFETY: not NULL, and the caller vouches for it.
         unsafe { write_out(seq, "seq", s) }
     })

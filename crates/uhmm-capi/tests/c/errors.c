@@ -45,12 +45,17 @@ static int dummy_to_ram(void *ctx, uhmm_fault *f)
 
 struct cb_state {
     uhmm_mm *mm;
+    uhmm_notifier *own;
     int destroy_rc;
+    int read_rc;
     int calls;
     char msg[256];
+    char read_msg[256];
 };
 
-/* Tries to destroy the address space from inside a callback. */
+/* Tries to destroy the address space from inside a callback, and to begin
+ * a read of its own notifier there (once the callback has set the
+ * sequence, that would wait for this very callback). */
 static bool destroying_invalidate(void *ctx, const uhmm_subscription *sub, const uhmm_notifier_range *r,
                                   uint64_t seq)
 {
@@ -59,6 +64,11 @@ static bool destroying_invalidate(void *ctx, const uhmm_subscription *sub, const
     if (s->calls++ == 0) {
         s->destroy_rc = uhmm_mm_destroy(s->mm);
         snprintf(s->msg, sizeof s->msg, "%s", uhmm_last_error());
+        if (s->own != NULL) {
+            uint64_t begun = 0;
+            s->read_rc = uhmm_notifier_read_begin(s->own, &begun);
+            snprintf(s->read_msg, sizeof s->read_msg, "%s", uhmm_last_error());
+        }
     }
     uhmm_subscription_set_seq(sub, seq);
     return true;
@@ -234,11 +244,14 @@ int main(void)
     uhmm_notifier *n2 = NULL;
     expect(uhmm_notifier_insert(mm, base, 8 * UHMM_PAGE_SIZE, destroying_invalidate, &s, &n2), 0, NULL,
            "a notifier that destroys from its callback");
+    s.own = n2;
     expect(uhmm_migrate_setup(mm, base, 8 * UHMM_PAGE_SIZE, UHMM_SELECT_SYSTEM, owner, &m), 0, NULL,
            "a migration (to raise an invalidation)");
     expect(uhmm_migrate_finalize(m), 0, NULL, "finalize it");
     check(s.calls > 0 && s.destroy_rc == -EDEADLK && strstr(s.msg, "inside a uhmm callback") != NULL,
           "uhmm_mm_destroy inside a callback is -EDEADLK, with a message");
+    check(s.read_rc == -EDEADLK && strstr(s.read_msg, "own invalidate callback") != NULL,
+          "read_begin of a notifier in its own callback is -EDEADLK, with a message");
     expect(uhmm_mm_get_stats(mm, &st), 0, NULL, "the address space is still there");
     check(st.invalidations[UHMM_EVENT_MIGRATE] >= 2, "... and counted the migrations' invalidations");
 

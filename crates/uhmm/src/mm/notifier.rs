@@ -469,11 +469,19 @@ impl IntervalNotifier {
         self.sub().range
     }
 
+    /// The subscription its callbacks are given (to tell, in a callback,
+    /// which notifier it runs for).
+    pub fn subscription(&self) -> &Subscription {
+        self.sub()
+    }
+
     /// Begins a read of the CPU page table: waits while an invalidation of
     /// this notifier runs, then returns the sequence to check with
     /// [`read_retry`](Self::read_retry). It does not loop: an invalidation
     /// may already have started when it returns. (In a forked child it does
-    /// not wait; `range_fault` refuses there.)
+    /// not wait; `range_fault` refuses there.) Not from this notifier's own
+    /// callback: it would wait for that callback to return, for ever (as
+    /// the kernel's `mmu_interval_read_begin`).
     pub fn read_begin(&self) -> u64 {
         let seq = self.sub().seq.load(Ordering::Acquire);
         self.tree.wait_while_invalidating(seq);
