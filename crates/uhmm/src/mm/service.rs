@@ -1942,7 +1942,7 @@ struct Undelivered {
 /// of that number is another page), or a staging hold.
 #[derive(Debug)]
 enum Kept {
-    Device(Weak<PagemapInner>, DevicePfn),
+    Device(Owner, Weak<PagemapInner>, DevicePfn),
     Other(Stored),
 }
 
@@ -1979,6 +1979,7 @@ impl Undelivered {
             }
             let kept = match s {
                 Stored::Device(owner, pfn) => Kept::Device(
+                    owner,
                     shared
                         .device_pagemap(owner)
                         .map_or_else(Weak::new, |pm| Arc::downgrade(&pm)),
@@ -2024,9 +2025,17 @@ impl Undelivered {
         let mut others = Vec::new();
         for k in kept {
             match k {
-                Kept::Device(pm, pfn) => {
-                    if let Some(pm) = pm.upgrade() {
-                        pm.put_many(&[pfn]);
+                Kept::Device(owner, pm, pfn) => {
+                    // Through the registry, not the `Weak`: a pagemap
+                    // being dropped leaves it before it waits for the
+                    // references others hold to go, and is never dropped
+                    // last here (DESIGN.md, concurrency rule 4). The
+                    // `Weak` only says it is the same pagemap (it keeps
+                    // the allocation, so no other can be at that address).
+                    if let Some(cur) = shared.device_pagemap(owner)
+                        && std::ptr::eq(Arc::as_ptr(&cur), pm.as_ptr())
+                    {
+                        cur.put_many(&[pfn]);
                     }
                 }
                 Kept::Other(s) => others.push(s),
