@@ -346,9 +346,13 @@ pub(crate) fn serve(shared: &Shared, held: Held) -> Served {
             }
         },
         Stored::Cpu if f.flags.contains(FaultFlags::WP) => {
-            drop(regions);
             shared.stats.faults_wp.fetch_add(1, Ordering::Relaxed);
+            // Under the lock: the fault may be stale (parked through a
+            // migration's copy window), and an operation that takes the
+            // page meanwhile write-protects it on purpose, under this
+            // lock; lifted after, its copy would miss a CPU write.
             let _ = shared.uffd.write_protect(page, false, true);
+            drop(regions);
             Served::Done
         }
         // A hole — of a managed region, or of memory that left the table
