@@ -498,18 +498,7 @@ fn a_stale_fault_leaves_a_discards_fence_standing() {
         let rc = unsafe { libc::madvise(b as *mut _, len, libc::MADV_DONTNEED) };
         assert_eq!(rc, 0);
     });
-    let wchan = format!("/proc/self/task/{}/wchan", tid_rx.recv().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&wchan)
-        .unwrap()
-        .contains("userfaultfd_event_wait_completion")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the discard never raised its event"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    waits_for_its_event(tid_rx.recv().unwrap(), "the discard");
     // A device tries to take P until the discard has returned, while the
     // service reads the event, serves the stale fault, and the zap runs.
     let stop = Arc::new(AtomicBool::new(false));
@@ -532,6 +521,21 @@ fn a_stale_fault_leaves_a_discards_fence_standing() {
         0,
         "the discarded page came back with its old data ({tries} tries to take it)"
     );
+}
+
+/// Waits until thread `tid` (of this process) sleeps until the fault
+/// service reads the userfaultfd event its layout change raised; fails
+/// after 10 s (`what` made no event).
+fn waits_for_its_event(tid: i32, what: &str) {
+    let wchan = format!("/proc/self/task/{tid}/wchan");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&wchan)
+        .unwrap()
+        .contains("userfaultfd_event_wait_completion")
+    {
+        assert!(Instant::now() < deadline, "{what} never raised its event");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A migration parked while its region is moved (raw mremap): it follows
@@ -4258,4 +4262,157 @@ fn a_refused_invalidation_keeps_nothing_outside_its_range() {
         "b's device pages stay held by a refusal of another region's invalidation"
     );
     assert_eq!(ops.freed.lock().unwrap().len(), 16);
+}
+
+/// A refusal covers its pages wherever mremaps take them: a device page
+/// moved by an mremap whose invalidation (of the old place) a device
+/// refused, then discarded at its new place, stays kept. The device that
+/// refused (its notifier covers the place it mirrors, not the destination)
+/// is still in its access, through a translation to that very device page.
+/// (Found by review: what was kept was keyed by the address the dropping
+/// event names, and the page was freed at once.)
+#[test]
+fn a_moved_device_page_stays_kept_for_the_refused_remap_of_its_old_place() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    let owner = uhmm::mm::Owner::unique();
+    let cfg = PagemapConfig {
+        chunk_pages: 16,
+        max_chunks: 1,
+    };
+    let ops = Arc::new(FreeCounting::default());
+    let pm = uhmm::devmem::DevicePagemap::new(&mm, owner, ops.clone(), cfg).unwrap();
+    let ra = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let a = ra.as_ptr() as usize;
+    wr(a, 0xaa);
+    let pfn = one_page_to(&mm, &pm, owner, a);
+    // The owner's device mirrors `a` (an interval notifier over it) and is
+    // in an access through its translation to `pfn`.
+    let dev = Arc::new(LockDevice {
+        owner,
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub = mm.insert_notifier(ra.range(), dev.clone()).unwrap();
+    let access = dev.table.lock().unwrap();
+    // Another thread moves the page; the Remap invalidation of `a` is refused.
+    let dest = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap().leak();
+    let from = ra.range();
+    std::mem::forget(ra);
+    let mover = std::thread::spawn(move || common::remap(from, dest));
+    join_soon(mover);
+    let b = dest.start().get();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dev.refused.load(Ordering::SeqCst) == 0
+        || !matches!(
+            mm.page_state(VirtAddr::new(b)).unwrap(),
+            PageState::Device { .. }
+        )
+    {
+        assert!(Instant::now() < deadline, "the move was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The program discards the page at its new place.
+    // SAFETY: discards the test's own page.
+    let discard = std::thread::spawn(move || unsafe {
+        libc::madvise(b as *mut _, PAGE_SIZE, libc::MADV_DONTNEED)
+    });
+    assert_eq!(join_soon(discard), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(
+        mm.page_state(VirtAddr::new(b)).unwrap(),
+        PageState::Device { .. }
+    ) {
+        assert!(Instant::now() < deadline, "the discard was never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let freed = ops.freed.lock().unwrap().clone();
+    let in_use = pm.stats().in_use;
+    let still_refused = dev.refused.load(Ordering::SeqCst);
+    drop(access);
+    assert!(
+        freed.is_empty() && in_use == 1,
+        "device page {pfn:?} freed while the device that refused the Remap of its \
+         old place is still in its access: freed {freed:?}, {in_use} in use, \
+         {still_refused} refusals"
+    );
+}
+
+/// As above, with the move and the discard read in one batch of events
+/// (the service held while both wait for it): the discard's drop is looked
+/// at after the move, where the refusal's page is then.
+#[test]
+fn a_moved_device_page_stays_kept_when_the_move_and_the_discard_are_read_together() {
+    let _s = serial();
+    let mm = Mm::new().unwrap();
+    let owner = uhmm::mm::Owner::unique();
+    let cfg = PagemapConfig {
+        chunk_pages: 16,
+        max_chunks: 1,
+    };
+    let ops = Arc::new(FreeCounting::default());
+    let pm = uhmm::devmem::DevicePagemap::new(&mm, owner, ops.clone(), cfg).unwrap();
+    let ra = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let a = ra.as_ptr() as usize;
+    wr(a, 0xaa);
+    let pfn = one_page_to(&mm, &pm, owner, a);
+    let dev = Arc::new(LockDevice {
+        owner,
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub = mm.insert_notifier(ra.range(), dev.clone()).unwrap();
+    let access = dev.table.lock().unwrap();
+    // The service held before its next round.
+    let service = Arc::new(ParkingEngine::default());
+    service.arm();
+    let s = service.clone();
+    uhmm::testing::on_service_round(Some(Box::new(move || {
+        s.park_if_armed();
+    })));
+    service.wait_parked();
+    // The page moves, then is discarded at its new place; both events wait.
+    let dest = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap().leak();
+    let from = ra.range();
+    std::mem::forget(ra);
+    let b = dest.start().get();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let t = tid_tx.clone();
+    let mover = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        t.send(unsafe { libc::gettid() }).unwrap();
+        common::remap(from, dest)
+    });
+    waits_for_its_event(tid_rx.recv().unwrap(), "the mremap");
+    let discarder = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        // SAFETY: discards the test's own page.
+        unsafe { libc::madvise(b as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) }
+    });
+    waits_for_its_event(tid_rx.recv().unwrap(), "the discard");
+    service.release();
+    join_soon(mover);
+    assert_eq!(join_soon(discarder), 0);
+    uhmm::testing::on_service_round(None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dev.refused.load(Ordering::SeqCst) == 0
+        || matches!(
+            mm.page_state(VirtAddr::new(b)).unwrap(),
+            PageState::Device { .. }
+        )
+    {
+        assert!(Instant::now() < deadline, "the events were never applied");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let freed = ops.freed.lock().unwrap().clone();
+    let in_use = pm.stats().in_use;
+    drop(access);
+    assert!(
+        freed.is_empty() && in_use == 1,
+        "device page {pfn:?} freed while the device that refused the Remap of its \
+         old place is still in its access: freed {freed:?}, {in_use} in use"
+    );
 }

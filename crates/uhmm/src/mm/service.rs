@@ -1518,7 +1518,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         crate::testing::service_round();
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
-        let timeout = (!pending.ranges.is_empty()
+        let timeout = (!pending.refusals.is_empty()
             || !parked.is_empty()
             || shared.stale.load(Ordering::Relaxed))
         .then_some(Timespec {
@@ -1576,7 +1576,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
             &shared,
             work.invalidate.drain(..),
             std::mem::take(&mut work.gone),
+            &work.moves,
         );
+        work.moves.clear();
+        work.events = 0;
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
             serve_new(&shared, f, &mut pending, &mut parked);
@@ -1644,7 +1647,7 @@ fn settle_deferred(
         if !read {
             return;
         }
-        pending.deliver(shared, work.invalidate, work.gone);
+        pending.deliver(shared, work.invalidate, work.gone, &work.moves);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults {
             serve_first(shared, f, parked);
@@ -1850,20 +1853,28 @@ fn since_woken(shared: &Shared, f: Held) -> Option<SinceWoken> {
 /// What a batch of events leaves to do outside the regions lock.
 #[derive(Debug, Default)]
 struct Work {
-    invalidate: Vec<NotifierRange>,
+    /// The layout events' invalidations, each with its event's index in
+    /// the batch (see [`Undelivered::deliver`]).
+    invalidate: Vec<(u32, NotifierRange)>,
     /// What the states the events dropped held, with their pages.
-    gone: Vec<(VirtAddr, Stored)>,
+    gone: Vec<(u32, VirtAddr, Stored)>,
+    /// The batch's mremaps: the range moved, and where to.
+    moves: Vec<(u32, PageRange, VirtAddr)>,
     faults: Vec<Held>,
+    /// Events applied so far (the index of the next).
+    events: u32,
 }
 
 /// Applies one event to the region table (under its lock).
 fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) {
+    let k = work.events;
+    work.events = work.events.wrapping_add(1);
     // Only managed memory is mirrored: the staging area's own events (and
     // any other registered memory) concern no device.
     let mut invalidate = |regions: &Regions, range: PageRange, kind: NotifyEvent| {
         if regions.overlapping(range).is_some() {
             work.invalidate
-                .push(NotifierRange::new(range, kind).non_blocking());
+                .push((k, NotifierRange::new(range, kind).non_blocking()));
         }
     };
     match event {
@@ -1884,7 +1895,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
             for (addr, st) in regions.states.entries(range) {
                 let _ = regions.states.set(addr, Stored::Cpu);
                 if !matches!(st, Stored::Migrating(_)) {
-                    work.gone.push((addr, st));
+                    work.gone.push((k, addr, st));
                 }
             }
             // The zap comes once this event is read: its present pages are
@@ -1903,7 +1914,7 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
         }
         Event::Unmap { range } => {
             invalidate(regions, range, NotifyEvent::Unmap);
-            regions.unmapped(range, |a, s| work.gone.push((a, s)));
+            regions.unmapped(range, |a, s| work.gone.push((k, a, s)));
             shared.device_memory_unmapped(range);
         }
         Event::Remap { from, to, old_len } => {
@@ -1911,7 +1922,8 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
                 invalidate(regions, old, NotifyEvent::Remap);
                 // States move with their pages, and operations in flight
                 // follow them (`Op::follow`).
-                regions.moved(old, to, |a, s| work.gone.push((a, s)));
+                regions.moved(old, to, |a, s| work.gone.push((k, a, s)));
+                work.moves.push((k, old, to));
             }
         }
         // Not requested (see `Mm::new`); should one come, closing the
@@ -1924,16 +1936,60 @@ fn apply(shared: &Shared, regions: &mut Regions, event: Event, work: &mut Work) 
 /// Invalidations a device refused (it could not run them without
 /// blocking: its update lock was taken), to deliver again, and what the
 /// states of their pages held. A device page or an exclusive page's staging
-/// slot of a page inside a refused range stays the process's until every
-/// device has run that invalidation: a device that refused it may be using
-/// its translation right now (that is why its lock was taken), and memory
+/// slot of a page a refusal covers stays the process's until every device
+/// has run that invalidation: a device that refused it may be using its
+/// translation right now (that is why its lock was taken), and memory
 /// handed out again meanwhile would take its stale writes. The kernel,
 /// likewise, frees what a translation names only after the invalidation
-/// ran. What lies outside every refused range goes at once.
+/// ran. A refusal covers the pages of its range wherever mremaps take them
+/// (the translation names the page, not where it is now); what no refusal
+/// covers when its state is dropped goes at once.
 #[derive(Debug, Default)]
 struct Undelivered {
-    ranges: Vec<NotifierRange>,
-    held: Vec<(VirtAddr, Kept)>,
+    refusals: Vec<Refusal>,
+    /// What dropped states held, with the refusals that covered their
+    /// pages then: kept until none of those is left.
+    held: Vec<(Vec<u64>, Kept)>,
+    next_id: u64,
+}
+
+/// A refused invalidation.
+#[derive(Debug)]
+struct Refusal {
+    id: u64,
+    /// Delivered again as it was (the device's translation names the
+    /// range as it was then).
+    range: NotifierRange,
+    /// Where the pages of `range` are now.
+    covers: Vec<PageRange>,
+    /// The event of the batch being delivered that raised it (0 for one
+    /// from an earlier batch): the batch's later moves and drops concern
+    /// it, its earlier ones do not.
+    since: u32,
+}
+
+impl Refusal {
+    /// Follows the mremap of `old` to `to`.
+    fn follow(&mut self, old: PageRange, to: VirtAddr) {
+        if !self.covers.iter().any(|c| c.overlaps(old)) {
+            return;
+        }
+        let mut now = Vec::with_capacity(self.covers.len() + 1);
+        for c in std::mem::take(&mut self.covers) {
+            if let Some(part) = c.intersection(old)
+                && let Some(at) = to.checked_add(part.start().get() - old.start().get())
+                && let Ok(moved) = PageRange::new(at, part.len())
+            {
+                now.push(moved);
+            }
+            now.extend(c.outside([old]));
+        }
+        self.covers = now;
+    }
+
+    fn covers(&self, at: VirtAddr) -> bool {
+        self.covers.iter().any(|c| c.contains(at))
+    }
 }
 
 /// What a dropped state held, kept for a refused invalidation: a device
@@ -1947,15 +2003,19 @@ enum Kept {
 }
 
 impl Undelivered {
-    /// Tells the devices of `ranges`, then lets go of what `gone` held,
-    /// but for the pages a refused invalidation covers.
+    /// Tells the devices of the invalidations of a batch of events, then
+    /// lets go of what the states the batch dropped held, but for the pages
+    /// a refusal covers then; refusals follow the batch's mremaps. Each of
+    /// `ranges`, `gone` and `moves` is in the batch's order, each item with
+    /// the index of its event.
     fn deliver(
         &mut self,
         shared: &Shared,
-        ranges: impl IntoIterator<Item = NotifierRange>,
-        gone: Vec<(VirtAddr, Stored)>,
+        ranges: impl IntoIterator<Item = (u32, NotifierRange)>,
+        gone: Vec<(u32, VirtAddr, Stored)>,
+        moves: &[(u32, PageRange, VirtAddr)],
     ) {
-        for r in ranges {
+        for (k, r) in ranges {
             crate::trace::event!(
                 target: "uhmm::invalidate",
                 event = ?r.event,
@@ -1964,16 +2024,38 @@ impl Undelivered {
                 "invalidation from a userfaultfd event"
             );
             if shared.notifiers.invalidate(&r).is_err() {
-                self.ranges.push(r);
+                self.next_id += 1;
+                self.refusals.push(Refusal {
+                    id: self.next_id,
+                    covers: vec![r.range],
+                    range: r,
+                    since: k,
+                });
             }
         }
-        if self.ranges.is_empty() {
-            shared.release_states(gone.into_iter().map(|(_, s)| s).collect());
+        if self.refusals.is_empty() {
+            shared.release_states(gone.into_iter().map(|(_, _, s)| s).collect());
             return;
         }
+        // Event by event: its drops are looked at where the pages were
+        // when it dropped them, then its move (if it is one) moves what
+        // the refusals cover.
         let mut free = Vec::new();
-        for (at, s) in gone {
-            if !self.refused(at) {
+        let mut moves = moves.iter().peekable();
+        for (k, at, s) in gone {
+            while let Some(&&(j, old, to)) = moves.peek()
+                && j < k
+            {
+                self.follow(j, old, to);
+                moves.next();
+            }
+            let ids: Vec<u64> = self
+                .refusals
+                .iter()
+                .filter(|r| r.since <= k && r.covers(at))
+                .map(|r| r.id)
+                .collect();
+            if ids.is_empty() {
                 free.push(s);
                 continue;
             }
@@ -1987,58 +2069,84 @@ impl Undelivered {
                 ),
                 s => Kept::Other(s),
             };
-            self.held.push((at, kept));
+            self.held.push((ids, kept));
+        }
+        for &(j, old, to) in moves {
+            self.follow(j, old, to);
+        }
+        for r in &mut self.refusals {
+            r.since = 0;
         }
         shared.release_states(free);
     }
 
-    /// Whether a refused invalidation covers page `at`.
-    fn refused(&self, at: VirtAddr) -> bool {
-        self.ranges.iter().any(|r| r.range.contains(at))
+    /// The refusals raised by the event `k` of the batch or before follow
+    /// its mremap of `old` to `to`.
+    fn follow(&mut self, k: u32, old: PageRange, to: VirtAddr) {
+        for r in self.refusals.iter_mut().filter(|r| r.since <= k) {
+            r.follow(old, to);
+        }
     }
 
-    /// Delivers the refused invalidations again, and lets go of what is
-    /// no longer covered by one.
+    /// Delivers the refused invalidations again, and lets go of what no
+    /// refusal left keeps.
     fn retry(&mut self, shared: &Shared) {
-        if self.ranges.is_empty() {
+        if self.refusals.is_empty() {
             return;
         }
         shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-        self.ranges
-            .retain(|r| shared.notifiers.invalidate(r).is_err());
+        self.refusals
+            .retain(|r| shared.notifiers.invalidate(&r.range).is_err());
         if self.held.is_empty() {
             return;
         }
-        let (keep, free): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|&(at, _)| self.refused(at));
+        let (keep, free): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|(ids, _)| {
+                    ids.iter()
+                        .any(|id| self.refusals.iter().any(|r| r.id == *id))
+                });
         self.held = keep;
         Self::put(shared, free.into_iter().map(|(_, k)| k));
     }
 
     /// Lets go of everything kept, now.
     fn release(&mut self, shared: &Shared) {
-        Self::put(shared, self.held.drain(..).map(|(_, k)| k));
+        let held = std::mem::take(&mut self.held);
+        Self::put(shared, held.into_iter().map(|(_, k)| k));
     }
 
     fn put(shared: &Shared, kept: impl Iterator<Item = Kept>) {
+        // Device pages in batches of one pagemap (a 2 MiB device page
+        // whose pages all come back in one batch goes back whole).
+        let mut batches: Vec<(Owner, Weak<PagemapInner>, Vec<DevicePfn>)> = Vec::new();
         let mut others = Vec::new();
         for k in kept {
             match k {
                 Kept::Device(owner, pm, pfn) => {
-                    // Through the registry, not the `Weak`: a pagemap
-                    // being dropped leaves it before it waits for the
-                    // references others hold to go, and is never dropped
-                    // last here (DESIGN.md, concurrency rule 4). The
-                    // `Weak` only says it is the same pagemap (it keeps
-                    // the allocation, so no other can be at that address).
-                    if let Some(cur) = shared.device_pagemap(owner)
-                        && std::ptr::eq(Arc::as_ptr(&cur), pm.as_ptr())
+                    match batches
+                        .iter_mut()
+                        .find(|(o, w, _)| *o == owner && Weak::ptr_eq(w, &pm))
                     {
-                        cur.put_many(&[pfn]);
+                        Some((_, _, pfns)) => pfns.push(pfn),
+                        None => batches.push((owner, pm, vec![pfn])),
                     }
                 }
                 Kept::Other(s) => others.push(s),
+            }
+        }
+        for (owner, pm, pfns) in batches {
+            // Through the registry, not the `Weak`: a pagemap being
+            // dropped leaves it before it waits for the references others
+            // hold to go, and is never dropped last here (DESIGN.md,
+            // concurrency rule 4). The `Weak` only says it is the same
+            // pagemap (it keeps the allocation, so no other can be at that
+            // address); one that is gone took its pages with it.
+            if let Some(cur) = shared.device_pagemap(owner)
+                && std::ptr::eq(Arc::as_ptr(&cur), pm.as_ptr())
+            {
+                cur.put_many(&pfns);
             }
         }
         shared.release_states(others);
