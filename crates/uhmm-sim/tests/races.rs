@@ -129,35 +129,35 @@ impl ParkingEngine {
         if !self.armed.swap(false, Ordering::SeqCst) {
             return false;
         }
-        let mut g = self.st.lock().unwrap();
+        let mut g = self.st.lock().unwrap_or_else(|e| e.into_inner());
         g.0 = true;
         self.cv.notify_all();
         while !g.1 {
-            g = self.cv.wait(g).unwrap();
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         true
     }
 
     fn arm(&self) {
-        *self.st.lock().unwrap() = (false, false);
+        *self.st.lock().unwrap_or_else(|e| e.into_inner()) = (false, false);
         self.armed.store(true, Ordering::SeqCst);
     }
 
     fn wait_parked(&self) {
-        let mut g = self.st.lock().unwrap();
+        let mut g = self.st.lock().unwrap_or_else(|e| e.into_inner());
         let deadline = Instant::now() + Duration::from_secs(10);
         while !g.0 {
             assert!(Instant::now() < deadline, "the migration never parked");
             g = self
                 .cv
                 .wait_timeout(g, Duration::from_millis(50))
-                .unwrap()
+                .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
     }
 
     fn release(&self) {
-        self.st.lock().unwrap().1 = true;
+        self.st.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.cv.notify_all();
     }
 }
@@ -479,13 +479,7 @@ fn a_stale_fault_leaves_a_discards_fence_standing() {
     }
     // The service held before its next round, P comes home and its reader
     // goes on: the parked fault is stale now.
-    let service = Arc::new(ParkingEngine::default());
-    service.arm();
-    let s = service.clone();
-    uhmm::testing::on_service_round(Some(Box::new(move || {
-        s.park_if_armed();
-    })));
-    service.wait_parked();
+    let service = ServiceHold::new(&mm);
     engine.release();
     assert_eq!(join_soon(home).unwrap().cpages, 1);
     assert_eq!(join_soon(reader), 0x5A5A);
@@ -515,12 +509,47 @@ fn a_stale_fault_leaves_a_discards_fence_standing() {
     join_soon(discarder);
     stop.store(true, Ordering::Relaxed);
     let tries = join_soon(taker);
-    uhmm::testing::on_service_round(None);
+    drop(service);
     assert_eq!(
         rd(p),
         0,
         "the discarded page came back with its old data ({tries} tries to take it)"
     );
+}
+
+/// Every fault service held before its next round (the test point
+/// `on_service_round`) until released; dropping it (also when a test
+/// fails meanwhile) releases it and ends the test point, so that no other
+/// test's service stays stuck behind the point's lock.
+struct ServiceHold<'a>(Arc<ParkingEngine>, &'a Mm);
+
+impl ServiceHold<'_> {
+    /// Holds `mm`'s service; returns once it is held.
+    fn new(mm: &Mm) -> ServiceHold<'_> {
+        let park = Arc::new(ParkingEngine::default());
+        park.arm();
+        let p = park.clone();
+        uhmm::testing::on_service_round(
+            mm,
+            Some(Box::new(move || {
+                p.park_if_armed();
+            })),
+        );
+        let hold = ServiceHold(park, mm);
+        hold.0.wait_parked();
+        hold
+    }
+
+    fn release(&self) {
+        self.0.release();
+    }
+}
+
+impl Drop for ServiceHold<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+        uhmm::testing::on_service_round(self.1, None);
+    }
 }
 
 /// Waits until thread `tid` (of this process) sleeps until the fault
@@ -4365,13 +4394,7 @@ fn a_moved_device_page_stays_kept_when_the_move_and_the_discard_are_read_togethe
     let _sub = mm.insert_notifier(ra.range(), dev.clone()).unwrap();
     let access = dev.table.lock().unwrap();
     // The service held before its next round.
-    let service = Arc::new(ParkingEngine::default());
-    service.arm();
-    let s = service.clone();
-    uhmm::testing::on_service_round(Some(Box::new(move || {
-        s.park_if_armed();
-    })));
-    service.wait_parked();
+    let service = ServiceHold::new(&mm);
     // The page moves, then is discarded at its new place; both events wait.
     let dest = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap().leak();
     let from = ra.range();
@@ -4395,7 +4418,7 @@ fn a_moved_device_page_stays_kept_when_the_move_and_the_discard_are_read_togethe
     service.release();
     join_soon(mover);
     assert_eq!(join_soon(discarder), 0);
-    uhmm::testing::on_service_round(None);
+    drop(service);
     let deadline = Instant::now() + Duration::from_secs(5);
     while dev.refused.load(Ordering::SeqCst) == 0
         || matches!(
@@ -4414,5 +4437,265 @@ fn a_moved_device_page_stays_kept_when_the_move_and_the_discard_are_read_togethe
         freed.is_empty() && in_use == 1,
         "device page {pfn:?} freed while the device that refused the Remap of its \
          old place is still in its access: freed {freed:?}, {in_use} in use"
+    );
+}
+
+/// A copy engine whose next call, once armed, parks until released, and
+/// then fails if `fail` was set: a migration held with its pages taken,
+/// then put back.
+#[derive(Debug, Default)]
+struct FailingParkEngine {
+    park: ParkingEngine,
+    fail: AtomicBool,
+}
+
+impl CopyEngine for FailingParkEngine {
+    fn copy(&self, jobs: &mut [CopyJob<'_>]) -> Result<(), CopyError> {
+        self.park.park_if_armed();
+        if self.fail.swap(false, Ordering::SeqCst) {
+            return Err(CopyError::Failed {
+                reason: "injected".into(),
+            });
+        }
+        CpuCopyEngine::with_threads(1).copy(jobs)
+    }
+}
+
+/// This test binary started with `UHMM_TRACE_TID` set is the tracer of
+/// `a_stale_wp_fault_leaves_a_copy_outs_write_protect_standing` (a thread
+/// cannot trace a thread of its own process): it runs before the test
+/// harness starts (no test of its own), and exits.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static WP_TRACER: extern "C" fn() = {
+    extern "C" fn start() {
+        if let Some(tid) = std::env::var_os("UHMM_TRACE_TID") {
+            wp_tracer(&tid);
+            std::process::exit(0);
+        }
+    }
+    start
+};
+
+/// The tracer: stops the thread `tid` at the entry of its un-write-protect
+/// ioctl of the page `UHMM_TRACE_PAGE`, says `HELD`, and lets the ioctl
+/// run once it reads a line on stdin.
+fn wp_tracer(tid: &std::ffi::OsStr) {
+    let tid: i32 = tid.to_str().unwrap().parse().unwrap();
+    let page: u64 = std::env::var("UHMM_TRACE_PAGE").unwrap().parse().unwrap();
+    // _IOWR(0xAA, 0x06, struct uffdio_writeprotect), 24 bytes.
+    const UFFDIO_WRITEPROTECT: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x06;
+    let say = |s: &str| {
+        use std::io::Write;
+        let mut o = std::io::stdout();
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    };
+    // SAFETY: ptrace and waitpid on a thread of another process; buffers
+    // are ours.
+    unsafe {
+        let r = libc::ptrace(
+            libc::PTRACE_SEIZE,
+            tid,
+            0,
+            libc::PTRACE_O_TRACESYSGOOD as libc::c_long,
+        );
+        assert_eq!(r, 0, "seize: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
+        let mut status = 0;
+        assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+        assert_eq!(libc::ptrace(libc::PTRACE_SYSCALL, tid, 0, 0), 0);
+        say("ATTACHED");
+        loop {
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+            assert!(libc::WIFSTOPPED(status), "tracee gone: {status:#x}");
+            let sig = libc::WSTOPSIG(status);
+            let mut inject = 0;
+            if sig == libc::SIGTRAP | 0x80 {
+                let mut info = [0u64; 12];
+                libc::ptrace(
+                    libc::PTRACE_GET_SYSCALL_INFO,
+                    tid,
+                    std::mem::size_of_val(&info),
+                    info.as_mut_ptr(),
+                );
+                let (op, nr, args) = (info[0] as u8, info[3], &info[4..10]);
+                if op == 1 && nr == libc::SYS_ioctl as u64 && args[1] == UFFDIO_WRITEPROTECT {
+                    let start = libc::ptrace(libc::PTRACE_PEEKDATA, tid, args[2], 0) as u64;
+                    let mode = libc::ptrace(libc::PTRACE_PEEKDATA, tid, args[2] + 16, 0) as u64;
+                    if start == page && mode == 0 {
+                        say("HELD");
+                        let mut line = String::new();
+                        let _ = std::io::stdin().read_line(&mut line);
+                        // Detached at the syscall's entry: it runs.
+                        libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0);
+                        say("DONE");
+                        return;
+                    }
+                }
+            } else if (status >> 16) != libc::PTRACE_EVENT_STOP {
+                inject = sig;
+            }
+            libc::ptrace(libc::PTRACE_SYSCALL, tid, 0, inject as libc::c_long);
+        }
+    }
+}
+
+/// A write-protect fault the service parked while its page was copied out
+/// (the copying fallback: a private shmem file mapping), served again
+/// after the migration put the page back and its thread went on: it is
+/// stale, and the service un-protects the page *after letting go of the
+/// regions lock*. A migration that copies the page out again in between
+/// (write-protects it, copies it, records it `Migrating`) then has its
+/// write protection lifted under it: a write goes into the page without a
+/// fault, the commit drops the page, and the device keeps the copy from
+/// before the write. The service is held at its ioctl's entry by a
+/// ptrace tracer (a child process), the second migration in its copy.
+/// (Found by a hunt for stale fault messages; the fix keeps the regions
+/// lock across the un-protect, so the second migration waits for it.)
+#[test]
+fn a_stale_wp_fault_leaves_a_copy_outs_write_protect_standing() {
+    use std::io::{BufRead, Write};
+    let _s = serial();
+    let Some(mm) = common::mm() else { return };
+    let fd = {
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            "/dev/shm",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        rustix::fs::ftruncate(&fd, PAGE_SIZE as u64).unwrap();
+        fd
+    };
+    let backing = Backing::File {
+        fd,
+        offset: 0,
+        shared: false,
+    };
+    let region = mm
+        .alloc_mapping(
+            uhmm::sys::mem::Mapping::builder(PAGE_SIZE)
+                .backing(backing)
+                .prot(Prot::READ | Prot::WRITE),
+        )
+        .unwrap();
+    let p = region.as_ptr() as usize;
+    wr(p, 0xA);
+    let dev = Arc::new(SimDevice::new(&mm));
+    let engine = Arc::new(FailingParkEngine::default());
+    dev.set_copy_engine(engine.clone());
+    // M1 copies P out (write-protected, `Migrating`), held in its copy;
+    // a writer of P waits for it (its WP fault parked on the service).
+    engine.park.arm();
+    engine.fail.store(true, Ordering::SeqCst);
+    let d = dev.clone();
+    let m1 = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(p), 1));
+    engine.park.wait_parked();
+    let st = mm.page_state(VirtAddr::new(p)).unwrap();
+    assert!(
+        matches!(st, PageState::Migrating { .. }),
+        "P not copied out: {st:?} (no MINOR_SHMEM?)"
+    );
+    let waited = mm.stats().faults_waited;
+    let writer = std::thread::spawn(move || wr(p, 0xB));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mm.stats().faults_waited == waited {
+        assert!(Instant::now() < deadline, "the writer's fault never waited");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The service held before its next round; M1 fails and puts P back
+    // (un-protected, woken): the writer goes on, the parked fault is stale.
+    let service = ServiceHold::new(&mm);
+    engine.park.release();
+    let _ = join_soon(m1);
+    join_soon(writer);
+    assert_eq!(rd(p), 0xB);
+    // The service thread: the one parked (in a futex) at its round.
+    let tid = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with("uhmm-fault-serv"))
+                && std::fs::read_to_string(t.join("wchan")).is_ok_and(|w| w.contains("futex"))
+        })
+        .expect("the parked service thread")
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut tracer = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("UHMM_TRACE_TID", &tid)
+        .env("UHMM_TRACE_PAGE", p.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    let out = tracer.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            let _ = line_tx.send(l);
+        }
+    });
+    let wait_for = |what: &str, secs: u64| -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match line_rx.recv_timeout(left) {
+                Ok(l) if l.trim().ends_with(what) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    assert!(wait_for("ATTACHED", 10), "the tracer never attached");
+    // The service serves the stale fault: P is `Cpu`, the fault a WP one.
+    service.release();
+    let held = wait_for("HELD", 2);
+    // Meanwhile M2 copies P out again (write-protected, `Migrating`),
+    // held in its copy.
+    engine.park.arm();
+    let d = dev.clone();
+    let m2 = std::thread::spawn(move || d.migrate_range_to_device(VirtAddr::new(p), 1));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !engine.park.st.lock().unwrap().0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The service's un-protect runs now.
+    let mut stdin = tracer.stdin.take().unwrap();
+    let _ = writeln!(stdin, "go");
+    drop(stdin);
+    if held {
+        assert!(wait_for("DONE", 10), "the tracer never let go");
+    }
+    drop(service);
+    // A write to P while M2 holds it: it must wait for M2.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let w = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        wr(p, 0xC);
+    });
+    let wchan = format!("/proc/self/task/{}/wchan", tid_rx.recv().unwrap());
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while !w.is_finished()
+        && !std::fs::read_to_string(&wchan).is_ok_and(|c| c.contains("handle_userfault"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let wrote_through = w.is_finished();
+    engine.park.release();
+    let _ = join_soon(m2);
+    join_soon(w);
+    let _ = tracer.wait();
+    assert_eq!(
+        rd(p),
+        0xC,
+        "a write lost (held: {held}; the write went through M2's write protection: {wrote_through})"
     );
 }

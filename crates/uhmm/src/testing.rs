@@ -151,19 +151,27 @@ pub fn on_events_read(f: Option<EventsRead>) {
 #[cfg(feature = "test-hooks")]
 pub type ServiceRound = Box<dyn FnMut() + Send>;
 
+/// The service it is for (its `Shared`'s address), and what it runs.
 #[cfg(feature = "test-hooks")]
-static SERVICE_ROUND: std::sync::Mutex<Option<ServiceRound>> = std::sync::Mutex::new(None);
+static SERVICE_ROUND: std::sync::Mutex<Option<(usize, ServiceRound)>> = std::sync::Mutex::new(None);
 
-/// Calls `f` on every fault service (any `Mm`'s) at the start of each of
-/// its rounds, before it waits for events, with no lock of uhmm's held:
-/// `f` may park the service until the test has set up what its next round
-/// reads (a fault the service parked is served again once a round, after
-/// the round's events). `None` ends it, once `f` has returned; one test of
-/// a process at a time may use it. `f` runs under a lock of its own and
-/// must not take uhmm's locks.
+/// Calls `f` on `mm`'s fault service at the start of each of its rounds,
+/// before it waits for events, with no lock of uhmm's held: `f` may park
+/// the service until the test has set up what its next round reads (a
+/// fault the service parked is served again once a round, after the
+/// round's events). Setting it wakes the service, so that its next round
+/// starts at once (an idle service waits for events without a timeout).
+/// `None` ends it, once `f` has returned; one test of a process at a time
+/// may use it. `f` runs under a lock of its own and must not take uhmm's
+/// locks.
 #[cfg(feature = "test-hooks")]
-pub fn on_service_round(f: Option<ServiceRound>) {
-    *SERVICE_ROUND.lock().unwrap_or_else(|e| e.into_inner()) = f;
+pub fn on_service_round(mm: &crate::mm::Mm, f: Option<ServiceRound>) {
+    let key = std::ptr::from_ref(mm.shared()) as usize;
+    let armed = f.is_some();
+    *SERVICE_ROUND.lock().unwrap_or_else(|e| e.into_inner()) = f.map(|f| (key, f));
+    if armed {
+        mm.shared().wake_service();
+    }
 }
 
 /// Cuts the bounds on waits that end with pages lost, in every `Mm` of
@@ -269,12 +277,13 @@ pub(crate) fn events_read(_events: &[crate::sys::uffd::Event]) {
 }
 
 #[inline]
-pub(crate) fn service_round() {
+pub(crate) fn service_round(_shared: usize) {
     #[cfg(feature = "test-hooks")]
-    if let Some(f) = SERVICE_ROUND
+    if let Some((key, f)) = SERVICE_ROUND
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_mut()
+        && *key == _shared
     {
         f();
     }

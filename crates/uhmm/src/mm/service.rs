@@ -1203,6 +1203,13 @@ impl Shared {
         }
     }
 
+    /// Makes the service start a round now, whether or not faults wait
+    /// (a test point: see `testing::on_service_round`).
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn wake_service(&self) {
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
     /// Brings every device page and exclusive page in `within` (everywhere
     /// if `None`) back to system memory, blocking. Whatever a device cannot
     /// give back (it keeps failing, or its memory is gone) is lost when
@@ -1515,7 +1522,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut parked: Vec<(Held, fault::Attempts)> = Vec::with_capacity(BATCH);
     DEFERRED.with(|d| d.borrow_mut().events.reserve(BATCH));
     loop {
-        crate::testing::service_round();
+        crate::testing::service_round(Arc::as_ptr(&shared) as usize);
         // Wait for events; while invalidations are pending or faults wait,
         // come back soon to retry them.
         let timeout = (!pending.refusals.is_empty()
