@@ -151,9 +151,14 @@ pub fn on_events_read(f: Option<EventsRead>) {
 #[cfg(feature = "test-hooks")]
 pub type ServiceRound = Box<dyn FnMut() + Send>;
 
-/// The service it is for (its `Shared`'s address), and what it runs.
+/// What the service-round point runs.
 #[cfg(feature = "test-hooks")]
-static SERVICE_ROUND: std::sync::Mutex<Option<(usize, ServiceRound)>> = std::sync::Mutex::new(None);
+static SERVICE_ROUND: std::sync::Mutex<Option<ServiceRound>> = std::sync::Mutex::new(None);
+
+/// The service it is for (its `Shared`'s address; 0: none), read before
+/// the lock: other services never take it.
+#[cfg(feature = "test-hooks")]
+static SERVICE_ROUND_FOR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Calls `f` on `mm`'s fault service at the start of each of its rounds,
 /// before it waits for events, with no lock of uhmm's held: `f` may park
@@ -162,14 +167,17 @@ static SERVICE_ROUND: std::sync::Mutex<Option<(usize, ServiceRound)>> = std::syn
 /// round's events). Setting it wakes the service, so that its next round
 /// starts at once (an idle service waits for events without a timeout).
 /// `None` ends it, once `f` has returned; one test of a process at a time
-/// may use it. `f` runs under a lock of its own and must not take uhmm's
-/// locks.
+/// may use it. Other `Mm`s' services never wait for it. `f` runs under a
+/// lock of its own and must not take uhmm's locks.
 #[cfg(feature = "test-hooks")]
 pub fn on_service_round(mm: &crate::mm::Mm, f: Option<ServiceRound>) {
+    use std::sync::atomic::Ordering;
     let key = std::ptr::from_ref(mm.shared()) as usize;
     let armed = f.is_some();
-    *SERVICE_ROUND.lock().unwrap_or_else(|e| e.into_inner()) = f.map(|f| (key, f));
+    SERVICE_ROUND_FOR.store(0, Ordering::SeqCst);
+    *SERVICE_ROUND.lock().unwrap_or_else(|e| e.into_inner()) = f;
     if armed {
+        SERVICE_ROUND_FOR.store(key, Ordering::SeqCst);
         mm.shared().wake_service();
     }
 }
@@ -279,11 +287,11 @@ pub(crate) fn events_read(_events: &[crate::sys::uffd::Event]) {
 #[inline]
 pub(crate) fn service_round(_shared: usize) {
     #[cfg(feature = "test-hooks")]
-    if let Some((key, f)) = SERVICE_ROUND
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_mut()
-        && *key == _shared
+    if SERVICE_ROUND_FOR.load(std::sync::atomic::Ordering::SeqCst) == _shared
+        && let Some(f) = SERVICE_ROUND
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
     {
         f();
     }
