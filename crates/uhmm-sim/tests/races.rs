@@ -4308,6 +4308,46 @@ fn a_refused_invalidation_keeps_nothing_outside_its_range() {
     assert_eq!(ops.freed.lock().unwrap().len(), 16);
 }
 
+/// One page of a fresh region of `mm` on a device page (`pfn`) of a new
+/// owner's pagemap that counts what it frees, mirrored by that owner's
+/// [`LockDevice`] through an interval notifier over the region.
+struct MirroredDevicePage {
+    ops: Arc<FreeCounting>,
+    pm: uhmm::devmem::DevicePagemap,
+    region: uhmm::mm::ManagedRegion,
+    pfn: uhmm::DevicePfn,
+    dev: Arc<LockDevice>,
+    _sub: uhmm::mm::notifier::IntervalNotifier,
+}
+
+fn mirrored_device_page(mm: &Mm) -> MirroredDevicePage {
+    let owner = uhmm::mm::Owner::unique();
+    let cfg = PagemapConfig {
+        chunk_pages: 16,
+        max_chunks: 1,
+    };
+    let ops = Arc::new(FreeCounting::default());
+    let pm = uhmm::devmem::DevicePagemap::new(mm, owner, ops.clone(), cfg).unwrap();
+    let region = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
+    let a = region.as_ptr() as usize;
+    wr(a, 0xaa);
+    let pfn = one_page_to(mm, &pm, owner, a);
+    let dev = Arc::new(LockDevice {
+        owner,
+        table: Mutex::new(()),
+        refused: AtomicUsize::new(0),
+    });
+    let _sub = mm.insert_notifier(region.range(), dev.clone()).unwrap();
+    MirroredDevicePage {
+        ops,
+        pm,
+        region,
+        pfn,
+        dev,
+        _sub,
+    }
+}
+
 /// A refusal covers its pages wherever mremaps take them: a device page
 /// moved by an mremap whose invalidation (of the old place) a device
 /// refused, then discarded at its new place, stays kept. The device that
@@ -4319,25 +4359,16 @@ fn a_refused_invalidation_keeps_nothing_outside_its_range() {
 fn a_moved_device_page_stays_kept_for_the_refused_remap_of_its_old_place() {
     let _s = serial();
     let mm = Mm::new().unwrap();
-    let owner = uhmm::mm::Owner::unique();
-    let cfg = PagemapConfig {
-        chunk_pages: 16,
-        max_chunks: 1,
-    };
-    let ops = Arc::new(FreeCounting::default());
-    let pm = uhmm::devmem::DevicePagemap::new(&mm, owner, ops.clone(), cfg).unwrap();
-    let ra = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    let a = ra.as_ptr() as usize;
-    wr(a, 0xaa);
-    let pfn = one_page_to(&mm, &pm, owner, a);
-    // The owner's device mirrors `a` (an interval notifier over it) and is
-    // in an access through its translation to `pfn`.
-    let dev = Arc::new(LockDevice {
-        owner,
-        table: Mutex::new(()),
-        refused: AtomicUsize::new(0),
-    });
-    let _sub = mm.insert_notifier(ra.range(), dev.clone()).unwrap();
+    let MirroredDevicePage {
+        ops,
+        pm,
+        region: ra,
+        pfn,
+        dev,
+        _sub,
+    } = mirrored_device_page(&mm);
+    // The owner's device mirrors the page and is in an access through its
+    // translation to `pfn`.
     let access = dev.table.lock().unwrap();
     // Another thread moves the page; the Remap invalidation of `a` is refused.
     let dest = uhmm::sys::mem::Mapping::anon(PAGE_SIZE).unwrap().leak();
@@ -4390,23 +4421,16 @@ fn a_moved_device_page_stays_kept_for_the_refused_remap_of_its_old_place() {
 fn a_moved_device_page_stays_kept_when_the_move_and_the_discard_are_read_together() {
     let _s = serial();
     let mm = Mm::new().unwrap();
-    let owner = uhmm::mm::Owner::unique();
-    let cfg = PagemapConfig {
-        chunk_pages: 16,
-        max_chunks: 1,
-    };
-    let ops = Arc::new(FreeCounting::default());
-    let pm = uhmm::devmem::DevicePagemap::new(&mm, owner, ops.clone(), cfg).unwrap();
-    let ra = mm.alloc(PAGE_SIZE, Backing::AnonPrivate).unwrap();
-    let a = ra.as_ptr() as usize;
-    wr(a, 0xaa);
-    let pfn = one_page_to(&mm, &pm, owner, a);
-    let dev = Arc::new(LockDevice {
-        owner,
-        table: Mutex::new(()),
-        refused: AtomicUsize::new(0),
-    });
-    let _sub = mm.insert_notifier(ra.range(), dev.clone()).unwrap();
+    let MirroredDevicePage {
+        ops,
+        pm,
+        region: ra,
+        pfn,
+        dev,
+        _sub,
+    } = mirrored_device_page(&mm);
+    // The owner's device mirrors the page and is in an access through its
+    // translation to `pfn`.
     let access = dev.table.lock().unwrap();
     // The service held before its next round.
     let service = ServiceHold::new(&mm);

@@ -173,6 +173,25 @@ impl Serving {
     }
 }
 
+/// Moves what of `ranges` lies in `old` to where an mremap of `old` to
+/// `to` put it (the rest stays).
+pub(crate) fn follow_move(ranges: &mut Vec<PageRange>, old: PageRange, to: VirtAddr) {
+    if !ranges.iter().any(|r| r.overlaps(old)) {
+        return;
+    }
+    let mut now = Vec::with_capacity(ranges.len() + 1);
+    for r in std::mem::take(ranges) {
+        if let Some(part) = r.intersection(old)
+            && let Some(at) = to.checked_add(part.start().get() - old.start().get())
+            && let Ok(moved) = PageRange::new(at, part.len())
+        {
+            now.push(moved);
+        }
+        now.extend(r.outside([old]));
+    }
+    *ranges = now;
+}
+
 /// How long a fence stands at most. The kernel zaps right after the
 /// discarding thread is released; a fence is normally lifted as soon as its
 /// pages are seen gone, and this bound only retires the fences of pages the
@@ -340,19 +359,7 @@ impl Regions {
         // Whatever was at the destination was replaced.
         self.unmapped(new, &mut gone);
         self.states.move_range(old, to);
-        if self.stale.iter().any(|s| s.overlaps(old)) {
-            let mut kept = Vec::with_capacity(self.stale.len() + 1);
-            for s in std::mem::take(&mut self.stale) {
-                if let Some(part) = s.intersection(old)
-                    && let Some(at) = to.checked_add(part.start().get() - old.start().get())
-                    && let Ok(moved) = PageRange::new(at, part.len())
-                {
-                    kept.push(moved);
-                }
-                kept.extend(s.outside([old]));
-            }
-            self.stale = kept;
-        }
+        follow_move(&mut self.stale, old, to);
         self.unfence(old);
         self.remove_ranges(old);
         if let Some(was) = was {

@@ -1978,20 +1978,7 @@ struct Refusal {
 impl Refusal {
     /// Follows the mremap of `old` to `to`.
     fn follow(&mut self, old: PageRange, to: VirtAddr) {
-        if !self.covers.iter().any(|c| c.overlaps(old)) {
-            return;
-        }
-        let mut now = Vec::with_capacity(self.covers.len() + 1);
-        for c in std::mem::take(&mut self.covers) {
-            if let Some(part) = c.intersection(old)
-                && let Some(at) = to.checked_add(part.start().get() - old.start().get())
-                && let Ok(moved) = PageRange::new(at, part.len())
-            {
-                now.push(moved);
-            }
-            now.extend(c.outside([old]));
-        }
-        self.covers = now;
+        super::regions::follow_move(&mut self.covers, old, to);
     }
 
     fn covers(&self, at: VirtAddr) -> bool {
