@@ -1579,14 +1579,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         shared.epoch.fetch_add(1, Ordering::AcqRel);
         // Devices are told, and let go of what the dropped states held,
         // outside the lock (their callbacks may look at the address space).
-        pending.deliver(
-            &shared,
-            work.invalidate.drain(..),
-            std::mem::take(&mut work.gone),
-            &work.moves,
-        );
-        work.moves.clear();
-        work.events = 0;
+        pending.deliver(&shared, &mut work);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults.drain(..) {
             serve_new(&shared, f, &mut pending, &mut parked);
@@ -1647,14 +1640,14 @@ fn settle_deferred(
     parked: &mut Vec<(Held, fault::Attempts)>,
 ) {
     loop {
-        let (read, work) = DEFERRED.with(|d| {
+        let (read, mut work) = DEFERRED.with(|d| {
             let mut d = d.borrow_mut();
             (std::mem::take(&mut d.read), std::mem::take(&mut d.work))
         });
         if !read {
             return;
         }
-        pending.deliver(shared, work.invalidate, work.gone, &work.moves);
+        pending.deliver(shared, &mut work);
         shared.busy.store(false, Ordering::Release);
         for f in work.faults {
             serve_first(shared, f, parked);
@@ -1997,19 +1990,14 @@ enum Kept {
 }
 
 impl Undelivered {
-    /// Tells the devices of the invalidations of a batch of events, then
-    /// lets go of what the states the batch dropped held, but for the pages
-    /// a refusal covers then; refusals follow the batch's mremaps. Each of
-    /// `ranges`, `gone` and `moves` is in the batch's order, each item with
-    /// the index of its event.
-    fn deliver(
-        &mut self,
-        shared: &Shared,
-        ranges: impl IntoIterator<Item = (u32, NotifierRange)>,
-        gone: Vec<(u32, VirtAddr, Stored)>,
-        moves: &[(u32, PageRange, VirtAddr)],
-    ) {
-        for (k, r) in ranges {
+    /// Tells the devices of the invalidations of a batch of events (`work`,
+    /// whose items carry their event's index), then lets go of what the
+    /// states the batch dropped held, but for the pages a refusal covers
+    /// then; refusals follow the batch's mremaps. Leaves `work` with its
+    /// faults only.
+    fn deliver(&mut self, shared: &Shared, work: &mut Work) {
+        work.events = 0;
+        for (k, r) in work.invalidate.drain(..) {
             crate::trace::event!(
                 target: "uhmm::invalidate",
                 event = ?r.event,
@@ -2028,16 +2016,17 @@ impl Undelivered {
             }
         }
         if self.refusals.is_empty() {
-            shared.release_states(gone.into_iter().map(|(_, _, s)| s).collect());
+            work.moves.clear();
+            shared.release_states(work.gone.drain(..).map(|(_, _, s)| s).collect());
             return;
         }
         // Event by event: its drops are looked at where the pages were
         // when it dropped them, then its move (if it is one) moves what
         // the refusals cover.
         let mut free = Vec::new();
-        let mut moves = moves.iter().peekable();
-        for (k, at, s) in gone {
-            while let Some(&&(j, old, to)) = moves.peek()
+        let mut moves = work.moves.drain(..).peekable();
+        for (k, at, s) in work.gone.drain(..) {
+            while let Some(&(j, old, to)) = moves.peek()
                 && j < k
             {
                 self.follow(j, old, to);
@@ -2065,7 +2054,7 @@ impl Undelivered {
             };
             self.held.push((ids, kept));
         }
-        for &(j, old, to) in moves {
+        for (j, old, to) in moves {
             self.follow(j, old, to);
         }
         for r in &mut self.refusals {
